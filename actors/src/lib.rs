@@ -1,0 +1,15 @@
+//! The Sautikit supervision tree.
+//!
+//! Actors serialize work inside one process; the database transaction behind [`store::Store`] is
+//! the atomicity boundary for money and ownership (DESIGN §2). This crate knows nothing of HTTP or
+//! SQL: it reaches the outside world only through the traits in [`store`] and [`clock`].
+
+pub mod clock;
+pub mod inventory;
+pub mod model;
+pub mod money;
+pub mod root;
+pub mod store;
+pub mod wallet;
+
+pub use root::{Engine, EngineError};

@@ -1,0 +1,124 @@
+//! Every money rule in one place (DESIGN §4): amounts are `i64` minor units with a currency code,
+//! never floats; balances never go below zero; calls are rated per second and rounded up.
+
+use chrono::{DateTime, Months, Utc};
+use thiserror::Error;
+
+/// Currencies a wallet or price may be held in. Minor units are the currency's smallest unit.
+pub const SUPPORTED_CURRENCIES: &[&str] = &[
+    "KES", "UGX", "TZS", "RWF", "NGN", "GHS", "ZAR", "USD", "EUR", "GBP",
+];
+
+/// The largest single credit or top-up we accept (KES 10,000,000.00). Larger amounts are almost
+/// certainly a unit mistake (major vs minor) and are refused rather than silently applied.
+pub const MAX_CREDIT_MINOR: i64 = 1_000_000_000;
+
+/// The largest balance a wallet may hold. Far from `i64::MAX`, so sums never overflow.
+pub const MAX_BALANCE_MINOR: i64 = 1_000_000_000_000_000;
+
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum MoneyError {
+    #[error("amount_minor must be a positive whole number of minor units")]
+    NotPositive,
+    #[error("amount_minor must be at most {MAX_CREDIT_MINOR}")]
+    TooLarge,
+    #[error("currency {0:?} is not supported")]
+    UnsupportedCurrency(String),
+}
+
+/// A validated ISO 4217 code from [`SUPPORTED_CURRENCIES`].
+pub fn parse_currency(code: &str) -> Result<&'static str, MoneyError> {
+    SUPPORTED_CURRENCIES
+        .iter()
+        .copied()
+        .find(|c| *c == code)
+        .ok_or_else(|| MoneyError::UnsupportedCurrency(code.to_owned()))
+}
+
+/// A credit or top-up amount: strictly positive and below [`MAX_CREDIT_MINOR`].
+pub fn validate_credit(amount_minor: i64) -> Result<i64, MoneyError> {
+    if amount_minor <= 0 {
+        Err(MoneyError::NotPositive)
+    } else if amount_minor > MAX_CREDIT_MINOR {
+        Err(MoneyError::TooLarge)
+    } else {
+        Ok(amount_minor)
+    }
+}
+
+/// `ceil(duration_seconds × rate_per_min_minor / 60)`: an answered call's cost.
+pub fn call_cost_minor(duration_seconds: i64, rate_per_min_minor: i64) -> i64 {
+    if duration_seconds <= 0 || rate_per_min_minor <= 0 {
+        return 0;
+    }
+    let product = i128::from(duration_seconds) * i128::from(rate_per_min_minor);
+    let cost = (product + 59) / 60;
+    i64::try_from(cost).unwrap_or(i64::MAX)
+}
+
+/// The next rental date: one calendar month later, clamped to the month's end (Jan 31 → Feb 28).
+pub fn next_renewal(from: DateTime<Utc>) -> DateTime<Utc> {
+    from.checked_add_months(Months::new(1)).unwrap_or(from)
+}
+
+/// `12345` → `"123.45"`, for messages meant for people.
+pub fn format_minor(amount_minor: i64) -> String {
+    let sign = if amount_minor < 0 { "-" } else { "" };
+    let abs = amount_minor.unsigned_abs();
+    format!("{sign}{}.{:02}", abs / 100, abs % 100)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn call_cost_rounds_up_per_second() {
+        assert_eq!(call_cost_minor(0, 300), 0);
+        assert_eq!(call_cost_minor(1, 300), 5);
+        assert_eq!(call_cost_minor(61, 300), 305);
+        assert_eq!(call_cost_minor(1, 7), 1); // 7/60 rounds up to one minor unit
+        assert_eq!(call_cost_minor(60, 7), 7);
+        assert_eq!(call_cost_minor(10, 0), 0);
+    }
+
+    #[test]
+    fn credits_are_bounded() {
+        assert_eq!(validate_credit(0), Err(MoneyError::NotPositive));
+        assert_eq!(validate_credit(-5), Err(MoneyError::NotPositive));
+        assert_eq!(
+            validate_credit(MAX_CREDIT_MINOR + 1),
+            Err(MoneyError::TooLarge)
+        );
+        assert_eq!(validate_credit(100), Ok(100));
+    }
+
+    #[test]
+    fn currencies_are_checked() {
+        assert_eq!(parse_currency("KES"), Ok("KES"));
+        assert!(parse_currency("kes").is_err());
+        assert!(parse_currency("XXX").is_err());
+    }
+
+    #[test]
+    fn renewal_is_one_calendar_month_clamped() {
+        let jan31 = Utc.with_ymd_and_hms(2026, 1, 31, 10, 0, 0).unwrap();
+        assert_eq!(
+            next_renewal(jan31),
+            Utc.with_ymd_and_hms(2026, 2, 28, 10, 0, 0).unwrap()
+        );
+        let jun27 = Utc.with_ymd_and_hms(2026, 6, 27, 12, 0, 0).unwrap();
+        assert_eq!(
+            next_renewal(jun27),
+            Utc.with_ymd_and_hms(2026, 7, 27, 12, 0, 0).unwrap()
+        );
+    }
+
+    #[test]
+    fn formats_minor_units() {
+        assert_eq!(format_minor(100000), "1000.00");
+        assert_eq!(format_minor(5), "0.05");
+        assert_eq!(format_minor(-250), "-2.50");
+    }
+}

@@ -1,0 +1,231 @@
+//! The Root supervisor and the [`Engine`] handle the service talks to.
+//!
+//! Children are registered under names unique to this engine, so a child restarted by Root is
+//! found again by name and several engines can live in one test process.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::rpc::CallResult;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use thiserror::Error;
+use tokio::task::JoinHandle;
+use tracing::{error, warn};
+
+use crate::clock::Clock;
+use crate::inventory::{Inventory, InventoryMsg, InventoryState};
+use crate::model::{LedgerEntry, LedgerKind, TenantNumber};
+use crate::store::{ClaimError, ReleaseError, StorageError, Store, WalletError};
+use crate::wallet::{WalletDeps, WalletMsg, Wallets, WalletsMsg};
+
+/// How long a caller waits for an actor's answer before reporting the engine unavailable.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Error)]
+pub enum EngineError {
+    #[error("failed to start the actor tree: {0}")]
+    Spawn(String),
+}
+
+#[derive(Clone)]
+struct Names {
+    inventory: String,
+    wallets: String,
+}
+
+impl Names {
+    fn new() -> Self {
+        let tag = uuid::Uuid::now_v7().simple().to_string();
+        Names {
+            inventory: format!("sautikit.{tag}.inventory"),
+            wallets: format!("sautikit.{tag}.wallets"),
+        }
+    }
+}
+
+/// Root has no messages of its own: it only supervises.
+pub enum RootMsg {}
+
+struct Root;
+
+struct RootState {
+    names: Names,
+    deps: WalletDeps,
+}
+
+impl Root {
+    async fn spawn_inventory(
+        myself: &ActorRef<RootMsg>,
+        state: &RootState,
+    ) -> Result<(), ActorProcessingErr> {
+        Actor::spawn_linked(
+            Some(state.names.inventory.clone()),
+            Inventory,
+            InventoryState {
+                store: state.deps.store.clone(),
+                clock: state.deps.clock.clone(),
+            },
+            myself.get_cell(),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn spawn_wallets(
+        myself: &ActorRef<RootMsg>,
+        state: &RootState,
+    ) -> Result<(), ActorProcessingErr> {
+        Actor::spawn_linked(
+            Some(state.names.wallets.clone()),
+            Wallets,
+            state.deps.clone(),
+            myself.get_cell(),
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+impl Actor for Root {
+    type Msg = RootMsg;
+    type State = RootState;
+    type Arguments = RootState;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        state: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Root::spawn_inventory(&myself, &state).await?;
+        Root::spawn_wallets(&myself, &state).await?;
+        Ok(state)
+    }
+
+    // Replace ractor's stop-on-child-exit: a failed child is restarted under its name.
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        if let SupervisionEvent::ActorFailed(cell, err) = event {
+            let name = cell.get_name().unwrap_or_default();
+            error!(actor = %name, error = %err, "child actor failed; restarting");
+            if name == state.names.inventory {
+                Root::spawn_inventory(&myself, state).await?;
+            } else if name == state.names.wallets {
+                Root::spawn_wallets(&myself, state).await?;
+            } else {
+                warn!(actor = %name, "unknown child failed");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The running actor tree, as the HTTP layer and CLI see it.
+pub struct Engine {
+    names: Names,
+    root: ActorRef<RootMsg>,
+    join: JoinHandle<()>,
+}
+
+impl Engine {
+    pub async fn start(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Engine, EngineError> {
+        let names = Names::new();
+        let (root, join) = Actor::spawn(
+            None,
+            Root,
+            RootState {
+                names: names.clone(),
+                deps: WalletDeps { store, clock },
+            },
+        )
+        .await
+        .map_err(|e| EngineError::Spawn(e.to_string()))?;
+        Ok(Engine { names, root, join })
+    }
+
+    pub async fn claim_number(
+        &self,
+        workspace_id: &str,
+        inventory_id: &str,
+    ) -> Result<TenantNumber, ClaimError> {
+        let actor = lookup::<InventoryMsg>(&self.names.inventory)?;
+        ask(&actor, |reply| InventoryMsg::ClaimRequested {
+            workspace_id: workspace_id.to_owned(),
+            inventory_id: inventory_id.to_owned(),
+            reply,
+        })
+        .await?
+    }
+
+    pub async fn release_number(
+        &self,
+        workspace_id: &str,
+        number_id: &str,
+    ) -> Result<TenantNumber, ReleaseError> {
+        let actor = lookup::<InventoryMsg>(&self.names.inventory)?;
+        ask(&actor, |reply| InventoryMsg::ReleaseRequested {
+            workspace_id: workspace_id.to_owned(),
+            number_id: number_id.to_owned(),
+            reply,
+        })
+        .await?
+    }
+
+    pub async fn credit_wallet(
+        &self,
+        workspace_id: &str,
+        amount_minor: i64,
+        currency: &str,
+        kind: LedgerKind,
+        reference: Option<String>,
+    ) -> Result<LedgerEntry, WalletError> {
+        let actor = lookup::<WalletsMsg>(&self.names.wallets)?;
+        ask(&actor, |reply| WalletsMsg::ForWorkspace {
+            workspace_id: workspace_id.to_owned(),
+            msg: WalletMsg::CreditRequested {
+                amount_minor,
+                currency: currency.to_owned(),
+                kind,
+                reference,
+                reply,
+            },
+        })
+        .await?
+    }
+
+    /// Stop the tree and wait for every actor to finish its current message.
+    pub async fn stop(self) {
+        self.root
+            .stop_children_and_wait(None, Some(CALL_TIMEOUT))
+            .await;
+        self.root.stop(None);
+        let _ = self.join.await;
+    }
+}
+
+fn lookup<M: ractor::Message>(name: &str) -> Result<ActorRef<M>, StorageError> {
+    ActorRef::<M>::where_is(name.to_owned())
+        .ok_or_else(|| StorageError(format!("actor {name} is not running")))
+}
+
+async fn ask<M, T>(
+    actor: &ActorRef<M>,
+    build: impl FnOnce(RpcReplyPort<T>) -> M,
+) -> Result<T, StorageError>
+where
+    M: ractor::Message,
+    T: Send + 'static,
+{
+    match actor.call(build, Some(CALL_TIMEOUT)).await {
+        Ok(CallResult::Success(v)) => Ok(v),
+        Ok(CallResult::Timeout) => Err(StorageError("engine timed out".into())),
+        Ok(CallResult::SenderError) => Err(StorageError("engine dropped the request".into())),
+        Err(e) => Err(StorageError(format!("engine unavailable: {e}"))),
+    }
+}

@@ -1,0 +1,114 @@
+//! Command line and configuration: every flag is also an environment variable (DESIGN §9).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// Seeds inventory and a `dev` workspace on a fresh database; allows http:// webhooks and the
+    /// `test` top-up provider.
+    Dev,
+    /// https:// webhooks only; no test money.
+    Production,
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "sautikit", version, about = "Programmable voice platform")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the service (HTTP API and engine) in one process.
+    Serve(ServeArgs),
+    /// Apply database migrations and exit.
+    Migrate(DbArgs),
+    /// Operator commands that work on the database directly.
+    Admin {
+        #[command(flatten)]
+        db: DbArgs,
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DbArgs {
+    /// `sqlite://path?mode=rwc` or `postgres://…`; default: SQLite under the data directory.
+    #[arg(long, env = "SAUTIKIT_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Where the SQLite database and dev credentials live.
+    #[arg(long, env = "SAUTIKIT_DATA_DIR", default_value = "./sautikit-data")]
+    pub data_dir: PathBuf,
+}
+
+impl DbArgs {
+    pub fn url(&self) -> String {
+        self.database_url
+            .clone()
+            .unwrap_or_else(|| crate::db::default_sqlite_url(&self.data_dir))
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// HTTP API address (port 0 picks a free port; the chosen address is printed).
+    #[arg(long, env = "SAUTIKIT_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
+    pub http_listen: SocketAddr,
+    #[arg(long, env = "SAUTIKIT_MODE", value_enum, default_value = "dev")]
+    pub mode: Mode,
+    /// Log format.
+    #[arg(long, env = "SAUTIKIT_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Create a workspace with a wallet; prints one JSON line with its API key and webhook secret.
+    CreateWorkspace {
+        #[arg(long)]
+        name: String,
+        /// Opening balance in minor units.
+        #[arg(long, default_value_t = 0)]
+        credit_minor: i64,
+        #[arg(long, default_value = "KES")]
+        currency: String,
+    },
+    /// Credit a workspace's wallet (an operator adjustment, recorded in the ledger).
+    Credit {
+        #[arg(long)]
+        workspace: String,
+        #[arg(long)]
+        amount_minor: i64,
+    },
+    /// Add consecutive numbers to the inventory (existing numbers are left alone).
+    SeedInventory {
+        #[arg(long, default_value = "KE")]
+        country: String,
+        #[arg(long)]
+        count: u64,
+        /// First number in E.164 (default +254700000001).
+        #[arg(long, default_value = "+254700000001")]
+        start: String,
+        #[arg(long, default_value_t = 10000)]
+        monthly_price_minor: i64,
+        #[arg(long, default_value_t = 300)]
+        outbound_per_min_minor: i64,
+        #[arg(long, default_value_t = 0)]
+        inbound_per_min_minor: i64,
+        #[arg(long, default_value = "KES")]
+        currency: String,
+    },
+}

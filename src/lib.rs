@@ -1,0 +1,11 @@
+//! Sautikit: a programmable voice platform. This crate is the service: configuration, CLI, HTTP
+//! API, storage, and the wiring of the actor tree (DESIGN §1).
+
+pub mod admin;
+pub mod api;
+pub mod config;
+pub mod db;
+pub mod secrets;
+pub mod server;
+pub mod store;
+pub mod time;

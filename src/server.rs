@@ -1,0 +1,234 @@
+//! `sautikit serve`: storage, the actor tree and the HTTP API in one process.
+
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use chrono::Utc;
+use dashmap::DashMap;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use sautikit_actors::Engine;
+use sautikit_actors::clock::{Clock, SystemClock};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tracing::{info, warn};
+
+use crate::api::{self, AppState};
+use crate::config::{Mode, ServeArgs};
+use crate::db::{Db, DbError};
+use crate::store::{SeedInventory, SqlStore};
+
+#[derive(Debug, Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("dev bootstrap failed: {0}")]
+    Bootstrap(String),
+    #[error(transparent)]
+    Engine(#[from] sautikit_actors::EngineError),
+    #[error("server error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// What the dev workspace's secrets are, kept beside the database so every start can print them
+/// (the database only has a hash of the API key).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DevCredentials {
+    pub workspace_id: String,
+    pub api_key: String,
+    pub webhook_secret: String,
+}
+
+const DEV_CREDENTIALS_FILE: &str = "dev-credentials.json";
+/// How many numbers a fresh dev database gets.
+pub const DEV_INVENTORY_COUNT: u64 = 200;
+/// KES 1,000.00.
+pub const DEV_CREDIT_MINOR: i64 = 100_000;
+
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                warn!("a metrics recorder was already installed");
+            }
+            handle
+        })
+        .clone()
+}
+
+async fn dev_bootstrap(
+    store: &SqlStore,
+    data_dir: &Path,
+) -> Result<Option<DevCredentials>, ServeError> {
+    let path = data_dir.join(DEV_CREDENTIALS_FILE);
+    let boot = |e: &dyn std::fmt::Display| ServeError::Bootstrap(e.to_string());
+    if store.inventory_count().await.map_err(|e| boot(&e))? == 0 {
+        let now = Utc::now();
+        store
+            .seed_inventory(
+                &SeedInventory {
+                    country: "KE".into(),
+                    currency: "KES".into(),
+                    count: DEV_INVENTORY_COUNT,
+                    start: 254_700_000_001,
+                    monthly_price_minor: 10_000,
+                    inbound_per_min_minor: 0,
+                    outbound_per_min_minor: 300,
+                    guide_ids: true,
+                },
+                now,
+            )
+            .await
+            .map_err(|e| boot(&e))?;
+        let ws = store
+            .create_workspace("dev", "KES", DEV_CREDIT_MINOR, now)
+            .await
+            .map_err(|e| boot(&e))?;
+        let creds = DevCredentials {
+            workspace_id: ws.workspace_id,
+            api_key: ws.api_key,
+            webhook_secret: ws.webhook_secret,
+        };
+        std::fs::create_dir_all(data_dir).map_err(|e| boot(&e))?;
+        let json = serde_json::to_string_pretty(&creds).map_err(|e| boot(&e))?;
+        write_private(&path, json.as_bytes()).map_err(|e| boot(&e))?;
+        info!(workspace_id = %creds.workspace_id, "seeded dev inventory and workspace");
+        return Ok(Some(creds));
+    }
+    match std::fs::read(&path) {
+        Ok(raw) => match serde_json::from_slice::<DevCredentials>(&raw) {
+            Ok(c)
+                if store
+                    .workspace_exists(&c.workspace_id)
+                    .await
+                    .unwrap_or(false) =>
+            {
+                Ok(Some(c))
+            }
+            _ => Ok(None),
+        },
+        Err(_) => Ok(None),
+    }
+}
+
+fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    opts.open(path)?.write_all(data)
+}
+
+fn print_banner(addr: &std::net::SocketAddr, mode: Mode, dev: Option<&DevCredentials>) {
+    let mode_name = if mode == Mode::Dev {
+        "dev"
+    } else {
+        "production"
+    };
+    println!("Sautikit {} ({mode_name} mode)", env!("CARGO_PKG_VERSION"));
+    if let Some(c) = dev {
+        println!();
+        println!("  workspace:       dev ({})", c.workspace_id);
+        println!("  API key:         {}", c.api_key);
+        println!("  webhook secret:  {}", c.webhook_secret);
+        println!();
+        println!("  export SAUTIKIT_API_KEY={}", c.api_key);
+        println!(
+            "  curl -s \"http://{addr}/v1/numbers/available?country=KE&currency=KES\" \\\n    -H \"Authorization: Bearer $SAUTIKIT_API_KEY\" | jq '.[0:3]'"
+        );
+        println!();
+    } else if mode == Mode::Dev {
+        println!(
+            "  (no dev credentials on file: create a workspace with `sautikit admin create-workspace`)"
+        );
+    }
+    // Tests and scripts read this line to find the port.
+    println!("listening on http://{addr}");
+}
+
+pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
+    let db = Db::connect(&args.db.url()).await?;
+    db.migrate().await?;
+    let store = SqlStore::new(db.clone());
+    let dev = if args.mode == Mode::Dev {
+        dev_bootstrap(&store, &args.db.data_dir).await?
+    } else {
+        None
+    };
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let engine = Arc::new(Engine::start(Arc::new(store.clone()), clock.clone()).await?);
+    let state = AppState {
+        store: store.clone(),
+        engine: engine.clone(),
+        clock,
+        mode: args.mode,
+        metrics: metrics_handle(),
+        auth_cache: Arc::new(DashMap::new()),
+        openapi: Arc::default(),
+    };
+    let app = api::router(state);
+    let listener = tokio::net::TcpListener::bind(args.http_listen)
+        .await
+        .map_err(|source| ServeError::Listen {
+            addr: args.http_listen.to_string(),
+            source,
+        })?;
+    let addr = listener.local_addr()?;
+    print_banner(&addr, args.mode, dev.as_ref());
+    info!(%addr, mode = ?args.mode, "HTTP API listening");
+
+    let purge_store = store.clone();
+    let purge = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(3600));
+        loop {
+            tick.tick().await;
+            if let Err(e) = purge_store.idempotency_purge(Utc::now()).await {
+                warn!(error = %e, "idempotency purge failed");
+            }
+        }
+    });
+
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    info!("shutting down");
+    purge.abort();
+    if let Ok(engine) = Arc::try_unwrap(engine) {
+        engine.stop().await;
+    }
+    db.close().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}

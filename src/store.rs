@@ -1,0 +1,1182 @@
+//! Persistence with sqlx. Each public method is one transaction; money and ownership changes use
+//! conditional SQL (`WHERE status = 'available'`, `WHERE balance_minor >= $n`) so that they stay
+//! correct when several processes share one PostgreSQL database (DESIGN §2, §4).
+
+use std::fmt::Display;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Duration, Utc};
+use sautikit_actors::model::{LedgerEntry, LedgerKind, NumberStatus, TenantNumber};
+use sautikit_actors::money::{self, MAX_BALANCE_MINOR};
+use sautikit_actors::store::{
+    ClaimError, ClaimNumber, CreditWallet, ReleaseError, ReleaseNumber, StorageError, Store,
+    WalletError,
+};
+use sqlx::any::AnyRow;
+use sqlx::{AssertSqlSafe, Row};
+use thiserror::Error;
+
+use crate::db::Db;
+use crate::secrets::{self, StoredSipSecret};
+use crate::time::{from_db, new_id, to_db};
+
+/// How long a stored idempotent response is replayed.
+pub const IDEMPOTENCY_TTL_HOURS: i64 = 24;
+/// A request that holds a key this long without finishing is taken to have died with its process.
+const IDEMPOTENCY_PENDING_STALE_SECS: i64 = 60;
+
+fn storage(e: impl Display) -> StorageError {
+    StorageError(e.to_string())
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .is_some_and(|d| d.is_unique_violation())
+}
+
+fn get<'r, T>(row: &'r AnyRow, col: &str) -> Result<T, StorageError>
+where
+    T: sqlx::Decode<'r, sqlx::Any> + sqlx::Type<sqlx::Any>,
+{
+    row.try_get::<T, _>(col).map_err(storage)
+}
+
+fn get_time(row: &AnyRow, col: &str) -> Result<DateTime<Utc>, StorageError> {
+    let s: String = get(row, col)?;
+    from_db(&s).map_err(|e| StorageError(format!("bad timestamp in {col}: {e}")))
+}
+
+fn get_opt_time(row: &AnyRow, col: &str) -> Result<Option<DateTime<Utc>>, StorageError> {
+    let s: Option<String> = get(row, col)?;
+    s.map(|s| from_db(&s).map_err(|e| StorageError(format!("bad timestamp in {col}: {e}"))))
+        .transpose()
+}
+
+fn split_caps(s: &str) -> Vec<String> {
+    s.split(',')
+        .filter(|c| !c.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Records only the service reads.
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InventoryNumber {
+    pub id: String,
+    pub number: String,
+    pub country: String,
+    pub capabilities: Vec<String>,
+    pub monthly_price_minor: i64,
+    pub inbound_per_min_minor: i64,
+    pub outbound_per_min_minor: i64,
+    pub currency: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wallet {
+    pub workspace_id: String,
+    pub balance_minor: i64,
+    pub currency: String,
+    pub low_balance_threshold_minor: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SipCredential {
+    pub id: String,
+    pub workspace_id: String,
+    pub number_id: String,
+    pub label: String,
+    pub username: String,
+    pub status: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewWorkspace {
+    pub workspace_id: String,
+    pub api_key: String,
+    pub webhook_secret: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct SeedInventory {
+    pub country: String,
+    pub currency: String,
+    pub count: u64,
+    /// First number, digits only (E.164 without `+`).
+    pub start: u64,
+    pub monthly_price_minor: i64,
+    pub inbound_per_min_minor: i64,
+    pub outbound_per_min_minor: i64,
+    /// Dev seeding uses the guide's ids (`01900000-0000-7000-8000-<12-digit index>`) so the
+    /// guide's claim command works verbatim.
+    pub guide_ids: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct InventoryFilter {
+    pub country: Option<String>,
+    pub currency: Option<String>,
+    pub capability: Option<String>,
+    /// Digits the number must contain.
+    pub contains: Option<String>,
+    /// Numbers strictly after this one (the cursor).
+    pub after_number: Option<String>,
+    pub limit: i64,
+}
+
+/// A routing change: `None` leaves a URL as it is, `Some(None)` clears it.
+#[derive(Debug, Clone, Default)]
+pub struct RoutingChange {
+    pub voice_callback_url: Option<Option<String>>,
+    pub events_url: Option<Option<String>>,
+}
+
+#[derive(Debug, Error)]
+pub enum NumberError {
+    #[error("number not found")]
+    NotFound,
+    #[error("number has been released")]
+    Released,
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+#[derive(Debug, Error)]
+pub enum CredentialError {
+    #[error("number not found")]
+    NumberNotFound,
+    #[error("number has been released")]
+    NumberReleased,
+    #[error("credential not found")]
+    NotFound,
+    #[error("credential has been revoked")]
+    Revoked,
+    #[error("username already taken")]
+    UsernameTaken,
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// The outcome of presenting an `Idempotency-Key`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdempotencyBegin {
+    /// First use: run the request, then [`SqlStore::idempotency_finish`].
+    Fresh,
+    /// Seen with the same body: send this stored response again.
+    Replay { status: u16, body: String },
+    /// Seen with another body.
+    Conflict,
+    /// The first request with this key is still running.
+    InProgress,
+}
+
+// ---------------------------------------------------------------------------------------------
+
+macro_rules! tenant_cols {
+    () => {
+        "id, workspace_id, inventory_id, number, status, capabilities, currency, \
+         monthly_price_minor, inbound_per_min_minor, outbound_per_min_minor, voice_callback_url, \
+         events_url, next_renewal_at, created_at, updated_at, released_at"
+    };
+}
+macro_rules! inventory_cols {
+    () => {
+        "id, number, country, capabilities, monthly_price_minor, inbound_per_min_minor, \
+         outbound_per_min_minor, currency"
+    };
+}
+macro_rules! ledger_cols {
+    () => {
+        "id, workspace_id, kind, amount_minor, balance_after_minor, currency, reference, created_at"
+    };
+}
+macro_rules! credential_cols {
+    () => {
+        "id, workspace_id, number_id, label, username, status, created_at, updated_at, revoked_at"
+    };
+}
+
+fn tenant_from_row(row: &AnyRow) -> Result<TenantNumber, StorageError> {
+    let status: String = get(row, "status")?;
+    let caps: String = get(row, "capabilities")?;
+    Ok(TenantNumber {
+        id: get(row, "id")?,
+        workspace_id: get(row, "workspace_id")?,
+        inventory_id: get(row, "inventory_id")?,
+        number: get(row, "number")?,
+        status: NumberStatus::parse(&status)
+            .ok_or_else(|| StorageError(format!("unknown number status {status:?}")))?,
+        capabilities: split_caps(&caps),
+        currency: get(row, "currency")?,
+        monthly_price_minor: get(row, "monthly_price_minor")?,
+        inbound_per_min_minor: get(row, "inbound_per_min_minor")?,
+        outbound_per_min_minor: get(row, "outbound_per_min_minor")?,
+        voice_callback_url: get(row, "voice_callback_url")?,
+        events_url: get(row, "events_url")?,
+        next_renewal_at: get_time(row, "next_renewal_at")?,
+        created_at: get_time(row, "created_at")?,
+        updated_at: get_time(row, "updated_at")?,
+        released_at: get_opt_time(row, "released_at")?,
+    })
+}
+
+fn inventory_from_row(row: &AnyRow) -> Result<InventoryNumber, StorageError> {
+    let caps: String = get(row, "capabilities")?;
+    Ok(InventoryNumber {
+        id: get(row, "id")?,
+        number: get(row, "number")?,
+        country: get(row, "country")?,
+        capabilities: split_caps(&caps),
+        monthly_price_minor: get(row, "monthly_price_minor")?,
+        inbound_per_min_minor: get(row, "inbound_per_min_minor")?,
+        outbound_per_min_minor: get(row, "outbound_per_min_minor")?,
+        currency: get(row, "currency")?,
+    })
+}
+
+fn ledger_from_row(row: &AnyRow) -> Result<LedgerEntry, StorageError> {
+    let kind: String = get(row, "kind")?;
+    Ok(LedgerEntry {
+        id: get(row, "id")?,
+        workspace_id: get(row, "workspace_id")?,
+        kind: LedgerKind::parse(&kind)
+            .ok_or_else(|| StorageError(format!("unknown ledger kind {kind:?}")))?,
+        amount_minor: get(row, "amount_minor")?,
+        balance_after_minor: get(row, "balance_after_minor")?,
+        currency: get(row, "currency")?,
+        reference: get(row, "reference")?,
+        created_at: get_time(row, "created_at")?,
+    })
+}
+
+fn credential_from_row(row: &AnyRow) -> Result<SipCredential, StorageError> {
+    Ok(SipCredential {
+        id: get(row, "id")?,
+        workspace_id: get(row, "workspace_id")?,
+        number_id: get(row, "number_id")?,
+        label: get(row, "label")?,
+        username: get(row, "username")?,
+        status: get(row, "status")?,
+        created_at: get_time(row, "created_at")?,
+        updated_at: get_time(row, "updated_at")?,
+        revoked_at: get_opt_time(row, "revoked_at")?,
+    })
+}
+
+/// A bind value for queries assembled from static fragments.
+enum Arg {
+    Text(String),
+    Int(i64),
+}
+
+fn bind_all<'q>(
+    mut q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
+    args: Vec<Arg>,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
+    for a in args {
+        q = match a {
+            Arg::Text(s) => q.bind(s),
+            Arg::Int(i) => q.bind(i),
+        };
+    }
+    q
+}
+
+#[derive(Clone)]
+pub struct SqlStore {
+    db: Db,
+}
+
+impl SqlStore {
+    pub fn new(db: Db) -> Self {
+        SqlStore { db }
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    // --- workspaces and keys --------------------------------------------------------------
+
+    pub async fn create_workspace(
+        &self,
+        name: &str,
+        currency: &str,
+        credit_minor: i64,
+        now: DateTime<Utc>,
+    ) -> Result<NewWorkspace, StorageError> {
+        let workspace_id = new_id();
+        let api_key = secrets::new_api_key();
+        let webhook_secret = secrets::new_webhook_secret();
+        let ts = to_db(now);
+        let mut tx = self.db.write.begin().await.map_err(storage)?;
+        sqlx::query(
+            "INSERT INTO workspaces (id, name, webhook_secret, created_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(&workspace_id)
+        .bind(name)
+        .bind(&webhook_secret)
+        .bind(&ts)
+        .execute(&mut *tx)
+        .await
+        .map_err(storage)?;
+        sqlx::query(
+            "INSERT INTO wallets (workspace_id, currency, balance_minor, updated_at) \
+             VALUES ($1, $2, $3, $4)",
+        )
+        .bind(&workspace_id)
+        .bind(currency)
+        .bind(credit_minor)
+        .bind(&ts)
+        .execute(&mut *tx)
+        .await
+        .map_err(storage)?;
+        if credit_minor > 0 {
+            sqlx::query(
+                "INSERT INTO ledger_entries (id, workspace_id, kind, amount_minor, \
+                 balance_after_minor, currency, reference, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            )
+            .bind(new_id())
+            .bind(&workspace_id)
+            .bind(LedgerKind::Credit.as_str())
+            .bind(credit_minor)
+            .bind(credit_minor)
+            .bind(currency)
+            .bind("workspace.created")
+            .bind(&ts)
+            .execute(&mut *tx)
+            .await
+            .map_err(storage)?;
+        }
+        sqlx::query(
+            "INSERT INTO api_keys (id, workspace_id, key_hash, created_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(new_id())
+        .bind(&workspace_id)
+        .bind(secrets::hash_api_key(&api_key))
+        .bind(&ts)
+        .execute(&mut *tx)
+        .await
+        .map_err(storage)?;
+        tx.commit().await.map_err(storage)?;
+        Ok(NewWorkspace {
+            workspace_id,
+            api_key,
+            webhook_secret,
+        })
+    }
+
+    /// The workspace an API key (by its SHA-256) belongs to.
+    pub async fn workspace_for_key_hash(
+        &self,
+        key_hash: &str,
+    ) -> Result<Option<String>, StorageError> {
+        let row = sqlx::query(
+            "SELECT workspace_id FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
+        )
+        .bind(key_hash)
+        .fetch_optional(&self.db.read)
+        .await
+        .map_err(storage)?;
+        row.map(|r| get(&r, "workspace_id")).transpose()
+    }
+
+    pub async fn workspace_exists(&self, workspace_id: &str) -> Result<bool, StorageError> {
+        let row = sqlx::query("SELECT id FROM workspaces WHERE id = $1")
+            .bind(workspace_id)
+            .fetch_optional(&self.db.read)
+            .await
+            .map_err(storage)?;
+        Ok(row.is_some())
+    }
+
+    // --- inventory ------------------------------------------------------------------------
+
+    pub async fn inventory_count(&self) -> Result<i64, StorageError> {
+        let row = sqlx::query("SELECT COUNT(*) AS n FROM inventory_numbers")
+            .fetch_one(&self.db.read)
+            .await
+            .map_err(storage)?;
+        get(&row, "n")
+    }
+
+    /// Insert `count` consecutive numbers; numbers already present are left alone.
+    pub async fn seed_inventory(
+        &self,
+        seed: &SeedInventory,
+        now: DateTime<Utc>,
+    ) -> Result<u64, StorageError> {
+        let ts = to_db(now);
+        let mut inserted = 0;
+        let mut tx = self.db.write.begin().await.map_err(storage)?;
+        for i in 0..seed.count {
+            let id = if seed.guide_ids {
+                format!("01900000-0000-7000-8000-{:012}", i + 1)
+            } else {
+                new_id()
+            };
+            let number = format!("+{}", seed.start + i);
+            let r = sqlx::query(
+                "INSERT INTO inventory_numbers (id, number, country, capabilities, \
+                 monthly_price_minor, inbound_per_min_minor, outbound_per_min_minor, currency, \
+                 status, created_at) VALUES ($1, $2, $3, 'voice', $4, $5, $6, $7, 'available', $8) \
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(id)
+            .bind(number)
+            .bind(&seed.country)
+            .bind(seed.monthly_price_minor)
+            .bind(seed.inbound_per_min_minor)
+            .bind(seed.outbound_per_min_minor)
+            .bind(&seed.currency)
+            .bind(&ts)
+            .execute(&mut *tx)
+            .await
+            .map_err(storage)?;
+            inserted += r.rows_affected();
+        }
+        tx.commit().await.map_err(storage)?;
+        Ok(inserted)
+    }
+
+    pub async fn list_available(
+        &self,
+        f: &InventoryFilter,
+    ) -> Result<Vec<InventoryNumber>, StorageError> {
+        let mut sql = String::from(concat!(
+            "SELECT ",
+            inventory_cols!(),
+            " FROM inventory_numbers WHERE status = 'available'"
+        ));
+        let mut args = Vec::new();
+        let mut push = |clause: &str, arg: Arg, sql: &mut String| {
+            args.push(arg);
+            sql.push_str(&clause.replace("$?", &format!("${}", args.len())));
+        };
+        if let Some(c) = &f.country {
+            push(" AND country = $?", Arg::Text(c.clone()), &mut sql);
+        }
+        if let Some(c) = &f.currency {
+            push(" AND currency = $?", Arg::Text(c.clone()), &mut sql);
+        }
+        if let Some(c) = &f.capability {
+            push(
+                " AND (',' || capabilities || ',') LIKE $?",
+                Arg::Text(format!("%,{c},%")),
+                &mut sql,
+            );
+        }
+        if let Some(d) = &f.contains {
+            push(" AND number LIKE $?", Arg::Text(format!("%{d}%")), &mut sql);
+        }
+        if let Some(n) = &f.after_number {
+            push(" AND number > $?", Arg::Text(n.clone()), &mut sql);
+        }
+        push(" ORDER BY number LIMIT $?", Arg::Int(f.limit), &mut sql);
+        // Safe: `sql` is built only from the static fragments above; values are bound.
+        let rows = bind_all(sqlx::query(AssertSqlSafe(sql)), args)
+            .fetch_all(&self.db.read)
+            .await
+            .map_err(storage)?;
+        rows.iter().map(inventory_from_row).collect()
+    }
+
+    // --- tenant numbers -------------------------------------------------------------------
+
+    pub async fn list_numbers(
+        &self,
+        workspace_id: &str,
+        status: Option<NumberStatus>,
+        before_id: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<TenantNumber>, StorageError> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            tenant_cols!(),
+            " FROM tenant_numbers WHERE workspace_id = $1 AND ($2 IS NULL OR status = $2) \
+              AND ($3 IS NULL OR id < $3) ORDER BY id DESC LIMIT $4"
+        ))
+        .bind(workspace_id)
+        .bind(status.map(NumberStatus::as_str))
+        .bind(before_id)
+        .bind(limit)
+        .fetch_all(&self.db.read)
+        .await
+        .map_err(storage)?;
+        rows.iter().map(tenant_from_row).collect()
+    }
+
+    pub async fn get_number(
+        &self,
+        workspace_id: &str,
+        number_id: &str,
+    ) -> Result<Option<TenantNumber>, StorageError> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            tenant_cols!(),
+            " FROM tenant_numbers WHERE id = $1 AND workspace_id = $2"
+        ))
+        .bind(number_id)
+        .bind(workspace_id)
+        .fetch_optional(&self.db.read)
+        .await
+        .map_err(storage)?;
+        row.as_ref().map(tenant_from_row).transpose()
+    }
+
+    pub async fn update_routing(
+        &self,
+        workspace_id: &str,
+        number_id: &str,
+        change: &RoutingChange,
+        now: DateTime<Utc>,
+    ) -> Result<TenantNumber, NumberError> {
+        let mut tx = self.db.write.begin().await.map_err(storage)?;
+        let row =
+            sqlx::query("SELECT status FROM tenant_numbers WHERE id = $1 AND workspace_id = $2")
+                .bind(number_id)
+                .bind(workspace_id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(storage)?;
+        let Some(row) = row else {
+            return Err(NumberError::NotFound);
+        };
+        let status: String = get(&row, "status")?;
+        if status == NumberStatus::Released.as_str() {
+            return Err(NumberError::Released);
+        }
+        // Each URL is either kept (`$n` flag 0) or replaced by its bound value (flag 1).
+        let (set_voice, voice) = match &change.voice_callback_url {
+            None => (0i64, None),
+            Some(v) => (1, v.clone()),
+        };
+        let (set_events, events) = match &change.events_url {
+            None => (0i64, None),
+            Some(v) => (1, v.clone()),
+        };
+        let updated = sqlx::query(concat!(
+            "UPDATE tenant_numbers SET \
+               voice_callback_url = CASE WHEN $1 = 1 THEN $2 ELSE voice_callback_url END, \
+               events_url = CASE WHEN $3 = 1 THEN $4 ELSE events_url END, \
+               updated_at = $5 \
+             WHERE id = $6 AND workspace_id = $7 AND status <> 'released' RETURNING ",
+            tenant_cols!()
+        ))
+        .bind(set_voice)
+        .bind(voice)
+        .bind(set_events)
+        .bind(events)
+        .bind(to_db(now))
+        .bind(number_id)
+        .bind(workspace_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(storage)?;
+        let Some(updated) = updated else {
+            return Err(NumberError::Released);
+        };
+        let number = tenant_from_row(&updated)?;
+        tx.commit().await.map_err(storage)?;
+        Ok(number)
+    }
+
+    // --- SIP credentials ------------------------------------------------------------------
+
+    async fn live_number_check(
+        &self,
+        workspace_id: &str,
+        number_id: &str,
+    ) -> Result<(), CredentialError> {
+        match self.get_number(workspace_id, number_id).await? {
+            None => Err(CredentialError::NumberNotFound),
+            Some(n) if n.status == NumberStatus::Released => Err(CredentialError::NumberReleased),
+            Some(_) => Ok(()),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub async fn create_sip_credential(
+        &self,
+        id: &str,
+        workspace_id: &str,
+        number_id: &str,
+        label: &str,
+        username: &str,
+        secret: &StoredSipSecret,
+        now: DateTime<Utc>,
+    ) -> Result<SipCredential, CredentialError> {
+        let ts = to_db(now);
+        let mut tx = self.db.write.begin().await.map_err(storage)?;
+        // Conditional on the number being live, in the same statement: a concurrent release
+        // cannot leave an active credential on a released number.
+        let r = sqlx::query(
+            "INSERT INTO sip_credentials (id, workspace_id, number_id, label, username, \
+             password_hash, ha1_md5, ha1_sha256, status, created_at, updated_at) \
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8, 'active', $9, $9 FROM tenant_numbers \
+             WHERE id = $3 AND workspace_id = $2 AND status <> 'released'",
+        )
+        .bind(id)
+        .bind(workspace_id)
+        .bind(number_id)
+        .bind(label)
+        .bind(username)
+        .bind(&secret.password_hash)
+        .bind(&secret.ha1_md5)
+        .bind(&secret.ha1_sha256)
+        .bind(&ts)
+        .execute(&mut *tx)
+        .await;
+        match r {
+            Ok(r) if r.rows_affected() == 1 => {}
+            Ok(_) => {
+                tx.rollback().await.map_err(storage)?;
+                self.live_number_check(workspace_id, number_id).await?;
+                return Err(CredentialError::NumberNotFound);
+            }
+            Err(e) if is_unique_violation(&e) => return Err(CredentialError::UsernameTaken),
+            Err(e) => return Err(storage(e).into()),
+        }
+        tx.commit().await.map_err(storage)?;
+        self.get_sip_credential(workspace_id, number_id, id)
+            .await?
+            .ok_or(CredentialError::NotFound)
+    }
+
+    pub async fn get_sip_credential(
+        &self,
+        workspace_id: &str,
+        number_id: &str,
+        credential_id: &str,
+    ) -> Result<Option<SipCredential>, StorageError> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            credential_cols!(),
+            " FROM sip_credentials WHERE id = $1 AND number_id = $2 AND workspace_id = $3"
+        ))
+        .bind(credential_id)
+        .bind(number_id)
+        .bind(workspace_id)
+        .fetch_optional(&self.db.write)
+        .await
+        .map_err(storage)?;
+        row.as_ref().map(credential_from_row).transpose()
+    }
+
+    pub async fn list_sip_credentials(
+        &self,
+        workspace_id: &str,
+        number_id: &str,
+        before_id: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<SipCredential>, CredentialError> {
+        if self.get_number(workspace_id, number_id).await?.is_none() {
+            return Err(CredentialError::NumberNotFound);
+        }
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            credential_cols!(),
+            " FROM sip_credentials WHERE number_id = $1 AND workspace_id = $2 \
+              AND ($3 IS NULL OR id < $3) ORDER BY id DESC LIMIT $4"
+        ))
+        .bind(number_id)
+        .bind(workspace_id)
+        .bind(before_id)
+        .bind(limit)
+        .fetch_all(&self.db.read)
+        .await
+        .map_err(storage)?;
+        Ok(rows
+            .iter()
+            .map(credential_from_row)
+            .collect::<Result<_, _>>()?)
+    }
+
+    /// Replace the password of an active credential (same username).
+    pub async fn rotate_sip_credential(
+        &self,
+        workspace_id: &str,
+        number_id: &str,
+        credential_id: &str,
+        secret: &StoredSipSecret,
+        now: DateTime<Utc>,
+    ) -> Result<SipCredential, CredentialError> {
+        let r = sqlx::query(
+            "UPDATE sip_credentials SET password_hash = $1, ha1_md5 = $2, ha1_sha256 = $3, \
+             updated_at = $4 WHERE id = $5 AND number_id = $6 AND workspace_id = $7 \
+             AND status = 'active'",
+        )
+        .bind(&secret.password_hash)
+        .bind(&secret.ha1_md5)
+        .bind(&secret.ha1_sha256)
+        .bind(to_db(now))
+        .bind(credential_id)
+        .bind(number_id)
+        .bind(workspace_id)
+        .execute(&self.db.write)
+        .await
+        .map_err(storage)?;
+        let cred = self
+            .get_sip_credential(workspace_id, number_id, credential_id)
+            .await?
+            .ok_or(CredentialError::NotFound)?;
+        if r.rows_affected() == 0 {
+            return Err(CredentialError::Revoked);
+        }
+        Ok(cred)
+    }
+
+    pub async fn revoke_sip_credential(
+        &self,
+        workspace_id: &str,
+        number_id: &str,
+        credential_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<SipCredential, CredentialError> {
+        let ts = to_db(now);
+        let r = sqlx::query(
+            "UPDATE sip_credentials SET status = 'revoked', revoked_at = $1, updated_at = $1 \
+             WHERE id = $2 AND number_id = $3 AND workspace_id = $4 AND status = 'active'",
+        )
+        .bind(&ts)
+        .bind(credential_id)
+        .bind(number_id)
+        .bind(workspace_id)
+        .execute(&self.db.write)
+        .await
+        .map_err(storage)?;
+        let cred = self
+            .get_sip_credential(workspace_id, number_id, credential_id)
+            .await?
+            .ok_or(CredentialError::NotFound)?;
+        if r.rows_affected() == 0 {
+            return Err(CredentialError::Revoked);
+        }
+        Ok(cred)
+    }
+
+    /// What a registrar needs to check a login: the credential, its stored secret, and the realm
+    /// (the workspace id). Only active credentials are returned.
+    pub async fn sip_login(
+        &self,
+        username: &str,
+    ) -> Result<Option<(SipCredential, StoredSipSecret)>, StorageError> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            credential_cols!(),
+            ", password_hash, ha1_md5, ha1_sha256 FROM sip_credentials \
+              WHERE username = $1 AND status = 'active'"
+        ))
+        .bind(username)
+        .fetch_optional(&self.db.read)
+        .await
+        .map_err(storage)?;
+        row.map(|r| {
+            Ok((
+                credential_from_row(&r)?,
+                StoredSipSecret {
+                    password_hash: get(&r, "password_hash")?,
+                    ha1_md5: get(&r, "ha1_md5")?,
+                    ha1_sha256: get(&r, "ha1_sha256")?,
+                },
+            ))
+        })
+        .transpose()
+    }
+
+    // --- wallet ---------------------------------------------------------------------------
+
+    pub async fn get_wallet(&self, workspace_id: &str) -> Result<Option<Wallet>, StorageError> {
+        let row = sqlx::query(
+            "SELECT workspace_id, balance_minor, currency, low_balance_threshold_minor \
+             FROM wallets WHERE workspace_id = $1",
+        )
+        .bind(workspace_id)
+        .fetch_optional(&self.db.read)
+        .await
+        .map_err(storage)?;
+        row.map(|r| {
+            Ok(Wallet {
+                workspace_id: get(&r, "workspace_id")?,
+                balance_minor: get(&r, "balance_minor")?,
+                currency: get(&r, "currency")?,
+                low_balance_threshold_minor: get(&r, "low_balance_threshold_minor")?,
+            })
+        })
+        .transpose()
+    }
+
+    pub async fn list_ledger(
+        &self,
+        workspace_id: &str,
+        before_id: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<LedgerEntry>, StorageError> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            ledger_cols!(),
+            " FROM ledger_entries WHERE workspace_id = $1 AND ($2 IS NULL OR id < $2) \
+              ORDER BY id DESC LIMIT $3"
+        ))
+        .bind(workspace_id)
+        .bind(before_id)
+        .bind(limit)
+        .fetch_all(&self.db.read)
+        .await
+        .map_err(storage)?;
+        rows.iter().map(ledger_from_row).collect()
+    }
+
+    // --- idempotency ----------------------------------------------------------------------
+
+    pub async fn idempotency_begin(
+        &self,
+        workspace_id: &str,
+        key: &str,
+        request_hash: &str,
+        now: DateTime<Utc>,
+    ) -> Result<IdempotencyBegin, StorageError> {
+        let expired = to_db(now - Duration::hours(IDEMPOTENCY_TTL_HOURS));
+        let stale = to_db(now - Duration::seconds(IDEMPOTENCY_PENDING_STALE_SECS));
+        let mut tx = self.db.write.begin().await.map_err(storage)?;
+        sqlx::query(
+            "DELETE FROM idempotency_keys WHERE workspace_id = $1 AND idempotency_key = $2 \
+             AND (created_at < $3 OR (status_code IS NULL AND created_at < $4))",
+        )
+        .bind(workspace_id)
+        .bind(key)
+        .bind(&expired)
+        .bind(&stale)
+        .execute(&mut *tx)
+        .await
+        .map_err(storage)?;
+        let inserted = sqlx::query(
+            "INSERT INTO idempotency_keys (workspace_id, idempotency_key, request_hash, created_at) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+        )
+        .bind(workspace_id)
+        .bind(key)
+        .bind(request_hash)
+        .bind(to_db(now))
+        .execute(&mut *tx)
+        .await
+        .map_err(storage)?
+        .rows_affected();
+        let outcome = if inserted == 1 {
+            IdempotencyBegin::Fresh
+        } else {
+            let row = sqlx::query(
+                "SELECT request_hash, status_code, response_body FROM idempotency_keys \
+                 WHERE workspace_id = $1 AND idempotency_key = $2",
+            )
+            .bind(workspace_id)
+            .bind(key)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(storage)?;
+            let hash: String = get(&row, "request_hash")?;
+            let status: Option<i64> = get(&row, "status_code")?;
+            let body: Option<String> = get(&row, "response_body")?;
+            match (hash == request_hash, status) {
+                (false, _) => IdempotencyBegin::Conflict,
+                (true, None) => IdempotencyBegin::InProgress,
+                (true, Some(s)) => IdempotencyBegin::Replay {
+                    status: u16::try_from(s).unwrap_or(500),
+                    body: body.unwrap_or_default(),
+                },
+            }
+        };
+        tx.commit().await.map_err(storage)?;
+        Ok(outcome)
+    }
+
+    pub async fn idempotency_finish(
+        &self,
+        workspace_id: &str,
+        key: &str,
+        status: u16,
+        body: &str,
+    ) -> Result<(), StorageError> {
+        sqlx::query(
+            "UPDATE idempotency_keys SET status_code = $1, response_body = $2 \
+             WHERE workspace_id = $3 AND idempotency_key = $4",
+        )
+        .bind(i64::from(status))
+        .bind(body)
+        .bind(workspace_id)
+        .bind(key)
+        .execute(&self.db.write)
+        .await
+        .map_err(storage)?;
+        Ok(())
+    }
+
+    /// Forget a key whose request failed on our side, so the client's retry runs again.
+    pub async fn idempotency_forget(
+        &self,
+        workspace_id: &str,
+        key: &str,
+    ) -> Result<(), StorageError> {
+        sqlx::query(
+            "DELETE FROM idempotency_keys WHERE workspace_id = $1 AND idempotency_key = $2",
+        )
+        .bind(workspace_id)
+        .bind(key)
+        .execute(&self.db.write)
+        .await
+        .map_err(storage)?;
+        Ok(())
+    }
+
+    pub async fn idempotency_purge(&self, now: DateTime<Utc>) -> Result<u64, StorageError> {
+        let r = sqlx::query("DELETE FROM idempotency_keys WHERE created_at < $1")
+            .bind(to_db(now - Duration::hours(IDEMPOTENCY_TTL_HOURS)))
+            .execute(&self.db.write)
+            .await
+            .map_err(storage)?;
+        Ok(r.rows_affected())
+    }
+}
+
+#[async_trait]
+impl Store for SqlStore {
+    async fn claim_number(&self, cmd: ClaimNumber) -> Result<TenantNumber, ClaimError> {
+        let mut tx = self.db.write.begin().await.map_err(storage)?;
+        let taken = sqlx::query(
+            "UPDATE inventory_numbers SET status = 'claimed' WHERE id = $1 AND status = 'available'",
+        )
+        .bind(&cmd.inventory_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(storage)?
+        .rows_affected();
+        if taken == 0 {
+            let exists = sqlx::query("SELECT id FROM inventory_numbers WHERE id = $1")
+                .bind(&cmd.inventory_id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(storage)?
+                .is_some();
+            tx.rollback().await.map_err(storage)?;
+            return Err(if exists {
+                ClaimError::AlreadyClaimed
+            } else {
+                ClaimError::NotFound
+            });
+        }
+        let inv = sqlx::query(concat!(
+            "SELECT ",
+            inventory_cols!(),
+            " FROM inventory_numbers WHERE id = $1"
+        ))
+        .bind(&cmd.inventory_id)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(storage)?;
+        let inv = inventory_from_row(&inv)?;
+        let wallet_currency: Option<String> =
+            sqlx::query("SELECT currency FROM wallets WHERE workspace_id = $1")
+                .bind(&cmd.workspace_id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(storage)?
+                .map(|r| get(&r, "currency"))
+                .transpose()?;
+        let Some(wallet_currency) = wallet_currency else {
+            tx.rollback().await.map_err(storage)?;
+            return Err(StorageError("workspace has no wallet".into()).into());
+        };
+        if wallet_currency != inv.currency {
+            tx.rollback().await.map_err(storage)?;
+            return Err(ClaimError::CurrencyMismatch {
+                wallet: wallet_currency,
+                number: inv.currency,
+            });
+        }
+        let ts = to_db(cmd.now);
+        let balance = sqlx::query(
+            "UPDATE wallets SET balance_minor = balance_minor - $1, updated_at = $2 \
+             WHERE workspace_id = $3 AND balance_minor >= $4 RETURNING balance_minor",
+        )
+        .bind(inv.monthly_price_minor)
+        .bind(&ts)
+        .bind(&cmd.workspace_id)
+        .bind(inv.monthly_price_minor)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(storage)?;
+        let Some(balance) = balance else {
+            tx.rollback().await.map_err(storage)?;
+            return Err(ClaimError::InsufficientFunds);
+        };
+        let balance_after: i64 = get(&balance, "balance_minor")?;
+        let number_id = new_id();
+        sqlx::query(
+            "INSERT INTO ledger_entries (id, workspace_id, kind, amount_minor, balance_after_minor, \
+             currency, reference, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(new_id())
+        .bind(&cmd.workspace_id)
+        .bind(LedgerKind::NumberRental.as_str())
+        .bind(-inv.monthly_price_minor)
+        .bind(balance_after)
+        .bind(&inv.currency)
+        .bind(&number_id)
+        .bind(&ts)
+        .execute(&mut *tx)
+        .await
+        .map_err(storage)?;
+        let r = sqlx::query(concat!(
+            "INSERT INTO tenant_numbers (id, workspace_id, inventory_id, number, status, \
+             capabilities, currency, monthly_price_minor, inbound_per_min_minor, \
+             outbound_per_min_minor, next_renewal_at, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, 'active', $5, $6, $7, $8, $9, $10, $11, $11) RETURNING ",
+            tenant_cols!()
+        ))
+        .bind(&number_id)
+        .bind(&cmd.workspace_id)
+        .bind(&inv.id)
+        .bind(&inv.number)
+        .bind(inv.capabilities.join(","))
+        .bind(&inv.currency)
+        .bind(inv.monthly_price_minor)
+        .bind(inv.inbound_per_min_minor)
+        .bind(inv.outbound_per_min_minor)
+        .bind(to_db(money::next_renewal(cmd.now)))
+        .bind(&ts)
+        .fetch_one(&mut *tx)
+        .await;
+        let row = match r {
+            Ok(row) => row,
+            // The one-owner index is the last line of defence behind the conditional UPDATE.
+            Err(e) if is_unique_violation(&e) => return Err(ClaimError::AlreadyClaimed),
+            Err(e) => return Err(storage(e).into()),
+        };
+        let number = tenant_from_row(&row)?;
+        tx.commit().await.map_err(storage)?;
+        Ok(number)
+    }
+
+    async fn release_number(&self, cmd: ReleaseNumber) -> Result<TenantNumber, ReleaseError> {
+        let ts = to_db(cmd.now);
+        let mut tx = self.db.write.begin().await.map_err(storage)?;
+        let released = sqlx::query(concat!(
+            "UPDATE tenant_numbers SET status = 'released', released_at = $1, updated_at = $1 \
+             WHERE id = $2 AND workspace_id = $3 AND status <> 'released' RETURNING ",
+            tenant_cols!()
+        ))
+        .bind(&ts)
+        .bind(&cmd.number_id)
+        .bind(&cmd.workspace_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(storage)?;
+        let Some(released) = released else {
+            let exists =
+                sqlx::query("SELECT id FROM tenant_numbers WHERE id = $1 AND workspace_id = $2")
+                    .bind(&cmd.number_id)
+                    .bind(&cmd.workspace_id)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(storage)?
+                    .is_some();
+            tx.rollback().await.map_err(storage)?;
+            return Err(if exists {
+                ReleaseError::AlreadyReleased
+            } else {
+                ReleaseError::NotFound
+            });
+        };
+        let number = tenant_from_row(&released)?;
+        sqlx::query("UPDATE inventory_numbers SET status = 'available' WHERE id = $1")
+            .bind(&number.inventory_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(storage)?;
+        // Credentials die with the number: a released number must not keep registering.
+        sqlx::query(
+            "UPDATE sip_credentials SET status = 'revoked', revoked_at = $1, updated_at = $1 \
+             WHERE number_id = $2 AND status = 'active'",
+        )
+        .bind(&ts)
+        .bind(&number.id)
+        .execute(&mut *tx)
+        .await
+        .map_err(storage)?;
+        tx.commit().await.map_err(storage)?;
+        Ok(number)
+    }
+
+    async fn credit_wallet(&self, cmd: CreditWallet) -> Result<LedgerEntry, WalletError> {
+        let mut tx = self.db.write.begin().await.map_err(storage)?;
+        let currency: Option<String> =
+            sqlx::query("SELECT currency FROM wallets WHERE workspace_id = $1")
+                .bind(&cmd.workspace_id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(storage)?
+                .map(|r| get(&r, "currency"))
+                .transpose()?;
+        let Some(currency) = currency else {
+            tx.rollback().await.map_err(storage)?;
+            return Err(WalletError::NotFound);
+        };
+        if currency != cmd.currency {
+            tx.rollback().await.map_err(storage)?;
+            return Err(WalletError::CurrencyMismatch {
+                wallet: currency,
+                requested: cmd.currency,
+            });
+        }
+        let ts = to_db(cmd.now);
+        let balance = sqlx::query(
+            "UPDATE wallets SET balance_minor = balance_minor + $1, updated_at = $2 \
+             WHERE workspace_id = $3 AND balance_minor <= $4 RETURNING balance_minor",
+        )
+        .bind(cmd.amount_minor)
+        .bind(&ts)
+        .bind(&cmd.workspace_id)
+        .bind(MAX_BALANCE_MINOR - cmd.amount_minor)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(storage)?;
+        let Some(balance) = balance else {
+            tx.rollback().await.map_err(storage)?;
+            return Err(WalletError::BalanceLimit);
+        };
+        let balance_after: i64 = get(&balance, "balance_minor")?;
+        let entry = LedgerEntry {
+            id: new_id(),
+            workspace_id: cmd.workspace_id.clone(),
+            kind: cmd.kind,
+            amount_minor: cmd.amount_minor,
+            balance_after_minor: balance_after,
+            currency,
+            reference: cmd.reference,
+            created_at: cmd.now,
+        };
+        sqlx::query(
+            "INSERT INTO ledger_entries (id, workspace_id, kind, amount_minor, balance_after_minor, \
+             currency, reference, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(&entry.id)
+        .bind(&entry.workspace_id)
+        .bind(entry.kind.as_str())
+        .bind(entry.amount_minor)
+        .bind(entry.balance_after_minor)
+        .bind(&entry.currency)
+        .bind(&entry.reference)
+        .bind(&ts)
+        .execute(&mut *tx)
+        .await
+        .map_err(storage)?;
+        tx.commit().await.map_err(storage)?;
+        Ok(entry)
+    }
+}
