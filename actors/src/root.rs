@@ -210,7 +210,7 @@ impl Engine {
 }
 
 fn lookup<M: ractor::Message>(name: &str) -> Result<ActorRef<M>, StorageError> {
-    ActorRef::<M>::where_is(name.to_owned())
+    ActorRef::<M>::where_is(name)
         .ok_or_else(|| StorageError(format!("actor {name} is not running")))
 }
 

@@ -89,10 +89,10 @@ async fn resolve_workspace(state: &AppState, headers: &HeaderMap) -> Result<Work
         .filter(|k| secrets::is_well_formed_api_key(k))
         .ok_or_else(ApiError::unauthorized)?;
     let hash = secrets::hash_api_key(key);
-    if let Some(hit) = state.auth_cache.get(&hash) {
-        if hit.1.elapsed() < AUTH_CACHE_TTL {
-            return Ok(Workspace { id: hit.0.clone() });
-        }
+    if let Some(hit) = state.auth_cache.get(&hash)
+        && hit.1.elapsed() < AUTH_CACHE_TTL
+    {
+        return Ok(Workspace { id: hit.0.clone() });
     }
     let workspace_id = state
         .store

@@ -137,20 +137,21 @@ pub async fn list_available(
     };
     let limit = page.limit()?;
     let invalid = |m: &str| ApiError::bad_request("request.invalid_query", m.to_owned());
-    if let Some(c) = &q.country {
-        if c.len() != 2 || !c.bytes().all(|b| b.is_ascii_uppercase()) {
-            return Err(invalid(
-                "country must be an ISO 3166-1 alpha-2 code such as KE",
-            ));
-        }
+    if let Some(c) = &q.country
+        && (c.len() != 2 || !c.bytes().all(|b| b.is_ascii_uppercase()))
+    {
+        return Err(invalid(
+            "country must be an ISO 3166-1 alpha-2 code such as KE",
+        ));
     }
     if let Some(c) = &q.currency {
         sautikit_actors::money::parse_currency(c).map_err(|e| invalid(&e.to_string()))?;
     }
-    if let Some(c) = &q.capability {
-        if c != "voice" && c != "sms" {
-            return Err(invalid("capability must be voice or sms"));
-        }
+    if let Some(c) = &q.capability
+        && c != "voice"
+        && c != "sms"
+    {
+        return Err(invalid("capability must be voice or sms"));
     }
     if let Some(d) = &q.contains {
         let digits = d.trim_start_matches('+');

@@ -238,6 +238,7 @@ impl Server {
                 }
                 Err(_) => {
                     let _ = child.kill();
+                    let _ = child.wait();
                     let log = std::fs::read_to_string(&log).unwrap_or_default();
                     panic!("server did not start; stdout {lines:?}\nlog:\n{log}");
                 }

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Run Sautikit in dev mode on SQLite: installs what is missing, builds, and starts the server.
+# A fresh data directory gets a seeded Kenyan inventory and a `dev` workspace with KES 1,000.00;
+# the API key, webhook secret and the guide's first curl command are printed on start.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+
+# curl and jq: the guide's commands use them.
+apt_install_missing curl:curl jq:jq cc:gcc
+
+export SAUTIKIT_MODE="${SAUTIKIT_MODE:-dev}"
+exec cargo run --release --bin sautikit -- serve "$@"

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The whole suite: formatting, lints, and `cargo test --workspace` with every storage test on
+# both SQLite and PostgreSQL. Installs and starts what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+
+apt_install_missing cc:gcc
+
+# PostgreSQL: use the server on 127.0.0.1:5432 if one answers; otherwise start or install one.
+if [ -z "${SAUTIKIT_TEST_POSTGRES_URL:-}" ]; then
+    if ! port_open 127.0.0.1 5432; then
+        if ! ls /etc/postgresql/*/main >/dev/null 2>&1; then
+            apt_install_missing pg_ctlcluster:postgresql
+        fi
+        version=$(ls /etc/postgresql | sort -V | tail -n 1)
+        pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+        for _ in $(seq 1 30); do port_open 127.0.0.1 5432 && break; sleep 1; done
+        # A freshly installed cluster wants a password over TCP: give the test user one.
+        su postgres -c "psql -q -c \"ALTER USER postgres PASSWORD 'postgres'\"" >/dev/null 2>&1 || true
+    fi
+    export SAUTIKIT_TEST_POSTGRES_URL="postgres://postgres:postgres@127.0.0.1:5432/postgres"
+fi
+# Every storage test must run on PostgreSQL too: a missing server fails the suite.
+export SAUTIKIT_REQUIRE_POSTGRES=1
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+cargo test --workspace

@@ -1,0 +1,194 @@
+//! The CLI's admin commands, and the ops endpoints (health, metrics, OpenAPI).
+
+#[macro_use]
+mod common;
+
+use common::{Backend, Mode, Server, TestDb, dev_key};
+use serde_json::Value;
+
+async fn admin_commands(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let v = db.admin(&[
+        "create-workspace",
+        "--name",
+        "acme",
+        "--credit-minor",
+        "25000",
+    ]);
+    let keys: Vec<&str> = v
+        .as_object()
+        .expect("object")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(keys, ["workspace_id", "api_key", "webhook_secret"]);
+    let ws = v["workspace_id"].as_str().expect("id").to_owned();
+    let key = v["api_key"].as_str().expect("key").to_owned();
+    assert!(key.starts_with("sk_") && key.len() >= 3 + 43, "{key}");
+    assert!(
+        v["webhook_secret"]
+            .as_str()
+            .expect("secret")
+            .starts_with("whsec_")
+    );
+
+    let credited = db.admin(&["credit", "--workspace", &ws, "--amount-minor", "500"]);
+    assert_eq!(credited["balance_minor"], 25_500);
+
+    let seeded = db.admin(&[
+        "seed-inventory",
+        "--country",
+        "KE",
+        "--count",
+        "3",
+        "--start",
+        "+254720000001",
+        "--monthly-price-minor",
+        "20000",
+        "--outbound-per-min-minor",
+        "250",
+        "--inbound-per-min-minor",
+        "10",
+    ]);
+    assert_eq!(seeded["inserted"], 3);
+    // Seeding again adds nothing.
+    let again = db.admin(&["seed-inventory", "--count", "3", "--start", "+254720000001"]);
+    assert_eq!(again["inserted"], 0);
+
+    // Invalid input: exit code 2, nothing written.
+    for args in [
+        vec!["credit", "--workspace", &ws, "--amount-minor", "0"],
+        vec!["credit", "--workspace", &ws, "--amount-minor", "-5"],
+        vec![
+            "credit",
+            "--workspace",
+            "01900000-0000-7000-8000-999999999999",
+            "--amount-minor",
+            "5",
+        ],
+        vec!["create-workspace", "--name", "x", "--currency", "XYZ"],
+        vec!["create-workspace", "--name", ""],
+        vec!["seed-inventory", "--count", "0"],
+        vec!["seed-inventory", "--count", "2", "--start", "0712345678"],
+        vec!["seed-inventory", "--count", "2", "--country", "Kenya"],
+    ] {
+        let out = db.admin_raw(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+        assert!(out.stdout.is_empty());
+        assert!(!out.stderr.is_empty());
+    }
+
+    let server = Server::start(&db, Mode::Production);
+    let api = server.api(&key);
+    assert_eq!(api.get("/v1/wallet").await.json()["balance_minor"], 25_500);
+    let ledger = api.get_all("/v1/wallet/transactions").await;
+    assert_eq!(ledger.len(), 2);
+    assert_eq!(ledger[0]["kind"], "credit");
+    let inv = api.get_all("/v1/numbers/available").await;
+    assert_eq!(inv.len(), 3);
+    assert_eq!(inv[0]["number"], "+254720000001");
+    assert_eq!(inv[0]["monthly_price_minor"], 20_000);
+    assert_eq!(inv[0]["inbound_per_min_minor"], 10);
+    assert_eq!(inv[0]["outbound_per_min_minor"], 250);
+}
+
+on_both_backends!(admin_commands);
+
+async fn ops_endpoints(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let server = Server::start(&db, Mode::Dev);
+    let api = server.api(&dev_key(&db.data_dir));
+    let anon = server.anon();
+
+    let h = anon.get("/healthz").await;
+    assert_eq!(h.status, 200);
+    assert_eq!(h.json()["status"], "ok");
+
+    // A claim shows up in the metrics.
+    let r = api
+        .post(
+            "/v1/numbers/01900000-0000-7000-8000-000000000003/claim",
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 201);
+    let m = anon.get("/metrics").await;
+    assert_eq!(m.status, 200);
+    assert!(
+        m.header("content-type")
+            .unwrap_or_default()
+            .starts_with("text/plain")
+    );
+    assert!(
+        m.text.contains("sautikit_numbers_claimed_total 1"),
+        "{}",
+        m.text
+    );
+    assert!(
+        m.text
+            .contains("sautikit_http_requests_total{method=\"POST\",route=\"/v1/numbers/{inventory_id}/claim\",status=\"201\"} 1"),
+        "{}",
+        m.text
+    );
+    // Every response carries its request id.
+    assert!(
+        r.header("x-request-id")
+            .unwrap_or_default()
+            .starts_with("req_")
+    );
+
+    // The OpenAPI document covers every route we serve, and every route it names is served.
+    let doc: Value = anon.get("/v1/openapi.json").await.json();
+    let paths = doc["paths"].as_object().expect("paths");
+    let served = [
+        ("get", "/v1/numbers/available"),
+        ("post", "/v1/numbers/{inventory_id}/claim"),
+        ("get", "/v1/numbers"),
+        ("get", "/v1/numbers/{id}"),
+        ("delete", "/v1/numbers/{id}"),
+        ("patch", "/v1/numbers/{id}/routing"),
+        ("post", "/v1/numbers/{id}/sip-credentials"),
+        ("get", "/v1/numbers/{id}/sip-credentials"),
+        ("post", "/v1/numbers/{id}/sip-credentials/{cred_id}/rotate"),
+        ("delete", "/v1/numbers/{id}/sip-credentials/{cred_id}"),
+        ("get", "/v1/wallet"),
+        ("get", "/v1/wallet/transactions"),
+        ("post", "/v1/topups"),
+        ("get", "/healthz"),
+        ("get", "/metrics"),
+        ("get", "/v1/openapi.json"),
+    ];
+    let mut documented = Vec::new();
+    for (path, item) in paths {
+        for method in item.as_object().expect("item").keys() {
+            documented.push((method.clone(), path.clone()));
+        }
+    }
+    documented.sort();
+    let mut expected: Vec<(String, String)> = served
+        .iter()
+        .map(|(m, p)| ((*m).to_owned(), (*p).to_owned()))
+        .collect();
+    expected.sort();
+    assert_eq!(documented, expected);
+    let zero = "01900000-0000-7000-8000-999999999999";
+    for (method, path) in &expected {
+        let concrete = path
+            .replace("{inventory_id}", zero)
+            .replace("{id}", zero)
+            .replace("{cred_id}", zero);
+        let m = reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).expect("method");
+        let r = api.send(api.request(m, &concrete)).await;
+        let code = serde_json::from_str::<Value>(&r.text)
+            .map(|v| v["error"]["code"].clone())
+            .unwrap_or(Value::Null);
+        assert_ne!(
+            code, "route.not_found",
+            "{method} {path} is documented but not served"
+        );
+        assert_ne!(r.status, 405, "{method} {path}");
+    }
+    assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
+}
+
+on_both_backends!(ops_endpoints);
