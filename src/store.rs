@@ -947,16 +947,18 @@ impl SqlStore {
 #[async_trait]
 impl Store for SqlStore {
     async fn claim_number(&self, cmd: ClaimNumber) -> Result<TenantNumber, ClaimError> {
+        // The common path is four statements; the diagnostics below run only on refusal.
         let mut tx = self.db.write.begin().await.map_err(storage)?;
-        let taken = sqlx::query(
-            "UPDATE inventory_numbers SET status = 'claimed' WHERE id = $1 AND status = 'available'",
-        )
+        let inv = sqlx::query(concat!(
+            "UPDATE inventory_numbers SET status = 'claimed' \
+             WHERE id = $1 AND status = 'available' RETURNING ",
+            inventory_cols!()
+        ))
         .bind(&cmd.inventory_id)
-        .execute(&mut *tx)
+        .fetch_optional(&mut *tx)
         .await
-        .map_err(storage)?
-        .rows_affected();
-        if taken == 0 {
+        .map_err(storage)?;
+        let Some(inv) = inv else {
             let exists = sqlx::query("SELECT id FROM inventory_numbers WHERE id = $1")
                 .bind(&cmd.inventory_id)
                 .fetch_optional(&mut *tx)
@@ -969,51 +971,40 @@ impl Store for SqlStore {
             } else {
                 ClaimError::NotFound
             });
-        }
-        let inv = sqlx::query(concat!(
-            "SELECT ",
-            inventory_cols!(),
-            " FROM inventory_numbers WHERE id = $1"
-        ))
-        .bind(&cmd.inventory_id)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(storage)?;
-        let inv = inventory_from_row(&inv)?;
-        let wallet_currency: Option<String> =
-            sqlx::query("SELECT currency FROM wallets WHERE workspace_id = $1")
-                .bind(&cmd.workspace_id)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(storage)?
-                .map(|r| get(&r, "currency"))
-                .transpose()?;
-        let Some(wallet_currency) = wallet_currency else {
-            tx.rollback().await.map_err(storage)?;
-            return Err(StorageError("workspace has no wallet".into()).into());
         };
-        if wallet_currency != inv.currency {
-            tx.rollback().await.map_err(storage)?;
-            return Err(ClaimError::CurrencyMismatch {
-                wallet: wallet_currency,
-                number: inv.currency,
-            });
-        }
+        let inv = inventory_from_row(&inv)?;
         let ts = to_db(cmd.now);
         let balance = sqlx::query(
             "UPDATE wallets SET balance_minor = balance_minor - $1, updated_at = $2 \
-             WHERE workspace_id = $3 AND balance_minor >= $4 RETURNING balance_minor",
+             WHERE workspace_id = $3 AND currency = $4 AND balance_minor >= $5 \
+             RETURNING balance_minor",
         )
         .bind(inv.monthly_price_minor)
         .bind(&ts)
         .bind(&cmd.workspace_id)
+        .bind(&inv.currency)
         .bind(inv.monthly_price_minor)
         .fetch_optional(&mut *tx)
         .await
         .map_err(storage)?;
         let Some(balance) = balance else {
+            let wallet_currency: Option<String> =
+                sqlx::query("SELECT currency FROM wallets WHERE workspace_id = $1")
+                    .bind(&cmd.workspace_id)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(storage)?
+                    .map(|r| get(&r, "currency"))
+                    .transpose()?;
             tx.rollback().await.map_err(storage)?;
-            return Err(ClaimError::InsufficientFunds);
+            return Err(match wallet_currency {
+                None => StorageError("workspace has no wallet".into()).into(),
+                Some(w) if w != inv.currency => ClaimError::CurrencyMismatch {
+                    wallet: w,
+                    number: inv.currency,
+                },
+                Some(_) => ClaimError::InsufficientFunds,
+            });
         };
         let balance_after: i64 = get(&balance, "balance_minor")?;
         let number_id = new_id();

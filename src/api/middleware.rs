@@ -35,7 +35,13 @@ pub async fn request_context(req: Request, next: Next) -> Response {
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".to_owned());
-    let span = info_span!("http", request_id = %request_id, method = %method, route = %route);
+    let span = info_span!(
+        "http",
+        request_id = %request_id,
+        method = %method,
+        route = %route,
+        workspace_id = tracing::field::Empty
+    );
     let started = Instant::now();
     let mut resp = REQUEST_ID
         .scope(request_id.clone(), next.run(req))
@@ -70,6 +76,7 @@ pub async fn authenticate(State(state): State<AppState>, mut req: Request, next:
         Ok(w) => w,
         Err(e) => return e.into_response(),
     };
+    tracing::Span::current().record("workspace_id", workspace.id.as_str());
     req.extensions_mut().insert(workspace.clone());
     let key = req.headers().get(IDEMPOTENCY_HEADER).cloned();
     match key {
