@@ -66,6 +66,17 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "SAUTIKIT_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// Multiplies the webhook retry schedule (30 s, 2 min, … 24 h); tests use e.g. 0.001.
+    #[arg(long, env = "SAUTIKIT_WEBHOOK_RETRY_SCALE", default_value_t = 1.0)]
+    pub webhook_retry_scale: f64,
+    /// Internal ranges (CIDRs, comma-separated) webhooks may reach in production, for on-premise
+    /// receivers. Loopback, private, link-local and unspecified addresses are refused otherwise.
+    #[arg(long, env = "SAUTIKIT_WEBHOOK_ALLOW_CIDRS", value_delimiter = ',')]
+    pub webhook_allow_cidrs: Vec<ipnet::IpNet>,
+    /// How long a process holds the webhook deliveries it is sending (PostgreSQL: another process
+    /// takes them over after a crash once this runs out).
+    #[arg(long, env = "SAUTIKIT_WEBHOOK_LEASE_SECS", default_value_t = 60)]
+    pub webhook_lease_secs: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

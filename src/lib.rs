@@ -9,3 +9,4 @@ pub mod secrets;
 pub mod server;
 pub mod store;
 pub mod time;
+pub mod webhooks;

@@ -15,8 +15,10 @@ use tracing::{info, warn};
 
 use crate::api::{self, AppState};
 use crate::config::{Mode, ServeArgs};
-use crate::db::{Db, DbError};
+use crate::db::{Backend, Db, DbError};
 use crate::store::{SeedInventory, SqlStore};
+use crate::webhooks::sender::{AddressPolicy, HttpSender};
+use sautikit_actors::events::{EventsArgs, EventsConfig};
 
 #[derive(Debug, Error)]
 pub enum ServeError {
@@ -33,6 +35,12 @@ pub enum ServeError {
     Engine(#[from] sautikit_actors::EngineError),
     #[error("server error: {0}")]
     Io(#[from] std::io::Error),
+    #[error("invalid setting: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Sender(#[from] crate::webhooks::sender::SenderError),
+    #[error(transparent)]
+    Storage(#[from] sautikit_actors::store::StorageError),
 }
 
 /// What the dev workspace's secrets are, kept beside the database so every start can print them
@@ -167,8 +175,36 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
     } else {
         None
     };
+    if !(args.webhook_retry_scale.is_finite() && args.webhook_retry_scale >= 0.0) {
+        return Err(ServeError::Config(
+            "SAUTIKIT_WEBHOOK_RETRY_SCALE must be a non-negative number".into(),
+        ));
+    }
+    if db.backend == Backend::Sqlite {
+        // SQLite has one process: leases left by a crash belong to nobody.
+        let freed = store.release_all_leases().await?;
+        if freed > 0 {
+            info!(freed, "released webhook leases left by the previous run");
+        }
+    }
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let engine = Arc::new(Engine::start(Arc::new(store.clone()), clock.clone()).await?);
+    let sender = HttpSender::new(AddressPolicy {
+        refuse_internal: args.mode == Mode::Production,
+        allow: args.webhook_allow_cidrs.clone(),
+    })?;
+    let events = EventsArgs {
+        outbox: Arc::new(store.clone()),
+        sender: Arc::new(sender),
+        clock: clock.clone(),
+        config: EventsConfig {
+            retry_scale: args.webhook_retry_scale,
+            lease: Duration::from_secs(args.webhook_lease_secs.max(4)),
+            ..EventsConfig::default()
+        },
+        committed: store.committed.clone(),
+    };
+    let engine =
+        Arc::new(Engine::start_with(Arc::new(store.clone()), clock.clone(), Some(events)).await?);
     let state = AppState {
         store: store.clone(),
         engine: engine.clone(),

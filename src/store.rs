@@ -3,6 +3,7 @@
 //! correct when several processes share one PostgreSQL database (DESIGN §2, §4).
 
 use std::fmt::Display;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Duration, Utc};
@@ -12,13 +13,16 @@ use sautikit_actors::store::{
     ClaimError, ClaimNumber, CreditWallet, ReleaseError, ReleaseNumber, StorageError, Store,
     WalletError,
 };
+use serde_json::json;
 use sqlx::any::AnyRow;
 use sqlx::{AssertSqlSafe, Row};
 use thiserror::Error;
+use tokio::sync::Notify;
 
 use crate::db::Db;
 use crate::secrets::{self, StoredSipSecret};
-use crate::time::{from_db, new_id, to_db};
+use crate::time::{from_db, new_id, to_api, to_db};
+use crate::webhooks::{EventDraft, enqueue};
 
 /// How long a stored idempotent response is replayed.
 pub const IDEMPOTENCY_TTL_HOURS: i64 = 24;
@@ -290,11 +294,16 @@ fn bind_all<'q>(
 #[derive(Clone)]
 pub struct SqlStore {
     db: Db,
+    /// Signalled after a commit that wrote events, so the Events actor looks at once.
+    pub committed: Arc<Notify>,
 }
 
 impl SqlStore {
     pub fn new(db: Db) -> Self {
-        SqlStore { db }
+        SqlStore {
+            db,
+            committed: Arc::new(Notify::new()),
+        }
     }
 
     pub fn db(&self) -> &Db {
@@ -944,6 +953,77 @@ impl SqlStore {
     }
 }
 
+/// After a debit: a balance that crossed the workspace's threshold downward fires
+/// `wallet.low_balance` once; a credit back above the threshold re-arms it.
+async fn after_debit(
+    conn: &mut sqlx::AnyConnection,
+    workspace_id: &str,
+    wallet_row: &AnyRow,
+    currency: &str,
+    now: DateTime<Utc>,
+) -> Result<(), StorageError> {
+    let balance: i64 = get(wallet_row, "balance_minor")?;
+    let threshold: i64 = get(wallet_row, "low_balance_threshold_minor")?;
+    let alerted: i64 = get(wallet_row, "low_balance_alerted")?;
+    if balance >= threshold || alerted != 0 {
+        return Ok(());
+    }
+    let armed = sqlx::query(
+        "UPDATE wallets SET low_balance_alerted = 1 \
+         WHERE workspace_id = $1 AND low_balance_alerted = 0",
+    )
+    .bind(workspace_id)
+    .execute(&mut *conn)
+    .await
+    .map_err(storage)?
+    .rows_affected();
+    if armed == 1 {
+        enqueue(
+            conn,
+            &EventDraft {
+                workspace_id: workspace_id.to_owned(),
+                kind: "wallet.low_balance",
+                number_id: None,
+                call_id: None,
+                payload: json!({
+                    "balance_minor": balance,
+                    "low_balance_threshold_minor": threshold,
+                    "currency": currency,
+                }),
+            },
+            now,
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+impl SqlStore {
+    /// Set the low-balance threshold; a balance already at or above it re-arms the alert.
+    pub async fn set_low_balance_threshold(
+        &self,
+        workspace_id: &str,
+        threshold_minor: i64,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Wallet>, StorageError> {
+        let r = sqlx::query(
+            "UPDATE wallets SET low_balance_threshold_minor = $1, updated_at = $2, \
+               low_balance_alerted = CASE WHEN balance_minor >= $1 THEN 0 ELSE low_balance_alerted END \
+             WHERE workspace_id = $3",
+        )
+        .bind(threshold_minor)
+        .bind(to_db(now))
+        .bind(workspace_id)
+        .execute(&self.db.write)
+        .await
+        .map_err(storage)?;
+        if r.rows_affected() == 0 {
+            return Ok(None);
+        }
+        self.get_wallet(workspace_id).await
+    }
+}
+
 #[async_trait]
 impl Store for SqlStore {
     async fn claim_number(&self, cmd: ClaimNumber) -> Result<TenantNumber, ClaimError> {
@@ -977,7 +1057,7 @@ impl Store for SqlStore {
         let balance = sqlx::query(
             "UPDATE wallets SET balance_minor = balance_minor - $1, updated_at = $2 \
              WHERE workspace_id = $3 AND currency = $4 AND balance_minor >= $5 \
-             RETURNING balance_minor",
+             RETURNING balance_minor, low_balance_threshold_minor, low_balance_alerted",
         )
         .bind(inv.monthly_price_minor)
         .bind(&ts)
@@ -1050,7 +1130,35 @@ impl Store for SqlStore {
             Err(e) => return Err(storage(e).into()),
         };
         let number = tenant_from_row(&row)?;
+        enqueue(
+            &mut tx,
+            &EventDraft {
+                workspace_id: cmd.workspace_id.clone(),
+                kind: "number.provisioned",
+                number_id: Some(number.id.clone()),
+                call_id: None,
+                payload: json!({
+                    "number_id": number.id,
+                    "number": number.number,
+                    "status": number.status.as_str(),
+                    "monthly_price_minor": number.monthly_price_minor,
+                    "currency": number.currency,
+                    "next_renewal_at": to_api(number.next_renewal_at),
+                }),
+            },
+            cmd.now,
+        )
+        .await?;
+        after_debit(
+            &mut tx,
+            &cmd.workspace_id,
+            &balance,
+            &number.currency,
+            cmd.now,
+        )
+        .await?;
         tx.commit().await.map_err(storage)?;
+        self.committed.notify_one();
         Ok(number)
     }
 
@@ -1100,7 +1208,25 @@ impl Store for SqlStore {
         .execute(&mut *tx)
         .await
         .map_err(storage)?;
+        enqueue(
+            &mut tx,
+            &EventDraft {
+                workspace_id: cmd.workspace_id.clone(),
+                kind: "number.released",
+                number_id: Some(number.id.clone()),
+                call_id: None,
+                payload: json!({
+                    "number_id": number.id,
+                    "number": number.number,
+                    "status": number.status.as_str(),
+                    "released_at": number.released_at.map(to_api),
+                }),
+            },
+            cmd.now,
+        )
+        .await?;
         tx.commit().await.map_err(storage)?;
+        self.committed.notify_one();
         Ok(number)
     }
 
@@ -1127,7 +1253,9 @@ impl Store for SqlStore {
         }
         let ts = to_db(cmd.now);
         let balance = sqlx::query(
-            "UPDATE wallets SET balance_minor = balance_minor + $1, updated_at = $2 \
+            "UPDATE wallets SET balance_minor = balance_minor + $1, updated_at = $2, \
+               low_balance_alerted = CASE WHEN balance_minor + $1 >= low_balance_threshold_minor \
+                 THEN 0 ELSE low_balance_alerted END \
              WHERE workspace_id = $3 AND balance_minor <= $4 RETURNING balance_minor",
         )
         .bind(cmd.amount_minor)
@@ -1167,7 +1295,27 @@ impl Store for SqlStore {
         .execute(&mut *tx)
         .await
         .map_err(storage)?;
+        enqueue(
+            &mut tx,
+            &EventDraft {
+                workspace_id: entry.workspace_id.clone(),
+                kind: "wallet.top_up",
+                number_id: None,
+                call_id: None,
+                payload: json!({
+                    "ledger_entry_id": entry.id,
+                    "kind": entry.kind.as_str(),
+                    "amount_minor": entry.amount_minor,
+                    "balance_minor": entry.balance_after_minor,
+                    "currency": entry.currency,
+                    "reference": entry.reference,
+                }),
+            },
+            cmd.now,
+        )
+        .await?;
         tx.commit().await.map_err(storage)?;
+        self.committed.notify_one();
         Ok(entry)
     }
 }

@@ -5,11 +5,13 @@
 //! SQL: it reaches the outside world only through the traits in [`store`] and [`clock`].
 
 pub mod clock;
+pub mod events;
 pub mod inventory;
 pub mod model;
 pub mod money;
 pub mod root;
 pub mod store;
 pub mod wallet;
+pub mod webhook;
 
 pub use root::{Engine, EngineError};

@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 use tracing::{error, warn};
 
 use crate::clock::Clock;
+use crate::events::{Events, EventsArgs};
 use crate::inventory::{Inventory, InventoryMsg, InventoryState};
 use crate::model::{LedgerEntry, LedgerKind, TenantNumber};
 use crate::store::{ClaimError, ReleaseError, StorageError, Store, WalletError};
@@ -31,6 +32,7 @@ pub enum EngineError {
 struct Names {
     inventory: String,
     wallets: String,
+    events: String,
 }
 
 impl Names {
@@ -39,6 +41,7 @@ impl Names {
         Names {
             inventory: format!("sautikit.{tag}.inventory"),
             wallets: format!("sautikit.{tag}.wallets"),
+            events: format!("sautikit.{tag}.events"),
         }
     }
 }
@@ -51,6 +54,7 @@ struct Root;
 struct RootState {
     names: Names,
     deps: WalletDeps,
+    events: Option<EventsArgs>,
 }
 
 impl Root {
@@ -86,6 +90,24 @@ impl Root {
     }
 }
 
+impl Root {
+    async fn spawn_events(
+        myself: &ActorRef<RootMsg>,
+        state: &RootState,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Some(args) = &state.events {
+            Actor::spawn_linked(
+                Some(state.names.events.clone()),
+                Events,
+                args.clone(),
+                myself.get_cell(),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+}
+
 impl Actor for Root {
     type Msg = RootMsg;
     type State = RootState;
@@ -98,6 +120,7 @@ impl Actor for Root {
     ) -> Result<Self::State, ActorProcessingErr> {
         Root::spawn_inventory(&myself, &state).await?;
         Root::spawn_wallets(&myself, &state).await?;
+        Root::spawn_events(&myself, &state).await?;
         Ok(state)
     }
 
@@ -115,6 +138,8 @@ impl Actor for Root {
                 Root::spawn_inventory(&myself, state).await?;
             } else if name == state.names.wallets {
                 Root::spawn_wallets(&myself, state).await?;
+            } else if name == state.names.events {
+                Root::spawn_events(&myself, state).await?;
             } else {
                 warn!(actor = %name, "unknown child failed");
             }
@@ -131,9 +156,19 @@ pub struct Engine {
 }
 
 impl Engine {
+    /// The tree without webhook delivery (tests of the other actors).
     pub async fn start(
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
+    ) -> Result<Engine, EngineError> {
+        Self::start_with(store, clock, None).await
+    }
+
+    /// The whole tree; `events` wires the Events actor to its outbox and transport.
+    pub async fn start_with(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        events: Option<EventsArgs>,
     ) -> Result<Engine, EngineError> {
         let names = Names::new();
         let (root, join) = Actor::spawn(
@@ -142,6 +177,7 @@ impl Engine {
             RootState {
                 names: names.clone(),
                 deps: WalletDeps { store, clock },
+                events,
             },
         )
         .await

@@ -237,3 +237,31 @@ where
             })
     }
 }
+
+const MAX_URL_LEN: usize = 2048;
+
+/// Why a webhook or callback URL is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum UrlProblem {
+    #[error("must be an absolute http(s) URL with a host")]
+    Invalid,
+    #[error("must be at most 2048 characters")]
+    TooLong,
+    #[error("must use https:// in production")]
+    Insecure,
+}
+
+/// Absolute `http(s)://` with a host; `https://` only in production.
+pub fn check_url(raw: &str, mode: crate::config::Mode) -> Result<(), UrlProblem> {
+    if raw.len() > MAX_URL_LEN {
+        return Err(UrlProblem::TooLong);
+    }
+    let url = url::Url::parse(raw).map_err(|_| UrlProblem::Invalid)?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none_or(str::is_empty) {
+        return Err(UrlProblem::Invalid);
+    }
+    if mode == crate::config::Mode::Production && url.scheme() != "https" {
+        return Err(UrlProblem::Insecure);
+    }
+    Ok(())
+}

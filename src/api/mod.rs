@@ -8,6 +8,7 @@ pub mod middleware;
 pub mod numbers;
 pub mod ops;
 pub mod wallet;
+pub mod webhooks;
 
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
@@ -84,9 +85,14 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(credentials::create, credentials::list))
         .routes(routes!(credentials::rotate))
         .routes(routes!(credentials::revoke))
-        .routes(routes!(wallet::get_wallet))
+        .routes(routes!(wallet::get_wallet, wallet::update_wallet))
         .routes(routes!(wallet::transactions))
         .routes(routes!(wallet::topup))
+        .routes(routes!(webhooks::create, webhooks::list))
+        .routes(routes!(webhooks::delete))
+        .routes(routes!(webhooks::deliveries))
+        .routes(routes!(webhooks::redeliver))
+        .routes(routes!(webhooks::rotate_secret))
         .route_layer(from_fn_with_state(state.clone(), middleware::authenticate));
     let open = OpenApiRouter::new()
         .routes(routes!(ops::healthz))

@@ -10,7 +10,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
 use super::error::{ApiError, ErrorEnvelope, number_not_found};
-use super::extract::{ApiJson, ApiQuery, Page, PageParams, parse_id};
+use super::extract::{ApiJson, ApiQuery, Page, PageParams, UrlProblem, check_url, parse_id};
 use super::middleware::Workspace;
 use crate::config::Mode;
 use crate::store::{InventoryFilter, InventoryNumber, RoutingChange};
@@ -308,31 +308,14 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D:
     Option::<String>::deserialize(d).map(Some)
 }
 
-const MAX_URL_LEN: usize = 2048;
-
 fn validate_url(field: &str, raw: &str, mode: Mode) -> Result<String, ApiError> {
-    let invalid = || {
-        ApiError::unprocessable(
-            "routing.invalid_url",
-            format!("{field} must be an absolute http(s) URL with a host"),
-        )
-    };
-    if raw.len() > MAX_URL_LEN {
-        return Err(ApiError::unprocessable(
-            "routing.invalid_url",
-            format!("{field} must be at most {MAX_URL_LEN} characters"),
-        ));
-    }
-    let url = url::Url::parse(raw).map_err(|_| invalid())?;
-    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none_or(str::is_empty) {
-        return Err(invalid());
-    }
-    if mode == Mode::Production && url.scheme() != "https" {
-        return Err(ApiError::unprocessable(
+    check_url(raw, mode).map_err(|p| match p {
+        UrlProblem::Insecure => ApiError::unprocessable(
             "routing.insecure_url",
             format!("{field} must use https:// in production"),
-        ));
-    }
+        ),
+        p => ApiError::unprocessable("routing.invalid_url", format!("{field} {p}")),
+    })?;
     Ok(raw.to_owned())
 }
 

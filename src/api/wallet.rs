@@ -25,6 +25,40 @@ pub struct WalletView {
     pub low_balance_threshold_minor: i64,
 }
 
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WalletUpdate {
+    /// A debit that takes the balance below this fires `wallet.low_balance` (once per crossing).
+    #[schema(example = 20000)]
+    pub low_balance_threshold_minor: i64,
+}
+
+/// Set the low-balance threshold.
+#[utoipa::path(patch, path = "/v1/wallet", tag = "wallet", request_body = WalletUpdate,
+    responses((status = 200, body = WalletView), (status = 422, body = ErrorEnvelope)))]
+pub async fn update_wallet(
+    State(state): State<AppState>,
+    Extension(ws): Extension<Workspace>,
+    ApiJson(body): ApiJson<WalletUpdate>,
+) -> Result<axum::Json<WalletView>, ApiError> {
+    if !(0..=money::MAX_BALANCE_MINOR).contains(&body.low_balance_threshold_minor) {
+        return Err(ApiError::unprocessable(
+            "wallet.invalid_threshold",
+            "low_balance_threshold_minor must be between 0 and the wallet limit",
+        ));
+    }
+    let w = state
+        .store
+        .set_low_balance_threshold(&ws.id, body.low_balance_threshold_minor, state.clock.now())
+        .await?
+        .ok_or_else(|| ApiError::not_found("wallet.not_found", "wallet not found"))?;
+    Ok(axum::Json(WalletView {
+        balance_minor: w.balance_minor,
+        currency: w.currency,
+        low_balance_threshold_minor: w.low_balance_threshold_minor,
+    }))
+}
+
 /// The wallet's balance (minor units).
 #[utoipa::path(get, path = "/v1/wallet", tag = "wallet",
     responses((status = 200, body = WalletView), (status = 401, body = ErrorEnvelope)))]

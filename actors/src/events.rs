@@ -1,0 +1,265 @@
+//! The Events actor: drains the durable outbox and delivers signed webhooks (DESIGN §6).
+//!
+//! It leases due deliveries in batches, groups them by ordering key, and hands each group to a
+//! task that sends its deliveries one after another, stopping at the first failure so that later
+//! events of the same key wait behind the one being retried. Results come back as messages and
+//! are written to the outbox in batches. Memory is bounded by the batch and in-flight limits, not
+//! by the size of the backlog. A crash between a send and its record means a second delivery
+//! after restart: at least once, never lost.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::sync::Notify;
+use tracing::{debug, warn};
+
+use crate::clock::Clock;
+use crate::webhook::{
+    AttemptRecord, LeasedDelivery, Outbox, SignedRequest, WebhookSender, resolve, signature_header,
+};
+
+#[derive(Debug, Clone)]
+pub struct EventsConfig {
+    /// Groups (ordering keys) being delivered at once.
+    pub max_in_flight: usize,
+    /// Deliveries leased per outbox query.
+    pub lease_batch: usize,
+    /// How long a lease protects a delivery from other processes.
+    pub lease: Duration,
+    /// Multiplies the retry schedule (1.0 in production; tests shrink it).
+    pub retry_scale: f64,
+    /// How often the outbox is polled for retries that fell due and other processes' events.
+    pub poll_interval: Duration,
+    /// Finished attempts buffered before they are written in one batch.
+    pub record_batch: usize,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        EventsConfig {
+            max_in_flight: 256,
+            lease_batch: 1024,
+            lease: Duration::from_secs(60),
+            retry_scale: 1.0,
+            poll_interval: Duration::from_millis(250),
+            record_batch: 512,
+        }
+    }
+}
+
+pub enum EventsMsg {
+    /// New events were committed: look for work now.
+    EventsCommitted,
+    /// The poll interval elapsed.
+    PollDue,
+    /// A group's task finished: its attempts, and the deliveries it did not attempt.
+    GroupFinished {
+        attempts: Vec<AttemptRecord>,
+        released: Vec<String>,
+    },
+}
+
+pub struct Events;
+
+#[derive(Clone)]
+pub struct EventsArgs {
+    pub outbox: Arc<dyn Outbox>,
+    pub sender: Arc<dyn WebhookSender>,
+    pub clock: Arc<dyn Clock>,
+    pub config: EventsConfig,
+    /// Signalled by the storage layer after it commits events.
+    pub committed: Arc<Notify>,
+}
+
+pub struct EventsState {
+    args: EventsArgs,
+    in_flight: usize,
+    attempts: Vec<AttemptRecord>,
+    released: Vec<String>,
+    waker: tokio::task::JoinHandle<()>,
+}
+
+impl Actor for Events {
+    type Msg = EventsMsg;
+    type State = EventsState;
+    type Arguments = EventsArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        myself.send_interval(args.config.poll_interval, || EventsMsg::PollDue);
+        let committed = args.committed.clone();
+        let me = myself.clone();
+        let waker = tokio::spawn(async move {
+            loop {
+                committed.notified().await;
+                if me.cast(EventsMsg::EventsCommitted).is_err() {
+                    break;
+                }
+            }
+        });
+        // Work may be waiting from before a restart.
+        myself.cast(EventsMsg::PollDue)?;
+        Ok(EventsState {
+            args,
+            in_flight: 0,
+            attempts: Vec::new(),
+            released: Vec::new(),
+            waker,
+        })
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        state.waker.abort();
+        // Keep what was already sent from being sent again.
+        flush(state).await;
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            EventsMsg::EventsCommitted | EventsMsg::PollDue => {
+                flush(state).await;
+            }
+            EventsMsg::GroupFinished { attempts, released } => {
+                state.in_flight = state.in_flight.saturating_sub(1);
+                state.attempts.extend(attempts);
+                state.released.extend(released);
+                // Record promptly when idle (the next event of a key waits for it), in batches
+                // when busy.
+                if state.in_flight == 0 || state.attempts.len() >= state.args.config.record_batch {
+                    flush(state).await;
+                }
+            }
+        }
+        fill(&myself, state).await;
+        Ok(())
+    }
+}
+
+async fn flush(state: &mut EventsState) {
+    if state.attempts.is_empty() && state.released.is_empty() {
+        return;
+    }
+    match state
+        .args
+        .outbox
+        .record(&state.attempts, &state.released)
+        .await
+    {
+        Ok(()) => {
+            state.attempts.clear();
+            state.released.clear();
+        }
+        // Keep them: the next flush retries. Leases hold the deliveries meanwhile.
+        Err(e) => {
+            warn!(error = %e, pending = state.attempts.len(), "recording webhook attempts failed")
+        }
+    }
+}
+
+async fn fill(myself: &ActorRef<EventsMsg>, state: &mut EventsState) {
+    let cfg = state.args.config.clone();
+    // Refill at half capacity: fewer, larger outbox queries.
+    while state.in_flight < cfg.max_in_flight / 2 + 1 {
+        let now = state.args.clock.now();
+        let lease_until = now + chrono::Duration::from_std(cfg.lease).unwrap_or_default();
+        let leased = match state
+            .args
+            .outbox
+            .lease_due(now, cfg.lease_batch, lease_until)
+            .await
+        {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(error = %e, "leasing webhook deliveries failed");
+                return;
+            }
+        };
+        if leased.is_empty() {
+            return;
+        }
+        let leased_count = leased.len();
+        for group in group_by_key(leased) {
+            state.in_flight += 1;
+            spawn_group(myself.clone(), &state.args, group);
+        }
+        debug!(
+            leased = leased_count,
+            in_flight = state.in_flight,
+            "webhook deliveries leased"
+        );
+        if leased_count < cfg.lease_batch {
+            return;
+        }
+    }
+}
+
+/// Groups keep the outbox's order (oldest first) within each ordering key.
+fn group_by_key(leased: Vec<LeasedDelivery>) -> Vec<Vec<LeasedDelivery>> {
+    let mut index: HashMap<String, usize> = HashMap::new();
+    let mut groups: Vec<Vec<LeasedDelivery>> = Vec::new();
+    for d in leased {
+        match index.get(&d.ordering_key) {
+            Some(&i) => groups[i].push(d),
+            None => {
+                index.insert(d.ordering_key.clone(), groups.len());
+                groups.push(vec![d]);
+            }
+        }
+    }
+    groups
+}
+
+fn spawn_group(myself: ActorRef<EventsMsg>, args: &EventsArgs, group: Vec<LeasedDelivery>) {
+    let sender = args.sender.clone();
+    let clock = args.clock.clone();
+    let scale = args.config.retry_scale;
+    // Stop sending from a group while a quarter of the lease is left: a request in flight (at
+    // most the 10 s delivery timeout with the default 60 s lease) must finish inside it.
+    let margin = chrono::Duration::from_std(args.config.lease / 4).unwrap_or_default();
+    tokio::spawn(async move {
+        let mut attempts = Vec::with_capacity(group.len());
+        let mut released = Vec::new();
+        let mut rest = group.into_iter();
+        while let Some(d) = rest.next() {
+            let now = clock.now();
+            if now + margin > d.lease_until {
+                released.push(d.id);
+                released.extend(rest.by_ref().map(|d| d.id));
+                break;
+            }
+            let request = SignedRequest {
+                url: d.url.clone(),
+                signature: signature_header(&d.secret, d.body.as_bytes(), now.timestamp()),
+                body: d.body.clone(),
+                event_id: d.event_id.clone(),
+                event_kind: d.event_kind.clone(),
+            };
+            let result = sender.send(request).await;
+            let record = resolve(&d, now, result, scale);
+            let acknowledged = record.result.acknowledged();
+            attempts.push(record);
+            if !acknowledged {
+                // Later events of this key wait behind the one being retried.
+                released.extend(rest.by_ref().map(|d| d.id));
+                break;
+            }
+        }
+        // If the actor is gone, the leases lapse and the deliveries are retried: at least once.
+        let _ = myself.cast(EventsMsg::GroupFinished { attempts, released });
+    });
+}

@@ -1,0 +1,218 @@
+//! Events and webhooks (DESIGN §6): event kinds and subscription patterns, the outbox written in
+//! the same transaction as the change that causes an event, and the HTTP sender.
+
+pub mod outbox;
+pub mod sender;
+pub mod subscriptions;
+
+use chrono::{DateTime, Utc};
+use sautikit_actors::store::StorageError;
+use sautikit_actors::webhook::MAX_ATTEMPTS;
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::AnyConnection;
+
+use crate::time::{new_id, to_api, to_db};
+
+/// Kinds a workspace subscription may name. Call events go to the number's `events_url`.
+pub const SUBSCRIBABLE_KINDS: &[&str] = &[
+    "number.provisioned",
+    "number.released",
+    "wallet.top_up",
+    "wallet.low_balance",
+];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PatternError {
+    /// `call.*` and call kinds are delivered to the number's `events_url`, not subscriptions.
+    CallEvents(String),
+    Unknown(String),
+}
+
+/// `*`, `number.*`, `wallet.*` or an exact subscribable kind.
+pub fn validate_pattern(p: &str) -> Result<(), PatternError> {
+    if p == "call.*" || p.starts_with("call.") {
+        return Err(PatternError::CallEvents(p.to_owned()));
+    }
+    if p == "*" || p == "number.*" || p == "wallet.*" || SUBSCRIBABLE_KINDS.contains(&p) {
+        Ok(())
+    } else {
+        Err(PatternError::Unknown(p.to_owned()))
+    }
+}
+
+pub fn pattern_matches(pattern: &str, kind: &str) -> bool {
+    match pattern.strip_suffix(".*") {
+        _ if pattern == "*" => true,
+        Some(prefix) => kind
+            .strip_prefix(prefix)
+            .is_some_and(|rest| rest.starts_with('.')),
+        None => pattern == kind,
+    }
+}
+
+/// An event about to be written with the change that causes it.
+#[derive(Debug, Clone)]
+pub struct EventDraft {
+    pub workspace_id: String,
+    pub kind: &'static str,
+    pub number_id: Option<String>,
+    pub call_id: Option<String>,
+    pub payload: Value,
+}
+
+/// The envelope every delivery of an event sends, byte for byte.
+#[derive(Serialize)]
+struct Envelope<'a> {
+    event_id: &'a str,
+    event_kind: &'a str,
+    workspace_id: &'a str,
+    occurred_at: String,
+    payload: &'a Value,
+}
+
+/// What a delivery's order is kept within: per call for call events, per number for number
+/// events, per workspace for wallet events.
+fn subject(draft: &EventDraft) -> String {
+    match (&draft.call_id, &draft.number_id) {
+        (Some(call), _) => format!("call:{call}"),
+        (None, Some(number)) => format!("number:{number}"),
+        (None, None) => "wallet".to_owned(),
+    }
+}
+
+fn get<'r, T>(row: &'r sqlx::any::AnyRow, col: &str) -> Result<T, StorageError>
+where
+    T: sqlx::Decode<'r, sqlx::Any> + sqlx::Type<sqlx::Any>,
+{
+    use sqlx::Row;
+    row.try_get::<T, _>(col)
+        .map_err(|e| StorageError(e.to_string()))
+}
+
+/// Write the event and one delivery per target, inside the caller's transaction. Returns the
+/// number of deliveries queued (zero when nobody listens; the event is still recorded).
+pub async fn enqueue(
+    conn: &mut AnyConnection,
+    draft: &EventDraft,
+    now: DateTime<Utc>,
+) -> Result<usize, StorageError> {
+    let storage = |e: sqlx::Error| StorageError(e.to_string());
+    let event_id = new_id();
+    let body = serde_json::to_string(&Envelope {
+        event_id: &event_id,
+        event_kind: draft.kind,
+        workspace_id: &draft.workspace_id,
+        occurred_at: to_api(now),
+        payload: &draft.payload,
+    })
+    .map_err(|e| StorageError(e.to_string()))?;
+    let ts = to_db(now);
+    sqlx::query(
+        "INSERT INTO events (id, workspace_id, event_kind, number_id, call_id, occurred_at, body) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(&event_id)
+    .bind(&draft.workspace_id)
+    .bind(draft.kind)
+    .bind(&draft.number_id)
+    .bind(&draft.call_id)
+    .bind(&ts)
+    .bind(&body)
+    .execute(&mut *conn)
+    .await
+    .map_err(storage)?;
+
+    // (subscription id or None, url, ordering key)
+    let mut targets: Vec<(Option<String>, String, String)> = Vec::new();
+    let subject = subject(draft);
+    if draft.kind.starts_with("call.") {
+        if let Some(number_id) = &draft.number_id {
+            let row = sqlx::query("SELECT events_url FROM tenant_numbers WHERE id = $1")
+                .bind(number_id)
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(storage)?;
+            if let Some(url) = row
+                .map(|r| get::<Option<String>>(&r, "events_url"))
+                .transpose()?
+                .flatten()
+            {
+                targets.push((None, url, format!("events_url:{number_id}|{subject}")));
+            }
+        }
+    } else {
+        let rows = sqlx::query(
+            "SELECT id, url, events FROM webhook_subscriptions \
+             WHERE workspace_id = $1 AND status = 'active' ORDER BY id",
+        )
+        .bind(&draft.workspace_id)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(storage)?;
+        for r in rows {
+            let patterns: String = get(&r, "events")?;
+            if patterns.split(',').any(|p| pattern_matches(p, draft.kind)) {
+                let id: String = get(&r, "id")?;
+                let url: String = get(&r, "url")?;
+                let key = format!("sub:{id}|{subject}");
+                targets.push((Some(id), url, key));
+            }
+        }
+    }
+    for (subscription_id, url, key) in &targets {
+        sqlx::query(
+            "INSERT INTO webhook_deliveries (id, event_id, workspace_id, subscription_id, url, \
+             ordering_key, event_kind, number_id, call_id, status, attempts, max_attempts, \
+             next_attempt_at, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'pending', 0, $10, $11, $11, $11)",
+        )
+        .bind(new_id())
+        .bind(&event_id)
+        .bind(&draft.workspace_id)
+        .bind(subscription_id)
+        .bind(url)
+        .bind(key)
+        .bind(draft.kind)
+        .bind(&draft.number_id)
+        .bind(&draft.call_id)
+        .bind(MAX_ATTEMPTS)
+        .bind(&ts)
+        .execute(&mut *conn)
+        .await
+        .map_err(storage)?;
+    }
+    Ok(targets.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns() {
+        assert!(pattern_matches("*", "wallet.top_up"));
+        assert!(pattern_matches("number.*", "number.released"));
+        assert!(!pattern_matches("number.*", "numbers.x"));
+        assert!(!pattern_matches("number.*", "wallet.top_up"));
+        assert!(pattern_matches("wallet.low_balance", "wallet.low_balance"));
+        assert!(!pattern_matches("wallet.low_balance", "wallet.top_up"));
+        assert_eq!(
+            validate_pattern("call.*"),
+            Err(PatternError::CallEvents("call.*".into()))
+        );
+        assert!(matches!(
+            validate_pattern("call.completed"),
+            Err(PatternError::CallEvents(_))
+        ));
+        assert!(matches!(
+            validate_pattern("number.foo"),
+            Err(PatternError::Unknown(_))
+        ));
+        assert!(matches!(
+            validate_pattern(""),
+            Err(PatternError::Unknown(_))
+        ));
+        assert_eq!(validate_pattern("wallet.*"), Ok(()));
+    }
+}

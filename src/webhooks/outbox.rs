@@ -1,0 +1,416 @@
+//! The outbox in SQL: leasing due deliveries in order, recording attempts in batches, and the
+//! delivery log customers read.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sautikit_actors::store::StorageError;
+use sautikit_actors::webhook::{AttemptRecord, LeasedDelivery, Outbox, Resolution};
+use sqlx::any::AnyRow;
+use sqlx::{AssertSqlSafe, Row};
+
+use crate::db::Backend;
+use crate::store::SqlStore;
+use crate::time::{from_db, new_id, to_db};
+
+/// Rows per multi-row statement (7 values each: well under every backend's parameter limit).
+const CHUNK: usize = 100;
+
+fn storage(e: impl std::fmt::Display) -> StorageError {
+    StorageError(e.to_string())
+}
+
+fn get<'r, T>(row: &'r AnyRow, col: &str) -> Result<T, StorageError>
+where
+    T: sqlx::Decode<'r, sqlx::Any> + sqlx::Type<sqlx::Any>,
+{
+    row.try_get::<T, _>(col).map_err(storage)
+}
+
+fn time(row: &AnyRow, col: &str) -> Result<DateTime<Utc>, StorageError> {
+    let s: String = get(row, col)?;
+    from_db(&s).map_err(storage)
+}
+
+fn opt_time(row: &AnyRow, col: &str) -> Result<Option<DateTime<Utc>>, StorageError> {
+    let s: Option<String> = get(row, col)?;
+    s.map(|s| from_db(&s).map_err(storage)).transpose()
+}
+
+/// `$a, $b, …` for `n` rows of `width` values starting at parameter `first`.
+fn value_rows(n: usize, width: usize, first: usize) -> String {
+    (0..n)
+        .map(|r| {
+            let cols: Vec<String> = (0..width)
+                .map(|c| format!("${}", first + r * width + c))
+                .collect();
+            format!("({})", cols.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+// A delivery is leased only when every earlier pending delivery with its ordering key is due and
+// unleased too — and, ordering by id, those come first in the same batch.
+const LEASE_CANDIDATES: &str = "SELECT d.id FROM webhook_deliveries d \
+    WHERE d.status = 'pending' AND d.next_attempt_at <= $3 \
+      AND (d.lease_until IS NULL OR d.lease_until < $3) \
+      AND NOT EXISTS (SELECT 1 FROM webhook_deliveries p \
+          WHERE p.ordering_key = d.ordering_key AND p.status = 'pending' AND p.id < d.id \
+            AND (p.next_attempt_at > $3 OR (p.lease_until IS NOT NULL AND p.lease_until >= $3))) \
+    ORDER BY d.id LIMIT $4";
+
+const LEASE_SQLITE: &str = const_format::concatcp!(
+    "UPDATE webhook_deliveries SET lease_token = $1, lease_until = $2 WHERE id IN (",
+    LEASE_CANDIDATES,
+    ")"
+);
+const LEASE_POSTGRES: &str = const_format::concatcp!(
+    "UPDATE webhook_deliveries SET lease_token = $1, lease_until = $2 WHERE id IN (",
+    LEASE_CANDIDATES,
+    " FOR UPDATE OF d SKIP LOCKED)"
+);
+
+/// One delivery in the log, with its attempts.
+#[derive(Debug, Clone)]
+pub struct DeliveryRecord {
+    pub id: String,
+    pub event_id: String,
+    pub event_kind: String,
+    pub subscription_id: Option<String>,
+    pub url: String,
+    pub number_id: Option<String>,
+    pub call_id: Option<String>,
+    pub status: String,
+    pub attempt_count: i64,
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    pub last_status_code: Option<i64>,
+    pub last_error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub delivered_at: Option<DateTime<Utc>>,
+    pub attempts: Vec<AttemptView>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AttemptView {
+    pub attempt: i64,
+    pub attempted_at: DateTime<Utc>,
+    pub status_code: Option<i64>,
+    pub latency_ms: i64,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct DeliveryFilter {
+    pub id: Option<String>,
+    pub event_kind: Option<String>,
+    pub status: Option<String>,
+    pub call_id: Option<String>,
+    pub number_id: Option<String>,
+    pub before_id: Option<String>,
+    pub limit: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RedeliverError {
+    #[error("delivery not found")]
+    NotFound,
+    #[error("the subscription of this delivery was deleted")]
+    Canceled,
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+impl SqlStore {
+    /// After a crash of the only process (SQLite), nobody holds a lease: free them at start.
+    pub async fn release_all_leases(&self) -> Result<u64, StorageError> {
+        let r = sqlx::query(
+            "UPDATE webhook_deliveries SET lease_token = NULL, lease_until = NULL \
+             WHERE lease_token IS NOT NULL",
+        )
+        .execute(&self.db().write)
+        .await
+        .map_err(storage)?;
+        Ok(r.rows_affected())
+    }
+
+    pub async fn list_deliveries(
+        &self,
+        workspace_id: &str,
+        f: &DeliveryFilter,
+    ) -> Result<Vec<DeliveryRecord>, StorageError> {
+        let mut sql = String::from(
+            "SELECT id, event_id, event_kind, subscription_id, url, number_id, call_id, status, \
+             attempts, next_attempt_at, last_status_code, last_error, created_at, delivered_at \
+             FROM webhook_deliveries WHERE workspace_id = $1",
+        );
+        let mut args: Vec<String> = vec![workspace_id.to_owned()];
+        for (col, val) in [
+            ("id", &f.id),
+            ("event_kind", &f.event_kind),
+            ("status", &f.status),
+            ("call_id", &f.call_id),
+            ("number_id", &f.number_id),
+        ] {
+            if let Some(v) = val {
+                args.push(v.clone());
+                sql.push_str(&format!(" AND {col} = ${}", args.len()));
+            }
+        }
+        if let Some(b) = &f.before_id {
+            args.push(b.clone());
+            sql.push_str(&format!(" AND id < ${}", args.len()));
+        }
+        sql.push_str(&format!(" ORDER BY id DESC LIMIT ${}", args.len() + 1));
+        // Safe: built only from the static fragments above; values are bound.
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for a in args {
+            q = q.bind(a);
+        }
+        let rows = q
+            .bind(f.limit)
+            .fetch_all(&self.db().read)
+            .await
+            .map_err(storage)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let status: String = get(r, "status")?;
+            out.push(DeliveryRecord {
+                id: get(r, "id")?,
+                event_id: get(r, "event_id")?,
+                event_kind: get(r, "event_kind")?,
+                subscription_id: get(r, "subscription_id")?,
+                url: get(r, "url")?,
+                number_id: get(r, "number_id")?,
+                call_id: get(r, "call_id")?,
+                next_attempt_at: if status == "pending" {
+                    Some(time(r, "next_attempt_at")?)
+                } else {
+                    None
+                },
+                status,
+                attempt_count: get(r, "attempts")?,
+                last_status_code: get(r, "last_status_code")?,
+                last_error: get(r, "last_error")?,
+                created_at: time(r, "created_at")?,
+                delivered_at: opt_time(r, "delivered_at")?,
+                attempts: Vec::new(),
+            });
+        }
+        self.attach_attempts(&mut out).await?;
+        Ok(out)
+    }
+
+    async fn attach_attempts(&self, deliveries: &mut [DeliveryRecord]) -> Result<(), StorageError> {
+        for chunk in deliveries.chunks_mut(CHUNK) {
+            let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+            let sql = format!(
+                "SELECT delivery_id, attempt, attempted_at, status_code, latency_ms, error \
+                 FROM webhook_attempts WHERE delivery_id IN ({}) ORDER BY delivery_id, attempt",
+                placeholders.join(", ")
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for d in chunk.iter() {
+                q = q.bind(d.id.clone());
+            }
+            let rows = q.fetch_all(&self.db().read).await.map_err(storage)?;
+            for r in &rows {
+                let id: String = get(r, "delivery_id")?;
+                if let Some(d) = chunk.iter_mut().find(|d| d.id == id) {
+                    d.attempts.push(AttemptView {
+                        attempt: get(r, "attempt")?,
+                        attempted_at: time(r, "attempted_at")?,
+                        status_code: get(r, "status_code")?,
+                        latency_ms: get(r, "latency_ms")?,
+                        error: get(r, "error")?,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn get_delivery(
+        &self,
+        workspace_id: &str,
+        id: &str,
+    ) -> Result<Option<DeliveryRecord>, StorageError> {
+        let found = self
+            .list_deliveries(
+                workspace_id,
+                &DeliveryFilter {
+                    id: Some(id.to_owned()),
+                    limit: 1,
+                    ..Default::default()
+                },
+            )
+            .await?;
+        Ok(found.into_iter().next())
+    }
+
+    /// Queue one more attempt now, also for a dead letter or a delivered event.
+    pub async fn redeliver(
+        &self,
+        workspace_id: &str,
+        id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<DeliveryRecord, RedeliverError> {
+        let ts = to_db(now);
+        let r = sqlx::query(
+            "UPDATE webhook_deliveries SET \
+               max_attempts = CASE WHEN status = 'pending' THEN max_attempts ELSE attempts + 1 END, \
+               status = 'pending', next_attempt_at = $1, updated_at = $1 \
+             WHERE id = $2 AND workspace_id = $3 AND status <> 'canceled'",
+        )
+        .bind(&ts)
+        .bind(id)
+        .bind(workspace_id)
+        .execute(&self.db().write)
+        .await
+        .map_err(storage)?;
+        let d = self
+            .get_delivery(workspace_id, id)
+            .await?
+            .ok_or(RedeliverError::NotFound)?;
+        if r.rows_affected() == 0 {
+            return Err(RedeliverError::Canceled);
+        }
+        self.committed.notify_one();
+        Ok(d)
+    }
+}
+
+#[async_trait]
+impl Outbox for SqlStore {
+    async fn lease_due(
+        &self,
+        now: DateTime<Utc>,
+        limit: usize,
+        lease_until: DateTime<Utc>,
+    ) -> Result<Vec<LeasedDelivery>, StorageError> {
+        let token = new_id();
+        let mut tx = self.db().write.begin().await.map_err(storage)?;
+        let lease = match self.db().backend {
+            Backend::Sqlite => LEASE_SQLITE,
+            Backend::Postgres => {
+                // Serialize leasing across processes, so two processes never take deliveries of
+                // one ordering key at once; SKIP LOCKED keeps rows being recorded out of the way.
+                sqlx::query("SELECT pg_advisory_xact_lock(7302519)")
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(storage)?;
+                LEASE_POSTGRES
+            }
+        };
+        let leased = sqlx::query(lease)
+            .bind(&token)
+            .bind(to_db(lease_until))
+            .bind(to_db(now))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .execute(&mut *tx)
+            .await
+            .map_err(storage)?
+            .rows_affected();
+        if leased == 0 {
+            tx.rollback().await.map_err(storage)?;
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query(
+            "SELECT d.id, d.event_id, d.event_kind, d.ordering_key, d.url, d.attempts, \
+             d.max_attempts, d.lease_until, e.body, w.webhook_secret \
+             FROM webhook_deliveries d JOIN events e ON e.id = d.event_id \
+             JOIN workspaces w ON w.id = d.workspace_id \
+             WHERE d.lease_token = $1 ORDER BY d.id",
+        )
+        .bind(&token)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(storage)?;
+        tx.commit().await.map_err(storage)?;
+        rows.iter()
+            .map(|r| {
+                Ok(LeasedDelivery {
+                    id: get(r, "id")?,
+                    event_id: get(r, "event_id")?,
+                    event_kind: get(r, "event_kind")?,
+                    ordering_key: get(r, "ordering_key")?,
+                    url: get(r, "url")?,
+                    body: get(r, "body")?,
+                    secret: get(r, "webhook_secret")?,
+                    attempts: get(r, "attempts")?,
+                    max_attempts: get(r, "max_attempts")?,
+                    lease_until: time(r, "lease_until")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn record(
+        &self,
+        attempts: &[AttemptRecord],
+        released: &[String],
+    ) -> Result<(), StorageError> {
+        let mut tx = self.db().write.begin().await.map_err(storage)?;
+        for chunk in attempts.chunks(CHUNK) {
+            let sql = format!(
+                "INSERT INTO webhook_attempts (id, delivery_id, attempt, attempted_at, status_code, \
+                 latency_ms, error) VALUES {}",
+                value_rows(chunk.len(), 7, 1)
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for a in chunk {
+                q = q
+                    .bind(new_id())
+                    .bind(a.delivery_id.clone())
+                    .bind(a.attempt)
+                    .bind(to_db(a.attempted_at))
+                    .bind(a.result.status_code.map(i64::from))
+                    .bind(a.result.latency_ms)
+                    .bind(a.result.error.clone());
+            }
+            q.execute(&mut *tx).await.map_err(storage)?;
+
+            // One UPDATE … FROM (VALUES …) per chunk: columns are column1… on both backends.
+            let sql = format!(
+                "UPDATE webhook_deliveries SET status = v.column2, attempts = v.column3, \
+                 next_attempt_at = v.column4, last_status_code = v.column5, last_error = v.column6, \
+                 delivered_at = v.column7, updated_at = v.column8, lease_token = NULL, \
+                 lease_until = NULL FROM (VALUES {}) AS v WHERE webhook_deliveries.id = v.column1",
+                value_rows(chunk.len(), 8, 1)
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for a in chunk {
+                let at = to_db(a.attempted_at);
+                let (status, next, delivered) = match &a.resolution {
+                    Resolution::Succeeded => ("succeeded", at.clone(), Some(at.clone())),
+                    Resolution::RetryAt(t) => ("pending", to_db(*t), None),
+                    Resolution::DeadLetter => ("dead_letter", at.clone(), None),
+                };
+                q = q
+                    .bind(a.delivery_id.clone())
+                    .bind(status)
+                    .bind(a.attempt)
+                    .bind(next)
+                    .bind(a.result.status_code.map(i64::from))
+                    .bind(a.result.error.clone())
+                    .bind(delivered)
+                    .bind(at);
+            }
+            q.execute(&mut *tx).await.map_err(storage)?;
+        }
+        for chunk in released.chunks(CHUNK) {
+            let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+            let sql = format!(
+                "UPDATE webhook_deliveries SET lease_token = NULL, lease_until = NULL \
+                 WHERE id IN ({})",
+                placeholders.join(", ")
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for id in chunk {
+                q = q.bind(id.clone());
+            }
+            q.execute(&mut *tx).await.map_err(storage)?;
+        }
+        tx.commit().await.map_err(storage)?;
+        Ok(())
+    }
+}
