@@ -17,7 +17,8 @@ use tracing::{debug, warn};
 
 use crate::clock::Clock;
 use crate::webhook::{
-    AttemptRecord, LeasedDelivery, Outbox, SignedRequest, WebhookSender, resolve, signature_header,
+    AttemptRecord, DELIVERY_TIMEOUT, LeasedDelivery, Outbox, SignedRequest, WebhookSender, resolve,
+    signature_header,
 };
 
 #[derive(Debug, Clone)]
@@ -237,12 +238,18 @@ fn spawn_group(myself: ActorRef<EventsMsg>, args: &EventsArgs, group: Vec<Leased
         let mut rest = group.into_iter();
         while let Some(d) = rest.next() {
             let now = clock.now();
-            if now + margin > d.lease_until {
+            // The request must end before the lease does, or another sender could take it.
+            let left = (d.lease_until - now - margin)
+                .to_std()
+                .unwrap_or_default()
+                .min(DELIVERY_TIMEOUT);
+            if left < Duration::from_secs(1) {
                 released.push(d.id);
                 released.extend(rest.by_ref().map(|d| d.id));
                 break;
             }
             let request = SignedRequest {
+                timeout: left,
                 url: d.url.clone(),
                 signature: signature_header(&d.secret, d.body.as_bytes(), now.timestamp()),
                 body: d.body.clone(),

@@ -10,6 +10,9 @@ use sha2::Sha256;
 
 use crate::store::StorageError;
 
+/// A receiver must acknowledge within this (DESIGN §6).
+pub const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Attempts before a delivery becomes a dead letter.
 pub const MAX_ATTEMPTS: i64 = 8;
 
@@ -169,6 +172,8 @@ pub trait Outbox: Send + Sync + 'static {
 #[derive(Debug, Clone)]
 pub struct SignedRequest {
     pub url: String,
+    /// At most the delivery timeout, and never past the delivery's lease.
+    pub timeout: Duration,
     pub body: String,
     pub signature: String,
     pub event_id: String,

@@ -4,15 +4,14 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use async_trait::async_trait;
 use ipnet::IpNet;
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use sautikit_actors::webhook::{SendResult, SignedRequest, WebhookSender};
 
-/// A receiver must acknowledge within this.
-pub const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
+pub use sautikit_actors::webhook::DELIVERY_TIMEOUT;
 /// We read (and ignore) at most this much of a receiver's answer.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 
@@ -169,6 +168,7 @@ impl WebhookSender for HttpSender {
         let sent = self
             .client
             .post(&r.url)
+            .timeout(r.timeout)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .header("X-Sautikit-Signature", &r.signature)
             .header("X-Sautikit-Event-Id", &r.event_id)

@@ -1,6 +1,8 @@
 //! Test harness: real `sautikit` processes on SQLite or PostgreSQL, driven over HTTP.
 #![allow(dead_code)]
 
+pub mod receiver;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -323,7 +325,13 @@ pub struct Api {
 }
 
 impl Api {
+    pub fn key(&self) -> Option<&str> {
+        self.key.as_deref()
+    }
+
     pub fn new(base: &str, key: Option<&str>) -> Api {
+        // reqwest is built without a default TLS provider (see Cargo.toml): pick ring.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         Api {
             base: base.trim_end_matches('/').to_owned(),
             key: key.map(str::to_owned),
@@ -408,4 +416,26 @@ pub async fn snapshot(api: &Api) -> Value {
         "ledger": api.get_all("/v1/wallet/transactions?limit=100").await,
         "numbers": api.get_all("/v1/numbers?limit=100").await,
     })
+}
+
+/// Polls `GET path` until `pred` holds on the JSON body. For state that only the API shows
+/// (the delivery log); each poll is a real request, bounded by `timeout`.
+pub async fn wait_for_json(
+    api: &Api,
+    path: &str,
+    timeout: Duration,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let v = api.get(path).await.json();
+        if pred(&v) {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "condition on {path} not met within {timeout:?}: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
