@@ -5,7 +5,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
-apt_install_missing cc:gcc
+apt_install_missing cc:gcc node:nodejs npm:npm
+
+# The guide's Express handler runs under Node with express from npm (tests/express.rs).
+if [ ! -d tests/node/node_modules/express ]; then
+    (cd tests/node && npm ci --no-audit --no-fund --silent)
+fi
+export SAUTIKIT_REQUIRE_NODE=1
 
 # PostgreSQL: use the server on 127.0.0.1:5432 if one answers; otherwise start or install one.
 if [ -z "${SAUTIKIT_TEST_POSTGRES_URL:-}" ]; then

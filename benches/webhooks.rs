@@ -1,0 +1,162 @@
+//! Load harness for webhook delivery (issue 3): signed deliveries per second from a backlog to a
+//! local receiver, and the engine's memory while it drains.
+//!
+//! The backlog is written straight into the outbox (as committed events would be), spread over
+//! 1,000 ordering keys, with one subscription. Then a release `sautikit serve` starts and drains
+//! it; the receiver (in this process) answers 200 at once. RSS of the server is sampled every
+//! 50 ms. Two backlog sizes show whether memory grows with the backlog.
+//!
+//! `cargo bench --bench webhooks`; `BENCH_BACKLOG` (default 100000).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::routing::post;
+use chrono::Utc;
+use common::{Backend, Mode, Server, TestDb};
+use sautikit::db::Db;
+use sautikit::store::SqlStore;
+use sautikit::webhooks::{EventDraft, enqueue};
+use serde_json::json;
+use tokio::sync::Notify;
+
+const KEYS: usize = 1000;
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+async fn fill_backlog(db: &TestDb, workspace_id: &str, url: &str, n: usize) {
+    let store = SqlStore::new(Db::connect(&db.url).await.expect("connect"));
+    store
+        .create_subscription(workspace_id, url, &["*".to_owned()], Utc::now())
+        .await
+        .expect("subscription");
+    let mut done = 0;
+    while done < n {
+        let mut tx = store.db().write.begin().await.expect("begin");
+        for i in done..(done + 2000).min(n) {
+            enqueue(
+                &mut tx,
+                &EventDraft {
+                    workspace_id: workspace_id.to_owned(),
+                    kind: "number.provisioned",
+                    number_id: Some(format!("bench-number-{}", i % KEYS)),
+                    call_id: None,
+                    payload: json!({"number_id": format!("bench-number-{}", i % KEYS), "seq": i}),
+                },
+                Utc::now(),
+            )
+            .await
+            .expect("enqueue");
+        }
+        tx.commit().await.expect("commit");
+        done = (done + 2000).min(n);
+    }
+    store.db().close().await;
+}
+
+async fn run(backend: Backend, backlog: usize) {
+    let count = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(Notify::new());
+    let app = {
+        let (count, done) = (count.clone(), done.clone());
+        Router::new().route(
+            "/hook",
+            post(move || {
+                let (count, done) = (count.clone(), done.clone());
+                async move {
+                    if count.fetch_add(1, Ordering::Relaxed) + 1 >= backlog {
+                        done.notify_one();
+                    }
+                    "ok"
+                }
+            }),
+        )
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+
+    let db = TestDb::new(backend).await;
+    let (ws, _) = db.workspace("bench", 0);
+    let t = Instant::now();
+    fill_backlog(&db, &ws, &url, backlog).await;
+    let fill = t.elapsed();
+
+    let started = Instant::now();
+    let server = Server::start_with(&db, Mode::Production, &[("SAUTIKIT_LOG", "warn")]);
+    let pid = server.pid();
+    let mut samples = vec![rss_kib(pid)];
+    let finished = loop {
+        tokio::select! {
+            () = done.notified() => break true,
+            () = tokio::time::sleep(Duration::from_millis(50)) => {
+                samples.push(rss_kib(pid));
+                if started.elapsed() > Duration::from_secs(600) {
+                    break false;
+                }
+            }
+        }
+    };
+    let elapsed = started.elapsed();
+    samples.push(rss_kib(pid));
+    let delivered = count.load(Ordering::Relaxed);
+    assert!(finished, "only {delivered} of {backlog} delivered in 600 s");
+    let name = match backend {
+        Backend::Sqlite => "SQLite",
+        Backend::Postgres => "PostgreSQL",
+    };
+    let peak = samples.iter().max().copied().unwrap_or(0);
+    let mut sorted = samples.clone();
+    sorted.sort();
+    let median = sorted[sorted.len() / 2];
+    println!(
+        "{name}: backlog {backlog} ({KEYS} ordering keys), filled in {:.1} s; drained in {:.2} s \
+         = {:.0} deliveries/s (including server start); server RSS start {} MiB, median {} MiB, \
+         peak {} MiB",
+        fill.as_secs_f64(),
+        elapsed.as_secs_f64(),
+        delivered as f64 / elapsed.as_secs_f64(),
+        samples[0] / 1024,
+        median / 1024,
+        peak / 1024
+    );
+    drop(server);
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let full = std::env::args().any(|a| a == "--bench");
+    let big: usize = std::env::var("BENCH_BACKLOG")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if full { 100_000 } else { 500 });
+    let backends: Vec<Backend> = if std::env::var("SAUTIKIT_TEST_POSTGRES_URL").is_ok() {
+        vec![Backend::Sqlite, Backend::Postgres]
+    } else {
+        vec![Backend::Sqlite]
+    };
+    for backend in backends {
+        // A tenth of the backlog first: memory should not grow with the backlog.
+        run(backend, (big / 10).max(100)).await;
+        run(backend, big).await;
+    }
+}
