@@ -102,7 +102,14 @@ async fn run(backend: Backend, backlog: usize) {
     let fill = t.elapsed();
 
     let started = Instant::now();
-    let server = Server::start_with(&db, Mode::Production, &[("SAUTIKIT_LOG", "warn")]);
+    let server = Server::start_with(
+        &db,
+        Mode::Production,
+        &[
+            ("SAUTIKIT_LOG", "warn"),
+            ("SAUTIKIT_WEBHOOK_ALLOW_CIDRS", "127.0.0.0/8"),
+        ],
+    );
     let pid = server.pid();
     let mut samples = vec![rss_kib(pid)];
     let finished = loop {

@@ -57,7 +57,11 @@ impl Node {
             .collect::<Vec<_>>()
             .join("\n")
             .replace("app.post(\"/events\",", "app.post(\"/events-flipped\",")
-            .replacen("(req, res) => {", "(req, res) => {\nreq.body[0] ^= 0x01;", 1);
+            .replacen(
+                "(req, res) => {",
+                "(req, res) => {\nreq.body[0] ^= 0x01;",
+                1,
+            );
         let program = format!(
             "import express from \"express\";\nconst app = express();\n\n// The guide, as written:\n{SNIPPET}\n\n// A copy that flips one byte of the body before verifying:\n{copy}\n\nconst server = app.listen(0, \"127.0.0.1\", () => console.log(`listening ${{server.address().port}}`));\n"
         );
@@ -112,17 +116,16 @@ async fn guide_express_handler_accepts_our_signature(backend: Backend) {
     if !node_ready() {
         return;
     }
-    let guide = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/seed/claim-and-route-a-number.md");
+    let guide =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/seed/claim-and-route-a-number.md");
     if let Ok(text) = std::fs::read_to_string(&guide) {
-        assert!(text.contains(SNIPPET.trim()), "the snippet is the guide's, verbatim");
+        assert!(
+            text.contains(SNIPPET.trim()),
+            "the snippet is the guide's, verbatim"
+        );
     }
     let db = TestDb::new(backend).await;
-    let server = Server::start_with(
-        &db,
-        Mode::Dev,
-        &[("SAUTIKIT_WEBHOOK_RETRY_SCALE", "0.001")],
-    );
+    let server = Server::start_with(&db, Mode::Dev, &[("SAUTIKIT_WEBHOOK_RETRY_SCALE", "0.001")]);
     let api = server.api(&dev_key(&db.data_dir));
     let (mut node, port) = Node::start(&dev_secret(&db));
     for path in ["/events", "/events-flipped"] {
@@ -135,7 +138,10 @@ async fn guide_express_handler_accepts_our_signature(backend: Backend) {
         assert_eq!(r.status, 201, "{}", r.text);
     }
     let r = api
-        .post("/v1/numbers/01900000-0000-7000-8000-000000000009/claim", None)
+        .post(
+            "/v1/numbers/01900000-0000-7000-8000-000000000009/claim",
+            None,
+        )
         .await;
     assert_eq!(r.status, 201);
 
@@ -150,7 +156,9 @@ async fn guide_express_handler_accepts_our_signature(backend: Backend) {
         |v| {
             v.as_array().is_some_and(|a| {
                 a.len() == 2
-                    && a.iter().all(|d| d["attempt_count"].as_i64() >= Some(2) || d["status"] == "succeeded")
+                    && a.iter().all(|d| {
+                        d["attempt_count"].as_i64() >= Some(2) || d["status"] == "succeeded"
+                    })
             })
         },
     )

@@ -48,8 +48,12 @@ CREATE TABLE webhook_deliveries (
     updated_at TEXT NOT NULL,
     delivered_at TEXT
 );
-CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_at, id) WHERE status = 'pending';
-CREATE INDEX webhook_deliveries_order ON webhook_deliveries (ordering_key, id) WHERE status = 'pending';
+-- The lease query walks pending deliveries in id order, and asks per candidate whether an earlier
+-- delivery of its ordering key blocks it. Only a leased or already-attempted delivery can block
+-- (a fresh one is always due), so that second index stays small whatever the backlog.
+CREATE INDEX webhook_deliveries_pending ON webhook_deliveries (id) WHERE status = 'pending';
+CREATE INDEX webhook_deliveries_blockers ON webhook_deliveries (ordering_key, id)
+    WHERE status = 'pending' AND (lease_token IS NOT NULL OR attempts > 0);
 CREATE INDEX webhook_deliveries_lease ON webhook_deliveries (lease_token) WHERE lease_token IS NOT NULL;
 CREATE INDEX webhook_deliveries_by_workspace ON webhook_deliveries (workspace_id, id);
 CREATE INDEX webhook_deliveries_by_subscription ON webhook_deliveries (subscription_id) WHERE status = 'pending';

@@ -49,26 +49,35 @@ fn value_rows(n: usize, width: usize, first: usize) -> String {
         .join(", ")
 }
 
-// A delivery is leased only when every earlier pending delivery with its ordering key is due and
-// unleased too — and, ordering by id, those come first in the same batch.
-const LEASE_CANDIDATES: &str = "SELECT d.id FROM webhook_deliveries d \
-    WHERE d.status = 'pending' AND d.next_attempt_at <= $3 \
-      AND (d.lease_until IS NULL OR d.lease_until < $3) \
-      AND NOT EXISTS (SELECT 1 FROM webhook_deliveries p \
-          WHERE p.ordering_key = d.ordering_key AND p.status = 'pending' AND p.id < d.id \
-            AND (p.next_attempt_at > $3 OR (p.lease_until IS NOT NULL AND p.lease_until >= $3))) \
-    ORDER BY d.id LIMIT $4";
+// A delivery is leased only when no earlier pending delivery of its ordering key is blocked
+// (in backoff, or leased by a sender); the unblocked earlier ones come first in id order, so they
+// are in the same batch. Only leased or already-attempted deliveries can block: a fresh one is
+// always due. That keeps the per-candidate probe on a small partial index
+// (`webhook_deliveries_blockers`).
+macro_rules! lease_candidates {
+    ($fence:literal, $lock:literal) => {
+        concat!(
+            "UPDATE webhook_deliveries SET lease_token = $1, lease_until = $2 WHERE id IN (\
+             SELECT d.id FROM webhook_deliveries d \
+             WHERE d.status = 'pending' AND (d.attempts = 0 OR d.next_attempt_at <= $3) \
+               AND (d.lease_until IS NULL OR d.lease_until < $3) \
+               AND NOT EXISTS (SELECT 1 FROM webhook_deliveries p \
+                 WHERE p.status = 'pending' AND (p.lease_token IS NOT NULL OR p.attempts > 0) \
+                   AND p.ordering_key = d.ordering_key AND p.id < d.id \
+                   AND (p.next_attempt_at > $3 \
+                        OR (p.lease_until IS NOT NULL AND p.lease_until >= $3))",
+            $fence,
+            ") ORDER BY d.id LIMIT $4",
+            $lock,
+            ")"
+        )
+    };
+}
 
-const LEASE_SQLITE: &str = const_format::concatcp!(
-    "UPDATE webhook_deliveries SET lease_token = $1, lease_until = $2 WHERE id IN (",
-    LEASE_CANDIDATES,
-    ")"
-);
-const LEASE_POSTGRES: &str = const_format::concatcp!(
-    "UPDATE webhook_deliveries SET lease_token = $1, lease_until = $2 WHERE id IN (",
-    LEASE_CANDIDATES,
-    " FOR UPDATE OF d SKIP LOCKED)"
-);
+const LEASE_SQLITE: &str = lease_candidates!("", "");
+// `OFFSET 0` keeps PostgreSQL from turning the NOT EXISTS into an anti-join over every pending
+// row (it misjudges the blockers as one row); per candidate it is one probe of the small index.
+const LEASE_POSTGRES: &str = lease_candidates!(" OFFSET 0", " FOR UPDATE OF d SKIP LOCKED");
 
 /// One delivery in the log, with its attempts.
 #[derive(Debug, Clone)]
