@@ -27,6 +27,10 @@ use tokio::sync::Notify;
 
 const KEYS: usize = 1000;
 
+// The receiver runs in this process and shares the two cores with the server: keep it lean.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -87,13 +91,25 @@ async fn run(backend: Backend, backlog: usize) {
             }),
         )
     };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
+    // The receiver gets its own single-threaded runtime on its own thread: a lean local
+    // receiver, as a customer's would be, not sharing this harness's workers.
+    // (Bound with tokio's listener: its accept backlog is 1024. std's 128 overflows when the
+    // engine opens its connections at once, and dropped SYNs are retried only after seconds.)
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let _ = addr_tx.send(listener.local_addr().expect("addr"));
+            let _ = axum::serve(listener, app).await;
+        });
     });
+    let url = format!("http://{}/hook", addr_rx.recv().expect("receiver address"));
 
     let db = TestDb::new(backend).await;
     let (ws, _) = db.workspace("bench", 0);
@@ -112,11 +128,22 @@ async fn run(backend: Backend, backlog: usize) {
     );
     let pid = server.pid();
     let mut samples = vec![rss_kib(pid)];
+    let (mut t10, mut t90) = (None, None);
     let finished = loop {
         tokio::select! {
             () = done.notified() => break true,
             () = tokio::time::sleep(Duration::from_millis(50)) => {
                 samples.push(rss_kib(pid));
+                let c = count.load(Ordering::Relaxed);
+                if std::env::var("BENCH_TIMELINE").is_ok() && samples.len() % 10 == 0 {
+                    println!("  t={:.1}s delivered={c}", started.elapsed().as_secs_f64());
+                }
+                if t10.is_none() && c >= backlog / 10 {
+                    t10 = Some((Instant::now(), c));
+                }
+                if t90.is_none() && c >= backlog * 9 / 10 {
+                    t90 = Some((Instant::now(), c));
+                }
                 if started.elapsed() > Duration::from_secs(600) {
                     break false;
                 }
@@ -125,6 +152,10 @@ async fn run(backend: Backend, backlog: usize) {
     };
     let elapsed = started.elapsed();
     samples.push(rss_kib(pid));
+    let steady = match (t10, t90) {
+        (Some((a, ca)), Some((b, cb))) if b > a => (cb - ca) as f64 / (b - a).as_secs_f64(),
+        _ => f64::NAN,
+    };
     let delivered = count.load(Ordering::Relaxed);
     assert!(finished, "only {delivered} of {backlog} delivered in 600 s");
     let name = match backend {
@@ -137,8 +168,8 @@ async fn run(backend: Backend, backlog: usize) {
     let median = sorted[sorted.len() / 2];
     println!(
         "{name}: backlog {backlog} ({KEYS} ordering keys), filled in {:.1} s; drained in {:.2} s \
-         = {:.0} deliveries/s (including server start); server RSS start {} MiB, median {} MiB, \
-         peak {} MiB",
+         = {:.0} deliveries/s overall, {steady:.0}/s steady (10%→90%); server RSS start {} MiB, \
+         median {} MiB, peak {} MiB",
         fill.as_secs_f64(),
         elapsed.as_secs_f64(),
         delivered as f64 / elapsed.as_secs_f64(),

@@ -7,7 +7,7 @@
 //! by the size of the backlog. A crash between a send and its record means a second delivery
 //! after restart: at least once, never lost.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,7 +40,7 @@ pub struct EventsConfig {
 impl Default for EventsConfig {
     fn default() -> Self {
         EventsConfig {
-            max_in_flight: 256,
+            max_in_flight: 192,
             lease_batch: 1024,
             lease: Duration::from_secs(60),
             retry_scale: 1.0,
@@ -77,6 +77,9 @@ pub struct EventsArgs {
 pub struct EventsState {
     args: EventsArgs,
     in_flight: usize,
+    /// Leased groups waiting for a sending slot (bounded by two lease batches).
+    queued: VecDeque<Vec<LeasedDelivery>>,
+    queued_deliveries: usize,
     attempts: Vec<AttemptRecord>,
     released: Vec<String>,
     waker: tokio::task::JoinHandle<()>,
@@ -108,6 +111,8 @@ impl Actor for Events {
         Ok(EventsState {
             args,
             in_flight: 0,
+            queued: VecDeque::new(),
+            queued_deliveries: 0,
             attempts: Vec::new(),
             released: Vec::new(),
             waker,
@@ -172,10 +177,20 @@ async fn flush(state: &mut EventsState) {
     }
 }
 
+/// Start queued groups while there are free sending slots; lease more when the queue runs low.
+/// Concurrency stays at `max_in_flight`, so connections are reused instead of churned, and
+/// memory stays bounded by the queue (at most two lease batches), whatever the backlog.
 async fn fill(myself: &ActorRef<EventsMsg>, state: &mut EventsState) {
     let cfg = state.args.config.clone();
-    // Refill at half capacity: fewer, larger outbox queries.
-    while state.in_flight < cfg.max_in_flight / 2 + 1 {
+    loop {
+        start_queued(myself, state);
+        if state.queued_deliveries >= cfg.lease_batch {
+            return;
+        }
+        // Record what has finished first: until then those deliveries still hold their keys, and
+        // a lease would see few free keys and fill up with long same-key chains that can only go
+        // out one by one.
+        flush(state).await;
         let now = state.args.clock.now();
         let lease_until = now + chrono::Duration::from_std(cfg.lease).unwrap_or_default();
         let leased = match state
@@ -190,22 +205,30 @@ async fn fill(myself: &ActorRef<EventsMsg>, state: &mut EventsState) {
                 return;
             }
         };
-        if leased.is_empty() {
-            return;
-        }
         let leased_count = leased.len();
-        for group in group_by_key(leased) {
-            state.in_flight += 1;
-            spawn_group(myself.clone(), &state.args, group);
-        }
         debug!(
             leased = leased_count,
             in_flight = state.in_flight,
             "webhook deliveries leased"
         );
+        state.queued_deliveries += leased_count;
+        state.queued.extend(group_by_key(leased));
         if leased_count < cfg.lease_batch {
+            // Nothing more is due right now.
+            start_queued(myself, state);
             return;
         }
+    }
+}
+
+fn start_queued(myself: &ActorRef<EventsMsg>, state: &mut EventsState) {
+    while state.in_flight < state.args.config.max_in_flight {
+        let Some(group) = state.queued.pop_front() else {
+            return;
+        };
+        state.queued_deliveries -= group.len();
+        state.in_flight += 1;
+        spawn_group(myself.clone(), &state.args, group);
     }
 }
 
@@ -248,11 +271,14 @@ fn spawn_group(myself: ActorRef<EventsMsg>, args: &EventsArgs, group: Vec<Leased
                 released.extend(rest.by_ref().map(|d| d.id));
                 break;
             }
+            let signature = signature_header(&d.secret, d.body.as_bytes(), now.timestamp());
+            // The body moves into the request: one copy per delivery fewer.
+            let mut d = d;
             let request = SignedRequest {
                 timeout: left,
-                url: d.url.clone(),
-                signature: signature_header(&d.secret, d.body.as_bytes(), now.timestamp()),
-                body: d.body.clone(),
+                url: std::mem::take(&mut d.url),
+                signature,
+                body: std::mem::take(&mut d.body),
                 event_id: d.event_id.clone(),
                 event_kind: d.event_kind.clone(),
             };

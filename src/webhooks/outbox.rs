@@ -36,17 +36,28 @@ fn opt_time(row: &AnyRow, col: &str) -> Result<Option<DateTime<Utc>>, StorageErr
     s.map(|s| from_db(&s).map_err(storage)).transpose()
 }
 
-/// `$a, $b, …` for `n` rows of `width` values starting at parameter `first`.
-fn value_rows(n: usize, width: usize, first: usize) -> String {
+/// Placeholders for `n` rows of `width` values. SQLite gets anonymous `?`: it resolves each named
+/// `$N` by a linear scan, which makes wide multi-row statements quadratic.
+fn value_rows(backend: Backend, n: usize, width: usize) -> String {
     (0..n)
         .map(|r| {
             let cols: Vec<String> = (0..width)
-                .map(|c| format!("${}", first + r * width + c))
+                .map(|c| match backend {
+                    Backend::Sqlite => "?".to_owned(),
+                    Backend::Postgres => format!("${}", 1 + r * width + c),
+                })
                 .collect();
             format!("({})", cols.join(", "))
         })
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// `($1, $2, …)` or `(?, ?, …)` for an `IN` list of `n` values.
+fn in_list(backend: Backend, n: usize) -> String {
+    let v = value_rows(backend, n, 1);
+    // value_rows gives "(a), (b)"; an IN list wants "(a, b)".
+    format!("({})", v.replace(['(', ')'], ""))
 }
 
 // A delivery is leased only when no earlier pending delivery of its ordering key is blocked
@@ -211,11 +222,10 @@ impl SqlStore {
 
     async fn attach_attempts(&self, deliveries: &mut [DeliveryRecord]) -> Result<(), StorageError> {
         for chunk in deliveries.chunks_mut(CHUNK) {
-            let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
             let sql = format!(
                 "SELECT delivery_id, attempt, attempted_at, status_code, latency_ms, error \
-                 FROM webhook_attempts WHERE delivery_id IN ({}) ORDER BY delivery_id, attempt",
-                placeholders.join(", ")
+                 FROM webhook_attempts WHERE delivery_id IN {} ORDER BY delivery_id, attempt",
+                in_list(self.db().backend, chunk.len())
             );
             let mut q = sqlx::query(AssertSqlSafe(sql));
             for d in chunk.iter() {
@@ -358,12 +368,13 @@ impl Outbox for SqlStore {
         attempts: &[AttemptRecord],
         released: &[String],
     ) -> Result<(), StorageError> {
+        let backend = self.db().backend;
         let mut tx = self.db().write.begin().await.map_err(storage)?;
         for chunk in attempts.chunks(CHUNK) {
             let sql = format!(
                 "INSERT INTO webhook_attempts (id, delivery_id, attempt, attempted_at, status_code, \
                  latency_ms, error) VALUES {}",
-                value_rows(chunk.len(), 7, 1)
+                value_rows(backend, chunk.len(), 7)
             );
             let mut q = sqlx::query(AssertSqlSafe(sql));
             for a in chunk {
@@ -384,7 +395,7 @@ impl Outbox for SqlStore {
                  next_attempt_at = v.column4, last_status_code = v.column5, last_error = v.column6, \
                  delivered_at = v.column7, updated_at = v.column8, lease_token = NULL, \
                  lease_until = NULL FROM (VALUES {}) AS v WHERE webhook_deliveries.id = v.column1",
-                value_rows(chunk.len(), 8, 1)
+                value_rows(backend, chunk.len(), 8)
             );
             let mut q = sqlx::query(AssertSqlSafe(sql));
             for a in chunk {
@@ -407,11 +418,10 @@ impl Outbox for SqlStore {
             q.execute(&mut *tx).await.map_err(storage)?;
         }
         for chunk in released.chunks(CHUNK) {
-            let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
             let sql = format!(
                 "UPDATE webhook_deliveries SET lease_token = NULL, lease_until = NULL \
-                 WHERE id IN ({})",
-                placeholders.join(", ")
+                 WHERE id IN {}",
+                in_list(backend, chunk.len())
             );
             let mut q = sqlx::query(AssertSqlSafe(sql));
             for id in chunk {

@@ -108,7 +108,7 @@ impl HttpSender {
             .connect_timeout(DELIVERY_TIMEOUT)
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(USER_AGENT)
-            .pool_max_idle_per_host(512)
+            .pool_max_idle_per_host(256)
             .dns_resolver(GuardedResolver {
                 policy: policy.clone(),
             })
