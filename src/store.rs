@@ -310,6 +310,11 @@ impl SqlStore {
         &self.db
     }
 
+    /// Tell the Events actor that events were committed (it coalesces bursts).
+    pub(crate) fn events_committed(&self) {
+        self.committed.notify_one();
+    }
+
     // --- workspaces and keys --------------------------------------------------------------
 
     pub async fn create_workspace(
@@ -977,25 +982,25 @@ async fn after_debit(
     .await
     .map_err(storage)?
     .rows_affected();
-    if armed == 1 {
-        enqueue(
-            conn,
-            &EventDraft {
-                workspace_id: workspace_id.to_owned(),
-                kind: "wallet.low_balance",
-                number_id: None,
-                call_id: None,
-                payload: json!({
-                    "balance_minor": balance,
-                    "low_balance_threshold_minor": threshold,
-                    "currency": currency,
-                }),
-            },
-            now,
-        )
-        .await?;
+    if armed != 1 {
+        return Ok(());
     }
-    Ok(())
+    enqueue(
+        conn,
+        &EventDraft {
+            workspace_id: workspace_id.to_owned(),
+            kind: "wallet.low_balance",
+            number_id: None,
+            call_id: None,
+            payload: json!({
+                "balance_minor": balance,
+                "low_balance_threshold_minor": threshold,
+                "currency": currency,
+            }),
+        },
+        now,
+    )
+    .await
 }
 
 impl SqlStore {
@@ -1158,7 +1163,7 @@ impl Store for SqlStore {
         )
         .await?;
         tx.commit().await.map_err(storage)?;
-        self.committed.notify_one();
+        self.events_committed();
         Ok(number)
     }
 
@@ -1226,7 +1231,7 @@ impl Store for SqlStore {
         )
         .await?;
         tx.commit().await.map_err(storage)?;
-        self.committed.notify_one();
+        self.events_committed();
         Ok(number)
     }
 
@@ -1315,7 +1320,7 @@ impl Store for SqlStore {
         )
         .await?;
         tx.commit().await.map_err(storage)?;
-        self.committed.notify_one();
+        self.events_committed();
         Ok(entry)
     }
 }

@@ -50,6 +50,9 @@ impl Default for EventsConfig {
     }
 }
 
+/// Events committed within this window share one outbox pass.
+const COALESCE: Duration = Duration::from_millis(20);
+
 pub enum EventsMsg {
     /// New events were committed: look for work now.
     EventsCommitted,
@@ -104,6 +107,9 @@ impl Actor for Events {
                 if me.cast(EventsMsg::EventsCommitted).is_err() {
                     break;
                 }
+                // Coalesce: commits in the next few milliseconds are picked up by one outbox
+                // pass, instead of one pass per committed change competing for the writer.
+                tokio::time::sleep(COALESCE).await;
             }
         });
         // Work may be waiting from before a restart.

@@ -22,9 +22,13 @@ CREATE TABLE events (
     number_id TEXT COLLATE "C",
     call_id TEXT COLLATE "C",
     occurred_at TEXT COLLATE "C" NOT NULL,
-    body TEXT COLLATE "C" NOT NULL
+    body TEXT COLLATE "C" NOT NULL,
+    -- 0 until the Events actor has turned the event into deliveries (one per subscriber or
+    -- events_url). Fan-out happens there, in batches, not in the transaction that made the change.
+    expanded BIGINT NOT NULL DEFAULT 0
 );
 CREATE INDEX events_by_workspace ON events (workspace_id, id);
+CREATE INDEX events_unexpanded ON events (id) WHERE expanded = 0;
 
 -- Deliveries with the same ordering_key (target + subject) go out strictly in id order.
 CREATE TABLE webhook_deliveries (

@@ -7,7 +7,6 @@ pub mod subscriptions;
 
 use chrono::{DateTime, Utc};
 use sautikit_actors::store::StorageError;
-use sautikit_actors::webhook::MAX_ATTEMPTS;
 use serde::Serialize;
 use serde_json::Value;
 use sqlx::AnyConnection;
@@ -73,31 +72,22 @@ struct Envelope<'a> {
 
 /// What a delivery's order is kept within: per call for call events, per number for number
 /// events, per workspace for wallet events.
-fn subject(draft: &EventDraft) -> String {
-    match (&draft.call_id, &draft.number_id) {
+pub(crate) fn subject(number_id: Option<&str>, call_id: Option<&str>) -> String {
+    match (call_id, number_id) {
         (Some(call), _) => format!("call:{call}"),
         (None, Some(number)) => format!("number:{number}"),
         (None, None) => "wallet".to_owned(),
     }
 }
 
-fn get<'r, T>(row: &'r sqlx::any::AnyRow, col: &str) -> Result<T, StorageError>
-where
-    T: sqlx::Decode<'r, sqlx::Any> + sqlx::Type<sqlx::Any>,
-{
-    use sqlx::Row;
-    row.try_get::<T, _>(col)
-        .map_err(|e| StorageError(e.to_string()))
-}
-
-/// Write the event and one delivery per target, inside the caller's transaction. Returns the
-/// number of deliveries queued (zero when nobody listens; the event is still recorded).
+/// Write the event into the outbox, inside the caller's transaction. Who receives it is decided
+/// later, in batches, by the Events actor (`outbox::expand_events`): the transaction that makes
+/// the change pays for one insert and nothing else.
 pub async fn enqueue(
     conn: &mut AnyConnection,
     draft: &EventDraft,
     now: DateTime<Utc>,
-) -> Result<usize, StorageError> {
-    let storage = |e: sqlx::Error| StorageError(e.to_string());
+) -> Result<(), StorageError> {
     let event_id = new_id();
     let body = serde_json::to_string(&Envelope {
         event_id: &event_id,
@@ -107,7 +97,6 @@ pub async fn enqueue(
         payload: &draft.payload,
     })
     .map_err(|e| StorageError(e.to_string()))?;
-    let ts = to_db(now);
     sqlx::query(
         "INSERT INTO events (id, workspace_id, event_kind, number_id, call_id, occurred_at, body) \
          VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -117,72 +106,12 @@ pub async fn enqueue(
     .bind(draft.kind)
     .bind(&draft.number_id)
     .bind(&draft.call_id)
-    .bind(&ts)
+    .bind(to_db(now))
     .bind(&body)
     .execute(&mut *conn)
     .await
-    .map_err(storage)?;
-
-    // (subscription id or None, url, ordering key)
-    let mut targets: Vec<(Option<String>, String, String)> = Vec::new();
-    let subject = subject(draft);
-    if draft.kind.starts_with("call.") {
-        if let Some(number_id) = &draft.number_id {
-            let row = sqlx::query("SELECT events_url FROM tenant_numbers WHERE id = $1")
-                .bind(number_id)
-                .fetch_optional(&mut *conn)
-                .await
-                .map_err(storage)?;
-            if let Some(url) = row
-                .map(|r| get::<Option<String>>(&r, "events_url"))
-                .transpose()?
-                .flatten()
-            {
-                targets.push((None, url, format!("events_url:{number_id}|{subject}")));
-            }
-        }
-    } else {
-        let rows = sqlx::query(
-            "SELECT id, url, events FROM webhook_subscriptions \
-             WHERE workspace_id = $1 AND status = 'active' ORDER BY id",
-        )
-        .bind(&draft.workspace_id)
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(storage)?;
-        for r in rows {
-            let patterns: String = get(&r, "events")?;
-            if patterns.split(',').any(|p| pattern_matches(p, draft.kind)) {
-                let id: String = get(&r, "id")?;
-                let url: String = get(&r, "url")?;
-                let key = format!("sub:{id}|{subject}");
-                targets.push((Some(id), url, key));
-            }
-        }
-    }
-    for (subscription_id, url, key) in &targets {
-        sqlx::query(
-            "INSERT INTO webhook_deliveries (id, event_id, workspace_id, subscription_id, url, \
-             ordering_key, event_kind, number_id, call_id, status, attempts, max_attempts, \
-             next_attempt_at, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'pending', 0, $10, $11, $11, $11)",
-        )
-        .bind(new_id())
-        .bind(&event_id)
-        .bind(&draft.workspace_id)
-        .bind(subscription_id)
-        .bind(url)
-        .bind(key)
-        .bind(draft.kind)
-        .bind(&draft.number_id)
-        .bind(&draft.call_id)
-        .bind(MAX_ATTEMPTS)
-        .bind(&ts)
-        .execute(&mut *conn)
-        .await
-        .map_err(storage)?;
-    }
-    Ok(targets.len())
+    .map_err(|e| StorageError(e.to_string()))?;
+    Ok(())
 }
 
 #[cfg(test)]

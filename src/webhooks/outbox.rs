@@ -1,10 +1,12 @@
 //! The outbox in SQL: leasing due deliveries in order, recording attempts in batches, and the
 //! delivery log customers read.
 
+use std::collections::HashMap;
+
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sautikit_actors::store::StorageError;
-use sautikit_actors::webhook::{AttemptRecord, LeasedDelivery, Outbox, Resolution};
+use sautikit_actors::webhook::{AttemptRecord, LeasedDelivery, MAX_ATTEMPTS, Outbox, Resolution};
 use sqlx::any::AnyRow;
 use sqlx::{AssertSqlSafe, Row};
 
@@ -89,6 +91,142 @@ const LEASE_SQLITE: &str = lease_candidates!("", "");
 // `OFFSET 0` keeps PostgreSQL from turning the NOT EXISTS into an anti-join over every pending
 // row (it misjudges the blockers as one row); per candidate it is one probe of the small index.
 const LEASE_POSTGRES: &str = lease_candidates!(" OFFSET 0", " FOR UPDATE OF d SKIP LOCKED");
+
+/// Events turned into deliveries per lease transaction.
+const EXPAND_BATCH: i64 = 2000;
+
+const UNEXPANDED_SQLITE: &str = "SELECT id, workspace_id, event_kind, number_id, call_id \
+    FROM events WHERE expanded = 0 ORDER BY id LIMIT $1";
+const UNEXPANDED_POSTGRES: &str = "SELECT id, workspace_id, event_kind, number_id, call_id \
+    FROM events WHERE expanded = 0 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED";
+
+/// Who receives committed events: one delivery per matching subscription (number and wallet
+/// events) or to the number's `events_url` (call events), in event order. Runs inside the lease
+/// transaction, so expansion and leasing see one consistent outbox.
+async fn expand_events(
+    conn: &mut sqlx::AnyConnection,
+    backend: Backend,
+    now: DateTime<Utc>,
+) -> Result<usize, StorageError> {
+    let unexpanded = match backend {
+        Backend::Sqlite => UNEXPANDED_SQLITE,
+        Backend::Postgres => UNEXPANDED_POSTGRES,
+    };
+    let events = sqlx::query(unexpanded)
+        .bind(EXPAND_BATCH)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(storage)?;
+    if events.is_empty() {
+        return Ok(0);
+    }
+    // Subscriptions per workspace and events_url per number, looked up once per batch.
+    let mut subscriptions: HashMap<String, Vec<(String, String, String)>> = HashMap::new();
+    let mut events_urls: HashMap<String, Option<String>> = HashMap::new();
+    // (event id, workspace, subscription, url, ordering key, kind, number, call)
+    let mut deliveries: Vec<[Option<String>; 8]> = Vec::new();
+    let mut ids: Vec<String> = Vec::with_capacity(events.len());
+    for e in &events {
+        let id: String = get(e, "id")?;
+        let workspace: String = get(e, "workspace_id")?;
+        let kind: String = get(e, "event_kind")?;
+        let number: Option<String> = get(e, "number_id")?;
+        let call: Option<String> = get(e, "call_id")?;
+        let subject = super::subject(number.as_deref(), call.as_deref());
+        let mut push = |sub: Option<String>, url: String, key: String| {
+            deliveries.push([
+                Some(id.clone()),
+                Some(workspace.clone()),
+                sub,
+                Some(url),
+                Some(key),
+                Some(kind.clone()),
+                number.clone(),
+                call.clone(),
+            ]);
+        };
+        if kind.starts_with("call.") {
+            if let Some(n) = &number {
+                if !events_urls.contains_key(n) {
+                    let url = sqlx::query("SELECT events_url FROM tenant_numbers WHERE id = $1")
+                        .bind(n)
+                        .fetch_optional(&mut *conn)
+                        .await
+                        .map_err(storage)?
+                        .map(|r| get::<Option<String>>(&r, "events_url"))
+                        .transpose()?
+                        .flatten();
+                    events_urls.insert(n.clone(), url);
+                }
+                if let Some(Some(url)) = events_urls.get(n) {
+                    push(None, url.clone(), format!("events_url:{n}|{subject}"));
+                }
+            }
+        } else {
+            if !subscriptions.contains_key(&workspace) {
+                let rows = sqlx::query(
+                    "SELECT id, url, events FROM webhook_subscriptions \
+                     WHERE workspace_id = $1 AND status = 'active' ORDER BY id",
+                )
+                .bind(&workspace)
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(storage)?;
+                let subs = rows
+                    .iter()
+                    .map(|r| Ok((get(r, "id")?, get(r, "url")?, get(r, "events")?)))
+                    .collect::<Result<Vec<(String, String, String)>, StorageError>>()?;
+                subscriptions.insert(workspace.clone(), subs);
+            }
+            for (sub_id, url, patterns) in subscriptions.get(&workspace).into_iter().flatten() {
+                if patterns
+                    .split(',')
+                    .any(|p| super::pattern_matches(p, &kind))
+                {
+                    push(
+                        Some(sub_id.clone()),
+                        url.clone(),
+                        format!("sub:{sub_id}|{subject}"),
+                    );
+                }
+            }
+        }
+        ids.push(id);
+    }
+    let ts = to_db(now);
+    for chunk in deliveries.chunks(CHUNK / 2) {
+        let sql = format!(
+            "INSERT INTO webhook_deliveries (id, event_id, workspace_id, subscription_id, url, \
+             ordering_key, event_kind, number_id, call_id, status, attempts, max_attempts, \
+             next_attempt_at, created_at, updated_at) \
+             SELECT v.column1, v.column2, v.column3, v.column4, v.column5, v.column6, v.column7, \
+             v.column8, v.column9, 'pending', 0, v.column10, v.column11, v.column11, v.column11 \
+             FROM (VALUES {}) AS v",
+            value_rows(backend, chunk.len(), 11)
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for d in chunk {
+            q = q.bind(new_id());
+            for v in d {
+                q = q.bind(v.clone());
+            }
+            q = q.bind(MAX_ATTEMPTS).bind(ts.clone());
+        }
+        q.execute(&mut *conn).await.map_err(storage)?;
+    }
+    for chunk in ids.chunks(CHUNK) {
+        let sql = format!(
+            "UPDATE events SET expanded = 1 WHERE id IN {}",
+            in_list(backend, chunk.len())
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for id in chunk {
+            q = q.bind(id.clone());
+        }
+        q.execute(&mut *conn).await.map_err(storage)?;
+    }
+    Ok(deliveries.len())
+}
 
 /// One delivery in the log, with its attempts.
 #[derive(Debug, Clone)]
@@ -320,6 +458,7 @@ impl Outbox for SqlStore {
                 LEASE_POSTGRES
             }
         };
+        expand_events(&mut tx, self.db().backend, now).await?;
         let leased = sqlx::query(lease)
             .bind(&token)
             .bind(to_db(lease_until))
