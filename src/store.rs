@@ -1003,7 +1003,35 @@ async fn after_debit(
     .await
 }
 
+fn finish_claim(
+    r: Result<Result<TenantNumber, ClaimError>, ClaimTxError>,
+) -> Result<TenantNumber, ClaimError> {
+    match r {
+        Ok(r) => r,
+        Err(ClaimTxError::Conflict) => Err(ClaimError::AlreadyClaimed),
+        Err(ClaimTxError::Retry) => Err(StorageError("claim kept losing deadlocks".into()).into()),
+        Err(ClaimTxError::Storage(e)) => Err(e.into()),
+    }
+}
+
 impl SqlStore {
+    /// One claim in its own transaction.
+    async fn claim_once(
+        &self,
+        cmd: &ClaimNumber,
+    ) -> Result<Result<TenantNumber, ClaimError>, ClaimTxError> {
+        let mut tx = self.db.write.begin().await.map_err(tx_err)?;
+        let outcome = claim_in_tx(&mut tx, cmd).await?;
+        match &outcome {
+            Ok(_) => {
+                tx.commit().await.map_err(tx_err)?;
+                self.events_committed();
+            }
+            Err(_) => tx.rollback().await.map_err(tx_err)?,
+        }
+        Ok(outcome)
+    }
+
     /// Set the low-balance threshold; a balance already at or above it re-arms the alert.
     pub async fn set_low_balance_threshold(
         &self,
@@ -1029,142 +1057,211 @@ impl SqlStore {
     }
 }
 
-#[async_trait]
-impl Store for SqlStore {
-    async fn claim_number(&self, cmd: ClaimNumber) -> Result<TenantNumber, ClaimError> {
-        // The common path is four statements; the diagnostics below run only on refusal.
-        let mut tx = self.db.write.begin().await.map_err(storage)?;
-        let inv = sqlx::query(concat!(
-            "UPDATE inventory_numbers SET status = 'claimed' \
+/// A storage failure inside a claim; `Conflict` is the one-owner index firing (a claim that the
+/// conditional update should already have refused).
+enum ClaimTxError {
+    Storage(StorageError),
+    Conflict,
+    /// PostgreSQL chose this transaction as a deadlock victim (or a serialization failure):
+    /// nothing was written, run it again.
+    Retry,
+}
+
+fn tx_err(e: sqlx::Error) -> ClaimTxError {
+    let code = e
+        .as_database_error()
+        .and_then(|d| d.code().map(|c| c.into_owned()));
+    match code.as_deref() {
+        Some("40P01") | Some("40001") => ClaimTxError::Retry,
+        _ => ClaimTxError::Storage(storage(e)),
+    }
+}
+
+/// Attempts for a claim that keeps losing deadlocks before it reports a storage failure.
+const CLAIM_ATTEMPTS: usize = 5;
+
+impl From<StorageError> for ClaimTxError {
+    fn from(e: StorageError) -> Self {
+        ClaimTxError::Storage(e)
+    }
+}
+
+/// One claim inside an open transaction. `Ok(Err(refusal))` leaves the transaction as it found
+/// it (a refused claim undoes its own inventory change, the only write made before a refusal),
+/// so several claims can share one transaction; `Err` spoils the transaction.
+async fn claim_in_tx(
+    tx: &mut sqlx::AnyConnection,
+    cmd: &ClaimNumber,
+) -> Result<Result<TenantNumber, ClaimError>, ClaimTxError> {
+    // The common path is five statements; the diagnostics below run only on refusal.
+    let inv = sqlx::query(concat!(
+        "UPDATE inventory_numbers SET status = 'claimed' \
              WHERE id = $1 AND status = 'available' RETURNING ",
-            inventory_cols!()
-        ))
-        .bind(&cmd.inventory_id)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(storage)?;
-        let Some(inv) = inv else {
-            let exists = sqlx::query("SELECT id FROM inventory_numbers WHERE id = $1")
-                .bind(&cmd.inventory_id)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(storage)?
-                .is_some();
-            tx.rollback().await.map_err(storage)?;
-            return Err(if exists {
-                ClaimError::AlreadyClaimed
-            } else {
-                ClaimError::NotFound
-            });
-        };
-        let inv = inventory_from_row(&inv)?;
-        let ts = to_db(cmd.now);
-        let balance = sqlx::query(
-            "UPDATE wallets SET balance_minor = balance_minor - $1, updated_at = $2 \
+        inventory_cols!()
+    ))
+    .bind(&cmd.inventory_id)
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(tx_err)?;
+    let Some(inv) = inv else {
+        let exists = sqlx::query("SELECT id FROM inventory_numbers WHERE id = $1")
+            .bind(&cmd.inventory_id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(tx_err)?
+            .is_some();
+        return Ok(Err(if exists {
+            ClaimError::AlreadyClaimed
+        } else {
+            ClaimError::NotFound
+        }));
+    };
+    let inv = inventory_from_row(&inv)?;
+    let ts = to_db(cmd.now);
+    let balance = sqlx::query(
+        "UPDATE wallets SET balance_minor = balance_minor - $1, updated_at = $2 \
              WHERE workspace_id = $3 AND currency = $4 AND balance_minor >= $5 \
              RETURNING balance_minor, low_balance_threshold_minor, low_balance_alerted",
-        )
-        .bind(inv.monthly_price_minor)
-        .bind(&ts)
-        .bind(&cmd.workspace_id)
-        .bind(&inv.currency)
-        .bind(inv.monthly_price_minor)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(storage)?;
-        let Some(balance) = balance else {
-            let wallet_currency: Option<String> =
-                sqlx::query("SELECT currency FROM wallets WHERE workspace_id = $1")
-                    .bind(&cmd.workspace_id)
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(storage)?
-                    .map(|r| get(&r, "currency"))
-                    .transpose()?;
-            tx.rollback().await.map_err(storage)?;
-            return Err(match wallet_currency {
-                None => StorageError("workspace has no wallet".into()).into(),
-                Some(w) if w != inv.currency => ClaimError::CurrencyMismatch {
-                    wallet: w,
-                    number: inv.currency,
-                },
-                Some(_) => ClaimError::InsufficientFunds,
-            });
+    )
+    .bind(inv.monthly_price_minor)
+    .bind(&ts)
+    .bind(&cmd.workspace_id)
+    .bind(&inv.currency)
+    .bind(inv.monthly_price_minor)
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(tx_err)?;
+    let Some(balance) = balance else {
+        let wallet_currency: Option<String> =
+            sqlx::query("SELECT currency FROM wallets WHERE workspace_id = $1")
+                .bind(&cmd.workspace_id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(tx_err)?
+                .map(|r| get(&r, "currency"))
+                .transpose()?;
+        sqlx::query("UPDATE inventory_numbers SET status = 'available' WHERE id = $1")
+            .bind(&inv.id)
+            .execute(&mut *tx)
+            .await
+            .map_err(tx_err)?;
+        return match wallet_currency {
+            None => Err(StorageError("workspace has no wallet".into()).into()),
+            Some(w) if w != inv.currency => Ok(Err(ClaimError::CurrencyMismatch {
+                wallet: w,
+                number: inv.currency,
+            })),
+            Some(_) => Ok(Err(ClaimError::InsufficientFunds)),
         };
-        let balance_after: i64 = get(&balance, "balance_minor")?;
-        let number_id = new_id();
-        sqlx::query(
-            "INSERT INTO ledger_entries (id, workspace_id, kind, amount_minor, balance_after_minor, \
+    };
+    let balance_after: i64 = get(&balance, "balance_minor")?;
+    let number_id = new_id();
+    sqlx::query(
+        "INSERT INTO ledger_entries (id, workspace_id, kind, amount_minor, balance_after_minor, \
              currency, reference, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-        )
-        .bind(new_id())
-        .bind(&cmd.workspace_id)
-        .bind(LedgerKind::NumberRental.as_str())
-        .bind(-inv.monthly_price_minor)
-        .bind(balance_after)
-        .bind(&inv.currency)
-        .bind(&number_id)
-        .bind(&ts)
-        .execute(&mut *tx)
-        .await
-        .map_err(storage)?;
-        let r = sqlx::query(concat!(
-            "INSERT INTO tenant_numbers (id, workspace_id, inventory_id, number, status, \
+    )
+    .bind(new_id())
+    .bind(&cmd.workspace_id)
+    .bind(LedgerKind::NumberRental.as_str())
+    .bind(-inv.monthly_price_minor)
+    .bind(balance_after)
+    .bind(&inv.currency)
+    .bind(&number_id)
+    .bind(&ts)
+    .execute(&mut *tx)
+    .await
+    .map_err(tx_err)?;
+    let r = sqlx::query(concat!(
+        "INSERT INTO tenant_numbers (id, workspace_id, inventory_id, number, status, \
              capabilities, currency, monthly_price_minor, inbound_per_min_minor, \
              outbound_per_min_minor, next_renewal_at, created_at, updated_at) \
              VALUES ($1, $2, $3, $4, 'active', $5, $6, $7, $8, $9, $10, $11, $11) RETURNING ",
-            tenant_cols!()
-        ))
-        .bind(&number_id)
-        .bind(&cmd.workspace_id)
-        .bind(&inv.id)
-        .bind(&inv.number)
-        .bind(inv.capabilities.join(","))
-        .bind(&inv.currency)
-        .bind(inv.monthly_price_minor)
-        .bind(inv.inbound_per_min_minor)
-        .bind(inv.outbound_per_min_minor)
-        .bind(to_db(money::next_renewal(cmd.now)))
-        .bind(&ts)
-        .fetch_one(&mut *tx)
-        .await;
-        let row = match r {
-            Ok(row) => row,
-            // The one-owner index is the last line of defence behind the conditional UPDATE.
-            Err(e) if is_unique_violation(&e) => return Err(ClaimError::AlreadyClaimed),
-            Err(e) => return Err(storage(e).into()),
-        };
-        let number = tenant_from_row(&row)?;
-        enqueue(
-            &mut tx,
-            &EventDraft {
-                workspace_id: cmd.workspace_id.clone(),
-                kind: "number.provisioned",
-                number_id: Some(number.id.clone()),
-                call_id: None,
-                payload: json!({
-                    "number_id": number.id,
-                    "number": number.number,
-                    "status": number.status.as_str(),
-                    "monthly_price_minor": number.monthly_price_minor,
-                    "currency": number.currency,
-                    "next_renewal_at": to_api(number.next_renewal_at),
-                }),
-            },
-            cmd.now,
-        )
-        .await?;
-        after_debit(
-            &mut tx,
-            &cmd.workspace_id,
-            &balance,
-            &number.currency,
-            cmd.now,
-        )
-        .await?;
-        tx.commit().await.map_err(storage)?;
-        self.events_committed();
-        Ok(number)
+        tenant_cols!()
+    ))
+    .bind(&number_id)
+    .bind(&cmd.workspace_id)
+    .bind(&inv.id)
+    .bind(&inv.number)
+    .bind(inv.capabilities.join(","))
+    .bind(&inv.currency)
+    .bind(inv.monthly_price_minor)
+    .bind(inv.inbound_per_min_minor)
+    .bind(inv.outbound_per_min_minor)
+    .bind(to_db(money::next_renewal(cmd.now)))
+    .bind(&ts)
+    .fetch_one(&mut *tx)
+    .await;
+    let row = match r {
+        Ok(row) => row,
+        // The one-owner index is the last line of defence behind the conditional UPDATE.
+        Err(e) if is_unique_violation(&e) => return Err(ClaimTxError::Conflict),
+        Err(e) => return Err(storage(e).into()),
+    };
+    let number = tenant_from_row(&row)?;
+    enqueue(
+        &mut *tx,
+        &EventDraft {
+            workspace_id: cmd.workspace_id.clone(),
+            kind: "number.provisioned",
+            number_id: Some(number.id.clone()),
+            call_id: None,
+            payload: json!({
+                "number_id": number.id,
+                "number": number.number,
+                "status": number.status.as_str(),
+                "monthly_price_minor": number.monthly_price_minor,
+                "currency": number.currency,
+                "next_renewal_at": to_api(number.next_renewal_at),
+            }),
+        },
+        cmd.now,
+    )
+    .await?;
+    after_debit(
+        &mut *tx,
+        &cmd.workspace_id,
+        &balance,
+        &number.currency,
+        cmd.now,
+    )
+    .await?;
+    Ok(Ok(number))
+}
+
+#[async_trait]
+impl Store for SqlStore {
+    async fn claim_number(&self, cmd: ClaimNumber) -> Result<TenantNumber, ClaimError> {
+        for _ in 1..CLAIM_ATTEMPTS {
+            match self.claim_once(&cmd).await {
+                Err(ClaimTxError::Retry) => continue,
+                other => return finish_claim(other),
+            }
+        }
+        finish_claim(self.claim_once(&cmd).await)
+    }
+
+    /// Group commit: the claims share one transaction. If it fails, each is tried on its own.
+    async fn claim_numbers(&self, cmds: Vec<ClaimNumber>) -> Vec<Result<TenantNumber, ClaimError>> {
+        if cmds.len() > 1 {
+            let batch = async {
+                let mut tx = self.db.write.begin().await.map_err(storage)?;
+                let mut out = Vec::with_capacity(cmds.len());
+                for cmd in &cmds {
+                    out.push(claim_in_tx(&mut tx, cmd).await?);
+                }
+                tx.commit().await.map_err(storage)?;
+                Ok::<_, ClaimTxError>(out)
+            };
+            if let Ok(out) = batch.await {
+                self.events_committed();
+                return out;
+            }
+        }
+        let mut out = Vec::with_capacity(cmds.len());
+        for cmd in cmds {
+            out.push(self.claim_number(cmd).await);
+        }
+        out
     }
 
     async fn release_number(&self, cmd: ReleaseNumber) -> Result<TenantNumber, ReleaseError> {

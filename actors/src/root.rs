@@ -14,7 +14,7 @@ use tracing::{error, warn};
 
 use crate::clock::Clock;
 use crate::events::{Events, EventsArgs};
-use crate::inventory::{Inventory, InventoryMsg, InventoryState};
+use crate::inventory::{Inventory, InventoryArgs, InventoryMsg};
 use crate::model::{LedgerEntry, LedgerKind, TenantNumber};
 use crate::store::{ClaimError, ReleaseError, StorageError, Store, WalletError};
 use crate::wallet::{WalletDeps, WalletMsg, Wallets, WalletsMsg};
@@ -65,7 +65,7 @@ impl Root {
         Actor::spawn_linked(
             Some(state.names.inventory.clone()),
             Inventory,
-            InventoryState {
+            InventoryArgs {
                 store: state.deps.store.clone(),
                 clock: state.deps.clock.clone(),
             },

@@ -79,6 +79,16 @@ pub trait Store: Send + Sync + 'static {
     /// tenant number — all or nothing.
     async fn claim_number(&self, cmd: ClaimNumber) -> Result<TenantNumber, ClaimError>;
 
+    /// Several claims, answered in order. A store may commit them together (group commit); each
+    /// result is as if the claim had run alone, one after the other.
+    async fn claim_numbers(&self, cmds: Vec<ClaimNumber>) -> Vec<Result<TenantNumber, ClaimError>> {
+        let mut out = Vec::with_capacity(cmds.len());
+        for cmd in cmds {
+            out.push(self.claim_number(cmd).await);
+        }
+        out
+    }
+
     /// Release a tenant number; its inventory row becomes available again.
     async fn release_number(&self, cmd: ReleaseNumber) -> Result<TenantNumber, ReleaseError>;
 

@@ -469,7 +469,8 @@ impl Outbox for SqlStore {
             .map_err(storage)?
             .rows_affected();
         if leased == 0 {
-            tx.rollback().await.map_err(storage)?;
+            // Commit, not roll back: the expansion above must stick.
+            tx.commit().await.map_err(storage)?;
             return Ok(Vec::new());
         }
         let rows = sqlx::query(
