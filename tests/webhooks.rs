@@ -655,3 +655,38 @@ async fn two_processes_share_the_outbox() {
     sorted.sort();
     assert_eq!(seen, sorted, "balances arrive in commit order");
 }
+
+/// Events nobody subscribes to are still processed (marked expanded), and stay out of the way.
+async fn unsubscribed_events_are_expanded(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let server = Server::start(&db, Mode::Dev);
+    let api = server.api(&dev_key(&db.data_dir));
+    for a in 1..=5 {
+        top_up(&api, a).await;
+    }
+    let store =
+        sautikit::store::SqlStore::new(sautikit::db::Db::connect(&db.url).await.expect("connect"));
+    let pending = || async {
+        let row = sqlx::query("SELECT COUNT(*) AS n FROM events WHERE expanded = 0")
+            .fetch_one(&store.db().read)
+            .await
+            .expect("count");
+        sqlx::Row::try_get::<i64, _>(&row, "n").expect("n")
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while pending().await > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "events left unexpanded"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let total = sqlx::query("SELECT COUNT(*) AS n FROM events")
+        .fetch_one(&store.db().read)
+        .await
+        .expect("count");
+    assert_eq!(sqlx::Row::try_get::<i64, _>(&total, "n").expect("n"), 5);
+    assert_eq!(api.get("/v1/webhooks/deliveries").await.json(), json!([]));
+}
+
+on_both_backends!(unsubscribed_events_are_expanded);
