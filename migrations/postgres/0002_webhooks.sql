@@ -59,9 +59,7 @@ CREATE TABLE webhook_deliveries (
 CREATE INDEX webhook_deliveries_pending ON webhook_deliveries (id) WHERE status = 'pending';
 CREATE INDEX webhook_deliveries_blockers ON webhook_deliveries (ordering_key, id)
     WHERE status = 'pending' AND (lease_token IS NOT NULL OR attempts > 0);
-CREATE INDEX webhook_deliveries_lease ON webhook_deliveries (lease_token) WHERE lease_token IS NOT NULL;
 CREATE INDEX webhook_deliveries_by_workspace ON webhook_deliveries (workspace_id, id);
-CREATE INDEX webhook_deliveries_by_subscription ON webhook_deliveries (subscription_id) WHERE status = 'pending';
 
 CREATE TABLE webhook_attempts (
     id TEXT COLLATE "C" PRIMARY KEY,

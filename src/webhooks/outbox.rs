@@ -82,7 +82,7 @@ macro_rules! lease_candidates {
             $fence,
             ") ORDER BY d.id LIMIT $4",
             $lock,
-            ")"
+            ") RETURNING id"
         )
     };
 }
@@ -474,33 +474,40 @@ impl Outbox for SqlStore {
             }
         };
         expand_events(&mut tx, self.db().backend, now).await?;
-        let leased = sqlx::query(lease)
+        let leased: Vec<String> = sqlx::query(lease)
             .bind(&token)
             .bind(to_db(lease_until))
             .bind(to_db(now))
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-            .execute(&mut *tx)
+            .fetch_all(&mut *tx)
             .await
             .map_err(storage)?
-            .rows_affected();
-        if leased == 0 {
+            .iter()
+            .map(|r| get(r, "id"))
+            .collect::<Result<_, _>>()?;
+        if leased.is_empty() {
             // Commit, not roll back: the expansion above must stick.
             tx.commit().await.map_err(storage)?;
             return Ok(Vec::new());
         }
-        let rows = sqlx::query(
-            "SELECT d.id, d.event_id, d.event_kind, d.ordering_key, d.url, d.attempts, \
-             d.max_attempts, d.lease_until, e.body, w.webhook_secret \
-             FROM webhook_deliveries d JOIN events e ON e.id = d.event_id \
-             JOIN workspaces w ON w.id = d.workspace_id \
-             WHERE d.lease_token = $1 ORDER BY d.id",
-        )
-        .bind(&token)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(storage)?;
+        let mut rows = Vec::with_capacity(leased.len());
+        for chunk in leased.chunks(CHUNK) {
+            let sql = format!(
+                "SELECT d.id, d.event_id, d.event_kind, d.ordering_key, d.url, d.attempts, \
+                 d.max_attempts, d.lease_until, e.body, w.webhook_secret \
+                 FROM webhook_deliveries d JOIN events e ON e.id = d.event_id \
+                 JOIN workspaces w ON w.id = d.workspace_id WHERE d.id IN {}",
+                in_list(self.db().backend, chunk.len())
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for id in chunk {
+                q = q.bind(id.clone());
+            }
+            rows.extend(q.fetch_all(&mut *tx).await.map_err(storage)?);
+        }
         tx.commit().await.map_err(storage)?;
-        rows.iter()
+        let mut out: Vec<LeasedDelivery> = rows
+            .iter()
             .map(|r| {
                 Ok(LeasedDelivery {
                     id: get(r, "id")?,
@@ -515,7 +522,10 @@ impl Outbox for SqlStore {
                     lease_until: time(r, "lease_until")?,
                 })
             })
-            .collect()
+            .collect::<Result<_, StorageError>>()?;
+        // The groups are built in outbox order.
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
     }
 
     async fn record(
