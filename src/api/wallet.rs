@@ -14,6 +14,7 @@ use super::error::{ApiError, ErrorEnvelope};
 use super::extract::{ApiJson, ApiQuery, Page, PageParams};
 use super::middleware::Workspace;
 use crate::config::Mode;
+use crate::store::Wallet;
 use crate::time::to_api;
 
 #[derive(Serialize, ToSchema)]
@@ -23,6 +24,20 @@ pub struct WalletView {
     #[schema(example = "KES")]
     pub currency: String,
     pub low_balance_threshold_minor: i64,
+}
+
+impl From<Wallet> for WalletView {
+    fn from(w: Wallet) -> Self {
+        WalletView {
+            balance_minor: w.balance_minor,
+            currency: w.currency,
+            low_balance_threshold_minor: w.low_balance_threshold_minor,
+        }
+    }
+}
+
+fn wallet_not_found() -> ApiError {
+    ApiError::not_found("wallet.not_found", "wallet not found")
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -51,12 +66,8 @@ pub async fn update_wallet(
         .store
         .set_low_balance_threshold(&ws.id, body.low_balance_threshold_minor, state.clock.now())
         .await?
-        .ok_or_else(|| ApiError::not_found("wallet.not_found", "wallet not found"))?;
-    Ok(axum::Json(WalletView {
-        balance_minor: w.balance_minor,
-        currency: w.currency,
-        low_balance_threshold_minor: w.low_balance_threshold_minor,
-    }))
+        .ok_or_else(wallet_not_found)?;
+    Ok(axum::Json(w.into()))
 }
 
 /// The wallet's balance (minor units).
@@ -70,12 +81,8 @@ pub async fn get_wallet(
         .store
         .get_wallet(&ws.id)
         .await?
-        .ok_or_else(|| ApiError::not_found("wallet.not_found", "wallet not found"))?;
-    Ok(axum::Json(WalletView {
-        balance_minor: w.balance_minor,
-        currency: w.currency,
-        low_balance_threshold_minor: w.low_balance_threshold_minor,
-    }))
+        .ok_or_else(wallet_not_found)?;
+    Ok(axum::Json(w.into()))
 }
 
 /// One ledger row: a signed amount and the balance right after it.
