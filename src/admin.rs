@@ -50,7 +50,7 @@ pub async fn run(url: &str, cmd: AdminCommand) -> Result<serde_json::Value, Admi
             inbound_per_min_minor,
             currency,
         } => {
-            if country.len() != 2 || !country.bytes().all(|b| b.is_ascii_uppercase()) {
+            if !crate::api::extract::is_country_code(country) {
                 return Err(invalid(
                     "--country must be ISO 3166-1 alpha-2, e.g. KE".into(),
                 ));

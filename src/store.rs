@@ -29,7 +29,7 @@ pub const IDEMPOTENCY_TTL_HOURS: i64 = 24;
 /// A request that holds a key this long without finishing is taken to have died with its process.
 const IDEMPOTENCY_PENDING_STALE_SECS: i64 = 60;
 
-fn storage(e: impl Display) -> StorageError {
+pub(crate) fn storage(e: impl Display) -> StorageError {
     StorageError(e.to_string())
 }
 
@@ -38,19 +38,19 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
         .is_some_and(|d| d.is_unique_violation())
 }
 
-fn get<'r, T>(row: &'r AnyRow, col: &str) -> Result<T, StorageError>
+pub(crate) fn get<'r, T>(row: &'r AnyRow, col: &str) -> Result<T, StorageError>
 where
     T: sqlx::Decode<'r, sqlx::Any> + sqlx::Type<sqlx::Any>,
 {
     row.try_get::<T, _>(col).map_err(storage)
 }
 
-fn get_time(row: &AnyRow, col: &str) -> Result<DateTime<Utc>, StorageError> {
+pub(crate) fn get_time(row: &AnyRow, col: &str) -> Result<DateTime<Utc>, StorageError> {
     let s: String = get(row, col)?;
     from_db(&s).map_err(|e| StorageError(format!("bad timestamp in {col}: {e}")))
 }
 
-fn get_opt_time(row: &AnyRow, col: &str) -> Result<Option<DateTime<Utc>>, StorageError> {
+pub(crate) fn get_opt_time(row: &AnyRow, col: &str) -> Result<Option<DateTime<Utc>>, StorageError> {
     let s: Option<String> = get(row, col)?;
     s.map(|s| from_db(&s).map_err(|e| StorageError(format!("bad timestamp in {col}: {e}"))))
         .transpose()

@@ -265,3 +265,8 @@ pub fn check_url(raw: &str, mode: crate::config::Mode) -> Result<(), UrlProblem>
     }
     Ok(())
 }
+
+/// ISO 3166-1 alpha-2, upper case (`KE`).
+pub fn is_country_code(c: &str) -> bool {
+    c.len() == 2 && c.bytes().all(|b| b.is_ascii_uppercase())
+}

@@ -10,7 +10,9 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
 use super::error::{ApiError, ErrorEnvelope, number_not_found};
-use super::extract::{ApiJson, ApiQuery, Page, PageParams, UrlProblem, check_url, parse_id};
+use super::extract::{
+    ApiJson, ApiQuery, Page, PageParams, UrlProblem, check_url, is_country_code, parse_id,
+};
 use super::middleware::Workspace;
 use crate::config::Mode;
 use crate::store::{InventoryFilter, InventoryNumber, RoutingChange};
@@ -138,7 +140,7 @@ pub async fn list_available(
     let limit = page.limit()?;
     let invalid = |m: &str| ApiError::bad_request("request.invalid_query", m.to_owned());
     if let Some(c) = &q.country
-        && (c.len() != 2 || !c.bytes().all(|b| b.is_ascii_uppercase()))
+        && !is_country_code(c)
     {
         return Err(invalid(
             "country must be an ISO 3166-1 alpha-2 code such as KE",

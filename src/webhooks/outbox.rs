@@ -7,36 +7,14 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sautikit_actors::store::StorageError;
 use sautikit_actors::webhook::{AttemptRecord, LeasedDelivery, MAX_ATTEMPTS, Outbox, Resolution};
-use sqlx::any::AnyRow;
-use sqlx::{AssertSqlSafe, Row};
+use sqlx::AssertSqlSafe;
 
 use crate::db::Backend;
-use crate::store::SqlStore;
-use crate::time::{from_db, new_id, to_db};
+use crate::store::{SqlStore, get, get_opt_time, get_time, storage};
+use crate::time::{new_id, to_db};
 
 /// Rows per multi-row statement (7 values each: well under every backend's parameter limit).
 const CHUNK: usize = 100;
-
-fn storage(e: impl std::fmt::Display) -> StorageError {
-    StorageError(e.to_string())
-}
-
-fn get<'r, T>(row: &'r AnyRow, col: &str) -> Result<T, StorageError>
-where
-    T: sqlx::Decode<'r, sqlx::Any> + sqlx::Type<sqlx::Any>,
-{
-    row.try_get::<T, _>(col).map_err(storage)
-}
-
-fn time(row: &AnyRow, col: &str) -> Result<DateTime<Utc>, StorageError> {
-    let s: String = get(row, col)?;
-    from_db(&s).map_err(storage)
-}
-
-fn opt_time(row: &AnyRow, col: &str) -> Result<Option<DateTime<Utc>>, StorageError> {
-    let s: Option<String> = get(row, col)?;
-    s.map(|s| from_db(&s).map_err(storage)).transpose()
-}
 
 /// Placeholders for `n` rows of `width` values. SQLite gets anonymous `?`: it resolves each named
 /// `$N` by a linear scan, which makes wide multi-row statements quadratic.
@@ -356,7 +334,7 @@ impl SqlStore {
                 number_id: get(r, "number_id")?,
                 call_id: get(r, "call_id")?,
                 next_attempt_at: if status == "pending" {
-                    Some(time(r, "next_attempt_at")?)
+                    Some(get_time(r, "next_attempt_at")?)
                 } else {
                     None
                 },
@@ -364,8 +342,8 @@ impl SqlStore {
                 attempt_count: get(r, "attempts")?,
                 last_status_code: get(r, "last_status_code")?,
                 last_error: get(r, "last_error")?,
-                created_at: time(r, "created_at")?,
-                delivered_at: opt_time(r, "delivered_at")?,
+                created_at: get_time(r, "created_at")?,
+                delivered_at: get_opt_time(r, "delivered_at")?,
                 attempts: Vec::new(),
             });
         }
@@ -390,7 +368,7 @@ impl SqlStore {
                 if let Some(d) = chunk.iter_mut().find(|d| d.id == id) {
                     d.attempts.push(AttemptView {
                         attempt: get(r, "attempt")?,
-                        attempted_at: time(r, "attempted_at")?,
+                        attempted_at: get_time(r, "attempted_at")?,
                         status_code: get(r, "status_code")?,
                         latency_ms: get(r, "latency_ms")?,
                         error: get(r, "error")?,
@@ -519,7 +497,7 @@ impl Outbox for SqlStore {
                     secret: get(r, "webhook_secret")?,
                     attempts: get(r, "attempts")?,
                     max_attempts: get(r, "max_attempts")?,
-                    lease_until: time(r, "lease_until")?,
+                    lease_until: get_time(r, "lease_until")?,
                 })
             })
             .collect::<Result<_, StorageError>>()?;

@@ -2,12 +2,11 @@
 
 use chrono::{DateTime, Utc};
 use sautikit_actors::store::StorageError;
-use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use crate::secrets;
-use crate::store::SqlStore;
-use crate::time::{from_db, new_id, to_db};
+use crate::store::{SqlStore, get, get_opt_time, get_time, storage};
+use crate::time::{new_id, to_db};
 
 /// Active subscriptions a workspace may hold.
 pub const MAX_SUBSCRIPTIONS: i64 = 20;
@@ -32,21 +31,15 @@ pub enum SubscriptionError {
     Storage(#[from] StorageError),
 }
 
-fn storage(e: impl std::fmt::Display) -> StorageError {
-    StorageError(e.to_string())
-}
-
 fn from_row(r: &AnyRow) -> Result<Subscription, StorageError> {
-    let events: String = r.try_get("events").map_err(storage)?;
-    let created: String = r.try_get("created_at").map_err(storage)?;
-    let deleted: Option<String> = r.try_get("deleted_at").map_err(storage)?;
+    let events: String = get(r, "events")?;
     Ok(Subscription {
-        id: r.try_get("id").map_err(storage)?,
-        url: r.try_get("url").map_err(storage)?,
+        id: get(r, "id")?,
+        url: get(r, "url")?,
         events: events.split(',').map(str::to_owned).collect(),
-        status: r.try_get("status").map_err(storage)?,
-        created_at: from_db(&created).map_err(storage)?,
-        deleted_at: deleted.map(|d| from_db(&d).map_err(storage)).transpose()?,
+        status: get(r, "status")?,
+        created_at: get_time(r, "created_at")?,
+        deleted_at: get_opt_time(r, "deleted_at")?,
     })
 }
 
