@@ -4,6 +4,8 @@
 //! the atomicity boundary for money and ownership (DESIGN §2). This crate knows nothing of HTTP or
 //! SQL: it reaches the outside world only through the traits in [`store`] and [`clock`].
 
+pub mod call_store;
+pub mod callback;
 pub mod clock;
 pub mod events;
 pub mod inventory;
@@ -11,6 +13,7 @@ pub mod model;
 pub mod money;
 pub mod root;
 pub mod store;
+pub mod voice;
 pub mod wallet;
 pub mod webhook;
 

@@ -235,6 +235,14 @@ impl Engine {
         .await?
     }
 
+    /// Hang up a live call of this workspace held by this process, and wait until it has ended
+    /// and its final record is committed. `Ok(false)`: no such live call here.
+    pub async fn hangup_call(&self, workspace_id: &str, call_id: &str) -> Result<bool, StorageError> {
+        // Wired to the Calls supervisor with the SIP endpoint (issue 4, in progress).
+        let _ = (workspace_id, call_id);
+        Ok(false)
+    }
+
     /// Stop the tree and wait for every actor to finish its current message.
     pub async fn stop(self) {
         self.root
