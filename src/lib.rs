@@ -3,6 +3,8 @@
 
 pub mod admin;
 pub mod api;
+pub mod callback;
+pub mod calls_store;
 pub mod config;
 pub mod db;
 pub mod secrets;

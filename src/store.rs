@@ -960,7 +960,7 @@ impl SqlStore {
 
 /// After a debit: a balance that crossed the workspace's threshold downward fires
 /// `wallet.low_balance` once; a credit back above the threshold re-arms it.
-async fn after_debit(
+pub(crate) async fn after_debit(
     conn: &mut sqlx::AnyConnection,
     workspace_id: &str,
     wallet_row: &AnyRow,

@@ -56,6 +56,25 @@ pub fn call_cost_minor(duration_seconds: i64, rate_per_min_minor: i64) -> i64 {
     i64::try_from(cost).unwrap_or(i64::MAX)
 }
 
+/// Billable seconds of an answered call: whole seconds from answer to end, rounded up (a call
+/// answered for 10.2 s bills 11 s). Never negative, whatever the clocks say.
+pub fn billable_seconds(answered_at: DateTime<Utc>, ended_at: DateTime<Utc>) -> i64 {
+    let micros = (ended_at - answered_at)
+        .num_microseconds()
+        .unwrap_or(i64::MAX);
+    if micros <= 0 {
+        return 0;
+    }
+    (micros + 999_999) / 1_000_000
+}
+
+/// What a debit of `cost_minor` can actually take from a wallet holding `balance_minor`: a
+/// balance never goes below zero, so a call that outlived its balance is charged what is left
+/// (the rest is recorded as uncollected, not owed).
+pub fn collectable_minor(cost_minor: i64, balance_minor: i64) -> i64 {
+    cost_minor.max(0).min(balance_minor.max(0))
+}
+
 /// The next rental date: one calendar month later, clamped to the month's end (Jan 31 → Feb 28).
 pub fn next_renewal(from: DateTime<Utc>) -> DateTime<Utc> {
     from.checked_add_months(Months::new(1)).unwrap_or(from)
@@ -81,6 +100,31 @@ mod tests {
         assert_eq!(call_cost_minor(1, 7), 1); // 7/60 rounds up to one minor unit
         assert_eq!(call_cost_minor(60, 7), 7);
         assert_eq!(call_cost_minor(10, 0), 0);
+    }
+
+    #[test]
+    fn billable_seconds_round_up() {
+        let t0 = Utc.with_ymd_and_hms(2026, 6, 27, 12, 0, 0).unwrap();
+        assert_eq!(billable_seconds(t0, t0), 0);
+        assert_eq!(
+            billable_seconds(t0, t0 + chrono::Duration::milliseconds(1)),
+            1
+        );
+        assert_eq!(billable_seconds(t0, t0 + chrono::Duration::seconds(61)), 61);
+        assert_eq!(
+            billable_seconds(t0, t0 + chrono::Duration::milliseconds(61_001)),
+            62
+        );
+        assert_eq!(billable_seconds(t0 + chrono::Duration::seconds(5), t0), 0);
+    }
+
+    #[test]
+    fn collectable_never_exceeds_the_balance() {
+        assert_eq!(collectable_minor(305, 1_000), 305);
+        assert_eq!(collectable_minor(305, 100), 100);
+        assert_eq!(collectable_minor(305, 0), 0);
+        assert_eq!(collectable_minor(0, 100), 0);
+        assert_eq!(collectable_minor(-5, 100), 0);
     }
 
     #[test]

@@ -1,0 +1,752 @@
+//! Calls in the database (DESIGN §4–§6): `CallStore` for the call actors, and the reads behind
+//! `GET /v1/calls…`. Each trait method is one transaction: the call row, its timeline, its
+//! lifecycle event in the outbox and, at the end, its ledger entry commit together.
+//!
+//! Money at hangup: an answered call is rated per second (rounded up) at the rate its number had
+//! for its direction when the call started (snapshotted on the row). The wallet is debited in the
+//! same transaction with one `call_charge` ledger row. A balance never goes below zero: when the
+//! wallet holds less than the cost, what it holds is taken and `cost_minor` records what was
+//! actually charged; the shortfall is kept in `uncollected_minor` and in the timeline.
+
+use async_trait::async_trait;
+use chrono::{DateTime, SecondsFormat, Utc};
+use sautikit_actors::call_store::{
+    CallAnswered, CallCharged, CallEnded, CallStarted, CallStatus, CallStore, NumberRoute,
+    TimelineEntry,
+};
+use sautikit_actors::model::{LedgerKind, NumberStatus};
+use sautikit_actors::money;
+use sautikit_actors::store::StorageError;
+use serde_json::{Value, json};
+use sqlx::any::AnyRow;
+use sqlx::{AnyConnection, AssertSqlSafe};
+
+use crate::store::{SqlStore, after_debit, get, get_opt_time, get_time, storage};
+use crate::time::{new_id, to_api, to_db};
+use crate::webhooks::{EventDraft, enqueue};
+
+macro_rules! call_cols {
+    () => {
+        "id, workspace_id, number_id, direction, from_number, to_number, status, sip_call_id, \
+         engine_id, started_at, answered_at, ended_at, duration_seconds, hangup_cause, \
+         failure_reason, cost_minor, uncollected_minor, currency, rate_per_min_minor, created_at, \
+         updated_at"
+    };
+}
+
+/// A call as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallRecord {
+    pub id: String,
+    pub workspace_id: String,
+    pub number_id: String,
+    /// `inbound` or `outbound`.
+    pub direction: String,
+    pub from: String,
+    pub to: String,
+    pub status: CallStatus,
+    pub sip_call_id: String,
+    pub engine_id: String,
+    pub started_at: DateTime<Utc>,
+    pub answered_at: Option<DateTime<Utc>>,
+    pub ended_at: Option<DateTime<Utc>>,
+    pub duration_seconds: i64,
+    pub hangup_cause: Option<String>,
+    pub failure_reason: Option<String>,
+    /// What was actually debited.
+    pub cost_minor: i64,
+    /// Rated cost the wallet could not pay (it is never taken below zero).
+    pub uncollected_minor: i64,
+    pub currency: String,
+    pub rate_per_min_minor: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl CallRecord {
+    fn charged(&self) -> CallCharged {
+        CallCharged {
+            duration_seconds: self.duration_seconds,
+            cost_minor: self.cost_minor,
+            currency: self.currency.clone(),
+        }
+    }
+}
+
+/// One stored timeline entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TimelineRecord {
+    pub id: String,
+    pub call_id: String,
+    pub at: DateTime<Utc>,
+    pub kind: String,
+    pub detail: Value,
+}
+
+/// `GET /v1/calls` filters and page.
+#[derive(Debug, Clone, Default)]
+pub struct CallFilter {
+    pub number_id: Option<String>,
+    pub direction: Option<String>,
+    pub status: Option<CallStatus>,
+    /// Calls strictly older (by id) than this one: the cursor.
+    pub before_id: Option<String>,
+    pub limit: i64,
+}
+
+fn call_from_row(row: &AnyRow) -> Result<CallRecord, StorageError> {
+    let status: String = get(row, "status")?;
+    Ok(CallRecord {
+        id: get(row, "id")?,
+        workspace_id: get(row, "workspace_id")?,
+        number_id: get(row, "number_id")?,
+        direction: get(row, "direction")?,
+        from: get(row, "from_number")?,
+        to: get(row, "to_number")?,
+        status: CallStatus::parse(&status)
+            .ok_or_else(|| StorageError(format!("unknown call status {status:?}")))?,
+        sip_call_id: get(row, "sip_call_id")?,
+        engine_id: get(row, "engine_id")?,
+        started_at: get_time(row, "started_at")?,
+        answered_at: get_opt_time(row, "answered_at")?,
+        ended_at: get_opt_time(row, "ended_at")?,
+        duration_seconds: get(row, "duration_seconds")?,
+        hangup_cause: get(row, "hangup_cause")?,
+        failure_reason: get(row, "failure_reason")?,
+        cost_minor: get(row, "cost_minor")?,
+        uncollected_minor: get(row, "uncollected_minor")?,
+        currency: get(row, "currency")?,
+        rate_per_min_minor: get(row, "rate_per_min_minor")?,
+        created_at: get_time(row, "created_at")?,
+        updated_at: get_time(row, "updated_at")?,
+    })
+}
+
+fn timeline_from_row(row: &AnyRow) -> Result<TimelineRecord, StorageError> {
+    let detail: String = get(row, "detail")?;
+    Ok(TimelineRecord {
+        id: get(row, "id")?,
+        call_id: get(row, "call_id")?,
+        at: get_time(row, "at")?,
+        kind: get(row, "kind")?,
+        detail: serde_json::from_str(&detail)
+            .map_err(|e| StorageError(format!("bad timeline detail: {e}")))?,
+    })
+}
+
+fn route_from_row(row: &AnyRow) -> Result<NumberRoute, StorageError> {
+    let status: String = get(row, "status")?;
+    Ok(NumberRoute {
+        number_id: get(row, "id")?,
+        workspace_id: get(row, "workspace_id")?,
+        number: get(row, "number")?,
+        status: NumberStatus::parse(&status)
+            .ok_or_else(|| StorageError(format!("unknown number status {status:?}")))?,
+        voice_callback_url: get(row, "voice_callback_url")?,
+        events_url: get(row, "events_url")?,
+        inbound_per_min_minor: get(row, "inbound_per_min_minor")?,
+        outbound_per_min_minor: get(row, "outbound_per_min_minor")?,
+        currency: get(row, "currency")?,
+        webhook_secret: get(row, "webhook_secret")?,
+    })
+}
+
+const ROUTE_SELECT: &str = "SELECT t.id, t.workspace_id, t.number, t.status, \
+     t.voice_callback_url, t.events_url, t.inbound_per_min_minor, t.outbound_per_min_minor, \
+     t.currency, w.webhook_secret FROM tenant_numbers t JOIN workspaces w ON w.id = t.workspace_id";
+
+/// Timeline rows per INSERT statement (5 binds each); a call's batch is usually a handful.
+const TIMELINE_CHUNK: usize = 50;
+
+/// Append entries in the caller's transaction, in order (UUIDv7 ids from one process are
+/// monotonic, and the timeline is read in id order).
+async fn insert_timeline(
+    conn: &mut AnyConnection,
+    call_id: &str,
+    entries: &[TimelineEntry],
+) -> Result<(), StorageError> {
+    for chunk in entries.chunks(TIMELINE_CHUNK) {
+        let mut sql =
+            String::from("INSERT INTO call_timeline (id, call_id, at, kind, detail) VALUES ");
+        for i in 0..chunk.len() {
+            let b = i * 5;
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!(
+                "(${}, ${}, ${}, ${}, ${})",
+                b + 1,
+                b + 2,
+                b + 3,
+                b + 4,
+                b + 5
+            ));
+        }
+        // Safe: `sql` is built only from placeholders; values are bound.
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for e in chunk {
+            let detail = serde_json::to_string(&e.detail).map_err(storage)?;
+            q = q
+                .bind(new_id())
+                .bind(call_id.to_owned())
+                .bind(to_db(e.at))
+                .bind(e.kind.clone())
+                .bind(detail);
+        }
+        q.execute(&mut *conn).await.map_err(storage)?;
+    }
+    Ok(())
+}
+
+fn base_payload(c: &CallRecord) -> serde_json::Map<String, Value> {
+    let mut m = serde_json::Map::new();
+    m.insert("call_id".into(), json!(c.id));
+    m.insert("number_id".into(), json!(c.number_id));
+    m.insert("direction".into(), json!(c.direction));
+    m.insert("from".into(), json!(c.from));
+    m.insert("to".into(), json!(c.to));
+    m.insert("status".into(), json!(c.status.as_str()));
+    m
+}
+
+async fn enqueue_call_event(
+    conn: &mut AnyConnection,
+    c: &CallRecord,
+    kind: &'static str,
+    payload: serde_json::Map<String, Value>,
+    at: DateTime<Utc>,
+) -> Result<(), StorageError> {
+    enqueue(
+        conn,
+        &EventDraft {
+            workspace_id: c.workspace_id.clone(),
+            kind,
+            number_id: Some(c.number_id.clone()),
+            call_id: Some(c.id.clone()),
+            payload: Value::Object(payload),
+        },
+        at,
+    )
+    .await
+}
+
+async fn read_call(
+    conn: &mut AnyConnection,
+    call_id: &str,
+) -> Result<Option<CallRecord>, StorageError> {
+    let row = sqlx::query(concat!(
+        "SELECT ",
+        call_cols!(),
+        " FROM calls WHERE id = $1"
+    ))
+    .bind(call_id)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(storage)?;
+    row.as_ref().map(call_from_row).transpose()
+}
+
+fn call_not_found(call_id: &str) -> StorageError {
+    StorageError(format!("call {call_id} not found"))
+}
+
+/// How a finalisation went.
+enum Finalised {
+    /// This transaction ended the call and wrote its event.
+    Ended(CallCharged),
+    /// It was final already; nothing was written.
+    AlreadyFinal(CallCharged),
+}
+
+/// End a live call inside the caller's transaction: the conditional update (only from ringing or
+/// answered) comes first, so it also locks the row and a second ender finds it final; then rate,
+/// debit, timeline and event.
+async fn finalise_in_tx(
+    conn: &mut AnyConnection,
+    end: &CallEnded,
+) -> Result<Finalised, StorageError> {
+    if !end.status.is_final() {
+        return Err(StorageError(format!(
+            "call_ended needs a final status, got {}",
+            end.status.as_str()
+        )));
+    }
+    let ts = to_db(end.ended_at);
+    let row = sqlx::query(concat!(
+        "UPDATE calls SET status = $1, ended_at = $2, hangup_cause = $3, failure_reason = $4, \
+         updated_at = $2 WHERE id = $5 AND status IN ('ringing', 'answered') RETURNING ",
+        call_cols!()
+    ))
+    .bind(end.status.as_str())
+    .bind(&ts)
+    .bind(&end.hangup_cause)
+    .bind(&end.failure_reason)
+    .bind(&end.call_id)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(storage)?;
+    let Some(row) = row else {
+        let stored = read_call(conn, &end.call_id)
+            .await?
+            .ok_or_else(|| call_not_found(&end.call_id))?;
+        return Ok(Finalised::AlreadyFinal(stored.charged()));
+    };
+    let mut call = call_from_row(&row)?;
+
+    call.duration_seconds = call
+        .answered_at
+        .map(|a| money::billable_seconds(a, end.ended_at))
+        .unwrap_or(0);
+    let rated = money::call_cost_minor(call.duration_seconds, call.rate_per_min_minor);
+    let mut timeline = end.timeline.clone();
+    if rated > 0 {
+        let (charged, ledger_entry_id) = debit_for_call(conn, &call, rated, end.ended_at).await?;
+        call.cost_minor = charged;
+        call.uncollected_minor = rated - charged;
+        timeline.push(TimelineEntry {
+            at: end.ended_at,
+            kind: "call.charged".to_owned(),
+            detail: json!({
+                "duration_seconds": call.duration_seconds,
+                "rate_per_min_minor": call.rate_per_min_minor,
+                "rated_minor": rated,
+                "cost_minor": call.cost_minor,
+                "uncollected_minor": call.uncollected_minor,
+                "currency": call.currency,
+                "ledger_entry_id": ledger_entry_id,
+            }),
+        });
+        sqlx::query(
+            "UPDATE calls SET duration_seconds = $1, cost_minor = $2, uncollected_minor = $3 \
+             WHERE id = $4",
+        )
+        .bind(call.duration_seconds)
+        .bind(call.cost_minor)
+        .bind(call.uncollected_minor)
+        .bind(&call.id)
+        .execute(&mut *conn)
+        .await
+        .map_err(storage)?;
+    } else if call.duration_seconds > 0 {
+        sqlx::query("UPDATE calls SET duration_seconds = $1 WHERE id = $2")
+            .bind(call.duration_seconds)
+            .bind(&call.id)
+            .execute(&mut *conn)
+            .await
+            .map_err(storage)?;
+    }
+    insert_timeline(conn, &call.id, &timeline).await?;
+
+    let mut payload = base_payload(&call);
+    let kind = if call.status == CallStatus::Completed {
+        payload.insert("answered_at".into(), json!(call.answered_at.map(to_api)));
+        payload.insert("duration_seconds".into(), json!(call.duration_seconds));
+        payload.insert("ended_at".into(), json!(to_api(end.ended_at)));
+        payload.insert("hangup_cause".into(), json!(call.hangup_cause));
+        payload.insert("cost_minor".into(), json!(call.cost_minor));
+        payload.insert("currency".into(), json!(call.currency));
+        "call.completed"
+    } else {
+        payload.insert("failure_reason".into(), json!(call.failure_reason));
+        payload.insert("ended_at".into(), json!(to_api(end.ended_at)));
+        "call.failed"
+    };
+    enqueue_call_event(conn, &call, kind, payload, end.ended_at).await?;
+    Ok(Finalised::Ended(call.charged()))
+}
+
+/// Debit up to `rated` from the call's wallet with one `call_charge` ledger row; returns what was
+/// taken and the ledger entry (none when the wallet was empty).
+async fn debit_for_call(
+    conn: &mut AnyConnection,
+    call: &CallRecord,
+    rated: i64,
+    now: DateTime<Utc>,
+) -> Result<(i64, Option<String>), StorageError> {
+    let ts = to_db(now);
+    // A no-op write first: it locks the wallet row (PostgreSQL) so the balance read here is the
+    // one the debit below applies to, even with other processes debiting the same wallet.
+    let wallet = sqlx::query(
+        "UPDATE wallets SET updated_at = $1 WHERE workspace_id = $2 \
+         RETURNING balance_minor, currency",
+    )
+    .bind(&ts)
+    .bind(&call.workspace_id)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(storage)?
+    .ok_or_else(|| StorageError(format!("workspace {} has no wallet", call.workspace_id)))?;
+    let currency: String = get(&wallet, "currency")?;
+    if currency != call.currency {
+        // Claims refuse a number priced in another currency than the wallet, so this is a broken
+        // invariant, not a customer error: fail rather than debit the wrong unit.
+        return Err(StorageError(format!(
+            "call {} is priced in {} but the wallet holds {currency}",
+            call.id, call.currency
+        )));
+    }
+    let balance: i64 = get(&wallet, "balance_minor")?;
+    let charge = money::collectable_minor(rated, balance);
+    if charge == 0 {
+        return Ok((0, None));
+    }
+    let after = sqlx::query(
+        "UPDATE wallets SET balance_minor = balance_minor - $1, updated_at = $2 \
+         WHERE workspace_id = $3 AND balance_minor >= $1 \
+         RETURNING balance_minor, low_balance_threshold_minor, low_balance_alerted",
+    )
+    .bind(charge)
+    .bind(&ts)
+    .bind(&call.workspace_id)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(storage)?
+    .ok_or_else(|| StorageError("wallet balance changed under its row lock".into()))?;
+    let balance_after: i64 = get(&after, "balance_minor")?;
+    let entry_id = new_id();
+    sqlx::query(
+        "INSERT INTO ledger_entries (id, workspace_id, kind, amount_minor, balance_after_minor, \
+         currency, reference, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(&entry_id)
+    .bind(&call.workspace_id)
+    .bind(LedgerKind::CallCharge.as_str())
+    .bind(-charge)
+    .bind(balance_after)
+    .bind(&call.currency)
+    .bind(&call.id)
+    .bind(&ts)
+    .execute(&mut *conn)
+    .await
+    .map_err(storage)?;
+    after_debit(conn, &call.workspace_id, &after, &call.currency, now).await?;
+    Ok((charge, Some(entry_id)))
+}
+
+/// `+254700000001`; a number given without `+` is taken as E.164 digits.
+fn e164(number: &str) -> String {
+    let n = number.trim();
+    if n.starts_with('+') {
+        n.to_owned()
+    } else {
+        format!("+{n}")
+    }
+}
+
+/// A bind value for the list query assembled from static fragments.
+enum Arg {
+    Text(String),
+    Int(i64),
+}
+
+impl SqlStore {
+    /// A workspace's calls, newest first. Each filter combination is its own statement text, so
+    /// PostgreSQL plans each with the index that fits it.
+    pub async fn list_calls(
+        &self,
+        workspace_id: &str,
+        f: &CallFilter,
+    ) -> Result<Vec<CallRecord>, StorageError> {
+        let mut sql = String::from(concat!(
+            "SELECT ",
+            call_cols!(),
+            " FROM calls WHERE workspace_id = $1"
+        ));
+        let mut args = vec![Arg::Text(workspace_id.to_owned())];
+        let mut push = |clause: &str, arg: Arg, sql: &mut String| {
+            args.push(arg);
+            sql.push_str(&clause.replace("$?", &format!("${}", args.len())));
+        };
+        if let Some(n) = &f.number_id {
+            push(" AND number_id = $?", Arg::Text(n.clone()), &mut sql);
+        }
+        if let Some(d) = &f.direction {
+            push(" AND direction = $?", Arg::Text(d.clone()), &mut sql);
+        }
+        if let Some(s) = f.status {
+            push(
+                " AND status = $?",
+                Arg::Text(s.as_str().to_owned()),
+                &mut sql,
+            );
+        }
+        if let Some(b) = &f.before_id {
+            push(" AND id < $?", Arg::Text(b.clone()), &mut sql);
+        }
+        push(" ORDER BY id DESC LIMIT $?", Arg::Int(f.limit), &mut sql);
+        // Safe: `sql` is built only from the static fragments above; values are bound.
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for a in args {
+            q = match a {
+                Arg::Text(s) => q.bind(s),
+                Arg::Int(i) => q.bind(i),
+            };
+        }
+        let rows = q.fetch_all(&self.db().read).await.map_err(storage)?;
+        rows.iter().map(call_from_row).collect()
+    }
+
+    /// One call of this workspace.
+    pub async fn get_call(
+        &self,
+        workspace_id: &str,
+        call_id: &str,
+    ) -> Result<Option<CallRecord>, StorageError> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            call_cols!(),
+            " FROM calls WHERE id = $1 AND workspace_id = $2"
+        ))
+        .bind(call_id)
+        .bind(workspace_id)
+        .fetch_optional(&self.db().read)
+        .await
+        .map_err(storage)?;
+        row.as_ref().map(call_from_row).transpose()
+    }
+
+    /// A call's timeline, oldest first, after the entry `after_id` (the cursor). The caller has
+    /// checked that the call belongs to the workspace.
+    pub async fn list_call_timeline(
+        &self,
+        call_id: &str,
+        after_id: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<TimelineRecord>, StorageError> {
+        let rows = sqlx::query(
+            "SELECT id, call_id, at, kind, detail FROM call_timeline \
+             WHERE call_id = $1 AND ($2 IS NULL OR id > $2) ORDER BY id LIMIT $3",
+        )
+        .bind(call_id)
+        .bind(after_id)
+        .bind(limit)
+        .fetch_all(&self.db().read)
+        .await
+        .map_err(storage)?;
+        rows.iter().map(timeline_from_row).collect()
+    }
+}
+
+/// Timeline timestamps keep milliseconds: callbacks and SIP messages of one second must stay
+/// distinguishable (call records show whole seconds, as the rest of the API).
+pub fn to_api_millis(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+#[async_trait]
+impl CallStore for SqlStore {
+    async fn route_by_number(&self, number: &str) -> Result<Option<NumberRoute>, StorageError> {
+        let sql = format!("{ROUTE_SELECT} WHERE t.number = $1 AND t.status <> 'released'");
+        // Safe: a constant plus a constant.
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(e164(number))
+            .fetch_optional(&self.db().read)
+            .await
+            .map_err(storage)?;
+        row.as_ref().map(route_from_row).transpose()
+    }
+
+    async fn route_by_id(&self, number_id: &str) -> Result<Option<NumberRoute>, StorageError> {
+        let sql = format!("{ROUTE_SELECT} WHERE t.id = $1 AND t.status <> 'released'");
+        // Safe: a constant plus a constant.
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(number_id)
+            .fetch_optional(&self.db().read)
+            .await
+            .map_err(storage)?;
+        row.as_ref().map(route_from_row).transpose()
+    }
+
+    async fn call_started(&self, call: CallStarted) -> Result<(), StorageError> {
+        if call.direction != "inbound" && call.direction != "outbound" {
+            return Err(StorageError(format!(
+                "call direction must be inbound or outbound, got {:?}",
+                call.direction
+            )));
+        }
+        let ts = to_db(call.started_at);
+        let mut tx = self.db().write.begin().await.map_err(storage)?;
+        // The rate and currency are copied from the number as it is now: the call is billed at
+        // the price in force when it started.
+        let row = sqlx::query(concat!(
+            "INSERT INTO calls (id, workspace_id, number_id, direction, from_number, to_number, \
+             status, sip_call_id, engine_id, started_at, currency, rate_per_min_minor, \
+             created_at, updated_at) \
+             SELECT $1, $2, $3, $4, $5, $6, 'ringing', $7, $8, $9, currency, \
+               CASE WHEN $4 = 'inbound' THEN inbound_per_min_minor ELSE outbound_per_min_minor END, \
+               $9, $9 \
+             FROM tenant_numbers WHERE id = $3 AND workspace_id = $2 \
+             ON CONFLICT (id) DO NOTHING RETURNING ",
+            call_cols!()
+        ))
+        .bind(&call.call_id)
+        .bind(&call.workspace_id)
+        .bind(&call.number_id)
+        .bind(&call.direction)
+        .bind(&call.from)
+        .bind(&call.to)
+        .bind(&call.sip_call_id)
+        .bind(&call.engine_id)
+        .bind(&ts)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(storage)?;
+        let Some(row) = row else {
+            // Either a retry of a start that did commit (nothing more to do) or an unknown number.
+            let exists = read_call(&mut tx, &call.call_id).await?.is_some();
+            tx.rollback().await.map_err(storage)?;
+            return if exists {
+                Ok(())
+            } else {
+                Err(StorageError(format!(
+                    "number {} not found in workspace {}",
+                    call.number_id, call.workspace_id
+                )))
+            };
+        };
+        let stored = call_from_row(&row)?;
+        insert_timeline(&mut tx, &stored.id, &call.timeline).await?;
+        enqueue_call_event(
+            &mut tx,
+            &stored,
+            "call.started",
+            base_payload(&stored),
+            call.started_at,
+        )
+        .await?;
+        tx.commit().await.map_err(storage)?;
+        self.events_committed();
+        Ok(())
+    }
+
+    async fn call_answered(&self, call: CallAnswered) -> Result<(), StorageError> {
+        let ts = to_db(call.answered_at);
+        let mut tx = self.db().write.begin().await.map_err(storage)?;
+        let row = sqlx::query(concat!(
+            "UPDATE calls SET status = 'answered', answered_at = $1, updated_at = $1 \
+             WHERE id = $2 AND status = 'ringing' RETURNING ",
+            call_cols!()
+        ))
+        .bind(&ts)
+        .bind(&call.call_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(storage)?;
+        let Some(row) = row else {
+            // Answered (or ended) already: a repeat changes nothing.
+            let exists = read_call(&mut tx, &call.call_id).await?.is_some();
+            tx.rollback().await.map_err(storage)?;
+            return if exists {
+                Ok(())
+            } else {
+                Err(call_not_found(&call.call_id))
+            };
+        };
+        let stored = call_from_row(&row)?;
+        insert_timeline(&mut tx, &stored.id, &call.timeline).await?;
+        let mut payload = base_payload(&stored);
+        payload.insert("answered_at".into(), json!(to_api(call.answered_at)));
+        enqueue_call_event(&mut tx, &stored, "call.answered", payload, call.answered_at).await?;
+        tx.commit().await.map_err(storage)?;
+        self.events_committed();
+        Ok(())
+    }
+
+    async fn call_ended(&self, call: CallEnded) -> Result<CallCharged, StorageError> {
+        let mut tx = self.db().write.begin().await.map_err(storage)?;
+        match finalise_in_tx(&mut tx, &call).await? {
+            Finalised::Ended(charged) => {
+                tx.commit().await.map_err(storage)?;
+                self.events_committed();
+                Ok(charged)
+            }
+            Finalised::AlreadyFinal(charged) => {
+                tx.rollback().await.map_err(storage)?;
+                Ok(charged)
+            }
+        }
+    }
+
+    async fn append_timeline(
+        &self,
+        call_id: &str,
+        entries: Vec<TimelineEntry>,
+    ) -> Result<(), StorageError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.db().write.begin().await.map_err(storage)?;
+        insert_timeline(&mut tx, call_id, &entries).await?;
+        tx.commit().await.map_err(storage)?;
+        Ok(())
+    }
+
+    async fn engine_heartbeat(
+        &self,
+        engine_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), StorageError> {
+        sqlx::query(
+            "INSERT INTO engines (id, heartbeat_at) VALUES ($1, $2) \
+             ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+        )
+        .bind(engine_id)
+        .bind(to_db(now))
+        .execute(&self.db().write)
+        .await
+        .map_err(storage)?;
+        Ok(())
+    }
+
+    async fn close_orphaned_calls(
+        &self,
+        now: DateTime<Utc>,
+        this_engine: &str,
+        stale_before: DateTime<Utc>,
+    ) -> Result<u64, StorageError> {
+        let mut tx = self.db().write.begin().await.map_err(storage)?;
+        // The status predicate matches the partial index `calls_live`. Id order keeps lock order
+        // the same in every process that closes the same calls.
+        let rows = sqlx::query(
+            "SELECT c.id, c.engine_id FROM calls c LEFT JOIN engines e ON e.id = c.engine_id \
+             WHERE c.status IN ('ringing', 'answered') AND c.engine_id <> $1 \
+               AND (e.heartbeat_at IS NULL OR e.heartbeat_at < $2) \
+             ORDER BY c.id",
+        )
+        .bind(this_engine)
+        .bind(to_db(stale_before))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(storage)?;
+        let mut closed = 0u64;
+        for row in &rows {
+            let call_id: String = get(row, "id")?;
+            let engine_id: String = get(row, "engine_id")?;
+            let end = CallEnded {
+                call_id,
+                status: CallStatus::Failed,
+                ended_at: now,
+                hangup_cause: None,
+                failure_reason: Some("engine.restart".to_owned()),
+                timeline: vec![TimelineEntry {
+                    at: now,
+                    kind: "call.status".to_owned(),
+                    detail: json!({
+                        "status": "failed",
+                        "failure_reason": "engine.restart",
+                        "engine_id": engine_id,
+                        "closed_by": this_engine,
+                    }),
+                }],
+            };
+            if let Finalised::Ended(_) = finalise_in_tx(&mut tx, &end).await? {
+                closed += 1;
+            }
+        }
+        tx.commit().await.map_err(storage)?;
+        if closed > 0 {
+            self.events_committed();
+        }
+        Ok(closed)
+    }
+}
