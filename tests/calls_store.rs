@@ -1,0 +1,798 @@
+//! The calls store (`impl CallStore for SqlStore`) driven as a library on both backends: rating,
+//! the wallet debit and its ledger row, events in the outbox, idempotency, orphan closing.
+
+#[macro_use]
+mod common;
+
+use chrono::{DateTime, Duration, TimeZone, Utc};
+use common::{Backend, TestDb};
+use sautikit::calls_store::CallFilter;
+use sautikit::db::Db;
+use sautikit::store::{InventoryFilter, SeedInventory, SqlStore};
+use sautikit_actors::call_store::{
+    CallAnswered, CallEnded, CallStarted, CallStatus, CallStore, TimelineEntry,
+};
+use sautikit_actors::model::{LedgerEntry, LedgerKind, TenantNumber};
+use sautikit_actors::store::{ClaimNumber, ReleaseNumber, Store};
+use serde_json::{Value, json};
+
+const MONTHLY: i64 = 10_000;
+
+struct Fx {
+    _db: TestDb,
+    store: SqlStore,
+    ws: String,
+    secret: String,
+    number: TenantNumber,
+}
+
+fn t0() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 6, 27, 12, 0, 0).unwrap()
+}
+
+/// A migrated database, a workspace holding `MONTHLY + spare` KES, and one claimed number with
+/// the given per-minute rates (so the wallet holds `spare` after the claim).
+async fn fixture(backend: Backend, spare: i64, inbound: i64, outbound: i64) -> Fx {
+    let tdb = TestDb::new(backend).await;
+    let db = Db::connect(&tdb.url).await.expect("connect");
+    db.migrate().await.expect("migrate");
+    let store = SqlStore::new(db);
+    let ws = store
+        .create_workspace("calls", "KES", MONTHLY + spare, t0())
+        .await
+        .expect("workspace");
+    store
+        .seed_inventory(
+            &SeedInventory {
+                country: "KE".into(),
+                currency: "KES".into(),
+                count: 3,
+                start: 254_700_000_001,
+                monthly_price_minor: MONTHLY,
+                inbound_per_min_minor: inbound,
+                outbound_per_min_minor: outbound,
+                guide_ids: false,
+            },
+            t0(),
+        )
+        .await
+        .expect("seed");
+    let inv = store
+        .list_available(&InventoryFilter {
+            limit: 1,
+            ..Default::default()
+        })
+        .await
+        .expect("inventory");
+    let number = store
+        .claim_number(ClaimNumber {
+            workspace_id: ws.workspace_id.clone(),
+            inventory_id: inv[0].id.clone(),
+            now: t0(),
+        })
+        .await
+        .expect("claim");
+    Fx {
+        _db: tdb,
+        store,
+        ws: ws.workspace_id,
+        secret: ws.webhook_secret,
+        number,
+    }
+}
+
+fn entry(at: DateTime<Utc>, kind: &str, detail: Value) -> TimelineEntry {
+    TimelineEntry {
+        at,
+        kind: kind.into(),
+        detail,
+    }
+}
+
+fn started(
+    fx: &Fx,
+    call_id: &str,
+    direction: &str,
+    engine: &str,
+    at: DateTime<Utc>,
+) -> CallStarted {
+    CallStarted {
+        call_id: call_id.into(),
+        workspace_id: fx.ws.clone(),
+        number_id: fx.number.id.clone(),
+        direction: direction.into(),
+        from: "+254711111111".into(),
+        to: fx.number.number.clone(),
+        sip_call_id: format!("sip-{call_id}"),
+        engine_id: engine.into(),
+        started_at: at,
+        timeline: vec![entry(at, "sip.received", json!({"method": "INVITE"}))],
+    }
+}
+
+fn ended(call_id: &str, status: CallStatus, at: DateTime<Utc>) -> CallEnded {
+    CallEnded {
+        call_id: call_id.into(),
+        status,
+        ended_at: at,
+        hangup_cause: Some("caller_hangup".into()),
+        failure_reason: None,
+        timeline: vec![entry(at, "sip.received", json!({"method": "BYE"}))],
+    }
+}
+
+fn new_call_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+async fn call_charges(fx: &Fx) -> Vec<LedgerEntry> {
+    fx.store
+        .list_ledger(&fx.ws, None, 100)
+        .await
+        .expect("ledger")
+        .into_iter()
+        .filter(|e| e.kind == LedgerKind::CallCharge)
+        .collect()
+}
+
+async fn balance(fx: &Fx) -> i64 {
+    fx.store
+        .get_wallet(&fx.ws)
+        .await
+        .expect("wallet")
+        .expect("exists")
+        .balance_minor
+}
+
+/// (event_kind, body) of a call's events in outbox order.
+async fn call_events(fx: &Fx, call_id: &str) -> Vec<(String, Value)> {
+    let rows = sqlx::query("SELECT event_kind, body FROM events WHERE call_id = $1 ORDER BY id")
+        .bind(call_id)
+        .fetch_all(&fx.store.db().read)
+        .await
+        .expect("events");
+    rows.iter()
+        .map(|r| {
+            use sqlx::Row;
+            let kind: String = r.try_get("event_kind").expect("kind");
+            let body: String = r.try_get("body").expect("body");
+            (kind, serde_json::from_str(&body).expect("json body"))
+        })
+        .collect()
+}
+
+async fn events_of_kind(fx: &Fx, kind: &str) -> usize {
+    use sqlx::Row;
+    let row =
+        sqlx::query("SELECT COUNT(*) AS n FROM events WHERE workspace_id = $1 AND event_kind = $2")
+            .bind(&fx.ws)
+            .bind(kind)
+            .fetch_one(&fx.store.db().read)
+            .await
+            .expect("count");
+    let n: i64 = row.try_get("n").expect("n");
+    usize::try_from(n).expect("count")
+}
+
+fn keys(v: &Value) -> Vec<String> {
+    let mut k: Vec<String> = v.as_object().expect("object").keys().cloned().collect();
+    k.sort();
+    k
+}
+
+fn sorted(k: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = k.iter().map(|s| (*s).to_owned()).collect();
+    v.sort();
+    v
+}
+
+async fn rated_per_second_with_one_ledger_row(backend: Backend) {
+    let fx = fixture(backend, 5_000, 300, 600).await;
+    let id = new_call_id();
+    let s = t0() + Duration::minutes(1);
+    let a = s + Duration::seconds(2);
+    // 61.2 s answered: billed 62 s at 300/min = 310.
+    let e = a + Duration::milliseconds(61_200);
+    fx.store
+        .call_started(started(&fx, &id, "inbound", "engine-a", s))
+        .await
+        .expect("started");
+    // A retried start (its commit acknowledged late) changes nothing.
+    fx.store
+        .call_started(started(&fx, &id, "inbound", "engine-a", s))
+        .await
+        .expect("started again");
+    let c = fx
+        .store
+        .get_call(&fx.ws, &id)
+        .await
+        .expect("get")
+        .expect("call");
+    assert_eq!(c.status, CallStatus::Ringing);
+    assert_eq!(c.rate_per_min_minor, 300, "the inbound rate is snapshotted");
+    assert_eq!(c.currency, "KES");
+    fx.store
+        .call_answered(CallAnswered {
+            call_id: id.clone(),
+            answered_at: a,
+            timeline: vec![entry(a, "sip.received", json!({"method": "ACK"}))],
+        })
+        .await
+        .expect("answered");
+    let charged = fx
+        .store
+        .call_ended(ended(&id, CallStatus::Completed, e))
+        .await
+        .expect("ended");
+    assert_eq!(charged.duration_seconds, 62);
+    assert_eq!(charged.cost_minor, 310);
+    assert_eq!(charged.currency, "KES");
+
+    let c = fx
+        .store
+        .get_call(&fx.ws, &id)
+        .await
+        .expect("get")
+        .expect("call");
+    assert_eq!(c.status, CallStatus::Completed);
+    assert_eq!(c.duration_seconds, 62);
+    assert_eq!(c.cost_minor, 310);
+    assert_eq!(c.uncollected_minor, 0);
+    assert_eq!(c.answered_at, Some(a));
+    assert_eq!(c.ended_at, Some(e));
+    assert_eq!(c.hangup_cause.as_deref(), Some("caller_hangup"));
+
+    let charges = call_charges(&fx).await;
+    assert_eq!(charges.len(), 1, "{charges:?}");
+    assert_eq!(charges[0].amount_minor, -310);
+    assert_eq!(charges[0].reference.as_deref(), Some(id.as_str()));
+    assert_eq!(charges[0].balance_after_minor, 5_000 - 310);
+    assert_eq!(balance(&fx).await, charges[0].balance_after_minor);
+
+    // Ended twice: the stored charge comes back, nothing is written again.
+    let again = fx
+        .store
+        .call_ended(ended(&id, CallStatus::Completed, e + Duration::seconds(30)))
+        .await
+        .expect("ended again");
+    assert_eq!(again, charged);
+    assert_eq!(call_charges(&fx).await.len(), 1);
+    assert_eq!(balance(&fx).await, 5_000 - 310);
+
+    let events = call_events(&fx, &id).await;
+    let kinds: Vec<&str> = events.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(kinds, ["call.started", "call.answered", "call.completed"]);
+    for (kind, body) in &events {
+        assert_eq!(body["event_kind"], kind.as_str());
+        assert_eq!(body["workspace_id"], fx.ws.as_str());
+        assert_eq!(body["payload"]["call_id"], id.as_str());
+        assert_eq!(body["payload"]["number_id"], fx.number.id.as_str());
+        assert_eq!(body["payload"]["direction"], "inbound");
+        assert_eq!(body["payload"]["from"], "+254711111111");
+        assert_eq!(body["payload"]["to"], fx.number.number.as_str());
+    }
+    let p = |i: usize| events[i].1["payload"].clone();
+    assert_eq!(
+        keys(&p(0)),
+        sorted(&["call_id", "number_id", "direction", "from", "to", "status"])
+    );
+    assert_eq!(p(0)["status"], "ringing");
+    assert_eq!(p(1)["status"], "answered");
+    assert_eq!(p(1)["answered_at"], "2026-06-27T12:01:02Z");
+    assert_eq!(p(2)["status"], "completed");
+    assert_eq!(p(2)["duration_seconds"], 62);
+    assert_eq!(p(2)["cost_minor"], 310);
+    assert_eq!(p(2)["currency"], "KES");
+    assert_eq!(p(2)["hangup_cause"], "caller_hangup");
+    assert_eq!(p(2)["ended_at"], "2026-06-27T12:02:03Z");
+
+    // The timeline: what the engine sent, then the charge, oldest first.
+    let tl = fx
+        .store
+        .list_call_timeline(&id, None, 100)
+        .await
+        .expect("timeline");
+    let kinds: Vec<&str> = tl.iter().map(|t| t.kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "sip.received",
+            "sip.received",
+            "sip.received",
+            "call.charged"
+        ]
+    );
+    assert_eq!(tl[0].detail["method"], "INVITE");
+    assert_eq!(tl[2].detail["method"], "BYE");
+    assert_eq!(tl[3].detail["cost_minor"], 310);
+    let page = fx
+        .store
+        .list_call_timeline(&id, Some(&tl[1].id), 1)
+        .await
+        .expect("page");
+    assert_eq!(page.len(), 1);
+    assert_eq!(page[0].id, tl[2].id);
+}
+on_both_backends!(rated_per_second_with_one_ledger_row);
+
+async fn zero_rate_writes_no_ledger_row(backend: Backend) {
+    let fx = fixture(backend, 5_000, 0, 300).await;
+    let id = new_call_id();
+    let s = t0() + Duration::minutes(1);
+    fx.store
+        .call_started(started(&fx, &id, "inbound", "engine-a", s))
+        .await
+        .expect("started");
+    fx.store
+        .call_answered(CallAnswered {
+            call_id: id.clone(),
+            answered_at: s,
+            timeline: vec![],
+        })
+        .await
+        .expect("answered");
+    let charged = fx
+        .store
+        .call_ended(ended(&id, CallStatus::Completed, s + Duration::seconds(95)))
+        .await
+        .expect("ended");
+    assert_eq!(charged.duration_seconds, 95);
+    assert_eq!(charged.cost_minor, 0);
+    let c = fx
+        .store
+        .get_call(&fx.ws, &id)
+        .await
+        .expect("get")
+        .expect("call");
+    assert_eq!(c.cost_minor, 0);
+    assert_eq!(c.duration_seconds, 95);
+    assert!(call_charges(&fx).await.is_empty());
+    assert_eq!(balance(&fx).await, 5_000);
+    let events = call_events(&fx, &id).await;
+    assert_eq!(events[2].1["payload"]["cost_minor"], 0);
+}
+on_both_backends!(zero_rate_writes_no_ledger_row);
+
+async fn short_wallet_is_debited_to_zero_never_below(backend: Backend) {
+    // 100 left after the claim; an outbound call of 120 s at 300/min costs 600.
+    let fx = fixture(backend, 100, 0, 300).await;
+    fx.store
+        .set_low_balance_threshold(&fx.ws, 50, t0())
+        .await
+        .expect("threshold");
+    let id = new_call_id();
+    let s = t0() + Duration::minutes(1);
+    fx.store
+        .call_started(started(&fx, &id, "outbound", "engine-a", s))
+        .await
+        .expect("started");
+    fx.store
+        .call_answered(CallAnswered {
+            call_id: id.clone(),
+            answered_at: s,
+            timeline: vec![],
+        })
+        .await
+        .expect("answered");
+    let charged = fx
+        .store
+        .call_ended(ended(
+            &id,
+            CallStatus::Completed,
+            s + Duration::seconds(120),
+        ))
+        .await
+        .expect("ended");
+    assert_eq!(charged.duration_seconds, 120);
+    assert_eq!(
+        charged.cost_minor, 100,
+        "what the wallet held, not the rated 600"
+    );
+    assert_eq!(balance(&fx).await, 0);
+    let charges = call_charges(&fx).await;
+    assert_eq!(charges.len(), 1);
+    assert_eq!(charges[0].amount_minor, -100);
+    assert_eq!(charges[0].balance_after_minor, 0);
+    let c = fx
+        .store
+        .get_call(&fx.ws, &id)
+        .await
+        .expect("get")
+        .expect("call");
+    assert_eq!(c.cost_minor, 100);
+    assert_eq!(c.uncollected_minor, 500);
+    assert_eq!(
+        c.rate_per_min_minor, 300,
+        "the outbound rate is snapshotted"
+    );
+    // The debit crossed the threshold: the same low-balance alert claims fire.
+    assert_eq!(events_of_kind(&fx, "wallet.low_balance").await, 1);
+
+    // A second call on an empty wallet: rated, nothing to take, no ledger row.
+    let id2 = new_call_id();
+    fx.store
+        .call_started(started(&fx, &id2, "outbound", "engine-a", s))
+        .await
+        .expect("started");
+    fx.store
+        .call_answered(CallAnswered {
+            call_id: id2.clone(),
+            answered_at: s,
+            timeline: vec![],
+        })
+        .await
+        .expect("answered");
+    let charged = fx
+        .store
+        .call_ended(ended(
+            &id2,
+            CallStatus::Completed,
+            s + Duration::seconds(10),
+        ))
+        .await
+        .expect("ended");
+    assert_eq!(charged.cost_minor, 0);
+    assert_eq!(call_charges(&fx).await.len(), 1);
+    assert_eq!(balance(&fx).await, 0);
+    let c = fx
+        .store
+        .get_call(&fx.ws, &id2)
+        .await
+        .expect("get")
+        .expect("call");
+    assert_eq!(c.uncollected_minor, 50);
+    assert_eq!(
+        events_of_kind(&fx, "wallet.low_balance").await,
+        1,
+        "once per crossing"
+    );
+}
+on_both_backends!(short_wallet_is_debited_to_zero_never_below);
+
+async fn canceled_call_fires_call_failed(backend: Backend) {
+    let fx = fixture(backend, 5_000, 300, 300).await;
+    let id = new_call_id();
+    let s = t0() + Duration::minutes(1);
+    fx.store
+        .call_started(started(&fx, &id, "inbound", "engine-a", s))
+        .await
+        .expect("started");
+    let mut end = ended(&id, CallStatus::Canceled, s + Duration::seconds(7));
+    end.hangup_cause = Some("canceled".into());
+    end.failure_reason = Some("caller.canceled".into());
+    let charged = fx.store.call_ended(end).await.expect("ended");
+    assert_eq!(charged.duration_seconds, 0);
+    assert_eq!(charged.cost_minor, 0);
+    assert!(call_charges(&fx).await.is_empty());
+    // Answering a call that already ended changes nothing.
+    fx.store
+        .call_answered(CallAnswered {
+            call_id: id.clone(),
+            answered_at: s + Duration::seconds(8),
+            timeline: vec![],
+        })
+        .await
+        .expect("late answer");
+    let c = fx
+        .store
+        .get_call(&fx.ws, &id)
+        .await
+        .expect("get")
+        .expect("call");
+    assert_eq!(c.status, CallStatus::Canceled);
+    assert_eq!(c.answered_at, None);
+    let events = call_events(&fx, &id).await;
+    let kinds: Vec<&str> = events.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(kinds, ["call.started", "call.failed"]);
+    let p = &events[1].1["payload"];
+    assert_eq!(
+        keys(p),
+        sorted(&[
+            "call_id",
+            "number_id",
+            "direction",
+            "from",
+            "to",
+            "status",
+            "failure_reason",
+            "ended_at"
+        ])
+    );
+    assert_eq!(p["status"], "canceled");
+    assert_eq!(p["failure_reason"], "caller.canceled");
+    assert_eq!(p["ended_at"], "2026-06-27T12:01:07Z");
+
+    // Unknown calls are storage errors, not silent successes.
+    assert!(
+        fx.store
+            .call_ended(ended(&new_call_id(), CallStatus::Completed, s))
+            .await
+            .is_err()
+    );
+    // A non-final status is refused.
+    let id2 = new_call_id();
+    fx.store
+        .call_started(started(&fx, &id2, "inbound", "engine-a", s))
+        .await
+        .expect("started");
+    assert!(
+        fx.store
+            .call_ended(ended(&id2, CallStatus::Answered, s))
+            .await
+            .is_err()
+    );
+}
+on_both_backends!(canceled_call_fires_call_failed);
+
+async fn orphans_of_dead_engines_are_closed(backend: Backend) {
+    let fx = fixture(backend, 5_000, 600, 600).await;
+    let now = t0() + Duration::hours(1);
+    fx.store
+        .engine_heartbeat("dead", now - Duration::seconds(60))
+        .await
+        .expect("beat");
+    fx.store
+        .engine_heartbeat("alive", now - Duration::seconds(60))
+        .await
+        .expect("beat");
+    // Upsert: a later beat replaces the earlier one.
+    fx.store
+        .engine_heartbeat("alive", now - Duration::seconds(2))
+        .await
+        .expect("beat");
+
+    let dead_answered = new_call_id();
+    let dead_ringing = new_call_id();
+    let never_beat = new_call_id();
+    let alive_answered = new_call_id();
+    let mine = new_call_id();
+    let s = now - Duration::seconds(40);
+    for (id, engine) in [
+        (&dead_answered, "dead"),
+        (&dead_ringing, "dead"),
+        (&never_beat, "ghost"),
+        (&alive_answered, "alive"),
+        (&mine, "me"),
+    ] {
+        fx.store
+            .call_started(started(&fx, id, "inbound", engine, s))
+            .await
+            .expect("started");
+    }
+    for id in [&dead_answered, &alive_answered] {
+        fx.store
+            .call_answered(CallAnswered {
+                call_id: id.clone(),
+                answered_at: now - Duration::seconds(30),
+                timeline: vec![],
+            })
+            .await
+            .expect("answered");
+    }
+    let closed = fx
+        .store
+        .close_orphaned_calls(now, "me", now - Duration::seconds(15))
+        .await
+        .expect("close");
+    assert_eq!(closed, 3);
+
+    let get = |id: String| {
+        let store = fx.store.clone();
+        let ws = fx.ws.clone();
+        async move { store.get_call(&ws, &id).await.expect("get").expect("call") }
+    };
+    let c = get(dead_answered.clone()).await;
+    assert_eq!(c.status, CallStatus::Failed);
+    assert_eq!(c.failure_reason.as_deref(), Some("engine.restart"));
+    assert_eq!(c.ended_at, Some(now));
+    assert_eq!(c.duration_seconds, 30, "rated up to now");
+    assert_eq!(c.cost_minor, 300);
+    for id in [&dead_ringing, &never_beat] {
+        let c = get(id.clone()).await;
+        assert_eq!(c.status, CallStatus::Failed);
+        assert_eq!(c.failure_reason.as_deref(), Some("engine.restart"));
+        assert_eq!(c.cost_minor, 0);
+    }
+    assert_eq!(
+        get(alive_answered.clone()).await.status,
+        CallStatus::Answered
+    );
+    assert_eq!(get(mine.clone()).await.status, CallStatus::Ringing);
+
+    let charges = call_charges(&fx).await;
+    assert_eq!(charges.len(), 1);
+    assert_eq!(
+        charges[0].reference.as_deref(),
+        Some(dead_answered.as_str())
+    );
+    assert_eq!(balance(&fx).await, 5_000 - 300);
+
+    let events = call_events(&fx, &dead_answered).await;
+    let last = &events.last().expect("events").1;
+    assert_eq!(last["event_kind"], "call.failed");
+    assert_eq!(last["payload"]["failure_reason"], "engine.restart");
+    assert_eq!(last["payload"]["status"], "failed");
+    let tl = fx
+        .store
+        .list_call_timeline(&dead_ringing, None, 100)
+        .await
+        .expect("timeline");
+    let last = tl.last().expect("entry");
+    assert_eq!(last.kind, "call.status");
+    assert_eq!(last.detail["failure_reason"], "engine.restart");
+    assert_eq!(last.detail["engine_id"], "dead");
+
+    // Nothing left to close; a second sweep is a no-op.
+    let again = fx
+        .store
+        .close_orphaned_calls(now, "me", now - Duration::seconds(15))
+        .await
+        .expect("close");
+    assert_eq!(again, 0);
+    assert_eq!(events_of_kind(&fx, "call.failed").await, 3);
+}
+on_both_backends!(orphans_of_dead_engines_are_closed);
+
+async fn routes_and_reads(backend: Backend) {
+    let fx = fixture(backend, 5_000, 0, 300).await;
+    let r = fx
+        .store
+        .route_by_number(&fx.number.number)
+        .await
+        .expect("route")
+        .expect("found");
+    assert_eq!(r.number_id, fx.number.id);
+    assert_eq!(r.workspace_id, fx.ws);
+    assert_eq!(r.number, fx.number.number);
+    assert_eq!(r.webhook_secret, fx.secret);
+    assert_eq!(r.outbound_per_min_minor, 300);
+    assert_eq!(r.currency, "KES");
+    let bare = fx.number.number.trim_start_matches('+');
+    assert_eq!(
+        fx.store.route_by_number(bare).await.expect("route"),
+        Some(r.clone())
+    );
+    assert_eq!(
+        fx.store.route_by_id(&fx.number.id).await.expect("route"),
+        Some(r.clone())
+    );
+    assert_eq!(
+        fx.store
+            .route_by_number("+254799999999")
+            .await
+            .expect("route"),
+        None
+    );
+
+    // Calls list: newest first, filters, cursor.
+    let s = t0() + Duration::minutes(1);
+    let mut ids = Vec::new();
+    for dir in ["inbound", "outbound", "inbound"] {
+        let id = new_call_id();
+        fx.store
+            .call_started(started(&fx, &id, dir, "e", s))
+            .await
+            .expect("started");
+        ids.push(id);
+    }
+    fx.store
+        .call_ended(ended(
+            &ids[0],
+            CallStatus::NoAnswer,
+            s + Duration::seconds(30),
+        ))
+        .await
+        .expect("ended");
+    let all = fx
+        .store
+        .list_calls(
+            &fx.ws,
+            &CallFilter {
+                limit: 10,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("list");
+    let got: Vec<&str> = all.iter().map(|c| c.id.as_str()).collect();
+    assert_eq!(got, [ids[2].as_str(), ids[1].as_str(), ids[0].as_str()]);
+    let inbound = fx
+        .store
+        .list_calls(
+            &fx.ws,
+            &CallFilter {
+                direction: Some("inbound".into()),
+                limit: 10,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("list");
+    assert_eq!(inbound.len(), 2);
+    let no_answer = fx
+        .store
+        .list_calls(
+            &fx.ws,
+            &CallFilter {
+                status: Some(CallStatus::NoAnswer),
+                number_id: Some(fx.number.id.clone()),
+                limit: 10,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("list");
+    assert_eq!(no_answer.len(), 1);
+    assert_eq!(no_answer[0].id, ids[0]);
+    let older = fx
+        .store
+        .list_calls(
+            &fx.ws,
+            &CallFilter {
+                before_id: Some(ids[1].clone()),
+                limit: 10,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("list");
+    assert_eq!(older.len(), 1);
+    assert_eq!(older[0].id, ids[0]);
+    assert!(
+        fx.store
+            .get_call("another-workspace", &ids[0])
+            .await
+            .expect("get")
+            .is_none()
+    );
+
+    // A released number no longer routes; its calls stay readable.
+    fx.store
+        .release_number(ReleaseNumber {
+            workspace_id: fx.ws.clone(),
+            number_id: fx.number.id.clone(),
+            now: t0() + Duration::hours(1),
+        })
+        .await
+        .expect("release");
+    assert_eq!(
+        fx.store
+            .route_by_number(&fx.number.number)
+            .await
+            .expect("route"),
+        None
+    );
+    assert_eq!(
+        fx.store.route_by_id(&fx.number.id).await.expect("route"),
+        None
+    );
+    assert!(
+        fx.store
+            .get_call(&fx.ws, &ids[0])
+            .await
+            .expect("get")
+            .is_some()
+    );
+
+    // Timeline appends between lifecycle changes keep their order.
+    fx.store
+        .append_timeline(
+            &ids[1],
+            (0..5)
+                .map(|i| entry(s, "action.started", json!({"verb": "pause", "index": i})))
+                .collect(),
+        )
+        .await
+        .expect("append");
+    let tl = fx
+        .store
+        .list_call_timeline(&ids[1], None, 100)
+        .await
+        .expect("timeline");
+    let idx: Vec<i64> = tl[1..]
+        .iter()
+        .map(|t| t.detail["index"].as_i64().expect("index"))
+        .collect();
+    assert_eq!(idx, [0, 1, 2, 3, 4]);
+}
+on_both_backends!(routes_and_reads);
