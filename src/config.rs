@@ -77,6 +77,36 @@ pub struct ServeArgs {
     /// takes them over after a crash once this runs out).
     #[arg(long, env = "SAUTIKIT_WEBHOOK_LEASE_SECS", default_value_t = 60)]
     pub webhook_lease_secs: u64,
+    /// SIP address, UDP and TCP on the same port (port 0 picks one; printed as `sip listening on
+    /// …`).
+    #[arg(long, env = "SAUTIKIT_SIP_LISTEN", default_value = "127.0.0.1:5060")]
+    pub sip_listen: SocketAddr,
+    /// RTP port range, inclusive (`first-last`); even ports carry RTP.
+    #[arg(long, env = "SAUTIKIT_RTP_PORTS", default_value = "20000-29999", value_parser = parse_port_range)]
+    pub rtp_ports: (u16, u16),
+    /// Carrier addresses (CIDRs, comma-separated) whose INVITEs are taken; others get `403`.
+    /// Default: 127.0.0.0/8 and ::1 in dev mode, nobody in production.
+    #[arg(long, env = "SAUTIKIT_CARRIER_ALLOW", value_delimiter = ',')]
+    pub carrier_allow: Vec<ipnet::IpNet>,
+    /// The address written into SDP answers and bound for RTP (default: the SIP address's IP, or
+    /// 127.0.0.1 when SIP listens on every address).
+    #[arg(long, env = "SAUTIKIT_MEDIA_IP")]
+    pub media_ip: Option<std::net::IpAddr>,
+}
+
+/// `20000-29999` → (20000, 29999): at least two ports, first ≤ last.
+pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s
+        .split_once('-')
+        .ok_or_else(|| format!("expected FIRST-LAST, got {s:?}"))?;
+    let first: u16 = a.trim().parse().map_err(|_| format!("bad port {a:?}"))?;
+    let last: u16 = b.trim().parse().map_err(|_| format!("bad port {b:?}"))?;
+    if first == 0 || last <= first {
+        return Err(format!(
+            "the range must hold at least two ports above 0, got {first}-{last}"
+        ));
+    }
+    Ok((first, last))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -7,7 +7,8 @@ use std::time::Duration;
 use chrono::Utc;
 use dashmap::DashMap;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use sautikit_actors::Engine;
+use sautikit_actors::{Engine, VoiceSetup};
+use sautikit_sip::transaction::Timers;
 use sautikit_actors::clock::{Clock, SystemClock};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -203,8 +204,38 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
         },
         committed: store.committed.clone(),
     };
-    let engine =
-        Arc::new(Engine::start_with(Arc::new(store.clone()), clock.clone(), Some(events)).await?);
+    let callback = crate::callback::HttpCallbackClient::new(
+        AddressPolicy {
+            refuse_internal: args.mode == Mode::Production,
+            allow: args.webhook_allow_cidrs.clone(),
+        },
+        sautikit_actors::callback::CALLBACK_TIMEOUT,
+    )
+    .map_err(|e| ServeError::Config(e.to_string()))?;
+    let voice = VoiceSetup {
+        store: Arc::new(store.clone()),
+        callback: Arc::new(callback),
+        sip_listen: args.sip_listen,
+        carrier_allow: carrier_allow(&args),
+        rtp_ports: args.rtp_ports,
+        media_ip: media_ip(&args),
+        single_process: db.backend == Backend::Sqlite,
+        timers: Timers::default(),
+    };
+    let engine = Arc::new(
+        Engine::start_full(
+            Arc::new(store.clone()),
+            clock.clone(),
+            Some(events),
+            Some(voice),
+        )
+        .await?,
+    );
+    if let Some(sip) = engine.sip_addr() {
+        // Tests and scripts read this line to find the SIP port.
+        println!("sip listening on {sip} (udp, tcp)");
+        info!(%sip, "SIP listening");
+    }
     let state = AppState {
         store: store.clone(),
         engine: engine.clone(),
@@ -246,6 +277,33 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
     }
     db.close().await;
     Ok(())
+}
+
+fn carrier_allow(args: &ServeArgs) -> Vec<ipnet::IpNet> {
+    if !args.carrier_allow.is_empty() {
+        return args.carrier_allow.clone();
+    }
+    match args.mode {
+        Mode::Dev => ["127.0.0.0/8", "::1/128"]
+            .iter()
+            .filter_map(|c| c.parse().ok())
+            .collect(),
+        Mode::Production => {
+            warn!("SAUTIKIT_CARRIER_ALLOW is empty: every INVITE will be refused with 403");
+            Vec::new()
+        }
+    }
+}
+
+fn media_ip(args: &ServeArgs) -> std::net::IpAddr {
+    args.media_ip.unwrap_or_else(|| {
+        let ip = args.sip_listen.ip();
+        if ip.is_unspecified() {
+            std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
+        } else {
+            ip
+        }
+    })
 }
 
 async fn shutdown_signal() {

@@ -6,15 +6,19 @@
 
 pub mod call_store;
 pub mod callback;
+pub mod calls;
 pub mod clock;
 pub mod events;
 pub mod inventory;
+pub mod media;
 pub mod model;
 pub mod money;
+pub mod numbers;
 pub mod root;
+pub mod sip_endpoint;
 pub mod store;
 pub mod voice;
 pub mod wallet;
 pub mod webhook;
 
-pub use root::{Engine, EngineError};
+pub use root::{Engine, EngineError, VoiceSetup};

@@ -12,8 +12,14 @@ use thiserror::Error;
 use tokio::task::JoinHandle;
 use tracing::{error, warn};
 
+use crate::call_store::CallStore;
+use crate::callback::CallbackClient;
+use crate::calls::{CallDeps, Calls, CallsArgs, CallsMsg};
 use crate::clock::Clock;
 use crate::events::{Events, EventsArgs};
+use crate::media::Media;
+use crate::numbers::{Numbers, NumbersMsg};
+use crate::sip_endpoint::{SipEndpoint, SipEndpointArgs};
 use crate::inventory::{Inventory, InventoryArgs, InventoryMsg};
 use crate::model::{LedgerEntry, LedgerKind, TenantNumber};
 use crate::store::{ClaimError, ReleaseError, StorageError, Store, WalletError};
@@ -33,6 +39,9 @@ struct Names {
     inventory: String,
     wallets: String,
     events: String,
+    numbers: String,
+    calls: String,
+    sip: String,
 }
 
 impl Names {
@@ -42,6 +51,9 @@ impl Names {
             inventory: format!("sautikit.{tag}.inventory"),
             wallets: format!("sautikit.{tag}.wallets"),
             events: format!("sautikit.{tag}.events"),
+            numbers: format!("sautikit.{tag}.numbers"),
+            calls: format!("sautikit.{tag}.calls"),
+            sip: format!("sautikit.{tag}.sip"),
         }
     }
 }
@@ -55,6 +67,33 @@ struct RootState {
     names: Names,
     deps: WalletDeps,
     events: Option<EventsArgs>,
+    voice: Option<VoiceRuntime>,
+}
+
+/// How the engine takes calls: SIP and RTP addresses, who may send INVITEs, and the outside
+/// services a call uses.
+#[derive(Clone)]
+pub struct VoiceSetup {
+    pub store: Arc<dyn CallStore>,
+    pub callback: Arc<dyn CallbackClient>,
+    pub sip_listen: std::net::SocketAddr,
+    pub carrier_allow: Vec<ipnet::IpNet>,
+    /// RTP ports (inclusive).
+    pub rtp_ports: (u16, u16),
+    /// Written into SDP answers; RTP sockets bind to it.
+    pub media_ip: std::net::IpAddr,
+    /// SQLite: every call live at start is an orphan of this same process.
+    pub single_process: bool,
+    pub timers: sautikit_sip::transaction::Timers,
+}
+
+/// What Root needs to (re)start the voice actors.
+#[derive(Clone)]
+struct VoiceRuntime {
+    setup: VoiceSetup,
+    deps: CallDeps,
+    /// The address SIP is bound to; a restarted endpoint binds it again (not a new port 0).
+    sip_addr: Arc<std::sync::Mutex<Option<std::net::SocketAddr>>>,
 }
 
 impl Root {
@@ -108,6 +147,84 @@ impl Root {
     }
 }
 
+impl Root {
+    async fn spawn_numbers(
+        myself: &ActorRef<RootMsg>,
+        state: &RootState,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Some(v) = &state.voice {
+            Actor::spawn_linked(
+                Some(state.names.numbers.clone()),
+                Numbers,
+                v.setup.store.clone(),
+                myself.get_cell(),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn spawn_calls(
+        myself: &ActorRef<RootMsg>,
+        state: &RootState,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Some(v) = &state.voice {
+            Actor::spawn_linked(
+                Some(state.names.calls.clone()),
+                Calls,
+                CallsArgs {
+                    deps: v.deps.clone(),
+                    single_process: v.setup.single_process,
+                },
+                myself.get_cell(),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn spawn_sip(
+        myself: &ActorRef<RootMsg>,
+        state: &RootState,
+    ) -> Result<(), ActorProcessingErr> {
+        let Some(v) = &state.voice else {
+            return Ok(());
+        };
+        let Some(calls) = ActorRef::<CallsMsg>::where_is(state.names.calls.clone()) else {
+            return Err("the Calls actor is not running".into());
+        };
+        let listen = v
+            .sip_addr
+            .lock()
+            .ok()
+            .and_then(|a| *a)
+            .unwrap_or(v.setup.sip_listen);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        Actor::spawn_linked(
+            Some(state.names.sip.clone()),
+            SipEndpoint,
+            (
+                SipEndpointArgs {
+                    listen,
+                    carrier_allow: v.setup.carrier_allow.clone(),
+                    deps: v.deps.clone(),
+                    calls: calls.get_cell(),
+                    timers: v.setup.timers,
+                },
+                tx,
+            ),
+            myself.get_cell(),
+        )
+        .await?;
+        if let Ok(addr) = rx.await
+            && let Ok(mut slot) = v.sip_addr.lock()
+        {
+            *slot = Some(addr);
+        }
+        Ok(())
+    }
+}
+
 impl Actor for Root {
     type Msg = RootMsg;
     type State = RootState;
@@ -121,6 +238,9 @@ impl Actor for Root {
         Root::spawn_inventory(&myself, &state).await?;
         Root::spawn_wallets(&myself, &state).await?;
         Root::spawn_events(&myself, &state).await?;
+        Root::spawn_numbers(&myself, &state).await?;
+        Root::spawn_calls(&myself, &state).await?;
+        Root::spawn_sip(&myself, &state).await?;
         Ok(state)
     }
 
@@ -140,6 +260,12 @@ impl Actor for Root {
                 Root::spawn_wallets(&myself, state).await?;
             } else if name == state.names.events {
                 Root::spawn_events(&myself, state).await?;
+            } else if name == state.names.numbers {
+                Root::spawn_numbers(&myself, state).await?;
+            } else if name == state.names.calls {
+                Root::spawn_calls(&myself, state).await?;
+            } else if name == state.names.sip {
+                Root::spawn_sip(&myself, state).await?;
             } else {
                 warn!(actor = %name, "unknown child failed");
             }
@@ -151,6 +277,7 @@ impl Actor for Root {
 /// The running actor tree, as the HTTP layer and CLI see it.
 pub struct Engine {
     names: Names,
+    sip_addr: Option<std::net::SocketAddr>,
     root: ActorRef<RootMsg>,
     join: JoinHandle<()>,
 }
@@ -170,7 +297,35 @@ impl Engine {
         clock: Arc<dyn Clock>,
         events: Option<EventsArgs>,
     ) -> Result<Engine, EngineError> {
+        Self::start_full(store, clock, events, None).await
+    }
+
+    /// The whole tree, taking calls when `voice` is given.
+    pub async fn start_full(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        events: Option<EventsArgs>,
+        voice: Option<VoiceSetup>,
+    ) -> Result<Engine, EngineError> {
         let names = Names::new();
+        let voice = voice.map(|setup| {
+            let media = Media::start(setup.media_ip, setup.rtp_ports.0, setup.rtp_ports.1);
+            VoiceRuntime {
+                deps: CallDeps {
+                    store: setup.store.clone(),
+                    callback: setup.callback.clone(),
+                    clock: clock.clone(),
+                    media,
+                    media_ip: setup.media_ip,
+                    engine_id: uuid::Uuid::now_v7().to_string(),
+                    numbers: names.numbers.clone(),
+                    calls: names.calls.clone(),
+                },
+                setup,
+                sip_addr: Arc::new(std::sync::Mutex::new(None)),
+            }
+        });
+        let sip_addr = voice.as_ref().map(|v| v.sip_addr.clone());
         let (root, join) = Actor::spawn(
             None,
             Root,
@@ -178,11 +333,32 @@ impl Engine {
                 names: names.clone(),
                 deps: WalletDeps { store, clock },
                 events,
+                voice,
             },
         )
         .await
         .map_err(|e| EngineError::Spawn(e.to_string()))?;
-        Ok(Engine { names, root, join })
+        let sip_addr = sip_addr.and_then(|a| a.lock().ok().and_then(|a| *a));
+        Ok(Engine {
+            names,
+            sip_addr,
+            root,
+            join,
+        })
+    }
+
+    /// Where SIP listens (UDP and TCP), when the engine takes calls.
+    pub fn sip_addr(&self) -> Option<std::net::SocketAddr> {
+        self.sip_addr
+    }
+
+    /// The API changed or released a number: cached routes must be read again.
+    pub fn number_changed(&self, number_id: &str) {
+        if let Some(numbers) = ActorRef::<NumbersMsg>::where_is(self.names.numbers.clone()) {
+            let _ = numbers.cast(NumbersMsg::NumberChanged {
+                number_id: number_id.to_owned(),
+            });
+        }
     }
 
     pub async fn claim_number(
@@ -238,9 +414,15 @@ impl Engine {
     /// Hang up a live call of this workspace held by this process, and wait until it has ended
     /// and its final record is committed. `Ok(false)`: no such live call here.
     pub async fn hangup_call(&self, workspace_id: &str, call_id: &str) -> Result<bool, StorageError> {
-        // Wired to the Calls supervisor with the SIP endpoint (issue 4, in progress).
-        let _ = (workspace_id, call_id);
-        Ok(false)
+        let Some(calls) = ActorRef::<CallsMsg>::where_is(self.names.calls.clone()) else {
+            return Ok(false);
+        };
+        ask(&calls, |reply| CallsMsg::HangupRequested {
+            workspace_id: workspace_id.to_owned(),
+            call_id: call_id.to_owned(),
+            reply,
+        })
+        .await
     }
 
     /// Stop the tree and wait for every actor to finish its current message.

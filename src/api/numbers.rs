@@ -290,6 +290,8 @@ pub async fn release_number(
 ) -> Result<axum::Json<NumberView>, ApiError> {
     let id = parse_id(&id, "number id")?;
     let n = state.engine.release_number(&ws.id, &id).await?;
+    // Calls to it must stop being routed at once, not when the cached route expires.
+    state.engine.number_changed(&n.id);
     Ok(axum::Json(n.into()))
 }
 
@@ -355,5 +357,6 @@ pub async fn update_routing(
         .store
         .update_routing(&ws.id, &id, &change, state.clock.now())
         .await?;
+    state.engine.number_changed(&n.id);
     Ok(axum::Json(n.into()))
 }

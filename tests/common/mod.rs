@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod receiver;
+pub mod voice;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -441,5 +442,17 @@ pub async fn wait_for_json(
             "condition on {path} not met within {timeout:?}: {v}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+impl Server {
+    /// The SIP address the server printed (`sip listening on …`).
+    pub fn sip_addr(&self) -> std::net::SocketAddr {
+        self.stdout
+            .iter()
+            .find_map(|l| l.strip_prefix("sip listening on "))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|a| a.parse().ok())
+            .expect("the server printed its SIP address")
     }
 }

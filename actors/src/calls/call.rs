@@ -1,0 +1,764 @@
+//! The Call actor: one live call — its SIP dialog, its VoiceAction script, its media session.
+//!
+//! Everything slow (the voice callback) runs in a task that reports back as a message, so a
+//! CANCEL, a BYE or the API's hangup is handled while a callback is outstanding.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use sautikit_sip::dialog::Dialog;
+use sautikit_sip::message::{self as sipmsg, response_to, with_body};
+use sautikit_sip::rsip::headers::UntypedHeader;
+use sautikit_sip::rsip::{self, SipMessage};
+use sautikit_sip::sdp;
+use sautikit_sip::transaction::{Peer, Transport, TxKey};
+use serde_json::json;
+use tracing::{info, warn};
+
+use super::verbs::{self, Step};
+use super::{CallDeps, CallSnapshot, CallsMsg};
+use crate::call_store::{
+    CallAnswered, CallEnded, CallStarted, CallStatus, NumberRoute, TimelineEntry,
+};
+use crate::callback::{CallbackFailure, CallbackMethod, CallbackReply, CallbackRequest};
+use crate::media::{AudioCodec, RtpPort};
+use crate::model::NumberStatus;
+use crate::numbers::NumbersMsg;
+use crate::sip_endpoint::SipMsg;
+use crate::voice::Action;
+
+/// How long a call waits for the Numbers actor before answering 503.
+const ROUTE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The INVITE that starts a call, as the endpoint received it.
+pub struct IncomingInvite {
+    pub key: TxKey,
+    pub request: rsip::Request,
+    pub from: Peer,
+    pub sip_call_id: String,
+    /// Our SIP address (Via and Contact of what we send).
+    pub local: SocketAddr,
+}
+
+pub struct CallArgs {
+    pub deps: CallDeps,
+    pub endpoint: ActorRef<SipMsg>,
+    pub invite: IncomingInvite,
+}
+
+pub enum CallMsg {
+    /// The caller acknowledged our 2xx.
+    AckReceived,
+    /// The caller gave up before we answered.
+    CancelReceived,
+    /// Our 2xx was never acknowledged (Timer H).
+    AckTimedOut,
+    /// BYE, INFO, OPTIONS or a re-INVITE inside this call's dialog.
+    InDialogRequest { key: TxKey, request: rsip::Request },
+    /// A voice callback (the first, a redirect's) came back.
+    CallbackReturned {
+        result: Result<CallbackReply, CallbackFailure>,
+        url: String,
+    },
+    /// A `pause` is over.
+    PauseElapsed { seq: u64 },
+    /// The API hangs the call up; answered once the end is recorded.
+    HangupRequested { reply: RpcReplyPort<bool> },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Phase {
+    /// No final response sent yet.
+    Ringing,
+    /// 200 OK sent, ACK not yet received.
+    AwaitingAck,
+    Answered,
+    Ended,
+}
+
+/// What the script waits for before it goes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Waiting {
+    Nothing,
+    Ack,
+    Callback,
+    Pause { seq: u64 },
+}
+
+pub struct Call;
+
+pub struct CallState {
+    pub(super) deps: CallDeps,
+    pub(super) endpoint: ActorRef<SipMsg>,
+    pub(super) invite: IncomingInvite,
+    pub(super) myself: ActorRef<CallMsg>,
+    pub(super) call_id: String,
+    pub(super) route: Option<NumberRoute>,
+    pub(super) from: String,
+    pub(super) to: String,
+    pub(super) local_tag: String,
+    pub(super) offer: Option<sdp::SessionDescription>,
+    pub(super) answer_sdp: Option<String>,
+    pub(super) dialog: Option<Dialog>,
+    pub(super) rtp: Option<RtpPort>,
+    pub(super) phase: Phase,
+    pub(super) waiting: Waiting,
+    pub(super) timer_seq: u64,
+    pub(super) actions: Vec<Action>,
+    pub(super) index: usize,
+    /// The URL whose reply is running: relative URLs in it resolve against it.
+    pub(super) document_url: String,
+    pub(super) timeline: Vec<TimelineEntry>,
+    /// The call row exists.
+    pub(super) recorded: bool,
+    pub(super) hangup_waiters: Vec<RpcReplyPort<bool>>,
+}
+
+impl Actor for Call {
+    type Msg = CallMsg;
+    type State = CallState;
+    type Arguments = CallArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(CallState {
+            deps: args.deps,
+            endpoint: args.endpoint,
+            invite: args.invite,
+            myself,
+            call_id: uuid::Uuid::now_v7().to_string(),
+            route: None,
+            from: String::new(),
+            to: String::new(),
+            local_tag: sipmsg::new_tag(),
+            offer: None,
+            answer_sdp: None,
+            dialog: None,
+            rtp: None,
+            phase: Phase::Ringing,
+            waiting: Waiting::Nothing,
+            timer_seq: 0,
+            actions: Vec::new(),
+            index: 0,
+            document_url: String::new(),
+            timeline: Vec::new(),
+            recorded: false,
+            hangup_waiters: Vec::new(),
+        })
+    }
+
+    async fn post_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        state.begin().await;
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        if state.phase == Phase::Ended {
+            if let CallMsg::HangupRequested { reply } = message {
+                let _ = reply.send(true);
+            }
+            return Ok(());
+        }
+        match message {
+            CallMsg::AckReceived => state.on_ack().await,
+            CallMsg::CancelReceived => state.on_cancel().await,
+            CallMsg::AckTimedOut => {
+                if state.phase == Phase::AwaitingAck {
+                    state.note("sip.timeout", json!({"message": "no ACK for our 200 OK"}));
+                    state
+                        .hang_up(CallStatus::Failed, "ack_timeout", Some("sip.ack_timeout"))
+                        .await;
+                }
+            }
+            CallMsg::InDialogRequest { key, request } => state.on_in_dialog(key, request).await,
+            CallMsg::CallbackReturned { result, url } => {
+                if state.waiting == Waiting::Callback {
+                    state.waiting = Waiting::Nothing;
+                    state.on_callback(result, url).await;
+                }
+            }
+            CallMsg::PauseElapsed { seq } => {
+                if state.waiting == (Waiting::Pause { seq }) {
+                    state.waiting = Waiting::Nothing;
+                    state.action_finished("completed");
+                    state.index += 1;
+                    state.run().await;
+                }
+            }
+            CallMsg::HangupRequested { reply } => {
+                state.hangup_waiters.push(reply);
+                if state.phase == Phase::Ringing {
+                    state.respond_final(603, Some("Decline"));
+                    state
+                        .finish(CallStatus::Canceled, Some("api_hangup"), Some("call.canceled"))
+                        .await;
+                } else {
+                    state
+                        .hang_up(CallStatus::Completed, "api_hangup", None)
+                        .await;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `+254700000001`, `254700000001` and `0700…`-style users: digits with a `+` when they look
+/// international; anything else as it came.
+pub(super) fn normalize_number(user: &str) -> Option<String> {
+    let digits = user.strip_prefix('+').unwrap_or(user);
+    if digits.len() < 3 || digits.len() > 15 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(format!("+{digits}"))
+}
+
+impl CallState {
+    pub(super) fn now(&self) -> DateTime<Utc> {
+        self.deps.clock.now()
+    }
+
+    /// Add a timeline line; written with the next change of the call.
+    pub(super) fn note(&mut self, kind: &str, detail: serde_json::Value) {
+        let at = self.now();
+        self.timeline.push(TimelineEntry {
+            at,
+            kind: kind.to_owned(),
+            detail,
+        });
+    }
+
+    fn invite_message(&self) -> SipMessage {
+        SipMessage::Request(self.invite.request.clone())
+    }
+
+    async fn begin(&mut self) {
+        let request = &self.invite.request;
+        let user = sipmsg::request_user(request).unwrap_or_default();
+        let from_user = sipmsg::from_user(&self.invite_message()).unwrap_or_default();
+        self.from = normalize_number(&from_user).unwrap_or(from_user);
+        let transport = match self.invite.from.transport {
+            Transport::Udp => "udp",
+            Transport::Tcp => "tcp",
+        };
+        self.note(
+            "sip.received",
+            json!({"method": "INVITE", "from": self.from, "to": user, "source": self.invite.from.addr.to_string(), "transport": transport}),
+        );
+        let Some(number) = normalize_number(&user) else {
+            self.respond_final(404, Some("Not Found"));
+            self.stop_unrecorded();
+            return;
+        };
+        self.to = number.clone();
+        let Some(numbers) = ActorRef::<NumbersMsg>::where_is(self.deps.numbers.clone()) else {
+            warn!(sip_call_id = %self.invite.sip_call_id, "Numbers actor not running");
+            self.respond_with(503, Some("Service Unavailable"), &[("Retry-After", "5")]);
+            self.stop_unrecorded();
+            return;
+        };
+        let route = match ractor::call_t!(
+            numbers,
+            |reply| NumbersMsg::RouteRequested { number, reply },
+            ROUTE_TIMEOUT.as_millis() as u64
+        ) {
+            Ok(Ok(route)) => route,
+            Ok(Err(e)) => {
+                warn!(sip_call_id = %self.invite.sip_call_id, error = %e, "route look-up failed");
+                self.respond_with(503, Some("Service Unavailable"), &[("Retry-After", "5")]);
+                self.stop_unrecorded();
+                return;
+            }
+            Err(e) => {
+                warn!(sip_call_id = %self.invite.sip_call_id, error = %e, "Numbers actor unavailable");
+                self.respond_with(503, Some("Service Unavailable"), &[("Retry-After", "5")]);
+                self.stop_unrecorded();
+                return;
+            }
+        };
+        let route = match route {
+            Some(r) if r.status != NumberStatus::Released => r,
+            _ => {
+                info!(number = %self.to, "INVITE for a number nobody has claimed");
+                self.respond_final(404, Some("Not Found"));
+                self.stop_unrecorded();
+                return;
+            }
+        };
+        if route.status == NumberStatus::Suspended {
+            info!(number_id = %route.number_id, workspace_id = %route.workspace_id, "INVITE for a suspended number");
+            self.respond_final(403, Some("Forbidden"));
+            self.stop_unrecorded();
+            return;
+        }
+        let callback_url = route.voice_callback_url.clone();
+        self.route = Some(route);
+        if !self.record_started().await {
+            return;
+        }
+        info!(call_id = %self.call_id, number_id = %self.route_ref().number_id, workspace_id = %self.route_ref().workspace_id, "inbound call");
+        let Some(url) = callback_url else {
+            self.respond_final(480, Some("Temporarily Unavailable"));
+            self.finish(CallStatus::Failed, None, Some("routing.no_voice_callback"))
+                .await;
+            return;
+        };
+        // The offer is checked before the callback: a call we could not answer costs the customer
+        // no request.
+        match self.check_offer() {
+            Ok(offer) => self.offer = Some(offer),
+            Err(reason) => {
+                self.note("sdp.rejected", json!({"message": reason}));
+                self.respond_final(488, Some("Not Acceptable Here"));
+                self.finish(CallStatus::Failed, None, Some("sdp.no_common_codec"))
+                    .await;
+                return;
+            }
+        }
+        self.fetch(url, CallbackMethod::Post, Vec::new());
+    }
+
+    fn check_offer(&self) -> Result<sdp::SessionDescription, String> {
+        let body = &self.invite.request.body;
+        if body.is_empty() {
+            return Err("the INVITE carries no SDP offer".into());
+        }
+        let text = std::str::from_utf8(body).map_err(|_| "the SDP offer is not UTF-8")?;
+        let offer = sdp::parse(text).map_err(|e| e.to_string())?;
+        sdp::answer(&offer, self.deps.media_ip, 0, 0).map_err(|e| e.to_string())?;
+        Ok(offer)
+    }
+
+    pub(super) fn route_ref(&self) -> &NumberRoute {
+        // Only called once the route is known.
+        self.route
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("route is set before the call is recorded"))
+    }
+
+    /// Write the call row (`ringing`) with `call.started`; false if that failed (answered 503).
+    async fn record_started(&mut self) -> bool {
+        let route = self.route_ref().clone();
+        let started = CallStarted {
+            call_id: self.call_id.clone(),
+            workspace_id: route.workspace_id.clone(),
+            number_id: route.number_id.clone(),
+            direction: "inbound".into(),
+            from: self.from.clone(),
+            to: self.to.clone(),
+            sip_call_id: self.invite.sip_call_id.clone(),
+            engine_id: self.deps.engine_id.clone(),
+            started_at: self.timeline.first().map(|t| t.at).unwrap_or_else(|| self.now()),
+            timeline: std::mem::take(&mut self.timeline),
+        };
+        match self.deps.store.call_started(started).await {
+            Ok(()) => {
+                self.recorded = true;
+                self.snapshot();
+                true
+            }
+            Err(e) => {
+                warn!(error = %e, "recording a new call failed");
+                self.respond_with(503, Some("Service Unavailable"), &[("Retry-After", "5")]);
+                self.stop_unrecorded();
+                false
+            }
+        }
+    }
+
+    /// Tell Calls what this call has on the wire.
+    pub(super) fn snapshot(&self) {
+        let Some(route) = &self.route else { return };
+        let Some(calls) = ActorRef::<CallsMsg>::where_is(self.deps.calls.clone()) else {
+            return;
+        };
+        let _ = calls.cast(CallsMsg::Snapshot {
+            actor: self.myself.clone(),
+            snapshot: Box::new(CallSnapshot {
+                call_id: self.call_id.clone(),
+                workspace_id: route.workspace_id.clone(),
+                sip_call_id: self.invite.sip_call_id.clone(),
+                endpoint: self.endpoint.clone(),
+                invite_key: self.invite.key.clone(),
+                invite: self.invite.request.clone(),
+                peer: self.invite.from,
+                local: self.invite.local,
+                final_sent: self.phase != Phase::Ringing,
+                dialog: self.dialog.clone(),
+                rtp_id: self.rtp.as_ref().map(|p| p.id),
+            }),
+        });
+    }
+
+    /// Callback fields of DESIGN §6, then the step's own.
+    fn fields(&self, extra: Vec<(String, String)>) -> Vec<(String, String)> {
+        let route = self.route_ref();
+        let status = match self.phase {
+            Phase::Ringing => "ringing",
+            _ => "answered",
+        };
+        let mut f = vec![
+            ("CallId".to_owned(), self.call_id.clone()),
+            ("NumberId".to_owned(), route.number_id.clone()),
+            ("From".to_owned(), self.from.clone()),
+            ("To".to_owned(), self.to.clone()),
+            ("Direction".to_owned(), "inbound".to_owned()),
+            ("CallStatus".to_owned(), status.to_owned()),
+        ];
+        f.extend(extra);
+        f
+    }
+
+    /// Ask the customer's server for a script; the answer comes back as `CallbackReturned`.
+    pub(super) fn fetch(
+        &mut self,
+        url: String,
+        method: CallbackMethod,
+        extra: Vec<(String, String)>,
+    ) {
+        let request = CallbackRequest {
+            url: url.clone(),
+            method,
+            fields: self.fields(extra),
+            secret: self.route_ref().webhook_secret.clone(),
+            call_id: self.call_id.clone(),
+        };
+        self.waiting = Waiting::Callback;
+        let client = self.deps.callback.clone();
+        let me = self.myself.clone();
+        tokio::spawn(async move {
+            let result = client.fetch(request).await;
+            // The call may have ended meanwhile (CANCEL, BYE): then nobody listens.
+            let _ = me.cast(CallMsg::CallbackReturned { result, url });
+        });
+    }
+
+    async fn on_callback(&mut self, result: Result<CallbackReply, CallbackFailure>, url: String) {
+        match result {
+            Ok(reply) => {
+                self.note(
+                    "callback.succeeded",
+                    json!({"url": url, "status_code": reply.status_code, "latency_ms": reply.latency_ms, "actions": reply.script.actions.len()}),
+                );
+                if !self.actions.is_empty() {
+                    // A redirect's reply: the redirect itself is done.
+                    self.action_finished("completed");
+                }
+                self.actions = reply.script.actions;
+                self.index = 0;
+                self.document_url = url;
+                self.run().await;
+            }
+            Err(failure) => {
+                let (status_code, latency_ms) = match &failure {
+                    CallbackFailure::HttpStatus {
+                        status_code,
+                        latency_ms,
+                    }
+                    | CallbackFailure::InvalidJson {
+                        status_code,
+                        latency_ms,
+                        ..
+                    }
+                    | CallbackFailure::InvalidActions {
+                        status_code,
+                        latency_ms,
+                        ..
+                    } => (Some(*status_code), Some(*latency_ms)),
+                    CallbackFailure::Unreachable { latency_ms, .. } => (None, Some(*latency_ms)),
+                    CallbackFailure::Timeout { timeout_ms } => (None, Some(*timeout_ms)),
+                    CallbackFailure::Forbidden { .. } => (None, None),
+                };
+                self.note(
+                    "callback.failed",
+                    json!({"url": url, "reason": failure.reason(), "status_code": status_code, "latency_ms": latency_ms, "error": failure.to_string()}),
+                );
+                self.fail(failure.reason()).await;
+            }
+        }
+    }
+
+    /// Run the script from `index` until an action waits or the call ends.
+    pub(super) async fn run(&mut self) {
+        while self.phase != Phase::Ended && self.waiting == Waiting::Nothing {
+            let Some(action) = self.actions.get(self.index).cloned() else {
+                self.note("script.ended", json!({"actions": self.actions.len()}));
+                self.hang_up(CallStatus::Completed, "engine_hangup", None).await;
+                return;
+            };
+            match verbs::execute(self, &action).await {
+                Step::Next => {
+                    self.action_finished("completed");
+                    self.index += 1;
+                }
+                Step::Wait | Step::Ended => return,
+            }
+        }
+    }
+
+    pub(super) fn action_started(&mut self, verb: &str) {
+        let index = self.index;
+        self.note("action.started", json!({"index": index, "verb": verb}));
+    }
+
+    fn action_finished(&mut self, outcome: &str) {
+        let index = self.index;
+        let verb = self.actions.get(index).map(|a| a.verb()).unwrap_or("");
+        self.note(
+            "action.finished",
+            json!({"index": index, "verb": verb, "outcome": outcome}),
+        );
+    }
+
+    /// Answer with our SDP; the script goes on when the ACK comes.
+    pub(super) async fn answer(&mut self) -> Result<(), &'static str> {
+        let Some(offer) = self.offer.as_ref() else {
+            return Err("sdp.no_offer");
+        };
+        let port = self
+            .deps
+            .media
+            .open()
+            .await
+            .map_err(|_| "media.no_port")?;
+        let session_id = u64::from_str_radix(&self.local_tag[..self.local_tag.len().min(12)], 16)
+            .unwrap_or(1);
+        let answer = sdp::answer(offer, self.deps.media_ip, port.local.port(), session_id)
+            .map_err(|_| "sdp.no_common_codec")?;
+        let contact = format!(
+            "sip:{}@{}{}",
+            self.to.trim_start_matches('+'),
+            self.invite.local,
+            if self.invite.from.transport == Transport::Tcp {
+                ";transport=tcp"
+            } else {
+                ""
+            }
+        );
+        let contact_uri =
+            rsip::Uri::try_from(contact.as_str()).map_err(|_| "sip.bad_contact")?;
+        let mut response = response_to(&self.invite.request, 200, Some("OK"), Some(&self.local_tag));
+        response.headers.push(rsip::Header::Contact(
+            rsip::headers::Contact::new(format!("<{contact}>")),
+        ));
+        response
+            .headers
+            .push(rsip::Header::Other("Allow".into(), crate::sip_endpoint::ALLOW.into()));
+        let response = with_body(response, "application/sdp", answer.sdp.clone().into_bytes());
+        let dialog = Dialog::uas(&self.invite.request, &self.local_tag, contact_uri)
+            .map_err(|_| "sip.bad_dialog")?;
+        let codec = match answer.codec {
+            sdp::Codec::Pcma => AudioCodec::Pcma,
+            _ => AudioCodec::Pcmu,
+        };
+        if let Some(remote) = answer.remote_rtp {
+            self.deps
+                .media
+                .start_stream(port.id, remote, codec, answer.payload_type);
+        }
+        self.endpoint.cast(SipMsg::Respond {
+            key: self.invite.key.clone(),
+            response,
+        })
+        .map_err(|_| "sip.endpoint_gone")?;
+        self.note("sip.sent", json!({"status": 200, "reason": "OK", "codec": format!("{:?}", answer.codec)}));
+        self.answer_sdp = Some(answer.sdp);
+        self.dialog = Some(dialog);
+        self.rtp = Some(port);
+        self.phase = Phase::AwaitingAck;
+        self.snapshot();
+        Ok(())
+    }
+
+    async fn on_ack(&mut self) {
+        if self.phase != Phase::AwaitingAck {
+            return;
+        }
+        self.phase = Phase::Answered;
+        self.note("sip.received", json!({"method": "ACK"}));
+        let answered = CallAnswered {
+            call_id: self.call_id.clone(),
+            answered_at: self.now(),
+            timeline: std::mem::take(&mut self.timeline),
+        };
+        if let Err(e) = self.deps.store.call_answered(answered).await {
+            warn!(call_id = %self.call_id, error = %e, "recording the answer failed");
+        }
+        if self.waiting == Waiting::Ack {
+            self.waiting = Waiting::Nothing;
+            self.run().await;
+        }
+    }
+
+    async fn on_cancel(&mut self) {
+        self.note("sip.received", json!({"method": "CANCEL"}));
+        if self.phase != Phase::Ringing {
+            return;
+        }
+        self.respond_final(487, Some("Request Terminated"));
+        self.finish(
+            CallStatus::Canceled,
+            Some("caller_cancel"),
+            Some("call.canceled"),
+        )
+        .await;
+    }
+
+    async fn on_in_dialog(&mut self, key: TxKey, request: rsip::Request) {
+        let method = request.method.to_string();
+        self.note("sip.received", json!({"method": method}));
+        let (code, body) = match request.method {
+            rsip::Method::Bye if self.phase != Phase::Ringing => (200, None),
+            rsip::Method::Bye => (481, None),
+            rsip::Method::Info | rsip::Method::Options => (200, None),
+            // A session refresh: our session is unchanged, so is our answer.
+            rsip::Method::Invite if self.phase == Phase::Answered => (200, self.answer_sdp.clone()),
+            rsip::Method::Invite => (491, None),
+            _ => (405, None),
+        };
+        let mut response = response_to(&request, code, None, Some(&self.local_tag));
+        if let Some(sdp) = body {
+            response = with_body(response, "application/sdp", sdp.into_bytes());
+        }
+        let _ = self.endpoint.cast(SipMsg::Respond { key, response });
+        self.note("sip.sent", json!({"status": code, "method": method}));
+        if request.method == rsip::Method::Bye && code == 200 {
+            let status = CallStatus::Completed;
+            self.finish(status, Some("caller_hangup"), None).await;
+        }
+    }
+
+    /// A final non-2xx answer to the INVITE.
+    pub(super) fn respond_final(&mut self, code: u16, reason: Option<&str>) {
+        self.respond_with(code, reason, &[]);
+    }
+
+    fn respond_with(&mut self, code: u16, reason: Option<&str>, extra: &[(&str, &str)]) {
+        if self.phase != Phase::Ringing {
+            return;
+        }
+        let mut response = response_to(&self.invite.request, code, reason, Some(&self.local_tag));
+        for (name, value) in extra {
+            response
+                .headers
+                .push(rsip::Header::Other((*name).to_owned(), (*value).to_owned()));
+        }
+        let _ = self.endpoint.cast(SipMsg::Respond {
+            key: self.invite.key.clone(),
+            response,
+        });
+        self.note("sip.sent", json!({"status": code, "reason": reason}));
+        self.phase = Phase::AwaitingAck;
+        // A final non-2xx ends the call; `finish` runs next.
+    }
+
+    /// End a call that failed: `500` before answer, BYE after.
+    pub(super) async fn fail(&mut self, failure_reason: &str) {
+        if self.phase == Phase::Ringing {
+            self.respond_final(500, Some("Server Internal Error"));
+            self.finish(CallStatus::Failed, None, Some(failure_reason)).await;
+        } else {
+            self.hang_up(CallStatus::Failed, "engine_hangup", Some(failure_reason))
+                .await;
+        }
+    }
+
+    /// BYE (answered) and finish.
+    pub(super) async fn hang_up(
+        &mut self,
+        status: CallStatus,
+        cause: &str,
+        failure_reason: Option<&str>,
+    ) {
+        if let Some(dialog) = self.dialog.as_mut() {
+            let bye = dialog.bye(
+                &self.invite.local.ip().to_string(),
+                self.invite.local.port(),
+                self.invite.from.transport,
+            );
+            let _ = self.endpoint.cast(SipMsg::SendRequest {
+                request: bye,
+                to: self.invite.from,
+                call_id: self.call_id.clone(),
+            });
+            self.note("sip.sent", json!({"method": "BYE"}));
+        }
+        self.finish(status, Some(cause), failure_reason).await;
+    }
+
+    /// Free the media, write the end (rated, debited, event queued), leave.
+    pub(super) async fn finish(
+        &mut self,
+        status: CallStatus,
+        hangup_cause: Option<&str>,
+        failure_reason: Option<&str>,
+    ) {
+        if self.phase == Phase::Ended {
+            return;
+        }
+        self.phase = Phase::Ended;
+        if let Some(port) = self.rtp.take() {
+            self.deps.media.close(port.id);
+        }
+        self.note(
+            "call.ended",
+            json!({"status": status.as_str(), "hangup_cause": hangup_cause, "failure_reason": failure_reason}),
+        );
+        let end = CallEnded {
+            call_id: self.call_id.clone(),
+            status,
+            ended_at: self.now(),
+            hangup_cause: hangup_cause.map(str::to_owned),
+            failure_reason: failure_reason.map(str::to_owned),
+            timeline: std::mem::take(&mut self.timeline),
+        };
+        // The end carries the money: retry a failing database a few times before giving up
+        // (then the orphan sweep closes the row).
+        let mut delay = Duration::from_millis(100);
+        for attempt in 1..=4 {
+            match self.deps.store.call_ended(end.clone()).await {
+                Ok(charged) => {
+                    info!(call_id = %self.call_id, status = status.as_str(), duration_seconds = charged.duration_seconds, cost_minor = charged.cost_minor, "call ended");
+                    break;
+                }
+                Err(e) if attempt < 4 => {
+                    warn!(call_id = %self.call_id, error = %e, attempt, "recording the end failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay *= 3;
+                }
+                Err(e) => warn!(call_id = %self.call_id, error = %e, "recording the end failed"),
+            }
+        }
+        for w in self.hangup_waiters.drain(..) {
+            let _ = w.send(true);
+        }
+        self.leave();
+    }
+
+    /// Answered without a call row (unknown number, storage down): nothing to record.
+    fn stop_unrecorded(&mut self) {
+        self.phase = Phase::Ended;
+        self.leave();
+    }
+
+    fn leave(&mut self) {
+        let _ = self.endpoint.cast(SipMsg::DialogEnded {
+            sip_call_id: self.invite.sip_call_id.clone(),
+        });
+        self.myself.stop(None);
+    }
+}

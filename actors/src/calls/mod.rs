@@ -1,0 +1,266 @@
+//! Calls: the supervisor of the Call actors, one per live call (DESIGN §2, §3).
+//!
+//! A Call actor owns its SIP dialog, its script and its media session. Calls keeps a snapshot of
+//! what each call has on the wire (final response sent? dialog? RTP port?) so that when a Call
+//! actor fails, its call is still ended cleanly — BYE or `500`, port freed, row closed as
+//! `failed` — and no other call notices. It also finds live calls for the API's hangup, and keeps
+//! this engine's heartbeat so calls orphaned by a dead process get closed.
+
+mod call;
+mod verbs;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use sautikit_sip::dialog::Dialog;
+use sautikit_sip::message::response_to;
+use sautikit_sip::rsip;
+use sautikit_sip::transaction::{Peer, TxKey};
+use tracing::{error, info, warn};
+
+pub use call::{Call, CallArgs, CallMsg, IncomingInvite};
+
+use crate::call_store::{CallEnded, CallStatus, CallStore, TimelineEntry};
+use crate::callback::CallbackClient;
+use crate::clock::Clock;
+use crate::media::Media;
+use crate::sip_endpoint::SipMsg;
+
+/// How often this engine records that it is alive.
+const HEARTBEAT: Duration = Duration::from_secs(5);
+/// A process silent this long is dead: its live calls are closed.
+const ORPHAN_AFTER: Duration = Duration::from_secs(30);
+
+/// What every Call actor needs; cheap to clone.
+#[derive(Clone)]
+pub struct CallDeps {
+    pub store: Arc<dyn CallStore>,
+    pub callback: Arc<dyn CallbackClient>,
+    pub clock: Arc<dyn Clock>,
+    pub media: Media,
+    /// The address RTP is sent from, written into SDP answers.
+    pub media_ip: IpAddr,
+    /// This process, for `calls.engine_id` and orphan closing.
+    pub engine_id: String,
+    /// Registered names of the Numbers and Calls actors (stable across restarts by Root).
+    pub numbers: String,
+    pub calls: String,
+}
+
+/// What a call has on the wire, kept by Calls to end it cleanly should its actor fail.
+#[derive(Clone)]
+pub struct CallSnapshot {
+    pub call_id: String,
+    pub workspace_id: String,
+    pub sip_call_id: String,
+    pub endpoint: ActorRef<SipMsg>,
+    pub invite_key: TxKey,
+    pub invite: rsip::Request,
+    pub peer: Peer,
+    pub local: SocketAddr,
+    pub final_sent: bool,
+    pub dialog: Option<Dialog>,
+    pub rtp_id: Option<u64>,
+}
+
+pub enum CallsMsg {
+    /// A call has a row and an id (and, later, a dialog).
+    Snapshot {
+        actor: ActorRef<CallMsg>,
+        snapshot: Box<CallSnapshot>,
+    },
+    /// The API asks to hang up a call; answers `true` once it has ended and is recorded.
+    HangupRequested {
+        workspace_id: String,
+        call_id: String,
+        reply: RpcReplyPort<bool>,
+    },
+    HeartbeatDue,
+}
+
+pub struct Calls;
+
+pub struct CallsArgs {
+    pub deps: CallDeps,
+    /// SQLite: one process owns the database, so every call live at start is an orphan.
+    pub single_process: bool,
+}
+
+pub struct CallsState {
+    deps: CallDeps,
+    live: HashMap<ActorId, (ActorRef<CallMsg>, CallSnapshot)>,
+    by_call_id: HashMap<String, ActorId>,
+}
+
+impl Actor for Calls {
+    type Msg = CallsMsg;
+    type State = CallsState;
+    type Arguments = CallsArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let deps = args.deps;
+        let now = deps.clock.now();
+        deps.store.engine_heartbeat(&deps.engine_id, now).await?;
+        let stale_before = if args.single_process {
+            now
+        } else {
+            now - chrono::Duration::from_std(ORPHAN_AFTER).unwrap_or_default()
+        };
+        let closed = deps
+            .store
+            .close_orphaned_calls(now, &deps.engine_id, stale_before)
+            .await?;
+        if closed > 0 {
+            info!(closed, "closed calls left live by a stopped engine");
+        }
+        myself.send_interval(HEARTBEAT, || CallsMsg::HeartbeatDue);
+        Ok(CallsState {
+            deps,
+            live: HashMap::new(),
+            by_call_id: HashMap::new(),
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            CallsMsg::Snapshot { actor, snapshot } => {
+                state
+                    .by_call_id
+                    .insert(snapshot.call_id.clone(), actor.get_id());
+                state.live.insert(actor.get_id(), (actor, *snapshot));
+            }
+            CallsMsg::HangupRequested {
+                workspace_id,
+                call_id,
+                reply,
+            } => {
+                let target = state
+                    .by_call_id
+                    .get(&call_id)
+                    .and_then(|id| state.live.get(id))
+                    .filter(|(_, s)| s.workspace_id == workspace_id);
+                match target {
+                    Some((actor, _)) => {
+                        if let Err(e) = actor.cast(CallMsg::HangupRequested { reply }) {
+                            warn!(%call_id, error = %e, "call ended before the hangup reached it");
+                        }
+                    }
+                    None => {
+                        let _ = reply.send(false);
+                    }
+                }
+            }
+            CallsMsg::HeartbeatDue => {
+                let deps = state.deps.clone();
+                // Off the actor: a slow database must not hold up hangups.
+                tokio::spawn(async move {
+                    let now = deps.clock.now();
+                    if let Err(e) = deps.store.engine_heartbeat(&deps.engine_id, now).await {
+                        warn!(error = %e, "engine heartbeat failed");
+                        return;
+                    }
+                    let stale =
+                        now - chrono::Duration::from_std(ORPHAN_AFTER).unwrap_or_default();
+                    match deps
+                        .store
+                        .close_orphaned_calls(now, &deps.engine_id, stale)
+                        .await
+                    {
+                        Ok(n) if n > 0 => info!(closed = n, "closed calls of a silent engine"),
+                        Ok(_) => {}
+                        Err(e) => warn!(error = %e, "closing orphaned calls failed"),
+                    }
+                });
+            }
+        }
+        Ok(())
+    }
+
+    // Never stop for a child: a failed call is ended here, the others go on.
+    async fn handle_supervisor_evt(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match event {
+            SupervisionEvent::ActorTerminated(cell, _, _) => {
+                if let Some((_, s)) = state.live.remove(&cell.get_id()) {
+                    state.by_call_id.remove(&s.call_id);
+                }
+            }
+            SupervisionEvent::ActorFailed(cell, err) => {
+                let snapshot = state.live.remove(&cell.get_id()).map(|(_, s)| s);
+                error!(error = %err, call_id = snapshot.as_ref().map(|s| s.call_id.as_str()), "call actor failed; ending its call");
+                if let Some(s) = snapshot {
+                    state.by_call_id.remove(&s.call_id);
+                    end_failed_call(&state.deps, s);
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// The call's actor is gone: finish its call from the snapshot.
+fn end_failed_call(deps: &CallDeps, mut s: CallSnapshot) {
+    let now = deps.clock.now();
+    let mut timeline = Vec::new();
+    if let Some(dialog) = s.dialog.as_mut() {
+        let bye = dialog.bye(&s.local.ip().to_string(), s.local.port(), s.peer.transport);
+        timeline.push(TimelineEntry {
+            at: now,
+            kind: "sip.sent".into(),
+            detail: serde_json::json!({"method": "BYE"}),
+        });
+        let _ = s.endpoint.cast(SipMsg::SendRequest {
+            request: bye,
+            to: s.peer,
+            call_id: s.call_id.clone(),
+        });
+    } else if !s.final_sent {
+        let response = response_to(&s.invite, 500, Some("Server Internal Error"), None);
+        timeline.push(TimelineEntry {
+            at: now,
+            kind: "sip.sent".into(),
+            detail: serde_json::json!({"status": 500}),
+        });
+        let _ = s.endpoint.cast(SipMsg::Respond {
+            key: s.invite_key.clone(),
+            response,
+        });
+    }
+    if let Some(id) = s.rtp_id {
+        deps.media.close(id);
+    }
+    let _ = s.endpoint.cast(SipMsg::DialogEnded {
+        sip_call_id: s.sip_call_id.clone(),
+    });
+    let store = deps.store.clone();
+    tokio::spawn(async move {
+        let end = CallEnded {
+            call_id: s.call_id.clone(),
+            status: CallStatus::Failed,
+            ended_at: now,
+            hangup_cause: Some("engine_error".into()),
+            failure_reason: Some("engine.error".into()),
+            timeline,
+        };
+        if let Err(e) = store.call_ended(end).await {
+            warn!(call_id = %s.call_id, error = %e, "recording a failed call's end failed");
+        }
+    });
+}

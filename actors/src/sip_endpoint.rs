@@ -1,0 +1,484 @@
+//! SipEndpoint: the UDP and TCP transports and the transaction layer, and the hand-off of each
+//! dialog to its Call actor (DESIGN §2, §3, §8).
+//!
+//! The transaction layer (`sautikit_sip::transaction`) is sans-IO; this actor is its driver: it
+//! feeds it what the sockets receive and a 10 ms tick, and sends what it returns. Everything
+//! about a call — routing, the callback, the script — happens in the call's own actor, so a slow
+//! callback or a failing call never holds up the endpoint.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef};
+use sautikit_sip::message::{self as sipmsg, response_to};
+use sautikit_sip::rsip::{self, Method, SipMessage};
+use sautikit_sip::stream::StreamFramer;
+use sautikit_sip::transaction::{Peer, Timers, Transport, TransactionLayer, TuEvent, TxKey};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::call_store::{CallStore, TimelineEntry};
+use crate::calls::{CallArgs, CallDeps, CallMsg, IncomingInvite};
+use crate::clock::Clock;
+
+/// How often the transaction layer's timers are checked. SIP's shortest timer is T1 = 500 ms, so
+/// 10 ms of slack is invisible on the wire.
+const TICK: Duration = Duration::from_millis(10);
+/// Methods we answer; the rest of RFC 3261's and its extensions' get `405` with this list.
+pub const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO";
+const KNOWN_UNSUPPORTED: &[&str] = &[
+    "REGISTER",
+    "SUBSCRIBE",
+    "NOTIFY",
+    "MESSAGE",
+    "REFER",
+    "PUBLISH",
+    "PRACK",
+    "UPDATE",
+];
+const MAX_DATAGRAM: usize = 65_535;
+
+pub enum SipMsg {
+    /// A datagram, or one framed message from a TCP connection.
+    Received { bytes: Vec<u8>, from: Peer },
+    TcpOpened {
+        peer: SocketAddr,
+        writer: mpsc::UnboundedSender<Vec<u8>>,
+    },
+    TcpClosed { peer: SocketAddr },
+    TimersDue,
+    /// A Call actor answers its INVITE (or an in-dialog request).
+    Respond { key: TxKey, response: rsip::Response },
+    /// A Call actor sends an in-dialog request (BYE). `call_id` names the call whose timeline gets
+    /// the final response.
+    SendRequest {
+        request: rsip::Request,
+        to: Peer,
+        call_id: String,
+    },
+    /// The call behind this SIP Call-ID has ended: stop routing its messages to it.
+    DialogEnded { sip_call_id: String },
+}
+
+#[derive(Clone)]
+pub struct SipEndpointArgs {
+    pub listen: SocketAddr,
+    pub carrier_allow: Vec<IpNet>,
+    pub deps: CallDeps,
+    /// Supervisor of the Call actors (the Calls actor).
+    pub calls: ActorCell,
+    pub timers: Timers,
+}
+
+pub struct SipEndpoint;
+
+pub struct SipEndpointState {
+    args: SipEndpointArgs,
+    local: SocketAddr,
+    layer: TransactionLayer,
+    udp: Arc<UdpSocket>,
+    tcp: HashMap<SocketAddr, mpsc::UnboundedSender<Vec<u8>>>,
+    /// Live calls by SIP Call-ID.
+    dialogs: HashMap<String, ActorRef<CallMsg>>,
+    /// INVITE server transactions by key → SIP Call-ID (CANCEL and Timer H name the key).
+    invites: HashMap<TxKey, String>,
+    /// Our in-dialog requests → the call whose timeline records the answer.
+    requests: HashMap<TxKey, String>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    store: Arc<dyn CallStore>,
+    clock: Arc<dyn Clock>,
+}
+
+impl SipEndpointState {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+}
+
+impl Actor for SipEndpoint {
+    type Msg = SipMsg;
+    type State = SipEndpointState;
+    type Arguments = (SipEndpointArgs, tokio::sync::oneshot::Sender<SocketAddr>);
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        (args, bound): Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let udp = UdpSocket::bind(args.listen).await?;
+        let local = udp.local_addr()?;
+        // TCP on the same port as UDP (port 0 picked one for UDP).
+        let tcp = TcpListener::bind(local).await?;
+        info!(%local, "SIP listening on UDP and TCP");
+        let udp = Arc::new(udp);
+        let mut tasks = vec![
+            tokio::spawn(udp_loop(udp.clone(), myself.clone())),
+            tokio::spawn(accept_loop(tcp, myself.clone())),
+        ];
+        let me = myself.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(TICK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if me.cast(SipMsg::TimersDue).is_err() {
+                    return;
+                }
+            }
+        }));
+        let _ = bound.send(local);
+        Ok(SipEndpointState {
+            store: args.deps.store.clone(),
+            clock: args.deps.clock.clone(),
+            layer: TransactionLayer::new(args.timers),
+            args,
+            local,
+            udp,
+            tcp: HashMap::new(),
+            dialogs: HashMap::new(),
+            invites: HashMap::new(),
+            requests: HashMap::new(),
+            tasks,
+        })
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        for t in &state.tasks {
+            t.abort();
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let now = Instant::now();
+        match message {
+            SipMsg::Received { bytes, from } => state.layer.handle_datagram(&bytes, from, now),
+            SipMsg::TcpOpened { peer, writer } => {
+                state.tcp.insert(peer, writer);
+            }
+            SipMsg::TcpClosed { peer } => {
+                state.tcp.remove(&peer);
+            }
+            SipMsg::TimersDue => state.layer.handle_timeout(now),
+            SipMsg::Respond { key, response } => {
+                if let Err(e) = state.layer.respond(&key, response, now) {
+                    debug!(error = %e, "response for a finished transaction dropped");
+                }
+            }
+            SipMsg::SendRequest {
+                request,
+                to,
+                call_id,
+            } => match state.layer.send_request(request, to, now) {
+                Ok(key) => {
+                    state.requests.insert(key, call_id);
+                }
+                Err(e) => warn!(error = %e, %call_id, "could not send an in-dialog request"),
+            },
+            SipMsg::DialogEnded { sip_call_id } => {
+                state.dialogs.remove(&sip_call_id);
+                state.invites.retain(|_, c| *c != sip_call_id);
+            }
+        }
+        drive(&myself, state).await;
+        Ok(())
+    }
+}
+
+/// Act on what the layer decided: hand events to calls, send what is due.
+async fn drive(myself: &ActorRef<SipMsg>, state: &mut SipEndpointState) {
+    while let Some(event) = state.layer.poll_event() {
+        on_event(myself, state, event).await;
+    }
+    while let Some(t) = state.layer.poll_transmit() {
+        transmit(state, t.to, t.bytes);
+    }
+}
+
+fn transmit(state: &SipEndpointState, to: Peer, bytes: Vec<u8>) {
+    match to.transport {
+        Transport::Udp => match state.udp.try_send_to(&bytes, to.addr) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                // Rare: the socket buffer is full. Send it without blocking the endpoint.
+                let udp = state.udp.clone();
+                tokio::spawn(async move {
+                    let _ = udp.send_to(&bytes, to.addr).await;
+                });
+            }
+            Err(e) => debug!(error = %e, to = %to.addr, "UDP send failed"),
+        },
+        Transport::Tcp => match state.tcp.get(&to.addr) {
+            Some(w) => {
+                let _ = w.send(bytes);
+            }
+            None => debug!(to = %to.addr, "no TCP connection for a message; dropped"),
+        },
+    }
+}
+
+fn reply(state: &mut SipEndpointState, key: &TxKey, req: &rsip::Request, code: u16, extra: &[(&str, &str)]) {
+    let mut resp = response_to(req, code, None, Some(&sipmsg::new_tag()));
+    for (name, value) in extra {
+        resp.headers
+            .push(rsip::Header::Other((*name).to_owned(), (*value).to_owned()));
+    }
+    if let Err(e) = state.layer.respond(key, resp, Instant::now()) {
+        debug!(error = %e, "could not answer a request");
+    }
+}
+
+async fn on_event(myself: &ActorRef<SipMsg>, state: &mut SipEndpointState, event: TuEvent) {
+    match event {
+        TuEvent::RequestReceived { key, request, from } => {
+            on_request(myself, state, key, request, from).await
+        }
+        TuEvent::AckReceived { request, .. } => {
+            let msg = SipMessage::Request(request);
+            if let Some(call) = sipmsg::call_id(&msg).and_then(|c| state.dialogs.get(&c)) {
+                let _ = call.cast(CallMsg::AckReceived);
+            }
+        }
+        TuEvent::CancelReceived { invite, .. } => {
+            if let Some(call) = state
+                .invites
+                .get(&invite)
+                .and_then(|c| state.dialogs.get(c))
+            {
+                let _ = call.cast(CallMsg::CancelReceived);
+            }
+        }
+        TuEvent::AckTimeout { key } => {
+            if let Some(call) = state.invites.get(&key).and_then(|c| state.dialogs.get(c)) {
+                let _ = call.cast(CallMsg::AckTimedOut);
+            }
+        }
+        TuEvent::ResponseReceived { key, response } => {
+            let code = response.status_code.code();
+            if code >= 200
+                && let Some(call_id) = state.requests.remove(&key)
+            {
+                let entry = TimelineEntry {
+                    at: state.clock.now(),
+                    kind: "sip.received".into(),
+                    detail: serde_json::json!({
+                        "status": code,
+                        "reason": response.status_code.to_string(),
+                        "cseq": sipmsg::cseq(&SipMessage::Response(response)).map(|(n, m)| format!("{n} {m}")),
+                    }),
+                };
+                let store = state.store.clone();
+                tokio::spawn(async move {
+                    let _ = store.append_timeline(&call_id, vec![entry]).await;
+                });
+            }
+        }
+        TuEvent::ClientTimeout { key } => {
+            if let Some(call_id) = state.requests.remove(&key) {
+                let entry = TimelineEntry {
+                    at: state.clock.now(),
+                    kind: "sip.timeout".into(),
+                    detail: serde_json::json!({"message": "no final response to our request"}),
+                };
+                let store = state.store.clone();
+                tokio::spawn(async move {
+                    let _ = store.append_timeline(&call_id, vec![entry]).await;
+                });
+            }
+        }
+    }
+}
+
+async fn on_request(
+    myself: &ActorRef<SipMsg>,
+    state: &mut SipEndpointState,
+    key: TxKey,
+    request: rsip::Request,
+    from: Peer,
+) {
+    let method = request.method.clone();
+    let msg_call_id = {
+        let msg = SipMessage::Request(request.clone());
+        sipmsg::call_id(&msg)
+    };
+    let call = msg_call_id.as_ref().and_then(|c| state.dialogs.get(c)).cloned();
+    match method {
+        Method::Invite => {
+            if let Some(call) = call {
+                let _ = call.cast(CallMsg::InDialogRequest { key, request });
+                return;
+            }
+            if !carrier_allowed(&state.args.carrier_allow, from.addr) {
+                info!(from = %from.addr, "INVITE from an address outside SAUTIKIT_CARRIER_ALLOW");
+                reply(state, &key, &request, 403, &[]);
+                return;
+            }
+            let to_tag = sipmsg::to_tag(&SipMessage::Request(request.clone()));
+            if to_tag.is_some() {
+                // A re-INVITE for a dialog we do not know.
+                reply(state, &key, &request, 481, &[]);
+                return;
+            }
+            let Some(sip_call_id) = msg_call_id else {
+                reply(state, &key, &request, 400, &[]);
+                return;
+            };
+            // Kept to answer 500 should the Call actor fail to start.
+            let fallback = request.clone();
+            let args = CallArgs {
+                deps: state.args.deps.clone(),
+                endpoint: myself.clone(),
+                invite: IncomingInvite {
+                    key: key.clone(),
+                    request,
+                    from,
+                    sip_call_id: sip_call_id.clone(),
+                    local: state.local,
+                },
+            };
+            match Actor::spawn_linked(None, crate::calls::Call, args, state.args.calls.clone())
+                .await
+            {
+                Ok((call, _)) => {
+                    state.invites.insert(key, sip_call_id.clone());
+                    state.dialogs.insert(sip_call_id, call);
+                }
+                Err(e) => {
+                    warn!(error = %e, "could not start a Call actor");
+                    reply(state, &key, &fallback, 500, &[]);
+                }
+            }
+        }
+        Method::Bye | Method::Info | Method::Options if call.is_some() => {
+            if let Some(call) = call {
+                let _ = call.cast(CallMsg::InDialogRequest { key, request });
+            }
+        }
+        Method::Options => reply(
+            state,
+            &key,
+            &request,
+            200,
+            &[("Allow", ALLOW), ("Accept", "application/sdp")],
+        ),
+        Method::Bye | Method::Info => reply(state, &key, &request, 481, &[]),
+        Method::Ack | Method::Cancel => {}
+        other => {
+            let name = other.to_string();
+            if KNOWN_UNSUPPORTED.contains(&name.as_str()) {
+                reply(state, &key, &request, 405, &[("Allow", ALLOW)]);
+            } else {
+                reply(state, &key, &request, 501, &[("Allow", ALLOW)]);
+            }
+        }
+    }
+}
+
+fn carrier_allowed(allow: &[IpNet], addr: SocketAddr) -> bool {
+    let ip = match addr.ip() {
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(std::net::IpAddr::V4)
+            .unwrap_or(std::net::IpAddr::V6(v6)),
+        v4 => v4,
+    };
+    allow.iter().any(|n| n.contains(&ip))
+}
+
+async fn udp_loop(socket: Arc<UdpSocket>, endpoint: ActorRef<SipMsg>) {
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    loop {
+        match socket.recv_from(&mut buf).await {
+            Ok((n, addr)) => {
+                let msg = SipMsg::Received {
+                    bytes: buf[..n].to_vec(),
+                    from: Peer {
+                        addr,
+                        transport: Transport::Udp,
+                    },
+                };
+                if endpoint.cast(msg).is_err() {
+                    return;
+                }
+            }
+            // ICMP port unreachable from an earlier send shows up here on some systems.
+            Err(e) => debug!(error = %e, "UDP receive error"),
+        }
+    }
+}
+
+async fn accept_loop(listener: TcpListener, endpoint: ActorRef<SipMsg>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(tcp_connection(stream, peer, endpoint.clone()));
+            }
+            Err(e) => {
+                warn!(error = %e, "TCP accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn tcp_connection(stream: TcpStream, peer: SocketAddr, endpoint: ActorRef<SipMsg>) {
+    let (mut rd, mut wr) = stream.into_split();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    if endpoint
+        .cast(SipMsg::TcpOpened { peer, writer: tx })
+        .is_err()
+    {
+        return;
+    }
+    let writer = tokio::spawn(async move {
+        while let Some(bytes) = rx.recv().await {
+            if wr.write_all(&bytes).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut framer = StreamFramer::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    'read: loop {
+        let n = match rd.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        framer.push(&buf[..n]);
+        while let Some(next) = framer.next_message() {
+            match next {
+                Ok(bytes) => {
+                    let from = Peer {
+                        addr: peer,
+                        transport: Transport::Tcp,
+                    };
+                    if endpoint.cast(SipMsg::Received { bytes, from }).is_err() {
+                        break 'read;
+                    }
+                }
+                Err(e) => {
+                    // The stream cannot be re-synchronised after a framing error.
+                    info!(%peer, error = %e, "closing a TCP connection with a malformed stream");
+                    break 'read;
+                }
+            }
+        }
+    }
+    writer.abort();
+    let _ = endpoint.cast(SipMsg::TcpClosed { peer });
+}

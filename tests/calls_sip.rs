@@ -1,0 +1,414 @@
+//! Inbound calls end to end: sipp (Debian `sip-tester`) calls a claimed number on a running
+//! server; the number's voice callback and events_url are real HTTP servers in this test.
+//! Every test runs on SQLite and PostgreSQL.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::receiver::Receiver;
+use common::voice::VoiceServer;
+use common::{Api, Backend, Mode, Server, TestDb, dev_key, wait_for_json};
+use hmac::{KeyInit, Mac};
+use serde_json::{Value, json};
+
+const NUMBER: &str = "254700000001";
+const INVENTORY_ID: &str = "01900000-0000-7000-8000-000000000001";
+
+struct Ctx {
+    db: TestDb,
+    server: Server,
+    api: Api,
+    number_id: String,
+    voice: VoiceServer,
+    events: Receiver,
+    secret: String,
+}
+
+/// A dev server with +254700000001 claimed and routed to `voice_path` on a local callback
+/// server, its events to a local receiver.
+async fn setup(backend: Backend, voice_path: &str) -> Ctx {
+    let db = TestDb::new(backend).await;
+    let server = Server::start_with(
+        &db,
+        Mode::Dev,
+        &[
+            ("SAUTIKIT_SIP_LISTEN", "127.0.0.1:0"),
+            ("SAUTIKIT_RTP_PORTS", &rtp_range()),
+            ("SAUTIKIT_WEBHOOK_RETRY_SCALE", "0.001"),
+        ],
+    );
+    let api = server.api(&dev_key(&db.data_dir));
+    let claimed = api
+        .post(&format!("/v1/numbers/{INVENTORY_ID}/claim"), None)
+        .await;
+    assert_eq!(claimed.status, 201, "{}", claimed.body);
+    let number_id = claimed.json()["id"].as_str().unwrap().to_owned();
+    let voice = VoiceServer::start().await;
+    let events = Receiver::ok().await;
+    let routed = api
+        .patch(
+            &format!("/v1/numbers/{number_id}/routing"),
+            json!({"voice_callback_url": voice.url(voice_path), "events_url": events.url("/events")}),
+        )
+        .await;
+    assert_eq!(routed.status, 200, "{}", routed.body);
+    let creds: Value = serde_json::from_str(
+        &std::fs::read_to_string(db.data_dir.join("dev-credentials.json")).unwrap(),
+    )
+    .unwrap();
+    let secret = creds["webhook_secret"].as_str().unwrap().to_owned();
+    Ctx {
+        db,
+        server,
+        api,
+        number_id,
+        voice,
+        events,
+        secret,
+    }
+}
+
+/// Tests run in parallel: each server takes RTP ports from its own stretch.
+fn rtp_range() -> String {
+    let base = 20_000 + (std::process::id() % 50) as u16 * 200 + free_port() % 150 * 2;
+    format!("{}-{}", base, base + 400)
+}
+
+fn free_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .unwrap()
+}
+
+/// Run sipp to `target` with `args`, in `dir`; returns (success, output).
+async fn sipp(dir: &Path, target: SocketAddr, args: &[&str]) -> (bool, String) {
+    let port = free_port().to_string();
+    let media_port = (free_port() & !1).to_string();
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::process::Command::new("sipp")
+            .current_dir(dir)
+            .args(args)
+            .args([
+                "-p",
+                &port,
+                "-mp",
+                &media_port,
+                "-i",
+                "127.0.0.1",
+                "-nostdin",
+                "-timeout",
+                "60s",
+                "-timeout_error",
+                "-trace_err",
+                &target.to_string(),
+            ])
+            .stdin(Stdio::null())
+            .output(),
+    )
+    .await
+    .expect("sipp finished within 120 s")
+    .expect("sipp runs (scripts/test.sh installs sip-tester)");
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.file_name().to_string_lossy().ends_with("_errors.log") {
+            text.push_str(&std::fs::read_to_string(entry.path()).unwrap_or_default());
+        }
+    }
+    (out.status.success(), text)
+}
+
+/// A scenario from tests/sipp with `[status]` filled in, written to `dir`.
+fn scenario(dir: &Path, name: &str, status: Option<u16>) -> String {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/sipp")
+        .join(name);
+    let mut text = std::fs::read_to_string(src).unwrap();
+    if let Some(code) = status {
+        text = text.replace("[status]", &code.to_string());
+    }
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+fn verify_signature(secret: &str, header: &str, body: &str) -> bool {
+    let parts: std::collections::HashMap<&str, &str> =
+        header.split(',').filter_map(|p| p.split_once('=')).collect();
+    let (Some(t), Some(v1)) = (parts.get("t"), parts.get("v1")) else {
+        return false;
+    };
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(body.as_bytes());
+    mac.update(b".");
+    mac.update(t.as_bytes());
+    hex_encode(&mac.finalize().into_bytes()) == *v1
+}
+
+fn hex_encode(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+async fn wait_for_calls(api: &Api, n: usize, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
+    let v = wait_for_json(api, "/v1/calls?limit=100", Duration::from_secs(30), |v| {
+        v.as_array()
+            .is_some_and(|a| a.iter().filter(|c| pred(c)).count() >= n)
+    })
+    .await;
+    v.as_array().unwrap().clone()
+}
+
+async fn timeline(api: &Api, call_id: &str) -> Vec<Value> {
+    api.get_all(&format!("/v1/calls/{call_id}/events?limit=100"))
+        .await
+}
+
+async fn sipp_uac_to_a_long_pause(backend: Backend) {
+    let ctx = setup(backend, "/pause/60").await;
+    let dir = tempfile::tempdir().unwrap();
+    // sipp's own uac: INVITE, ACK, 2 s of call, then sipp hangs up with BYE.
+    let (ok, out) = sipp(
+        dir.path(),
+        ctx.server.sip_addr(),
+        &[
+            "-sn", "uac", "-s", NUMBER, "-m", "5", "-r", "10", "-l", "5", "-d", "2000",
+        ],
+    )
+    .await;
+    assert!(ok, "sipp uac failed:\n{out}");
+    let calls = wait_for_calls(&ctx.api, 5, |c| c["status"] == "completed").await;
+    assert_eq!(calls.len(), 5, "{calls:?}");
+    for c in &calls {
+        assert_eq!(c["direction"], "inbound");
+        assert_eq!(c["to"], "+254700000001");
+        assert_eq!(c["number_id"], ctx.number_id.as_str());
+        assert_eq!(c["hangup_cause"], "caller_hangup");
+        let d = c["duration_seconds"].as_i64().unwrap();
+        assert!((2..=4).contains(&d), "duration {d}: {c}");
+        assert_eq!(c["cost_minor"], 0, "inbound rate is 0 in dev");
+    }
+    // The guide's jq shape.
+    let first = ctx.api.get("/v1/calls?limit=1").await.json();
+    for field in ["direction", "status", "from", "to", "duration_seconds"] {
+        assert!(first[0].get(field).is_some(), "missing {field}: {first}");
+    }
+    // Signed lifecycle events reach the events_url, in order per call.
+    let hits = ctx
+        .events
+        .wait_until(Duration::from_secs(30), |h| {
+            h.iter().filter(|h| h.event_kind == "call.completed").count() >= 5
+        })
+        .await;
+    for h in &hits {
+        assert!(
+            verify_signature(&ctx.secret, &h.signature, &h.body),
+            "bad signature on {h:?}"
+        );
+    }
+    for c in &calls {
+        let id = c["id"].as_str().unwrap();
+        let kinds: Vec<String> = hits
+            .iter()
+            .filter(|h| h.json()["payload"]["call_id"] == id)
+            .map(|h| h.event_kind.clone())
+            .collect();
+        assert_eq!(
+            kinds,
+            ["call.started", "call.answered", "call.completed"],
+            "events of {id}"
+        );
+        let done = hits
+            .iter()
+            .find(|h| h.event_kind == "call.completed" && h.json()["payload"]["call_id"] == id)
+            .unwrap()
+            .json();
+        assert_eq!(done["payload"]["status"], "completed");
+        assert_eq!(done["payload"]["duration_seconds"], c["duration_seconds"]);
+    }
+    // The callback got the form fields of DESIGN §6, signed.
+    let hit = &ctx.voice.hits()[0];
+    assert_eq!(hit.fields["To"], "+254700000001");
+    assert_eq!(hit.fields["Direction"], "inbound");
+    assert_eq!(hit.fields["CallStatus"], "ringing");
+    assert_eq!(hit.fields["NumberId"], ctx.number_id);
+    assert!(verify_signature(&ctx.secret, &hit.signature, &hit.body));
+    // The timeline shows the SIP exchange and the action.
+    let id = calls[0]["id"].as_str().unwrap();
+    let kinds: Vec<String> = timeline(&ctx.api, id)
+        .await
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap().to_owned())
+        .collect();
+    for k in [
+        "sip.received",
+        "callback.succeeded",
+        "action.started",
+        "sip.sent",
+        "call.ended",
+    ] {
+        assert!(kinds.iter().any(|x| x == k), "{k} missing from {kinds:?}");
+    }
+    drop(ctx.db);
+}
+on_both_backends!(sipp_uac_to_a_long_pause);
+
+async fn engine_hangs_up(backend: Backend) {
+    let ctx = setup(backend, "/hangup").await;
+    for transport in ["u1", "t1"] {
+        let dir = tempfile::tempdir().unwrap();
+        let file = scenario(dir.path(), "engine_hangup.xml", None);
+        let (ok, out) = sipp(
+            dir.path(),
+            ctx.server.sip_addr(),
+            &["-sf", &file, "-s", NUMBER, "-m", "1", "-t", transport],
+        )
+        .await;
+        assert!(ok, "sipp ({transport}) failed:\n{out}");
+    }
+    let calls = wait_for_calls(&ctx.api, 2, |c| c["status"] == "completed").await;
+    for c in &calls {
+        assert_eq!(c["hangup_cause"], "engine_hangup", "{c}");
+        assert!(c["duration_seconds"].as_i64().unwrap() >= 1, "{c}");
+    }
+}
+on_both_backends!(engine_hangs_up);
+
+async fn cancel_before_answer(backend: Backend) {
+    // The callback takes 3 s, so the call is still ringing when sipp cancels.
+    let ctx = setup(backend, "/slow/3000").await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = scenario(dir.path(), "cancel.xml", None);
+    let (ok, out) = sipp(
+        dir.path(),
+        ctx.server.sip_addr(),
+        &["-sf", &file, "-s", NUMBER, "-m", "1"],
+    )
+    .await;
+    assert!(ok, "sipp cancel failed:\n{out}");
+    let calls = wait_for_calls(&ctx.api, 1, |c| c["status"] == "canceled").await;
+    let id = calls[0]["id"].as_str().unwrap().to_owned();
+    let hits = ctx
+        .events
+        .wait_until(Duration::from_secs(30), |h| {
+            h.iter().any(|h| h.event_kind == "call.failed")
+        })
+        .await;
+    let failed = hits
+        .iter()
+        .find(|h| h.event_kind == "call.failed")
+        .unwrap()
+        .json();
+    assert_eq!(failed["payload"]["call_id"], id.as_str());
+    assert_eq!(failed["payload"]["status"], "canceled");
+    assert_eq!(calls[0]["duration_seconds"], 0);
+}
+on_both_backends!(cancel_before_answer);
+
+async fn refused_calls(backend: Backend) {
+    let ctx = setup(backend, "/pause/5").await;
+    let dir = tempfile::tempdir().unwrap();
+    // Nobody has claimed this number.
+    let file = scenario(dir.path(), "refused.xml", Some(404));
+    let (ok, out) = sipp(
+        dir.path(),
+        ctx.server.sip_addr(),
+        &["-sf", &file, "-s", "254799999999", "-m", "1"],
+    )
+    .await;
+    assert!(ok, "expected 404:\n{out}");
+    // The script rejects as busy: 486 and status busy.
+    ctx.api
+        .patch(
+            &format!("/v1/numbers/{}/routing", ctx.number_id),
+            json!({"voice_callback_url": ctx.voice.url("/reject-busy")}),
+        )
+        .await;
+    let file = scenario(dir.path(), "refused.xml", Some(486));
+    let (ok, out) = sipp(
+        dir.path(),
+        ctx.server.sip_addr(),
+        &["-sf", &file, "-s", NUMBER, "-m", "1"],
+    )
+    .await;
+    assert!(ok, "expected 486:\n{out}");
+    wait_for_calls(&ctx.api, 1, |c| c["status"] == "busy").await;
+    // No voice callback: 480.
+    ctx.api
+        .patch(
+            &format!("/v1/numbers/{}/routing", ctx.number_id),
+            json!({"voice_callback_url": null}),
+        )
+        .await;
+    let file = scenario(dir.path(), "refused.xml", Some(480));
+    let (ok, out) = sipp(
+        dir.path(),
+        ctx.server.sip_addr(),
+        &["-sf", &file, "-s", NUMBER, "-m", "1"],
+    )
+    .await;
+    assert!(ok, "expected 480:\n{out}");
+}
+on_both_backends!(refused_calls);
+
+/// Each broken callback: `500` to the caller, `call.failed` naming why, and the timeline shows it.
+async fn callback_failures(backend: Backend) {
+    let ctx = setup(backend, "/status500").await;
+    let cases = [
+        ("/status500", "callback.http_status", "callback.failed"),
+        ("/notjson", "callback.invalid_json", "callback.failed"),
+        ("/unknown-verb", "callback.invalid_actions", "callback.failed"),
+        ("/say", "action.not_supported", "action.failed"),
+        // Longer than the 10 s deadline.
+        ("/slow/11000", "callback.timeout", "callback.failed"),
+    ];
+    for (path, reason, timeline_kind) in cases {
+        ctx.api
+            .patch(
+                &format!("/v1/numbers/{}/routing", ctx.number_id),
+                json!({"voice_callback_url": ctx.voice.url(path)}),
+            )
+            .await;
+        let dir = tempfile::tempdir().unwrap();
+        let file = scenario(dir.path(), "refused.xml", Some(500));
+        let (ok, out) = sipp(
+            dir.path(),
+            ctx.server.sip_addr(),
+            &["-sf", &file, "-s", NUMBER, "-m", "1"],
+        )
+        .await;
+        assert!(ok, "{path}: expected 500:\n{out}");
+        let calls = wait_for_calls(&ctx.api, 1, |c| c["failure_reason"] == reason).await;
+        let call = calls
+            .iter()
+            .find(|c| c["failure_reason"] == reason)
+            .unwrap();
+        assert_eq!(call["status"], "failed", "{path}: {call}");
+        let id = call["id"].as_str().unwrap().to_owned();
+        let events = timeline(&ctx.api, &id).await;
+        assert!(
+            events.iter().any(|e| e["kind"] == timeline_kind),
+            "{path}: {timeline_kind} not in {events:?}"
+        );
+        let hits = ctx
+            .events
+            .wait_until(Duration::from_secs(30), |h| {
+                h.iter().any(|h| {
+                    h.event_kind == "call.failed" && h.json()["payload"]["call_id"] == id.as_str()
+                })
+            })
+            .await;
+        let failed = hits
+            .iter()
+            .find(|h| h.event_kind == "call.failed" && h.json()["payload"]["call_id"] == id.as_str())
+            .unwrap()
+            .json();
+        assert_eq!(failed["payload"]["failure_reason"], reason, "{path}");
+    }
+}
+on_both_backends!(callback_failures);
