@@ -1,7 +1,15 @@
 //! SIP and media protocol machines for Sautikit.
 //!
-//! Everything here is sans-IO: no sockets, no clocks, no databases. For now the crate holds the
-//! digest primitives that SIP credentials need at creation time; transactions, dialogs, SDP and RTP
-//! arrive with the inbound-calls issue.
+//! Everything here is sans-IO: no sockets, no clocks, no databases. Machines take input plus the
+//! current `Instant` and hand back what to send and when they next need to be woken; a thin tokio
+//! driver in `sautikit-actors` owns the sockets and timers.
 
+pub use rsip;
+
+pub mod dialog;
 pub mod digest;
+pub mod message;
+pub mod rtp;
+pub mod sdp;
+pub mod stream;
+pub mod transaction;

@@ -1,0 +1,606 @@
+//! The transaction layer: matches messages to transactions, creates server transactions, drives
+//! timers, and answers what needs no TU (100 Trying, CANCEL, 400/481/483).
+
+use super::invite_client::InviteClient;
+use super::invite_server::{self, InviteServer};
+use super::non_invite_client::NonInviteClient;
+use super::non_invite_server::NonInviteServer;
+use super::{Out, Peer, Timers, Transmit, TuEvent, TxError, TxKey};
+use crate::message::{self, expand_compact, find, header_param};
+use rsip::prelude::*;
+use rsip::{Method, Request, Response, SipMessage};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::time::Instant;
+
+enum Tx {
+    InviteServer(InviteServer),
+    /// Boxed: it keeps the whole INVITE to build the ACK of a non-2xx.
+    InviteClient(Box<InviteClient>),
+    NonInviteServer(NonInviteServer),
+    NonInviteClient(NonInviteClient),
+}
+
+impl Tx {
+    fn deadline(&self) -> Option<Instant> {
+        match self {
+            Tx::InviteServer(t) => t.deadline(),
+            Tx::InviteClient(t) => t.deadline(),
+            Tx::NonInviteServer(t) => t.deadline(),
+            Tx::NonInviteClient(t) => t.deadline(),
+        }
+    }
+
+    fn is_terminated(&self) -> bool {
+        match self {
+            Tx::InviteServer(t) => t.is_terminated(),
+            Tx::InviteClient(t) => t.is_terminated(),
+            Tx::NonInviteServer(t) => t.is_terminated(),
+            Tx::NonInviteClient(t) => t.is_terminated(),
+        }
+    }
+}
+
+/// What matches an ACK for a 2xx to the INVITE it acknowledges: the ACK is a new transaction
+/// (new branch), so only dialog identifiers tie it to the INVITE (RFC 3261 §17.2.3 does not
+/// apply).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct AckMatch {
+    call_id: String,
+    cseq: u32,
+    from_tag: String,
+}
+
+struct Entry {
+    key: TxKey,
+    tx: Tx,
+    /// The deadline most recently pushed on the heap; heap items that disagree are stale.
+    scheduled: Option<Instant>,
+    /// For INVITE server transactions: how its 2xx ACK will be recognised.
+    ack_match: Option<AckMatch>,
+}
+
+pub struct TransactionLayer {
+    timers: Timers,
+    next_id: u64,
+    ids: HashMap<TxKey, u64>,
+    txs: HashMap<u64, Entry>,
+    /// Min-heap of (deadline, transaction id), lazily pruned.
+    heap: BinaryHeap<Reverse<(Instant, u64)>>,
+    /// INVITE server transactions in the Accepted state, by 2xx-ACK identifiers.
+    accepted: HashMap<AckMatch, u64>,
+    out: Out,
+}
+
+/// The parts of a request that every transaction-layer decision needs.
+struct RequestInfo {
+    branch: String,
+    sent_by: String,
+    call_id: String,
+    cseq: u32,
+    from_tag: Option<String>,
+}
+
+impl TransactionLayer {
+    pub fn new(timers: Timers) -> Self {
+        Self {
+            timers,
+            next_id: 0,
+            ids: HashMap::new(),
+            txs: HashMap::new(),
+            heap: BinaryHeap::new(),
+            accepted: HashMap::new(),
+            out: Out::default(),
+        }
+    }
+
+    pub fn timers(&self) -> Timers {
+        self.timers
+    }
+
+    /// Live transactions.
+    pub fn len(&self) -> usize {
+        self.txs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.txs.is_empty()
+    }
+
+    /// Parse and dispatch one datagram / framed TCP message. Malformed requests are answered
+    /// `400` when Via, From, To, Call-ID and CSeq can be recovered, otherwise dropped.
+    pub fn handle_datagram(&mut self, bytes: &[u8], from: Peer, now: Instant) {
+        match message::parse(bytes) {
+            Ok(msg) => self.handle_message(msg, from, now),
+            Err(e) => {
+                tracing::debug!(error = %e, peer = %from.addr, "unparseable SIP message");
+                if let Some(resp) = raw_error_response(bytes, &e.to_string()) {
+                    self.out.send(from, resp);
+                }
+            }
+        }
+    }
+
+    pub fn handle_message(&mut self, msg: SipMessage, from: Peer, now: Instant) {
+        match msg {
+            SipMessage::Request(req) => self.handle_request(req, from, now),
+            SipMessage::Response(resp) => self.handle_response(resp, now),
+        }
+        self.prune_heap();
+    }
+
+    fn handle_request(&mut self, req: Request, from: Peer, now: Instant) {
+        let is_ack = req.method == Method::Ack;
+        let info = match request_info(&req) {
+            Ok(info) => info,
+            Err(why) => {
+                tracing::debug!(why, peer = %from.addr, "malformed request");
+                if !is_ack {
+                    self.reject(&req, 400, why, from);
+                }
+                return;
+            }
+        };
+        if !is_ack && message::max_forwards(&req) == Some(0) {
+            self.reject(&req, 483, "Too Many Hops", from);
+            return;
+        }
+        match req.method {
+            Method::Ack => self.handle_ack(req, info, from, now),
+            Method::Cancel => self.handle_cancel(req, info, from, now),
+            _ => self.handle_new_or_retransmit(req, info, from, now),
+        }
+    }
+
+    fn handle_new_or_retransmit(
+        &mut self,
+        req: Request,
+        info: RequestInfo,
+        from: Peer,
+        now: Instant,
+    ) {
+        let key = TxKey::server(&info.branch, &req.method, &info.sent_by);
+        if let Some(&id) = self.ids.get(&key) {
+            if let Some(entry) = self.txs.get_mut(&id) {
+                match &mut entry.tx {
+                    Tx::InviteServer(t) => t.on_invite_retransmit(&mut self.out),
+                    Tx::NonInviteServer(t) => t.on_retransmit(&mut self.out),
+                    _ => {}
+                }
+            }
+            return;
+        }
+        let (tx, ack_match) = if req.method == Method::Invite {
+            let trying = message::to_bytes(message::response_to(&req, 100, None, None));
+            let t = InviteServer::new(from, self.timers, trying, now, &mut self.out);
+            let ack_match = info.from_tag.map(|from_tag| AckMatch {
+                call_id: info.call_id,
+                cseq: info.cseq,
+                from_tag,
+            });
+            (Tx::InviteServer(t), ack_match)
+        } else {
+            (
+                Tx::NonInviteServer(NonInviteServer::new(from, self.timers, now)),
+                None,
+            )
+        };
+        self.insert(key.clone(), tx, ack_match);
+        self.out.event(TuEvent::RequestReceived {
+            key,
+            request: req,
+            from,
+        });
+    }
+
+    fn handle_ack(&mut self, req: Request, info: RequestInfo, from: Peer, now: Instant) {
+        let key = TxKey::server(&info.branch, &Method::Invite, &info.sent_by);
+        let mut to_tu = true;
+        if let Some(&id) = self.ids.get(&key) {
+            if let Some(Entry {
+                tx: Tx::InviteServer(t),
+                ..
+            }) = self.txs.get_mut(&id)
+            {
+                // Same branch: the ACK of our non-2xx (absorbed), or a 2xx ACK from a UA that
+                // reused the INVITE branch.
+                to_tu = t.on_ack(now);
+                self.reschedule(id);
+            }
+        } else if let Some(from_tag) = &info.from_tag {
+            let m = AckMatch {
+                call_id: info.call_id,
+                cseq: info.cseq,
+                from_tag: from_tag.clone(),
+            };
+            if let Some(&id) = self.accepted.get(&m)
+                && let Some(Entry {
+                    tx: Tx::InviteServer(t),
+                    ..
+                }) = self.txs.get_mut(&id)
+            {
+                t.on_ack(now);
+                self.reschedule(id);
+            }
+        }
+        if to_tu {
+            self.out.event(TuEvent::AckReceived { request: req, from });
+        }
+    }
+
+    fn handle_cancel(&mut self, req: Request, info: RequestInfo, from: Peer, now: Instant) {
+        let key = TxKey::server(&info.branch, &Method::Cancel, &info.sent_by);
+        if let Some(&id) = self.ids.get(&key) {
+            if let Some(Entry {
+                tx: Tx::NonInviteServer(t),
+                ..
+            }) = self.txs.get_mut(&id)
+            {
+                t.on_retransmit(&mut self.out);
+            }
+            return;
+        }
+        // RFC 3261 §9.2: the CANCEL carries the INVITE's branch and sent-by.
+        let invite_key = TxKey::server(&info.branch, &Method::Invite, &info.sent_by);
+        let invite = self.ids.get(&invite_key).and_then(|id| self.txs.get(id));
+        let (code, pending) = match invite.map(|e| &e.tx) {
+            Some(Tx::InviteServer(t)) => (200, !t.has_final()),
+            _ => (481, false),
+        };
+        let mut t = NonInviteServer::new(from, self.timers, now);
+        let tag = (code == 200).then(message::new_tag);
+        let resp = message::response_to(&req, code, None, tag.as_deref());
+        // A fresh transaction in Trying accepts any final response.
+        let _ = t.respond(code, message::to_bytes(resp), now, &mut self.out);
+        self.insert(key, Tx::NonInviteServer(t), None);
+        if pending {
+            self.out.event(TuEvent::CancelReceived {
+                invite: invite_key,
+                from,
+            });
+        }
+    }
+
+    fn handle_response(&mut self, resp: Response, now: Instant) {
+        let msg = SipMessage::Response(resp);
+        let (Some(branch), Some((_, method))) =
+            (message::top_via_branch(&msg), message::cseq(&msg))
+        else {
+            tracing::debug!("response without branch or CSeq dropped");
+            return;
+        };
+        let SipMessage::Response(resp) = msg else {
+            return;
+        };
+        let key = TxKey::client(&branch, &method);
+        let Some(&id) = self.ids.get(&key) else {
+            tracing::debug!(
+                ?key,
+                status = resp.status_code.code(),
+                "stray response dropped"
+            );
+            return;
+        };
+        if let Some(entry) = self.txs.get_mut(&id) {
+            match &mut entry.tx {
+                Tx::InviteClient(t) => t.on_response(&entry.key, resp, now, &mut self.out),
+                Tx::NonInviteClient(t) => t.on_response(&entry.key, resp, now, &mut self.out),
+                _ => {}
+            }
+        }
+        self.reschedule(id);
+    }
+
+    /// Send a response on a server transaction (provisional or final).
+    pub fn respond(
+        &mut self,
+        key: &TxKey,
+        response: Response,
+        now: Instant,
+    ) -> Result<(), TxError> {
+        let id = *self.ids.get(key).ok_or(TxError::NotFound)?;
+        let entry = self.txs.get_mut(&id).ok_or(TxError::NotFound)?;
+        let code = response.status_code.code();
+        let bytes = message::to_bytes(response);
+        match &mut entry.tx {
+            Tx::InviteServer(t) => {
+                t.respond(code, bytes, now, &mut self.out)?;
+                if matches!(t.state(), invite_server::State::Accepted { .. })
+                    && let Some(m) = entry.ack_match.clone()
+                {
+                    self.accepted.insert(m, id);
+                }
+            }
+            Tx::NonInviteServer(t) => t.respond(code, bytes, now, &mut self.out)?,
+            _ => return Err(TxError::NotServer),
+        }
+        self.reschedule(id);
+        self.prune_heap();
+        Ok(())
+    }
+
+    /// Start a client transaction. The request must carry a top Via with an RFC 3261 branch.
+    pub fn send_request(
+        &mut self,
+        request: Request,
+        to: Peer,
+        now: Instant,
+    ) -> Result<TxKey, TxError> {
+        if request.method == Method::Ack {
+            return Err(TxError::AckIsNotATransaction);
+        }
+        let msg = SipMessage::Request(request);
+        let branch = message::top_via_branch(&msg)
+            .filter(|b| b.starts_with("z9hG4bK"))
+            .ok_or(TxError::MissingBranch)?;
+        let SipMessage::Request(request) = msg else {
+            return Err(TxError::MissingBranch);
+        };
+        let key = TxKey::client(&branch, &request.method);
+        if self.ids.contains_key(&key) {
+            return Err(TxError::Duplicate);
+        }
+        let bytes = message::to_bytes(request.clone());
+        let tx = if request.method == Method::Invite {
+            Tx::InviteClient(Box::new(InviteClient::new(
+                to,
+                self.timers,
+                request,
+                bytes,
+                now,
+                &mut self.out,
+            )))
+        } else {
+            Tx::NonInviteClient(NonInviteClient::new(
+                to,
+                self.timers,
+                bytes,
+                now,
+                &mut self.out,
+            ))
+        };
+        self.insert(key.clone(), tx, None);
+        self.prune_heap();
+        Ok(key)
+    }
+
+    /// Send an ACK for a 2xx directly: it is not a transaction (RFC 3261 §13.2.2.4).
+    pub fn send_ack(&mut self, ack: Request, to: Peer) {
+        self.out.send(to, message::to_bytes(ack));
+    }
+
+    /// Send a message outside any transaction (e.g. a stateless response).
+    pub fn send_stateless(&mut self, msg: impl Into<SipMessage>, to: Peer) {
+        self.out.send(to, message::to_bytes(msg));
+    }
+
+    /// Fire every timer due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(&Reverse((at, id))) = self.heap.peek() {
+            if at > now {
+                break;
+            }
+            self.heap.pop();
+            let Some(entry) = self.txs.get_mut(&id) else {
+                continue;
+            };
+            if entry.scheduled != Some(at) {
+                continue;
+            }
+            entry.scheduled = None;
+            match &mut entry.tx {
+                Tx::InviteServer(t) => t.on_timeout(&entry.key, now, &mut self.out),
+                Tx::InviteClient(t) => t.on_timeout(&entry.key, now, &mut self.out),
+                Tx::NonInviteServer(t) => t.on_timeout(&entry.key, now),
+                Tx::NonInviteClient(t) => t.on_timeout(&entry.key, now, &mut self.out),
+            }
+            self.reschedule(id);
+        }
+        self.prune_heap();
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.out.transmits.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<TuEvent> {
+        self.out.events.pop_front()
+    }
+
+    /// Earliest deadline of all transactions.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.heap.peek().map(|Reverse((at, _))| *at)
+    }
+
+    fn insert(&mut self, key: TxKey, tx: Tx, ack_match: Option<AckMatch>) {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.ids.insert(key.clone(), id);
+        self.txs.insert(
+            id,
+            Entry {
+                key,
+                tx,
+                scheduled: None,
+                ack_match,
+            },
+        );
+        self.reschedule(id);
+    }
+
+    /// After any change to a transaction: drop it when terminated, else make sure the heap holds
+    /// its current deadline.
+    fn reschedule(&mut self, id: u64) {
+        let Some(entry) = self.txs.get_mut(&id) else {
+            return;
+        };
+        if entry.tx.is_terminated() {
+            if let Some(entry) = self.txs.remove(&id) {
+                self.ids.remove(&entry.key);
+                if let Some(m) = entry.ack_match
+                    && self.accepted.get(&m) == Some(&id)
+                {
+                    self.accepted.remove(&m);
+                }
+            }
+            return;
+        }
+        let deadline = entry.tx.deadline();
+        if deadline != entry.scheduled {
+            entry.scheduled = deadline;
+            if let Some(at) = deadline {
+                self.heap.push(Reverse((at, id)));
+            }
+        }
+    }
+
+    /// Drop stale heap tops so `poll_timeout` is exact, and rebuild the heap when stale entries
+    /// (left by transactions that ended early) outnumber live ones, to keep memory bounded.
+    fn prune_heap(&mut self) {
+        while let Some(&Reverse((at, id))) = self.heap.peek() {
+            match self.txs.get(&id) {
+                Some(e) if e.scheduled == Some(at) => break,
+                _ => {
+                    self.heap.pop();
+                }
+            }
+        }
+        if self.heap.len() > 2 * self.txs.len() + 1024 {
+            self.heap = self
+                .txs
+                .iter()
+                .filter_map(|(&id, e)| e.scheduled.map(|at| Reverse((at, id))))
+                .collect();
+        }
+    }
+
+    /// Answer a request that reached us but cannot be processed, outside any transaction.
+    fn reject(&mut self, req: &Request, code: u16, reason: &str, to: Peer) {
+        let complete = req.via_header().is_ok()
+            && req.from_header().is_ok()
+            && req.to_header().is_ok()
+            && req.call_id_header().is_ok()
+            && req.cseq_header().is_ok();
+        if !complete {
+            tracing::debug!(code, "cannot answer: Via/From/To/Call-ID/CSeq missing");
+            return;
+        }
+        let tag = message::new_tag();
+        let resp = message::response_to(req, code, Some(reason), Some(&tag));
+        self.out.send(to, message::to_bytes(resp));
+    }
+}
+
+fn request_info(req: &Request) -> Result<RequestInfo, &'static str> {
+    let msg_ref = req.clone();
+    let msg = SipMessage::Request(msg_ref);
+    let sent_by = message::top_via_sent_by(&msg).ok_or("Bad Via")?;
+    let call_id = message::call_id(&msg).ok_or("Bad Call-ID")?;
+    let (cseq, cseq_method) = message::cseq(&msg).ok_or("Bad CSeq")?;
+    if cseq_method != req.method {
+        return Err("CSeq Method Mismatch");
+    }
+    req.from_header().map_err(|_| "Missing From")?;
+    req.to_header().map_err(|_| "Missing To")?;
+    let from_tag = message::from_tag(&msg);
+    let branch = match message::top_via_branch(&msg) {
+        Some(b) if b.starts_with("z9hG4bK") => b,
+        // RFC 2543 peers: no usable branch, so identify the transaction by the dialog
+        // identifiers and CSeq number, which a retransmission, its ACK and CANCEL all share.
+        _ => format!(
+            "rfc2543|{call_id}|{cseq}|{}",
+            from_tag.as_deref().unwrap_or_default()
+        ),
+    };
+    Ok(RequestInfo {
+        branch,
+        sent_by,
+        call_id,
+        cseq,
+        from_tag,
+    })
+}
+
+/// Build a `400` (or `501` for an unknown method) from the raw text of a request rsip could not
+/// parse, when its Via, From, To, Call-ID and CSeq lines can be recovered. Never for an ACK or a
+/// response.
+fn raw_error_response(bytes: &[u8], why: &str) -> Option<Vec<u8>> {
+    let head = match find(bytes, b"\r\n\r\n") {
+        Some(end) => bytes.get(..end)?,
+        None => bytes,
+    };
+    let mut lines = head
+        .split(|&b| b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+    let start = std::str::from_utf8(lines.next()?).ok()?;
+    let mut parts = start.split(' ');
+    let method = parts.next()?;
+    let _uri = parts.next()?;
+    let version = parts.next()?;
+    if !version.starts_with("SIP/") || method.starts_with("SIP/") || method.is_empty() {
+        return None;
+    }
+    if method.eq_ignore_ascii_case("ACK") {
+        return None;
+    }
+    let (mut vias, mut from, mut to, mut call_id, mut cseq) = (Vec::new(), None, None, None, None);
+    for line in lines {
+        let text = std::str::from_utf8(line).ok()?;
+        if text.bytes().any(|b| b.is_ascii_control() && b != b'\t') {
+            return None;
+        }
+        let Some((name, value)) = text.split_once(':') else {
+            continue;
+        };
+        let value = value.trim();
+        if value.is_empty() || text.starts_with([' ', '\t']) {
+            continue;
+        }
+        let name = expand_compact(name.trim());
+        if name.eq_ignore_ascii_case("Via") {
+            vias.push(value);
+        } else if name.eq_ignore_ascii_case("From") {
+            from.get_or_insert(value);
+        } else if name.eq_ignore_ascii_case("To") {
+            to.get_or_insert(value);
+        } else if name.eq_ignore_ascii_case("Call-ID") {
+            call_id.get_or_insert(value);
+        } else if name.eq_ignore_ascii_case("CSeq") {
+            cseq.get_or_insert(value);
+        }
+    }
+    let (from, to, call_id, cseq) = (from?, to?, call_id?, cseq?);
+    if vias.is_empty() || cseq.to_ascii_uppercase().ends_with("ACK") {
+        return None;
+    }
+    let known = method.parse::<Method>().is_ok();
+    let status = if known {
+        "400 Bad Request"
+    } else {
+        "501 Not Implemented"
+    };
+    let to = if header_param(to, "tag").is_some() {
+        to.to_string()
+    } else {
+        format!("{to};tag={}", message::new_tag())
+    };
+    let mut out = format!("SIP/2.0 {status}\r\n");
+    for via in vias {
+        out.push_str(&format!("Via: {via}\r\n"));
+    }
+    out.push_str(&format!(
+        "From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq}\r\nServer: {}\r\n",
+        message::SERVER
+    ));
+    if known {
+        // Warning 399 tells the sender what we objected to, which helps debugging interop.
+        let why: String = why
+            .chars()
+            .filter(|c| *c != '"' && *c != '\\')
+            .take(120)
+            .collect();
+        out.push_str(&format!("Warning: 399 sautikit \"{why}\"\r\n"));
+    }
+    out.push_str("Content-Length: 0\r\n\r\n");
+    Some(out.into_bytes())
+}
