@@ -45,7 +45,7 @@ async fn setup(backend: Backend, voice_path: &str) -> Ctx {
     let claimed = api
         .post(&format!("/v1/numbers/{INVENTORY_ID}/claim"), None)
         .await;
-    assert_eq!(claimed.status, 201, "{}", claimed.body);
+    assert_eq!(claimed.status, 201, "{}", claimed.text);
     let number_id = claimed.json()["id"].as_str().unwrap().to_owned();
     let voice = VoiceServer::start().await;
     let events = Receiver::ok().await;
@@ -55,7 +55,7 @@ async fn setup(backend: Backend, voice_path: &str) -> Ctx {
             json!({"voice_callback_url": voice.url(voice_path), "events_url": events.url("/events")}),
         )
         .await;
-    assert_eq!(routed.status, 200, "{}", routed.body);
+    assert_eq!(routed.status, 200, "{}", routed.text);
     let creds: Value = serde_json::from_str(
         &std::fs::read_to_string(db.data_dir.join("dev-credentials.json")).unwrap(),
     )
