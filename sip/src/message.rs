@@ -170,9 +170,15 @@ pub(crate) fn expand_compact(name: &str) -> &str {
     }
 }
 
-/// Serialize a message, fixing Content-Length to the body's real length first.
+/// Serialize a message, fixing Content-Length to the body's real length first (and giving a
+/// response status its RFC reason phrase when it has none of its own).
 pub fn to_bytes(msg: impl Into<SipMessage>) -> Vec<u8> {
     let mut msg = msg.into();
+    if let SipMessage::Response(resp) = &mut msg
+        && !matches!(resp.status_code, rsip::StatusCode::Other(..))
+    {
+        resp.status_code = status(resp.status_code.code(), None);
+    }
     let len = u32::try_from(msg.body().len()).unwrap_or(u32::MAX);
     msg.headers_mut()
         .unique_push(Header::ContentLength(len.into()));
@@ -215,10 +221,78 @@ pub fn response_to(
     }
 }
 
+/// rsip prints known status codes with its enum names ("486 BusyHere"), so every status we
+/// build or send carries an explicit reason phrase instead.
 fn status(code: u16, reason: Option<&str>) -> rsip::StatusCode {
-    match reason {
-        Some(r) => rsip::StatusCode::Other(code, r.to_string()),
-        None => rsip::StatusCode::from(code),
+    let reason = reason.unwrap_or_else(|| reason_phrase(code));
+    rsip::StatusCode::Other(code, reason.to_string())
+}
+
+/// The RFC 3261 §21 reason phrase (and a few from extensions) for a status code.
+pub fn reason_phrase(code: u16) -> &'static str {
+    match code {
+        100 => "Trying",
+        180 => "Ringing",
+        181 => "Call Is Being Forwarded",
+        182 => "Queued",
+        183 => "Session Progress",
+        199 => "Early Dialog Terminated",
+        200 => "OK",
+        202 => "Accepted",
+        204 => "No Notification",
+        300 => "Multiple Choices",
+        301 => "Moved Permanently",
+        302 => "Moved Temporarily",
+        305 => "Use Proxy",
+        380 => "Alternative Service",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        402 => "Payment Required",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        406 => "Not Acceptable",
+        407 => "Proxy Authentication Required",
+        408 => "Request Timeout",
+        410 => "Gone",
+        413 => "Request Entity Too Large",
+        414 => "Request-URI Too Long",
+        415 => "Unsupported Media Type",
+        416 => "Unsupported URI Scheme",
+        420 => "Bad Extension",
+        421 => "Extension Required",
+        423 => "Interval Too Brief",
+        480 => "Temporarily Unavailable",
+        481 => "Call/Transaction Does Not Exist",
+        482 => "Loop Detected",
+        483 => "Too Many Hops",
+        484 => "Address Incomplete",
+        485 => "Ambiguous",
+        486 => "Busy Here",
+        487 => "Request Terminated",
+        488 => "Not Acceptable Here",
+        489 => "Bad Event",
+        491 => "Request Pending",
+        493 => "Undecipherable",
+        500 => "Server Internal Error",
+        501 => "Not Implemented",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Server Time-out",
+        505 => "Version Not Supported",
+        513 => "Message Too Large",
+        580 => "Precondition Failure",
+        600 => "Busy Everywhere",
+        603 => "Decline",
+        604 => "Does Not Exist Anywhere",
+        606 => "Not Acceptable",
+        607 => "Unwanted",
+        100..=199 => "Provisional",
+        200..=299 => "Success",
+        300..=399 => "Redirection",
+        400..=499 => "Client Error",
+        500..=599 => "Server Error",
+        _ => "Global Failure",
     }
 }
 

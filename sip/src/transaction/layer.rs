@@ -533,10 +533,9 @@ fn raw_error_response(bytes: &[u8], why: &str) -> Option<Vec<u8>> {
         .split(|&b| b == b'\n')
         .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
     let start = std::str::from_utf8(lines.next()?).ok()?;
-    let mut parts = start.split(' ');
-    let method = parts.next()?;
-    let _uri = parts.next()?;
-    let version = parts.next()?;
+    // Lenient on the middle: a Request-URI with spaces in it is exactly what we answer 400 to.
+    let (method, rest) = start.split_once(' ')?;
+    let (_uri, version) = rest.rsplit_once(' ')?;
     if !version.starts_with("SIP/") || method.starts_with("SIP/") || method.is_empty() {
         return None;
     }
