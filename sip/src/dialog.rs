@@ -8,7 +8,7 @@
 use crate::message::{self, header_param, header_uri, split_top_level};
 use crate::transaction::Transport;
 use rsip::prelude::*;
-use rsip::{Header, Method, Request, SipMessage};
+use rsip::{Header, Method, Request};
 use thiserror::Error;
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -59,17 +59,17 @@ impl Dialog {
         if invite.method != Method::Invite {
             return Err(DialogError::NotInvite);
         }
-        let msg = SipMessage::Request(invite.clone());
-        let call_id = message::call_id(&msg).ok_or(DialogError::Missing("Call-ID"))?;
+        let msg = invite;
+        let call_id = message::call_id(msg).ok_or(DialogError::Missing("Call-ID"))?;
         let from = invite
             .from_header()
             .map_err(|_| DialogError::Missing("From"))?;
         let to = invite.to_header().map_err(|_| DialogError::Missing("To"))?;
-        let remote_tag = message::from_tag(&msg).ok_or(DialogError::Missing("From tag"))?;
+        let remote_tag = message::from_tag(msg).ok_or(DialogError::Missing("From tag"))?;
         let remote_uri = header_uri(from.value()).ok_or(DialogError::Missing("From"))?;
         let local_uri = header_uri(to.value()).ok_or(DialogError::Missing("To"))?;
-        let remote_target = message::contact_uri(&msg).ok_or(DialogError::Missing("Contact"))?;
-        let (remote_cseq, _) = message::cseq(&msg).ok_or(DialogError::Missing("CSeq"))?;
+        let remote_target = message::contact_uri(msg).ok_or(DialogError::Missing("Contact"))?;
+        let (remote_cseq, _) = message::cseq(msg).ok_or(DialogError::Missing("CSeq"))?;
         let local_header = match header_param(to.value(), "tag") {
             Some(_) => to.value().to_string(),
             None => format!("{};tag={local_tag}", to.value()),
@@ -97,22 +97,21 @@ impl Dialog {
         if invite.method != Method::Invite {
             return Err(DialogError::NotInvite);
         }
-        let req = SipMessage::Request(invite.clone());
-        let resp = SipMessage::Response(response.clone());
-        let call_id = message::call_id(&req).ok_or(DialogError::Missing("Call-ID"))?;
+        let (req, resp) = (invite, response);
+        let call_id = message::call_id(req).ok_or(DialogError::Missing("Call-ID"))?;
         let from = invite
             .from_header()
             .map_err(|_| DialogError::Missing("From"))?;
         let to = response
             .to_header()
             .map_err(|_| DialogError::Missing("To"))?;
-        let local_tag = message::from_tag(&req).ok_or(DialogError::Missing("From tag"))?;
-        let remote_tag = message::to_tag(&resp).ok_or(DialogError::Missing("To tag"))?;
+        let local_tag = message::from_tag(req).ok_or(DialogError::Missing("From tag"))?;
+        let remote_tag = message::to_tag(resp).ok_or(DialogError::Missing("To tag"))?;
         let local_uri = header_uri(from.value()).ok_or(DialogError::Missing("From"))?;
         let remote_uri = header_uri(to.value()).ok_or(DialogError::Missing("To"))?;
-        let remote_target = message::contact_uri(&resp).ok_or(DialogError::Missing("Contact"))?;
-        let local_contact = message::contact_uri(&req).ok_or(DialogError::Missing("Contact"))?;
-        let (local_cseq, _) = message::cseq(&req).ok_or(DialogError::Missing("CSeq"))?;
+        let remote_target = message::contact_uri(resp).ok_or(DialogError::Missing("Contact"))?;
+        let local_contact = message::contact_uri(req).ok_or(DialogError::Missing("Contact"))?;
+        let (local_cseq, _) = message::cseq(req).ok_or(DialogError::Missing("CSeq"))?;
         let mut route_set = record_routes(response);
         // RFC 3261 §12.1.2: the UAC reverses the Record-Route of the response.
         route_set.reverse();
@@ -134,18 +133,18 @@ impl Dialog {
 
     /// Whether `req` belongs to this dialog (Call-ID, and their tag in From, ours in To).
     pub fn matches(&self, req: &Request) -> bool {
-        let msg = SipMessage::Request(req.clone());
-        message::call_id(&msg).as_deref() == Some(self.call_id.as_str())
-            && message::from_tag(&msg).as_deref() == Some(self.remote_tag.as_str())
-            && message::to_tag(&msg).as_deref() == Some(self.local_tag.as_str())
+        let msg = req;
+        message::call_id(msg).as_deref() == Some(self.call_id.as_str())
+            && message::from_tag(msg).as_deref() == Some(self.remote_tag.as_str())
+            && message::to_tag(msg).as_deref() == Some(self.local_tag.as_str())
     }
 
     /// RFC 3261 §12.2.2: a CSeq lower than the last one seen is out of order (answer `500`);
     /// a higher one becomes the new remote CSeq. ACK and CANCEL repeat their INVITE's number and
     /// do not move it.
     pub fn check_remote_cseq(&mut self, req: &Request) -> Result<(), CSeqError> {
-        let msg = SipMessage::Request(req.clone());
-        let (seq, _) = message::cseq(&msg).ok_or(CSeqError::Malformed)?;
+        let msg = req;
+        let (seq, _) = message::cseq(msg).ok_or(CSeqError::Malformed)?;
         if matches!(req.method, Method::Ack | Method::Cancel) {
             return Ok(());
         }
@@ -304,6 +303,7 @@ fn route_uri(entry: &str) -> Option<rsip::Uri> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rsip::SipMessage;
 
     const INVITE: &str = "INVITE sip:254700000001@10.0.0.1:5060 SIP/2.0\r\n\
 Via: SIP/2.0/UDP 10.0.0.5;branch=z9hG4bKproxy\r\n\

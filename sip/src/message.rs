@@ -287,12 +287,14 @@ pub fn reason_phrase(code: u16) -> &'static str {
         604 => "Does Not Exist Anywhere",
         606 => "Not Acceptable",
         607 => "Unwanted",
-        100..=199 => "Provisional",
-        200..=299 => "Success",
-        300..=399 => "Redirection",
-        400..=499 => "Client Error",
-        500..=599 => "Server Error",
-        _ => "Global Failure",
+        _ => match code / 100 {
+            1 => "Provisional",
+            2 => "Success",
+            3 => "Redirection",
+            4 => "Client Error",
+            5 => "Server Error",
+            _ => "Global Failure",
+        },
     }
 }
 
@@ -318,24 +320,25 @@ fn set_body(headers: &mut rsip::Headers, slot: &mut Vec<u8>, content_type: &str,
 }
 
 // ---------------------------------------------------------------------------------------------
-// Accessors. All return `None` on anything missing or malformed.
+// Accessors. All return `None` on anything missing or malformed. They take a `SipMessage`, a
+// `Request` or a `Response`.
 
-pub fn call_id(msg: &SipMessage) -> Option<String> {
+pub fn call_id(msg: &impl HeadersExt) -> Option<String> {
     msg.call_id_header()
         .ok()
         .map(|h| h.value().trim().to_string())
         .filter(|s| !s.is_empty())
 }
 
-pub fn from_tag(msg: &SipMessage) -> Option<String> {
+pub fn from_tag(msg: &impl HeadersExt) -> Option<String> {
     header_param(msg.from_header().ok()?.value(), "tag")
 }
 
-pub fn to_tag(msg: &SipMessage) -> Option<String> {
+pub fn to_tag(msg: &impl HeadersExt) -> Option<String> {
     header_param(msg.to_header().ok()?.value(), "tag")
 }
 
-pub fn cseq(msg: &SipMessage) -> Option<(u32, Method)> {
+pub fn cseq(msg: &impl HeadersExt) -> Option<(u32, Method)> {
     parse_cseq(msg.cseq_header().ok()?.value())
 }
 
@@ -353,18 +356,18 @@ pub(crate) fn parse_cseq(value: &str) -> Option<(u32, Method)> {
 }
 
 /// The `branch` parameter of the topmost Via.
-pub fn top_via_branch(msg: &SipMessage) -> Option<String> {
+pub fn top_via_branch(msg: &impl HeadersExt) -> Option<String> {
     header_param(top_via_value(msg)?, "branch")
 }
 
 /// The first via-parm of the first Via header (a Via header may carry several, comma-separated).
-pub(crate) fn top_via_value(msg: &SipMessage) -> Option<&str> {
+pub(crate) fn top_via_value(msg: &impl HeadersExt) -> Option<&str> {
     let via = msg.via_header().ok()?.value();
     split_top_level(via, b',').into_iter().next()
 }
 
 /// `host[:port]` of the topmost Via, lowercased.
-pub(crate) fn top_via_sent_by(msg: &SipMessage) -> Option<String> {
+pub(crate) fn top_via_sent_by(msg: &impl HeadersExt) -> Option<String> {
     let via = top_via_value(msg)?;
     // "SIP/2.0/UDP host:port;params"
     let (_, rest) = via.trim().split_once(|c: char| c.is_ascii_whitespace())?;
@@ -381,13 +384,13 @@ pub fn request_user(req: &Request) -> Option<String> {
 }
 
 /// The user part of the From URI.
-pub fn from_user(msg: &SipMessage) -> Option<String> {
+pub fn from_user(msg: &impl HeadersExt) -> Option<String> {
     let uri = header_uri(msg.from_header().ok()?.value())?;
     uri.user().map(str::to_string).filter(|s| !s.is_empty())
 }
 
 /// The URI of the first Contact.
-pub fn contact_uri(msg: &SipMessage) -> Option<rsip::Uri> {
+pub fn contact_uri(msg: &impl HeadersExt) -> Option<rsip::Uri> {
     let contact = msg.contact_header().ok()?.value();
     let first = split_top_level(contact, b',').into_iter().next()?;
     header_uri(first)

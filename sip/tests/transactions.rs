@@ -1,7 +1,7 @@
 //! RFC 3261 §17 transaction behaviour, in simulated time.
 
 use sautikit_sip::message::{self, response_to};
-use sautikit_sip::rsip::{self, SipMessage};
+use sautikit_sip::rsip::{self, SipMessage, headers::UntypedHeader};
 use sautikit_sip::transaction::{
     Peer, Timers, TransactionLayer, Transmit, Transport, TuEvent, TxKey,
 };
@@ -37,6 +37,9 @@ Content-Length: 0\r\n\r\n"
 fn invite(branch: &str) -> String {
     request("INVITE", branch, "INVITE", "")
 }
+
+/// Items stamped with the simulated milliseconds since the start.
+type Timed<T> = Vec<(u64, T)>;
 
 struct Harness {
     layer: TransactionLayer,
@@ -93,7 +96,7 @@ impl Harness {
     }
 
     /// Advance to each deadline up to `until`, recording (elapsed ms, transmits, events).
-    fn run_until(&mut self, until: Duration) -> (Vec<(u64, String)>, Vec<(u64, TuEvent)>) {
+    fn run_until(&mut self, until: Duration) -> (Timed<String>, Timed<TuEvent>) {
         let (mut sent, mut events) = (Vec::new(), Vec::new());
         while let Some(at) = self.layer.poll_timeout() {
             if at > self.start + until {
@@ -566,20 +569,23 @@ fn hundred_thousand_transactions() {
     let mut layer = TransactionLayer::new(Timers::default());
     let start = Instant::now();
     let p = peer(Transport::Udp);
+    let text = request("OPTIONS", "z9hG4bK-x", "OPTIONS", "");
+    let Ok(SipMessage::Request(template)) = message::parse(text.as_bytes()) else {
+        panic!("fixture")
+    };
+    let resp = response_to(&template, 200, None, Some("t"));
     for i in 0..100_000u32 {
-        let text = request("OPTIONS", &format!("z9hG4bK-{i}"), "OPTIONS", "");
-        let msg = message::parse(text.as_bytes()).expect("parse");
-        layer.handle_message(msg, p, start + Duration::from_micros(u64::from(i)));
-        let Some(TuEvent::RequestReceived { key, request, .. }) = layer.poll_event() else {
+        let now = start + Duration::from_micros(u64::from(i));
+        let mut req = template.clone();
+        req.headers
+            .unique_push(rsip::Header::Via(rsip::headers::Via::new(format!(
+                "SIP/2.0/UDP 192.0.2.10:5060;branch=z9hG4bK-{i}"
+            ))));
+        layer.handle_message(req.into(), p, now);
+        let Some(TuEvent::RequestReceived { key, .. }) = layer.poll_event() else {
             panic!("no event")
         };
-        layer
-            .respond(
-                &key,
-                response_to(&request, 200, None, None),
-                start + Duration::from_micros(u64::from(i)),
-            )
-            .expect("respond");
+        layer.respond(&key, resp.clone(), now).expect("respond");
         while layer.poll_transmit().is_some() {}
     }
     assert_eq!(layer.len(), 100_000);

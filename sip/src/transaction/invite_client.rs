@@ -147,7 +147,7 @@ fn to_bytes_ack(invite: &Request, response: &Response) -> Vec<u8> {
     if let Ok(to) = response.to_header() {
         headers.push(Header::To(to.clone()));
     }
-    let seq = crate::message::cseq(&invite.clone().into()).map_or(1, |(n, _)| n);
+    let seq = crate::message::cseq(invite).map_or(1, |(n, _)| n);
     headers.push(Header::CSeq(rsip::headers::CSeq::new(format!("{seq} ACK"))));
     crate::message::to_bytes(Request {
         method: rsip::Method::Ack,

@@ -262,14 +262,10 @@ impl TransactionLayer {
     }
 
     fn handle_response(&mut self, resp: Response, now: Instant) {
-        let msg = SipMessage::Response(resp);
         let (Some(branch), Some((_, method))) =
-            (message::top_via_branch(&msg), message::cseq(&msg))
+            (message::top_via_branch(&resp), message::cseq(&resp))
         else {
             tracing::debug!("response without branch or CSeq dropped");
-            return;
-        };
-        let SipMessage::Response(resp) = msg else {
             return;
         };
         let key = TxKey::client(&branch, &method);
@@ -329,13 +325,9 @@ impl TransactionLayer {
         if request.method == Method::Ack {
             return Err(TxError::AckIsNotATransaction);
         }
-        let msg = SipMessage::Request(request);
-        let branch = message::top_via_branch(&msg)
+        let branch = message::top_via_branch(&request)
             .filter(|b| b.starts_with("z9hG4bK"))
             .ok_or(TxError::MissingBranch)?;
-        let SipMessage::Request(request) = msg else {
-            return Err(TxError::MissingBranch);
-        };
         let key = TxKey::client(&branch, &request.method);
         if self.ids.contains_key(&key) {
             return Err(TxError::Duplicate);
@@ -492,18 +484,17 @@ impl TransactionLayer {
 }
 
 fn request_info(req: &Request) -> Result<RequestInfo, &'static str> {
-    let msg_ref = req.clone();
-    let msg = SipMessage::Request(msg_ref);
-    let sent_by = message::top_via_sent_by(&msg).ok_or("Bad Via")?;
-    let call_id = message::call_id(&msg).ok_or("Bad Call-ID")?;
-    let (cseq, cseq_method) = message::cseq(&msg).ok_or("Bad CSeq")?;
+    let msg = req;
+    let sent_by = message::top_via_sent_by(msg).ok_or("Bad Via")?;
+    let call_id = message::call_id(msg).ok_or("Bad Call-ID")?;
+    let (cseq, cseq_method) = message::cseq(msg).ok_or("Bad CSeq")?;
     if cseq_method != req.method {
         return Err("CSeq Method Mismatch");
     }
     req.from_header().map_err(|_| "Missing From")?;
     req.to_header().map_err(|_| "Missing To")?;
-    let from_tag = message::from_tag(&msg);
-    let branch = match message::top_via_branch(&msg) {
+    let from_tag = message::from_tag(msg);
+    let branch = match message::top_via_branch(msg) {
         Some(b) if b.starts_with("z9hG4bK") => b,
         // RFC 2543 peers: no usable branch, so identify the transaction by the dialog
         // identifiers and CSeq number, which a retransmission, its ACK and CANCEL all share.

@@ -176,7 +176,7 @@ impl std::fmt::Debug for TuEvent {
                 .finish(),
             TuEvent::AckReceived { request, from } => f
                 .debug_struct("AckReceived")
-                .field("cseq", &crate::message::cseq(&request.clone().into()))
+                .field("cseq", &crate::message::cseq(request))
                 .field("from", from)
                 .finish(),
             TuEvent::CancelReceived { invite, from } => f
