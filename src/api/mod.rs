@@ -1,6 +1,7 @@
 //! The HTTP API (DESIGN §5): axum routes, with the OpenAPI document generated from the same
 //! route table so it cannot drift from what is served.
 
+pub mod calls;
 pub mod credentials;
 pub mod error;
 pub mod extract;
@@ -93,6 +94,10 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(webhooks::deliveries))
         .routes(routes!(webhooks::redeliver))
         .routes(routes!(webhooks::rotate_secret))
+        .routes(routes!(calls::list_calls))
+        .routes(routes!(calls::get_call))
+        .routes(routes!(calls::call_events))
+        .routes(routes!(calls::hangup))
         .route_layer(from_fn_with_state(state.clone(), middleware::authenticate));
     let open = OpenApiRouter::new()
         .routes(routes!(ops::healthz))
