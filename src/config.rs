@@ -92,6 +92,10 @@ pub struct ServeArgs {
     /// 127.0.0.1 when SIP listens on every address).
     #[arg(long, env = "SAUTIKIT_MEDIA_IP")]
     pub media_ip: Option<std::net::IpAddr>,
+    /// PostgreSQL with several engines: an engine whose heartbeat is this many seconds old is
+    /// taken for dead, and its live calls are closed as `failed` (`engine.restart`).
+    #[arg(long, env = "SAUTIKIT_CALL_ORPHAN_SECS", default_value_t = 30)]
+    pub call_orphan_secs: u64,
 }
 
 /// `20000-29999` → (20000, 29999): at least two ports, first ≤ last.

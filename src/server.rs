@@ -7,9 +7,9 @@ use std::time::Duration;
 use chrono::Utc;
 use dashmap::DashMap;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use sautikit_actors::clock::{Clock, SystemClock};
 use sautikit_actors::{Engine, VoiceSetup};
 use sautikit_sip::transaction::Timers;
-use sautikit_actors::clock::{Clock, SystemClock};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tracing::{info, warn};
@@ -220,6 +220,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
         rtp_ports: args.rtp_ports,
         media_ip: media_ip(&args),
         single_process: db.backend == Backend::Sqlite,
+        orphan_after: Duration::from_secs(args.call_orphan_secs.max(1)),
         timers: Timers::default(),
     };
     let engine = Arc::new(

@@ -32,15 +32,7 @@ struct Ctx {
 /// server, its events to a local receiver.
 async fn setup(backend: Backend, voice_path: &str) -> Ctx {
     let db = TestDb::new(backend).await;
-    let server = Server::start_with(
-        &db,
-        Mode::Dev,
-        &[
-            ("SAUTIKIT_SIP_LISTEN", "127.0.0.1:0"),
-            ("SAUTIKIT_RTP_PORTS", &rtp_range()),
-            ("SAUTIKIT_WEBHOOK_RETRY_SCALE", "0.001"),
-        ],
-    );
+    let server = start_server(&db);
     let api = server.api(&dev_key(&db.data_dir));
     let claimed = api
         .post(&format!("/v1/numbers/{INVENTORY_ID}/claim"), None)
@@ -70,6 +62,22 @@ async fn setup(backend: Backend, voice_path: &str) -> Ctx {
         events,
         secret,
     }
+}
+
+fn start_server(db: &TestDb) -> Server {
+    Server::start_with(
+        db,
+        Mode::Dev,
+        &[
+            ("SAUTIKIT_SIP_LISTEN", "127.0.0.1:0"),
+            ("SAUTIKIT_RTP_PORTS", &rtp_range()),
+            ("SAUTIKIT_WEBHOOK_RETRY_SCALE", "0.001"),
+            // A dead engine's calls are closed after 2 s (PostgreSQL, several engines).
+            ("SAUTIKIT_CALL_ORPHAN_SECS", "2"),
+            // Deliveries a killed process had leased are taken over after 4 s (PostgreSQL).
+            ("SAUTIKIT_WEBHOOK_LEASE_SECS", "4"),
+        ],
+    )
 }
 
 /// Tests run in parallel: each server takes RTP ports from its own stretch.
@@ -139,8 +147,10 @@ fn scenario(dir: &Path, name: &str, status: Option<u16>) -> String {
 }
 
 fn verify_signature(secret: &str, header: &str, body: &str) -> bool {
-    let parts: std::collections::HashMap<&str, &str> =
-        header.split(',').filter_map(|p| p.split_once('=')).collect();
+    let parts: std::collections::HashMap<&str, &str> = header
+        .split(',')
+        .filter_map(|p| p.split_once('='))
+        .collect();
     let (Some(t), Some(v1)) = (parts.get("t"), parts.get("v1")) else {
         return false;
     };
@@ -202,7 +212,10 @@ async fn sipp_uac_to_a_long_pause(backend: Backend) {
     let hits = ctx
         .events
         .wait_until(Duration::from_secs(30), |h| {
-            h.iter().filter(|h| h.event_kind == "call.completed").count() >= 5
+            h.iter()
+                .filter(|h| h.event_kind == "call.completed")
+                .count()
+                >= 5
         })
         .await;
     for h in &hits {
@@ -362,7 +375,11 @@ async fn callback_failures(backend: Backend) {
     let cases = [
         ("/status500", "callback.http_status", "callback.failed"),
         ("/notjson", "callback.invalid_json", "callback.failed"),
-        ("/unknown-verb", "callback.invalid_actions", "callback.failed"),
+        (
+            "/unknown-verb",
+            "callback.invalid_actions",
+            "callback.failed",
+        ),
         ("/say", "action.not_supported", "action.failed"),
         // Longer than the 10 s deadline.
         ("/slow/11000", "callback.timeout", "callback.failed"),
@@ -405,10 +422,83 @@ async fn callback_failures(backend: Backend) {
             .await;
         let failed = hits
             .iter()
-            .find(|h| h.event_kind == "call.failed" && h.json()["payload"]["call_id"] == id.as_str())
+            .find(|h| {
+                h.event_kind == "call.failed" && h.json()["payload"]["call_id"] == id.as_str()
+            })
             .unwrap()
             .json();
         assert_eq!(failed["payload"]["failure_reason"], reason, "{path}");
     }
 }
 on_both_backends!(callback_failures);
+
+/// A server killed with live calls: on restart (SQLite) or once its heartbeat is stale
+/// (PostgreSQL) its calls are closed as `failed` with `engine.restart`, with their events.
+async fn calls_live_at_a_crash_are_closed(backend: Backend) {
+    let ctx = setup(backend, "/pause/60").await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port().to_string();
+    let media_port = (free_port() & !1).to_string();
+    // A 60 s call; sipp is killed with the test.
+    let _sipp = tokio::process::Command::new("sipp")
+        .current_dir(dir.path())
+        .args([
+            "-sn", "uac", "-s", NUMBER, "-m", "1", "-d", "60000", "-p", &port,
+        ])
+        .args(["-mp", &media_port, "-i", "127.0.0.1", "-nostdin"])
+        .arg(ctx.server.sip_addr().to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("sipp runs");
+    let calls = wait_for_calls(&ctx.api, 1, |c| c["status"] == "answered").await;
+    let id = calls[0]["id"].as_str().unwrap().to_owned();
+    ctx.server.kill9();
+    let server = start_server(&ctx.db);
+    let api = server.api(&dev_key(&ctx.db.data_dir));
+    let calls = wait_for_calls(&api, 1, |c| c["failure_reason"] == "engine.restart").await;
+    assert_eq!(calls[0]["id"], id.as_str());
+    assert_eq!(calls[0]["status"], "failed");
+    let hits = ctx
+        .events
+        .wait_until(Duration::from_secs(30), |h| {
+            h.iter().any(|h| h.event_kind == "call.failed")
+        })
+        .await;
+    let failed = hits
+        .iter()
+        .find(|h| h.event_kind == "call.failed")
+        .unwrap()
+        .json();
+    assert_eq!(failed["payload"]["call_id"], id.as_str());
+    assert_eq!(failed["payload"]["failure_reason"], "engine.restart");
+}
+on_both_backends!(calls_live_at_a_crash_are_closed);
+
+/// `POST /v1/calls/{id}/hangup` ends a live call: our BYE reaches the caller (sipp waits for
+/// it), the record is final when the request returns.
+async fn api_hangup(backend: Backend) {
+    let ctx = setup(backend, "/pause/60").await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = scenario(dir.path(), "engine_hangup.xml", None);
+    let sip = ctx.server.sip_addr();
+    let caller = tokio::spawn({
+        let dir = dir.path().to_owned();
+        async move { sipp(&dir, sip, &["-sf", &file, "-s", NUMBER, "-m", "1"]).await }
+    });
+    let calls = wait_for_calls(&ctx.api, 1, |c| c["status"] == "answered").await;
+    let id = calls[0]["id"].as_str().unwrap().to_owned();
+    let r = ctx.api.post(&format!("/v1/calls/{id}/hangup"), None).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let call = r.json();
+    assert_eq!(call["status"], "completed", "{call}");
+    assert_eq!(call["hangup_cause"], "api_hangup");
+    let (ok, out) = caller.await.unwrap();
+    assert!(ok, "sipp did not get our BYE:\n{out}");
+    // Hanging up again: the call is over.
+    let again = ctx.api.post(&format!("/v1/calls/{id}/hangup"), None).await;
+    again.assert_error(409, "calls.not_live");
+}
+on_both_backends!(api_hangup);

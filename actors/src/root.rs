@@ -17,11 +17,11 @@ use crate::callback::CallbackClient;
 use crate::calls::{CallDeps, Calls, CallsArgs, CallsMsg};
 use crate::clock::Clock;
 use crate::events::{Events, EventsArgs};
+use crate::inventory::{Inventory, InventoryArgs, InventoryMsg};
 use crate::media::Media;
+use crate::model::{LedgerEntry, LedgerKind, TenantNumber};
 use crate::numbers::{Numbers, NumbersMsg};
 use crate::sip_endpoint::{SipEndpoint, SipEndpointArgs};
-use crate::inventory::{Inventory, InventoryArgs, InventoryMsg};
-use crate::model::{LedgerEntry, LedgerKind, TenantNumber};
 use crate::store::{ClaimError, ReleaseError, StorageError, Store, WalletError};
 use crate::wallet::{WalletDeps, WalletMsg, Wallets, WalletsMsg};
 
@@ -84,6 +84,8 @@ pub struct VoiceSetup {
     pub media_ip: std::net::IpAddr,
     /// SQLite: every call live at start is an orphan of this same process.
     pub single_process: bool,
+    /// An engine silent this long is taken for dead and its live calls are closed.
+    pub orphan_after: std::time::Duration,
     pub timers: sautikit_sip::transaction::Timers,
 }
 
@@ -175,6 +177,7 @@ impl Root {
                 CallsArgs {
                     deps: v.deps.clone(),
                     single_process: v.setup.single_process,
+                    orphan_after: v.setup.orphan_after,
                 },
                 myself.get_cell(),
             )
@@ -413,7 +416,11 @@ impl Engine {
 
     /// Hang up a live call of this workspace held by this process, and wait until it has ended
     /// and its final record is committed. `Ok(false)`: no such live call here.
-    pub async fn hangup_call(&self, workspace_id: &str, call_id: &str) -> Result<bool, StorageError> {
+    pub async fn hangup_call(
+        &self,
+        workspace_id: &str,
+        call_id: &str,
+    ) -> Result<bool, StorageError> {
         let Some(calls) = ActorRef::<CallsMsg>::where_is(self.names.calls.clone()) else {
             return Ok(false);
         };

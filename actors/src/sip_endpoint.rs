@@ -16,7 +16,7 @@ use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef};
 use sautikit_sip::message::{self as sipmsg, response_to};
 use sautikit_sip::rsip::{self, Method, SipMessage};
 use sautikit_sip::stream::StreamFramer;
-use sautikit_sip::transaction::{Peer, Timers, Transport, TransactionLayer, TuEvent, TxKey};
+use sautikit_sip::transaction::{Peer, Timers, TransactionLayer, Transport, TuEvent, TxKey};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
@@ -45,15 +45,23 @@ const MAX_DATAGRAM: usize = 65_535;
 
 pub enum SipMsg {
     /// A datagram, or one framed message from a TCP connection.
-    Received { bytes: Vec<u8>, from: Peer },
+    Received {
+        bytes: Vec<u8>,
+        from: Peer,
+    },
     TcpOpened {
         peer: SocketAddr,
         writer: mpsc::UnboundedSender<Vec<u8>>,
     },
-    TcpClosed { peer: SocketAddr },
+    TcpClosed {
+        peer: SocketAddr,
+    },
     TimersDue,
     /// A Call actor answers its INVITE (or an in-dialog request).
-    Respond { key: TxKey, response: rsip::Response },
+    Respond {
+        key: TxKey,
+        response: rsip::Response,
+    },
     /// A Call actor sends an in-dialog request (BYE). `call_id` names the call whose timeline gets
     /// the final response.
     SendRequest {
@@ -62,7 +70,9 @@ pub enum SipMsg {
         call_id: String,
     },
     /// The call behind this SIP Call-ID has ended: stop routing its messages to it.
-    DialogEnded { sip_call_id: String },
+    DialogEnded {
+        sip_call_id: String,
+    },
 }
 
 #[derive(Clone)]
@@ -231,7 +241,13 @@ fn transmit(state: &SipEndpointState, to: Peer, bytes: Vec<u8>) {
     }
 }
 
-fn reply(state: &mut SipEndpointState, key: &TxKey, req: &rsip::Request, code: u16, extra: &[(&str, &str)]) {
+fn reply(
+    state: &mut SipEndpointState,
+    key: &TxKey,
+    req: &rsip::Request,
+    code: u16,
+    extra: &[(&str, &str)],
+) {
     let mut resp = response_to(req, code, None, Some(&sipmsg::new_tag()));
     for (name, value) in extra {
         resp.headers
@@ -310,16 +326,22 @@ async fn on_request(
     request: rsip::Request,
     from: Peer,
 ) {
-    let method = request.method.clone();
+    let method = request.method;
     let msg_call_id = {
         let msg = SipMessage::Request(request.clone());
         sipmsg::call_id(&msg)
     };
-    let call = msg_call_id.as_ref().and_then(|c| state.dialogs.get(c)).cloned();
+    let call = msg_call_id
+        .as_ref()
+        .and_then(|c| state.dialogs.get(c))
+        .cloned();
     match method {
         Method::Invite => {
             if let Some(call) = call {
-                let _ = call.cast(CallMsg::InDialogRequest { key, request });
+                let _ = call.cast(CallMsg::InDialogRequest {
+                    key,
+                    request: Box::new(request),
+                });
                 return;
             }
             if !carrier_allowed(&state.args.carrier_allow, from.addr) {
@@ -365,7 +387,10 @@ async fn on_request(
         }
         Method::Bye | Method::Info | Method::Options if call.is_some() => {
             if let Some(call) = call {
-                let _ = call.cast(CallMsg::InDialogRequest { key, request });
+                let _ = call.cast(CallMsg::InDialogRequest {
+                    key,
+                    request: Box::new(request),
+                });
             }
         }
         Method::Options => reply(

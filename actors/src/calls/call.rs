@@ -56,7 +56,10 @@ pub enum CallMsg {
     /// Our 2xx was never acknowledged (Timer H).
     AckTimedOut,
     /// BYE, INFO, OPTIONS or a re-INVITE inside this call's dialog.
-    InDialogRequest { key: TxKey, request: rsip::Request },
+    InDialogRequest {
+        key: TxKey,
+        request: Box<rsip::Request>,
+    },
     /// A voice callback (the first, a redirect's) came back.
     CallbackReturned {
         result: Result<CallbackReply, CallbackFailure>,
@@ -184,7 +187,7 @@ impl Actor for Call {
                         .await;
                 }
             }
-            CallMsg::InDialogRequest { key, request } => state.on_in_dialog(key, request).await,
+            CallMsg::InDialogRequest { key, request } => state.on_in_dialog(key, *request).await,
             CallMsg::CallbackReturned { result, url } => {
                 if state.waiting == Waiting::Callback {
                     state.waiting = Waiting::Nothing;
@@ -204,7 +207,11 @@ impl Actor for Call {
                 if state.phase == Phase::Ringing {
                     state.respond_final(603, Some("Decline"));
                     state
-                        .finish(CallStatus::Canceled, Some("api_hangup"), Some("call.canceled"))
+                        .finish(
+                            CallStatus::Canceled,
+                            Some("api_hangup"),
+                            Some("call.canceled"),
+                        )
                         .await;
                 } else {
                     state
@@ -362,7 +369,11 @@ impl CallState {
             to: self.to.clone(),
             sip_call_id: self.invite.sip_call_id.clone(),
             engine_id: self.deps.engine_id.clone(),
-            started_at: self.timeline.first().map(|t| t.at).unwrap_or_else(|| self.now()),
+            started_at: self
+                .timeline
+                .first()
+                .map(|t| t.at)
+                .unwrap_or_else(|| self.now()),
             timeline: std::mem::take(&mut self.timeline),
         };
         match self.deps.store.call_started(started).await {
@@ -497,7 +508,8 @@ impl CallState {
         while self.phase != Phase::Ended && self.waiting == Waiting::Nothing {
             let Some(action) = self.actions.get(self.index).cloned() else {
                 self.note("script.ended", json!({"actions": self.actions.len()}));
-                self.hang_up(CallStatus::Completed, "engine_hangup", None).await;
+                self.hang_up(CallStatus::Completed, "engine_hangup", None)
+                    .await;
                 return;
             };
             match verbs::execute(self, &action).await {
@@ -529,14 +541,9 @@ impl CallState {
         let Some(offer) = self.offer.as_ref() else {
             return Err("sdp.no_offer");
         };
-        let port = self
-            .deps
-            .media
-            .open()
-            .await
-            .map_err(|_| "media.no_port")?;
-        let session_id = u64::from_str_radix(&self.local_tag[..self.local_tag.len().min(12)], 16)
-            .unwrap_or(1);
+        let port = self.deps.media.open().await.map_err(|_| "media.no_port")?;
+        let session_id =
+            u64::from_str_radix(&self.local_tag[..self.local_tag.len().min(12)], 16).unwrap_or(1);
         let answer = sdp::answer(offer, self.deps.media_ip, port.local.port(), session_id)
             .map_err(|_| "sdp.no_common_codec")?;
         let contact = format!(
@@ -549,15 +556,18 @@ impl CallState {
                 ""
             }
         );
-        let contact_uri =
-            rsip::Uri::try_from(contact.as_str()).map_err(|_| "sip.bad_contact")?;
-        let mut response = response_to(&self.invite.request, 200, Some("OK"), Some(&self.local_tag));
-        response.headers.push(rsip::Header::Contact(
-            rsip::headers::Contact::new(format!("<{contact}>")),
-        ));
+        let contact_uri = rsip::Uri::try_from(contact.as_str()).map_err(|_| "sip.bad_contact")?;
+        let mut response =
+            response_to(&self.invite.request, 200, Some("OK"), Some(&self.local_tag));
         response
             .headers
-            .push(rsip::Header::Other("Allow".into(), crate::sip_endpoint::ALLOW.into()));
+            .push(rsip::Header::Contact(rsip::headers::Contact::new(format!(
+                "<{contact}>"
+            ))));
+        response.headers.push(rsip::Header::Other(
+            "Allow".into(),
+            crate::sip_endpoint::ALLOW.into(),
+        ));
         let response = with_body(response, "application/sdp", answer.sdp.clone().into_bytes());
         let dialog = Dialog::uas(&self.invite.request, &self.local_tag, contact_uri)
             .map_err(|_| "sip.bad_dialog")?;
@@ -570,12 +580,16 @@ impl CallState {
                 .media
                 .start_stream(port.id, remote, codec, answer.payload_type);
         }
-        self.endpoint.cast(SipMsg::Respond {
-            key: self.invite.key.clone(),
-            response,
-        })
-        .map_err(|_| "sip.endpoint_gone")?;
-        self.note("sip.sent", json!({"status": 200, "reason": "OK", "codec": format!("{:?}", answer.codec)}));
+        self.endpoint
+            .cast(SipMsg::Respond {
+                key: self.invite.key.clone(),
+                response,
+            })
+            .map_err(|_| "sip.endpoint_gone")?;
+        self.note(
+            "sip.sent",
+            json!({"status": 200, "reason": "OK", "codec": format!("{:?}", answer.codec)}),
+        );
         self.answer_sdp = Some(answer.sdp);
         self.dialog = Some(dialog);
         self.rtp = Some(port);
@@ -670,7 +684,8 @@ impl CallState {
     pub(super) async fn fail(&mut self, failure_reason: &str) {
         if self.phase == Phase::Ringing {
             self.respond_final(500, Some("Server Internal Error"));
-            self.finish(CallStatus::Failed, None, Some(failure_reason)).await;
+            self.finish(CallStatus::Failed, None, Some(failure_reason))
+                .await;
         } else {
             self.hang_up(CallStatus::Failed, "engine_hangup", Some(failure_reason))
                 .await;

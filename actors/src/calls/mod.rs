@@ -31,8 +31,6 @@ use crate::sip_endpoint::SipMsg;
 
 /// How often this engine records that it is alive.
 const HEARTBEAT: Duration = Duration::from_secs(5);
-/// A process silent this long is dead: its live calls are closed.
-const ORPHAN_AFTER: Duration = Duration::from_secs(30);
 
 /// What every Call actor needs; cheap to clone.
 #[derive(Clone)]
@@ -87,10 +85,13 @@ pub struct CallsArgs {
     pub deps: CallDeps,
     /// SQLite: one process owns the database, so every call live at start is an orphan.
     pub single_process: bool,
+    /// An engine silent this long is dead: its live calls are closed.
+    pub orphan_after: Duration,
 }
 
 pub struct CallsState {
     deps: CallDeps,
+    orphan_after: chrono::Duration,
     live: HashMap<ActorId, (ActorRef<CallMsg>, CallSnapshot)>,
     by_call_id: HashMap<String, ActorId>,
 }
@@ -106,12 +107,13 @@ impl Actor for Calls {
         args: Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
         let deps = args.deps;
+        let orphan_after = chrono::Duration::from_std(args.orphan_after).unwrap_or_default();
         let now = deps.clock.now();
         deps.store.engine_heartbeat(&deps.engine_id, now).await?;
         let stale_before = if args.single_process {
             now
         } else {
-            now - chrono::Duration::from_std(ORPHAN_AFTER).unwrap_or_default()
+            now - orphan_after
         };
         let closed = deps
             .store
@@ -120,9 +122,14 @@ impl Actor for Calls {
         if closed > 0 {
             info!(closed, "closed calls left live by a stopped engine");
         }
-        myself.send_interval(HEARTBEAT, || CallsMsg::HeartbeatDue);
+        // Beat well inside the orphan window, so a live engine is never taken for dead.
+        let beat = HEARTBEAT
+            .min(args.orphan_after / 3)
+            .max(Duration::from_millis(100));
+        myself.send_interval(beat, || CallsMsg::HeartbeatDue);
         Ok(CallsState {
             deps,
+            orphan_after,
             live: HashMap::new(),
             by_call_id: HashMap::new(),
         })
@@ -164,6 +171,7 @@ impl Actor for Calls {
             }
             CallsMsg::HeartbeatDue => {
                 let deps = state.deps.clone();
+                let orphan_after = state.orphan_after;
                 // Off the actor: a slow database must not hold up hangups.
                 tokio::spawn(async move {
                     let now = deps.clock.now();
@@ -171,8 +179,7 @@ impl Actor for Calls {
                         warn!(error = %e, "engine heartbeat failed");
                         return;
                     }
-                    let stale =
-                        now - chrono::Duration::from_std(ORPHAN_AFTER).unwrap_or_default();
+                    let stale = now - orphan_after;
                     match deps
                         .store
                         .close_orphaned_calls(now, &deps.engine_id, stale)

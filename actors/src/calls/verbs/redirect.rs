@@ -11,7 +11,10 @@ pub(super) async fn run(call: &mut CallState, redirect: &Redirect) -> Step {
     let url = match resolve_url(&call.document_url, &redirect.url) {
         Ok(u) => u,
         Err(e) => {
-            call.note("action.failed", json!({"verb": "redirect", "error": e.to_string()}));
+            call.note(
+                "action.failed",
+                json!({"verb": "redirect", "error": e.to_string()}),
+            );
             call.fail("callback.invalid_actions").await;
             return Step::Ended;
         }

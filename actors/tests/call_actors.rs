@@ -1,0 +1,330 @@
+//! The call actors over real UDP with in-memory stores: a Call actor that fails ends its own call
+//! cleanly (BYE, `failed` with `engine.error`) and no other call notices; the engine's hangup
+//! reaches a live call.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sautikit_actors::call_store::{
+    CallAnswered, CallCharged, CallEnded, CallStarted, CallStore, NumberRoute, TimelineEntry,
+};
+use sautikit_actors::callback::{CallbackClient, CallbackFailure, CallbackReply, CallbackRequest};
+use sautikit_actors::clock::SystemClock;
+use sautikit_actors::model::{LedgerEntry, NumberStatus, TenantNumber};
+use sautikit_actors::store::{
+    ClaimError, ClaimNumber, CreditWallet, ReleaseError, ReleaseNumber, StorageError, Store,
+    WalletError,
+};
+use sautikit_actors::voice::parse_script;
+use sautikit_actors::{Engine, VoiceSetup};
+use sautikit_sip::transaction::Timers;
+use tokio::net::UdpSocket;
+
+/// Calls to this number make the store panic when the answer is recorded: a bug in one call.
+const BROKEN: &str = "+254700000099";
+const HEALTHY: &str = "+254700000001";
+
+struct NoStore;
+
+#[async_trait]
+impl Store for NoStore {
+    async fn claim_number(&self, _: ClaimNumber) -> Result<TenantNumber, ClaimError> {
+        Err(ClaimError::NotFound)
+    }
+    async fn release_number(&self, _: ReleaseNumber) -> Result<TenantNumber, ReleaseError> {
+        Err(ReleaseError::NotFound)
+    }
+    async fn credit_wallet(&self, _: CreditWallet) -> Result<LedgerEntry, WalletError> {
+        Err(WalletError::NotFound)
+    }
+}
+
+#[derive(Default)]
+struct MemCalls {
+    /// call id → (to, status, failure_reason, hangup_cause)
+    calls: Mutex<HashMap<String, (String, String, Option<String>, Option<String>)>>,
+}
+
+impl MemCalls {
+    fn by_number(&self, to: &str) -> Option<(String, String, Option<String>, Option<String>)> {
+        let calls = self.calls.lock().unwrap();
+        calls
+            .iter()
+            .find(|(_, c)| c.0 == to)
+            .map(|(id, c)| (id.clone(), c.1.clone(), c.2.clone(), c.3.clone()))
+    }
+}
+
+fn route(number: &str) -> NumberRoute {
+    NumberRoute {
+        number_id: format!("id{number}"),
+        workspace_id: "ws".into(),
+        number: number.into(),
+        status: NumberStatus::Active,
+        voice_callback_url: Some("http://callback.invalid/voice".into()),
+        events_url: None,
+        inbound_per_min_minor: 0,
+        outbound_per_min_minor: 0,
+        currency: "KES".into(),
+        webhook_secret: "whsec_test".into(),
+    }
+}
+
+#[async_trait]
+impl CallStore for MemCalls {
+    async fn route_by_number(&self, number: &str) -> Result<Option<NumberRoute>, StorageError> {
+        Ok([BROKEN, HEALTHY].contains(&number).then(|| route(number)))
+    }
+    async fn route_by_id(&self, id: &str) -> Result<Option<NumberRoute>, StorageError> {
+        Ok(id.strip_prefix("id").map(route))
+    }
+    async fn call_started(&self, c: CallStarted) -> Result<(), StorageError> {
+        self.calls
+            .lock()
+            .unwrap()
+            .insert(c.call_id, (c.to, "ringing".into(), None, None));
+        Ok(())
+    }
+    async fn call_answered(&self, c: CallAnswered) -> Result<(), StorageError> {
+        let to = self.calls.lock().unwrap()[&c.call_id].0.clone();
+        if to == BROKEN {
+            panic!("simulated bug while recording the answer");
+        }
+        self.calls.lock().unwrap().get_mut(&c.call_id).unwrap().1 = "answered".into();
+        Ok(())
+    }
+    async fn call_ended(&self, c: CallEnded) -> Result<CallCharged, StorageError> {
+        let mut calls = self.calls.lock().unwrap();
+        let row = calls.get_mut(&c.call_id).unwrap();
+        row.1 = c.status.as_str().into();
+        row.2 = c.failure_reason;
+        row.3 = c.hangup_cause;
+        Ok(CallCharged {
+            duration_seconds: 0,
+            cost_minor: 0,
+            currency: "KES".into(),
+        })
+    }
+    async fn append_timeline(&self, _: &str, _: Vec<TimelineEntry>) -> Result<(), StorageError> {
+        Ok(())
+    }
+    async fn engine_heartbeat(&self, _: &str, _: DateTime<Utc>) -> Result<(), StorageError> {
+        Ok(())
+    }
+    async fn close_orphaned_calls(
+        &self,
+        _: DateTime<Utc>,
+        _: &str,
+        _: DateTime<Utc>,
+    ) -> Result<u64, StorageError> {
+        Ok(0)
+    }
+}
+
+/// Every call pauses for a minute.
+struct PauseScript;
+
+#[async_trait]
+impl CallbackClient for PauseScript {
+    async fn fetch(&self, _: CallbackRequest) -> Result<CallbackReply, CallbackFailure> {
+        Ok(CallbackReply {
+            script: parse_script(br#"{"actions": [{"pause": {"length": 60}}]}"#)
+                .expect("valid script"),
+            status_code: 200,
+            latency_ms: 1,
+        })
+    }
+}
+
+/// A minimal UDP caller.
+struct Uac {
+    sock: UdpSocket,
+    server: SocketAddr,
+    call_id: String,
+    number: String,
+}
+
+impl Uac {
+    async fn new(server: SocketAddr, number: &str) -> Uac {
+        Uac {
+            sock: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+            server,
+            call_id: format!("{}@test", uuid::Uuid::now_v7().simple()),
+            number: number.trim_start_matches('+').into(),
+        }
+    }
+
+    fn headers(&self, method: &str, branch: &str, to_tag: &str) -> String {
+        let me = self.sock.local_addr().unwrap();
+        format!(
+            "Via: SIP/2.0/UDP {me};branch={branch}\r\nFrom: <sip:caller@{me}>;tag=abc\r\n\
+             To: <sip:{n}@{s}>{to_tag}\r\nCall-ID: {c}\r\nCSeq: 1 {method}\r\n\
+             Contact: <sip:caller@{me}>\r\nMax-Forwards: 70\r\n",
+            n = self.number,
+            s = self.server,
+            c = self.call_id,
+        )
+    }
+
+    async fn invite(&self) {
+        let me = self.sock.local_addr().unwrap();
+        let sdp = format!(
+            "v=0\r\no=- 1 1 IN IP4 {ip}\r\ns=-\r\nc=IN IP4 {ip}\r\nt=0 0\r\n\
+             m=audio {port} RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n",
+            ip = me.ip(),
+            port = me.port() + 2
+        );
+        let msg = format!(
+            "INVITE sip:{}@{} SIP/2.0\r\n{}Content-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{sdp}",
+            self.number,
+            self.server,
+            self.headers("INVITE", "z9hG4bKinv", ""),
+            sdp.len()
+        );
+        self.sock
+            .send_to(msg.as_bytes(), self.server)
+            .await
+            .unwrap();
+    }
+
+    async fn recv(&self) -> String {
+        let mut buf = vec![0u8; 65535];
+        let (n, _) = tokio::time::timeout(Duration::from_secs(10), self.sock.recv_from(&mut buf))
+            .await
+            .expect("a SIP message within 10 s")
+            .unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+
+    /// Wait for a message whose first line contains `what`.
+    async fn expect(&self, what: &str) -> String {
+        loop {
+            let m = self.recv().await;
+            if m.lines().next().unwrap_or("").contains(what) {
+                return m;
+            }
+        }
+    }
+
+    async fn ack(&self, ok: &str) {
+        let to_tag = header(ok, "To")
+            .and_then(|t| t.split(";tag=").nth(1).map(|t| format!(";tag={t}")))
+            .unwrap_or_default();
+        let msg = format!(
+            "ACK sip:{}@{} SIP/2.0\r\n{}Content-Length: 0\r\n\r\n",
+            self.number,
+            self.server,
+            self.headers("ACK", "z9hG4bKack", &to_tag)
+        );
+        self.sock
+            .send_to(msg.as_bytes(), self.server)
+            .await
+            .unwrap();
+    }
+
+    /// Answer a BYE 200 OK.
+    async fn answer_bye(&self, bye: &str) {
+        let mut resp = String::from("SIP/2.0 200 OK\r\n");
+        for name in ["Via", "From", "To", "Call-ID", "CSeq"] {
+            if let Some(v) = header(bye, name) {
+                resp.push_str(&format!("{name}: {v}\r\n"));
+            }
+        }
+        resp.push_str("Content-Length: 0\r\n\r\n");
+        self.sock
+            .send_to(resp.as_bytes(), self.server)
+            .await
+            .unwrap();
+    }
+}
+
+fn header(msg: &str, name: &str) -> Option<String> {
+    msg.lines().find_map(|l| {
+        let (n, v) = l.split_once(':')?;
+        n.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().to_owned())
+    })
+}
+
+async fn wait_for(
+    store: &MemCalls,
+    number: &str,
+    status: &str,
+) -> (String, Option<String>, Option<String>) {
+    for _ in 0..500 {
+        if let Some((id, s, reason, cause)) = store.by_number(number)
+            && s == status
+        {
+            return (id, reason, cause);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!(
+        "call to {number} never became {status}: {:?}",
+        store.by_number(number)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_call_actor_ends_only_its_own_call() {
+    let calls = Arc::new(MemCalls::default());
+    let engine = Engine::start_full(
+        Arc::new(NoStore),
+        Arc::new(SystemClock),
+        None,
+        Some(VoiceSetup {
+            store: calls.clone(),
+            callback: Arc::new(PauseScript),
+            sip_listen: "127.0.0.1:0".parse().unwrap(),
+            carrier_allow: vec!["127.0.0.0/8".parse().unwrap()],
+            rtp_ports: (31_000, 31_400),
+            media_ip: "127.0.0.1".parse().unwrap(),
+            single_process: true,
+            orphan_after: Duration::from_secs(30),
+            timers: Timers::default(),
+        }),
+    )
+    .await
+    .expect("engine starts");
+    let sip = engine.sip_addr().expect("SIP is bound");
+
+    // The healthy call is answered and stays up.
+    let healthy = Uac::new(sip, HEALTHY).await;
+    healthy.invite().await;
+    let ok = healthy.expect("200 OK").await;
+    healthy.ack(&ok).await;
+    let (healthy_id, _, _) = wait_for(&calls, HEALTHY, "answered").await;
+
+    // The broken call's actor panics once answered: Calls sends its BYE and records it failed.
+    let broken = Uac::new(sip, BROKEN).await;
+    broken.invite().await;
+    let ok = broken.expect("200 OK").await;
+    broken.ack(&ok).await;
+    let bye = broken.expect("BYE").await;
+    broken.answer_bye(&bye).await;
+    let (_, reason, _) = wait_for(&calls, BROKEN, "failed").await;
+    assert_eq!(reason.as_deref(), Some("engine.error"));
+
+    // The healthy call noticed nothing and is still live: the engine can hang it up.
+    assert_eq!(calls.by_number(HEALTHY).unwrap().1, "answered");
+    let hung_up = tokio::time::timeout(
+        Duration::from_secs(10),
+        engine.hangup_call("ws", &healthy_id),
+    );
+    let bye_seen = async {
+        let bye = healthy.expect("BYE").await;
+        healthy.answer_bye(&bye).await;
+    };
+    let (hung_up, ()) = tokio::join!(hung_up, bye_seen);
+    assert!(hung_up.expect("hangup within 10 s").expect("hangup"));
+    let (_, _, cause) = wait_for(&calls, HEALTHY, "completed").await;
+    assert_eq!(cause.as_deref(), Some("api_hangup"));
+    // Another workspace cannot hang up a call it does not own.
+    assert!(!engine.hangup_call("other", &healthy_id).await.unwrap());
+    engine.stop().await;
+}
