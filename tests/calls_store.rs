@@ -796,3 +796,73 @@ async fn routes_and_reads(backend: Backend) {
     assert_eq!(idx, [0, 1, 2, 3, 4]);
 }
 on_both_backends!(routes_and_reads);
+
+/// Two processes (two pools) end calls of one wallet at once: each call is charged once, the
+/// wallet is never taken below zero, and the ledger adds up to the balance.
+async fn concurrent_ends_charge_once_and_never_overdraw(backend: Backend) {
+    // 1,000 left after the claim; eight calls of 62 s at 300/min cost 310 each (2,480 rated).
+    let fx = fixture(backend, 1_000, 0, 300).await;
+    let second = SqlStore::new(Db::connect(&fx._db.url).await.expect("connect"));
+    let s = t0() + Duration::minutes(1);
+    let mut ids = Vec::new();
+    for _ in 0..8 {
+        let id = new_call_id();
+        fx.store
+            .call_started(started(&fx, &id, "outbound", "engine-a", s))
+            .await
+            .expect("started");
+        fx.store
+            .call_answered(CallAnswered {
+                call_id: id.clone(),
+                answered_at: s,
+                timeline: vec![],
+            })
+            .await
+            .expect("answered");
+        ids.push(id);
+    }
+    let end = s + Duration::milliseconds(61_200);
+    // Every call is ended by both stores at the same time.
+    let mut tasks = Vec::new();
+    for id in &ids {
+        for store in [fx.store.clone(), second.clone()] {
+            let id = id.clone();
+            tasks.push(tokio::spawn(async move {
+                store
+                    .call_ended(ended(&id, CallStatus::Completed, end))
+                    .await
+            }));
+        }
+    }
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.expect("join").expect("ended"));
+    }
+    // Both enders of a call see the same charge.
+    for pair in results.chunks(2) {
+        assert_eq!(pair[0], pair[1]);
+    }
+    let charged: i64 = results.chunks(2).map(|p| p[0].cost_minor).sum();
+    assert_eq!(charged, 1_000, "everything the wallet held, and no more");
+    assert_eq!(balance(&fx).await, 0);
+    let charges = call_charges(&fx).await;
+    let refs: std::collections::HashSet<_> = charges.iter().map(|e| e.reference.clone()).collect();
+    assert_eq!(refs.len(), charges.len(), "one ledger row per call at most");
+    assert_eq!(-charges.iter().map(|e| e.amount_minor).sum::<i64>(), 1_000);
+    // Newest first: the latest row's balance_after is the wallet's balance.
+    assert_eq!(charges[0].balance_after_minor, 0);
+    let mut uncollected = 0;
+    for id in &ids {
+        let c = fx
+            .store
+            .get_call(&fx.ws, id)
+            .await
+            .expect("get")
+            .expect("call");
+        assert_eq!(c.cost_minor + c.uncollected_minor, 310);
+        uncollected += c.uncollected_minor;
+    }
+    assert_eq!(uncollected, 8 * 310 - 1_000);
+    assert_eq!(events_of_kind(&fx, "call.completed").await, 8);
+}
+on_both_backends!(concurrent_ends_charge_once_and_never_overdraw);
