@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
-apt_install_missing cc:gcc node:nodejs npm:npm
+# sipp (Debian sip-tester) is the real SIP peer of the interop tests (tests/calls_sip.rs).
+apt_install_missing cc:gcc node:nodejs npm:npm sipp:sip-tester
 
 # The guide's Express handler runs under Node with express from npm (tests/express.rs).
 if [ ! -d tests/node/node_modules/express ]; then
