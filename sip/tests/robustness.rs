@@ -246,7 +246,7 @@ fn ten_thousand_mutated_messages_do_not_panic() {
             "corpus must parse: {msg}"
         );
     }
-    let mut rng = Rng(0x5EED_0F_5A0717);
+    let mut rng = Rng(0x5EED_0F5A_0717);
     let start = Instant::now();
     let mut now = start;
     let mut udp = TransactionLayer::new(Timers::default());
