@@ -319,6 +319,36 @@ fn set_body(headers: &mut rsip::Headers, slot: &mut Vec<u8>, content_type: &str,
     *slot = body;
 }
 
+/// The CANCEL for an INVITE we sent (RFC 3261 §9.1): same Request-URI, Call-ID, From, To, CSeq
+/// number and Route, and only the INVITE's top Via, so it matches the INVITE's branch.
+pub fn cancel_for(invite: &Request) -> Request {
+    let mut headers = rsip::Headers::default();
+    if let Ok(via) = invite.via_header() {
+        headers.push(Header::Via(via.clone()));
+    }
+    headers.push(Header::MaxForwards(70u32.into()));
+    for h in invite.headers.iter() {
+        match h {
+            Header::From(_) | Header::To(_) | Header::CallId(_) | Header::Route(_) => {
+                headers.push(h.clone())
+            }
+            _ => {}
+        }
+    }
+    let seq = cseq(invite).map_or(1, |(n, _)| n);
+    headers.push(Header::CSeq(rsip::headers::CSeq::new(format!(
+        "{seq} CANCEL"
+    ))));
+    headers.push(Header::ContentLength(0u32.into()));
+    Request {
+        method: Method::Cancel,
+        uri: invite.uri.clone(),
+        version: rsip::Version::V2,
+        headers,
+        body: Vec::new(),
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Accessors. All return `None` on anything missing or malformed. They take a `SipMessage`, a
 // `Request` or a `Response`.
@@ -624,6 +654,27 @@ f: <sip:x@y>\r\n ;tag=1\r\nt: <sip:a@b>\r\ni: cid\r\nCSeq: 7 OPTIONS\r\nl: 0\r\n
             custom
                 .to_string()
                 .starts_with("SIP/2.0 404 No Such Number\r\n")
+        );
+    }
+
+    #[test]
+    fn cancel_matches_the_invite() {
+        let SipMessage::Request(req) = parse(INVITE.as_bytes()).expect("parse") else {
+            panic!("not a request")
+        };
+        let cancel = cancel_for(&req);
+        assert_eq!(cancel.method, Method::Cancel);
+        assert_eq!(top_via_branch(&cancel).as_deref(), Some("z9hG4bK-1-0"));
+        assert_eq!(cseq(&cancel), Some((1, Method::Cancel)));
+        assert_eq!(call_id(&cancel), call_id(&req));
+        assert_eq!(from_tag(&cancel).as_deref(), Some("abc"));
+        assert_eq!(
+            cancel
+                .headers
+                .iter()
+                .filter(|h| matches!(h, Header::Via(_)))
+                .count(),
+            1
         );
     }
 

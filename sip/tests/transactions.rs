@@ -595,3 +595,28 @@ fn hundred_thousand_transactions() {
     assert!(layer.is_empty());
     assert_eq!(layer.poll_timeout(), None);
 }
+
+#[test]
+fn layer_can_move_between_threads() {
+    fn assert_send<T: Send + 'static>() {}
+    assert_send::<TransactionLayer>();
+    assert_send::<TuEvent>();
+    assert_send::<sautikit_sip::dialog::Dialog>();
+}
+
+#[test]
+fn ack_for_non_2xx_with_its_own_branch_is_absorbed() {
+    let mut h = Harness::new();
+    let (key, req) = h.incoming_invite("z9hG4bK-r", Transport::Udp);
+    h.respond(&key, &req, 404);
+    h.transmits();
+    // Some UAs give this ACK a new branch; the dialog identifiers still tie it to the INVITE.
+    h.feed(
+        &request("ACK", "z9hG4bK-other", "ACK", ";tag=uas-tag"),
+        Transport::Udp,
+    );
+    assert!(h.events().is_empty());
+    let (sent, _) = h.run_until(ms(40_000));
+    assert!(sent.is_empty(), "404 retransmitted after the ACK: {sent:?}");
+    assert!(h.layer.is_empty());
+}

@@ -138,16 +138,12 @@ impl RtpHeader {
     }
 
     /// Header length on the wire.
-    pub fn len(&self) -> usize {
+    pub fn wire_len(&self) -> usize {
         12 + 4 * self.csrcs.len().min(15)
             + self
                 .extension
                 .as_ref()
                 .map_or(0, |e| 4 + e.data.len().div_ceil(4) * 4)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        false
     }
 }
 
@@ -257,7 +253,7 @@ mod tests {
         h.payload_type = 101;
         let mut buf = Vec::new();
         h.write(&mut buf);
-        assert_eq!(buf.len(), h.len());
+        assert_eq!(buf.len(), h.wire_len());
         buf.extend_from_slice(&[7, 7, 0, 0, 3]);
         let (back, payload) = RtpHeader::parse(&buf).expect("parse");
         assert_eq!(back, h);

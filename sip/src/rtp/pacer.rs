@@ -37,13 +37,10 @@ impl Pacer {
         n
     }
 
-    /// Skip ahead to `now` without reporting the missed frames (e.g. after a long stall, when
-    /// sending a burst would be worse than a gap).
+    /// Skip ahead to `now` without reporting the missed frames (after a long stall, a gap is
+    /// better than a burst). The schedule stays on the original grid.
     pub fn resync(&mut self, now: Instant) {
-        if now > self.next {
-            let missed = self.handle_timeout(now);
-            let _ = missed;
-        }
+        self.handle_timeout(now);
     }
 }
 

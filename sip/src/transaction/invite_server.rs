@@ -45,10 +45,6 @@ impl InviteServer {
         }
     }
 
-    pub fn state(&self) -> State {
-        self.state
-    }
-
     pub fn has_final(&self) -> bool {
         !matches!(self.state, State::Proceeding)
     }

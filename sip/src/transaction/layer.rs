@@ -2,7 +2,7 @@
 //! timers, and answers what needs no TU (100 Trying, CANCEL, 400/481/483).
 
 use super::invite_client::InviteClient;
-use super::invite_server::{self, InviteServer};
+use super::invite_server::InviteServer;
 use super::non_invite_client::NonInviteClient;
 use super::non_invite_server::NonInviteServer;
 use super::{Out, Peer, Timers, Transmit, TuEvent, TxError, TxKey};
@@ -67,8 +67,9 @@ pub struct TransactionLayer {
     txs: HashMap<u64, Entry>,
     /// Min-heap of (deadline, transaction id), lazily pruned.
     heap: BinaryHeap<Reverse<(Instant, u64)>>,
-    /// INVITE server transactions in the Accepted state, by 2xx-ACK identifiers.
-    accepted: HashMap<AckMatch, u64>,
+    /// INVITE server transactions by the identifiers an ACK shares with its INVITE, for ACKs
+    /// that arrive with a branch of their own (always for a 2xx, by mistake for some non-2xx).
+    by_dialog: HashMap<AckMatch, u64>,
     out: Out,
 }
 
@@ -89,7 +90,7 @@ impl TransactionLayer {
             ids: HashMap::new(),
             txs: HashMap::new(),
             heap: BinaryHeap::new(),
-            accepted: HashMap::new(),
+            by_dialog: HashMap::new(),
             out: Out::default(),
         }
     }
@@ -185,7 +186,10 @@ impl TransactionLayer {
                 None,
             )
         };
-        self.insert(key.clone(), tx, ack_match);
+        let id = self.insert(key.clone(), tx, ack_match.clone());
+        if let Some(m) = ack_match {
+            self.by_dialog.insert(m, id);
+        }
         self.out.event(TuEvent::RequestReceived {
             key,
             request: req,
@@ -213,13 +217,13 @@ impl TransactionLayer {
                 cseq: info.cseq,
                 from_tag: from_tag.clone(),
             };
-            if let Some(&id) = self.accepted.get(&m)
+            if let Some(&id) = self.by_dialog.get(&m)
                 && let Some(Entry {
                     tx: Tx::InviteServer(t),
                     ..
                 }) = self.txs.get_mut(&id)
             {
-                t.on_ack(now);
+                to_tu = t.on_ack(now);
                 self.reschedule(id);
             }
         }
@@ -301,11 +305,6 @@ impl TransactionLayer {
         match &mut entry.tx {
             Tx::InviteServer(t) => {
                 t.respond(code, bytes, now, &mut self.out)?;
-                if matches!(t.state(), invite_server::State::Accepted { .. })
-                    && let Some(m) = entry.ack_match.clone()
-                {
-                    self.accepted.insert(m, id);
-                }
             }
             Tx::NonInviteServer(t) => t.respond(code, bytes, now, &mut self.out)?,
             _ => return Err(TxError::NotServer),
@@ -404,7 +403,7 @@ impl TransactionLayer {
         self.heap.peek().map(|Reverse((at, _))| *at)
     }
 
-    fn insert(&mut self, key: TxKey, tx: Tx, ack_match: Option<AckMatch>) {
+    fn insert(&mut self, key: TxKey, tx: Tx, ack_match: Option<AckMatch>) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
         self.ids.insert(key.clone(), id);
@@ -418,6 +417,7 @@ impl TransactionLayer {
             },
         );
         self.reschedule(id);
+        id
     }
 
     /// After any change to a transaction: drop it when terminated, else make sure the heap holds
@@ -430,9 +430,9 @@ impl TransactionLayer {
             if let Some(entry) = self.txs.remove(&id) {
                 self.ids.remove(&entry.key);
                 if let Some(m) = entry.ack_match
-                    && self.accepted.get(&m) == Some(&id)
+                    && self.by_dialog.get(&m) == Some(&id)
                 {
-                    self.accepted.remove(&m);
+                    self.by_dialog.remove(&m);
                 }
             }
             return;

@@ -94,6 +94,13 @@ impl TxKey {
     }
 }
 
+impl std::fmt::Display for TxKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let role = if self.server { "server" } else { "client" };
+        write!(f, "{role} {} {}", self.method, self.branch)
+    }
+}
+
 fn key_method(method: &rsip::Method) -> String {
     match method {
         rsip::Method::Ack => "INVITE".to_string(),
@@ -138,6 +145,7 @@ pub(crate) const INVITE_SERVER_LIMIT: Duration = Duration::from_secs(6 * 60);
 /// reports a timeout (the role Timer C plays in proxies, RFC 3261 §16.6).
 pub(crate) const INVITE_CLIENT_LIMIT: Duration = Duration::from_secs(6 * 60);
 
+#[derive(Clone)]
 pub enum TuEvent {
     /// A new request (not a retransmission, not ACK, not CANCEL). For INVITE the layer has already
     /// sent `100 Trying`.
