@@ -198,6 +198,8 @@ impl Server {
             .env("SAUTIKIT_DATABASE_URL", &db.url)
             .env("SAUTIKIT_DATA_DIR", &db.data_dir)
             .env("SAUTIKIT_HTTP_LISTEN", "127.0.0.1:0")
+            // Tests run servers side by side: each takes its own SIP port.
+            .env("SAUTIKIT_SIP_LISTEN", "127.0.0.1:0")
             .env(
                 "SAUTIKIT_MODE",
                 if mode == Mode::Dev {
