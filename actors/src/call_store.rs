@@ -165,8 +165,11 @@ pub trait CallStore: Send + Sync + 'static {
     ) -> Result<(), StorageError>;
 
     /// Record that engine process `engine_id` is alive at `now` (called every few seconds).
-    async fn engine_heartbeat(&self, engine_id: &str, now: DateTime<Utc>)
-    -> Result<(), StorageError>;
+    async fn engine_heartbeat(
+        &self,
+        engine_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), StorageError>;
 
     /// Calls still `ringing` or `answered` whose engine is not `this_engine` and whose engine's
     /// last heartbeat is older than `stale_before` (or that engine never beat) were live in a
