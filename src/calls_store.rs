@@ -20,6 +20,7 @@ use sautikit_actors::store::StorageError;
 use serde_json::{Value, json};
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, AssertSqlSafe};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::store::{SqlStore, after_debit, get, get_opt_time, get_time, storage};
 use crate::time::{new_id, to_api, to_db};
@@ -423,6 +424,238 @@ async fn debit_for_call(
     Ok((charge, Some(entry_id)))
 }
 
+/// One change to a call, as the call actors send them.
+#[derive(Debug, Clone)]
+pub enum CallWrite {
+    Started(CallStarted),
+    Answered(CallAnswered),
+    Ended(CallEnded),
+    Timeline {
+        call_id: String,
+        entries: Vec<TimelineEntry>,
+    },
+}
+
+/// What a write did.
+#[derive(Debug, Clone)]
+pub enum Written {
+    Ended(CallCharged),
+    Other,
+}
+
+/// Apply one write inside the caller's transaction. `Ok(true)` in the second field: it queued an
+/// event (the Events actor is told after the commit).
+async fn apply_in_tx(
+    conn: &mut AnyConnection,
+    write: &CallWrite,
+) -> Result<(Written, bool), StorageError> {
+    match write {
+        CallWrite::Started(c) => started_in_tx(conn, c).await.map(|e| (Written::Other, e)),
+        CallWrite::Answered(c) => answered_in_tx(conn, c).await.map(|e| (Written::Other, e)),
+        CallWrite::Ended(c) => match finalise_in_tx(conn, c).await? {
+            Finalised::Ended(charged) => Ok((Written::Ended(charged), true)),
+            Finalised::AlreadyFinal(charged) => Ok((Written::Ended(charged), false)),
+        },
+        CallWrite::Timeline { call_id, entries } => {
+            insert_timeline(conn, call_id, entries).await?;
+            Ok((Written::Other, false))
+        }
+    }
+}
+
+/// Insert the call row (`ringing`), its timeline and `call.started`. A repeat of a start that
+/// committed is a no-op; an unknown number is an error.
+async fn started_in_tx(conn: &mut AnyConnection, call: &CallStarted) -> Result<bool, StorageError> {
+    if call.direction != "inbound" && call.direction != "outbound" {
+        return Err(StorageError(format!(
+            "call direction must be inbound or outbound, got {:?}",
+            call.direction
+        )));
+    }
+    let ts = to_db(call.started_at);
+    // The rate and currency are copied from the number as it is now: the call is billed at
+    // the price in force when it started.
+    let row = sqlx::query(concat!(
+        "INSERT INTO calls (id, workspace_id, number_id, direction, from_number, to_number, \
+         status, sip_call_id, engine_id, started_at, currency, rate_per_min_minor, \
+         created_at, updated_at) \
+         SELECT $1, $2, $3, $4, $5, $6, 'ringing', $7, $8, $9, currency, \
+           CASE WHEN $4 = 'inbound' THEN inbound_per_min_minor ELSE outbound_per_min_minor END, \
+           $9, $9 \
+         FROM tenant_numbers WHERE id = $3 AND workspace_id = $2 \
+         ON CONFLICT (id) DO NOTHING RETURNING ",
+        call_cols!()
+    ))
+    .bind(&call.call_id)
+    .bind(&call.workspace_id)
+    .bind(&call.number_id)
+    .bind(&call.direction)
+    .bind(&call.from)
+    .bind(&call.to)
+    .bind(&call.sip_call_id)
+    .bind(&call.engine_id)
+    .bind(&ts)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(storage)?;
+    let Some(row) = row else {
+        // Either a retry of a start that did commit (nothing more to do) or an unknown number.
+        return if read_call(conn, &call.call_id).await?.is_some() {
+            Ok(false)
+        } else {
+            Err(StorageError(format!(
+                "number {} not found in workspace {}",
+                call.number_id, call.workspace_id
+            )))
+        };
+    };
+    let stored = call_from_row(&row)?;
+    insert_timeline(conn, &stored.id, &call.timeline).await?;
+    enqueue_call_event(
+        conn,
+        &stored,
+        "call.started",
+        base_payload(&stored),
+        call.started_at,
+    )
+    .await?;
+    Ok(true)
+}
+
+/// Mark a ringing call answered with `call.answered`; a repeat changes nothing.
+async fn answered_in_tx(
+    conn: &mut AnyConnection,
+    call: &CallAnswered,
+) -> Result<bool, StorageError> {
+    let ts = to_db(call.answered_at);
+    let row = sqlx::query(concat!(
+        "UPDATE calls SET status = 'answered', answered_at = $1, updated_at = $1 \
+         WHERE id = $2 AND status = 'ringing' RETURNING ",
+        call_cols!()
+    ))
+    .bind(&ts)
+    .bind(&call.call_id)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(storage)?;
+    let Some(row) = row else {
+        // Answered (or ended) already: a repeat changes nothing.
+        return if read_call(conn, &call.call_id).await?.is_some() {
+            Ok(false)
+        } else {
+            Err(call_not_found(&call.call_id))
+        };
+    };
+    let stored = call_from_row(&row)?;
+    insert_timeline(conn, &stored.id, &call.timeline).await?;
+    let mut payload = base_payload(&stored);
+    payload.insert("answered_at".into(), json!(to_api(call.answered_at)));
+    enqueue_call_event(conn, &stored, "call.answered", payload, call.answered_at).await?;
+    Ok(true)
+}
+
+/// Writes waiting for the group commit, each with who waits for its result.
+type Pending = (CallWrite, oneshot::Sender<Result<Written, StorageError>>);
+
+/// Most writes committed together.
+const GROUP_MAX: usize = 256;
+
+/// Group commit for call writes. Thousands of calls a second each change their row three times;
+/// one transaction per change would queue them all behind SQLite's single writer (and a commit
+/// each on PostgreSQL). The writer task takes whatever has queued while the last batch ran and
+/// commits it in one transaction, each write applied in arrival order exactly as if alone. If the
+/// batch fails, each write is retried in its own transaction, so one bad write fails only itself.
+#[derive(Clone)]
+pub struct CallWriter {
+    tx: mpsc::UnboundedSender<Pending>,
+}
+
+impl CallWriter {
+    fn start(store: SqlStore) -> CallWriter {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Pending>();
+        tokio::spawn(async move {
+            let mut batch: Vec<Pending> = Vec::with_capacity(GROUP_MAX);
+            while let Some(first) = rx.recv().await {
+                batch.push(first);
+                while batch.len() < GROUP_MAX {
+                    match rx.try_recv() {
+                        Ok(p) => batch.push(p),
+                        Err(_) => break,
+                    }
+                }
+                store.commit_batch(&mut batch).await;
+            }
+        });
+        CallWriter { tx }
+    }
+}
+
+impl SqlStore {
+    async fn write_call(&self, write: CallWrite) -> Result<Written, StorageError> {
+        let writer = self
+            .call_writer
+            .get_or_init(|| CallWriter::start(self.clone()));
+        let (reply, rx) = oneshot::channel();
+        writer
+            .tx
+            .send((write, reply))
+            .map_err(|_| StorageError("the call writer stopped".into()))?;
+        rx.await
+            .map_err(|_| StorageError("the call writer dropped a write".into()))?
+    }
+
+    async fn commit_batch(&self, batch: &mut Vec<Pending>) {
+        if batch.len() > 1 {
+            match self.try_batch(batch).await {
+                Ok(results) => {
+                    for ((_, reply), r) in batch.drain(..).zip(results) {
+                        let _ = reply.send(Ok(r));
+                    }
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, writes = batch.len(), "group commit of call writes failed; writing one by one");
+                }
+            }
+        }
+        for (write, reply) in batch.drain(..) {
+            let _ = reply.send(self.write_alone(&write).await);
+        }
+    }
+
+    async fn try_batch(&self, batch: &[Pending]) -> Result<Vec<Written>, StorageError> {
+        let mut tx = self.db().write.begin().await.map_err(storage)?;
+        let mut results = Vec::with_capacity(batch.len());
+        let mut events = false;
+        for (write, _) in batch {
+            let (written, event) = apply_in_tx(&mut tx, write).await?;
+            events |= event;
+            results.push(written);
+        }
+        tx.commit().await.map_err(storage)?;
+        if events {
+            self.events_committed();
+        }
+        Ok(results)
+    }
+
+    async fn write_alone(&self, write: &CallWrite) -> Result<Written, StorageError> {
+        let mut tx = self.db().write.begin().await.map_err(storage)?;
+        let (written, event) = match apply_in_tx(&mut tx, write).await {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = tx.rollback().await;
+                return Err(e);
+            }
+        };
+        tx.commit().await.map_err(storage)?;
+        if event {
+            self.events_committed();
+        }
+        Ok(written)
+    }
+}
+
 /// `+254700000001`; a number given without `+` is taken as E.164 digits.
 fn e164(number: &str) -> String {
     let n = number.trim();
@@ -558,112 +791,17 @@ impl CallStore for SqlStore {
     }
 
     async fn call_started(&self, call: CallStarted) -> Result<(), StorageError> {
-        if call.direction != "inbound" && call.direction != "outbound" {
-            return Err(StorageError(format!(
-                "call direction must be inbound or outbound, got {:?}",
-                call.direction
-            )));
-        }
-        let ts = to_db(call.started_at);
-        let mut tx = self.db().write.begin().await.map_err(storage)?;
-        // The rate and currency are copied from the number as it is now: the call is billed at
-        // the price in force when it started.
-        let row = sqlx::query(concat!(
-            "INSERT INTO calls (id, workspace_id, number_id, direction, from_number, to_number, \
-             status, sip_call_id, engine_id, started_at, currency, rate_per_min_minor, \
-             created_at, updated_at) \
-             SELECT $1, $2, $3, $4, $5, $6, 'ringing', $7, $8, $9, currency, \
-               CASE WHEN $4 = 'inbound' THEN inbound_per_min_minor ELSE outbound_per_min_minor END, \
-               $9, $9 \
-             FROM tenant_numbers WHERE id = $3 AND workspace_id = $2 \
-             ON CONFLICT (id) DO NOTHING RETURNING ",
-            call_cols!()
-        ))
-        .bind(&call.call_id)
-        .bind(&call.workspace_id)
-        .bind(&call.number_id)
-        .bind(&call.direction)
-        .bind(&call.from)
-        .bind(&call.to)
-        .bind(&call.sip_call_id)
-        .bind(&call.engine_id)
-        .bind(&ts)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(storage)?;
-        let Some(row) = row else {
-            // Either a retry of a start that did commit (nothing more to do) or an unknown number.
-            let exists = read_call(&mut tx, &call.call_id).await?.is_some();
-            tx.rollback().await.map_err(storage)?;
-            return if exists {
-                Ok(())
-            } else {
-                Err(StorageError(format!(
-                    "number {} not found in workspace {}",
-                    call.number_id, call.workspace_id
-                )))
-            };
-        };
-        let stored = call_from_row(&row)?;
-        insert_timeline(&mut tx, &stored.id, &call.timeline).await?;
-        enqueue_call_event(
-            &mut tx,
-            &stored,
-            "call.started",
-            base_payload(&stored),
-            call.started_at,
-        )
-        .await?;
-        tx.commit().await.map_err(storage)?;
-        self.events_committed();
-        Ok(())
+        self.write_call(CallWrite::Started(call)).await.map(|_| ())
     }
 
     async fn call_answered(&self, call: CallAnswered) -> Result<(), StorageError> {
-        let ts = to_db(call.answered_at);
-        let mut tx = self.db().write.begin().await.map_err(storage)?;
-        let row = sqlx::query(concat!(
-            "UPDATE calls SET status = 'answered', answered_at = $1, updated_at = $1 \
-             WHERE id = $2 AND status = 'ringing' RETURNING ",
-            call_cols!()
-        ))
-        .bind(&ts)
-        .bind(&call.call_id)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(storage)?;
-        let Some(row) = row else {
-            // Answered (or ended) already: a repeat changes nothing.
-            let exists = read_call(&mut tx, &call.call_id).await?.is_some();
-            tx.rollback().await.map_err(storage)?;
-            return if exists {
-                Ok(())
-            } else {
-                Err(call_not_found(&call.call_id))
-            };
-        };
-        let stored = call_from_row(&row)?;
-        insert_timeline(&mut tx, &stored.id, &call.timeline).await?;
-        let mut payload = base_payload(&stored);
-        payload.insert("answered_at".into(), json!(to_api(call.answered_at)));
-        enqueue_call_event(&mut tx, &stored, "call.answered", payload, call.answered_at).await?;
-        tx.commit().await.map_err(storage)?;
-        self.events_committed();
-        Ok(())
+        self.write_call(CallWrite::Answered(call)).await.map(|_| ())
     }
 
     async fn call_ended(&self, call: CallEnded) -> Result<CallCharged, StorageError> {
-        let mut tx = self.db().write.begin().await.map_err(storage)?;
-        match finalise_in_tx(&mut tx, &call).await? {
-            Finalised::Ended(charged) => {
-                tx.commit().await.map_err(storage)?;
-                self.events_committed();
-                Ok(charged)
-            }
-            Finalised::AlreadyFinal(charged) => {
-                tx.rollback().await.map_err(storage)?;
-                Ok(charged)
-            }
+        match self.write_call(CallWrite::Ended(call)).await? {
+            Written::Ended(charged) => Ok(charged),
+            Written::Other => Err(StorageError("call end was not recorded".into())),
         }
     }
 
@@ -675,10 +813,12 @@ impl CallStore for SqlStore {
         if entries.is_empty() {
             return Ok(());
         }
-        let mut tx = self.db().write.begin().await.map_err(storage)?;
-        insert_timeline(&mut tx, call_id, &entries).await?;
-        tx.commit().await.map_err(storage)?;
-        Ok(())
+        self.write_call(CallWrite::Timeline {
+            call_id: call_id.to_owned(),
+            entries,
+        })
+        .await
+        .map(|_| ())
     }
 
     async fn engine_heartbeat(

@@ -296,6 +296,8 @@ pub struct SqlStore {
     db: Db,
     /// Signalled after a commit that wrote events, so the Events actor looks at once.
     pub committed: Arc<Notify>,
+    /// Group commit of call writes, started on first use.
+    pub(crate) call_writer: Arc<std::sync::OnceLock<crate::calls_store::CallWriter>>,
 }
 
 impl SqlStore {
@@ -303,6 +305,7 @@ impl SqlStore {
         SqlStore {
             db,
             committed: Arc::new(Notify::new()),
+            call_writer: Arc::default(),
         }
     }
 

@@ -866,3 +866,57 @@ async fn concurrent_ends_charge_once_and_never_overdraw(backend: Backend) {
     assert_eq!(events_of_kind(&fx, "call.completed").await, 8);
 }
 on_both_backends!(concurrent_ends_charge_once_and_never_overdraw);
+
+/// Writes from many calls at once are committed in groups; a bad write in a group (a number that
+/// does not exist) fails alone and every other write lands.
+async fn group_commit_isolates_a_bad_write(backend: Backend) {
+    let fx = fixture(backend, 100_000, 60, 0).await;
+    let ids: Vec<String> = (0..40).map(|_| new_call_id()).collect();
+    let mut starts = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let mut s = started(&fx, id, "inbound", "engine-a", t0());
+        if i == 17 {
+            s.number_id = new_call_id();
+        }
+        let store = fx.store.clone();
+        starts.push(tokio::spawn(async move { store.call_started(s).await }));
+    }
+    let mut failed = Vec::new();
+    for (i, h) in starts.into_iter().enumerate() {
+        if h.await.expect("join").is_err() {
+            failed.push(i);
+        }
+    }
+    assert_eq!(failed, [17], "only the write for the unknown number fails");
+    // Answer and end all the others concurrently: each is charged exactly once.
+    let mut ends = Vec::new();
+    for (i, id) in ids.iter().enumerate().filter(|(i, _)| *i != 17) {
+        let store = fx.store.clone();
+        let id = id.clone();
+        let at = t0() + Duration::seconds(i as i64);
+        ends.push(tokio::spawn(async move {
+            store
+                .call_answered(CallAnswered {
+                    call_id: id.clone(),
+                    answered_at: at,
+                    timeline: vec![],
+                })
+                .await?;
+            store
+                .call_ended(ended(
+                    &id,
+                    CallStatus::Completed,
+                    at + Duration::seconds(30),
+                ))
+                .await
+        }));
+    }
+    for h in ends {
+        let charged = h.await.expect("join").expect("ended");
+        assert_eq!(charged.duration_seconds, 30);
+        assert_eq!(charged.cost_minor, 30);
+    }
+    assert_eq!(call_charges(&fx).await.len(), 39);
+    assert_eq!(balance(&fx).await, 100_000 - 39 * 30);
+}
+on_both_backends!(group_commit_isolates_a_bad_write);
