@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use ipnet::IpNet;
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef};
 use sautikit_sip::message::{self as sipmsg, response_to};
-use sautikit_sip::rsip::{self, Method, SipMessage};
+use sautikit_sip::rsip::{self, Method};
 use sautikit_sip::stream::StreamFramer;
 use sautikit_sip::transaction::{Peer, Timers, TransactionLayer, Transport, TuEvent, TxKey};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -264,8 +264,7 @@ async fn on_event(myself: &ActorRef<SipMsg>, state: &mut SipEndpointState, event
             on_request(myself, state, key, request, from).await
         }
         TuEvent::AckReceived { request, .. } => {
-            let msg = SipMessage::Request(request);
-            if let Some(call) = sipmsg::call_id(&msg).and_then(|c| state.dialogs.get(&c)) {
+            if let Some(call) = sipmsg::call_id(&request).and_then(|c| state.dialogs.get(&c)) {
                 let _ = call.cast(CallMsg::AckReceived);
             }
         }
@@ -294,7 +293,7 @@ async fn on_event(myself: &ActorRef<SipMsg>, state: &mut SipEndpointState, event
                     detail: serde_json::json!({
                         "status": code,
                         "reason": response.status_code.to_string(),
-                        "cseq": sipmsg::cseq(&SipMessage::Response(response)).map(|(n, m)| format!("{n} {m}")),
+                        "cseq": sipmsg::cseq(&response).map(|(n, m)| format!("{n} {m}")),
                     }),
                 };
                 let store = state.store.clone();
@@ -327,10 +326,7 @@ async fn on_request(
     from: Peer,
 ) {
     let method = request.method;
-    let msg_call_id = {
-        let msg = SipMessage::Request(request.clone());
-        sipmsg::call_id(&msg)
-    };
+    let msg_call_id = sipmsg::call_id(&request);
     let call = msg_call_id
         .as_ref()
         .and_then(|c| state.dialogs.get(c))
@@ -349,7 +345,7 @@ async fn on_request(
                 reply(state, &key, &request, 403, &[]);
                 return;
             }
-            let to_tag = sipmsg::to_tag(&SipMessage::Request(request.clone()));
+            let to_tag = sipmsg::to_tag(&request);
             if to_tag.is_some() {
                 // A re-INVITE for a dialog we do not know.
                 reply(state, &key, &request, 481, &[]);

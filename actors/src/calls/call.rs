@@ -10,8 +10,8 @@ use chrono::{DateTime, Utc};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use sautikit_sip::dialog::Dialog;
 use sautikit_sip::message::{self as sipmsg, response_to, with_body};
+use sautikit_sip::rsip;
 use sautikit_sip::rsip::headers::UntypedHeader;
-use sautikit_sip::rsip::{self, SipMessage};
 use sautikit_sip::sdp;
 use sautikit_sip::transaction::{Peer, Transport, TxKey};
 use serde_json::json;
@@ -249,14 +249,10 @@ impl CallState {
         });
     }
 
-    fn invite_message(&self) -> SipMessage {
-        SipMessage::Request(self.invite.request.clone())
-    }
-
     async fn begin(&mut self) {
         let request = &self.invite.request;
         let user = sipmsg::request_user(request).unwrap_or_default();
-        let from_user = sipmsg::from_user(&self.invite_message()).unwrap_or_default();
+        let from_user = sipmsg::from_user(&self.invite.request).unwrap_or_default();
         self.from = normalize_number(&from_user).unwrap_or(from_user);
         let transport = match self.invite.from.transport {
             Transport::Udp => "udp",
