@@ -43,14 +43,18 @@ impl Store for NoStore {
     }
 }
 
+/// (to, status, failure_reason, hangup_cause)
+type Row = (String, String, Option<String>, Option<String>);
+
 #[derive(Default)]
 struct MemCalls {
-    /// call id → (to, status, failure_reason, hangup_cause)
-    calls: Mutex<HashMap<String, (String, String, Option<String>, Option<String>)>>,
+    /// call id → row
+    calls: Mutex<HashMap<String, Row>>,
 }
 
 impl MemCalls {
-    fn by_number(&self, to: &str) -> Option<(String, String, Option<String>, Option<String>)> {
+    /// (call id, status, failure_reason, hangup_cause)
+    fn by_number(&self, to: &str) -> Option<Row> {
         let calls = self.calls.lock().unwrap();
         calls
             .iter()
