@@ -139,8 +139,27 @@ pub struct CallCharged {
     pub currency: String,
 }
 
+/// A finished `record`: the WAV file is complete on disk; the store writes the `recordings` row,
+/// the timeline and `call.recording.ready` together.
+#[derive(Debug, Clone)]
+pub struct RecordingReady {
+    pub recording_id: String,
+    pub call_id: String,
+    /// Path of the WAV file relative to the data directory (e.g.
+    /// `recordings/<call_id>/<recording_id>.wav`).
+    pub path: String,
+    pub duration_ms: u64,
+    pub size_bytes: u64,
+    pub created_at: DateTime<Utc>,
+    pub timeline: Vec<TimelineEntry>,
+}
+
 #[async_trait]
 pub trait CallStore: Send + Sync + 'static {
+    /// Record a finished recording of a call (row, timeline, `call.recording.ready` with
+    /// `call_id, recording_id, duration_seconds, size_bytes, download_url`).
+    async fn recording_ready(&self, recording: RecordingReady) -> Result<(), StorageError>;
+
     /// The live (not released) tenant number with this E.164 number (with `+`), if any.
     async fn route_by_number(&self, number: &str) -> Result<Option<NumberRoute>, StorageError>;
 
