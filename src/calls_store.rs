@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, SecondsFormat, Utc};
 use sautikit_actors::call_store::{
     CallAnswered, CallCharged, CallEnded, CallStarted, CallStatus, CallStore, NumberRoute,
-    TimelineEntry,
+    RecordingReady, TimelineEntry,
 };
 use sautikit_actors::model::{LedgerKind, NumberStatus};
 use sautikit_actors::money;
@@ -788,6 +788,14 @@ impl CallStore for SqlStore {
             .await
             .map_err(storage)?;
         row.as_ref().map(route_from_row).transpose()
+    }
+
+    async fn recording_ready(&self, recording: RecordingReady) -> Result<(), StorageError> {
+        // Replaced by the recordings table and event (issue 5, in progress).
+        Err(StorageError(format!(
+            "recordings are not stored yet ({})",
+            recording.recording_id
+        )))
     }
 
     async fn call_started(&self, call: CallStarted) -> Result<(), StorageError> {

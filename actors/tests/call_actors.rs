@@ -10,7 +10,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sautikit_actors::call_store::{
-    CallAnswered, CallCharged, CallEnded, CallStarted, CallStore, NumberRoute, TimelineEntry,
+    CallAnswered, CallCharged, CallEnded, CallStarted, CallStore, NumberRoute, RecordingReady,
+    TimelineEntry,
 };
 use sautikit_actors::callback::{CallbackClient, CallbackFailure, CallbackReply, CallbackRequest};
 use sautikit_actors::clock::SystemClock;
@@ -85,6 +86,9 @@ impl CallStore for MemCalls {
     }
     async fn route_by_id(&self, id: &str) -> Result<Option<NumberRoute>, StorageError> {
         Ok(id.strip_prefix("id").map(route))
+    }
+    async fn recording_ready(&self, _: RecordingReady) -> Result<(), StorageError> {
+        Ok(())
     }
     async fn call_started(&self, c: CallStarted) -> Result<(), StorageError> {
         self.calls
