@@ -8,6 +8,7 @@ pub use rsip;
 
 pub mod dialog;
 pub mod digest;
+pub mod jitter;
 pub mod message;
 pub mod rtp;
 pub mod sdp;
