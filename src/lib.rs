@@ -11,4 +11,5 @@ pub mod secrets;
 pub mod server;
 pub mod store;
 pub mod time;
+pub mod tts;
 pub mod webhooks;

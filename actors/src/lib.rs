@@ -17,6 +17,7 @@ pub mod numbers;
 pub mod root;
 pub mod sip_endpoint;
 pub mod store;
+pub mod synth;
 pub mod voice;
 pub mod wallet;
 pub mod webhook;
