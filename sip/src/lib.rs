@@ -8,6 +8,7 @@ pub use rsip;
 
 pub mod dialog;
 pub mod digest;
+pub mod dtmf;
 pub mod jitter;
 pub mod message;
 pub mod rtp;
