@@ -14,4 +14,6 @@ pub mod message;
 pub mod rtp;
 pub mod sdp;
 pub mod stream;
+pub mod tone;
 pub mod transaction;
+pub mod wav;
