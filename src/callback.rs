@@ -4,12 +4,11 @@
 //! Same transport rules as webhook deliveries (`webhooks::sender`): rustls, no redirects, and in
 //! production the [`AddressPolicy`] applied to the addresses we actually connect to.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use reqwest::header::{ACCEPT, CONTENT_TYPE};
 use sautikit_actors::callback::{
     CALLBACK_TIMEOUT, CallbackClient, CallbackFailure, CallbackMethod, CallbackReply,
@@ -19,7 +18,7 @@ use sautikit_actors::voice::{ScriptError, script_from_value};
 use sautikit_actors::webhook::signature_header;
 use url::form_urlencoded;
 
-use crate::webhooks::sender::AddressPolicy;
+use crate::webhooks::sender::{AddressPolicy, Forbidden, GuardedResolver};
 
 pub const USER_AGENT: &str = concat!("Sautikit-Voice/", env!("CARGO_PKG_VERSION"));
 
@@ -32,37 +31,6 @@ const FORM: &str = "application/x-www-form-urlencoded";
 pub enum CallbackClientError {
     #[error("cannot build the HTTP client for voice callbacks: {0}")]
     Build(#[from] reqwest::Error),
-}
-
-/// Marks a resolution refused by the policy, so it can be told apart from a DNS failure in
-/// reqwest's error chain.
-#[derive(Debug, thiserror::Error)]
-#[error("{0} resolves only to internal addresses")]
-struct AddressForbidden(String);
-
-/// DNS through the OS keeping only permitted addresses, as the webhook sender does: checking
-/// the addresses we connect to means a name cannot pass the check and then resolve elsewhere.
-struct PolicyResolver {
-    policy: Arc<AddressPolicy>,
-}
-
-impl Resolve for PolicyResolver {
-    fn resolve(&self, name: Name) -> Resolving {
-        let policy = self.policy.clone();
-        Box::pin(async move {
-            let host = name.as_str().to_owned();
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
-                .await?
-                .filter(|a| policy.permits(a.ip()))
-                .collect();
-            if addrs.is_empty() {
-                return Err(
-                    Box::new(AddressForbidden(host)) as Box<dyn std::error::Error + Send + Sync>
-                );
-            }
-            Ok(Box::new(addrs.into_iter()) as Addrs)
-        })
-    }
 }
 
 /// One pooled client for every call's callbacks.
@@ -89,7 +57,7 @@ impl HttpCallbackClient {
             // A redirect would bypass the literal-address check and is not part of the contract.
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(USER_AGENT)
-            .dns_resolver(PolicyResolver {
+            .dns_resolver(GuardedResolver {
                 policy: policy.clone(),
             })
             .build()?;
@@ -259,9 +227,9 @@ fn elapsed_ms(started: Instant) -> u64 {
 fn failure(e: &reqwest::Error, started: Instant, timeout: Duration) -> CallbackFailure {
     let mut source: Option<&dyn std::error::Error> = Some(e);
     while let Some(s) = source {
-        if let Some(f) = s.downcast_ref::<AddressForbidden>() {
+        if let Some(Forbidden(host)) = s.downcast_ref::<Forbidden>() {
             return CallbackFailure::Forbidden {
-                message: f.to_string(),
+                message: format!("{host} resolves only to internal addresses"),
             };
         }
         source = s.source();

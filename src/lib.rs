@@ -7,6 +7,8 @@ pub mod callback;
 pub mod calls_store;
 pub mod config;
 pub mod db;
+pub mod play;
+pub mod resample;
 pub mod secrets;
 pub mod server;
 pub mod store;

@@ -326,10 +326,11 @@ impl Inner {
         if samples.is_empty() {
             return Err(SynthError::Failed("espeak-ng produced no audio".into()));
         }
-        let resampled = tokio::task::spawn_blocking(move || resample_to_8k(&samples, rate))
-            .await
-            .map_err(|e| SynthError::Failed(format!("resampler task failed: {e}")))?
-            .map_err(SynthError::Failed)?;
+        let resampled =
+            tokio::task::spawn_blocking(move || crate::resample::to_8k_mono(&samples, rate))
+                .await
+                .map_err(|e| SynthError::Failed(format!("resampler task failed: {e}")))?
+                .map_err(|e| SynthError::Failed(e.to_string()))?;
         if resampled.is_empty() {
             return Err(SynthError::Failed("resampling produced no audio".into()));
         }
@@ -624,7 +625,7 @@ fn resolve_voice(
 }
 
 // ---------------------------------------------------------------------------------------------
-// Audio: WAV and resampling
+// Audio: WAV
 
 /// Parses a 16-bit PCM mono WAV. Tolerates a RIFF or data size larger than the bytes present:
 /// espeak-ng writes a placeholder size (0x7ffff000 or 0xffffffff) when streaming to stdout.
@@ -750,37 +751,6 @@ fn write_cached(dir: &Path, path: &Path, audio: &Audio) -> std::io::Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     result
-}
-
-/// Band-limited conversion to 8 kHz with rubato's synchronous FFT resampler, whose anti-aliasing
-/// filter removes everything above the new Nyquist frequency before decimating.
-fn resample_to_8k(samples: &[i16], rate_in: u32) -> Result<Vec<i16>, String> {
-    use rubato::audioadapter_buffers::direct::InterleavedSlice;
-    use rubato::{Fft, FixedSync, Resampler};
-
-    if rate_in == SAMPLE_RATE {
-        return Ok(samples.to_vec());
-    }
-    let input: Vec<f32> = samples.iter().map(|&s| f32::from(s) / 32768.0).collect();
-    let mut resampler = Fft::<f32>::new(
-        rate_in as usize,
-        SAMPLE_RATE as usize,
-        1024,
-        1,
-        FixedSync::Both,
-    )
-    .map_err(|e| format!("resampler: {e}"))?;
-    let adapter =
-        InterleavedSlice::new(&input, 1, input.len()).map_err(|e| format!("resampler: {e}"))?;
-    let output = resampler
-        .process_all(&adapter, input.len(), None)
-        .map_err(|e| format!("resampling: {e}"))?;
-    Ok(output
-        .take_data()
-        .into_iter()
-        // Filtering can overshoot full scale slightly: clip rather than wrap.
-        .map(|x| (x * 32768.0).round().clamp(-32768.0, 32767.0) as i16)
-        .collect())
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -60,14 +60,17 @@ pub fn is_internal(ip: IpAddr) -> bool {
     }
 }
 
+/// A name refused by [`GuardedResolver`] (the host name is the field), found in reqwest's error
+/// chain to tell a policy refusal from a DNS failure.
 #[derive(Debug, thiserror::Error)]
 #[error("address.forbidden: {0} resolves only to internal addresses")]
-struct Forbidden(String);
+pub(crate) struct Forbidden(pub(crate) String);
 
 /// DNS through the OS, keeping only permitted addresses: the check happens on the addresses we
-/// connect to, so a name cannot pass the check and then resolve elsewhere.
-struct GuardedResolver {
-    policy: Arc<AddressPolicy>,
+/// connect to, so a name cannot pass the check and then resolve elsewhere. Shared by every
+/// outbound client that takes customer URLs (webhooks, voice callbacks, `play`).
+pub(crate) struct GuardedResolver {
+    pub(crate) policy: Arc<AddressPolicy>,
 }
 
 impl Resolve for GuardedResolver {
