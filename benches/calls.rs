@@ -1,0 +1,1420 @@
+//! Load harness for inbound calls (issue: calls): a raw UDP SIP caller (UAC) in this process
+//! drives a real release `sautikit serve` in dev mode, whose claimed numbers point their voice
+//! callback and events URL at lean HTTP servers in this process. Everything shares one machine.
+//!
+//! - **rate**: calls per second for a fixed time. Each call: INVITE (SDP offer) → 100 Trying →
+//!   voice callback (a 30 s `pause`) → 200 OK with SDP → ACK → after `BENCH_CALL_HOLD_MS`
+//!   (default 0) the caller's BYE → 200. INVITEs are retransmitted per Timer A (500 ms, doubling)
+//!   until a provisional response, BYEs per Timer E; a call without a final response in
+//!   `BENCH_CALL_TIMEOUT_MS` (10 s) fails. Measured: calls attempted/answered/completed/failed,
+//!   INVITE→200 p50/p99/max (from the first INVITE sent to the 200 received), the server's CPU
+//!   (utime+stime from /proc) and RSS, events delivered to the events URL (3 per call:
+//!   `call.started`, `call.answered`, `call.completed`), and `GET /v1/calls?status=completed`.
+//! - **hold**: `BENCH_HOLD_CALLS` (2000) calls set up at `BENCH_HOLD_RAMP` per second and held
+//!   `BENCH_HOLD_SECONDS` (60) while the engine sends paced silence (20 ms PCMU) to one UDP socket
+//!   per call here. Measured per stream: spacing of receive times (|Δt − 20 ms| p50/p99, share
+//!   within 5 ms), packets received vs expected, RTP header checks (sequence +1, timestamp +160,
+//!   one SSRC, payload type 0); the engine's CPU, RSS, CPU per call and per packet.
+//!
+//! Receive times are taken when this process's task reads the datagram, so the spacing includes
+//! this harness's own scheduling delay: it is an upper bound on the engine's jitter.
+//!
+//! `CARGO_TARGET_DIR=/work/target-calls cargo bench --bench calls`. Environment:
+//! `BENCH_TESTS` (`rate,hold`), `BENCH_BACKENDS` (`sqlite,postgres`; PostgreSQL only when
+//! `SAUTIKIT_TEST_POSTGRES_URL` is set; hold runs on the first backend only unless
+//! `BENCH_HOLD_ALL_BACKENDS=1`), `BENCH_CALL_RATE` (1000; a comma list runs each in turn),
+//! `BENCH_SECONDS` (60), `BENCH_CALL_NUMBERS` (100 claimed numbers, calls round-robin),
+//! `BENCH_CALL_HOLD_MS` (0), `BENCH_UAC_SOCKETS` (4), `BENCH_HOLD_CALLS`, `BENCH_HOLD_SECONDS`,
+//! `BENCH_HOLD_RAMP` (200), `BENCH_P99_MS` (50: the pass line).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::http::HeaderMap;
+use axum::routing::post;
+use common::uac::{
+    body, contact_uri, cpu_time, cseq, ensure_nofile, header, machine_load, quantile,
+    request_method, response_to, rtp_header, sdp_offer_pcmu, status_code, status_kib, thread_cpu,
+};
+use common::{Api, Backend, Mode, Server, TestDb, dev_key};
+use serde_json::json;
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot, watch};
+
+// The receivers and the caller share the two cores with the server: keep them lean.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const SCRIPT: &str = r#"{"actions":[{"pause":{"length":30}}]}"#;
+const T1: Duration = Duration::from_millis(500);
+const T2: Duration = Duration::from_secs(4);
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(default)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+// ---------------------------------------------------------------------------------------------
+// The customer's side: a voice callback that answers one fixed script, an events receiver that
+// counts by kind. Each on its own single-threaded runtime and thread.
+
+#[derive(Default)]
+struct Hooks {
+    voice: AtomicU64,
+    started: AtomicU64,
+    answered: AtomicU64,
+    completed: AtomicU64,
+    failed: AtomicU64,
+    other: AtomicU64,
+}
+
+impl Hooks {
+    fn events(&self) -> u64 {
+        self.started.load(Ordering::Relaxed)
+            + self.answered.load(Ordering::Relaxed)
+            + self.completed.load(Ordering::Relaxed)
+            + self.failed.load(Ordering::Relaxed)
+            + self.other.load(Ordering::Relaxed)
+    }
+}
+
+fn serve_on_own_thread(app: Router) -> SocketAddr {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            // tokio's listener: an accept backlog of 1024 (std's 128 overflows when the engine
+            // opens its connections at once).
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let _ = tx.send(listener.local_addr().expect("addr"));
+            let _ = axum::serve(listener, app).await;
+        });
+    });
+    rx.recv().expect("address")
+}
+
+/// (voice callback URL, events URL, counters).
+fn start_hooks() -> (String, String, Arc<Hooks>) {
+    let hooks = Arc::new(Hooks::default());
+    let voice = {
+        let hooks = hooks.clone();
+        Router::new().route(
+            "/voice",
+            post(move || {
+                hooks.voice.fetch_add(1, Ordering::Relaxed);
+                async move { ([("content-type", "application/json")], SCRIPT) }
+            }),
+        )
+    };
+    let events = {
+        let hooks = hooks.clone();
+        Router::new().route(
+            "/events",
+            post(move |headers: HeaderMap| {
+                let kind = headers
+                    .get("x-sautikit-event-kind")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                let c = match kind {
+                    "call.started" => &hooks.started,
+                    "call.answered" => &hooks.answered,
+                    "call.completed" => &hooks.completed,
+                    "call.failed" => &hooks.failed,
+                    _ => &hooks.other,
+                };
+                c.fetch_add(1, Ordering::Relaxed);
+                async { "ok" }
+            }),
+        )
+    };
+    let v = serve_on_own_thread(voice);
+    let e = serve_on_own_thread(events);
+    (
+        format!("http://{v}/voice"),
+        format!("http://{e}/events"),
+        hooks,
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// The caller: a few UDP sockets, each driven by one task that owns its calls (no locks), finds
+// a call by Call-ID and keeps its timers in a heap.
+
+enum Cmd {
+    /// Place a call to `number` offering media at `rtp`; BYE after `hold` (None: when told).
+    Call {
+        number: Arc<str>,
+        rtp: SocketAddr,
+        hold: Option<Duration>,
+    },
+    /// BYE every established call, spread at `per_sec` per second from this socket.
+    ByeAll { per_sec: f64 },
+    /// Stop and report; calls still open count as unfinished.
+    Finish(oneshot::Sender<UacStats>),
+}
+
+/// Live counters for progress lines and for knowing when a run is over.
+#[derive(Default)]
+struct Progress {
+    attempted: AtomicU64,
+    answered: AtomicU64,
+    completed: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl Progress {
+    fn get(&self) -> (u64, u64, u64, u64) {
+        (
+            self.attempted.load(Ordering::Relaxed),
+            self.answered.load(Ordering::Relaxed),
+            self.completed.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+}
+
+#[derive(Default)]
+struct UacStats {
+    attempted: u64,
+    answered: u64,
+    completed: u64,
+    /// Final responses ≥ 300 to INVITE, by status.
+    invite_status: BTreeMap<u16, u64>,
+    /// Final responses ≥ 300 to BYE, by status.
+    bye_status: BTreeMap<u16, u64>,
+    invite_timeouts: u64,
+    bye_timeouts: u64,
+    /// The engine hung up first (it should not: the script pauses 30 s).
+    server_byes: u64,
+    unfinished: u64,
+    trying: u64,
+    invite_retransmissions: u64,
+    bye_retransmissions: u64,
+    /// 200 OK retransmissions seen (each re-ACKed).
+    ok_retransmissions: u64,
+    no_sdp: u64,
+    unmatched: u64,
+    setup: Vec<Duration>,
+    bye_latency: Vec<Duration>,
+}
+
+impl UacStats {
+    fn failed(&self) -> u64 {
+        self.invite_status.values().sum::<u64>()
+            + self.bye_status.values().sum::<u64>()
+            + self.invite_timeouts
+            + self.bye_timeouts
+            + self.server_byes
+            + self.unfinished
+    }
+
+    fn merge(&mut self, o: UacStats) {
+        self.attempted += o.attempted;
+        self.answered += o.answered;
+        self.completed += o.completed;
+        for (k, v) in o.invite_status {
+            *self.invite_status.entry(k).or_default() += v;
+        }
+        for (k, v) in o.bye_status {
+            *self.bye_status.entry(k).or_default() += v;
+        }
+        self.invite_timeouts += o.invite_timeouts;
+        self.bye_timeouts += o.bye_timeouts;
+        self.server_byes += o.server_byes;
+        self.unfinished += o.unfinished;
+        self.trying += o.trying;
+        self.invite_retransmissions += o.invite_retransmissions;
+        self.bye_retransmissions += o.bye_retransmissions;
+        self.ok_retransmissions += o.ok_retransmissions;
+        self.no_sdp += o.no_sdp;
+        self.unmatched += o.unmatched;
+        self.setup.extend(o.setup);
+        self.bye_latency.extend(o.bye_latency);
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Phase {
+    Inviting { provisional: bool },
+    Established,
+    Byeing,
+}
+
+struct Call {
+    phase: Phase,
+    first_sent: Instant,
+    /// The next moment a timer of this call is due; heap entries for other moments are stale.
+    deadline: Option<Instant>,
+    rto: Duration,
+    invite: Vec<u8>,
+    ack: Vec<u8>,
+    bye: Vec<u8>,
+    bye_first: Instant,
+    hold: Option<Duration>,
+}
+
+struct UacSocket {
+    sock: UdpSocket,
+    me: SocketAddr,
+    server: SocketAddr,
+    idx: usize,
+    next: u64,
+    timeout: Duration,
+    calls: HashMap<String, Call>,
+    timers: BinaryHeap<Reverse<(Instant, String)>>,
+    stats: UacStats,
+    progress: Arc<Progress>,
+}
+
+impl UacSocket {
+    fn send(&self, bytes: &[u8]) {
+        // Loopback UDP: a full socket buffer is the only failure, and Timer A/E cover a loss.
+        let _ = self.sock.try_send_to(bytes, self.server);
+    }
+
+    fn arm(&mut self, cid: &str, at: Instant) {
+        if let Some(c) = self.calls.get_mut(cid) {
+            c.deadline = Some(at);
+            self.timers.push(Reverse((at, cid.to_owned())));
+        }
+    }
+
+    fn start_call(&mut self, number: &str, rtp: SocketAddr, hold: Option<Duration>) {
+        self.next += 1;
+        let cid = format!("b{}-{}-{}@bench", self.idx, self.next, std::process::id());
+        let (me, server) = (self.me, self.server);
+        let sdp = sdp_offer_pcmu(rtp, self.next);
+        let invite = format!(
+            "INVITE sip:{number}@{server} SIP/2.0\r\n\
+             Via: SIP/2.0/UDP {me};branch=z9hG4bK{cid}i;rport\r\n\
+             Max-Forwards: 70\r\n\
+             From: <sip:254711000000@{me}>;tag=f{n}\r\n\
+             To: <sip:{number}@{server}>\r\n\
+             Call-ID: {cid}\r\n\
+             CSeq: 1 INVITE\r\n\
+             Contact: <sip:bench@{me}>\r\n\
+             Content-Type: application/sdp\r\n\
+             Content-Length: {len}\r\n\r\n{sdp}",
+            n = self.next,
+            len = sdp.len()
+        )
+        .into_bytes();
+        let now = Instant::now();
+        self.send(&invite);
+        self.calls.insert(
+            cid.clone(),
+            Call {
+                phase: Phase::Inviting { provisional: false },
+                first_sent: now,
+                deadline: None,
+                rto: T1,
+                invite,
+                ack: Vec::new(),
+                bye: Vec::new(),
+                bye_first: now,
+                hold,
+            },
+        );
+        self.arm(&cid, now + T1);
+        self.stats.attempted += 1;
+        self.progress.attempted.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn fail(&mut self, cid: &str) {
+        self.calls.remove(cid);
+        self.progress.failed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn send_bye(&mut self, cid: &str, now: Instant) {
+        let Some(c) = self.calls.get_mut(cid) else {
+            return;
+        };
+        c.phase = Phase::Byeing;
+        c.bye_first = now;
+        c.rto = T1;
+        let _ = self.sock.try_send_to(&c.bye, self.server);
+        self.arm(cid, now + T1);
+    }
+
+    fn on_datagram(&mut self, bytes: &[u8]) {
+        let Ok(msg) = std::str::from_utf8(bytes) else {
+            self.stats.unmatched += 1;
+            return;
+        };
+        let now = Instant::now();
+        let Some(cid) = header(msg, "Call-ID") else {
+            self.stats.unmatched += 1;
+            return;
+        };
+        if let Some(method) = request_method(msg) {
+            // A request from the engine: BYE (it hung up first), OPTIONS, INFO … answer 200.
+            let _ = self
+                .sock
+                .try_send_to(response_to(msg, 200, "OK").as_bytes(), self.server);
+            if method == "BYE" && self.calls.contains_key(cid) {
+                self.stats.server_byes += 1;
+                let cid = cid.to_owned();
+                self.fail(&cid);
+            }
+            return;
+        }
+        let (Some(code), Some((_, method))) = (status_code(msg), cseq(msg)) else {
+            self.stats.unmatched += 1;
+            return;
+        };
+        let cid = cid.to_owned();
+        let Some(call) = self.calls.get_mut(&cid) else {
+            // A retransmitted final response after the call ended here.
+            if method == "INVITE" && (200..300).contains(&code) {
+                self.stats.ok_retransmissions += 1;
+            }
+            return;
+        };
+        match (method, call.phase) {
+            ("INVITE", Phase::Inviting { .. }) if code < 200 => {
+                if code == 100 {
+                    self.stats.trying += 1;
+                }
+                call.phase = Phase::Inviting { provisional: true };
+                let at = call.first_sent + self.timeout;
+                self.arm(&cid, at);
+            }
+            ("INVITE", Phase::Inviting { .. }) if code < 300 => {
+                self.stats.setup.push(now - call.first_sent);
+                self.stats.answered += 1;
+                self.progress.answered.fetch_add(1, Ordering::Relaxed);
+                if !body(msg).contains("m=audio") {
+                    self.stats.no_sdp += 1;
+                }
+                let to = header(msg, "To").unwrap_or_default();
+                let from = header(msg, "From").unwrap_or_default();
+                let target = contact_uri(msg)
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| format!("sip:{}", self.server));
+                let me = self.me;
+                let mk = |m: &str, n: u32, branch: char| {
+                    format!(
+                        "{m} {target} SIP/2.0\r\n\
+                         Via: SIP/2.0/UDP {me};branch=z9hG4bK{cid}{branch};rport\r\n\
+                         Max-Forwards: 70\r\nFrom: {from}\r\nTo: {to}\r\nCall-ID: {cid}\r\n\
+                         CSeq: {n} {m}\r\nContent-Length: 0\r\n\r\n"
+                    )
+                    .into_bytes()
+                };
+                call.ack = mk("ACK", 1, 'a');
+                call.bye = mk("BYE", 2, 'b');
+                call.phase = Phase::Established;
+                let _ = self.sock.try_send_to(&call.ack, self.server);
+                match call.hold {
+                    Some(h) if h.is_zero() => self.send_bye(&cid, now),
+                    Some(h) => self.arm(&cid, now + h),
+                    None => call.deadline = None,
+                }
+            }
+            ("INVITE", Phase::Inviting { .. }) => {
+                // A failure: ACK it (same branch as the INVITE) and count it.
+                let to = header(msg, "To").unwrap_or_default();
+                let via = header(msg, "Via").unwrap_or_default();
+                let from = header(msg, "From").unwrap_or_default();
+                let ack = format!(
+                    "ACK sip:x@{s} SIP/2.0\r\nVia: {via}\r\nMax-Forwards: 70\r\nFrom: {from}\r\n\
+                     To: {to}\r\nCall-ID: {cid}\r\nCSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n",
+                    s = self.server
+                );
+                let _ = self.sock.try_send_to(ack.as_bytes(), self.server);
+                *self.stats.invite_status.entry(code).or_default() += 1;
+                self.fail(&cid);
+            }
+            ("INVITE", _) if (200..300).contains(&code) => {
+                // Our ACK was lost or late: the engine retransmits its 200; ACK again.
+                self.stats.ok_retransmissions += 1;
+                let _ = self.sock.try_send_to(&call.ack, self.server);
+            }
+            ("BYE", Phase::Byeing) if code >= 200 => {
+                let took = now - call.bye_first;
+                if code < 300 {
+                    self.stats.completed += 1;
+                    self.stats.bye_latency.push(took);
+                    self.calls.remove(&cid);
+                    self.progress.completed.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    *self.stats.bye_status.entry(code).or_default() += 1;
+                    self.fail(&cid);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_timer(&mut self, cid: String, at: Instant, now: Instant) {
+        let Some(call) = self.calls.get_mut(&cid) else {
+            return;
+        };
+        if call.deadline != Some(at) {
+            return; // stale
+        }
+        call.deadline = None;
+        match call.phase {
+            Phase::Inviting { provisional } => {
+                if provisional || now - call.first_sent >= self.timeout {
+                    self.stats.invite_timeouts += 1;
+                    self.fail(&cid);
+                    return;
+                }
+                let _ = self.sock.try_send_to(&call.invite, self.server);
+                self.stats.invite_retransmissions += 1;
+                call.rto *= 2;
+                let at = (now + call.rto).min(call.first_sent + self.timeout);
+                self.arm(&cid, at);
+            }
+            Phase::Established => self.send_bye(&cid, now),
+            Phase::Byeing => {
+                if now - call.bye_first >= self.timeout {
+                    self.stats.bye_timeouts += 1;
+                    self.fail(&cid);
+                    return;
+                }
+                let _ = self.sock.try_send_to(&call.bye, self.server);
+                self.stats.bye_retransmissions += 1;
+                call.rto = (call.rto * 2).min(T2);
+                let at = (now + call.rto).min(call.bye_first + self.timeout);
+                self.arm(&cid, at);
+            }
+        }
+    }
+
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Cmd>) {
+        let mut buf = vec![0u8; 65_535];
+        let far = Duration::from_secs(3600);
+        loop {
+            let next = self
+                .timers
+                .peek()
+                .map(|Reverse((at, _))| *at)
+                .unwrap_or_else(|| Instant::now() + far);
+            tokio::select! {
+                biased;
+                r = self.sock.recv_from(&mut buf) => {
+                    if let Ok((n, _)) = r {
+                        self.on_datagram(&buf[..n]);
+                    }
+                }
+                cmd = rx.recv() => match cmd {
+                    Some(Cmd::Call { number, rtp, hold }) => self.start_call(&number, rtp, hold),
+                    Some(Cmd::ByeAll { per_sec }) => {
+                        let now = Instant::now();
+                        let ids: Vec<String> = self
+                            .calls
+                            .iter()
+                            .filter(|(_, c)| c.phase == Phase::Established)
+                            .map(|(k, _)| k.clone())
+                            .collect();
+                        for (i, cid) in ids.iter().enumerate() {
+                            let at = now + Duration::from_secs_f64(i as f64 / per_sec);
+                            self.arm(cid, at);
+                        }
+                    }
+                    Some(Cmd::Finish(reply)) => {
+                        self.stats.unfinished = self.calls.len() as u64;
+                        let _ = reply.send(std::mem::take(&mut self.stats));
+                        return;
+                    }
+                    None => return,
+                },
+                () = tokio::time::sleep_until(next.into()) => {
+                    let now = Instant::now();
+                    while let Some(Reverse((at, _))) = self.timers.peek() {
+                        if *at > now {
+                            break;
+                        }
+                        let Some(Reverse((at, cid))) = self.timers.pop() else { break };
+                        self.on_timer(cid, at, now);
+                    }
+                }
+            }
+        }
+    }
+}
+
+struct Uac {
+    txs: Vec<mpsc::UnboundedSender<Cmd>>,
+    progress: Arc<Progress>,
+    next: usize,
+}
+
+impl Uac {
+    async fn start(server: SocketAddr, sockets: usize, timeout: Duration) -> Uac {
+        let progress = Arc::new(Progress::default());
+        let mut txs = Vec::new();
+        for idx in 0..sockets {
+            let sock = UdpSocket::bind("127.0.0.1:0").await.expect("bind UAC");
+            let me = sock.local_addr().expect("addr");
+            let (tx, rx) = mpsc::unbounded_channel();
+            let s = UacSocket {
+                sock,
+                me,
+                server,
+                idx,
+                next: 0,
+                timeout,
+                calls: HashMap::new(),
+                timers: BinaryHeap::new(),
+                stats: UacStats::default(),
+                progress: progress.clone(),
+            };
+            tokio::spawn(s.run(rx));
+            txs.push(tx);
+        }
+        Uac {
+            txs,
+            progress,
+            next: 0,
+        }
+    }
+
+    fn call(&mut self, number: Arc<str>, rtp: SocketAddr, hold: Option<Duration>) {
+        let i = self.next % self.txs.len();
+        self.next += 1;
+        let _ = self.txs[i].send(Cmd::Call { number, rtp, hold });
+    }
+
+    fn bye_all(&self, per_sec: f64) {
+        let per = per_sec / self.txs.len() as f64;
+        for tx in &self.txs {
+            let _ = tx.send(Cmd::ByeAll { per_sec: per });
+        }
+    }
+
+    async fn finish(self) -> UacStats {
+        let mut all = UacStats::default();
+        for tx in self.txs {
+            let (reply, rx) = oneshot::channel();
+            let _ = tx.send(Cmd::Finish(reply));
+            if let Ok(s) = rx.await {
+                all.merge(s);
+            }
+        }
+        all
+    }
+
+    /// Until `placed` calls have completed or failed, or `limit` passes.
+    async fn settle(&self, placed: u64, limit: Duration) -> bool {
+        let until = Instant::now() + limit;
+        loop {
+            let (_, _, c, f) = self.progress.get();
+            if c + f >= placed {
+                return true;
+            }
+            if Instant::now() > until {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A server with N numbers claimed and routed to this process.
+
+/// Fields drop in order: the server stops before its database goes.
+struct Ctx {
+    server: Server,
+    api: Api,
+    numbers: Vec<Arc<str>>,
+    hooks: Arc<Hooks>,
+    _db: TestDb,
+}
+
+fn backend_name(b: Backend) -> &'static str {
+    match b {
+        Backend::Sqlite => "SQLite",
+        Backend::Postgres => "PostgreSQL",
+    }
+}
+
+async fn setup(backend: Backend, n_numbers: usize) -> Ctx {
+    let db = TestDb::new(backend).await;
+    let rtp_ports = std::env::var("BENCH_RTP_PORTS").unwrap_or_else(|_| "20000-29999".into());
+    let server = Server::start_with(
+        &db,
+        Mode::Dev,
+        &[
+            ("SAUTIKIT_LOG", "warn"),
+            ("SAUTIKIT_SIP_LISTEN", "127.0.0.1:0"),
+            ("SAUTIKIT_RTP_PORTS", &rtp_ports),
+        ],
+    );
+    let api = server.api(&dev_key(&db.data_dir));
+    // The dev wallet holds KES 1,000 = 10 months of one number: top up for the rest.
+    if n_numbers > 9 {
+        let r = api
+            .post(
+                "/v1/topups",
+                Some(json!({"provider": "test", "amount_minor": n_numbers as i64 * 10_000, "currency": "KES"})),
+            )
+            .await;
+        assert!(r.status.is_success(), "top-up: {} {}", r.status, r.text);
+    }
+    let (voice_url, events_url, hooks) = start_hooks();
+    let mut numbers = Vec::new();
+    for i in 1..=n_numbers {
+        let r = api
+            .post(
+                &format!("/v1/numbers/01900000-0000-7000-8000-{i:012}/claim"),
+                None,
+            )
+            .await;
+        assert_eq!(r.status, 201, "claim {i}: {}", r.text);
+        let v = r.json();
+        let id = v["id"].as_str().expect("id").to_owned();
+        let number = v["number"]
+            .as_str()
+            .expect("number")
+            .trim_start_matches('+');
+        let r = api
+            .patch(
+                &format!("/v1/numbers/{id}/routing"),
+                json!({"voice_callback_url": voice_url, "events_url": events_url}),
+            )
+            .await;
+        assert_eq!(r.status, 200, "routing: {}", r.text);
+        numbers.push(Arc::from(number));
+    }
+    Ctx {
+        server,
+        api,
+        numbers,
+        hooks,
+        _db: db,
+    }
+}
+
+/// Samples a process's RSS every `every` until told to stop; returns (samples in KiB).
+fn sample_rss(
+    pid: u32,
+    every: Duration,
+) -> (watch::Sender<bool>, tokio::task::JoinHandle<Vec<u64>>) {
+    let (tx, mut rx) = watch::channel(false);
+    let h = tokio::spawn(async move {
+        let mut out = vec![status_kib(pid, "VmRSS")];
+        loop {
+            tokio::select! {
+                _ = rx.changed() => break,
+                () = tokio::time::sleep(every) => out.push(status_kib(pid, "VmRSS")),
+            }
+        }
+        out.push(status_kib(pid, "VmRSS"));
+        out
+    });
+    (tx, h)
+}
+
+/// Busiest server threads over an interval: (name, share of one core).
+fn thread_delta(
+    before: &[(String, Duration)],
+    after: &[(String, Duration)],
+    wall: Duration,
+) -> String {
+    let mut rows: Vec<(String, f64)> = after
+        .iter()
+        .map(|(n, t)| {
+            let b = before
+                .iter()
+                .find(|(m, _)| m == n)
+                .map(|(_, t)| *t)
+                .unwrap_or_default();
+            (
+                n.clone(),
+                t.saturating_sub(b).as_secs_f64() / wall.as_secs_f64(),
+            )
+        })
+        .filter(|(_, c)| *c >= 0.01)
+        .collect();
+    rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+    rows.iter()
+        .take(8)
+        .map(|(n, c)| format!("{n} {:.0}%", c * 100.0))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+async fn count_completed(api: &Api) -> (usize, BTreeMap<String, usize>) {
+    let mut by_status = BTreeMap::new();
+    let mut completed = 0;
+    for status in ["completed", "failed", "answered", "ringing"] {
+        let n = api
+            .get_all(&format!("/v1/calls?status={status}&limit=100"))
+            .await
+            .len();
+        if status == "completed" {
+            completed = n;
+        }
+        by_status.insert(status.to_owned(), n);
+    }
+    (completed, by_status)
+}
+
+/// Waits until the events receiver has `want` events or `limit` passes; returns how long it took.
+async fn wait_events(hooks: &Hooks, want: u64, limit: Duration) -> Option<Duration> {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if hooks.events() >= want {
+            return Some(t.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
+fn hooks_line(h: &Hooks) -> String {
+    format!(
+        "voice callbacks {}, events: started {} answered {} completed {} failed {} other {}",
+        h.voice.load(Ordering::Relaxed),
+        h.started.load(Ordering::Relaxed),
+        h.answered.load(Ordering::Relaxed),
+        h.completed.load(Ordering::Relaxed),
+        h.failed.load(Ordering::Relaxed),
+        h.other.load(Ordering::Relaxed),
+    )
+}
+
+fn server_log_excerpt(server: &Server) -> String {
+    let log = server.log_text();
+    let lines: Vec<&str> = log.lines().collect();
+    let n = lines.len();
+    let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
+    for l in &lines {
+        // Group by message text after the level and target.
+        let key: String = l
+            .split_whitespace()
+            .skip(2)
+            .take(6)
+            .collect::<Vec<_>>()
+            .join(" ");
+        *kinds.entry(key).or_default() += 1;
+    }
+    let mut top: Vec<(String, usize)> = kinds.into_iter().collect();
+    top.sort_by(|a, b| b.1.cmp(&a.1));
+    let mut out = format!("{n} log lines");
+    for (k, c) in top.iter().take(5) {
+        out.push_str(&format!("\n      {c} × {k}"));
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rate
+
+struct RateSettings {
+    rate: f64,
+    seconds: f64,
+    numbers: usize,
+    hold: Duration,
+    sockets: usize,
+    timeout: Duration,
+    p99_line: Duration,
+}
+
+/// Returns whether the run met zero failures and p99 ≤ the line.
+async fn rate_run(backend: Backend, s: &RateSettings) -> bool {
+    println!(
+        "\n== rate, {}: {:.0} calls/s for {:.0} s, {} numbers, hold {} ms ==",
+        backend_name(backend),
+        s.rate,
+        s.seconds,
+        s.numbers,
+        s.hold.as_millis()
+    );
+    println!("  load before: {}", machine_load());
+    let ctx = setup(backend, s.numbers).await;
+    let pid = ctx.server.pid();
+    let sip = ctx.server.sip_addr();
+    // Media of the rate test goes to one socket that drops it.
+    let sink = UdpSocket::bind("127.0.0.1:0").await.expect("sink");
+    let sink_addr = sink.local_addr().expect("addr");
+    let sink_task = tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        let mut n = 0u64;
+        while sink.recv(&mut buf).await.is_ok() {
+            n += 1;
+        }
+        n
+    });
+    let mut uac = Uac::start(sip, s.sockets, s.timeout).await;
+    let total = (s.rate * s.seconds).round() as u64;
+
+    let (rss_stop, rss_task) = sample_rss(pid, Duration::from_millis(250));
+    let threads0 = thread_cpu(pid);
+    let cpu0 = cpu_time(pid);
+    let me0 = cpu_time(std::process::id());
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut sent = 0u64;
+    let mut last_line = Instant::now();
+    let mut last_cpu = cpu0;
+    let mut n = 0usize;
+    while sent < total {
+        tick.tick().await;
+        let due = ((started.elapsed().as_secs_f64() * s.rate) as u64).min(total);
+        while sent < due {
+            uac.call(
+                ctx.numbers[n % ctx.numbers.len()].clone(),
+                sink_addr,
+                Some(s.hold),
+            );
+            n += 1;
+            sent += 1;
+        }
+        if last_line.elapsed() >= Duration::from_secs(5) {
+            let cpu = cpu_time(pid);
+            let (a, an, c, f) = uac.progress.get();
+            println!(
+                "  t={:>5.1}s attempted {a} answered {an} completed {c} failed {f}; server {:.2} cores; events {}",
+                started.elapsed().as_secs_f64(),
+                (cpu - last_cpu).as_secs_f64() / last_line.elapsed().as_secs_f64(),
+                ctx.hooks.events()
+            );
+            last_cpu = cpu;
+            last_line = Instant::now();
+        }
+    }
+    let sending = started.elapsed();
+    let settled = uac
+        .settle(total, s.timeout + s.hold + Duration::from_secs(2))
+        .await;
+    let calls_done = started.elapsed();
+    let cpu1 = cpu_time(pid);
+    let threads1 = thread_cpu(pid);
+    let me1 = cpu_time(std::process::id());
+    let stats = uac.finish().await;
+
+    let want_events = 3 * stats.completed;
+    let drained = wait_events(&ctx.hooks, want_events, Duration::from_secs(60)).await;
+    let all_done = started.elapsed();
+    let cpu2 = cpu_time(pid);
+    let _ = rss_stop.send(true);
+    let rss = rss_task.await.unwrap_or_default();
+    let hwm = status_kib(pid, "VmHWM");
+    let (api_completed, by_status) = count_completed(&ctx.api).await;
+    sink_task.abort();
+
+    let mut setup = stats.setup.clone();
+    setup.sort();
+    let mut bye = stats.bye_latency.clone();
+    bye.sort();
+    let failed = stats.failed();
+    let p99 = quantile(&setup, 0.99);
+    let cores = (cpu1 - cpu0).as_secs_f64() / calls_done.as_secs_f64();
+    let cores_all = (cpu2 - cpu0).as_secs_f64() / all_done.as_secs_f64();
+    let peak = rss.iter().copied().max().unwrap_or(0);
+    let achieved = stats.attempted as f64 / sending.as_secs_f64();
+    let pass = failed == 0 && stats.completed == total && p99 <= s.p99_line;
+
+    println!(
+        "  offered {total} calls in {:.2} s = {achieved:.0}/s; all answered/ended {} after {:.2} s",
+        sending.as_secs_f64(),
+        if settled { "" } else { "NOT" },
+        calls_done.as_secs_f64()
+    );
+    println!(
+        "  calls: attempted {} answered {} completed {} failed {} (INVITE non-2xx {:?}, INVITE timeouts {}, \
+         BYE non-2xx {:?}, BYE timeouts {}, engine BYEs {}, unfinished {})",
+        stats.attempted,
+        stats.answered,
+        stats.completed,
+        failed,
+        stats.invite_status,
+        stats.invite_timeouts,
+        stats.bye_status,
+        stats.bye_timeouts,
+        stats.server_byes,
+        stats.unfinished
+    );
+    println!(
+        "  SIP: 100 Trying {}, INVITE retransmissions {}, BYE retransmissions {}, 200 retransmissions {}, \
+         200 without SDP {}, unmatched {}",
+        stats.trying,
+        stats.invite_retransmissions,
+        stats.bye_retransmissions,
+        stats.ok_retransmissions,
+        stats.no_sdp,
+        stats.unmatched
+    );
+    println!(
+        "  INVITE→200: p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms; BYE→200: p50 {:.2} ms, p99 {:.2} ms",
+        ms(quantile(&setup, 0.5)),
+        ms(quantile(&setup, 0.9)),
+        ms(p99),
+        ms(quantile(&setup, 1.0)),
+        ms(quantile(&bye, 0.5)),
+        ms(quantile(&bye, 0.99)),
+    );
+    println!(
+        "  server CPU: {cores:.2} cores while calls ran ({:.1} s), {cores_all:.2} incl. event drain; \
+         RSS peak sampled {:.0} MiB, VmHWM {:.0} MiB; harness CPU {:.2} cores",
+        calls_done.as_secs_f64(),
+        mib(peak),
+        mib(hwm),
+        (me1 - me0).as_secs_f64() / calls_done.as_secs_f64()
+    );
+    println!(
+        "  server threads while calls ran: {}",
+        thread_delta(&threads0, &threads1, calls_done)
+    );
+    println!(
+        "  events: {} of {want_events} expected (3 × completed) {}; {}",
+        ctx.hooks.events(),
+        match drained {
+            Some(d) => format!(
+                "all delivered {:.1} s after the calls ended",
+                d.as_secs_f64()
+            ),
+            None => "NOT all delivered within 60 s".to_owned(),
+        },
+        hooks_line(&ctx.hooks)
+    );
+    println!(
+        "  API: GET /v1/calls?status=completed → {api_completed} (of {} completed here); by status {by_status:?}",
+        stats.completed
+    );
+    println!("  server log: {}", server_log_excerpt(&ctx.server));
+    println!("  load after: {}", machine_load());
+    println!(
+        "  RESULT rate {}: {:.0}/s offered, {achieved:.0}/s achieved, failed {failed}, p50 {:.2} ms, p99 {:.2} ms, \
+         max {:.2} ms, server {cores:.2} cores, RSS {:.0} MiB, events {}/{want_events}, API completed {api_completed} → {}",
+        backend_name(backend),
+        s.rate,
+        ms(quantile(&setup, 0.5)),
+        ms(p99),
+        ms(quantile(&setup, 1.0)),
+        mib(hwm.max(peak)),
+        ctx.hooks.events(),
+        if pass && ctx.hooks.events() >= want_events && api_completed as u64 == stats.completed {
+            "PASS"
+        } else {
+            "FAIL"
+        }
+    );
+    drop(ctx);
+    pass
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hold
+
+#[derive(Default)]
+struct StreamStats {
+    packets: u64,
+    in_window: u64,
+    /// |spacing − 20 ms| in µs, for packets inside the measuring window.
+    deviations: Vec<u32>,
+    spacing_sum_us: u64,
+    lost: u64,
+    seq_errors: u64,
+    ts_errors: u64,
+    ssrc_changes: u64,
+    pt_errors: u64,
+    size_errors: u64,
+    bad: u64,
+}
+
+async fn rtp_receiver(
+    sock: UdpSocket,
+    measuring: Arc<AtomicBool>,
+    mut stop: watch::Receiver<bool>,
+) -> StreamStats {
+    let mut st = StreamStats::default();
+    let mut buf = [0u8; 2048];
+    let mut last: Option<(Instant, u16, u32, u32)> = None;
+    st.deviations.reserve(3100);
+    loop {
+        let n = tokio::select! {
+            r = sock.recv(&mut buf) => match r { Ok(n) => n, Err(_) => continue },
+            _ = stop.changed() => break,
+        };
+        let now = Instant::now();
+        let Some(h) = rtp_header(&buf[..n]) else {
+            st.bad += 1;
+            continue;
+        };
+        st.packets += 1;
+        if h.version != 2 {
+            st.bad += 1;
+        }
+        if h.payload_type != 0 {
+            st.pt_errors += 1;
+        }
+        if h.payload_len != 160 {
+            st.size_errors += 1;
+        }
+        let window = measuring.load(Ordering::Relaxed);
+        if window {
+            st.in_window += 1;
+        }
+        if let Some((t, seq, ts, ssrc)) = last {
+            let dseq = h.sequence.wrapping_sub(seq);
+            if dseq != 1 {
+                st.seq_errors += 1;
+                if dseq > 1 && dseq < 1000 {
+                    st.lost += u64::from(dseq - 1);
+                }
+            }
+            if h.timestamp.wrapping_sub(ts) != 160 * u32::from(dseq) {
+                st.ts_errors += 1;
+            }
+            if h.ssrc != ssrc {
+                st.ssrc_changes += 1;
+            }
+            if window && dseq == 1 {
+                let spacing = now - t;
+                st.spacing_sum_us += spacing.as_micros() as u64;
+                let dev = (spacing.as_micros() as i64 - 20_000).unsigned_abs();
+                st.deviations.push(dev.min(u64::from(u32::MAX)) as u32);
+            }
+        }
+        last = Some((now, h.sequence, h.timestamp, h.ssrc));
+    }
+    st
+}
+
+struct HoldSettings {
+    calls: usize,
+    seconds: f64,
+    ramp: f64,
+    numbers: usize,
+    sockets: usize,
+    timeout: Duration,
+}
+
+async fn hold_run(backend: Backend, s: &HoldSettings) {
+    println!(
+        "\n== hold, {}: {} calls held {:.0} s (set up at {:.0}/s) ==",
+        backend_name(backend),
+        s.calls,
+        s.seconds,
+        s.ramp
+    );
+    let limit = ensure_nofile(2 * s.calls as u64 + 1024);
+    println!("  open-file limit {limit}; load before: {}", machine_load());
+    let ctx = setup(backend, s.numbers).await;
+    let pid = ctx.server.pid();
+    let sip = ctx.server.sip_addr();
+    let mut uac = Uac::start(sip, s.sockets, s.timeout).await;
+    let measuring = Arc::new(AtomicBool::new(false));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut receivers = Vec::with_capacity(s.calls);
+    let mut addrs = Vec::with_capacity(s.calls);
+    for _ in 0..s.calls {
+        let sock = UdpSocket::bind("127.0.0.1:0").await.expect("RTP socket");
+        addrs.push(sock.local_addr().expect("addr"));
+        receivers.push(tokio::spawn(rtp_receiver(
+            sock,
+            measuring.clone(),
+            stop_rx.clone(),
+        )));
+    }
+
+    // Ramp.
+    let cpu_r0 = cpu_time(pid);
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(5));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut sent = 0usize;
+    while sent < s.calls {
+        tick.tick().await;
+        let due = ((started.elapsed().as_secs_f64() * s.ramp) as usize).min(s.calls);
+        while sent < due {
+            uac.call(
+                ctx.numbers[sent % ctx.numbers.len()].clone(),
+                addrs[sent],
+                None,
+            );
+            sent += 1;
+        }
+    }
+    let until = Instant::now() + s.timeout + Duration::from_secs(2);
+    loop {
+        let (_, an, _, f) = uac.progress.get();
+        if an + f >= s.calls as u64 || Instant::now() > until {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ramp = started.elapsed();
+    let cpu_r1 = cpu_time(pid);
+    let (_, answered, _, failed_setup) = uac.progress.get();
+    println!(
+        "  ramp: {answered} of {} answered in {:.1} s ({failed_setup} failed); server {:.2} cores during the ramp",
+        s.calls,
+        ramp.as_secs_f64(),
+        (cpu_r1 - cpu_r0).as_secs_f64() / ramp.as_secs_f64()
+    );
+
+    // Settle, then the measured window.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    println!("  load at window start: {}", machine_load());
+    let (rss_stop, rss_task) = sample_rss(pid, Duration::from_millis(500));
+    let threads0 = thread_cpu(pid);
+    let cpu0 = cpu_time(pid);
+    let me0 = cpu_time(std::process::id());
+    let w0 = Instant::now();
+    measuring.store(true, Ordering::Relaxed);
+    let window = Duration::from_secs_f64(s.seconds);
+    let mut last_line = Instant::now();
+    let mut last_cpu = cpu0;
+    while w0.elapsed() < window {
+        tokio::time::sleep(Duration::from_millis(250).min(window.saturating_sub(w0.elapsed())))
+            .await;
+        if last_line.elapsed() >= Duration::from_secs(10) {
+            let cpu = cpu_time(pid);
+            println!(
+                "  t={:>5.1}s server {:.2} cores, RSS {:.0} MiB",
+                w0.elapsed().as_secs_f64(),
+                (cpu - last_cpu).as_secs_f64() / last_line.elapsed().as_secs_f64(),
+                mib(status_kib(pid, "VmRSS"))
+            );
+            last_cpu = cpu;
+            last_line = Instant::now();
+        }
+    }
+    measuring.store(false, Ordering::Relaxed);
+    let wall = w0.elapsed();
+    let cpu1 = cpu_time(pid);
+    let me1 = cpu_time(std::process::id());
+    let threads1 = thread_cpu(pid);
+    let _ = rss_stop.send(true);
+    let rss = rss_task.await.unwrap_or_default();
+    println!("  load at window end: {}", machine_load());
+
+    // Hang up, paced like the ramp.
+    uac.bye_all(s.ramp);
+    let settled = uac
+        .settle(
+            s.calls as u64,
+            Duration::from_secs_f64(s.calls as f64 / s.ramp) + s.timeout + Duration::from_secs(2),
+        )
+        .await;
+    let stats = uac.finish().await;
+    let _ = stop_tx.send(true);
+    let mut all = StreamStats::default();
+    let mut silent = 0;
+    for r in receivers {
+        let Ok(st) = r.await else { continue };
+        if st.packets == 0 {
+            silent += 1;
+        }
+        all.packets += st.packets;
+        all.in_window += st.in_window;
+        all.spacing_sum_us += st.spacing_sum_us;
+        all.lost += st.lost;
+        all.seq_errors += st.seq_errors;
+        all.ts_errors += st.ts_errors;
+        all.ssrc_changes += st.ssrc_changes;
+        all.pt_errors += st.pt_errors;
+        all.size_errors += st.size_errors;
+        all.bad += st.bad;
+        all.deviations.extend(st.deviations);
+    }
+    let want_events = 3 * stats.completed;
+    let drained = wait_events(&ctx.hooks, want_events, Duration::from_secs(30)).await;
+    let hwm = status_kib(pid, "VmHWM");
+
+    all.deviations.sort_unstable();
+    let devs = &all.deviations;
+    let within5 = devs.partition_point(|d| *d <= 5_000);
+    let held = answered as f64;
+    let expected = held * wall.as_secs_f64() / 0.020;
+    let cores = (cpu1 - cpu0).as_secs_f64() / wall.as_secs_f64();
+    let peak = rss.iter().copied().max().unwrap_or(0);
+    let mean_spacing = if devs.is_empty() {
+        0.0
+    } else {
+        all.spacing_sum_us as f64 / devs.len() as f64 / 1000.0
+    };
+    let mut setup = stats.setup.clone();
+    setup.sort();
+    println!(
+        "  setup INVITE→200: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; calls: attempted {} answered {} completed {} \
+         failed {} (INVITE {:?}, timeouts {}/{}, engine BYEs {}, unfinished {}); INVITE rtx {}, BYE rtx {}; \
+         all ended: {settled}",
+        ms(quantile(&setup, 0.5)),
+        ms(quantile(&setup, 0.99)),
+        ms(quantile(&setup, 1.0)),
+        stats.attempted,
+        stats.answered,
+        stats.completed,
+        stats.failed(),
+        stats.invite_status,
+        stats.invite_timeouts,
+        stats.bye_timeouts,
+        stats.server_byes,
+        stats.unfinished,
+        stats.invite_retransmissions,
+        stats.bye_retransmissions,
+    );
+    println!(
+        "  RTP in the {:.1} s window: {} packets of {:.0} expected ({:.3} %); {} streams silent overall",
+        wall.as_secs_f64(),
+        all.in_window,
+        expected,
+        100.0 * all.in_window as f64 / expected.max(1.0),
+        silent
+    );
+    println!(
+        "  spacing: mean {mean_spacing:.3} ms; |Δt − 20 ms| p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms; \
+         within 5 ms {:.3} % of {} spacings",
+        quantile(devs, 0.5) as f64 / 1000.0,
+        quantile(devs, 0.99) as f64 / 1000.0,
+        quantile(devs, 0.999) as f64 / 1000.0,
+        quantile(devs, 1.0) as f64 / 1000.0,
+        100.0 * within5 as f64 / devs.len().max(1) as f64,
+        devs.len()
+    );
+    println!(
+        "  RTP headers over all {} packets: sequence jumps {} (lost {}), timestamp errors {}, SSRC changes {}, \
+         payload type ≠ 0: {}, payload ≠ 160 B: {}, malformed {}",
+        all.packets,
+        all.seq_errors,
+        all.lost,
+        all.ts_errors,
+        all.ssrc_changes,
+        all.pt_errors,
+        all.size_errors,
+        all.bad
+    );
+    let packets_per_s = all.in_window as f64 / wall.as_secs_f64();
+    println!(
+        "  engine: {cores:.3} cores, RSS peak sampled {:.0} MiB (VmHWM {:.0} MiB over the whole run); \
+         CPU per call {:.5} core-s per call-s; CPU per packet {:.2} µs; harness {:.2} cores",
+        mib(peak),
+        mib(hwm),
+        cores / held.max(1.0),
+        (cpu1 - cpu0).as_secs_f64() * 1e6 / all.in_window.max(1) as f64,
+        (me1 - me0).as_secs_f64() / wall.as_secs_f64()
+    );
+    println!(
+        "  server threads in the window: {}",
+        thread_delta(&threads0, &threads1, wall)
+    );
+    println!(
+        "  events: {} of {want_events} {}; {}",
+        ctx.hooks.events(),
+        if drained.is_some() {
+            "(all)"
+        } else {
+            "(NOT all within 30 s)"
+        },
+        hooks_line(&ctx.hooks)
+    );
+    println!("  server log: {}", server_log_excerpt(&ctx.server));
+    println!(
+        "  RESULT hold {}: {answered} calls, {packets_per_s:.0} packets/s, spacing |Δ−20| p50 {:.3} ms p99 {:.3} ms, \
+         within 5 ms {:.2} %, packets {}/{expected:.0}, engine {cores:.3} cores, RSS {:.0} MiB, \
+         {:.2} µs/packet",
+        backend_name(backend),
+        quantile(devs, 0.5) as f64 / 1000.0,
+        quantile(devs, 0.99) as f64 / 1000.0,
+        100.0 * within5 as f64 / devs.len().max(1) as f64,
+        all.in_window,
+        mib(peak.max(hwm)),
+        (cpu1 - cpu0).as_secs_f64() * 1e6 / all.in_window.max(1) as f64,
+    );
+    drop(ctx);
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    // `cargo bench` passes `--bench`; anything else (e.g. `cargo test --benches`) is a smoke run.
+    let full = std::env::args().any(|a| a == "--bench");
+    let tests = std::env::var("BENCH_TESTS").unwrap_or_else(|_| "rate,hold".into());
+    let mut backends = Vec::new();
+    for b in std::env::var("BENCH_BACKENDS")
+        .unwrap_or_else(|_| "sqlite,postgres".into())
+        .split(',')
+    {
+        match b.trim() {
+            "sqlite" => backends.push(Backend::Sqlite),
+            "postgres" if std::env::var("SAUTIKIT_TEST_POSTGRES_URL").is_ok() => {
+                backends.push(Backend::Postgres)
+            }
+            "postgres" => println!("PostgreSQL skipped: SAUTIKIT_TEST_POSTGRES_URL is not set"),
+            _ => {}
+        }
+    }
+    let timeout = Duration::from_millis(env_or("BENCH_CALL_TIMEOUT_MS", 10_000));
+    let sockets = env_or("BENCH_UAC_SOCKETS", 4usize).max(1);
+    let numbers = env_or("BENCH_CALL_NUMBERS", if full { 100usize } else { 3 }).clamp(1, 200);
+
+    let mut summary = Vec::new();
+    if tests.contains("rate") {
+        let rates = std::env::var("BENCH_CALL_RATE")
+            .unwrap_or_else(|_| if full { "1000" } else { "20" }.to_owned());
+        for &backend in &backends {
+            for rate in rates
+                .split(',')
+                .filter_map(|r| r.trim().parse::<f64>().ok())
+            {
+                let s = RateSettings {
+                    rate,
+                    seconds: env_or("BENCH_SECONDS", if full { 60.0 } else { 2.0 }),
+                    numbers,
+                    hold: Duration::from_millis(env_or("BENCH_CALL_HOLD_MS", 0)),
+                    sockets,
+                    timeout,
+                    p99_line: Duration::from_millis(env_or("BENCH_P99_MS", 50)),
+                };
+                let ok = rate_run(backend, &s).await;
+                summary.push(format!(
+                    "{} {rate:.0}/s: {}",
+                    backend_name(backend),
+                    if ok {
+                        "met zero failures and p99"
+                    } else {
+                        "did not meet"
+                    }
+                ));
+            }
+        }
+    }
+    if tests.contains("hold") {
+        let all_backends = std::env::var("BENCH_HOLD_ALL_BACKENDS").as_deref() == Ok("1");
+        for &backend in backends.iter().take(if all_backends { 2 } else { 1 }) {
+            let s = HoldSettings {
+                calls: env_or("BENCH_HOLD_CALLS", if full { 2000 } else { 20 }),
+                seconds: env_or("BENCH_HOLD_SECONDS", if full { 60.0 } else { 2.0 }),
+                ramp: env_or("BENCH_HOLD_RAMP", 200.0),
+                numbers,
+                sockets,
+                timeout,
+            };
+            hold_run(backend, &s).await;
+        }
+    }
+    if !summary.is_empty() {
+        println!("\nrate summary: {}", summary.join("; "));
+    }
+}
