@@ -434,6 +434,11 @@ pub enum CallWrite {
         call_id: String,
         entries: Vec<TimelineEntry>,
     },
+    /// A finished recording, with its download URL (fixed when the event is written).
+    Recording {
+        recording: RecordingReady,
+        download_url: String,
+    },
 }
 
 /// What a write did.
@@ -460,7 +465,34 @@ async fn apply_in_tx(
             insert_timeline(conn, call_id, entries).await?;
             Ok((Written::Other, false))
         }
+        CallWrite::Recording {
+            recording,
+            download_url,
+        } => recording_in_tx(conn, recording, download_url)
+            .await
+            .map(|e| (Written::Other, e)),
     }
+}
+
+/// Insert a finished recording's row (in its call's workspace and number), its timeline and
+/// `call.recording.ready`. A repeat of a recording that committed is a no-op; an unknown call is
+/// an error.
+async fn recording_in_tx(
+    conn: &mut AnyConnection,
+    r: &RecordingReady,
+    download_url: &str,
+) -> Result<bool, StorageError> {
+    let call = read_call(conn, &r.call_id)
+        .await?
+        .ok_or_else(|| call_not_found(&r.call_id))?;
+    if !crate::recordings::insert_in_tx(conn, &call, r).await? {
+        return Ok(false);
+    }
+    insert_timeline(conn, &call.id, &r.timeline).await?;
+    let (ms, size) = crate::recordings::stored_sizes(r)?;
+    let payload = crate::recordings::ready_payload(r, ms, size, download_url);
+    enqueue_call_event(conn, &call, "call.recording.ready", payload, r.created_at).await?;
+    Ok(true)
 }
 
 /// Insert the call row (`ringing`), its timeline and `call.started`. A repeat of a start that
@@ -791,11 +823,13 @@ impl CallStore for SqlStore {
     }
 
     async fn recording_ready(&self, recording: RecordingReady) -> Result<(), StorageError> {
-        // Replaced by the recordings table and event (issue 5, in progress).
-        Err(StorageError(format!(
-            "recordings are not stored yet ({})",
-            recording.recording_id
-        )))
+        let download_url = self.recording_download_url(&recording.call_id, &recording.recording_id);
+        self.write_call(CallWrite::Recording {
+            recording,
+            download_url,
+        })
+        .await
+        .map(|_| ())
     }
 
     async fn call_started(&self, call: CallStarted) -> Result<(), StorageError> {

@@ -96,6 +96,24 @@ pub struct ServeArgs {
     /// taken for dead, and its live calls are closed as `failed` (`engine.restart`).
     #[arg(long, env = "SAUTIKIT_CALL_ORPHAN_SECS", default_value_t = 30)]
     pub call_orphan_secs: u64,
+    /// The base URL customers reach the API at (`https://api.example.com`), used in recording
+    /// download URLs. Default: `http://` and the HTTP address as bound.
+    #[arg(long, env = "SAUTIKIT_PUBLIC_URL", value_parser = parse_public_url)]
+    pub public_url: Option<String>,
+}
+
+/// An absolute http(s) URL without query or fragment; returned without a trailing `/`.
+pub fn parse_public_url(s: &str) -> Result<String, String> {
+    let u = url::Url::parse(s.trim()).map_err(|e| format!("not a URL ({e}): {s:?}"))?;
+    if !matches!(u.scheme(), "http" | "https") || u.host().is_none() {
+        return Err(format!("expected an http:// or https:// URL, got {s:?}"));
+    }
+    if u.query().is_some() || u.fragment().is_some() {
+        return Err(format!(
+            "the public URL takes no query or fragment, got {s:?}"
+        ));
+    }
+    Ok(u.as_str().trim_end_matches('/').to_owned())
 }
 
 /// `20000-29999` → (20000, 29999): at least two ports, first ≤ last.

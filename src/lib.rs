@@ -8,6 +8,7 @@ pub mod calls_store;
 pub mod config;
 pub mod db;
 pub mod play;
+pub mod recordings;
 pub mod resample;
 pub mod secrets;
 pub mod server;

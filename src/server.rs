@@ -254,6 +254,14 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
             source,
         })?;
     let addr = listener.local_addr()?;
+    // Recording downloads: the base URL put in download links, and where the files are.
+    store.set_recordings(crate::recordings::RecordingsConfig {
+        public_url: args
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{addr}")),
+        data_dir: args.db.data_dir.clone(),
+    });
     print_banner(&addr, args.mode, dev.as_ref());
     info!(%addr, mode = ?args.mode, "HTTP API listening");
 

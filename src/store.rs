@@ -298,6 +298,8 @@ pub struct SqlStore {
     pub committed: Arc<Notify>,
     /// Group commit of call writes, started on first use.
     pub(crate) call_writer: Arc<std::sync::OnceLock<crate::calls_store::CallWriter>>,
+    /// Public URL and data directory for recordings, set by `serve` (see `recordings.rs`).
+    pub(crate) recordings: Arc<std::sync::OnceLock<crate::recordings::RecordingsConfig>>,
 }
 
 impl SqlStore {
@@ -306,6 +308,7 @@ impl SqlStore {
             db,
             committed: Arc::new(Notify::new()),
             call_writer: Arc::default(),
+            recordings: Arc::default(),
         }
     }
 

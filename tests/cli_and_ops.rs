@@ -165,6 +165,8 @@ async fn ops_endpoints(backend: Backend) {
         ("get", "/v1/calls/{id}"),
         ("get", "/v1/calls/{id}/events"),
         ("post", "/v1/calls/{id}/hangup"),
+        ("get", "/v1/calls/{id}/recording"),
+        ("get", "/v1/calls/{id}/recordings"),
         ("get", "/healthz"),
         ("get", "/metrics"),
         ("get", "/v1/openapi.json"),

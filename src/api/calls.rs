@@ -1,8 +1,10 @@
-//! Call records, their timelines, and hanging up a live call (DESIGN §5).
+//! Call records, their timelines, their recordings, and hanging up a live call (DESIGN §5).
 
 use axum::Extension;
+use axum::body::Body;
 use axum::extract::{OriginalUri, Path, State};
-use axum::response::IntoResponse;
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
 use sautikit_actors::call_store::CallStatus;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -13,6 +15,7 @@ use super::error::{ApiError, ErrorEnvelope};
 use super::extract::{ApiQuery, Page, PageParams, parse_id};
 use super::middleware::Workspace;
 use crate::calls_store::{CallFilter, CallRecord, TimelineRecord, to_api_millis};
+use crate::recordings::{self, RecordingFileError, RecordingRecord};
 use crate::time::to_api;
 
 /// A timeline is short and read whole far more often than paged.
@@ -306,4 +309,147 @@ fn already_ended(c: &CallRecord) -> ApiError {
             c.status.as_str()
         ),
     )
+}
+
+fn recording_not_found() -> ApiError {
+    ApiError::not_found("recordings.not_found", "recording not found")
+}
+
+/// A call's recording, without its file.
+#[derive(Serialize, ToSchema)]
+pub struct RecordingView {
+    pub id: String,
+    pub call_id: String,
+    /// Rounded to the nearest second, at least 1 for any recording with sound.
+    #[schema(example = 14)]
+    pub duration_seconds: i64,
+    /// Size of the WAV file (8 kHz, 16-bit mono PCM).
+    #[schema(example = 224_044)]
+    pub size_bytes: i64,
+    #[schema(example = "2026-06-27T12:00:00Z")]
+    pub created_at: String,
+    /// Where the WAV is served (with this API key):
+    /// `<public URL>/v1/calls/{call_id}/recording?recording_id={id}`.
+    pub download_url: String,
+}
+
+impl RecordingView {
+    fn new(r: RecordingRecord, state: &AppState) -> Self {
+        RecordingView {
+            download_url: state.store.recording_download_url(&r.call_id, &r.id),
+            duration_seconds: recordings::duration_seconds(r.duration_ms),
+            id: r.id,
+            call_id: r.call_id,
+            size_bytes: r.size_bytes,
+            created_at: to_api(r.created_at),
+        }
+    }
+}
+
+/// A WAV file (8 kHz, 16-bit mono PCM), for the OpenAPI document.
+#[derive(ToSchema)]
+#[schema(value_type = String, format = Binary)]
+pub struct WavFile(pub Vec<u8>);
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct RecordingQuery {
+    /// A recording of this call (its id); default: the most recent one.
+    pub recording_id: Option<String>,
+}
+
+/// The WAV of a call's recording: the most recent one, or the one named by `recording_id`.
+#[utoipa::path(get, path = "/v1/calls/{id}/recording", tag = "calls",
+    params(("id" = String, Path, description = "The call's id"), RecordingQuery),
+    responses(
+        (status = 200, content_type = "audio/wav", body = inline(WavFile),
+            description = "The WAV file, with `Content-Length` and `Content-Disposition: inline; filename=\"<recording_id>.wav\"`"),
+        (status = 400, body = ErrorEnvelope, description = "`request.invalid_id`"),
+        (status = 404, body = ErrorEnvelope, description = "`calls.not_found`, `recordings.not_found`")))]
+pub async fn get_recording(
+    State(state): State<AppState>,
+    Extension(ws): Extension<Workspace>,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<RecordingQuery>,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id, "call id")?;
+    let recording_id = q
+        .recording_id
+        .as_deref()
+        .map(|r| parse_id(r, "recording_id"))
+        .transpose()?;
+    // Another workspace's call is a 404 like any other, whatever its recordings.
+    state
+        .store
+        .get_call(&ws.id, &id)
+        .await?
+        .ok_or_else(call_not_found)?;
+    let rec = state
+        .store
+        .get_call_recording(&id, recording_id.as_deref())
+        .await?
+        .ok_or_else(recording_not_found)?;
+    let config = state
+        .store
+        .recordings_config()
+        .ok_or_else(|| ApiError::internal("recordings are not configured"))?;
+    let opened = match recordings::open_recording(&config.data_dir, &rec.path).await {
+        Ok(f) => f,
+        Err(RecordingFileError::Missing(path)) => {
+            // The row outlived its file (removed by hand or a lost disk): nothing to serve.
+            tracing::warn!(recording_id = %rec.id, path = %path.display(), "recording file is missing");
+            return Err(ApiError::not_found(
+                "recordings.not_found",
+                "the recording's file is no longer available",
+            ));
+        }
+        Err(e) => return Err(ApiError::internal(e)),
+    };
+    let headers = [
+        (header::CONTENT_TYPE, HeaderValue::from_static("audio/wav")),
+        (header::CONTENT_LENGTH, HeaderValue::from(opened.len)),
+        (
+            header::CONTENT_DISPOSITION,
+            // The id is a UUID: always a valid header value.
+            HeaderValue::from_str(&format!("inline; filename=\"{}.wav\"", rec.id))
+                .map_err(ApiError::internal)?,
+        ),
+    ];
+    let body = Body::from_stream(recordings::file_stream(opened.file));
+    Ok((headers, body).into_response())
+}
+
+/// A call's recordings, newest first (a call may record several times). Each has the
+/// `download_url` of its WAV.
+#[utoipa::path(get, path = "/v1/calls/{id}/recordings", tag = "calls",
+    params(("id" = String, Path, description = "The call's id"), PageParams),
+    responses((status = 200, body = [RecordingView], description = "A page; `Link: <…>; rel=\"next\"` when there is more"),
+        (status = 400, body = ErrorEnvelope, description = "`request.invalid_id`, `request.invalid_query`"),
+        (status = 404, body = ErrorEnvelope, description = "`calls.not_found`")))]
+pub async fn list_recordings(
+    State(state): State<AppState>,
+    Extension(ws): Extension<Workspace>,
+    OriginalUri(uri): OriginalUri,
+    Path(id): Path<String>,
+    ApiQuery(page): ApiQuery<PageParams>,
+) -> Result<impl IntoResponse, ApiError> {
+    let id = parse_id(&id, "call id")?;
+    let limit = page.limit()?;
+    let before = page.after()?;
+    state
+        .store
+        .get_call(&ws.id, &id)
+        .await?
+        .ok_or_else(call_not_found)?;
+    let rows = state
+        .store
+        .list_call_recordings(&id, before.as_deref(), limit + 1)
+        .await?;
+    Ok(Page::from_rows(
+        rows,
+        limit,
+        &uri,
+        |r| r.id.clone(),
+        |r| RecordingView::new(r, &state),
+    ))
 }

@@ -98,6 +98,8 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(calls::get_call))
         .routes(routes!(calls::call_events))
         .routes(routes!(calls::hangup))
+        .routes(routes!(calls::get_recording))
+        .routes(routes!(calls::list_recordings))
         .route_layer(from_fn_with_state(state.clone(), middleware::authenticate));
     let open = OpenApiRouter::new()
         .routes(routes!(ops::healthz))
