@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
 # curl and jq: the guide's commands use them.
-apt_install_missing curl:curl jq:jq cc:gcc
+# espeak-ng speaks `say`.
+apt_install_missing curl:curl jq:jq cc:gcc espeak-ng:espeak-ng
 
 export SAUTIKIT_MODE="${SAUTIKIT_MODE:-dev}"
 exec cargo run --release --bin sautikit -- serve "$@"

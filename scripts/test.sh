@@ -6,13 +6,25 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
 # sipp (Debian sip-tester) is the real SIP peer of the interop tests (tests/calls_sip.rs).
-apt_install_missing cc:gcc node:nodejs npm:npm sipp:sip-tester
+apt_install_missing cc:gcc node:nodejs npm:npm sipp:sip-tester espeak-ng:espeak-ng python3:python3
 
 # The guide's Express handler runs under Node with express from npm (tests/express.rs).
 if [ ! -d tests/node/node_modules/express ]; then
     (cd tests/node && npm ci --no-audit --no-fund --silent)
 fi
 export SAUTIKIT_REQUIRE_NODE=1
+
+# The guide's FastAPI /voice handler runs under uvicorn in a virtual environment (tests/media.rs).
+if [ ! -x tests/python/.venv/bin/uvicorn ]; then
+    python3 -m venv tests/python/.venv 2>/dev/null || {
+        # Debian's python3 needs its venv package.
+        rm -rf tests/python/.venv
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+        python3 -m venv tests/python/.venv
+    }
+    tests/python/.venv/bin/pip install -q -r tests/python/requirements.txt
+fi
 
 # PostgreSQL: use the server on 127.0.0.1:5432 if one answers; otherwise start or install one.
 if [ -z "${SAUTIKIT_TEST_POSTGRES_URL:-}" ]; then

@@ -204,11 +204,29 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
         },
         committed: store.committed.clone(),
     };
+    // Bound before the engine starts: recording links and `RecordingUrl` name this address.
+    let listener = tokio::net::TcpListener::bind(args.http_listen)
+        .await
+        .map_err(|source| ServeError::Listen {
+            addr: args.http_listen.to_string(),
+            source,
+        })?;
+    let addr = listener.local_addr()?;
+    let public_url = args
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{addr}"));
+    // Recording downloads: the base URL put in download links, and where the files are.
+    store.set_recordings(crate::recordings::RecordingsConfig {
+        public_url: public_url.clone(),
+        data_dir: args.db.data_dir.clone(),
+    });
+    let policy = AddressPolicy {
+        refuse_internal: args.mode == Mode::Production,
+        allow: args.webhook_allow_cidrs.clone(),
+    };
     let callback = crate::callback::HttpCallbackClient::new(
-        AddressPolicy {
-            refuse_internal: args.mode == Mode::Production,
-            allow: args.webhook_allow_cidrs.clone(),
-        },
+        policy.clone(),
         sautikit_actors::callback::CALLBACK_TIMEOUT,
     )
     .map_err(|e| ServeError::Config(e.to_string()))?;
@@ -222,6 +240,20 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
         single_process: db.backend == Backend::Sqlite,
         orphan_after: Duration::from_secs(args.call_orphan_secs.max(1)),
         timers: Timers::default(),
+        synth: Arc::new(
+            crate::tts::EspeakSynthesizer::new(args.db.data_dir.join("tts-cache"))
+                .map_err(|e| ServeError::Config(e.to_string()))?,
+        ),
+        audio: Arc::new(
+            crate::play::HttpAudioFetcher::new(
+                policy,
+                args.db.data_dir.join("play-cache"),
+                crate::play::PlayLimits::default(),
+            )
+            .map_err(|e| ServeError::Config(e.to_string()))?,
+        ),
+        data_dir: args.db.data_dir.clone(),
+        public_url,
     };
     let engine = Arc::new(
         Engine::start_full(
@@ -247,21 +279,6 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
         openapi: Arc::default(),
     };
     let app = api::router(state);
-    let listener = tokio::net::TcpListener::bind(args.http_listen)
-        .await
-        .map_err(|source| ServeError::Listen {
-            addr: args.http_listen.to_string(),
-            source,
-        })?;
-    let addr = listener.local_addr()?;
-    // Recording downloads: the base URL put in download links, and where the files are.
-    store.set_recordings(crate::recordings::RecordingsConfig {
-        public_url: args
-            .public_url
-            .clone()
-            .unwrap_or_else(|| format!("http://{addr}")),
-        data_dir: args.db.data_dir.clone(),
-    });
     print_banner(&addr, args.mode, dev.as_ref());
     info!(%addr, mode = ?args.mode, "HTTP API listening");
 

@@ -4,180 +4,16 @@
 
 mod common;
 
-use std::net::SocketAddr;
-use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::receiver::Receiver;
-use common::voice::VoiceServer;
-use common::{Api, Backend, Mode, Server, TestDb, dev_key, wait_for_json};
-use hmac::{KeyInit, Mac};
-use serde_json::{Value, json};
-
-const NUMBER: &str = "254700000001";
-const INVENTORY_ID: &str = "01900000-0000-7000-8000-000000000001";
-
-struct Ctx {
-    db: TestDb,
-    server: Server,
-    api: Api,
-    number_id: String,
-    voice: VoiceServer,
-    events: Receiver,
-    secret: String,
-}
-
-/// A dev server with +254700000001 claimed and routed to `voice_path` on a local callback
-/// server, its events to a local receiver.
-async fn setup(backend: Backend, voice_path: &str) -> Ctx {
-    let db = TestDb::new(backend).await;
-    let server = start_server(&db);
-    let api = server.api(&dev_key(&db.data_dir));
-    let claimed = api
-        .post(&format!("/v1/numbers/{INVENTORY_ID}/claim"), None)
-        .await;
-    assert_eq!(claimed.status, 201, "{}", claimed.text);
-    let number_id = claimed.json()["id"].as_str().unwrap().to_owned();
-    let voice = VoiceServer::start().await;
-    let events = Receiver::ok().await;
-    let routed = api
-        .patch(
-            &format!("/v1/numbers/{number_id}/routing"),
-            json!({"voice_callback_url": voice.url(voice_path), "events_url": events.url("/events")}),
-        )
-        .await;
-    assert_eq!(routed.status, 200, "{}", routed.text);
-    let creds: Value = serde_json::from_str(
-        &std::fs::read_to_string(db.data_dir.join("dev-credentials.json")).unwrap(),
-    )
-    .unwrap();
-    let secret = creds["webhook_secret"].as_str().unwrap().to_owned();
-    Ctx {
-        db,
-        server,
-        api,
-        number_id,
-        voice,
-        events,
-        secret,
-    }
-}
-
-fn start_server(db: &TestDb) -> Server {
-    Server::start_with(
-        db,
-        Mode::Dev,
-        &[
-            ("SAUTIKIT_SIP_LISTEN", "127.0.0.1:0"),
-            ("SAUTIKIT_RTP_PORTS", &rtp_range()),
-            ("SAUTIKIT_WEBHOOK_RETRY_SCALE", "0.001"),
-            // A dead engine's calls are closed after 2 s (PostgreSQL, several engines).
-            ("SAUTIKIT_CALL_ORPHAN_SECS", "2"),
-            // Deliveries a killed process had leased are taken over after 4 s (PostgreSQL).
-            ("SAUTIKIT_WEBHOOK_LEASE_SECS", "4"),
-        ],
-    )
-}
-
-/// Tests run in parallel: each server takes RTP ports from its own stretch.
-fn rtp_range() -> String {
-    let base = 20_000 + (std::process::id() % 50) as u16 * 200 + free_port() % 150 * 2;
-    format!("{}-{}", base, base + 400)
-}
-
-fn free_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .map(|a| a.port())
-        .unwrap()
-}
-
-/// Run sipp to `target` with `args`, in `dir`; returns (success, output).
-async fn sipp(dir: &Path, target: SocketAddr, args: &[&str]) -> (bool, String) {
-    let port = free_port().to_string();
-    let media_port = (free_port() & !1).to_string();
-    let out = tokio::time::timeout(
-        Duration::from_secs(120),
-        tokio::process::Command::new("sipp")
-            .current_dir(dir)
-            .args(args)
-            .args([
-                "-p",
-                &port,
-                "-mp",
-                &media_port,
-                "-i",
-                "127.0.0.1",
-                "-nostdin",
-                "-timeout",
-                "60s",
-                "-timeout_error",
-                "-trace_err",
-                &target.to_string(),
-            ])
-            .stdin(Stdio::null())
-            .output(),
-    )
-    .await
-    .expect("sipp finished within 120 s")
-    .expect("sipp runs (scripts/test.sh installs sip-tester)");
-    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-    text.push_str(&String::from_utf8_lossy(&out.stderr));
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        if entry.file_name().to_string_lossy().ends_with("_errors.log") {
-            text.push_str(&std::fs::read_to_string(entry.path()).unwrap_or_default());
-        }
-    }
-    (out.status.success(), text)
-}
-
-/// A scenario from tests/sipp with `[status]` filled in, written to `dir`.
-fn scenario(dir: &Path, name: &str, status: Option<u16>) -> String {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/sipp")
-        .join(name);
-    let mut text = std::fs::read_to_string(src).unwrap();
-    if let Some(code) = status {
-        text = text.replace("[status]", &code.to_string());
-    }
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    path.to_string_lossy().into_owned()
-}
-
-fn verify_signature(secret: &str, header: &str, body: &str) -> bool {
-    let parts: std::collections::HashMap<&str, &str> = header
-        .split(',')
-        .filter_map(|p| p.split_once('='))
-        .collect();
-    let (Some(t), Some(v1)) = (parts.get("t"), parts.get("v1")) else {
-        return false;
-    };
-    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
-    mac.update(body.as_bytes());
-    mac.update(b".");
-    mac.update(t.as_bytes());
-    hex_encode(&mac.finalize().into_bytes()) == *v1
-}
-
-fn hex_encode(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-async fn wait_for_calls(api: &Api, n: usize, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
-    let v = wait_for_json(api, "/v1/calls?limit=100", Duration::from_secs(30), |v| {
-        v.as_array()
-            .is_some_and(|a| a.iter().filter(|c| pred(c)).count() >= n)
-    })
-    .await;
-    v.as_array().unwrap().clone()
-}
-
-async fn timeline(api: &Api, call_id: &str) -> Vec<Value> {
-    api.get_all(&format!("/v1/calls/{call_id}/events?limit=100"))
-        .await
-}
+use common::Backend;
+use common::calls::{
+    NUMBER, scenario, setup, sipp, sipp_media_port, start_server, timeline, verify_signature,
+    wait_for_calls,
+};
+use common::dev_key;
+use serde_json::json;
 
 async fn sipp_uac_to_a_long_pause(backend: Backend) {
     let ctx = setup(backend, "/pause/60").await;
@@ -380,7 +216,8 @@ async fn callback_failures(backend: Backend) {
             "callback.invalid_actions",
             "callback.failed",
         ),
-        ("/say", "action.not_supported", "action.failed"),
+        // `dial` waits for outbound calls.
+        ("/dial", "action.not_supported", "action.failed"),
         // Longer than the 10 s deadline.
         ("/slow/11000", "callback.timeout", "callback.failed"),
     ];
@@ -437,14 +274,11 @@ on_both_backends!(callback_failures);
 async fn calls_live_at_a_crash_are_closed(backend: Backend) {
     let ctx = setup(backend, "/pause/60").await;
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port().to_string();
-    let media_port = (free_port() & !1).to_string();
+    let media_port = sipp_media_port().to_string();
     // A 60 s call; sipp is killed with the test.
     let _sipp = tokio::process::Command::new("sipp")
         .current_dir(dir.path())
-        .args([
-            "-sn", "uac", "-s", NUMBER, "-m", "1", "-d", "60000", "-p", &port,
-        ])
+        .args(["-sn", "uac", "-s", NUMBER, "-m", "1", "-d", "60000"])
         .args(["-mp", &media_port, "-i", "127.0.0.1", "-nostdin"])
         .arg(ctx.server.sip_addr().to_string())
         .stdin(Stdio::null())

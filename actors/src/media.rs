@@ -1,25 +1,35 @@
-//! Media: RTP ports for calls and one pacing task that sends every call's 20 ms frames.
+//! Media: RTP ports for calls, one pacing task that sends every call's 20 ms frames, and a
+//! receiving task per call for what the caller sends (DTMF, recordings).
 //!
-//! One scheduler serves all streams (not a task or timer per call): each tick it sends the frame
-//! that is due for every stream, so 2,000 calls cost 50 wake-ups a second, not 100,000. The
-//! packet layout and pacing arithmetic are sans-IO in `sautikit_sip::rtp`; this is the driver.
+//! One scheduler serves all outgoing streams (not a task or timer per call): each tick it sends
+//! the frame that is due for every stream — the prompt being played, or silence — so 2,000 calls
+//! cost 50 wake-ups a second, not 100,000. Packet layout, pacing arithmetic, jitter buffering and
+//! DTMF detection are sans-IO in `sautikit_sip`; this is the driver.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use sautikit_sip::rtp::{Pacer, RtpSender, g711};
+use sautikit_sip::sdp::Codec;
 use thiserror::Error;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, warn};
 
+use crate::synth::Audio;
+
+mod receive;
+
+pub use receive::{RecordingEnd, RecordingOutcome, RecordingSpec};
+
 /// One frame: 20 ms of 8 kHz G.711.
 pub const FRAME: Duration = Duration::from_millis(20);
-const SAMPLES_PER_FRAME: u32 = 160;
+const SAMPLES_PER_FRAME: usize = 160;
 
 #[derive(Debug, Error)]
 pub enum MediaError {
@@ -29,21 +39,19 @@ pub enum MediaError {
     Stopped,
 }
 
-/// G.711 variant negotiated for a call; decides the payload type and the silence byte.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AudioCodec {
-    Pcmu,
-    Pcma,
+/// What a call's media reports to its call.
+#[derive(Debug, Clone)]
+pub enum MediaEvent {
+    /// A `play` finished (all its loops) or was stopped.
+    PlaybackFinished { play_id: u64, interrupted: bool },
+    /// The caller pressed a key (RFC 4733 telephone-event).
+    Digit { key: char },
+    /// A recording ended and its WAV file is complete.
+    RecordingFinished(RecordingOutcome),
 }
 
-impl AudioCodec {
-    fn silence(self) -> u8 {
-        match self {
-            AudioCodec::Pcmu => g711::SILENCE_PCMU,
-            AudioCodec::Pcma => g711::SILENCE_PCMA,
-        }
-    }
-}
+/// Where a call's media events go (the Call actor casts them to itself).
+pub type MediaEvents = Arc<dyn Fn(MediaEvent) + Send + Sync>;
 
 /// An RTP port owned by a call until it is closed.
 #[derive(Debug)]
@@ -52,15 +60,42 @@ pub struct RtpPort {
     pub local: SocketAddr,
 }
 
+/// What was negotiated for a stream.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamParams {
+    pub remote: SocketAddr,
+    pub codec: Codec,
+    pub payload_type: u8,
+    pub telephone_event: Option<u8>,
+}
+
 enum MediaCmd {
     Open {
+        events: MediaEvents,
         reply: oneshot::Sender<Result<RtpPort, MediaError>>,
     },
     Start {
         id: u64,
+        params: StreamParams,
+    },
+    /// The caller's packets come from here: answer to it (symmetric RTP, RFC 4961).
+    Latch {
+        id: u64,
         remote: SocketAddr,
-        codec: AudioCodec,
-        payload_type: u8,
+    },
+    Play {
+        id: u64,
+        play_id: u64,
+        audio: Audio,
+        loops: u32,
+    },
+    StopPlayback {
+        id: u64,
+    },
+    /// For the stream's receiving task.
+    Receiver {
+        id: u64,
+        cmd: receive::RecvCmd,
     },
     Close {
         id: u64,
@@ -72,6 +107,7 @@ enum MediaCmd {
 pub struct MediaStats {
     pub packets_sent: AtomicU64,
     pub send_errors: AtomicU64,
+    pub packets_received: AtomicU64,
     pub streams: AtomicU64,
 }
 
@@ -82,11 +118,22 @@ pub struct Media {
     pub stats: Arc<MediaStats>,
 }
 
+struct Playback {
+    play_id: u64,
+    audio: Audio,
+    position: usize,
+    loops_left: u32,
+}
+
 struct Stream {
     socket: Arc<UdpSocket>,
+    /// Control of the receiving task, once the stream has started.
+    receiver: Option<mpsc::UnboundedSender<receive::RecvCmd>>,
+    events: MediaEvents,
+    codec: Codec,
     remote: Option<SocketAddr>,
     sender: Option<RtpSender>,
-    silence: u8,
+    playback: Option<Playback>,
 }
 
 struct Engine {
@@ -100,6 +147,7 @@ struct Engine {
     streams: HashMap<u64, Stream>,
     in_use: HashMap<u16, u64>,
     stats: Arc<MediaStats>,
+    tx: mpsc::UnboundedSender<MediaCmd>,
 }
 
 impl Media {
@@ -117,31 +165,89 @@ impl Media {
             streams: HashMap::new(),
             in_use: HashMap::new(),
             stats: stats.clone(),
+            tx: tx.clone(),
         };
-        tokio::spawn(engine.run(rx));
+        // Pacing gets a thread of its own: on the shared runtime a frame would wait behind
+        // whatever HTTP or database work holds the workers, and the caller hears the jitter.
+        let spawned = std::thread::Builder::new()
+            .name("sautikit-media".into())
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt.block_on(engine.run(rx)),
+                    Err(e) => warn!(error = %e, "the media runtime could not start"),
+                }
+            });
+        if let Err(e) = spawned {
+            warn!(error = %e, "the media thread could not start");
+        }
         Media { tx, stats }
     }
 
-    /// Bind a free port for a call.
-    pub async fn open(&self) -> Result<RtpPort, MediaError> {
+    /// Bind a free port for a call; its events go to `events`.
+    pub async fn open(&self, events: MediaEvents) -> Result<RtpPort, MediaError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(MediaCmd::Open { reply })
+            .send(MediaCmd::Open { events, reply })
             .map_err(|_| MediaError::Stopped)?;
         rx.await.map_err(|_| MediaError::Stopped)?
     }
 
-    /// Start sending silence to `remote` (nothing else plays yet).
-    pub fn start_stream(&self, id: u64, remote: SocketAddr, codec: AudioCodec, payload_type: u8) {
-        let _ = self.tx.send(MediaCmd::Start {
+    /// Start sending (silence until something plays) and listening.
+    pub fn start_stream(&self, id: u64, params: StreamParams) {
+        let _ = self.tx.send(MediaCmd::Start { id, params });
+    }
+
+    /// Play `audio` `loops` times (replacing whatever plays); `PlaybackFinished` follows.
+    pub fn play(&self, id: u64, play_id: u64, audio: Audio, loops: u32) {
+        let _ = self.tx.send(MediaCmd::Play {
             id,
-            remote,
-            codec,
-            payload_type,
+            play_id,
+            audio,
+            loops: loops.max(1),
         });
     }
 
-    /// Stop sending and free the port.
+    /// Stop what plays now (barge-in); `PlaybackFinished { interrupted: true }` follows.
+    pub fn stop_playback(&self, id: u64) {
+        let _ = self.tx.send(MediaCmd::StopPlayback { id });
+    }
+
+    /// Record what the caller says into a WAV file; `RecordingFinished` follows.
+    pub fn start_recording(&self, id: u64, spec: RecordingSpec) {
+        let _ = self.tx.send(MediaCmd::Receiver {
+            id,
+            cmd: receive::RecvCmd::StartRecording(spec),
+        });
+    }
+
+    /// End the recording now (a key from SIP INFO); `RecordingFinished` follows.
+    pub fn stop_recording(&self, id: u64, end: RecordingEnd) {
+        let _ = self.tx.send(MediaCmd::Receiver {
+            id,
+            cmd: receive::RecvCmd::StopRecording(end, None),
+        });
+    }
+
+    /// End the recording and wait for its file to be complete (the call is ending).
+    pub async fn finish_recording(&self, id: u64, end: RecordingEnd) -> Option<RecordingOutcome> {
+        let (done, rx) = oneshot::channel();
+        self.tx
+            .send(MediaCmd::Receiver {
+                id,
+                cmd: receive::RecvCmd::StopRecording(end, Some(done)),
+            })
+            .ok()?;
+        tokio::time::timeout(Duration::from_secs(5), rx)
+            .await
+            .ok()?
+            .ok()
+            .flatten()
+    }
+
+    /// Stop sending and listening and free the port (a recording in progress is finished).
     pub fn close(&self, id: u64) {
         let _ = self.tx.send(MediaCmd::Close { id });
     }
@@ -154,8 +260,8 @@ impl Engine {
         // stream keeps its clock rather than drifting.
         tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
         let mut pacer = Pacer::new(Instant::now().into_std(), FRAME);
-        let mut buf = Vec::with_capacity(12 + SAMPLES_PER_FRAME as usize);
-        let mut payload = Vec::with_capacity(SAMPLES_PER_FRAME as usize);
+        let mut buf = Vec::with_capacity(12 + SAMPLES_PER_FRAME);
+        let mut payload = Vec::with_capacity(SAMPLES_PER_FRAME);
         loop {
             tokio::select! {
                 cmd = rx.recv() => match cmd {
@@ -174,25 +280,85 @@ impl Engine {
 
     fn apply(&mut self, cmd: MediaCmd) {
         match cmd {
-            MediaCmd::Open { reply } => {
-                let _ = reply.send(self.open());
+            MediaCmd::Open { events, reply } => {
+                let _ = reply.send(self.open(events));
             }
-            MediaCmd::Start {
-                id,
-                remote,
-                codec,
-                payload_type,
-            } => {
+            MediaCmd::Start { id, params } => {
                 if let Some(s) = self.streams.get_mut(&id) {
-                    s.remote = Some(remote);
-                    s.silence = codec.silence();
-                    let mut sender = RtpSender::new(payload_type);
+                    s.remote = Some(params.remote);
+                    s.codec = params.codec;
+                    let mut sender = RtpSender::new(params.payload_type);
                     sender.start_talkspurt();
                     s.sender = Some(sender);
+                    let (ctl, ctl_rx) = mpsc::unbounded_channel();
+                    s.receiver = Some(ctl);
+                    tokio::spawn(receive::run(
+                        receive::Receiver::new(
+                            id,
+                            s.socket.clone(),
+                            params,
+                            s.events.clone(),
+                            self.stats.clone(),
+                        ),
+                        ctl_rx,
+                        self.tx.clone(),
+                    ));
+                }
+            }
+            MediaCmd::Latch { id, remote } => {
+                if let Some(s) = self.streams.get_mut(&id)
+                    && s.remote != Some(remote)
+                {
+                    debug!(stream = id, %remote, "RTP latched to the caller's source address");
+                    s.remote = Some(remote);
+                }
+            }
+            MediaCmd::Play {
+                id,
+                play_id,
+                audio,
+                loops,
+            } => {
+                if let Some(s) = self.streams.get_mut(&id) {
+                    if let Some(old) = s.playback.take() {
+                        (s.events)(MediaEvent::PlaybackFinished {
+                            play_id: old.play_id,
+                            interrupted: true,
+                        });
+                    }
+                    if let Some(sender) = s.sender.as_mut() {
+                        sender.start_talkspurt();
+                    }
+                    s.playback = Some(Playback {
+                        play_id,
+                        audio,
+                        position: 0,
+                        loops_left: loops,
+                    });
+                } else {
+                    debug!(stream = id, "play on a closed stream");
+                }
+            }
+            MediaCmd::StopPlayback { id } => {
+                if let Some(s) = self.streams.get_mut(&id)
+                    && let Some(old) = s.playback.take()
+                {
+                    (s.events)(MediaEvent::PlaybackFinished {
+                        play_id: old.play_id,
+                        interrupted: true,
+                    });
+                }
+            }
+            MediaCmd::Receiver { id, cmd } => {
+                if let Some(r) = self.streams.get(&id).and_then(|s| s.receiver.as_ref()) {
+                    let _ = r.send(cmd);
                 }
             }
             MediaCmd::Close { id } => {
                 if let Some(s) = self.streams.remove(&id) {
+                    if let Some(r) = &s.receiver {
+                        let _ = r.send(receive::RecvCmd::Close);
+                    }
                     if let Ok(local) = s.socket.local_addr() {
                         self.in_use.remove(&local.port());
                     }
@@ -202,7 +368,7 @@ impl Engine {
         }
     }
 
-    fn open(&mut self) -> Result<RtpPort, MediaError> {
+    fn open(&mut self, events: MediaEvents) -> Result<RtpPort, MediaError> {
         let first = self.first + (self.first & 1);
         let span = u32::from(self.last.saturating_sub(first)) / 2 + 1;
         for _ in 0..span {
@@ -237,9 +403,12 @@ impl Engine {
                 id,
                 Stream {
                     socket: Arc::new(socket),
+                    events,
+                    codec: Codec::Pcmu,
                     remote: None,
                     sender: None,
-                    silence: g711::SILENCE_PCMU,
+                    playback: None,
+                    receiver: None,
                 },
             );
             self.stats.streams.fetch_add(1, Ordering::Relaxed);
@@ -258,10 +427,9 @@ impl Engine {
             let (Some(remote), Some(sender)) = (s.remote, s.sender.as_mut()) else {
                 continue;
             };
-            payload.clear();
-            payload.resize(SAMPLES_PER_FRAME as usize, s.silence);
+            next_payload(s.codec, &mut s.playback, &s.events, payload);
             buf.clear();
-            sender.next_packet(payload, SAMPLES_PER_FRAME, buf);
+            sender.next_packet(payload, SAMPLES_PER_FRAME as u32, buf);
             // Non-blocking: a full socket buffer drops this frame rather than stalling every
             // other call's timing.
             match s.socket.try_send_to(buf, remote) {
@@ -279,4 +447,47 @@ impl Engine {
             self.stats.send_errors.fetch_add(errors, Ordering::Relaxed);
         }
     }
+}
+
+/// The next 20 ms to send: the playing prompt (its end padded with silence) or silence.
+fn next_payload(
+    codec: Codec,
+    playback: &mut Option<Playback>,
+    events: &MediaEvents,
+    payload: &mut Vec<u8>,
+) {
+    let silence = match codec {
+        Codec::Pcmu => g711::SILENCE_PCMU,
+        Codec::Pcma => g711::SILENCE_PCMA,
+    };
+    let Some(p) = playback.as_mut() else {
+        payload.clear();
+        payload.resize(SAMPLES_PER_FRAME, silence);
+        return;
+    };
+    let samples = &p.audio.samples;
+    let end = (p.position + SAMPLES_PER_FRAME).min(samples.len());
+    g711::encode_into(codec, &samples[p.position.min(end)..end], payload);
+    p.position = end;
+    if p.position >= samples.len() {
+        if p.loops_left > 1 {
+            p.loops_left -= 1;
+            p.position = 0;
+        } else {
+            let play_id = p.play_id;
+            *playback = None;
+            events(MediaEvent::PlaybackFinished {
+                play_id,
+                interrupted: false,
+            });
+        }
+    }
+    payload.resize(SAMPLES_PER_FRAME, silence);
+}
+
+/// Where recordings go, relative to the data directory.
+pub fn recording_path(call_id: &str, recording_id: &str) -> PathBuf {
+    PathBuf::from("recordings")
+        .join(call_id)
+        .join(format!("{recording_id}.wav"))
 }

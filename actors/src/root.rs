@@ -87,6 +87,12 @@ pub struct VoiceSetup {
     /// An engine silent this long is taken for dead and its live calls are closed.
     pub orphan_after: std::time::Duration,
     pub timers: sautikit_sip::transaction::Timers,
+    pub synth: Arc<dyn crate::synth::Synthesizer>,
+    pub audio: Arc<dyn crate::audio::AudioFetcher>,
+    /// Recordings are written under it.
+    pub data_dir: std::path::PathBuf,
+    /// The API's public base URL (for `RecordingUrl`).
+    pub public_url: String,
 }
 
 /// What Root needs to (re)start the voice actors.
@@ -323,6 +329,10 @@ impl Engine {
                     engine_id: uuid::Uuid::now_v7().to_string(),
                     numbers: names.numbers.clone(),
                     calls: names.calls.clone(),
+                    synth: setup.synth.clone(),
+                    audio: setup.audio.clone(),
+                    data_dir: setup.data_dir.clone(),
+                    public_url: setup.public_url.clone(),
                 },
                 setup,
                 sip_addr: Arc::new(std::sync::Mutex::new(None)),

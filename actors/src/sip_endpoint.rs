@@ -120,10 +120,8 @@ impl Actor for SipEndpoint {
         myself: ActorRef<Self::Msg>,
         (args, bound): Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let udp = UdpSocket::bind(args.listen).await?;
+        let (udp, tcp) = bind_both(args.listen).await?;
         let local = udp.local_addr()?;
-        // TCP on the same port as UDP (port 0 picked one for UDP).
-        let tcp = TcpListener::bind(local).await?;
         info!(%local, "SIP listening on UDP and TCP");
         let udp = Arc::new(udp);
         let mut tasks = vec![
@@ -418,6 +416,22 @@ fn carrier_allowed(allow: &[IpNet], addr: SocketAddr) -> bool {
         v4 => v4,
     };
     allow.iter().any(|n| n.contains(&ip))
+}
+
+/// UDP and TCP on one port. With port 0 the port UDP gets may be taken for TCP (by another
+/// listener of this very process, say): then try another.
+async fn bind_both(listen: SocketAddr) -> std::io::Result<(UdpSocket, TcpListener)> {
+    let mut last = None;
+    for _ in 0..20 {
+        let udp = UdpSocket::bind(listen).await?;
+        let local = udp.local_addr()?;
+        match TcpListener::bind(local).await {
+            Ok(tcp) => return Ok((udp, tcp)),
+            Err(e) if listen.port() == 0 => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no port free for both UDP and TCP")))
 }
 
 async fn udp_loop(socket: Arc<UdpSocket>, endpoint: ActorRef<SipMsg>) {

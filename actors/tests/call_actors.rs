@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use sautikit_actors::audio::{AudioFetcher, PlayError};
 use sautikit_actors::call_store::{
     CallAnswered, CallCharged, CallEnded, CallStarted, CallStore, NumberRoute, RecordingReady,
     TimelineEntry,
@@ -20,6 +21,7 @@ use sautikit_actors::store::{
     ClaimError, ClaimNumber, CreditWallet, ReleaseError, ReleaseNumber, StorageError, Store,
     WalletError,
 };
+use sautikit_actors::synth::{Audio, SpeechRequest, SynthError, Synthesizer};
 use sautikit_actors::voice::parse_script;
 use sautikit_actors::{Engine, VoiceSetup};
 use sautikit_sip::transaction::Timers;
@@ -144,6 +146,25 @@ impl CallbackClient for PauseScript {
                 .expect("valid script"),
             status_code: 200,
             latency_ms: 1,
+        })
+    }
+}
+
+/// Scripts here only pause: no prompt is ever made.
+struct NoMedia;
+
+#[async_trait]
+impl Synthesizer for NoMedia {
+    async fn synthesize(&self, _: &SpeechRequest) -> Result<Audio, SynthError> {
+        Err(SynthError::Failed("no speech in this test".into()))
+    }
+}
+
+#[async_trait]
+impl AudioFetcher for NoMedia {
+    async fn fetch(&self, _: &str) -> Result<Audio, PlayError> {
+        Err(PlayError::Unreachable {
+            message: "no audio in this test".into(),
         })
     }
 }
@@ -295,6 +316,10 @@ async fn a_failing_call_actor_ends_only_its_own_call() {
             single_process: true,
             orphan_after: Duration::from_secs(30),
             timers: Timers::default(),
+            synth: Arc::new(NoMedia),
+            audio: Arc::new(NoMedia),
+            data_dir: std::env::temp_dir(),
+            public_url: "http://127.0.0.1:1".into(),
         }),
     )
     .await

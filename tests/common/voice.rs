@@ -25,13 +25,17 @@ pub struct VoiceHit {
 pub struct VoiceServer {
     pub base: String,
     hits: Arc<Mutex<Vec<VoiceHit>>>,
+    /// Scripts set by the test, by path; they take precedence over the built-in ones.
+    scripts: Arc<Mutex<HashMap<String, Value>>>,
+    /// Files served on GET, by path: (status, content type, body).
+    files: Arc<Mutex<HashMap<String, (u16, String, Vec<u8>)>>>,
 }
 
 /// What each path answers:
 /// - `/pause/{secs}`: pause that long;
 /// - `/hangup`: pause 1 s, then hang up;
 /// - `/slow/{ms}`: wait, then a 60 s pause;
-/// - `/status500`, `/notjson`, `/unknown-verb`, `/say`, `/reject-busy`, `/reject`,
+/// - `/status500`, `/notjson`, `/unknown-verb`, `/dial`, `/reject-busy`, `/reject`,
 ///   `/redirect` (to `/hangup`).
 async fn answer(path: &str) -> Response {
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
@@ -50,7 +54,7 @@ async fn answer(path: &str) -> Response {
         ["status500"] => (StatusCode::INTERNAL_SERVER_ERROR, "boom").into_response(),
         ["notjson"] => (StatusCode::OK, "<Response><Say>hi</Say></Response>").into_response(),
         ["unknown-verb"] => script(json!({"actions": [{"pause": {"length": 1}}, {"dance": {}}]})),
-        ["say"] => script(json!({"actions": [{"say": {"text": "Hello"}}]})),
+        ["dial"] => script(json!({"actions": [{"dial": {"number": "+254700000002"}}]})),
         ["reject-busy"] => script(json!({"actions": [{"reject": {"reason": "busy"}}]})),
         ["reject"] => script(json!({"actions": [{"reject": {}}]})),
         ["redirect"] => script(json!({"actions": [{"redirect": {"url": "/hangup"}}]})),
@@ -69,6 +73,7 @@ async fn handle(
         .into_owned()
         .collect();
     let path = format!("/{path}");
+    let scripted = server.scripts.lock().unwrap().get(&path).cloned();
     server.hits.lock().unwrap().push(VoiceHit {
         path: path.clone(),
         fields,
@@ -79,7 +84,28 @@ async fn handle(
             .to_owned(),
         body,
     });
+    if let Some(script) = scripted {
+        return axum::Json(script).into_response();
+    }
     answer(&path).await
+}
+
+async fn serve_file(State(server): State<VoiceServer>, Path(path): Path<String>) -> Response {
+    let file = server
+        .files
+        .lock()
+        .unwrap()
+        .get(&format!("/{path}"))
+        .cloned();
+    match file {
+        Some((status, content_type, body)) => (
+            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            [(axum::http::header::CONTENT_TYPE, content_type)],
+            body,
+        )
+            .into_response(),
+        None => (StatusCode::NOT_FOUND, "no such file").into_response(),
+    }
 }
 
 impl VoiceServer {
@@ -88,10 +114,10 @@ impl VoiceServer {
         let addr = listener.local_addr().unwrap();
         let server = VoiceServer {
             base: format!("http://{addr}"),
-            hits: Arc::default(),
+            ..VoiceServer::default()
         };
         let app = Router::new()
-            .route("/{*path}", post(handle))
+            .route("/{*path}", post(handle).get(serve_file))
             .with_state(server.clone());
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -101,6 +127,19 @@ impl VoiceServer {
 
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
+    }
+
+    /// Answer POSTs to `path` with `script`.
+    pub fn set_script(&self, path: &str, script: Value) {
+        self.scripts.lock().unwrap().insert(path.to_owned(), script);
+    }
+
+    /// Serve `body` on GET `path`.
+    pub fn set_file(&self, path: &str, status: u16, content_type: &str, body: Vec<u8>) {
+        self.files
+            .lock()
+            .unwrap()
+            .insert(path.to_owned(), (status, content_type.to_owned(), body));
     }
 
     pub fn hits(&self) -> Vec<VoiceHit> {

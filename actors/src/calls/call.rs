@@ -23,10 +23,11 @@ use crate::call_store::{
     CallAnswered, CallEnded, CallStarted, CallStatus, NumberRoute, TimelineEntry,
 };
 use crate::callback::{CallbackFailure, CallbackMethod, CallbackReply, CallbackRequest};
-use crate::media::{AudioCodec, RtpPort};
+use crate::media::{MediaEvent, RtpPort, StreamParams};
 use crate::model::NumberStatus;
 use crate::numbers::NumbersMsg;
 use crate::sip_endpoint::SipMsg;
+use crate::synth::Audio;
 use crate::voice::Action;
 
 /// How long a call waits for the Numbers actor before answering 503.
@@ -69,6 +70,16 @@ pub enum CallMsg {
     PauseElapsed { seq: u64 },
     /// The API hangs the call up; answered once the end is recorded.
     HangupRequested { reply: RpcReplyPort<bool> },
+    /// The call's media reported something: a prompt finished, a key, a recording.
+    Media(MediaEvent),
+    /// Audio for a prompt (speech, a fetched file) is ready — or why it is not (the failure
+    /// reason and a message for the timeline).
+    PromptReady {
+        seq: u64,
+        result: Result<Audio, (&'static str, String)>,
+    },
+    /// `getDigits` waited long enough for the next key.
+    DigitsTimedOut { seq: u64 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,7 +98,28 @@ pub(super) enum Waiting {
     Nothing,
     Ack,
     Callback,
-    Pause { seq: u64 },
+    Pause {
+        seq: u64,
+    },
+    /// Audio for a prompt is being made.
+    Prompt {
+        seq: u64,
+    },
+    Playback {
+        play_id: u64,
+    },
+    /// `getDigits` waits for a key.
+    Digits {
+        seq: u64,
+    },
+    Recording,
+}
+
+/// Where the script goes on when a step's callback (`getDigits`, `record`) returns no actions.
+pub(super) struct StepResume {
+    pub(super) actions: Vec<Action>,
+    pub(super) index: usize,
+    pub(super) document_url: String,
 }
 
 pub struct Call;
@@ -117,6 +149,11 @@ pub struct CallState {
     /// The call row exists.
     pub(super) recorded: bool,
     pub(super) hangup_waiters: Vec<RpcReplyPort<bool>>,
+    /// How many times the prompt being loaded plays.
+    pub(super) prompt_loops: u32,
+    pub(super) gather: Option<verbs::Gather>,
+    pub(super) recording: Option<verbs::ActiveRecording>,
+    pub(super) step_resume: Option<StepResume>,
 }
 
 impl Actor for Call {
@@ -152,6 +189,10 @@ impl Actor for Call {
             timeline: Vec::new(),
             recorded: false,
             hangup_waiters: Vec::new(),
+            prompt_loops: 1,
+            gather: None,
+            recording: None,
+            step_resume: None,
         })
     }
 
@@ -200,6 +241,17 @@ impl Actor for Call {
                     state.action_finished("completed");
                     state.index += 1;
                     state.run().await;
+                }
+            }
+            CallMsg::Media(event) => state.on_media(event).await,
+            CallMsg::PromptReady { seq, result } => {
+                if state.waiting == (Waiting::Prompt { seq }) {
+                    verbs::prompt_ready(state, seq, result).await;
+                }
+            }
+            CallMsg::DigitsTimedOut { seq } => {
+                if state.waiting == (Waiting::Digits { seq }) {
+                    verbs::get_digits_timed_out(state).await;
                 }
             }
             CallMsg::HangupRequested { reply } => {
@@ -461,13 +513,24 @@ impl CallState {
                     "callback.succeeded",
                     json!({"url": url, "status_code": reply.status_code, "latency_ms": reply.latency_ms, "actions": reply.script.actions.len()}),
                 );
-                if !self.actions.is_empty() {
-                    // A redirect's reply: the redirect itself is done.
+                if let Some(resume) = self.step_resume.take()
+                    && reply.script.actions.is_empty()
+                {
+                    // A step's callback with nothing to say: the script goes on (jambonz).
+                    self.actions = resume.actions;
+                    self.index = resume.index;
+                    self.document_url = resume.document_url;
                     self.action_finished("completed");
+                    self.index += 1;
+                } else {
+                    if !self.actions.is_empty() {
+                        // The step (or redirect) that asked is done; its reply replaces the rest.
+                        self.action_finished("completed");
+                    }
+                    self.actions = reply.script.actions;
+                    self.index = 0;
+                    self.document_url = url;
                 }
-                self.actions = reply.script.actions;
-                self.index = 0;
-                self.document_url = url;
                 self.run().await;
             }
             Err(failure) => {
@@ -523,7 +586,7 @@ impl CallState {
         self.note("action.started", json!({"index": index, "verb": verb}));
     }
 
-    fn action_finished(&mut self, outcome: &str) {
+    pub(super) fn action_finished(&mut self, outcome: &str) {
         let index = self.index;
         let verb = self.actions.get(index).map(|a| a.verb()).unwrap_or("");
         self.note(
@@ -537,7 +600,16 @@ impl CallState {
         let Some(offer) = self.offer.as_ref() else {
             return Err("sdp.no_offer");
         };
-        let port = self.deps.media.open().await.map_err(|_| "media.no_port")?;
+        let me = self.myself.clone();
+        let events: crate::media::MediaEvents = std::sync::Arc::new(move |e: MediaEvent| {
+            let _ = me.cast(CallMsg::Media(e));
+        });
+        let port = self
+            .deps
+            .media
+            .open(events)
+            .await
+            .map_err(|_| "media.no_port")?;
         let session_id =
             u64::from_str_radix(&self.local_tag[..self.local_tag.len().min(12)], 16).unwrap_or(1);
         let answer = sdp::answer(offer, self.deps.media_ip, port.local.port(), session_id)
@@ -567,14 +639,16 @@ impl CallState {
         let response = with_body(response, "application/sdp", answer.sdp.clone().into_bytes());
         let dialog = Dialog::uas(&self.invite.request, &self.local_tag, contact_uri)
             .map_err(|_| "sip.bad_dialog")?;
-        let codec = match answer.codec {
-            sdp::Codec::Pcma => AudioCodec::Pcma,
-            _ => AudioCodec::Pcmu,
-        };
         if let Some(remote) = answer.remote_rtp {
-            self.deps
-                .media
-                .start_stream(port.id, remote, codec, answer.payload_type);
+            self.deps.media.start_stream(
+                port.id,
+                StreamParams {
+                    remote,
+                    codec: answer.codec,
+                    payload_type: answer.payload_type,
+                    telephone_event: answer.telephone_event,
+                },
+            );
         }
         self.endpoint
             .cast(SipMsg::Respond {
@@ -592,6 +666,35 @@ impl CallState {
         self.phase = Phase::AwaitingAck;
         self.snapshot();
         Ok(())
+    }
+
+    async fn on_media(&mut self, event: MediaEvent) {
+        match event {
+            MediaEvent::PlaybackFinished {
+                play_id,
+                interrupted,
+            } => {
+                if self.waiting == (Waiting::Playback { play_id }) {
+                    self.waiting = Waiting::Nothing;
+                    verbs::playback_finished(self, interrupted).await;
+                }
+            }
+            MediaEvent::Digit { key } => self.on_digit(key, "rfc4733").await,
+            MediaEvent::RecordingFinished(outcome) => {
+                if self.waiting == Waiting::Recording {
+                    self.waiting = Waiting::Nothing;
+                    verbs::recording_finished(self, outcome).await;
+                }
+            }
+        }
+    }
+
+    async fn on_digit(&mut self, key: char, source: &str) {
+        self.note(
+            "dtmf.received",
+            json!({"key": key.to_string(), "source": source}),
+        );
+        verbs::digit(self, key, source).await;
     }
 
     async fn on_ack(&mut self) {
@@ -631,6 +734,23 @@ impl CallState {
     async fn on_in_dialog(&mut self, key: TxKey, request: rsip::Request) {
         let method = request.method.to_string();
         self.note("sip.received", json!({"method": method}));
+        let info_digit = (request.method == rsip::Method::Info)
+            .then(|| {
+                let content_type = request
+                    .headers
+                    .iter()
+                    .find_map(|h| match h {
+                        rsip::Header::ContentType(c) => Some(c.to_string()),
+                        _ => None,
+                    })
+                    .unwrap_or_default();
+                let content_type = content_type
+                    .split_once(':')
+                    .map(|(_, v)| v.trim().to_owned())
+                    .unwrap_or(content_type);
+                sautikit_sip::dtmf::parse_info(&content_type, &request.body)
+            })
+            .flatten();
         let (code, body) = match request.method {
             rsip::Method::Bye if self.phase != Phase::Ringing => (200, None),
             rsip::Method::Bye => (481, None),
@@ -646,6 +766,9 @@ impl CallState {
         }
         let _ = self.endpoint.cast(SipMsg::Respond { key, response });
         self.note("sip.sent", json!({"status": code, "method": method}));
+        if let Some(digit) = info_digit {
+            self.on_digit(digit, "sip_info").await;
+        }
         if request.method == rsip::Method::Bye && code == 200 {
             let status = CallStatus::Completed;
             self.finish(status, Some("caller_hangup"), None).await;
@@ -722,6 +845,7 @@ impl CallState {
             return;
         }
         self.phase = Phase::Ended;
+        verbs::recording_interrupted(self).await;
         if let Some(port) = self.rtp.take() {
             self.deps.media.close(port.id);
         }

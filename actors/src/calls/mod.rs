@@ -11,6 +11,7 @@ mod verbs;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,11 +24,13 @@ use tracing::{error, info, warn};
 
 pub use call::{Call, CallArgs, CallMsg, IncomingInvite};
 
+use crate::audio::AudioFetcher;
 use crate::call_store::{CallEnded, CallStatus, CallStore, TimelineEntry};
 use crate::callback::CallbackClient;
 use crate::clock::Clock;
 use crate::media::Media;
 use crate::sip_endpoint::SipMsg;
+use crate::synth::Synthesizer;
 
 /// How often this engine records that it is alive.
 const HEARTBEAT: Duration = Duration::from_secs(5);
@@ -46,6 +49,14 @@ pub struct CallDeps {
     /// Registered names of the Numbers and Calls actors (stable across restarts by Root).
     pub numbers: String,
     pub calls: String,
+    /// Speech for `say`.
+    pub synth: Arc<dyn Synthesizer>,
+    /// Audio files for `play`.
+    pub audio: Arc<dyn AudioFetcher>,
+    /// Recordings are written under it (`recordings/<call>/<id>.wav`).
+    pub data_dir: PathBuf,
+    /// The API's public base URL, for `RecordingUrl`.
+    pub public_url: String,
 }
 
 /// What a call has on the wire, kept by Calls to end it cleanly should its actor fail.

@@ -1,14 +1,27 @@
 //! Executing VoiceAction verbs on a live call, one verb per file. Parsing and validation are in
 //! `crate::voice`; here each verb acts on the call's SIP dialog and media.
 
+mod get_digits;
 mod hangup;
 mod pause;
+mod play;
+mod prompt;
+mod record;
 mod redirect;
 mod reject;
+mod say;
 mod unsupported;
 
-use super::call::CallState;
-use crate::voice::Action;
+pub(super) use get_digits::Gather;
+pub(super) use record::ActiveRecording;
+
+use serde_json::json;
+
+use super::call::{CallState, StepResume, Waiting};
+use crate::callback::CallbackMethod;
+use crate::media::RecordingOutcome;
+use crate::synth::Audio;
+use crate::voice::{Action, resolve_url};
 
 /// What the script does after an action.
 pub(super) enum Step {
@@ -27,18 +40,106 @@ pub(super) async fn execute(call: &mut CallState, action: &Action) -> Step {
         Action::Hangup => hangup::run(call).await,
         Action::Reject(r) => reject::run(call, r).await,
         Action::Redirect(r) => redirect::run(call, r).await,
-        Action::Say(_)
-        | Action::Play(_)
-        | Action::GetDigits(_)
-        | Action::Record(_)
-        | Action::Dial(_) => unsupported::run(call, action.verb()).await,
+        Action::Say(s) => say::run(call, s).await,
+        Action::Play(p) => play::run(call, p).await,
+        Action::GetDigits(g) => get_digits::run(call, g).await,
+        Action::Record(r) => record::run(call, r).await,
+        Action::Dial(_) => unsupported::run(call, action.verb()).await,
     }
+}
+
+/// A prompt's audio is ready: play it; or end the call with why it is not.
+pub(super) async fn prompt_ready(
+    call: &mut CallState,
+    _seq: u64,
+    result: Result<Audio, (&'static str, String)>,
+) {
+    match result {
+        Ok(audio) => {
+            let loops = call.prompt_loops;
+            prompt::play(call, audio, loops);
+        }
+        Err((reason, message)) => {
+            call.note(
+                "action.failed",
+                json!({"reason": reason, "message": message}),
+            );
+            call.fail(reason).await;
+        }
+    }
+}
+
+/// What was playing has finished: the owner (a nested prompt, the record beep, a `say` or
+/// `play` action) goes on.
+pub(super) async fn playback_finished(call: &mut CallState, interrupted: bool) {
+    if call.gather.is_some() {
+        get_digits::prompt_finished(call).await;
+    } else if call.recording.is_some() {
+        record::start(call);
+    } else if !interrupted {
+        call.action_finished("completed");
+        call.index += 1;
+        call.run().await;
+    }
+}
+
+pub(super) async fn get_digits_timed_out(call: &mut CallState) {
+    get_digits::timed_out(call).await;
+}
+
+/// A key: input for `getDigits`, or a finish key for `record` (from SIP INFO).
+pub(super) async fn digit(call: &mut CallState, key: char, _source: &str) {
+    if call.gather.is_some() {
+        get_digits::digit(call, key).await;
+    } else if record::is_recording(call) {
+        record::digit(call, key);
+    }
+}
+
+pub(super) async fn recording_finished(call: &mut CallState, outcome: RecordingOutcome) {
+    record::finished(call, outcome).await;
+}
+
+/// The call ends while a recording runs: keep what was recorded.
+pub(super) async fn recording_interrupted(call: &mut CallState) {
+    record::interrupted(call).await;
+}
+
+/// Post a step's result (`Digits`, `Recording…`) to `action` (relative to the script's URL) or
+/// the voice callback; a non-empty reply replaces the rest of the script, an empty one goes on.
+pub(super) async fn post_step(
+    call: &mut CallState,
+    action: Option<&str>,
+    fields: Vec<(String, String)>,
+) {
+    let url = match action {
+        Some(a) => resolve_url(&call.document_url, a).map_err(|e| e.to_string()),
+        None => call
+            .route
+            .as_ref()
+            .and_then(|r| r.voice_callback_url.clone())
+            .ok_or_else(|| "the number has no voice callback".to_owned()),
+    };
+    let url = match url {
+        Ok(u) => u,
+        Err(e) => {
+            call.note("action.failed", json!({"error": e}));
+            call.fail("callback.invalid_actions").await;
+            return;
+        }
+    };
+    call.step_resume = Some(StepResume {
+        actions: call.actions.clone(),
+        index: call.index,
+        document_url: call.document_url.clone(),
+    });
+    call.fetch(url, CallbackMethod::Post, fields);
 }
 
 /// Actions that need media answer first; the script resumes with the same action on ACK.
 /// `None`: answered, go ahead.
 async fn ensure_answered(call: &mut CallState) -> Option<Step> {
-    use super::call::{Phase, Waiting};
+    use super::call::Phase;
     match call.phase {
         Phase::Answered => None,
         Phase::AwaitingAck => {

@@ -1,5 +1,5 @@
-//! Verbs whose media arrives with the media issue (`say`, `play`, `getDigits`, `record`) and
-//! `dial`: the call fails with `action.not_supported`, and the timeline names the verb.
+//! `dial`, until outbound calls exist: the call fails with `action.not_supported`, and the
+//! timeline names the verb.
 
 use serde_json::json;
 

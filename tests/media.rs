@@ -1,0 +1,644 @@
+//! Media on real calls: the guide's FastAPI handler speaks through espeak-ng and the caller hears
+//! it; prompts are paced; keys arrive by RFC 4733 (sip-tester's own captures) and SIP INFO; the
+//! caller's audio is recorded and served; bad media input fails clearly. Every test runs on SQLite
+//! and PostgreSQL.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::Backend;
+use common::calls::{NUMBER, free_port, scenario, setup, sipp, wait_for_calls};
+use sautikit_sip::rtp::{RtpHeader, g711};
+use serde_json::{Value, json};
+
+const SIP_TESTER: &str = "/usr/share/sip-tester";
+
+/// Copy sip-tester's captures next to a scenario (sipp reads them from its working directory).
+fn copy_pcaps(dir: &Path) {
+    for entry in std::fs::read_dir(SIP_TESTER).expect("sip-tester's captures (scripts/test.sh)") {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+    }
+}
+
+/// One RTP packet as the caller received it.
+struct Received {
+    at: Instant,
+    header: RtpHeader,
+    payload: Vec<u8>,
+}
+
+/// A caller in this process: INVITE with a PCMU offer, ACK, then it listens on its RTP port
+/// (on a thread of its own, so arrival times are not skewed by the test's runtime) until the
+/// engine's BYE, which it answers.
+struct Caller {
+    sip: std::net::UdpSocket,
+    rtp: std::net::UdpSocket,
+    server: SocketAddr,
+    call_id: String,
+}
+
+fn header_value<'a>(msg: &'a str, name: &str) -> Option<&'a str> {
+    msg.lines().find_map(|l| {
+        let (n, v) = l.split_once(':')?;
+        n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+impl Caller {
+    fn new(server: SocketAddr) -> Caller {
+        let sip = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let rtp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        sip.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        Caller {
+            sip,
+            rtp,
+            server,
+            call_id: format!("{}@media-test", uuid::Uuid::now_v7().simple()),
+        }
+    }
+
+    fn headers(&self, method: &str, cseq: u32, branch: &str, to_tag: &str) -> String {
+        let me = self.sip.local_addr().unwrap();
+        format!(
+            "Via: SIP/2.0/UDP {me};branch={branch}\r\nFrom: <sip:254711000002@{me}>;tag=caller\r\n\
+             To: <sip:{NUMBER}@{s}>{to_tag}\r\nCall-ID: {c}\r\nCSeq: {cseq} {method}\r\n\
+             Contact: <sip:caller@{me}>\r\nMax-Forwards: 70\r\n",
+            s = self.server,
+            c = self.call_id,
+        )
+    }
+
+    fn recv_sip(&self) -> String {
+        let mut buf = vec![0u8; 65535];
+        let (n, _) = self
+            .sip
+            .recv_from(&mut buf)
+            .expect("a SIP message within 30 s");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+
+    /// Place the call and take everything the engine sends until its BYE.
+    fn call(self) -> Vec<Received> {
+        let rtp_addr = self.rtp.local_addr().unwrap();
+        let sdp = format!(
+            "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n\
+             m=audio {} RTP/AVP 0 101\r\na=rtpmap:0 PCMU/8000\r\n\
+             a=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-15\r\n",
+            rtp_addr.port()
+        );
+        let invite = format!(
+            "INVITE sip:{NUMBER}@{} SIP/2.0\r\n{}Content-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{sdp}",
+            self.server,
+            self.headers("INVITE", 1, "z9hG4bKmediainv", ""),
+            sdp.len()
+        );
+        self.sip.send_to(invite.as_bytes(), self.server).unwrap();
+        let ok = loop {
+            let m = self.recv_sip();
+            let first = m.lines().next().unwrap_or("").to_owned();
+            if first.starts_with("SIP/2.0 200") {
+                break m;
+            }
+            assert!(
+                first.starts_with("SIP/2.0 1"),
+                "unexpected answer to INVITE: {first}"
+            );
+        };
+        let to_tag = header_value(&ok, "To")
+            .and_then(|t| t.split(";tag=").nth(1))
+            .map(|t| format!(";tag={t}"))
+            .unwrap_or_default();
+        let ack = format!(
+            "ACK sip:{NUMBER}@{} SIP/2.0\r\n{}Content-Length: 0\r\n\r\n",
+            self.server,
+            self.headers("ACK", 1, "z9hG4bKmediaack", &to_tag)
+        );
+        self.sip.send_to(ack.as_bytes(), self.server).unwrap();
+
+        // RTP on its own thread until the BYE.
+        let rtp = self.rtp.try_clone().unwrap();
+        rtp.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop_rx = stop.clone();
+        let listener = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 2048];
+            while !stop_rx.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok((n, _)) = rtp.recv_from(&mut buf) {
+                    let at = Instant::now();
+                    if let Ok((header, payload)) = RtpHeader::parse(&buf[..n]) {
+                        got.push(Received {
+                            at,
+                            header,
+                            payload: payload.to_vec(),
+                        });
+                    }
+                }
+            }
+            got
+        });
+        loop {
+            let m = self.recv_sip();
+            if m.starts_with("BYE ") {
+                let mut resp = String::from("SIP/2.0 200 OK\r\n");
+                for name in ["Via", "From", "To", "Call-ID", "CSeq"] {
+                    if let Some(v) = header_value(&m, name) {
+                        resp.push_str(&format!("{name}: {v}\r\n"));
+                    }
+                }
+                resp.push_str("Content-Length: 0\r\n\r\n");
+                self.sip.send_to(resp.as_bytes(), self.server).unwrap();
+                break;
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        listener.join().unwrap()
+    }
+}
+
+/// The caller's audio in sequence order, decoded from µ-law.
+fn decode(packets: &[Received]) -> Vec<i16> {
+    let mut sorted: Vec<&Received> = packets.iter().collect();
+    sorted.sort_by_key(|p| p.header.sequence_number_unwrapped());
+    let mut out = Vec::new();
+    for p in sorted {
+        if p.header.payload_type == 0 {
+            out.extend(p.payload.iter().map(|&b| g711::ulaw::decode(b)));
+        }
+    }
+    out
+}
+
+trait SeqExt {
+    fn sequence_number_unwrapped(&self) -> u32;
+}
+
+impl SeqExt for RtpHeader {
+    // Calls here are far shorter than a 16-bit wrap (21 minutes).
+    fn sequence_number_unwrapped(&self) -> u32 {
+        u32::from(self.sequence)
+    }
+}
+
+/// espeak-ng's own rendering, brought to 8 kHz with a windowed-sinc low-pass written here (not
+/// the engine's resampler), as i16.
+fn espeak_reference(text: &str, voice: &str, dir: &Path) -> Vec<i16> {
+    let wav = dir.join("reference.wav");
+    let status = std::process::Command::new("espeak-ng")
+        .args(["-v", voice, "-w"])
+        .arg(&wav)
+        .arg(text)
+        .status()
+        .expect("espeak-ng (scripts/test.sh installs it)");
+    assert!(status.success());
+    let bytes = std::fs::read(&wav).unwrap();
+    let (rate, channels, samples) = sautikit_sip::wav::parse_wav(&bytes).expect("espeak WAV");
+    assert_eq!(channels, 1);
+    downsample(&samples, rate, 8000)
+}
+
+fn downsample(input: &[i16], from: u32, to: u32) -> Vec<i16> {
+    let ratio = f64::from(from) / f64::from(to);
+    let cutoff = 0.9 * 0.5 / ratio; // cycles per input sample, below the new Nyquist
+    let half = 64i64;
+    let n_out = (input.len() as f64 / ratio) as usize;
+    (0..n_out)
+        .map(|i| {
+            let centre = i as f64 * ratio;
+            let c = centre.floor() as i64;
+            let mut acc = 0.0;
+            for k in (c - half)..=(c + half) {
+                if k < 0 || k as usize >= input.len() {
+                    continue;
+                }
+                let x = k as f64 - centre;
+                let sinc = if x.abs() < 1e-9 {
+                    2.0 * cutoff
+                } else {
+                    (2.0 * std::f64::consts::PI * cutoff * x).sin() / (std::f64::consts::PI * x)
+                };
+                let w = 0.5 + 0.5 * (std::f64::consts::PI * x / (half as f64 + 1.0)).cos();
+                acc += f64::from(input[k as usize]) * sinc * w;
+            }
+            acc.clamp(-32768.0, 32767.0) as i16
+        })
+        .collect()
+}
+
+/// First and last sample louder than a quiet floor: the spoken span.
+fn voiced_span(s: &[i16]) -> Option<(usize, usize)> {
+    let loud = |x: &i16| x.unsigned_abs() > 600;
+    Some((s.iter().position(loud)?, s.iter().rposition(loud)?))
+}
+
+/// The best normalised cross-correlation of `a` against `b`, spoken spans aligned, within
+/// ±`search` samples.
+fn correlation(a: &[i16], b: &[i16], search: i64) -> f64 {
+    let (Some((a0, a1)), Some((b0, _))) = (voiced_span(a), voiced_span(b)) else {
+        return 0.0;
+    };
+    let a = &a[a0..=a1];
+    let mut best = 0.0f64;
+    for lag in -search..=search {
+        let start = b0 as i64 + lag;
+        if start < 0 {
+            continue;
+        }
+        let (mut ab, mut aa, mut bb) = (0.0f64, 0.0f64, 0.0f64);
+        for (i, &x) in a.iter().enumerate() {
+            let j = start as usize + i;
+            let y = b.get(j).copied().unwrap_or(0);
+            ab += f64::from(x) * f64::from(y);
+            aa += f64::from(x) * f64::from(x);
+            bb += f64::from(y) * f64::from(y);
+        }
+        if aa > 0.0 && bb > 0.0 {
+            best = best.max(ab / (aa.sqrt() * bb.sqrt()));
+        }
+    }
+    best
+}
+
+/// Spacing of consecutive packets' arrivals, in ms, sorted.
+fn spacings(packets: &[Received]) -> Vec<f64> {
+    let mut d: Vec<f64> = packets
+        .windows(2)
+        .map(|w| (w[1].at - w[0].at).as_secs_f64() * 1000.0)
+        .collect();
+    d.sort_by(f64::total_cmp);
+    d
+}
+
+fn deviation_p99(spacing: &[f64]) -> f64 {
+    let mut dev: Vec<f64> = spacing.iter().map(|s| (s - 20.0).abs()).collect();
+    dev.sort_by(f64::total_cmp);
+    dev[((dev.len() - 1) as f64 * 0.99) as usize]
+}
+
+/// Start the guide's FastAPI handler under uvicorn (tests/python; scripts/test.sh makes the venv).
+fn uvicorn(port: u16) -> std::process::Child {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python");
+    std::process::Command::new(root.join(".venv/bin/uvicorn"))
+        .current_dir(&root)
+        .args(["guide_voice:app", "--host", "127.0.0.1", "--port"])
+        .arg(port.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("uvicorn in tests/python/.venv (scripts/test.sh installs it)")
+}
+
+async fn wait_for_http(url: &str) {
+    let client = reqwest::Client::new();
+    for _ in 0..300 {
+        if client.post(url).send().await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{url} did not come up");
+}
+
+struct KillOnDrop(std::process::Child);
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The guide's FastAPI handler as the voice callback: the caller hears espeak-ng say the text,
+/// then the engine hangs up and `call.completed` reaches the events receiver.
+async fn guide_fastapi_handler_speaks(backend: Backend) {
+    let ctx = setup(backend, "/unused").await;
+    let port = free_port();
+    let _uvicorn = KillOnDrop(uvicorn(port));
+    let voice_url = format!("http://127.0.0.1:{port}/voice");
+    wait_for_http(&voice_url).await;
+    ctx.api
+        .patch(
+            &format!("/v1/numbers/{}/routing", ctx.number_id),
+            json!({"voice_callback_url": voice_url}),
+        )
+        .await;
+    let sip = ctx.server.sip_addr();
+    let packets = tokio::task::spawn_blocking(move || Caller::new(sip).call())
+        .await
+        .unwrap();
+    assert!(packets.len() > 50, "{} RTP packets", packets.len());
+    // Sequence numbers step by one, timestamps by 160, one SSRC.
+    for w in packets.windows(2) {
+        assert_eq!(w[1].header.ssrc, w[0].header.ssrc);
+        assert_eq!(w[1].header.sequence, w[0].header.sequence.wrapping_add(1));
+        assert_eq!(
+            w[1].header.timestamp,
+            w[0].header.timestamp.wrapping_add(160)
+        );
+    }
+    let heard = decode(&packets);
+    let dir = tempfile::tempdir().unwrap();
+    let reference = espeak_reference("Hello, thank you for calling.", "en-us+f2", dir.path());
+    let corr = correlation(&reference, &heard, 400);
+    let (h0, h1) = voiced_span(&heard).expect("the caller heard speech");
+    let (r0, r1) = voiced_span(&reference).unwrap();
+    let heard_ms = (h1 - h0) as f64 / 8.0;
+    let reference_ms = (r1 - r0) as f64 / 8.0;
+    println!(
+        "correlation {corr:.3}; spoken {heard_ms:.0} ms heard vs {reference_ms:.0} ms from espeak-ng"
+    );
+    assert!(corr >= 0.9, "correlation {corr}");
+    assert!((heard_ms - reference_ms).abs() <= 100.0);
+    let calls = wait_for_calls(&ctx.api, 1, |c| c["status"] == "completed").await;
+    assert_eq!(calls[0]["hangup_cause"], "engine_hangup");
+    ctx.events
+        .wait_until(Duration::from_secs(30), |h| {
+            h.iter().any(|h| h.event_kind == "call.completed")
+        })
+        .await;
+}
+on_both_backends!(guide_fastapi_handler_speaks);
+
+/// A 10 s prompt arrives paced: packet spacing p99 within 5 ms of 20 ms at the receiver.
+async fn prompts_are_paced(backend: Backend) {
+    let ctx = setup(backend, "/long-say").await;
+    let text = "This is a long prompt that keeps the caller listening for about ten seconds, \
+                so that the pacing of the packets can be measured properly by the receiver, \
+                one frame every twenty milliseconds, from start to end.";
+    ctx.voice.set_script(
+        "/long-say",
+        json!({"actions": [{"say": {"text": text}}, {"hangup": {}}]}),
+    );
+    let sip = ctx.server.sip_addr();
+    let packets = tokio::task::spawn_blocking(move || Caller::new(sip).call())
+        .await
+        .unwrap();
+    let duration = packets.last().unwrap().at - packets[0].at;
+    assert!(duration >= Duration::from_secs(8), "{duration:?}");
+    let spacing = spacings(&packets);
+    let p99 = deviation_p99(&spacing);
+    println!(
+        "{} packets over {duration:?}; spacing p50 {:.2} ms, |Δ−20 ms| p99 {p99:.2} ms",
+        packets.len(),
+        spacing[spacing.len() / 2]
+    );
+    assert!(p99 <= 5.0, "spacing deviation p99 {p99} ms");
+}
+on_both_backends!(prompts_are_paced);
+
+async fn run_sipp(ctx: &common::calls::Ctx, file: &str, dir: &Path) {
+    let (ok, out) = sipp(
+        dir,
+        ctx.server.sip_addr(),
+        &["-sf", file, "-s", NUMBER, "-m", "1"],
+    )
+    .await;
+    assert!(ok, "sipp {file} failed:\n{out}");
+}
+
+/// Keys from sip-tester's RFC 4733 captures, pressed during a long nested prompt (barge-in), and
+/// from SIP INFO, arrive in `Digits`.
+async fn get_digits_from_rfc4733_and_info(backend: Backend) {
+    let ctx = setup(backend, "/gather").await;
+    ctx.voice.set_script(
+        "/gather",
+        json!({"actions": [
+            {"getDigits": {"numDigits": 3, "timeout": 5, "action": "/digits",
+                "nested": [{"say": {"text": "Please enter your three digit code, followed by nothing at all, because we count them for you."}}]}},
+            {"say": {"text": "We did not get your code."}}
+        ]}),
+    );
+    ctx.voice
+        .set_script("/digits", json!({"actions": [{"hangup": {}}]}));
+    let dir = tempfile::tempdir().unwrap();
+    copy_pcaps(dir.path());
+    let file = scenario(dir.path(), "dtmf_pcap.xml", None);
+    run_sipp(&ctx, &file, dir.path()).await;
+    let file = scenario(dir.path(), "dtmf_info.xml", None);
+    run_sipp(&ctx, &file, dir.path()).await;
+    let digits: Vec<String> = ctx
+        .voice
+        .hits()
+        .iter()
+        .filter(|h| h.path == "/digits")
+        .map(|h| h.fields.get("Digits").cloned().unwrap_or_default())
+        .collect();
+    assert_eq!(digits, ["123", "456"]);
+    let calls = wait_for_calls(&ctx.api, 2, |c| c["status"] == "completed").await;
+    let id = calls[0]["id"].as_str().unwrap();
+    let events = common::calls::timeline(&ctx.api, id).await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e["kind"] == "dtmf.received" && e["detail"]["source"] == "sip_info"),
+        "{events:?}"
+    );
+}
+on_both_backends!(get_digits_from_rfc4733_and_info);
+
+/// A-law audio from sip-tester's g711a.pcap, as the engine should have recorded it.
+fn pcap_alaw(path: &Path) -> Vec<i16> {
+    let f = std::fs::read(path).unwrap();
+    let mut off = 24;
+    let mut out = Vec::new();
+    while off + 16 <= f.len() {
+        let incl = u32::from_le_bytes(f[off + 8..off + 12].try_into().unwrap()) as usize;
+        off += 16;
+        let pkt = &f[off..off + incl];
+        off += incl;
+        let ip = &pkt[14..];
+        let ihl = usize::from(ip[0] & 15) * 4;
+        let rtp = &ip[ihl + 8..];
+        if let Ok((h, payload)) = RtpHeader::parse(rtp)
+            && h.payload_type == 8
+        {
+            out.extend(payload.iter().map(|&b| g711::alaw::decode(b)));
+        }
+    }
+    out
+}
+
+async fn recording_wav(ctx: &common::calls::Ctx, call_id: &str) -> Vec<i16> {
+    let resp = ctx
+        .api
+        .request(
+            reqwest::Method::GET,
+            &format!("/v1/calls/{call_id}/recording"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
+        Some("audio/wav")
+    );
+    let raw = resp.bytes().await.unwrap();
+    let (rate, channels, samples) = sautikit_sip::wav::parse_wav(&raw).expect("a WAV");
+    assert_eq!((rate, channels), (8000, 1));
+    samples
+}
+
+/// `record` fed with g711a.pcap: the WAV we serve matches what was sent; the silence `timeout`,
+/// `maxLength` and `finishOnKey` each end it as specified; `call.recording.ready` and the
+/// `Recording*` fields are posted.
+async fn record_matches_what_was_said(backend: Backend) {
+    let ctx = setup(backend, "/record").await;
+    let dir = tempfile::tempdir().unwrap();
+    copy_pcaps(dir.path());
+    ctx.voice
+        .set_script("/recorded", json!({"actions": [{"hangup": {}}]}));
+    let sent = pcap_alaw(&dir.path().join("g711a.pcap"));
+
+    // 1. Ends on 2 s of silence after the 7 s capture.
+    ctx.voice.set_script(
+        "/record",
+        json!({"actions": [{"record": {"maxLength": 30, "timeout": 2, "playBeep": false, "action": "/recorded"}}]}),
+    );
+    let file = scenario(dir.path(), "record_pcap.xml", None);
+    run_sipp(&ctx, &file, dir.path()).await;
+    let calls = wait_for_calls(&ctx.api, 1, |c| c["status"] == "completed").await;
+    let id = calls[0]["id"].as_str().unwrap().to_owned();
+    let recorded = recording_wav(&ctx, &id).await;
+    let corr = correlation(&sent, &recorded, 800);
+    let secs = recorded.len() as f64 / 8000.0;
+    println!("silence-ended recording: {secs:.2} s, correlation {corr:.3}");
+    assert!(corr >= 0.9, "correlation {corr}");
+    assert!((8.5..=11.0).contains(&secs), "{secs} s");
+    let hit = ctx
+        .voice
+        .hits()
+        .into_iter()
+        .find(|h| h.path == "/recorded")
+        .expect("the recording was posted");
+    assert!(hit.fields["RecordingUrl"].contains(&format!("/v1/calls/{id}/recording")));
+    assert!(!hit.fields["RecordingId"].is_empty());
+    let posted: u64 = hit.fields["RecordingDuration"].parse().unwrap();
+    assert!((9..=11).contains(&posted), "{posted}");
+    let hits = ctx
+        .events
+        .wait_until(Duration::from_secs(30), |h| {
+            h.iter().any(|h| h.event_kind == "call.recording.ready")
+        })
+        .await;
+    let ready = hits
+        .iter()
+        .find(|h| h.event_kind == "call.recording.ready")
+        .unwrap()
+        .json();
+    assert_eq!(ready["payload"]["call_id"], id.as_str());
+    assert_eq!(
+        ready["payload"]["recording_id"],
+        hit.fields["RecordingId"].as_str()
+    );
+
+    // 2. maxLength 2 s cuts it.
+    ctx.voice.set_script(
+        "/record",
+        json!({"actions": [{"record": {"maxLength": 2, "timeout": 0, "playBeep": true, "action": "/recorded"}}]}),
+    );
+    run_sipp(&ctx, &file, dir.path()).await;
+    let calls = wait_for_calls(&ctx.api, 2, |c| c["status"] == "completed").await;
+    let recorded = recording_wav(&ctx, calls[0]["id"].as_str().unwrap()).await;
+    let secs = recorded.len() as f64 / 8000.0;
+    println!("maxLength recording: {secs:.2} s");
+    assert!((secs - 2.0).abs() <= 0.05, "{secs} s");
+
+    // 3. # ends it; the key is posted as Digits.
+    ctx.voice.set_script(
+        "/record",
+        json!({"actions": [{"record": {"maxLength": 60, "timeout": 0, "finishOnKey": "#", "playBeep": false, "action": "/recorded"}}]}),
+    );
+    let file = scenario(dir.path(), "record_pcap_pound.xml", None);
+    run_sipp(&ctx, &file, dir.path()).await;
+    let calls = wait_for_calls(&ctx.api, 3, |c| c["status"] == "completed").await;
+    let recorded = recording_wav(&ctx, calls[0]["id"].as_str().unwrap()).await;
+    let secs = recorded.len() as f64 / 8000.0;
+    println!("finishOnKey recording: {secs:.2} s");
+    assert!((7.0..=8.5).contains(&secs), "{secs} s");
+    let last = ctx
+        .voice
+        .hits()
+        .into_iter()
+        .rev()
+        .find(|h| h.path == "/recorded")
+        .unwrap();
+    assert_eq!(last.fields["Digits"], "#");
+}
+on_both_backends!(record_matches_what_was_said);
+
+/// Bad media input: a clear `failure_reason` or validation error, never a hang.
+async fn bad_media_input(backend: Backend) {
+    let ctx = setup(backend, "/bad").await;
+    let dir = tempfile::tempdir().unwrap();
+    ctx.voice
+        .set_file("/audio/missing.wav", 404, "text/plain", b"gone".to_vec());
+    ctx.voice.set_file(
+        "/audio/huge.wav",
+        200,
+        "audio/wav",
+        vec![0u8; 17 * 1024 * 1024],
+    );
+    ctx.voice.set_file(
+        "/audio/page.wav",
+        200,
+        "text/html",
+        b"<html><body>Not audio</body></html>".to_vec(),
+    );
+    let cases: [(Value, &str, u16); 5] = [
+        (
+            json!({"actions": [{"play": {"url": "/audio/missing.wav"}}]}),
+            "play.http_status",
+            200,
+        ),
+        (
+            json!({"actions": [{"play": {"url": "/audio/huge.wav"}}]}),
+            "play.too_large",
+            200,
+        ),
+        (
+            json!({"actions": [{"play": {"url": "/audio/page.wav"}}]}),
+            "play.not_audio",
+            200,
+        ),
+        (
+            json!({"actions": [{"say": {"text": "   "}}]}),
+            "callback.invalid_actions",
+            500,
+        ),
+        (
+            json!({"actions": [{"getDigits": {"numDigits": -1}}]}),
+            "callback.invalid_actions",
+            500,
+        ),
+    ];
+    for (i, (script, reason, sip_status)) in cases.into_iter().enumerate() {
+        ctx.voice.set_script("/bad", script.clone());
+        let file = if sip_status == 200 {
+            scenario(dir.path(), "answer_wait_bye.xml", None)
+        } else {
+            scenario(dir.path(), "refused.xml", Some(sip_status))
+        };
+        run_sipp(&ctx, &file, dir.path()).await;
+        let calls = wait_for_calls(&ctx.api, i + 1, |c| c["status"] == "failed").await;
+        assert_eq!(calls[0]["failure_reason"], reason, "{script}");
+        if reason == "callback.invalid_actions" {
+            let events = common::calls::timeline(&ctx.api, calls[0]["id"].as_str().unwrap()).await;
+            let text = serde_json::to_string(&events).unwrap();
+            let path = if script.to_string().contains("getDigits") {
+                "actions[0].getDigits.numDigits"
+            } else {
+                "actions[0].say.text"
+            };
+            assert!(text.contains(path), "{path} not in {text}");
+        }
+    }
+}
+on_both_backends!(bad_media_input);
