@@ -21,14 +21,17 @@ pub struct VoiceHit {
     pub body: String,
 }
 
+/// (status, content type, body)
+type ServedFile = (u16, String, Vec<u8>);
+
 #[derive(Clone, Default)]
 pub struct VoiceServer {
     pub base: String,
     hits: Arc<Mutex<Vec<VoiceHit>>>,
     /// Scripts set by the test, by path; they take precedence over the built-in ones.
     scripts: Arc<Mutex<HashMap<String, Value>>>,
-    /// Files served on GET, by path: (status, content type, body).
-    files: Arc<Mutex<HashMap<String, (u16, String, Vec<u8>)>>>,
+    /// Files served on GET, by path.
+    files: Arc<Mutex<HashMap<String, ServedFile>>>,
 }
 
 /// What each path answers:
