@@ -221,7 +221,7 @@ pub fn thread_cpu(pid: u32) -> Vec<(String, Duration)> {
             Duration::from_millis((ticks(11) + ticks(12)) * 10),
         ));
     }
-    out.sort_by(|a, b| b.1.cmp(&a.1));
+    out.sort_by_key(|e| std::cmp::Reverse(e.1));
     out
 }
 
