@@ -97,9 +97,10 @@ pub fn free_port() -> u16 {
 pub fn sipp_media_port() -> u16 {
     use std::sync::atomic::{AtomicU16, Ordering};
     static NEXT: AtomicU16 = AtomicU16::new(0);
-    let base = 32_000 + (std::process::id() % 40) as u16 * 500;
+    // Below the ephemeral range (32768+), where clients and servers of the tests bind.
+    let base = 10_000 + (std::process::id() % 40) as u16 * 250;
     loop {
-        let port = base + NEXT.fetch_add(2, Ordering::Relaxed) % 500;
+        let port = base + NEXT.fetch_add(2, Ordering::Relaxed) % 250;
         // Skip ports something else holds now.
         if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
             return port;
