@@ -53,7 +53,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const SCRIPT: &str = r#"{"actions":[{"pause":{"length":30}}]}"#;
+/// The rate test's script: the caller's BYE ends each call well before the pause does.
+const RATE_PAUSE_SECS: u64 = 30;
 const T1: Duration = Duration::from_millis(500);
 const T2: Duration = Duration::from_secs(4);
 
@@ -116,8 +117,11 @@ fn serve_on_own_thread(app: Router) -> SocketAddr {
     rx.recv().expect("address")
 }
 
-/// (voice callback URL, events URL, counters).
-fn start_hooks() -> (String, String, Arc<Hooks>) {
+/// (voice callback URL, events URL, counters). The callback answers
+/// `{"actions":[{"pause":{"length":pause_secs}}]}`.
+fn start_hooks(pause_secs: u64) -> (String, String, Arc<Hooks>) {
+    let script: &'static str =
+        format!(r#"{{"actions":[{{"pause":{{"length":{pause_secs}}}}}]}}"#).leak();
     let hooks = Arc::new(Hooks::default());
     let voice = {
         let hooks = hooks.clone();
@@ -125,7 +129,7 @@ fn start_hooks() -> (String, String, Arc<Hooks>) {
             "/voice",
             post(move || {
                 hooks.voice.fetch_add(1, Ordering::Relaxed);
-                async move { ([("content-type", "application/json")], SCRIPT) }
+                async move { ([("content-type", "application/json")], script) }
             }),
         )
     };
@@ -655,15 +659,26 @@ fn backend_name(b: Backend) -> &'static str {
     }
 }
 
-async fn setup(backend: Backend, n_numbers: usize) -> Ctx {
+async fn setup(backend: Backend, n_numbers: usize, pause_secs: u64) -> Ctx {
     let db = TestDb::new(backend).await;
+    // A port free for both UDP and TCP: with port 0 the engine binds UDP first and then TCP on
+    // the same number, which fails now and then when that TCP port is in use (seen here, with
+    // thousands of HTTP connections to the hooks coming and going).
+    let sip_listen = (0..100)
+        .find_map(|_| {
+            let tcp = std::net::TcpListener::bind("127.0.0.1:0").ok()?;
+            let addr = tcp.local_addr().ok()?;
+            std::net::UdpSocket::bind(addr).ok()?;
+            Some(addr.to_string())
+        })
+        .unwrap_or_else(|| "127.0.0.1:0".into());
     let rtp_ports = std::env::var("BENCH_RTP_PORTS").unwrap_or_else(|_| "20000-29999".into());
     let server = Server::start_with(
         &db,
         Mode::Dev,
         &[
             ("SAUTIKIT_LOG", "warn"),
-            ("SAUTIKIT_SIP_LISTEN", "127.0.0.1:0"),
+            ("SAUTIKIT_SIP_LISTEN", &sip_listen),
             ("SAUTIKIT_RTP_PORTS", &rtp_ports),
         ],
     );
@@ -678,7 +693,7 @@ async fn setup(backend: Backend, n_numbers: usize) -> Ctx {
             .await;
         assert!(r.status.is_success(), "top-up: {} {}", r.status, r.text);
     }
-    let (voice_url, events_url, hooks) = start_hooks();
+    let (voice_url, events_url, hooks) = start_hooks(pause_secs);
     let mut numbers = Vec::new();
     for i in 1..=n_numbers {
         let r = api
@@ -802,22 +817,33 @@ fn hooks_line(h: &Hooks) -> String {
 }
 
 fn server_log_excerpt(server: &Server) -> String {
-    let log = server.log_text();
+    let raw = server.log_text();
+    // Strip ANSI colour codes.
+    let mut log = String::with_capacity(raw.len());
+    let mut in_esc = false;
+    for ch in raw.chars() {
+        match (in_esc, ch) {
+            (false, '\u{1b}') => in_esc = true,
+            (true, 'm') => in_esc = false,
+            (true, _) => {}
+            (false, c) => log.push(c),
+        }
+    }
     let lines: Vec<&str> = log.lines().collect();
     let n = lines.len();
     let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
     for l in &lines {
-        // Group by message text after the level and target.
+        // Group by level, target and the start of the message.
         let key: String = l
             .split_whitespace()
-            .skip(2)
-            .take(6)
+            .skip(1)
+            .take(9)
             .collect::<Vec<_>>()
             .join(" ");
         *kinds.entry(key).or_default() += 1;
     }
     let mut top: Vec<(String, usize)> = kinds.into_iter().collect();
-    top.sort_by(|a, b| b.1.cmp(&a.1));
+    top.sort_by_key(|t| Reverse(t.1));
     let mut out = format!("{n} log lines");
     for (k, c) in top.iter().take(5) {
         out.push_str(&format!("\n      {c} × {k}"));
@@ -849,7 +875,7 @@ async fn rate_run(backend: Backend, s: &RateSettings) -> bool {
         s.hold.as_millis()
     );
     println!("  load before: {}", machine_load());
-    let ctx = setup(backend, s.numbers).await;
+    let ctx = setup(backend, s.numbers, RATE_PAUSE_SECS).await;
     let pid = ctx.server.pid();
     let sip = ctx.server.sip_addr();
     // Media of the rate test goes to one socket that drops it.
@@ -1120,7 +1146,9 @@ async fn hold_run(backend: Backend, s: &HoldSettings) {
     );
     let limit = ensure_nofile(2 * s.calls as u64 + 1024);
     println!("  open-file limit {limit}; load before: {}", machine_load());
-    let ctx = setup(backend, s.numbers).await;
+    // The script's pause outlasts the ramp, the window and the hang-up: the caller ends each call.
+    let pause = (s.seconds + 2.0 * s.calls as f64 / s.ramp) as u64 + 60;
+    let ctx = setup(backend, s.numbers, pause).await;
     let pid = ctx.server.pid();
     let sip = ctx.server.sip_addr();
     let mut uac = Uac::start(sip, s.sockets, s.timeout).await;
