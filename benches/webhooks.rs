@@ -43,6 +43,48 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU seconds (user + system) used by a process or thread, from its `/proc/…/stat`.
+fn cpu_secs(stat_path: &str) -> f64 {
+    let ticks = std::fs::read_to_string(stat_path)
+        .ok()
+        .and_then(|s| {
+            // The fields after the command name (which may hold spaces) start after ")".
+            let rest = s.rsplit_once(')')?.1.to_owned();
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            // utime and stime are fields 14 and 15 of the line: 12 and 13 after ")".
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0);
+    // USER_HZ is 100 on Linux.
+    ticks as f64 / 100.0
+}
+
+/// (busy, total) jiffies of the whole machine, from `/proc/stat`.
+fn machine_jiffies() -> (u64, u64) {
+    let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<u64> = s
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().sum();
+    // idle and iowait
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .next()
+        .unwrap_or("?")
+        .to_owned()
+}
+
 async fn fill_backlog(db: &TestDb, workspace_id: &str, url: &str, n: usize) {
     let store = SqlStore::new(Db::connect(&db.url).await.expect("connect"));
     store
@@ -96,7 +138,14 @@ async fn run(backend: Backend, backlog: usize) {
     // (Bound with tokio's listener: its accept backlog is 1024. std's 128 overflows when the
     // engine opens its connections at once, and dropped SYNs are retried only after seconds.)
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
+        // "<pid>/task/<tid>": where this thread's CPU time can be read.
+        let _ = tid_tx.send(
+            std::fs::read_link("/proc/thread-self")
+                .map(|p| format!("/proc/{}/stat", p.display()))
+                .unwrap_or_default(),
+        );
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -110,6 +159,7 @@ async fn run(backend: Backend, backlog: usize) {
         });
     });
     let url = format!("http://{}/hook", addr_rx.recv().expect("receiver address"));
+    let receiver_stat = tid_rx.recv().expect("receiver thread");
 
     let db = TestDb::new(backend).await;
     let (ws, _) = db.workspace("bench", 0);
@@ -117,6 +167,9 @@ async fn run(backend: Backend, backlog: usize) {
     fill_backlog(&db, &ws, &url, backlog).await;
     let fill = t.elapsed();
 
+    let load_before = loadavg();
+    let machine_before = machine_jiffies();
+    let receiver_cpu_before = cpu_secs(&receiver_stat);
     let started = Instant::now();
     let server = Server::start_with(
         &db,
@@ -151,6 +204,11 @@ async fn run(backend: Backend, backlog: usize) {
         }
     };
     let elapsed = started.elapsed();
+    let server_cpu = cpu_secs(&format!("/proc/{pid}/stat"));
+    let receiver_cpu = cpu_secs(&receiver_stat) - receiver_cpu_before;
+    let machine_after = machine_jiffies();
+    let machine_busy = (machine_after.0 - machine_before.0) as f64
+        / (machine_after.1 - machine_before.1).max(1) as f64;
     samples.push(rss_kib(pid));
     let steady = match (t10, t90) {
         (Some((a, ca)), Some((b, cb))) if b > a => (cb - ca) as f64 / (b - a).as_secs_f64(),
@@ -176,6 +234,16 @@ async fn run(backend: Backend, backlog: usize) {
         samples[0] / 1024,
         median / 1024,
         peak / 1024
+    );
+    // CPU per delivery does not depend on what else runs on the machine; the rates above do.
+    println!(
+        "  CPU: server {server_cpu:.2} s = {:.0} µs/delivery, receiver {receiver_cpu:.2} s = {:.0} \
+         µs/delivery; machine busy {:.0} % of 2 cores during the drain, load average {load_before} \
+         → {}",
+        server_cpu * 1e6 / delivered as f64,
+        receiver_cpu * 1e6 / delivered as f64,
+        machine_busy * 100.0,
+        loadavg()
     );
     drop(server);
 }

@@ -300,6 +300,8 @@ pub struct SqlStore {
     pub(crate) call_writer: Arc<std::sync::OnceLock<crate::calls_store::CallWriter>>,
     /// Public URL and data directory for recordings, set by `serve` (see `recordings.rs`).
     pub(crate) recordings: Arc<std::sync::OnceLock<crate::recordings::RecordingsConfig>>,
+    /// What this process's Events actor holds of the outbox (`webhooks::outbox`).
+    pub(crate) leases: Arc<crate::webhooks::outbox::LocalLeases>,
 }
 
 impl SqlStore {
@@ -309,6 +311,7 @@ impl SqlStore {
             committed: Arc::new(Notify::new()),
             call_writer: Arc::default(),
             recordings: Arc::default(),
+            leases: Arc::default(),
         }
     }
 

@@ -60,8 +60,12 @@ pub enum EventsMsg {
     PollDue,
     /// A group's task finished: its attempts, and the deliveries it did not attempt.
     GroupFinished {
+        key: String,
         attempts: Vec<AttemptRecord>,
-        released: Vec<String>,
+        released: Vec<LeasedDelivery>,
+        /// The group stopped before its end (a failed attempt, or its lease running out): what
+        /// waits behind it in the same ordering key must wait for the retry.
+        stopped: bool,
     },
 }
 
@@ -77,14 +81,25 @@ pub struct EventsArgs {
     pub committed: Arc<Notify>,
 }
 
+/// The deliveries of one ordering key held by this actor: at most one group of them is being
+/// sent; later ones (leased while it runs) wait here, in order, and go next.
+#[derive(Default)]
+struct KeySlot {
+    waiting: VecDeque<LeasedDelivery>,
+    running: bool,
+}
+
 pub struct EventsState {
     args: EventsArgs,
     in_flight: usize,
-    /// Leased groups waiting for a sending slot (bounded by two lease batches).
-    queued: VecDeque<Vec<LeasedDelivery>>,
+    /// Every ordering key with deliveries held here (bounded by the lease batches).
+    keys: HashMap<String, KeySlot>,
+    /// Keys with waiting deliveries and nothing running, in the order they became ready.
+    ready: VecDeque<String>,
+    /// Deliveries held but not yet started (bounded by two lease batches).
     queued_deliveries: usize,
     attempts: Vec<AttemptRecord>,
-    released: Vec<String>,
+    released: Vec<LeasedDelivery>,
     waker: tokio::task::JoinHandle<()>,
 }
 
@@ -98,6 +113,10 @@ impl Actor for Events {
         myself: ActorRef<Self::Msg>,
         args: Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
+        // A restarted actor holds nothing: what an earlier incarnation leased is nobody's.
+        if let Err(e) = args.outbox.forget_leases().await {
+            warn!(error = %e, "forgetting earlier webhook leases failed");
+        }
         myself.send_interval(args.config.poll_interval, || EventsMsg::PollDue);
         let committed = args.committed.clone();
         let me = myself.clone();
@@ -117,7 +136,8 @@ impl Actor for Events {
         Ok(EventsState {
             args,
             in_flight: 0,
-            queued: VecDeque::new(),
+            keys: HashMap::new(),
+            ready: VecDeque::new(),
             queued_deliveries: 0,
             attempts: Vec::new(),
             released: Vec::new(),
@@ -146,10 +166,28 @@ impl Actor for Events {
             EventsMsg::EventsCommitted | EventsMsg::PollDue => {
                 flush(state).await;
             }
-            EventsMsg::GroupFinished { attempts, released } => {
+            EventsMsg::GroupFinished {
+                key,
+                attempts,
+                released,
+                stopped,
+            } => {
                 state.in_flight = state.in_flight.saturating_sub(1);
                 state.attempts.extend(attempts);
                 state.released.extend(released);
+                if let Some(slot) = state.keys.get_mut(&key) {
+                    slot.running = false;
+                    if stopped {
+                        // Later events of this key wait behind the one being retried.
+                        state.queued_deliveries -= slot.waiting.len();
+                        state.released.extend(slot.waiting.drain(..));
+                        state.keys.remove(&key);
+                    } else if slot.waiting.is_empty() {
+                        state.keys.remove(&key);
+                    } else {
+                        state.ready.push_back(key);
+                    }
+                }
                 // Record promptly when idle (the next event of a key waits for it), in batches
                 // when busy.
                 if state.in_flight == 0 || state.attempts.len() >= state.args.config.record_batch {
@@ -162,9 +200,11 @@ impl Actor for Events {
     }
 }
 
-async fn flush(state: &mut EventsState) {
+/// Write finished attempts and released deliveries; false if that failed (they are kept for
+/// the next try).
+async fn flush(state: &mut EventsState) -> bool {
     if state.attempts.is_empty() && state.released.is_empty() {
-        return;
+        return true;
     }
     match state
         .args
@@ -175,15 +215,17 @@ async fn flush(state: &mut EventsState) {
         Ok(()) => {
             state.attempts.clear();
             state.released.clear();
+            true
         }
         // Keep them: the next flush retries. Leases hold the deliveries meanwhile.
         Err(e) => {
-            warn!(error = %e, pending = state.attempts.len(), "recording webhook attempts failed")
+            warn!(error = %e, pending = state.attempts.len(), "recording webhook attempts failed");
+            false
         }
     }
 }
 
-/// Start queued groups while there are free sending slots; lease more when the queue runs low.
+/// Start ready keys while there are free sending slots; lease more when the queue runs low.
 /// Concurrency stays at `max_in_flight`, so connections are reused instead of churned, and
 /// memory stays bounded by the queue (at most two lease batches), whatever the backlog.
 async fn fill(myself: &ActorRef<EventsMsg>, state: &mut EventsState) {
@@ -193,10 +235,11 @@ async fn fill(myself: &ActorRef<EventsMsg>, state: &mut EventsState) {
         if state.queued_deliveries >= cfg.lease_batch {
             return;
         }
-        // Record what has finished first: until then those deliveries still hold their keys, and
-        // a lease would see few free keys and fill up with long same-key chains that can only go
-        // out one by one.
-        flush(state).await;
+        // Record what has finished first: a failed attempt must be in the outbox before the
+        // next lease, so that later events of its key wait behind it.
+        if !flush(state).await {
+            return;
+        }
         let now = state.args.clock.now();
         let lease_until = now + chrono::Duration::from_std(cfg.lease).unwrap_or_default();
         let leased = match state
@@ -218,7 +261,20 @@ async fn fill(myself: &ActorRef<EventsMsg>, state: &mut EventsState) {
             "webhook deliveries leased"
         );
         state.queued_deliveries += leased_count;
-        state.queued.extend(group_by_key(leased));
+        // The outbox hands them out oldest first: appending keeps each key's order, also behind
+        // a group of the same key that is still being sent.
+        for d in leased {
+            match state.keys.get_mut(&d.ordering_key) {
+                Some(slot) => slot.waiting.push_back(d),
+                None => {
+                    let key = d.ordering_key.clone();
+                    let mut slot = KeySlot::default();
+                    slot.waiting.push_back(d);
+                    state.keys.insert(key.clone(), slot);
+                    state.ready.push_back(key);
+                }
+            }
+        }
         if leased_count < cfg.lease_batch {
             // Nothing more is due right now.
             start_queued(myself, state);
@@ -229,32 +285,29 @@ async fn fill(myself: &ActorRef<EventsMsg>, state: &mut EventsState) {
 
 fn start_queued(myself: &ActorRef<EventsMsg>, state: &mut EventsState) {
     while state.in_flight < state.args.config.max_in_flight {
-        let Some(group) = state.queued.pop_front() else {
+        let Some(key) = state.ready.pop_front() else {
             return;
         };
+        let Some(slot) = state.keys.get_mut(&key) else {
+            continue;
+        };
+        if slot.running || slot.waiting.is_empty() {
+            continue;
+        }
+        let group: Vec<LeasedDelivery> = slot.waiting.drain(..).collect();
+        slot.running = true;
         state.queued_deliveries -= group.len();
         state.in_flight += 1;
-        spawn_group(myself.clone(), &state.args, group);
+        spawn_group(myself.clone(), &state.args, key, group);
     }
 }
 
-/// Groups keep the outbox's order (oldest first) within each ordering key.
-fn group_by_key(leased: Vec<LeasedDelivery>) -> Vec<Vec<LeasedDelivery>> {
-    let mut index: HashMap<String, usize> = HashMap::new();
-    let mut groups: Vec<Vec<LeasedDelivery>> = Vec::new();
-    for d in leased {
-        match index.get(&d.ordering_key) {
-            Some(&i) => groups[i].push(d),
-            None => {
-                index.insert(d.ordering_key.clone(), groups.len());
-                groups.push(vec![d]);
-            }
-        }
-    }
-    groups
-}
-
-fn spawn_group(myself: ActorRef<EventsMsg>, args: &EventsArgs, group: Vec<LeasedDelivery>) {
+fn spawn_group(
+    myself: ActorRef<EventsMsg>,
+    args: &EventsArgs,
+    key: String,
+    group: Vec<LeasedDelivery>,
+) {
     let sender = args.sender.clone();
     let clock = args.clock.clone();
     let scale = args.config.retry_scale;
@@ -264,8 +317,9 @@ fn spawn_group(myself: ActorRef<EventsMsg>, args: &EventsArgs, group: Vec<Leased
     tokio::spawn(async move {
         let mut attempts = Vec::with_capacity(group.len());
         let mut released = Vec::new();
+        let mut stopped = false;
         let mut rest = group.into_iter();
-        while let Some(d) = rest.next() {
+        while let Some(mut d) = rest.next() {
             let now = clock.now();
             // The request must end before the lease does, or another sender could take it.
             let left = (d.lease_until - now - margin)
@@ -273,13 +327,13 @@ fn spawn_group(myself: ActorRef<EventsMsg>, args: &EventsArgs, group: Vec<Leased
                 .unwrap_or_default()
                 .min(DELIVERY_TIMEOUT);
             if left < Duration::from_secs(1) {
-                released.push(d.id);
-                released.extend(rest.by_ref().map(|d| d.id));
+                released.push(d);
+                released.extend(rest.by_ref());
+                stopped = true;
                 break;
             }
             let signature = signature_header(&d.secret, d.body.as_bytes(), now.timestamp());
             // The body moves into the request: one copy per delivery fewer.
-            let mut d = d;
             let request = SignedRequest {
                 timeout: left,
                 url: std::mem::take(&mut d.url),
@@ -294,11 +348,17 @@ fn spawn_group(myself: ActorRef<EventsMsg>, args: &EventsArgs, group: Vec<Leased
             attempts.push(record);
             if !acknowledged {
                 // Later events of this key wait behind the one being retried.
-                released.extend(rest.by_ref().map(|d| d.id));
+                released.extend(rest.by_ref());
+                stopped = true;
                 break;
             }
         }
         // If the actor is gone, the leases lapse and the deliveries are retried: at least once.
-        let _ = myself.cast(EventsMsg::GroupFinished { attempts, released });
+        let _ = myself.cast(EventsMsg::GroupFinished {
+            key,
+            attempts,
+            released,
+            stopped,
+        });
     });
 }

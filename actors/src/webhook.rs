@@ -1,6 +1,7 @@
 //! Webhook rules shared by every sender: the signature (DESIGN §6), the retry schedule, and the
 //! outbox and transport traits the Events actor works through.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -83,6 +84,23 @@ pub struct LeasedDelivery {
     pub attempts: i64,
     pub max_attempts: i64,
     pub lease_until: DateTime<Utc>,
+    /// Set when the delivery is not in the outbox table yet (only its event is): the outbox
+    /// writes it together with its first attempt, or as pending if it is released unattempted.
+    pub unwritten: Option<Arc<Unwritten>>,
+}
+
+/// What the outbox needs to write a delivery that so far exists only in the leasing process.
+#[derive(Debug, Clone)]
+pub struct Unwritten {
+    pub event_id: String,
+    pub workspace_id: String,
+    pub subscription_id: Option<String>,
+    pub url: String,
+    pub ordering_key: String,
+    pub event_kind: String,
+    pub number_id: Option<String>,
+    pub call_id: Option<String>,
+    pub created_at: DateTime<Utc>,
 }
 
 /// What the receiver (or the network) said.
@@ -118,6 +136,9 @@ pub struct AttemptRecord {
     pub attempted_at: DateTime<Utc>,
     pub result: SendResult,
     pub resolution: Resolution,
+    pub max_attempts: i64,
+    /// The delivery is not in the outbox table yet (see [`LeasedDelivery::unwritten`]).
+    pub unwritten: Option<Arc<Unwritten>>,
 }
 
 pub fn resolve(
@@ -145,6 +166,8 @@ pub fn resolve(
         attempted_at,
         result,
         resolution,
+        max_attempts: d.max_attempts,
+        unwritten: d.unwritten.clone(),
     }
 }
 
@@ -160,12 +183,18 @@ pub trait Outbox: Send + Sync + 'static {
         lease_until: DateTime<Utc>,
     ) -> Result<Vec<LeasedDelivery>, StorageError>;
 
-    /// Write finished attempts, and drop the leases of deliveries that were not attempted.
+    /// Write finished attempts, and drop the leases of deliveries that were not attempted (an
+    /// unwritten one is written as pending).
     async fn record(
         &self,
         attempts: &[AttemptRecord],
-        released: &[String],
+        released: &[LeasedDelivery],
     ) -> Result<(), StorageError>;
+
+    /// The leasing actor (re)starts and holds nothing: leases taken before belong to nobody.
+    async fn forget_leases(&self) -> Result<(), StorageError> {
+        Ok(())
+    }
 }
 
 /// One signed POST.

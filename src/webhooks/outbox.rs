@@ -1,12 +1,16 @@
 //! The outbox in SQL: leasing due deliveries in order, recording attempts in batches, and the
 //! delivery log customers read.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sautikit_actors::store::StorageError;
-use sautikit_actors::webhook::{AttemptRecord, LeasedDelivery, MAX_ATTEMPTS, Outbox, Resolution};
+use sautikit_actors::webhook::{
+    AttemptRecord, LeasedDelivery, MAX_ATTEMPTS, Outbox, Resolution, Unwritten,
+};
 use sqlx::AssertSqlSafe;
 
 use crate::db::Backend;
@@ -15,6 +19,10 @@ use crate::time::{new_id, to_db};
 
 /// Rows per multi-row statement (7 values each: well under every backend's parameter limit).
 const CHUNK: usize = 100;
+/// Rows per multi-row write on the delivery path (at most 18 values a row: 4,500 parameters).
+const ROW_CHUNK: usize = 250;
+/// Values per `IN` list on the delivery path.
+const IN_CHUNK: usize = 500;
 
 /// Placeholders for `n` rows of `width` values. SQLite gets anonymous `?`: it resolves each named
 /// `$N` by a linear scan, which makes wide multi-row statements quadratic.
@@ -31,6 +39,14 @@ fn value_rows(backend: Backend, n: usize, width: usize) -> String {
         })
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// The `n`th (1-based) placeholder.
+fn placeholder(backend: Backend, n: usize) -> String {
+    match backend {
+        Backend::Sqlite => "?".to_owned(),
+        Backend::Postgres => format!("${n}"),
+    }
 }
 
 /// `($1, $2, …)` or `(?, ?, …)` for an `IN` list of `n` values.
@@ -70,155 +86,358 @@ const LEASE_SQLITE: &str = lease_candidates!("", "");
 // row (it misjudges the blockers as one row); per candidate it is one probe of the small index.
 const LEASE_POSTGRES: &str = lease_candidates!(" OFFSET 0", " FOR UPDATE OF d SKIP LOCKED");
 
-/// Events turned into deliveries per lease transaction.
-const EXPAND_BATCH: i64 = 2000;
+/// Pages of unexpanded events read per lease, at most (events without subscribers yield nothing).
+const EXPAND_PAGES: usize = 4;
 
-const UNEXPANDED_SQLITE: &str = "SELECT id, workspace_id, event_kind, number_id, call_id \
-    FROM events WHERE expanded = 0 ORDER BY id LIMIT $1";
-const UNEXPANDED_POSTGRES: &str = "SELECT id, workspace_id, event_kind, number_id, call_id \
-    FROM events WHERE expanded = 0 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED";
+const UNEXPANDED_SQLITE: &str = "SELECT id, workspace_id, event_kind, number_id, call_id, body \
+    FROM events WHERE expanded = 0 AND id > $1 ORDER BY id LIMIT $2";
+const UNEXPANDED_POSTGRES: &str = "SELECT id, workspace_id, event_kind, number_id, call_id, body \
+    FROM events WHERE expanded = 0 AND id > $1 ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED";
+
+/// How often (at most) a SQLite read also looks below its cursor, for events another process
+/// committed with a lower id than ones already handed out.
+const BELOW_CURSOR_EVERY: Duration = Duration::from_secs(1);
+
+/// What this process's Events actor holds of the outbox.
+///
+/// Rows it leases carry `token` in `lease_token`. On SQLite (one process owns the file) a
+/// delivery of an event with a single receiver is not written when the event is expanded: it is
+/// handed to the actor straight away and written once, with its first attempt (or as pending if
+/// it is released unattempted). Until then its event stays `expanded = 0`, so a crash loses
+/// nothing: the event is expanded and sent again after the restart. `unwritten` keeps such events
+/// from being read twice; reads continue after `cursor`, the highest event id handed out.
+#[derive(Default)]
+pub struct LocalLeases {
+    inner: Mutex<LocalInner>,
+}
+
+#[derive(Default)]
+struct LocalInner {
+    token: Option<String>,
+    unwritten: HashSet<String>,
+    cursor: Option<String>,
+    below_cursor_at: Option<Instant>,
+}
+
+impl LocalLeases {
+    fn lock(&self) -> std::sync::MutexGuard<'_, LocalInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn token(&self) -> String {
+        self.lock().token.get_or_insert_with(new_id).clone()
+    }
+}
+
+/// Where the next read of unexpanded events starts, and which of them to skip.
+struct ReadFrom {
+    after: String,
+    skip: HashSet<String>,
+}
+
+/// What one expansion produced besides the rows it wrote.
+#[derive(Default)]
+struct Expanded {
+    deliveries: Vec<LeasedDelivery>,
+    /// Events whose delivery is handed out unwritten.
+    unwritten: Vec<String>,
+    last_read: Option<String>,
+}
+
+/// A delivery row to write at expansion: pending, and leased to this process unless its key is
+/// held elsewhere.
+struct NewRow {
+    id: String,
+    event: usize,
+    subscription_id: Option<String>,
+    url: String,
+    ordering_key: String,
+    leased: bool,
+}
+
+struct EventRow {
+    id: String,
+    workspace_id: String,
+    kind: String,
+    number_id: Option<String>,
+    call_id: Option<String>,
+    body: String,
+    secret: String,
+}
 
 /// Who receives committed events: one delivery per matching subscription (number and wallet
 /// events) or to the number's `events_url` (call events), in event order. Runs inside the lease
 /// transaction, so expansion and leasing see one consistent outbox.
+///
+/// A delivery whose ordering key has pending deliveries not held by this process waits behind
+/// them (written pending, unleased). Any other is handed out at once: written already leased to
+/// this process, or on SQLite, for an event with a single receiver, not written at all yet (see
+/// [`LocalLeases`]).
+#[allow(clippy::too_many_arguments)]
 async fn expand_events(
     conn: &mut sqlx::AnyConnection,
     backend: Backend,
     now: DateTime<Utc>,
-) -> Result<usize, StorageError> {
-    let unexpanded = match backend {
-        Backend::Sqlite => UNEXPANDED_SQLITE,
-        Backend::Postgres => UNEXPANDED_POSTGRES,
-    };
-    let events = sqlx::query(unexpanded)
-        .bind(EXPAND_BATCH)
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(storage)?;
-    if events.is_empty() {
-        return Ok(0);
-    }
+    want: usize,
+    token: &str,
+    lease_until: DateTime<Utc>,
+    from: &ReadFrom,
+) -> Result<Expanded, StorageError> {
+    let mut out = Expanded::default();
+    let mut events: Vec<EventRow> = Vec::new();
     // Subscriptions per workspace and events_url per number, looked up once per batch.
     let mut subscriptions: HashMap<String, Vec<(String, String, String)>> = HashMap::new();
     let mut events_urls: HashMap<String, Option<String>> = HashMap::new();
-    // (event id, workspace, subscription, url, ordering key, kind, number, call)
-    let mut deliveries: Vec<[Option<String>; 8]> = Vec::new();
-    let mut ids: Vec<String> = Vec::with_capacity(events.len());
-    for e in &events {
-        let id: String = get(e, "id")?;
-        let workspace: String = get(e, "workspace_id")?;
-        let kind: String = get(e, "event_kind")?;
-        let number: Option<String> = get(e, "number_id")?;
-        let call: Option<String> = get(e, "call_id")?;
-        let subject = super::subject(number.as_deref(), call.as_deref());
-        let mut push = |sub: Option<String>, url: String, key: String| {
-            deliveries.push([
-                Some(id.clone()),
-                Some(workspace.clone()),
-                sub,
-                Some(url),
-                Some(key),
-                Some(kind.clone()),
-                number.clone(),
-                call.clone(),
-            ]);
+    let mut secrets: HashMap<String, String> = HashMap::new();
+    // Receivers per event: (subscription, url, ordering key).
+    let mut targets: Vec<Vec<(Option<String>, String, String)>> = Vec::new();
+    let mut after = from.after.clone();
+    let mut produced = 0usize;
+    for _ in 0..EXPAND_PAGES {
+        if produced >= want {
+            break;
+        }
+        let page = (want - produced).max(16);
+        let sql = match backend {
+            Backend::Sqlite => UNEXPANDED_SQLITE,
+            Backend::Postgres => UNEXPANDED_POSTGRES,
         };
-        if kind.starts_with("call.") {
-            if let Some(n) = &number {
-                if !events_urls.contains_key(n) {
-                    let url = sqlx::query("SELECT events_url FROM tenant_numbers WHERE id = $1")
-                        .bind(n)
-                        .fetch_optional(&mut *conn)
-                        .await
-                        .map_err(storage)?
-                        .map(|r| get::<Option<String>>(&r, "events_url"))
-                        .transpose()?
-                        .flatten();
-                    events_urls.insert(n.clone(), url);
-                }
-                if let Some(Some(url)) = events_urls.get(n) {
-                    push(None, url.clone(), format!("events_url:{n}|{subject}"));
-                }
+        let rows = sqlx::query(sql)
+            .bind(&after)
+            .bind(i64::try_from(page + from.skip.len()).unwrap_or(i64::MAX))
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(storage)?;
+        let full = rows.len() >= page + from.skip.len();
+        for r in &rows {
+            let workspace_id: String = get(r, "workspace_id")?;
+            if !secrets.contains_key(&workspace_id) {
+                let row = sqlx::query("SELECT webhook_secret FROM workspaces WHERE id = $1")
+                    .bind(&workspace_id)
+                    .fetch_one(&mut *conn)
+                    .await
+                    .map_err(storage)?;
+                secrets.insert(workspace_id.clone(), get(&row, "webhook_secret")?);
             }
-        } else {
-            if !subscriptions.contains_key(&workspace) {
-                let rows = sqlx::query(
-                    "SELECT id, url, events FROM webhook_subscriptions \
-                     WHERE workspace_id = $1 AND status = 'active' ORDER BY id",
-                )
-                .bind(&workspace)
-                .fetch_all(&mut *conn)
-                .await
-                .map_err(storage)?;
-                let subs = rows
-                    .iter()
-                    .map(|r| Ok((get(r, "id")?, get(r, "url")?, get(r, "events")?)))
-                    .collect::<Result<Vec<(String, String, String)>, StorageError>>()?;
-                subscriptions.insert(workspace.clone(), subs);
+            let e = EventRow {
+                id: get(r, "id")?,
+                secret: secrets[&workspace_id].clone(),
+                workspace_id,
+                kind: get(r, "event_kind")?,
+                number_id: get(r, "number_id")?,
+                call_id: get(r, "call_id")?,
+                body: get(r, "body")?,
+            };
+            after.clone_from(&e.id);
+            if from.skip.contains(&e.id) {
+                continue;
             }
-            for (sub_id, url, patterns) in subscriptions.get(&workspace).into_iter().flatten() {
-                if patterns
-                    .split(',')
-                    .any(|p| super::pattern_matches(p, &kind))
+            let subject = super::subject(e.number_id.as_deref(), e.call_id.as_deref());
+            let mut to = Vec::new();
+            if e.kind.starts_with("call.") {
+                if let Some(n) = &e.number_id {
+                    if !events_urls.contains_key(n) {
+                        let url =
+                            sqlx::query("SELECT events_url FROM tenant_numbers WHERE id = $1")
+                                .bind(n)
+                                .fetch_optional(&mut *conn)
+                                .await
+                                .map_err(storage)?
+                                .map(|r| get::<Option<String>>(&r, "events_url"))
+                                .transpose()?
+                                .flatten();
+                        events_urls.insert(n.clone(), url);
+                    }
+                    if let Some(Some(url)) = events_urls.get(n) {
+                        to.push((None, url.clone(), format!("events_url:{n}|{subject}")));
+                    }
+                }
+            } else {
+                if !subscriptions.contains_key(&e.workspace_id) {
+                    let rows = sqlx::query(
+                        "SELECT id, url, events FROM webhook_subscriptions \
+                         WHERE workspace_id = $1 AND status = 'active' ORDER BY id",
+                    )
+                    .bind(&e.workspace_id)
+                    .fetch_all(&mut *conn)
+                    .await
+                    .map_err(storage)?;
+                    let subs = rows
+                        .iter()
+                        .map(|r| Ok((get(r, "id")?, get(r, "url")?, get(r, "events")?)))
+                        .collect::<Result<Vec<(String, String, String)>, StorageError>>()?;
+                    subscriptions.insert(e.workspace_id.clone(), subs);
+                }
+                for (sub_id, url, patterns) in
+                    subscriptions.get(&e.workspace_id).into_iter().flatten()
                 {
-                    push(
-                        Some(sub_id.clone()),
-                        url.clone(),
-                        format!("sub:{sub_id}|{subject}"),
-                    );
+                    if patterns
+                        .split(',')
+                        .any(|p| super::pattern_matches(p, &e.kind))
+                    {
+                        to.push((
+                            Some(sub_id.clone()),
+                            url.clone(),
+                            format!("sub:{sub_id}|{subject}"),
+                        ));
+                    }
                 }
+            }
+            produced += to.len();
+            targets.push(to);
+            events.push(e);
+        }
+        if !full {
+            break;
+        }
+    }
+    out.last_read = (after != from.after).then_some(after);
+    if events.is_empty() {
+        return Ok(out);
+    }
+
+    // Keys with pending deliveries this process does not hold: new ones queue behind them.
+    let keys: Vec<&String> = targets
+        .iter()
+        .flatten()
+        .map(|(_, _, k)| k)
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    let mut blocked: HashSet<String> = HashSet::new();
+    for chunk in keys.chunks(IN_CHUNK) {
+        let sql = format!(
+            "SELECT DISTINCT ordering_key FROM webhook_deliveries WHERE status = 'pending' \
+             AND ordering_key IN {} AND (lease_token IS NULL OR lease_token <> {})",
+            in_list(backend, chunk.len()),
+            placeholder(backend, chunk.len() + 1)
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for k in chunk {
+            q = q.bind((*k).clone());
+        }
+        for r in q.bind(token).fetch_all(&mut *conn).await.map_err(storage)? {
+            blocked.insert(get(&r, "ordering_key")?);
+        }
+    }
+
+    let mut rows: Vec<NewRow> = Vec::new();
+    let mut written_events: Vec<&str> = Vec::new();
+    for (i, (e, to)) in events.iter().zip(targets).enumerate() {
+        let single = to.len() == 1;
+        let mut unwritten = false;
+        for (sub, url, key) in to {
+            let id = new_id();
+            if blocked.contains(&key) {
+                rows.push(NewRow {
+                    id,
+                    event: i,
+                    subscription_id: sub,
+                    url,
+                    ordering_key: key,
+                    leased: false,
+                });
+                continue;
+            }
+            let unwritten_delivery = (backend == Backend::Sqlite && single).then(|| {
+                Arc::new(Unwritten {
+                    event_id: e.id.clone(),
+                    workspace_id: e.workspace_id.clone(),
+                    subscription_id: sub.clone(),
+                    url: url.clone(),
+                    ordering_key: key.clone(),
+                    event_kind: e.kind.clone(),
+                    number_id: e.number_id.clone(),
+                    call_id: e.call_id.clone(),
+                    created_at: now,
+                })
+            });
+            unwritten = unwritten_delivery.is_some();
+            out.deliveries.push(LeasedDelivery {
+                id: id.clone(),
+                event_id: e.id.clone(),
+                event_kind: e.kind.clone(),
+                ordering_key: key.clone(),
+                url: url.clone(),
+                body: e.body.clone(),
+                secret: e.secret.clone(),
+                attempts: 0,
+                max_attempts: MAX_ATTEMPTS,
+                lease_until,
+                unwritten: unwritten_delivery,
+            });
+            if !unwritten {
+                rows.push(NewRow {
+                    id,
+                    event: i,
+                    subscription_id: sub,
+                    url,
+                    ordering_key: key,
+                    leased: true,
+                });
             }
         }
-        ids.push(id);
+        if unwritten {
+            out.unwritten.push(e.id.clone());
+        } else {
+            written_events.push(&e.id);
+        }
     }
+
     let ts = to_db(now);
-    // 11 values a row: 200 rows stay far below every backend's parameter limit.
-    for chunk in deliveries.chunks(200) {
+    let until = to_db(lease_until);
+    // 13 values a row.
+    for chunk in rows.chunks(ROW_CHUNK) {
         let sql = format!(
             "INSERT INTO webhook_deliveries (id, event_id, workspace_id, subscription_id, url, \
              ordering_key, event_kind, number_id, call_id, status, attempts, max_attempts, \
-             next_attempt_at, created_at, updated_at) \
+             next_attempt_at, lease_token, lease_until, created_at, updated_at) \
              SELECT v.column1, v.column2, v.column3, v.column4, v.column5, v.column6, v.column7, \
-             v.column8, v.column9, 'pending', 0, v.column10, v.column11, v.column11, v.column11 \
-             FROM (VALUES {}) AS v",
-            value_rows(backend, chunk.len(), 11)
+             v.column8, v.column9, 'pending', 0, v.column10, v.column11, v.column12, v.column13, \
+             v.column11, v.column11 FROM (VALUES {}) AS v",
+            value_rows(backend, chunk.len(), 13)
         );
         let mut q = sqlx::query(AssertSqlSafe(sql));
         for d in chunk {
-            q = q.bind(new_id());
-            for v in d {
-                q = q.bind(v.clone());
-            }
-            q = q.bind(MAX_ATTEMPTS).bind(ts.clone());
+            let e = &events[d.event];
+            q = q
+                .bind(d.id.clone())
+                .bind(e.id.clone())
+                .bind(e.workspace_id.clone())
+                .bind(d.subscription_id.clone())
+                .bind(d.url.clone())
+                .bind(d.ordering_key.clone())
+                .bind(e.kind.clone())
+                .bind(e.number_id.clone())
+                .bind(e.call_id.clone())
+                .bind(MAX_ATTEMPTS)
+                .bind(ts.clone())
+                .bind(d.leased.then(|| token.to_owned()))
+                .bind(d.leased.then(|| until.clone()));
         }
         q.execute(&mut *conn).await.map_err(storage)?;
     }
-    match (backend, ids.last()) {
-        // One writer: nothing else commits inside this transaction, so the unexpanded events up
-        // to the last one read are exactly the ones read.
-        (Backend::Sqlite, Some(last)) => {
-            sqlx::query("UPDATE events SET expanded = 1 WHERE expanded = 0 AND id <= $1")
-                .bind(last)
-                .execute(&mut *conn)
-                .await
-                .map_err(storage)?;
+    mark_expanded(conn, backend, &written_events).await?;
+    Ok(out)
+}
+
+async fn mark_expanded(
+    conn: &mut sqlx::AnyConnection,
+    backend: Backend,
+    ids: &[&str],
+) -> Result<(), StorageError> {
+    for chunk in ids.chunks(IN_CHUNK) {
+        let sql = format!(
+            "UPDATE events SET expanded = 1 WHERE id IN {}",
+            in_list(backend, chunk.len())
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for id in chunk {
+            q = q.bind(*id);
         }
-        // Other processes commit concurrently (with ids possibly below ours): name each row.
-        _ => {
-            for chunk in ids.chunks(CHUNK) {
-                let sql = format!(
-                    "UPDATE events SET expanded = 1 WHERE id IN {}",
-                    in_list(backend, chunk.len())
-                );
-                let mut q = sqlx::query(AssertSqlSafe(sql));
-                for id in chunk {
-                    q = q.bind(id.clone());
-                }
-                q.execute(&mut *conn).await.map_err(storage)?;
-            }
-        }
+        q.execute(&mut *conn).await.map_err(storage)?;
     }
-    Ok(deliveries.len())
+    Ok(())
 }
 
 /// One delivery in the log, with its attempts.
@@ -437,9 +656,36 @@ impl Outbox for SqlStore {
         limit: usize,
         lease_until: DateTime<Utc>,
     ) -> Result<Vec<LeasedDelivery>, StorageError> {
-        let token = new_id();
+        let backend = self.db().backend;
+        let token = self.leases.token();
+        let from = match backend {
+            Backend::Sqlite => {
+                let mut l = self.leases.lock();
+                let below = l
+                    .below_cursor_at
+                    .is_none_or(|t| t.elapsed() >= BELOW_CURSOR_EVERY);
+                match &l.cursor {
+                    Some(c) if !below => ReadFrom {
+                        after: c.clone(),
+                        skip: HashSet::new(),
+                    },
+                    _ => {
+                        l.below_cursor_at = Some(Instant::now());
+                        ReadFrom {
+                            after: String::new(),
+                            skip: l.unwritten.clone(),
+                        }
+                    }
+                }
+            }
+            // Every expanded event is marked in the lease transaction.
+            Backend::Postgres => ReadFrom {
+                after: String::new(),
+                skip: HashSet::new(),
+            },
+        };
         let mut tx = self.db().write.begin().await.map_err(storage)?;
-        let lease = match self.db().backend {
+        let lease = match backend {
             Backend::Sqlite => LEASE_SQLITE,
             Backend::Postgres => {
                 // Serialize leasing across processes, so two processes never take deliveries of
@@ -451,7 +697,8 @@ impl Outbox for SqlStore {
                 LEASE_POSTGRES
             }
         };
-        expand_events(&mut tx, self.db().backend, now).await?;
+        // Deliveries already in the table first (retries, and ones that waited behind them):
+        // they are older than anything expanded now.
         let leased: Vec<String> = sqlx::query(lease)
             .bind(&token)
             .bind(to_db(lease_until))
@@ -463,19 +710,14 @@ impl Outbox for SqlStore {
             .iter()
             .map(|r| get(r, "id"))
             .collect::<Result<_, _>>()?;
-        if leased.is_empty() {
-            // Commit, not roll back: the expansion above must stick.
-            tx.commit().await.map_err(storage)?;
-            return Ok(Vec::new());
-        }
         let mut rows = Vec::with_capacity(leased.len());
-        for chunk in leased.chunks(CHUNK) {
+        for chunk in leased.chunks(IN_CHUNK) {
             let sql = format!(
                 "SELECT d.id, d.event_id, d.event_kind, d.ordering_key, d.url, d.attempts, \
                  d.max_attempts, d.lease_until, e.body, w.webhook_secret \
                  FROM webhook_deliveries d JOIN events e ON e.id = d.event_id \
                  JOIN workspaces w ON w.id = d.workspace_id WHERE d.id IN {}",
-                in_list(self.db().backend, chunk.len())
+                in_list(backend, chunk.len())
             );
             let mut q = sqlx::query(AssertSqlSafe(sql));
             for id in chunk {
@@ -483,7 +725,6 @@ impl Outbox for SqlStore {
             }
             rows.extend(q.fetch_all(&mut *tx).await.map_err(storage)?);
         }
-        tx.commit().await.map_err(storage)?;
         let mut out: Vec<LeasedDelivery> = rows
             .iter()
             .map(|r| {
@@ -498,22 +739,138 @@ impl Outbox for SqlStore {
                     attempts: get(r, "attempts")?,
                     max_attempts: get(r, "max_attempts")?,
                     lease_until: get_time(r, "lease_until")?,
+                    unwritten: None,
                 })
             })
             .collect::<Result<_, StorageError>>()?;
-        // The groups are built in outbox order.
         out.sort_by(|a, b| a.id.cmp(&b.id));
+        let expanded = if out.len() < limit {
+            expand_events(
+                &mut tx,
+                backend,
+                now,
+                limit - out.len(),
+                &token,
+                lease_until,
+                &from,
+            )
+            .await?
+        } else {
+            Expanded::default()
+        };
+        tx.commit().await.map_err(storage)?;
+        if backend == Backend::Sqlite {
+            let mut l = self.leases.lock();
+            l.unwritten.extend(expanded.unwritten);
+            if let Some(last) = expanded.last_read {
+                if l.cursor.as_ref().is_none_or(|c| *c < last) {
+                    l.cursor = Some(last);
+                }
+            }
+            if l.unwritten.is_empty() {
+                l.cursor = None;
+            }
+        }
+        // Expanded deliveries are newer than every row in the table, in event order.
+        out.extend(expanded.deliveries);
         Ok(out)
     }
 
     async fn record(
         &self,
         attempts: &[AttemptRecord],
-        released: &[String],
+        released: &[LeasedDelivery],
     ) -> Result<(), StorageError> {
         let backend = self.db().backend;
         let mut tx = self.db().write.begin().await.map_err(storage)?;
-        for chunk in attempts.chunks(CHUNK) {
+
+        // Deliveries that so far existed only in this process: written once, as they stand after
+        // this attempt (or pending, if released unattempted), and their events marked expanded.
+        let mut first_writes: Vec<FirstWrite> = Vec::new();
+        for a in attempts {
+            if let Some(u) = &a.unwritten {
+                let at = to_db(a.attempted_at);
+                let (status, next, delivered) = match &a.resolution {
+                    Resolution::Succeeded => ("succeeded", at.clone(), Some(at.clone())),
+                    Resolution::RetryAt(t) => ("pending", to_db(*t), None),
+                    Resolution::DeadLetter => ("dead_letter", at.clone(), None),
+                };
+                first_writes.push(FirstWrite {
+                    id: a.delivery_id.clone(),
+                    u: u.clone(),
+                    status,
+                    attempts: a.attempt,
+                    max_attempts: a.max_attempts,
+                    next_attempt_at: next,
+                    last_status_code: a.result.status_code.map(i64::from),
+                    last_error: a.result.error.clone(),
+                    updated_at: at,
+                    delivered_at: delivered,
+                });
+            }
+        }
+        for d in released {
+            if let Some(u) = &d.unwritten {
+                let ts = to_db(u.created_at);
+                first_writes.push(FirstWrite {
+                    id: d.id.clone(),
+                    u: u.clone(),
+                    status: "pending",
+                    attempts: d.attempts,
+                    max_attempts: d.max_attempts,
+                    next_attempt_at: ts.clone(),
+                    last_status_code: None,
+                    last_error: None,
+                    updated_at: ts,
+                    delivered_at: None,
+                });
+            }
+        }
+        for chunk in first_writes.chunks(ROW_CHUNK) {
+            // A pending one whose subscription was deleted meanwhile is canceled, as the deletion
+            // would have done had it been written already.
+            let sql = format!(
+                "INSERT INTO webhook_deliveries (id, event_id, workspace_id, subscription_id, url, \
+                 ordering_key, event_kind, number_id, call_id, status, attempts, max_attempts, \
+                 next_attempt_at, last_status_code, last_error, created_at, updated_at, \
+                 delivered_at) \
+                 SELECT v.column1, v.column2, v.column3, v.column4, v.column5, v.column6, \
+                 v.column7, v.column8, v.column9, \
+                 CASE WHEN v.column10 = 'pending' AND EXISTS (SELECT 1 FROM webhook_subscriptions s \
+                   WHERE s.id = v.column4 AND s.status = 'deleted') THEN 'canceled' \
+                   ELSE v.column10 END, \
+                 v.column11, v.column12, v.column13, v.column14, v.column15, v.column16, \
+                 v.column17, v.column18 FROM (VALUES {}) AS v",
+                value_rows(backend, chunk.len(), 18)
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for w in chunk {
+                q = q
+                    .bind(w.id.clone())
+                    .bind(w.u.event_id.clone())
+                    .bind(w.u.workspace_id.clone())
+                    .bind(w.u.subscription_id.clone())
+                    .bind(w.u.url.clone())
+                    .bind(w.u.ordering_key.clone())
+                    .bind(w.u.event_kind.clone())
+                    .bind(w.u.number_id.clone())
+                    .bind(w.u.call_id.clone())
+                    .bind(w.status)
+                    .bind(w.attempts)
+                    .bind(w.max_attempts)
+                    .bind(w.next_attempt_at.clone())
+                    .bind(w.last_status_code)
+                    .bind(w.last_error.clone())
+                    .bind(to_db(w.u.created_at))
+                    .bind(w.updated_at.clone())
+                    .bind(w.delivered_at.clone());
+            }
+            q.execute(&mut *tx).await.map_err(storage)?;
+        }
+        let first_events: Vec<&str> = first_writes.iter().map(|w| w.u.event_id.as_str()).collect();
+        mark_expanded(&mut tx, backend, &first_events).await?;
+
+        for chunk in attempts.chunks(ROW_CHUNK) {
             let sql = format!(
                 "INSERT INTO webhook_attempts (id, delivery_id, attempt, attempted_at, status_code, \
                  latency_ms, error) VALUES {}",
@@ -531,8 +888,13 @@ impl Outbox for SqlStore {
                     .bind(a.result.error.clone());
             }
             q.execute(&mut *tx).await.map_err(storage)?;
+        }
 
-            // One UPDATE … FROM (VALUES …) per chunk: columns are column1… on both backends.
+        // Deliveries already in the table: one UPDATE … FROM (VALUES …) per chunk (columns are
+        // column1… on both backends).
+        let updates: Vec<&AttemptRecord> =
+            attempts.iter().filter(|a| a.unwritten.is_none()).collect();
+        for chunk in updates.chunks(ROW_CHUNK) {
             let sql = format!(
                 "UPDATE webhook_deliveries SET status = v.column2, attempts = v.column3, \
                  next_attempt_at = v.column4, last_status_code = v.column5, last_error = v.column6, \
@@ -560,7 +922,12 @@ impl Outbox for SqlStore {
             }
             q.execute(&mut *tx).await.map_err(storage)?;
         }
-        for chunk in released.chunks(CHUNK) {
+        let unleased: Vec<&str> = released
+            .iter()
+            .filter(|d| d.unwritten.is_none())
+            .map(|d| d.id.as_str())
+            .collect();
+        for chunk in unleased.chunks(IN_CHUNK) {
             let sql = format!(
                 "UPDATE webhook_deliveries SET lease_token = NULL, lease_until = NULL \
                  WHERE id IN {}",
@@ -568,11 +935,46 @@ impl Outbox for SqlStore {
             );
             let mut q = sqlx::query(AssertSqlSafe(sql));
             for id in chunk {
-                q = q.bind(id.clone());
+                q = q.bind(*id);
             }
             q.execute(&mut *tx).await.map_err(storage)?;
         }
         tx.commit().await.map_err(storage)?;
+        if !first_events.is_empty() {
+            let mut l = self.leases.lock();
+            for e in &first_events {
+                l.unwritten.remove(*e);
+            }
+            if l.unwritten.is_empty() {
+                l.cursor = None;
+            }
+        }
         Ok(())
     }
+
+    async fn forget_leases(&self) -> Result<(), StorageError> {
+        {
+            let mut l = self.leases.lock();
+            *l = LocalInner::default();
+        }
+        if self.db().backend == Backend::Sqlite {
+            // One process: whatever an earlier incarnation of the actor leased is free now.
+            self.release_all_leases().await?;
+        }
+        Ok(())
+    }
+}
+
+/// A delivery written for the first time by `record`.
+struct FirstWrite {
+    id: String,
+    u: Arc<Unwritten>,
+    status: &'static str,
+    attempts: i64,
+    max_attempts: i64,
+    next_attempt_at: String,
+    last_status_code: Option<i64>,
+    last_error: Option<String>,
+    updated_at: String,
+    delivered_at: Option<String>,
 }

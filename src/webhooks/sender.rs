@@ -2,8 +2,9 @@
 //! resolver that refuses loopback, private, link-local and unspecified addresses unless an
 //! operator allowed them (on-premise receivers).
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use async_trait::async_trait;
@@ -93,7 +94,18 @@ impl Resolve for GuardedResolver {
 pub struct HttpSender {
     client: reqwest::Client,
     policy: Arc<AddressPolicy>,
+    /// Parsed URLs and their literal-address verdicts: a handful of receivers get most requests,
+    /// so each URL is parsed once, not once per delivery.
+    targets: Mutex<HashMap<String, Arc<Target>>>,
 }
+
+struct Target {
+    url: Option<reqwest::Url>,
+    forbidden: Option<String>,
+}
+
+/// Parsed URLs kept at most; the cache starts over when it is full.
+const MAX_TARGETS: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SenderError {
@@ -116,11 +128,31 @@ impl HttpSender {
                 policy: policy.clone(),
             })
             .build()?;
-        Ok(HttpSender { client, policy })
+        Ok(HttpSender {
+            client,
+            policy,
+            targets: Mutex::default(),
+        })
     }
 
-    fn literal_forbidden(&self, url: &str) -> Option<String> {
-        let parsed = url::Url::parse(url).ok()?;
+    fn target(&self, url: &str) -> Arc<Target> {
+        let mut targets = self.targets.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = targets.get(url) {
+            return t.clone();
+        }
+        let parsed = url::Url::parse(url).ok();
+        let t = Arc::new(Target {
+            forbidden: parsed.as_ref().and_then(|u| self.literal_forbidden(u)),
+            url: parsed,
+        });
+        if targets.len() >= MAX_TARGETS {
+            targets.clear();
+        }
+        targets.insert(url.to_owned(), t.clone());
+        t
+    }
+
+    fn literal_forbidden(&self, parsed: &url::Url) -> Option<String> {
         let ip = match parsed.host()? {
             url::Host::Ipv4(v4) => IpAddr::V4(v4),
             url::Host::Ipv6(v6) => IpAddr::V6(v6),
@@ -160,17 +192,21 @@ impl WebhookSender for HttpSender {
     async fn send(&self, r: SignedRequest) -> SendResult {
         let started = Instant::now();
         let elapsed = |t: Instant| i64::try_from(t.elapsed().as_millis()).unwrap_or(i64::MAX);
-        if let Some(error) = self.literal_forbidden(&r.url) {
+        let target = self.target(&r.url);
+        if let Some(error) = &target.forbidden {
             return SendResult {
                 status_code: None,
-                error: Some(error),
+                error: Some(error.clone()),
                 forbidden: true,
                 latency_ms: 0,
             };
         }
-        let sent = self
-            .client
-            .post(&r.url)
+        let request = match &target.url {
+            Some(url) => self.client.post(url.clone()),
+            // Unparseable: reqwest reports why.
+            None => self.client.post(&r.url),
+        };
+        let sent = request
             .timeout(r.timeout)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .header("X-Sautikit-Signature", &r.signature)
