@@ -30,6 +30,10 @@ pub use receive::{RecordingEnd, RecordingOutcome, RecordingSpec};
 /// One frame: 20 ms of 8 kHz G.711.
 pub const FRAME: Duration = Duration::from_millis(20);
 const SAMPLES_PER_FRAME: usize = 160;
+/// Frames sent back to back after a late wake. More would arrive as a burst the caller's jitter
+/// buffer cannot use; the rest are skipped in time (the RTP clock and the prompt move on), so the
+/// stream stays in step with the wall clock.
+const MAX_BURST: u32 = 3;
 
 #[derive(Debug, Error)]
 pub enum MediaError {
@@ -270,8 +274,11 @@ impl Engine {
                 },
                 now = tick.tick() => {
                     let due = pacer.handle_timeout(now.into_std());
-                    for _ in 0..due.min(5) {
+                    for _ in 0..due.min(MAX_BURST) {
                         self.send_frames(&mut buf, &mut payload);
+                    }
+                    if due > MAX_BURST {
+                        self.skip_frames(due - MAX_BURST);
                     }
                 }
             }
@@ -446,6 +453,30 @@ impl Engine {
         if errors > 0 {
             self.stats.send_errors.fetch_add(errors, Ordering::Relaxed);
         }
+    }
+}
+
+impl Engine {
+    /// Frames that fell due but were not sent: time moves on for every stream all the same.
+    fn skip_frames(&mut self, frames: u32) {
+        let samples = frames as usize * SAMPLES_PER_FRAME;
+        for s in self.streams.values_mut() {
+            if let Some(sender) = s.sender.as_mut() {
+                sender.timestamp = sender.timestamp.wrapping_add(samples as u32);
+                // The gap is a new talkspurt for the caller's jitter buffer.
+                sender.start_talkspurt();
+            }
+            if let Some(p) = s.playback.as_mut() {
+                let len = p.audio.samples.len().max(1);
+                p.position += samples;
+                while p.position >= len && p.loops_left > 1 {
+                    p.position -= len;
+                    p.loops_left -= 1;
+                }
+                p.position = p.position.min(len);
+            }
+        }
+        warn!(frames, "media pacing fell behind; frames skipped");
     }
 }
 

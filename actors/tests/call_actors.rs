@@ -53,6 +53,8 @@ type Row = (String, String, Option<String>, Option<String>);
 struct MemCalls {
     /// call id → row
     calls: Mutex<HashMap<String, Row>>,
+    /// Calls whose answer was recorded.
+    answered: Mutex<Vec<String>>,
 }
 
 impl MemCalls {
@@ -105,6 +107,7 @@ impl CallStore for MemCalls {
             panic!("simulated bug while recording the answer");
         }
         self.calls.lock().unwrap().get_mut(&c.call_id).unwrap().1 = "answered".into();
+        self.answered.lock().unwrap().push(c.call_id);
         Ok(())
     }
     async fn call_ended(&self, c: CallEnded) -> Result<CallCharged, StorageError> {
@@ -255,6 +258,20 @@ impl Uac {
             .unwrap();
     }
 
+    /// Hang up from the caller's side.
+    async fn bye(&self, ok: &str) {
+        let to_tag = header(ok, "To")
+            .and_then(|t| t.split(";tag=").nth(1).map(|t| format!(";tag={t}")))
+            .unwrap_or_default();
+        let msg = format!(
+            "BYE sip:{}@{} SIP/2.0\r\n{}Content-Length: 0\r\n\r\n",
+            self.number,
+            self.server,
+            self.headers("BYE", "z9hG4bKbye", &to_tag).replace("CSeq: 1 BYE", "CSeq: 2 BYE")
+        );
+        self.sock.send_to(msg.as_bytes(), self.server).await.unwrap();
+    }
+
     /// Answer a BYE 200 OK.
     async fn answer_bye(&self, bye: &str) {
         let mut resp = String::from("SIP/2.0 200 OK\r\n");
@@ -359,5 +376,16 @@ async fn a_failing_call_actor_ends_only_its_own_call() {
     assert_eq!(cause.as_deref(), Some("api_hangup"));
     // Another workspace cannot hang up a call it does not own.
     assert!(!engine.hangup_call("other", &healthy_id).await.unwrap());
+
+    // A BYE that overtakes a lost ACK: the caller had our 200, so the call was answered.
+    let hasty = Uac::new(sip, HEALTHY).await;
+    hasty.invite().await;
+    let ok = hasty.expect("200 OK").await;
+    hasty.bye(&ok).await;
+    hasty.expect("200 OK").await;
+    calls.calls.lock().unwrap().retain(|id, _| *id != healthy_id);
+    let (hasty_id, _, cause) = wait_for(&calls, HEALTHY, "completed").await;
+    assert_eq!(cause.as_deref(), Some("caller_hangup"));
+    assert!(calls.answered.lock().unwrap().contains(&hasty_id));
     engine.stop().await;
 }

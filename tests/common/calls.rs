@@ -98,11 +98,12 @@ pub fn sipp_media_port() -> u16 {
     use std::sync::atomic::{AtomicU16, Ordering};
     static NEXT: AtomicU16 = AtomicU16::new(0);
     // Below the ephemeral range (32768+), where clients and servers of the tests bind.
-    let base = 10_000 + (std::process::id() % 40) as u16 * 250;
+    let base = 10_000 + (std::process::id() % 40) as u16 * 400;
     loop {
-        let port = base + NEXT.fetch_add(2, Ordering::Relaxed) % 250;
-        // Skip ports something else holds now.
-        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+        // sipp takes four ports from it: audio and video, RTP and RTCP.
+        let port = base + NEXT.fetch_add(4, Ordering::Relaxed) % 400;
+        let free = (0..4).all(|i| std::net::UdpSocket::bind(("127.0.0.1", port + i)).is_ok());
+        if free {
             return port;
         }
     }

@@ -1,6 +1,7 @@
 //! Test harness: real `sautikit` processes on SQLite or PostgreSQL, driven over HTTP.
 #![allow(dead_code)]
 
+pub mod caller;
 pub mod calls;
 pub mod receiver;
 pub mod uac;

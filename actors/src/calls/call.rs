@@ -701,8 +701,17 @@ impl CallState {
         if self.phase != Phase::AwaitingAck {
             return;
         }
-        self.phase = Phase::Answered;
         self.note("sip.received", json!({"method": "ACK"}));
+        self.mark_answered().await;
+        if self.waiting == Waiting::Ack {
+            self.waiting = Waiting::Nothing;
+            self.run().await;
+        }
+    }
+
+    /// Our 200 was taken: status `answered`, `call.answered`; billing runs from now.
+    async fn mark_answered(&mut self) {
+        self.phase = Phase::Answered;
         let answered = CallAnswered {
             call_id: self.call_id.clone(),
             answered_at: self.now(),
@@ -710,10 +719,6 @@ impl CallState {
         };
         if let Err(e) = self.deps.store.call_answered(answered).await {
             warn!(call_id = %self.call_id, error = %e, "recording the answer failed");
-        }
-        if self.waiting == Waiting::Ack {
-            self.waiting = Waiting::Nothing;
-            self.run().await;
         }
     }
 
@@ -770,8 +775,13 @@ impl CallState {
             self.on_digit(digit, "sip_info").await;
         }
         if request.method == rsip::Method::Bye && code == 200 {
-            let status = CallStatus::Completed;
-            self.finish(status, Some("caller_hangup"), None).await;
+            if self.phase == Phase::AwaitingAck {
+                // The caller got our 200 (it sends BYE in the dialog it made): its ACK was lost
+                // or overtaken. The call was answered.
+                self.mark_answered().await;
+            }
+            self.finish(CallStatus::Completed, Some("caller_hangup"), None)
+                .await;
         }
     }
 
