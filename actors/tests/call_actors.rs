@@ -267,9 +267,13 @@ impl Uac {
             "BYE sip:{}@{} SIP/2.0\r\n{}Content-Length: 0\r\n\r\n",
             self.number,
             self.server,
-            self.headers("BYE", "z9hG4bKbye", &to_tag).replace("CSeq: 1 BYE", "CSeq: 2 BYE")
+            self.headers("BYE", "z9hG4bKbye", &to_tag)
+                .replace("CSeq: 1 BYE", "CSeq: 2 BYE")
         );
-        self.sock.send_to(msg.as_bytes(), self.server).await.unwrap();
+        self.sock
+            .send_to(msg.as_bytes(), self.server)
+            .await
+            .unwrap();
     }
 
     /// Answer a BYE 200 OK.
@@ -383,7 +387,11 @@ async fn a_failing_call_actor_ends_only_its_own_call() {
     let ok = hasty.expect("200 OK").await;
     hasty.bye(&ok).await;
     hasty.expect("200 OK").await;
-    calls.calls.lock().unwrap().retain(|id, _| *id != healthy_id);
+    calls
+        .calls
+        .lock()
+        .unwrap()
+        .retain(|id, _| *id != healthy_id);
     let (hasty_id, _, cause) = wait_for(&calls, HEALTHY, "completed").await;
     assert_eq!(cause.as_deref(), Some("caller_hangup"));
     assert!(calls.answered.lock().unwrap().contains(&hasty_id));
