@@ -198,7 +198,11 @@ async fn symmetric_rtp(backend: Backend) {
     let packets = tokio::task::spawn_blocking(move || Caller::new(sip).behind_nat().call())
         .await
         .unwrap();
-    assert!(packets.len() > 50, "only {} packets reached the real port", packets.len());
+    assert!(
+        packets.len() > 50,
+        "only {} packets reached the real port",
+        packets.len()
+    );
     assert!(voiced_span(&decode(&packets)).is_some(), "no speech heard");
 }
 on_both_backends!(symmetric_rtp);

@@ -37,4 +37,3 @@ async fn prompts_are_paced(backend: Backend) {
     assert!(p99 <= 5.0, "spacing deviation p99 {p99} ms");
 }
 on_both_backends!(prompts_are_paced);
-

@@ -220,4 +220,3 @@ pub fn deviation_p99(spacing: &[f64]) -> f64 {
     dev.sort_by(f64::total_cmp);
     dev[((dev.len() - 1) as f64 * 0.99) as usize]
 }
-
