@@ -119,9 +119,19 @@ fn serve_on_own_thread(app: Router) -> SocketAddr {
 
 /// (voice callback URL, events URL, counters). The callback answers
 /// `{"actions":[{"pause":{"length":pause_secs}}]}`.
+/// With `BENCH_HOLD_SAY=1` it speaks instead: one prompt, synthesized once and then served from
+/// the cache to every call, looped for as long as the pause would have lasted (the media
+/// issue's "calls playing a cached prompt").
 fn start_hooks(pause_secs: u64) -> (String, String, Arc<Hooks>) {
-    let script: &'static str =
-        format!(r#"{{"actions":[{{"pause":{{"length":{pause_secs}}}}}]}}"#).leak();
+    let script: &'static str = if std::env::var("BENCH_HOLD_SAY").as_deref() == Ok("1") {
+        let text = "Thank you for calling. All our agents are busy; please stay on the line and \
+                    your call will be answered in the order it was received.";
+        // The prompt is about 6 s long.
+        let loops = (pause_secs / 6 + 1).min(100);
+        format!(r#"{{"actions":[{{"say":{{"text":"{text}","loop":{loops}}}}}]}}"#).leak()
+    } else {
+        format!(r#"{{"actions":[{{"pause":{{"length":{pause_secs}}}}}]}}"#).leak()
+    };
     let hooks = Arc::new(Hooks::default());
     let voice = {
         let hooks = hooks.clone();
