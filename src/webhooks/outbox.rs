@@ -762,10 +762,10 @@ impl Outbox for SqlStore {
         if backend == Backend::Sqlite {
             let mut l = self.leases.lock();
             l.unwritten.extend(expanded.unwritten);
-            if let Some(last) = expanded.last_read {
-                if l.cursor.as_ref().is_none_or(|c| *c < last) {
-                    l.cursor = Some(last);
-                }
+            if let Some(last) = expanded.last_read
+                && l.cursor.as_ref().is_none_or(|c| *c < last)
+            {
+                l.cursor = Some(last);
             }
             if l.unwritten.is_empty() {
                 l.cursor = None;
