@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod cache;
 pub mod callback;
 pub mod calls_store;
 pub mod config;

@@ -5,17 +5,18 @@
 //! Transport rules are those of webhooks and voice callbacks (`webhooks::sender`): rustls, and in
 //! production the [`AddressPolicy`] applied to the addresses actually connected to.
 
-use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
 use std::io::Write as _;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use futures::future::{BoxFuture, FutureExt, Shared};
+// Used by the tests' local HTTP server.
+#[cfg(test)]
+use futures::future::{BoxFuture, FutureExt};
 use reqwest::StatusCode;
 use reqwest::header::{
     ACCEPT, AGE, CACHE_CONTROL, CONTENT_TYPE, ETAG, HeaderMap, IF_MODIFIED_SINCE, IF_NONE_MATCH,
@@ -27,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
+use crate::cache::{SingleFlight, Weigh, WeightedLru, lock};
 use crate::webhooks::sender::{AddressPolicy, Forbidden, GuardedResolver};
 
 pub const USER_AGENT: &str = concat!("Sautikit-Play/", env!("CARGO_PKG_VERSION"));
@@ -120,12 +122,10 @@ struct Inner {
     limits: PlayLimits,
     cache_dir: PathBuf,
     memory: Mutex<Lru>,
-    inflight: Mutex<HashMap<String, Flight>>,
+    inflight: SingleFlight<String, Result<Audio, PlayError>>,
     decode_slots: Semaphore,
     requests: AtomicU64,
 }
-
-type Flight = Shared<BoxFuture<'static, Result<Audio, PlayError>>>;
 
 /// A redirect the policy refuses; found in reqwest's error chain.
 #[derive(Debug, thiserror::Error)]
@@ -192,7 +192,7 @@ impl HttpAudioFetcher {
                 limits,
                 cache_dir,
                 memory: Mutex::new(Lru::new(budget_samples)),
-                inflight: Mutex::new(HashMap::new()),
+                inflight: SingleFlight::new(),
                 decode_slots: Semaphore::new(MAX_CONCURRENT_DECODES),
                 requests: AtomicU64::new(0),
             }),
@@ -225,28 +225,18 @@ impl AudioFetcher for HttpAudioFetcher {
             metrics::counter!("sautikit_play_requests_total", "source" => "memory").increment(1);
             return Ok(audio);
         }
-        let flight = {
-            let mut inflight = lock(&self.inner.inflight);
-            match inflight.get(&key) {
-                Some(flight) => flight.clone(),
-                None => {
-                    let inner = self.inner.clone();
-                    let task_key = key.clone();
-                    let task = tokio::spawn(async move { inner.fill(task_key).await });
-                    let flight: Flight = async move {
-                        task.await.unwrap_or_else(|e| {
-                            Err(PlayError::Unreachable {
-                                message: format!("play fetch task failed: {e}"),
-                            })
-                        })
-                    }
-                    .boxed()
-                    .shared();
-                    inflight.insert(key.clone(), flight.clone());
-                    flight
-                }
-            }
-        };
+        let flight = self.inner.inflight.join(
+            key.clone(),
+            // No second look at memory: a new flight starts there, and a stale entry is the
+            // flight's to revalidate.
+            || None,
+            || self.inner.clone().fill(key.clone()),
+            |e| {
+                Err(PlayError::Unreachable {
+                    message: format!("play fetch task failed: {e}"),
+                })
+            },
+        );
         let result = flight.await;
         if let Err(e) = &result {
             tracing::info!(url = %key, reason = e.reason(), error = %e, "play fetch failed");
@@ -267,19 +257,6 @@ fn cache_url(url: &str) -> Result<String, PlayError> {
     }
     parsed.set_fragment(None);
     Ok(parsed.into())
-}
-
-/// Removes a flight from the in-flight map however its task ends, panics included, so a failed
-/// URL is retried by the next request rather than answered from a dead flight.
-struct FlightGuard {
-    inner: Arc<Inner>,
-    key: String,
-}
-
-impl Drop for FlightGuard {
-    fn drop(&mut self) {
-        lock(&self.inner.inflight).remove(&self.key);
-    }
 }
 
 /// What the server answered.
@@ -303,10 +280,6 @@ impl Inner {
     /// One flight: memory or disk if fresh, else a (conditional) download. The result is in
     /// memory before the flight leaves the in-flight map.
     async fn fill(self: Arc<Self>, key: String) -> Result<Audio, PlayError> {
-        let _guard = FlightGuard {
-            inner: self.clone(),
-            key: key.clone(),
-        };
         let now = unix_now();
         let mut cached = lock(&self.memory).get(&key);
         if cached.is_none() {
@@ -598,12 +571,6 @@ fn unix_now() -> u64 {
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-/// Poison only means another thread panicked mid-operation; every critical section here leaves
-/// the maps consistent, so carrying on is safe.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1032,72 +999,23 @@ fn write_atomic(dir: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// In-memory LRU (the same shape as the TTS cache's, keyed by URL and carrying freshness)
+// In-memory LRU: the TTS cache's, keyed by URL, with entries that carry their freshness
 
-/// Least-recently-used map of entries, bounded by total samples rather than entries, since a
-/// prompt can be half a second or ten minutes.
-struct Lru {
-    budget_samples: usize,
-    used_samples: usize,
-    tick: u64,
-    entries: HashMap<String, (Arc<Entry>, u64)>,
-    /// Last use → key; the first entry is the next to evict.
-    order: BTreeMap<u64, String>,
+type Lru = WeightedLru<String, Arc<Entry>>;
+
+/// An entry weighs its samples, so the budget bounds memory whatever the prompts' lengths.
+impl Weigh for Entry {
+    fn weight(&self) -> usize {
+        self.audio.len()
+    }
 }
 
 impl Lru {
-    fn new(budget_samples: usize) -> Self {
-        Self {
-            budget_samples,
-            used_samples: 0,
-            tick: 0,
-            entries: HashMap::new(),
-            order: BTreeMap::new(),
-        }
-    }
-
-    fn get(&mut self, key: &str) -> Option<Arc<Entry>> {
-        let (entry, last_use) = self.entries.get_mut(key)?;
-        self.order.remove(last_use);
-        self.tick += 1;
-        *last_use = self.tick;
-        self.order.insert(self.tick, key.to_owned());
-        Some(entry.clone())
-    }
-
     /// The audio if the entry is still fresh; a stale entry stays for revalidation.
     fn get_fresh(&mut self, key: &str, now: u64) -> Option<Audio> {
         self.get(key)
             .filter(|entry| entry.meta.is_fresh(now))
             .map(|entry| entry.audio.clone())
-    }
-
-    fn remove(&mut self, key: &str) {
-        if let Some((old, last_use)) = self.entries.remove(key) {
-            self.order.remove(&last_use);
-            self.used_samples -= old.audio.len();
-        }
-    }
-
-    fn insert(&mut self, key: String, entry: Arc<Entry>) {
-        self.remove(&key);
-        let len = entry.audio.len();
-        // A prompt bigger than the whole budget is served from disk each time instead.
-        if len > self.budget_samples {
-            return;
-        }
-        while self.used_samples + len > self.budget_samples {
-            let Some((_, victim)) = self.order.pop_first() else {
-                break;
-            };
-            if let Some((old, _)) = self.entries.remove(&victim) {
-                self.used_samples -= old.audio.len();
-            }
-        }
-        self.tick += 1;
-        self.used_samples += len;
-        self.order.insert(self.tick, key.clone());
-        self.entries.insert(key, (entry, self.tick));
     }
 }
 

@@ -1,17 +1,16 @@
 //! Text to speech for the `say` verb (DESIGN §8): the [`Synthesizer`] backed by the `espeak-ng`
 //! program, resampled to 8 kHz for G.711 and cached in memory and on disk.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::future::{BoxFuture, FutureExt, Shared};
 use sautikit_actors::synth::{
     Audio, MAX_TEXT_CHARS, SAMPLE_RATE, SpeechRequest, SynthError, Synthesizer,
 };
@@ -19,6 +18,8 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 use tokio::sync::OnceCell;
+
+use crate::cache::{SingleFlight, WeightedLru, lock};
 
 /// How long one espeak-ng run may take. A 4096-character prompt synthesizes in well under a second
 /// on one core; this only catches a wedged process.
@@ -112,12 +113,13 @@ struct Inner {
     timeout: Duration,
     catalog: OnceCell<Arc<Catalog>>,
     memory: Mutex<Lru>,
-    inflight: Mutex<HashMap<CacheKey, Flight>>,
+    inflight: SingleFlight<CacheKey, Result<Audio, SynthError>>,
     synth_runs: AtomicU64,
 }
 
 type CacheKey = [u8; 32];
-type Flight = Shared<BoxFuture<'static, Result<Audio, SynthError>>>;
+/// The memory tier, bounded by total samples.
+type Lru = WeightedLru<CacheKey, Audio>;
 
 impl EspeakSynthesizer {
     /// A synthesizer caching under `cache_dir` (created if missing). Fails if `espeak-ng` is not
@@ -148,7 +150,7 @@ impl EspeakSynthesizer {
                 timeout: options.timeout,
                 catalog: OnceCell::new(),
                 memory: Mutex::new(Lru::new(budget_samples)),
-                inflight: Mutex::new(HashMap::new()),
+                inflight: SingleFlight::new(),
                 synth_runs: AtomicU64::new(0),
             }),
         })
@@ -186,54 +188,30 @@ impl Synthesizer for EspeakSynthesizer {
         )?;
         let key = cache_key(&catalog.version, &voice, text);
 
-        if let Some(audio) = lock(&self.inner.memory).get(&key) {
-            metrics::counter!("sautikit_tts_requests_total", "source" => "memory").increment(1);
+        if let Some(audio) = self.inner.memory_hit(&key) {
             return Ok(audio);
         }
-        let flight = {
-            let mut inflight = lock(&self.inner.inflight);
-            // A flight puts its result in memory before it leaves this map, so checking again
-            // under the lock closes the gap between the first look and joining a flight.
-            if let Some(audio) = lock(&self.inner.memory).get(&key) {
-                metrics::counter!("sautikit_tts_requests_total", "source" => "memory").increment(1);
-                return Ok(audio);
-            }
-            match inflight.get(&key) {
-                Some(flight) => flight.clone(),
-                None => {
-                    let inner = self.inner.clone();
-                    let text = text.to_owned();
-                    let task = tokio::spawn(async move { inner.fill(key, voice, text).await });
-                    let flight: Flight = async move {
-                        task.await.unwrap_or_else(|e| {
-                            Err(SynthError::Failed(format!("synthesis task failed: {e}")))
-                        })
-                    }
-                    .boxed()
-                    .shared();
-                    inflight.insert(key, flight.clone());
-                    flight
-                }
-            }
-        };
-        flight.await
-    }
-}
-
-/// Removes a flight from the in-flight map however its task ends, panics included, so a failed
-/// key is retried by the next request rather than answered from a dead flight forever.
-struct FlightGuard {
-    inner: Arc<Inner>,
-    key: CacheKey,
-}
-
-impl Drop for FlightGuard {
-    fn drop(&mut self) {
-        lock(&self.inner.inflight).remove(&self.key);
+        // A flight puts its result in memory before it leaves the in-flight map, so looking
+        // again under that map's lock closes the gap between the first look and joining.
+        self.inner
+            .inflight
+            .join(
+                key,
+                || self.inner.memory_hit(&key).map(Ok),
+                || self.inner.clone().fill(key, voice, text.to_owned()),
+                |e| Err(SynthError::Failed(format!("synthesis task failed: {e}"))),
+            )
+            .await
     }
 }
 
 impl Inner {
+    fn memory_hit(&self, key: &CacheKey) -> Option<Audio> {
+        let audio = lock(&self.memory).get(key)?;
+        metrics::counter!("sautikit_tts_requests_total", "source" => "memory").increment(1);
+        Some(audio)
+    }
+
     async fn catalog(&self) -> Result<Arc<Catalog>, SynthError> {
         // Not cached on failure: a transient probe failure is retried by the next request.
         self.catalog
@@ -264,10 +242,6 @@ impl Inner {
         voice: String,
         text: String,
     ) -> Result<Audio, SynthError> {
-        let _guard = FlightGuard {
-            inner: self.clone(),
-            key,
-        };
         let path = self.cache_dir.join(format!("{}.wav", hex::encode(key)));
         match read_cached(&path).await {
             Ok(Some(audio)) => {
@@ -422,12 +396,6 @@ async fn read_capped<R: AsyncRead + Unpin>(
     let truncated = bytes.len() > cap;
     bytes.truncate(cap);
     Ok((bytes, truncated))
-}
-
-/// Poison only means another thread panicked mid-operation; every critical section here leaves
-/// the maps consistent, so carrying on is safe.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn find_program(program: &Path) -> Option<PathBuf> {
@@ -751,64 +719,6 @@ fn write_cached(dir: &Path, path: &Path, audio: &Audio) -> std::io::Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     result
-}
-
-// ---------------------------------------------------------------------------------------------
-// In-memory LRU
-
-/// Least-recently-used map of prompts, bounded by total samples rather than entries, since a
-/// prompt can be half a second or five minutes.
-struct Lru {
-    budget_samples: usize,
-    used_samples: usize,
-    tick: u64,
-    entries: HashMap<CacheKey, (Audio, u64)>,
-    /// Last use → key; the first entry is the next to evict.
-    order: BTreeMap<u64, CacheKey>,
-}
-
-impl Lru {
-    fn new(budget_samples: usize) -> Self {
-        Self {
-            budget_samples,
-            used_samples: 0,
-            tick: 0,
-            entries: HashMap::new(),
-            order: BTreeMap::new(),
-        }
-    }
-
-    fn get(&mut self, key: &CacheKey) -> Option<Audio> {
-        let (audio, last_use) = self.entries.get_mut(key)?;
-        self.order.remove(last_use);
-        self.tick += 1;
-        *last_use = self.tick;
-        self.order.insert(self.tick, *key);
-        Some(audio.clone())
-    }
-
-    fn insert(&mut self, key: CacheKey, audio: Audio) {
-        if let Some((old, last_use)) = self.entries.remove(&key) {
-            self.order.remove(&last_use);
-            self.used_samples -= old.len();
-        }
-        // A prompt bigger than the whole budget is served from disk each time instead.
-        if audio.len() > self.budget_samples {
-            return;
-        }
-        while self.used_samples + audio.len() > self.budget_samples {
-            let Some((_, victim)) = self.order.pop_first() else {
-                break;
-            };
-            if let Some((old, _)) = self.entries.remove(&victim) {
-                self.used_samples -= old.len();
-            }
-        }
-        self.tick += 1;
-        self.used_samples += audio.len();
-        self.order.insert(self.tick, key);
-        self.entries.insert(key, (audio, self.tick));
-    }
 }
 
 #[cfg(test)]
