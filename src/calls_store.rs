@@ -586,6 +586,15 @@ async fn answered_in_tx(
     Ok(true)
 }
 
+/// Attempts for a write that keeps losing deadlocks before it reports a storage failure.
+const WRITE_ATTEMPTS: usize = 5;
+
+/// PostgreSQL's deadlock victim (40P01) or serialization failure (40001). The code is gone once the
+/// error is a `StorageError`, so this matches PostgreSQL's fixed message texts.
+fn is_transient(e: &StorageError) -> bool {
+    e.0.contains("deadlock detected") || e.0.contains("could not serialize access")
+}
+
 /// Writes waiting for the group commit, each with who waits for its result.
 type Pending = (CallWrite, oneshot::Sender<Result<Written, StorageError>>);
 
@@ -671,7 +680,23 @@ impl SqlStore {
         Ok(results)
     }
 
+    /// One write in its own transaction. On PostgreSQL, two processes ending calls of one wallet
+    /// can deadlock (call row, then wallet row, in different orders across their groups); the
+    /// victim wrote nothing and runs again.
     async fn write_alone(&self, write: &CallWrite) -> Result<Written, StorageError> {
+        let mut attempt = 1;
+        loop {
+            match self.write_alone_once(write).await {
+                Err(e) if attempt < WRITE_ATTEMPTS && is_transient(&e) => {
+                    attempt += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(5 * attempt as u64)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn write_alone_once(&self, write: &CallWrite) -> Result<Written, StorageError> {
         let mut tx = self.db().write.begin().await.map_err(storage)?;
         let (written, event) = match apply_in_tx(&mut tx, write).await {
             Ok(r) => r,
