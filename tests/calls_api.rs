@@ -8,7 +8,7 @@ use std::time::Duration as StdDuration;
 
 use chrono::{DateTime, Duration, Utc};
 use common::receiver::Receiver;
-use common::{Api, Backend, Mode, Server, TestDb, dev_key};
+use common::{Api, Backend, Mode, Server, TestDb, dev_key, wait_for_json};
 use sautikit::db::Db;
 use sautikit::store::SqlStore;
 use sautikit_actors::call_store::{
@@ -615,11 +615,14 @@ async fn call_events_reach_the_numbers_events_url(backend: Backend) {
     assert_eq!(done["payload"]["duration_seconds"], 62);
     assert_eq!(done["payload"]["cost_minor"], 310);
     assert_eq!(done["payload"]["currency"], "KES");
-    // The delivery log knows them by call.
-    let log = fx
-        .api
-        .get_all(&format!("/v1/webhooks/deliveries?call_id={id}"))
-        .await;
-    assert_eq!(log.len(), 3, "{log:?}");
+    // The delivery log knows them by call (attempts are recorded just after they are sent).
+    let log = wait_for_json(
+        &fx.api,
+        &format!("/v1/webhooks/deliveries?call_id={id}"),
+        StdDuration::from_secs(30),
+        |v| v.as_array().is_some_and(|a| a.len() == 3),
+    )
+    .await;
+    assert_eq!(log.as_array().map(Vec::len), Some(3), "{log:?}");
 }
 on_both_backends!(call_events_reach_the_numbers_events_url);
