@@ -240,10 +240,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
         single_process: db.backend == Backend::Sqlite,
         orphan_after: Duration::from_secs(args.call_orphan_secs.max(1)),
         timers: Timers::default(),
-        synth: Arc::new(
-            crate::tts::EspeakSynthesizer::new(args.db.data_dir.join("tts-cache"))
-                .map_err(|e| ServeError::Config(e.to_string()))?,
-        ),
+        synth: synthesizer(&args.db.data_dir),
         audio: Arc::new(
             crate::play::HttpAudioFetcher::new(
                 policy,
@@ -303,6 +300,30 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
     }
     db.close().await;
     Ok(())
+}
+
+/// espeak-ng behind its cache. Without the program the server still runs (`cargo run` needs
+/// nothing else): every `say` then fails its call with `tts.failed`, and the log says why.
+fn synthesizer(data_dir: &Path) -> Arc<dyn sautikit_actors::synth::Synthesizer> {
+    match crate::tts::EspeakSynthesizer::new(data_dir.join("tts-cache")) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            warn!(error = %e, "text to speech is unavailable: `say` will fail calls with tts.failed");
+            Arc::new(NoSynthesizer(e))
+        }
+    }
+}
+
+struct NoSynthesizer(sautikit_actors::synth::SynthError);
+
+#[async_trait::async_trait]
+impl sautikit_actors::synth::Synthesizer for NoSynthesizer {
+    async fn synthesize(
+        &self,
+        _: &sautikit_actors::synth::SpeechRequest,
+    ) -> Result<sautikit_actors::synth::Audio, sautikit_actors::synth::SynthError> {
+        Err(self.0.clone())
+    }
 }
 
 fn carrier_allow(args: &ServeArgs) -> Vec<ipnet::IpNet> {
