@@ -108,6 +108,15 @@ pub fn call_not_found() -> ApiError {
     ApiError::not_found("calls.not_found", "call not found")
 }
 
+/// The workspace's call; another workspace's call is a 404 like an unknown one.
+async fn owned_call(state: &AppState, ws: &Workspace, id: &str) -> Result<CallRecord, ApiError> {
+    state
+        .store
+        .get_call(&ws.id, id)
+        .await?
+        .ok_or_else(call_not_found)
+}
+
 fn invalid_query(message: &str) -> ApiError {
     ApiError::bad_request("request.invalid_query", message.to_owned())
 }
@@ -201,11 +210,7 @@ pub async fn get_call(
     Path(id): Path<String>,
 ) -> Result<axum::Json<CallView>, ApiError> {
     let id = parse_id(&id, "call id")?;
-    let c = state
-        .store
-        .get_call(&ws.id, &id)
-        .await?
-        .ok_or_else(call_not_found)?;
+    let c = owned_call(&state, &ws, &id).await?;
     Ok(axum::Json(c.into()))
 }
 
@@ -241,11 +246,7 @@ pub async fn call_events(
     let limit = page.limit()?;
     let after = page.after()?;
     // The call must be this workspace's: another workspace's call is a 404 like any other.
-    state
-        .store
-        .get_call(&ws.id, &id)
-        .await?
-        .ok_or_else(call_not_found)?;
+    owned_call(&state, &ws, &id).await?;
     let rows = state
         .store
         .list_call_timeline(&id, after.as_deref(), limit + 1)
@@ -273,20 +274,12 @@ pub async fn hangup(
     Path(id): Path<String>,
 ) -> Result<axum::Json<CallView>, ApiError> {
     let id = parse_id(&id, "call id")?;
-    let before = state
-        .store
-        .get_call(&ws.id, &id)
-        .await?
-        .ok_or_else(call_not_found)?;
+    let before = owned_call(&state, &ws, &id).await?;
     if before.status.is_final() {
         return Err(already_ended(&before));
     }
     let ended_here = state.engine.hangup_call(&ws.id, &id).await?;
-    let after = state
-        .store
-        .get_call(&ws.id, &id)
-        .await?
-        .ok_or_else(call_not_found)?;
+    let after = owned_call(&state, &ws, &id).await?;
     if ended_here {
         return Ok(axum::Json(after.into()));
     }
@@ -379,11 +372,7 @@ pub async fn get_recording(
         .map(|r| parse_id(r, "recording_id"))
         .transpose()?;
     // Another workspace's call is a 404 like any other, whatever its recordings.
-    state
-        .store
-        .get_call(&ws.id, &id)
-        .await?
-        .ok_or_else(call_not_found)?;
+    owned_call(&state, &ws, &id).await?;
     let rec = state
         .store
         .get_call_recording(&id, recording_id.as_deref())
@@ -436,11 +425,7 @@ pub async fn list_recordings(
     let id = parse_id(&id, "call id")?;
     let limit = page.limit()?;
     let before = page.after()?;
-    state
-        .store
-        .get_call(&ws.id, &id)
-        .await?
-        .ok_or_else(call_not_found)?;
+    owned_call(&state, &ws, &id).await?;
     let rows = state
         .store
         .list_call_recordings(&id, before.as_deref(), limit + 1)
