@@ -92,6 +92,11 @@ pub struct ServeArgs {
     /// 127.0.0.1 when SIP listens on every address).
     #[arg(long, env = "SAUTIKIT_MEDIA_IP")]
     pub media_ip: Option<std::net::IpAddr>,
+    /// Run the media thread with real-time scheduling (SCHED_RR), as media servers do, so the
+    /// 20 ms frames leave on time when the machine is busy. Needs CAP_SYS_NICE (or root); without
+    /// it the engine logs why and runs at normal priority.
+    #[arg(long, env = "SAUTIKIT_MEDIA_REALTIME", default_value_t = true, action = clap::ArgAction::Set)]
+    pub media_realtime: bool,
     /// PostgreSQL with several engines: an engine whose heartbeat is this many seconds old is
     /// taken for dead, and its live calls are closed as `failed` (`engine.restart`).
     #[arg(long, env = "SAUTIKIT_CALL_ORPHAN_SECS", default_value_t = 30)]

@@ -237,6 +237,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
         carrier_allow: carrier_allow(&args),
         rtp_ports: args.rtp_ports,
         media_ip: media_ip(&args),
+        media_realtime: args.media_realtime,
         single_process: db.backend == Backend::Sqlite,
         orphan_after: Duration::from_secs(args.call_orphan_secs.max(1)),
         timers: Timers::default(),

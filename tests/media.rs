@@ -119,7 +119,8 @@ fn uvicorn(port: u16) -> std::process::Child {
 
 async fn wait_for_http(url: &str) {
     let client = reqwest::Client::new();
-    for _ in 0..300 {
+    // Python imports FastAPI slowly on a busy 2-core machine: allow a minute.
+    for _ in 0..1200 {
         if client.post(url).send().await.is_ok() {
             return;
         }

@@ -82,6 +82,8 @@ pub struct VoiceSetup {
     pub rtp_ports: (u16, u16),
     /// Written into SDP answers; RTP sockets bind to it.
     pub media_ip: std::net::IpAddr,
+    /// Ask for real-time scheduling for the media thread (falls back to normal when refused).
+    pub media_realtime: bool,
     /// SQLite: every call live at start is an orphan of this same process.
     pub single_process: bool,
     /// An engine silent this long is taken for dead and its live calls are closed.
@@ -318,7 +320,12 @@ impl Engine {
     ) -> Result<Engine, EngineError> {
         let names = Names::new();
         let voice = voice.map(|setup| {
-            let media = Media::start(setup.media_ip, setup.rtp_ports.0, setup.rtp_ports.1);
+            let media = Media::start(
+                setup.media_ip,
+                setup.rtp_ports.0,
+                setup.rtp_ports.1,
+                setup.media_realtime,
+            );
             VoiceRuntime {
                 deps: CallDeps {
                     store: setup.store.clone(),

@@ -334,6 +334,7 @@ async fn a_failing_call_actor_ends_only_its_own_call() {
             carrier_allow: vec!["127.0.0.0/8".parse().unwrap()],
             rtp_ports: (31_000, 31_400),
             media_ip: "127.0.0.1".parse().unwrap(),
+            media_realtime: false,
             single_process: true,
             orphan_after: Duration::from_secs(30),
             timers: Timers::default(),

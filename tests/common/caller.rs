@@ -1,9 +1,14 @@
 //! A caller in the test process that receives RTP: INVITE with a PCMU offer, ACK, then it
-//! records every RTP packet (on a thread of its own, so arrival times are not skewed by the
-//! test's runtime) until the engine's BYE, which it answers.
+//! records every RTP packet with the kernel's receive timestamp (so arrival times are not skewed
+//! by the test process's own scheduling) until the engine's BYE, which it answers.
 
+use std::io::IoSliceMut;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg, setsockopt, sockopt};
+use nix::sys::time::TimeSpec;
 
 use sautikit_sip::rtp::{RtpHeader, g711};
 
@@ -11,7 +16,8 @@ use super::calls::NUMBER;
 
 /// One RTP packet as the caller received it.
 pub struct Received {
-    pub at: Instant,
+    /// When the kernel received it (`SO_TIMESTAMPNS`, wall clock).
+    pub at: Duration,
     pub header: RtpHeader,
     pub payload: Vec<u8>,
 }
@@ -127,21 +133,21 @@ impl Caller {
         let rtp = self.rtp.try_clone().unwrap();
         rtp.set_read_timeout(Some(Duration::from_millis(200)))
             .unwrap();
+        setsockopt(&rtp, sockopt::ReceiveTimestampns, &true).unwrap();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stop_rx = stop.clone();
         let listener = std::thread::spawn(move || {
             let mut got = Vec::new();
             let mut buf = [0u8; 2048];
             while !stop_rx.load(std::sync::atomic::Ordering::Relaxed) {
-                if let Ok((n, _)) = rtp.recv_from(&mut buf) {
-                    let at = Instant::now();
-                    if let Ok((header, payload)) = RtpHeader::parse(&buf[..n]) {
-                        got.push(Received {
-                            at,
-                            header,
-                            payload: payload.to_vec(),
-                        });
-                    }
+                if let Some((n, at)) = recv_stamped(&rtp, &mut buf)
+                    && let Ok((header, payload)) = RtpHeader::parse(&buf[..n])
+                {
+                    got.push(Received {
+                        at,
+                        header,
+                        payload: payload.to_vec(),
+                    });
                 }
             }
             got
@@ -163,6 +169,26 @@ impl Caller {
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         listener.join().unwrap()
     }
+}
+
+/// One datagram and the kernel's receive time (`None` on timeout).
+fn recv_stamped(sock: &std::net::UdpSocket, buf: &mut [u8]) -> Option<(usize, Duration)> {
+    let mut iov = [IoSliceMut::new(buf)];
+    let mut cmsg = nix::cmsg_space!(TimeSpec);
+    let msg = recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::empty(),
+    )
+    .ok()?;
+    let at = msg.cmsgs().ok()?.find_map(|c| match c {
+        ControlMessageOwned::ScmTimestampns(t) => {
+            Some(Duration::new(t.tv_sec() as u64, t.tv_nsec() as u32))
+        }
+        _ => None,
+    })?;
+    Some((msg.bytes, at))
 }
 
 /// Where the engine's SDP answer says its RTP is.

@@ -1,9 +1,9 @@
 //! RTP (RFC 3550) headers, a sender that numbers packets, G.711 and real-time pacing.
 
 pub mod g711;
-mod pacer;
+mod wheel;
 
-pub use pacer::Pacer;
+pub use wheel::{DueTicks, FrameWheel};
 
 use thiserror::Error;
 
