@@ -91,8 +91,10 @@ const EXPAND_PAGES: usize = 4;
 
 const UNEXPANDED_SQLITE: &str = "SELECT id, workspace_id, event_kind, number_id, call_id, body \
     FROM events WHERE expanded = 0 AND id > $1 ORDER BY id LIMIT $2";
+// In `seq` order, which is commit order for the events of one ordering key (0006): UUIDv7 ids of
+// two processes committing in the same millisecond can be in either order.
 const UNEXPANDED_POSTGRES: &str = "SELECT id, workspace_id, event_kind, number_id, call_id, body \
-    FROM events WHERE expanded = 0 AND id > $1 ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED";
+    FROM events WHERE expanded = 0 AND id > $1 ORDER BY seq LIMIT $2 FOR UPDATE SKIP LOCKED";
 
 /// How often (at most) a SQLite read also looks below its cursor, for events another process
 /// committed with a lower id than ones already handed out.
@@ -127,6 +129,47 @@ impl LocalLeases {
     fn token(&self) -> String {
         self.lock().token.get_or_insert_with(new_id).clone()
     }
+}
+
+/// Delivery ids in expansion order. Deliveries of one ordering key go out in id order, and ids are
+/// UUIDv7: within one process they only grow, but another process expanding in the same
+/// millisecond could make smaller ones. On PostgreSQL expansion starts from the largest id in the
+/// table (read under the lease lock) and every new id is above the one before.
+#[derive(Default)]
+struct DeliveryIds {
+    last: Option<uuid::Uuid>,
+}
+
+impl DeliveryIds {
+    fn next(&mut self) -> String {
+        let mut id = uuid::Uuid::now_v7();
+        if let Some(last) = self.last
+            && id <= last
+        {
+            id = uuid_after(last);
+        }
+        self.last = Some(id);
+        id.to_string()
+    }
+}
+
+/// The next UUIDv7 after `u` in the same millisecond: its random part plus one, keeping the
+/// version and variant bits.
+fn uuid_after(u: uuid::Uuid) -> uuid::Uuid {
+    const RAND_B: u128 = (1 << 62) - 1;
+    let v = u.as_u128();
+    if v & RAND_B != RAND_B {
+        return uuid::Uuid::from_u128(v + 1);
+    }
+    // rand_b is full: carry into rand_a (the low 12 bits of the high half), and from there into
+    // the millisecond timestamp (the high 48 bits).
+    let high = v >> 64;
+    let high = if high & 0xfff != 0xfff {
+        high + 1
+    } else {
+        (((high >> 16) + 1) << 16) | 0x7000
+    };
+    uuid::Uuid::from_u128((high << 64) | (0b10u128 << 62))
 }
 
 /// Where the next read of unexpanded events starts, and which of them to skip.
@@ -321,13 +364,22 @@ async fn expand_events(
         }
     }
 
+    let mut ids = DeliveryIds::default();
+    if backend == Backend::Postgres {
+        // Under the lease lock: ids above every delivery another process wrote (see DeliveryIds).
+        let row = sqlx::query("SELECT max(id) AS m FROM webhook_deliveries")
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(storage)?;
+        ids.last = get::<Option<String>>(&row, "m")?.and_then(|m| uuid::Uuid::parse_str(&m).ok());
+    }
     let mut rows: Vec<NewRow> = Vec::new();
     let mut written_events: Vec<&str> = Vec::new();
     for (i, (e, to)) in events.iter().zip(targets).enumerate() {
         let single = to.len() == 1;
         let mut unwritten = false;
         for (sub, url, key) in to {
-            let id = new_id();
+            let id = ids.next();
             if blocked.contains(&key) {
                 rows.push(NewRow {
                     id,
@@ -510,7 +562,8 @@ impl SqlStore {
     ) -> Result<Vec<DeliveryRecord>, StorageError> {
         let mut sql = String::from(
             "SELECT id, event_id, event_kind, subscription_id, url, number_id, call_id, status, \
-             attempts, next_attempt_at, last_status_code, last_error, created_at, delivered_at \
+             attempts, next_attempt_at, last_status_code, last_error, created_at, delivered_at, \
+             first_attempted_at, first_status_code, first_latency_ms, first_error \
              FROM webhook_deliveries WHERE workspace_id = $1",
         );
         let mut args: Vec<String> = vec![workspace_id.to_owned()];
@@ -544,6 +597,17 @@ impl SqlStore {
         let mut out = Vec::with_capacity(rows.len());
         for r in &rows {
             let status: String = get(r, "status")?;
+            // Attempt 1 is on the row (rows from before 0006 have it in webhook_attempts).
+            let first = match get_opt_time(r, "first_attempted_at")? {
+                Some(attempted_at) => vec![AttemptView {
+                    attempt: 1,
+                    attempted_at,
+                    status_code: get(r, "first_status_code")?,
+                    latency_ms: get::<Option<i64>>(r, "first_latency_ms")?.unwrap_or(0),
+                    error: get(r, "first_error")?,
+                }],
+                None => Vec::new(),
+            };
             out.push(DeliveryRecord {
                 id: get(r, "id")?,
                 event_id: get(r, "event_id")?,
@@ -563,7 +627,7 @@ impl SqlStore {
                 last_error: get(r, "last_error")?,
                 created_at: get_time(r, "created_at")?,
                 delivered_at: get_opt_time(r, "delivered_at")?,
-                attempts: Vec::new(),
+                attempts: first,
             });
         }
         self.attach_attempts(&mut out).await?;
@@ -795,6 +859,12 @@ impl Outbox for SqlStore {
                     Resolution::RetryAt(t) => ("pending", to_db(*t), None),
                     Resolution::DeadLetter => ("dead_letter", at.clone(), None),
                 };
+                let first = (a.attempt == 1).then(|| InlineAttempt {
+                    attempted_at: at.clone(),
+                    status_code: a.result.status_code.map(i64::from),
+                    latency_ms: a.result.latency_ms,
+                    error: a.result.error.clone(),
+                });
                 first_writes.push(FirstWrite {
                     id: a.delivery_id.clone(),
                     u: u.clone(),
@@ -806,6 +876,7 @@ impl Outbox for SqlStore {
                     last_error: a.result.error.clone(),
                     updated_at: at,
                     delivered_at: delivered,
+                    first,
                 });
             }
         }
@@ -823,6 +894,7 @@ impl Outbox for SqlStore {
                     last_error: None,
                     updated_at: ts,
                     delivered_at: None,
+                    first: None,
                 });
             }
         }
@@ -833,15 +905,17 @@ impl Outbox for SqlStore {
                 "INSERT INTO webhook_deliveries (id, event_id, workspace_id, subscription_id, url, \
                  ordering_key, event_kind, number_id, call_id, status, attempts, max_attempts, \
                  next_attempt_at, last_status_code, last_error, created_at, updated_at, \
-                 delivered_at) \
+                 delivered_at, first_attempted_at, first_status_code, first_latency_ms, \
+                 first_error) \
                  SELECT v.column1, v.column2, v.column3, v.column4, v.column5, v.column6, \
                  v.column7, v.column8, v.column9, \
                  CASE WHEN v.column10 = 'pending' AND EXISTS (SELECT 1 FROM webhook_subscriptions s \
                    WHERE s.id = v.column4 AND s.status = 'deleted') THEN 'canceled' \
                    ELSE v.column10 END, \
                  v.column11, v.column12, v.column13, v.column14, v.column15, v.column16, \
-                 v.column17, v.column18 FROM (VALUES {}) AS v",
-                value_rows(backend, chunk.len(), 18)
+                 v.column17, v.column18, v.column19, v.column20, v.column21, v.column22 \
+                 FROM (VALUES {}) AS v",
+                value_rows(backend, chunk.len(), 22)
             );
             let mut q = sqlx::query(AssertSqlSafe(sql));
             for w in chunk {
@@ -863,14 +937,20 @@ impl Outbox for SqlStore {
                     .bind(w.last_error.clone())
                     .bind(to_db(w.u.created_at))
                     .bind(w.updated_at.clone())
-                    .bind(w.delivered_at.clone());
+                    .bind(w.delivered_at.clone())
+                    .bind(w.first.as_ref().map(|f| f.attempted_at.clone()))
+                    .bind(w.first.as_ref().and_then(|f| f.status_code))
+                    .bind(w.first.as_ref().map(|f| f.latency_ms))
+                    .bind(w.first.as_ref().and_then(|f| f.error.clone()));
             }
             q.execute(&mut *tx).await.map_err(storage)?;
         }
         let first_events: Vec<&str> = first_writes.iter().map(|w| w.u.event_id.as_str()).collect();
         mark_expanded(&mut tx, backend, &first_events).await?;
 
-        for chunk in attempts.chunks(ROW_CHUNK) {
+        // The first attempt is kept on the delivery row; later ones get rows of their own.
+        let later: Vec<&AttemptRecord> = attempts.iter().filter(|a| a.attempt != 1).collect();
+        for chunk in later.chunks(ROW_CHUNK) {
             let sql = format!(
                 "INSERT INTO webhook_attempts (id, delivery_id, attempt, attempted_at, status_code, \
                  latency_ms, error) VALUES {}",
@@ -899,8 +979,17 @@ impl Outbox for SqlStore {
                 "UPDATE webhook_deliveries SET status = v.column2, attempts = v.column3, \
                  next_attempt_at = v.column4, last_status_code = v.column5, last_error = v.column6, \
                  delivered_at = v.column7, updated_at = v.column8, lease_token = NULL, \
-                 lease_until = NULL FROM (VALUES {}) AS v WHERE webhook_deliveries.id = v.column1",
-                value_rows(backend, chunk.len(), 8)
+                 lease_until = NULL, \
+                 first_attempted_at = CASE WHEN v.column3 = 1 THEN v.column8 \
+                   ELSE webhook_deliveries.first_attempted_at END, \
+                 first_status_code = CASE WHEN v.column3 = 1 THEN v.column5 \
+                   ELSE webhook_deliveries.first_status_code END, \
+                 first_latency_ms = CASE WHEN v.column3 = 1 THEN v.column9 \
+                   ELSE webhook_deliveries.first_latency_ms END, \
+                 first_error = CASE WHEN v.column3 = 1 THEN v.column6 \
+                   ELSE webhook_deliveries.first_error END \
+                 FROM (VALUES {}) AS v WHERE webhook_deliveries.id = v.column1",
+                value_rows(backend, chunk.len(), 9)
             );
             let mut q = sqlx::query(AssertSqlSafe(sql));
             for a in chunk {
@@ -918,7 +1007,8 @@ impl Outbox for SqlStore {
                     .bind(a.result.status_code.map(i64::from))
                     .bind(a.result.error.clone())
                     .bind(delivered)
-                    .bind(at);
+                    .bind(at)
+                    .bind(a.result.latency_ms);
             }
             q.execute(&mut *tx).await.map_err(storage)?;
         }
@@ -977,4 +1067,44 @@ struct FirstWrite {
     last_error: Option<String>,
     updated_at: String,
     delivered_at: Option<String>,
+    /// The first attempt, kept on the row.
+    first: Option<InlineAttempt>,
+}
+
+struct InlineAttempt {
+    attempted_at: String,
+    status_code: Option<i64>,
+    latency_ms: i64,
+    error: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delivery_ids_rise_above_a_floor_from_another_process() {
+        // A floor far in the future: every id must still come out above it, in order.
+        let floor = uuid::Uuid::parse_str("7fffffff-ffff-7fff-bfff-fffffffffffe").expect("uuid");
+        let mut ids = DeliveryIds { last: Some(floor) };
+        let made: Vec<uuid::Uuid> = (0..4)
+            .map(|_| uuid::Uuid::parse_str(&ids.next()).expect("uuid"))
+            .collect();
+        assert!(made[0] > floor);
+        assert!(made.windows(2).all(|w| w[0] < w[1]), "{made:?}");
+        for u in &made {
+            assert_eq!(u.get_version_num(), 7, "{u}");
+            assert_eq!(u.get_variant(), uuid::Variant::RFC4122, "{u}");
+        }
+        // Without a floor: plain UUIDv7, rising.
+        let mut fresh = DeliveryIds::default();
+        let (a, b) = (fresh.next(), fresh.next());
+        assert!(a < b);
+        // A full random part carries into the next millisecond.
+        let full = uuid::Uuid::parse_str("01900000-0000-7fff-bfff-ffffffffffff").expect("uuid");
+        let next = uuid_after(full);
+        assert!(next > full);
+        assert_eq!(next.get_version_num(), 7);
+        assert_eq!(next.get_variant(), uuid::Variant::RFC4122);
+    }
 }
