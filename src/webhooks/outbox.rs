@@ -92,9 +92,11 @@ const EXPAND_PAGES: usize = 4;
 const UNEXPANDED_SQLITE: &str = "SELECT id, workspace_id, event_kind, number_id, call_id, body \
     FROM events WHERE expanded = 0 AND id > $1 ORDER BY id LIMIT $2";
 // In `seq` order, which is commit order for the events of one ordering key (0006): UUIDv7 ids of
-// two processes committing in the same millisecond can be in either order.
+// two processes committing in the same millisecond can be in either order. No row locks: only
+// expansion changes events, and it runs under the lease's advisory lock, so the next expansion
+// (another process's included) starts after this one committed and sees its events expanded.
 const UNEXPANDED_POSTGRES: &str = "SELECT id, workspace_id, event_kind, number_id, call_id, body \
-    FROM events WHERE expanded = 0 AND id > $1 ORDER BY seq LIMIT $2 FOR UPDATE SKIP LOCKED";
+    FROM events WHERE expanded = 0 AND id > $1 ORDER BY seq LIMIT $2";
 
 /// How often (at most) a SQLite read also looks below its cursor, for events another process
 /// committed with a lower id than ones already handed out.
