@@ -97,6 +97,10 @@ pub struct ServeArgs {
     /// it the engine logs why and runs at normal priority.
     #[arg(long, env = "SAUTIKIT_MEDIA_REALTIME", default_value_t = true, action = clap::ArgAction::Set)]
     pub media_realtime: bool,
+    /// Threads that pace outgoing RTP, each owning a share of the calls (0: one per core, at most
+    /// four).
+    #[arg(long, env = "SAUTIKIT_MEDIA_THREADS", default_value_t = 0)]
+    pub media_threads: usize,
     /// PostgreSQL with several engines: an engine whose heartbeat is this many seconds old is
     /// taken for dead, and its live calls are closed as `failed` (`engine.restart`).
     #[arg(long, env = "SAUTIKIT_CALL_ORPHAN_SECS", default_value_t = 30)]

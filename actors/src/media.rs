@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use sautikit_sip::rtp::{DueTicks, FrameWheel, RtpSender, g711};
@@ -122,7 +122,9 @@ pub struct MediaStats {
 /// Handle to the media engine; cheap to clone.
 #[derive(Clone)]
 pub struct Media {
-    tx: mpsc::UnboundedSender<MediaCmd>,
+    /// One pacing thread per shard; a stream lives on shard `id % shards` for its whole life.
+    shards: Arc<[mpsc::UnboundedSender<MediaCmd>]>,
+    next_shard: Arc<AtomicUsize>,
     pub stats: Arc<MediaStats>,
 }
 
@@ -150,6 +152,10 @@ struct Engine {
     ip: IpAddr,
     first: u16,
     last: u16,
+    /// This engine is shard `shard` of `shards`: it owns every `shards`-th even port and the
+    /// stream ids `≡ shard (mod shards)`.
+    shard: u16,
+    shards: u16,
     /// Next port to try, so ports are reused as late as possible (stray packets of an ended
     /// call do not land in a new one).
     cursor: u16,
@@ -162,100 +168,152 @@ struct Engine {
 }
 
 impl Media {
-    /// Start the engine with RTP ports `first..=last` on `ip`. Only even ports carry RTP (the odd
-    /// neighbour is RTCP's by convention). `realtime` asks for real-time scheduling of the media
-    /// thread.
-    pub fn start(ip: IpAddr, first: u16, last: u16, realtime: bool) -> Media {
-        let (tx, rx) = mpsc::unbounded_channel();
+    /// Start the engine with RTP ports `first..=last` on `ip`, paced by `threads` threads (each
+    /// owning a share of the calls). Only even ports carry RTP (the odd neighbour is RTCP's by
+    /// convention). `realtime` asks for real-time scheduling of the media threads.
+    pub fn start(ip: IpAddr, first: u16, last: u16, threads: usize, realtime: bool) -> Media {
         let stats = Arc::new(MediaStats::default());
-        let engine = Engine {
-            ip,
-            first,
-            last,
-            cursor: first,
-            next_id: 1,
-            streams: HashMap::new(),
-            in_use: HashMap::new(),
-            wheel: FrameWheel::new(Instant::now().into_std(), FRAME / SLOTS as u32, SLOTS),
-            stats: stats.clone(),
-            tx: tx.clone(),
-        };
-        // Pacing gets a thread of its own: on the shared runtime a frame would wait behind
-        // whatever HTTP or database work holds the workers, and the caller hears the jitter.
-        let spawned = std::thread::Builder::new()
-            .name("sautikit-media".into())
-            .spawn(move || {
-                if realtime {
-                    raise_priority();
-                }
-                match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt.block_on(engine.run(rx)),
-                    Err(e) => warn!(error = %e, "the media runtime could not start"),
-                }
-            });
-        if let Err(e) = spawned {
-            warn!(error = %e, "the media thread could not start");
+        let shards = u16::try_from(threads.clamp(1, 64)).unwrap_or(1);
+        let mut txs = Vec::with_capacity(usize::from(shards));
+        for shard in 0..shards {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let first_port = first_port(first, shard);
+            let engine = Engine {
+                ip,
+                first,
+                last,
+                shard,
+                shards,
+                cursor: first_port,
+                next_id: 1,
+                streams: HashMap::new(),
+                in_use: HashMap::new(),
+                wheel: FrameWheel::new(Instant::now().into_std(), FRAME / SLOTS as u32, SLOTS),
+                stats: stats.clone(),
+                tx: tx.clone(),
+            };
+            txs.push(tx);
+            // Pacing gets threads of its own: on the shared runtime a frame would wait behind
+            // whatever HTTP or database work holds the workers, and the caller hears the jitter.
+            let spawned = std::thread::Builder::new()
+                .name(format!("sautikit-media{shard}"))
+                .spawn(move || {
+                    if realtime {
+                        raise_priority();
+                    }
+                    match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt.block_on(engine.run(rx)),
+                        Err(e) => warn!(error = %e, "the media runtime could not start"),
+                    }
+                });
+            if let Err(e) = spawned {
+                warn!(error = %e, "a media thread could not start");
+            }
         }
-        Media { tx, stats }
+        Media {
+            shards: txs.into(),
+            next_shard: Arc::new(AtomicUsize::new(0)),
+            stats,
+        }
     }
 
-    /// Bind a free port for a call; its events go to `events`.
+    fn send(&self, id: u64, cmd: MediaCmd) -> Result<(), MediaError> {
+        let n = self.shards.len() as u64;
+        let tx = self
+            .shards
+            .get(usize::try_from(id % n.max(1)).unwrap_or(0))
+            .ok_or(MediaError::Stopped)?;
+        tx.send(cmd).map_err(|_| MediaError::Stopped)
+    }
+
+    /// Bind a free port for a call; its events go to `events`. Calls are dealt to the pacing
+    /// threads in turn; a thread whose ports are all taken passes to the next.
     pub async fn open(&self, events: MediaEvents) -> Result<RtpPort, MediaError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(MediaCmd::Open { events, reply })
-            .map_err(|_| MediaError::Stopped)?;
-        rx.await.map_err(|_| MediaError::Stopped)?
+        let n = self.shards.len();
+        let start = self.next_shard.fetch_add(1, Ordering::Relaxed);
+        let mut last_err = MediaError::Stopped;
+        for k in 0..n {
+            let (reply, rx) = oneshot::channel();
+            let Some(tx) = self.shards.get((start + k) % n) else {
+                continue;
+            };
+            if tx
+                .send(MediaCmd::Open {
+                    events: events.clone(),
+                    reply,
+                })
+                .is_err()
+            {
+                continue;
+            }
+            match rx.await {
+                Ok(Ok(port)) => return Ok(port),
+                Ok(Err(e)) => last_err = e,
+                Err(_) => {}
+            }
+        }
+        Err(last_err)
     }
 
     /// Start sending (silence until something plays) and listening.
     pub fn start_stream(&self, id: u64, params: StreamParams) {
-        let _ = self.tx.send(MediaCmd::Start { id, params });
+        let _ = self.send(id, MediaCmd::Start { id, params });
     }
 
     /// Play `audio` `loops` times (replacing whatever plays); `PlaybackFinished` follows.
     pub fn play(&self, id: u64, play_id: u64, audio: Audio, loops: u32) {
-        let _ = self.tx.send(MediaCmd::Play {
+        let _ = self.send(
             id,
-            play_id,
-            audio,
-            loops: loops.max(1),
-        });
+            MediaCmd::Play {
+                id,
+                play_id,
+                audio,
+                loops: loops.max(1),
+            },
+        );
     }
 
     /// Stop what plays now (barge-in); `PlaybackFinished { interrupted: true }` follows.
     pub fn stop_playback(&self, id: u64) {
-        let _ = self.tx.send(MediaCmd::StopPlayback { id });
+        let _ = self.send(id, MediaCmd::StopPlayback { id });
     }
 
     /// Record what the caller says into a WAV file; `RecordingFinished` follows.
     pub fn start_recording(&self, id: u64, spec: RecordingSpec) {
-        let _ = self.tx.send(MediaCmd::Receiver {
+        let _ = self.send(
             id,
-            cmd: receive::RecvCmd::StartRecording(spec),
-        });
+            MediaCmd::Receiver {
+                id,
+                cmd: receive::RecvCmd::StartRecording(spec),
+            },
+        );
     }
 
     /// End the recording now (a key from SIP INFO); `RecordingFinished` follows.
     pub fn stop_recording(&self, id: u64, end: RecordingEnd) {
-        let _ = self.tx.send(MediaCmd::Receiver {
+        let _ = self.send(
             id,
-            cmd: receive::RecvCmd::StopRecording(end, None),
-        });
+            MediaCmd::Receiver {
+                id,
+                cmd: receive::RecvCmd::StopRecording(end, None),
+            },
+        );
     }
 
     /// End the recording and wait for its file to be complete (the call is ending).
     pub async fn finish_recording(&self, id: u64, end: RecordingEnd) -> Option<RecordingOutcome> {
         let (done, rx) = oneshot::channel();
-        self.tx
-            .send(MediaCmd::Receiver {
+        self.send(
+            id,
+            MediaCmd::Receiver {
                 id,
                 cmd: receive::RecvCmd::StopRecording(end, Some(done)),
-            })
-            .ok()?;
+            },
+        )
+        .ok()?;
         tokio::time::timeout(Duration::from_secs(5), rx)
             .await
             .ok()?
@@ -265,7 +323,7 @@ impl Media {
 
     /// Stop sending and listening and free the port (a recording in progress is finished).
     pub fn close(&self, id: u64) {
-        let _ = self.tx.send(MediaCmd::Close { id });
+        let _ = self.send(id, MediaCmd::Close { id });
     }
 }
 
@@ -390,17 +448,28 @@ impl Engine {
     }
 
     fn open(&mut self, events: MediaEvents) -> Result<RtpPort, MediaError> {
-        let first = self.first + (self.first & 1);
-        let span = u32::from(self.last.saturating_sub(first)) / 2 + 1;
-        for _ in 0..span {
-            let port = self.cursor.max(first);
-            let port = port + (port & 1);
-            self.cursor = if port >= self.last.saturating_sub(1) {
+        let no_port = MediaError::NoFreePort {
+            first: self.first,
+            last: self.last,
+        };
+        let first = u32::from(first_port(self.first, self.shard));
+        let last = u32::from(self.last);
+        let step = 2 * u32::from(self.shards);
+        if first > last {
+            return Err(no_port);
+        }
+        for _ in 0..(last - first) / step + 1 {
+            let port = u32::from(self.cursor).max(first);
+            let next = if port + step > last {
                 first
             } else {
-                port + 2
+                port + step
             };
-            if port > self.last || self.in_use.contains_key(&port) {
+            self.cursor = u16::try_from(next).unwrap_or(self.first);
+            let Ok(port) = u16::try_from(port) else {
+                continue;
+            };
+            if self.in_use.contains_key(&port) {
                 continue;
             }
             let addr = SocketAddr::new(self.ip, port);
@@ -417,7 +486,7 @@ impl Engine {
             let Ok(socket) = UdpSocket::from_std(std_socket) else {
                 continue;
             };
-            let id = self.next_id;
+            let id = self.next_id * u64::from(self.shards) + u64::from(self.shard);
             self.next_id += 1;
             self.in_use.insert(port, id);
             self.streams.insert(
@@ -436,10 +505,7 @@ impl Engine {
             self.stats.streams.fetch_add(1, Ordering::Relaxed);
             return Ok(RtpPort { id, local: addr });
         }
-        Err(MediaError::NoFreePort {
-            first: self.first,
-            last: self.last,
-        })
+        Err(no_port)
     }
 
     /// Send what fell due: each stream in a due slot sends the frames it owes, at most
@@ -517,6 +583,12 @@ impl Stream {
             p.position = p.position.min(len);
         }
     }
+}
+
+/// The first even port of a shard's share (every `shards`-th even port from `first`).
+fn first_port(first: u16, shard: u16) -> u16 {
+    let even = u32::from(first) + u32::from(first & 1);
+    u16::try_from(even + 2 * u32::from(shard)).unwrap_or(u16::MAX)
 }
 
 /// Real-time round-robin scheduling for the calling (media) thread, as media servers ask for: a

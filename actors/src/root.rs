@@ -82,8 +82,10 @@ pub struct VoiceSetup {
     pub rtp_ports: (u16, u16),
     /// Written into SDP answers; RTP sockets bind to it.
     pub media_ip: std::net::IpAddr,
-    /// Ask for real-time scheduling for the media thread (falls back to normal when refused).
+    /// Ask for real-time scheduling for the media threads (falls back to normal when refused).
     pub media_realtime: bool,
+    /// Pacing threads; each owns a share of the calls.
+    pub media_threads: usize,
     /// SQLite: every call live at start is an orphan of this same process.
     pub single_process: bool,
     /// An engine silent this long is taken for dead and its live calls are closed.
@@ -324,6 +326,7 @@ impl Engine {
                 setup.media_ip,
                 setup.rtp_ports.0,
                 setup.rtp_ports.1,
+                setup.media_threads,
                 setup.media_realtime,
             );
             VoiceRuntime {

@@ -335,6 +335,7 @@ async fn a_failing_call_actor_ends_only_its_own_call() {
             rtp_ports: (31_000, 31_400),
             media_ip: "127.0.0.1".parse().unwrap(),
             media_realtime: false,
+            media_threads: 2,
             single_process: true,
             orphan_after: Duration::from_secs(30),
             timers: Timers::default(),
