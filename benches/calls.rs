@@ -34,9 +34,8 @@ mod common;
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
-use std::io::IoSliceMut;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -44,13 +43,13 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::http::HeaderMap;
 use axum::routing::post;
+use common::caller::recv_stamped;
 use common::uac::{
     body, contact_uri, cpu_time, cseq, ensure_nofile, header, machine_load, quantile,
     request_method, response_to, rtp_header, sdp_offer_pcmu, status_code, status_kib, thread_cpu,
 };
 use common::{Api, Backend, Mode, Server, TestDb, dev_key};
-use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg, setsockopt, sockopt};
-use nix::sys::time::TimeSpec;
+use nix::sys::socket::{MsgFlags, setsockopt, sockopt};
 use serde_json::json;
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
@@ -1087,20 +1086,6 @@ struct StreamStats {
     bad: u64,
 }
 
-/// Read one datagram without blocking, with the kernel's receive timestamp.
-fn recv_stamped(fd: RawFd, buf: &mut [u8]) -> std::io::Result<(usize, Option<Duration>)> {
-    let mut iov = [IoSliceMut::new(buf)];
-    let mut cmsg = nix::cmsg_space!(TimeSpec);
-    let msg = recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_DONTWAIT)?;
-    let mut stamp = None;
-    for c in msg.cmsgs()? {
-        if let ControlMessageOwned::ScmTimestampns(t) = c {
-            stamp = Some(Duration::new(t.tv_sec() as u64, t.tv_nsec() as u32));
-        }
-    }
-    Ok((msg.bytes, stamp))
-}
-
 fn deviation_us(spacing: Duration) -> u32 {
     let dev = (spacing.as_micros() as i64 - 20_000).unsigned_abs();
     dev.min(u64::from(u32::MAX)) as u32
@@ -1125,7 +1110,9 @@ async fn rtp_receiver(
             r = sock.readable() => if r.is_err() { break },
             _ = stop.changed() => break,
         }
-        while let Ok((n, stamp)) = sock.try_io(Interest::READABLE, || recv_stamped(fd, &mut buf)) {
+        while let Ok((n, stamp)) = sock.try_io(Interest::READABLE, || {
+            recv_stamped(fd, &mut buf, MsgFlags::MSG_DONTWAIT)
+        }) {
             let now = Instant::now();
             let Some(stamp) = stamp else {
                 st.bad += 1;

@@ -89,18 +89,27 @@ pub(crate) struct GuardedResolver {
 impl Resolve for GuardedResolver {
     fn resolve(&self, name: reqwest::dns::Name) -> Resolving {
         let policy = self.policy.clone();
+        let host = name.as_str().to_owned();
         Box::pin(async move {
-            let host = name.as_str().to_owned();
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
-                .await?
-                .filter(|a| policy.permits(a.ip()))
-                .collect();
-            if addrs.is_empty() {
-                return Err(Box::new(Forbidden(host)) as Box<dyn std::error::Error + Send + Sync>);
-            }
+            let addrs = permitted_addrs(&policy, host).await?;
             Ok(Box::new(addrs.into_iter()) as Addrs)
         })
     }
+}
+
+/// The OS's addresses for `host` that `policy` permits; [`Forbidden`] when it permits none.
+async fn permitted_addrs(
+    policy: &AddressPolicy,
+    host: String,
+) -> Result<Vec<SocketAddr>, Box<dyn std::error::Error + Send + Sync>> {
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+        .await?
+        .filter(|a| policy.permits(a.ip()))
+        .collect();
+    if addrs.is_empty() {
+        return Err(Box::new(Forbidden(host)));
+    }
+    Ok(addrs)
 }
 
 /// Webhook requests go straight through hyper's pooled client: reqwest's per-request work (URL
@@ -156,17 +165,8 @@ impl tower::Service<Name> for HyperResolver {
 
     fn call(&mut self, name: Name) -> Self::Future {
         let policy = self.policy.clone();
-        Box::pin(async move {
-            let host = name.as_str().to_owned();
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
-                .await?
-                .filter(|a| policy.permits(a.ip()))
-                .collect();
-            if addrs.is_empty() {
-                return Err(Box::new(Forbidden(host)) as Self::Error);
-            }
-            Ok(addrs.into_iter())
-        })
+        let host = name.as_str().to_owned();
+        Box::pin(async move { Ok(permitted_addrs(&policy, host).await?.into_iter()) })
     }
 }
 

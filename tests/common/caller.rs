@@ -4,7 +4,7 @@
 
 use std::io::IoSliceMut;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::time::Duration;
 
 use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg, setsockopt, sockopt};
@@ -140,7 +140,8 @@ impl Caller {
             let mut got = Vec::new();
             let mut buf = [0u8; 2048];
             while !stop_rx.load(std::sync::atomic::Ordering::Relaxed) {
-                if let Some((n, at)) = recv_stamped(&rtp, &mut buf)
+                if let Ok((n, Some(at))) =
+                    recv_stamped(rtp.as_raw_fd(), &mut buf, MsgFlags::empty())
                     && let Ok((header, payload)) = RtpHeader::parse(&buf[..n])
                 {
                     got.push(Received {
@@ -171,24 +172,22 @@ impl Caller {
     }
 }
 
-/// One datagram and the kernel's receive time (`None` on timeout).
-fn recv_stamped(sock: &std::net::UdpSocket, buf: &mut [u8]) -> Option<(usize, Duration)> {
+/// One datagram and the kernel's receive time (wall clock; `SO_TIMESTAMPNS` must be on).
+pub fn recv_stamped(
+    fd: RawFd,
+    buf: &mut [u8],
+    flags: MsgFlags,
+) -> std::io::Result<(usize, Option<Duration>)> {
     let mut iov = [IoSliceMut::new(buf)];
     let mut cmsg = nix::cmsg_space!(TimeSpec);
-    let msg = recvmsg::<()>(
-        sock.as_raw_fd(),
-        &mut iov,
-        Some(&mut cmsg),
-        MsgFlags::empty(),
-    )
-    .ok()?;
-    let at = msg.cmsgs().ok()?.find_map(|c| match c {
+    let msg = recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), flags)?;
+    let at = msg.cmsgs()?.find_map(|c| match c {
         ControlMessageOwned::ScmTimestampns(t) => {
             Some(Duration::new(t.tv_sec() as u64, t.tv_nsec() as u32))
         }
         _ => None,
-    })?;
-    Some((msg.bytes, at))
+    });
+    Ok((msg.bytes, at))
 }
 
 /// Where the engine's SDP answer says its RTP is.

@@ -41,10 +41,6 @@ impl<K: PartialEq + Copy> FrameWheel<K> {
         }
     }
 
-    pub fn slots(&self) -> usize {
-        self.buckets.len()
-    }
-
     pub fn len(&self) -> usize {
         self.len
     }
