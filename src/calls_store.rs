@@ -35,6 +35,9 @@ macro_rules! call_cols {
     };
 }
 
+// After the macro: the set-wise group commit uses it too.
+mod batch;
+
 /// A call as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CallRecord {
@@ -210,6 +213,20 @@ fn base_payload(c: &CallRecord) -> serde_json::Map<String, Value> {
     m
 }
 
+fn call_event(
+    c: &CallRecord,
+    kind: &'static str,
+    payload: serde_json::Map<String, Value>,
+) -> EventDraft {
+    EventDraft {
+        workspace_id: c.workspace_id.clone(),
+        kind,
+        number_id: Some(c.number_id.clone()),
+        call_id: Some(c.id.clone()),
+        payload: Value::Object(payload),
+    }
+}
+
 async fn enqueue_call_event(
     conn: &mut AnyConnection,
     c: &CallRecord,
@@ -217,18 +234,60 @@ async fn enqueue_call_event(
     payload: serde_json::Map<String, Value>,
     at: DateTime<Utc>,
 ) -> Result<(), StorageError> {
-    enqueue(
-        conn,
-        &EventDraft {
-            workspace_id: c.workspace_id.clone(),
-            kind,
-            number_id: Some(c.number_id.clone()),
-            call_id: Some(c.id.clone()),
-            payload: Value::Object(payload),
-        },
+    enqueue(conn, &call_event(c, kind, payload), at).await
+}
+
+/// `call.started` of a call just written.
+fn started_event(c: &CallRecord) -> EventDraft {
+    call_event(c, "call.started", base_payload(c))
+}
+
+/// `call.answered` of a call just answered.
+fn answered_event(c: &CallRecord, answered_at: DateTime<Utc>) -> EventDraft {
+    let mut payload = base_payload(c);
+    payload.insert("answered_at".into(), json!(to_api(answered_at)));
+    call_event(c, "call.answered", payload)
+}
+
+/// `call.completed` or `call.failed` of a call just ended (rated and charged).
+fn ended_event(c: &CallRecord, ended_at: DateTime<Utc>) -> EventDraft {
+    let mut payload = base_payload(c);
+    let kind = if c.status == CallStatus::Completed {
+        payload.insert("answered_at".into(), json!(c.answered_at.map(to_api)));
+        payload.insert("duration_seconds".into(), json!(c.duration_seconds));
+        payload.insert("ended_at".into(), json!(to_api(ended_at)));
+        payload.insert("hangup_cause".into(), json!(c.hangup_cause));
+        payload.insert("cost_minor".into(), json!(c.cost_minor));
+        payload.insert("currency".into(), json!(c.currency));
+        "call.completed"
+    } else {
+        payload.insert("failure_reason".into(), json!(c.failure_reason));
+        payload.insert("ended_at".into(), json!(to_api(ended_at)));
+        "call.failed"
+    };
+    call_event(c, kind, payload)
+}
+
+/// The timeline line of a rated call's charge (after `cost_minor` and `uncollected_minor` are set).
+fn charged_entry(
+    c: &CallRecord,
+    rated: i64,
+    ledger_entry_id: Option<String>,
+    at: DateTime<Utc>,
+) -> TimelineEntry {
+    TimelineEntry {
         at,
-    )
-    .await
+        kind: "call.charged".to_owned(),
+        detail: json!({
+            "duration_seconds": c.duration_seconds,
+            "rate_per_min_minor": c.rate_per_min_minor,
+            "rated_minor": rated,
+            "cost_minor": c.cost_minor,
+            "uncollected_minor": c.uncollected_minor,
+            "currency": c.currency,
+            "ledger_entry_id": ledger_entry_id,
+        }),
+    }
 }
 
 async fn read_call(
@@ -251,6 +310,44 @@ fn call_not_found(call_id: &str) -> StorageError {
     StorageError(format!("call {call_id} not found"))
 }
 
+fn unknown_number(call: &CallStarted) -> StorageError {
+    StorageError(format!(
+        "number {} not found in workspace {}",
+        call.number_id, call.workspace_id
+    ))
+}
+
+fn check_direction(direction: &str) -> Result<(), StorageError> {
+    if direction != "inbound" && direction != "outbound" {
+        return Err(StorageError(format!(
+            "call direction must be inbound or outbound, got {direction:?}"
+        )));
+    }
+    Ok(())
+}
+
+fn check_final(end: &CallEnded) -> Result<(), StorageError> {
+    if !end.status.is_final() {
+        return Err(StorageError(format!(
+            "call_ended needs a final status, got {}",
+            end.status.as_str()
+        )));
+    }
+    Ok(())
+}
+
+/// Claims refuse a number priced in another currency than the wallet, so a mismatch is a broken
+/// invariant, not a customer error: fail rather than debit the wrong unit.
+fn check_currency(call: &CallRecord, wallet_currency: &str) -> Result<(), StorageError> {
+    if wallet_currency != call.currency {
+        return Err(StorageError(format!(
+            "call {} is priced in {} but the wallet holds {wallet_currency}",
+            call.id, call.currency
+        )));
+    }
+    Ok(())
+}
+
 /// How a finalisation went.
 enum Finalised {
     /// This transaction ended the call and wrote its event.
@@ -266,12 +363,7 @@ async fn finalise_in_tx(
     conn: &mut AnyConnection,
     end: &CallEnded,
 ) -> Result<Finalised, StorageError> {
-    if !end.status.is_final() {
-        return Err(StorageError(format!(
-            "call_ended needs a final status, got {}",
-            end.status.as_str()
-        )));
-    }
+    check_final(end)?;
     let ts = to_db(end.ended_at);
     let row = sqlx::query(concat!(
         "UPDATE calls SET status = $1, ended_at = $2, hangup_cause = $3, failure_reason = $4, \
@@ -304,19 +396,7 @@ async fn finalise_in_tx(
         let (charged, ledger_entry_id) = debit_for_call(conn, &call, rated, end.ended_at).await?;
         call.cost_minor = charged;
         call.uncollected_minor = rated - charged;
-        timeline.push(TimelineEntry {
-            at: end.ended_at,
-            kind: "call.charged".to_owned(),
-            detail: json!({
-                "duration_seconds": call.duration_seconds,
-                "rate_per_min_minor": call.rate_per_min_minor,
-                "rated_minor": rated,
-                "cost_minor": call.cost_minor,
-                "uncollected_minor": call.uncollected_minor,
-                "currency": call.currency,
-                "ledger_entry_id": ledger_entry_id,
-            }),
-        });
+        timeline.push(charged_entry(&call, rated, ledger_entry_id, end.ended_at));
         sqlx::query(
             "UPDATE calls SET duration_seconds = $1, cost_minor = $2, uncollected_minor = $3 \
              WHERE id = $4",
@@ -337,22 +417,7 @@ async fn finalise_in_tx(
             .map_err(storage)?;
     }
     insert_timeline(conn, &call.id, &timeline).await?;
-
-    let mut payload = base_payload(&call);
-    let kind = if call.status == CallStatus::Completed {
-        payload.insert("answered_at".into(), json!(call.answered_at.map(to_api)));
-        payload.insert("duration_seconds".into(), json!(call.duration_seconds));
-        payload.insert("ended_at".into(), json!(to_api(end.ended_at)));
-        payload.insert("hangup_cause".into(), json!(call.hangup_cause));
-        payload.insert("cost_minor".into(), json!(call.cost_minor));
-        payload.insert("currency".into(), json!(call.currency));
-        "call.completed"
-    } else {
-        payload.insert("failure_reason".into(), json!(call.failure_reason));
-        payload.insert("ended_at".into(), json!(to_api(end.ended_at)));
-        "call.failed"
-    };
-    enqueue_call_event(conn, &call, kind, payload, end.ended_at).await?;
+    enqueue(conn, &ended_event(&call, end.ended_at), end.ended_at).await?;
     Ok(Finalised::Ended(call.charged()))
 }
 
@@ -378,14 +443,7 @@ async fn debit_for_call(
     .map_err(storage)?
     .ok_or_else(|| StorageError(format!("workspace {} has no wallet", call.workspace_id)))?;
     let currency: String = get(&wallet, "currency")?;
-    if currency != call.currency {
-        // Claims refuse a number priced in another currency than the wallet, so this is a broken
-        // invariant, not a customer error: fail rather than debit the wrong unit.
-        return Err(StorageError(format!(
-            "call {} is priced in {} but the wallet holds {currency}",
-            call.id, call.currency
-        )));
-    }
+    check_currency(call, &currency)?;
     let balance: i64 = get(&wallet, "balance_minor")?;
     let charge = money::collectable_minor(rated, balance);
     if charge == 0 {
@@ -498,12 +556,7 @@ async fn recording_in_tx(
 /// Insert the call row (`ringing`), its timeline and `call.started`. A repeat of a start that
 /// committed is a no-op; an unknown number is an error.
 async fn started_in_tx(conn: &mut AnyConnection, call: &CallStarted) -> Result<bool, StorageError> {
-    if call.direction != "inbound" && call.direction != "outbound" {
-        return Err(StorageError(format!(
-            "call direction must be inbound or outbound, got {:?}",
-            call.direction
-        )));
-    }
+    check_direction(&call.direction)?;
     let ts = to_db(call.started_at);
     // The rate and currency are copied from the number as it is now: the call is billed at
     // the price in force when it started.
@@ -535,22 +588,12 @@ async fn started_in_tx(conn: &mut AnyConnection, call: &CallStarted) -> Result<b
         return if read_call(conn, &call.call_id).await?.is_some() {
             Ok(false)
         } else {
-            Err(StorageError(format!(
-                "number {} not found in workspace {}",
-                call.number_id, call.workspace_id
-            )))
+            Err(unknown_number(call))
         };
     };
     let stored = call_from_row(&row)?;
     insert_timeline(conn, &stored.id, &call.timeline).await?;
-    enqueue_call_event(
-        conn,
-        &stored,
-        "call.started",
-        base_payload(&stored),
-        call.started_at,
-    )
-    .await?;
+    enqueue(conn, &started_event(&stored), call.started_at).await?;
     Ok(true)
 }
 
@@ -580,9 +623,12 @@ async fn answered_in_tx(
     };
     let stored = call_from_row(&row)?;
     insert_timeline(conn, &stored.id, &call.timeline).await?;
-    let mut payload = base_payload(&stored);
-    payload.insert("answered_at".into(), json!(to_api(call.answered_at)));
-    enqueue_call_event(conn, &stored, "call.answered", payload, call.answered_at).await?;
+    enqueue(
+        conn,
+        &answered_event(&stored, call.answered_at),
+        call.answered_at,
+    )
+    .await?;
     Ok(true)
 }
 
@@ -646,7 +692,7 @@ impl SqlStore {
     }
 
     async fn commit_batch(&self, batch: &mut Vec<Pending>) {
-        if batch.len() > 1 {
+        if batch.len() > 1 || batch::applies(batch) {
             match self.try_batch(batch).await {
                 Ok(results) => {
                     for ((_, reply), r) in batch.drain(..).zip(results) {
@@ -666,13 +712,18 @@ impl SqlStore {
 
     async fn try_batch(&self, batch: &[Pending]) -> Result<Vec<Written>, StorageError> {
         let mut tx = self.db().write.begin().await.map_err(storage)?;
-        let mut results = Vec::with_capacity(batch.len());
-        let mut events = false;
-        for (write, _) in batch {
-            let (written, event) = apply_in_tx(&mut tx, write).await?;
-            events |= event;
-            results.push(written);
-        }
+        let (results, events) = if batch::applies(batch) {
+            batch::apply(&mut tx, self.db().backend, batch).await?
+        } else {
+            let mut results = Vec::with_capacity(batch.len());
+            let mut events = false;
+            for (write, _) in batch {
+                let (written, event) = apply_in_tx(&mut tx, write).await?;
+                events |= event;
+                results.push(written);
+            }
+            (results, events)
+        };
         tx.commit().await.map_err(storage)?;
         if events {
             self.events_committed();

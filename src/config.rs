@@ -101,6 +101,13 @@ pub struct ServeArgs {
     /// four).
     #[arg(long, env = "SAUTIKIT_MEDIA_THREADS", default_value_t = 0)]
     pub media_threads: usize,
+    /// Calls between INVITE and final response the engine takes on; INVITEs beyond it are
+    /// answered `503` with `Retry-After` instead of slowing every call down.
+    #[arg(long, env = "SAUTIKIT_MAX_CALL_SETUPS", default_value_t = 1_000)]
+    pub max_call_setups: usize,
+    /// Live calls the engine takes on; INVITEs beyond it are answered `503`.
+    #[arg(long, env = "SAUTIKIT_MAX_CALLS", default_value_t = 10_000)]
+    pub max_calls: usize,
     /// PostgreSQL with several engines: an engine whose heartbeat is this many seconds old is
     /// taken for dead, and its live calls are closed as `failed` (`engine.restart`).
     #[arg(long, env = "SAUTIKIT_CALL_ORPHAN_SECS", default_value_t = 30)]

@@ -13,6 +13,7 @@ pub mod recordings;
 pub mod resample;
 pub mod secrets;
 pub mod server;
+mod sql;
 pub mod store;
 pub mod time;
 pub mod tts;

@@ -8,6 +8,7 @@ use chrono::Utc;
 use dashmap::DashMap;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use sautikit_actors::clock::{Clock, SystemClock};
+use sautikit_actors::sip_endpoint::Admission;
 use sautikit_actors::{Engine, VoiceSetup};
 use sautikit_sip::transaction::Timers;
 use serde::{Deserialize, Serialize};
@@ -242,6 +243,10 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
         single_process: db.backend == Backend::Sqlite,
         orphan_after: Duration::from_secs(args.call_orphan_secs.max(1)),
         timers: Timers::default(),
+        admission: Admission {
+            max_setups: args.max_call_setups.max(1),
+            max_calls: args.max_calls.max(1),
+        },
         synth: synthesizer(&args.db.data_dir),
         audio: Arc::new(
             crate::play::HttpAudioFetcher::new(

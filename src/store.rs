@@ -996,20 +996,30 @@ pub(crate) async fn after_debit(
     }
     enqueue(
         conn,
-        &EventDraft {
-            workspace_id: workspace_id.to_owned(),
-            kind: "wallet.low_balance",
-            number_id: None,
-            call_id: None,
-            payload: json!({
-                "balance_minor": balance,
-                "low_balance_threshold_minor": threshold,
-                "currency": currency,
-            }),
-        },
+        &low_balance_event(workspace_id, balance, threshold, currency),
         now,
     )
     .await
+}
+
+/// `wallet.low_balance`: a debit took the balance below the threshold (once per crossing).
+pub(crate) fn low_balance_event(
+    workspace_id: &str,
+    balance: i64,
+    threshold: i64,
+    currency: &str,
+) -> EventDraft {
+    EventDraft {
+        workspace_id: workspace_id.to_owned(),
+        kind: "wallet.low_balance",
+        number_id: None,
+        call_id: None,
+        payload: json!({
+            "balance_minor": balance,
+            "low_balance_threshold_minor": threshold,
+            "currency": currency,
+        }),
+    }
 }
 
 fn finish_claim(

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use common::Backend;
 use common::calls::{
-    NUMBER, scenario, setup, sipp, sipp_media_port, start_server, timeline, verify_signature,
-    wait_for_calls,
+    NUMBER, scenario, setup, setup_with, sipp, sipp_media_port, start_server, timeline,
+    verify_signature, wait_for_calls,
 };
 use common::dev_key;
 use serde_json::json;
@@ -336,3 +336,67 @@ async fn api_hangup(backend: Backend) {
     again.assert_error(409, "calls.not_live");
 }
 on_both_backends!(api_hangup);
+
+/// An overloaded engine turns new calls away instead of slowing every call down: with
+/// `SAUTIKIT_MAX_CALL_SETUPS=1`, an INVITE that arrives while another call still waits for its
+/// voice callback is answered `503` with `Retry-After` and leaves no call behind; once the first
+/// call is answered, the next INVITE is taken.
+async fn overload_is_answered_503(backend: Backend) {
+    use common::uac::{header, sdp_offer_pcmu, status_code};
+    let ctx = setup_with(backend, "/slow/1500", &[("SAUTIKIT_MAX_CALL_SETUPS", "1")]).await;
+    let server = ctx.server.sip_addr();
+    let sip = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    sip.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let me = sip.local_addr().unwrap();
+    let invite = |call_id: &str| {
+        let sdp = sdp_offer_pcmu(me, 1);
+        format!(
+            "INVITE sip:{NUMBER}@{server} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bK{call_id}\r\n\
+             From: <sip:254711000002@{me}>;tag=t{call_id}\r\nTo: <sip:{NUMBER}@{server}>\r\n\
+             Call-ID: {call_id}\r\nCSeq: 1 INVITE\r\nContact: <sip:caller@{me}>\r\n\
+             Max-Forwards: 70\r\nContent-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{sdp}",
+            sdp.len()
+        )
+    };
+    // The next final response to the INVITE of `call_id`, skipping everything else.
+    let final_for = |call_id: &str| loop {
+        let mut buf = vec![0u8; 65535];
+        let (n, _) = sip.recv_from(&mut buf).expect("a SIP message within 10 s");
+        let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+        if header(&msg, "Call-ID") == Some(call_id) && status_code(&msg).is_some_and(|c| c >= 200) {
+            return msg;
+        }
+    };
+    let first = format!("first-{}", uuid::Uuid::now_v7().simple());
+    sip.send_to(invite(&first).as_bytes(), server).unwrap();
+    // The first call is setting up: its callback has been asked and takes 1.5 s to answer.
+    for _ in 0..100 {
+        if !ctx.voice.hits().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(ctx.voice.hits().len(), 1, "the first call's callback");
+
+    let second = format!("second-{}", uuid::Uuid::now_v7().simple());
+    sip.send_to(invite(&second).as_bytes(), server).unwrap();
+    let refused = final_for(&second);
+    assert_eq!(status_code(&refused), Some(503), "{refused}");
+    assert_eq!(header(&refused, "Retry-After"), Some("1"), "{refused}");
+
+    let answered = final_for(&first);
+    assert_eq!(status_code(&answered), Some(200), "{answered}");
+    let third = format!("third-{}", uuid::Uuid::now_v7().simple());
+    sip.send_to(invite(&third).as_bytes(), server).unwrap();
+    let answered = final_for(&third);
+    assert_eq!(status_code(&answered), Some(200), "{answered}");
+
+    let calls = wait_for_calls(&ctx.api, 2, |_| true).await;
+    assert_eq!(calls.len(), 2, "the refused INVITE left no call: {calls:?}");
+    assert_eq!(
+        ctx.voice.hits().len(),
+        2,
+        "no callback for the refused call"
+    );
+}
+on_both_backends!(overload_is_answered_503);

@@ -920,3 +920,113 @@ async fn group_commit_isolates_a_bad_write(backend: Backend) {
     assert_eq!(balance(&fx).await, 100_000 - 39 * 30);
 }
 on_both_backends!(group_commit_isolates_a_bad_write);
+
+/// Ends of many calls of one wallet at once, as the group commit applies them together: the
+/// ledger reads as if they were charged one by one (each row's balance follows from the one
+/// before), `wallet.low_balance` fires once, right before the `call.completed` of the call that
+/// crossed the threshold, and each call's timeline keeps its order.
+async fn a_group_of_ends_debits_in_order(backend: Backend) {
+    // 1,000 left after the claim; 20 calls of 30 s at 60/min cost 30 each.
+    let fx = fixture(backend, 1_000, 60, 0).await;
+    fx.store
+        .set_low_balance_threshold(&fx.ws, 700, t0())
+        .await
+        .expect("threshold");
+    let ids: Vec<String> = (0..20).map(|_| new_call_id()).collect();
+    for id in &ids {
+        fx.store
+            .call_started(started(&fx, id, "inbound", "engine-a", t0()))
+            .await
+            .expect("started");
+        fx.store
+            .call_answered(CallAnswered {
+                call_id: id.clone(),
+                answered_at: t0(),
+                timeline: vec![entry(t0(), "sip.received", json!({"method": "ACK"}))],
+            })
+            .await
+            .expect("answered");
+    }
+    let end = t0() + Duration::seconds(30);
+    let tasks: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let store = fx.store.clone();
+            let id = id.clone();
+            tokio::spawn(async move {
+                store
+                    .call_ended(ended(&id, CallStatus::Completed, end))
+                    .await
+            })
+        })
+        .collect();
+    for t in tasks {
+        let charged = t.await.expect("join").expect("ended");
+        assert_eq!((charged.duration_seconds, charged.cost_minor), (30, 30));
+    }
+    assert_eq!(balance(&fx).await, 1_000 - 20 * 30);
+    // Newest first; each row is 30 below the one before it.
+    let charges = call_charges(&fx).await;
+    assert_eq!(charges.len(), 20);
+    let afters: Vec<i64> = charges
+        .iter()
+        .rev()
+        .map(|e| e.balance_after_minor)
+        .collect();
+    let want: Vec<i64> = (1..=20).map(|k| 1_000 - 30 * k).collect();
+    assert_eq!(afters, want);
+
+    assert_eq!(events_of_kind(&fx, "wallet.low_balance").await, 1);
+    // The crossing: the first charge that left less than 700 (670).
+    let crossing = charges
+        .iter()
+        .find(|e| e.balance_after_minor == 670)
+        .expect("the crossing charge");
+    let call_id = crossing.reference.clone().expect("reference");
+    use sqlx::Row;
+    let rows = sqlx::query(
+        "SELECT event_kind, call_id, body FROM events WHERE workspace_id = $1 \
+         AND event_kind IN ('wallet.low_balance', 'call.completed') ORDER BY id",
+    )
+    .bind(&fx.ws)
+    .fetch_all(&fx.store.db().read)
+    .await
+    .expect("events");
+    let at = rows
+        .iter()
+        .position(|r| r.try_get::<String, _>("event_kind").expect("kind") == "wallet.low_balance")
+        .expect("low balance event");
+    let next: Option<String> = rows[at + 1].try_get("call_id").expect("call_id");
+    assert_eq!(next.as_deref(), Some(call_id.as_str()));
+    let body: String = rows[at].try_get("body").expect("body");
+    let body: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(body["payload"]["balance_minor"], 670);
+
+    for id in &ids {
+        let kinds: Vec<String> = fx
+            .store
+            .list_call_timeline(id, None, 100)
+            .await
+            .expect("timeline")
+            .into_iter()
+            .map(|t| t.kind)
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "sip.received",
+                "sip.received",
+                "sip.received",
+                "call.charged"
+            ],
+            "INVITE, ACK, BYE, then the charge"
+        );
+        let kinds: Vec<String> = call_events(&fx, id)
+            .await
+            .into_iter()
+            .map(|e| e.0)
+            .collect();
+        assert_eq!(kinds, ["call.started", "call.answered", "call.completed"]);
+    }
+}
+on_both_backends!(a_group_of_ends_debits_in_order);

@@ -91,6 +91,8 @@ pub struct VoiceSetup {
     /// An engine silent this long is taken for dead and its live calls are closed.
     pub orphan_after: std::time::Duration,
     pub timers: sautikit_sip::transaction::Timers,
+    /// When new INVITEs are turned away with `503`.
+    pub admission: crate::sip_endpoint::Admission,
     pub synth: Arc<dyn crate::synth::Synthesizer>,
     pub audio: Arc<dyn crate::audio::AudioFetcher>,
     /// Recordings are written under it.
@@ -223,6 +225,7 @@ impl Root {
                     deps: v.deps.clone(),
                     calls: calls.get_cell(),
                     timers: v.setup.timers,
+                    admission: v.setup.admission,
                 },
                 tx,
             ),

@@ -6,7 +6,7 @@
 //! about a call — routing, the callback, the script — happens in the call's own actor, so a slow
 //! callback or a failing call never holds up the endpoint.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -83,6 +83,29 @@ pub struct SipEndpointArgs {
     /// Supervisor of the Call actors (the Calls actor).
     pub calls: ActorCell,
     pub timers: Timers,
+    pub admission: Admission,
+}
+
+/// How many calls the engine takes on before it turns new INVITEs away with `503` and
+/// `Retry-After` (RFC 3261 §21.5.4), so that a carrier sends them elsewhere or later instead of
+/// every call slowing down until all of them time out. An overloaded engine that keeps
+/// accepting feeds its own overload: answered calls stay up, send media and wait for their BYE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admission {
+    /// Calls between their INVITE and its final response (routing, the voice callback, the
+    /// first write). A healthy engine holds a few dozen; thousands mean it is falling behind.
+    pub max_setups: usize,
+    /// Live calls in all.
+    pub max_calls: usize,
+}
+
+impl Default for Admission {
+    fn default() -> Self {
+        Admission {
+            max_setups: 1_000,
+            max_calls: 10_000,
+        }
+    }
 }
 
 pub struct SipEndpoint;
@@ -97,6 +120,13 @@ pub struct SipEndpointState {
     dialogs: HashMap<String, ActorRef<CallMsg>>,
     /// INVITE server transactions by key → SIP Call-ID (CANCEL and Timer H name the key).
     invites: HashMap<TxKey, String>,
+    /// The other way round, to forget a call's INVITE when it ends.
+    invite_of: HashMap<String, TxKey>,
+    /// INVITEs without a final response yet (see [`Admission`]).
+    setting_up: HashSet<TxKey>,
+    /// INVITEs turned away since the last report, and when that was.
+    shed: u64,
+    shed_reported: Instant,
     /// Our in-dialog requests → the call whose timeline records the answer.
     requests: HashMap<TxKey, String>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -150,6 +180,10 @@ impl Actor for SipEndpoint {
             tcp: HashMap::new(),
             dialogs: HashMap::new(),
             invites: HashMap::new(),
+            invite_of: HashMap::new(),
+            setting_up: HashSet::new(),
+            shed: 0,
+            shed_reported: Instant::now(),
             requests: HashMap::new(),
             tasks,
         })
@@ -181,8 +215,14 @@ impl Actor for SipEndpoint {
             SipMsg::TcpClosed { peer } => {
                 state.tcp.remove(&peer);
             }
-            SipMsg::TimersDue => state.layer.handle_timeout(now),
+            SipMsg::TimersDue => {
+                state.layer.handle_timeout(now);
+                report_shed(state, now);
+            }
             SipMsg::Respond { key, response } => {
+                if response.status_code.code() >= 200 {
+                    state.setting_up.remove(&key);
+                }
                 if let Err(e) = state.layer.respond(&key, response, now) {
                     debug!(error = %e, "response for a finished transaction dropped");
                 }
@@ -199,7 +239,10 @@ impl Actor for SipEndpoint {
             },
             SipMsg::DialogEnded { sip_call_id } => {
                 state.dialogs.remove(&sip_call_id);
-                state.invites.retain(|_, c| *c != sip_call_id);
+                if let Some(key) = state.invite_of.remove(&sip_call_id) {
+                    state.invites.remove(&key);
+                    state.setting_up.remove(&key);
+                }
             }
         }
         drive(&myself, state).await;
@@ -353,6 +396,14 @@ async fn on_request(
                 reply(state, &key, &request, 400, &[]);
                 return;
             };
+            let limits = state.args.admission;
+            if state.setting_up.len() >= limits.max_setups
+                || state.dialogs.len() >= limits.max_calls
+            {
+                state.shed += 1;
+                reply(state, &key, &request, 503, &[("Retry-After", "1")]);
+                return;
+            }
             // Kept to answer 500 should the Call actor fail to start.
             let fallback = request.clone();
             let args = CallArgs {
@@ -370,6 +421,8 @@ async fn on_request(
                 .await
             {
                 Ok((call, _)) => {
+                    state.setting_up.insert(key.clone());
+                    state.invite_of.insert(sip_call_id.clone(), key.clone());
                     state.invites.insert(key, sip_call_id.clone());
                     state.dialogs.insert(sip_call_id, call);
                 }
@@ -404,6 +457,20 @@ async fn on_request(
                 reply(state, &key, &request, 501, &[("Allow", ALLOW)]);
             }
         }
+    }
+}
+
+/// At most one line a second while INVITEs are being turned away.
+fn report_shed(state: &mut SipEndpointState, now: Instant) {
+    if state.shed > 0 && now.duration_since(state.shed_reported) >= Duration::from_secs(1) {
+        warn!(
+            turned_away = state.shed,
+            setting_up = state.setting_up.len(),
+            live = state.dialogs.len(),
+            "overloaded: new INVITEs answered 503"
+        );
+        state.shed = 0;
+        state.shed_reported = now;
     }
 }
 

@@ -17,6 +17,7 @@ use sautikit_actors::call_store::{
 use sautikit_actors::callback::{CallbackClient, CallbackFailure, CallbackReply, CallbackRequest};
 use sautikit_actors::clock::SystemClock;
 use sautikit_actors::model::{LedgerEntry, NumberStatus, TenantNumber};
+use sautikit_actors::sip_endpoint::Admission;
 use sautikit_actors::store::{
     ClaimError, ClaimNumber, CreditWallet, ReleaseError, ReleaseNumber, StorageError, Store,
     WalletError,
@@ -339,6 +340,7 @@ async fn a_failing_call_actor_ends_only_its_own_call() {
             single_process: true,
             orphan_after: Duration::from_secs(30),
             timers: Timers::default(),
+            admission: Admission::default(),
             synth: Arc::new(NoMedia),
             audio: Arc::new(NoMedia),
             data_dir: std::env::temp_dir(),

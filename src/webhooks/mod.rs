@@ -11,6 +11,7 @@ use serde::Serialize;
 use serde_json::Value;
 use sqlx::AnyConnection;
 
+use crate::db::Backend;
 use crate::time::{new_id, to_api, to_db};
 
 /// Kinds a workspace subscription may name. Call events go to the number's `events_url`.
@@ -88,15 +89,7 @@ pub async fn enqueue(
     draft: &EventDraft,
     now: DateTime<Utc>,
 ) -> Result<(), StorageError> {
-    let event_id = new_id();
-    let body = serde_json::to_string(&Envelope {
-        event_id: &event_id,
-        event_kind: draft.kind,
-        workspace_id: &draft.workspace_id,
-        occurred_at: to_api(now),
-        payload: &draft.payload,
-    })
-    .map_err(|e| StorageError(e.to_string()))?;
+    let (event_id, body) = event_row(draft, now)?;
     sqlx::query(
         "INSERT INTO events (id, workspace_id, event_kind, number_id, call_id, occurred_at, body) \
          VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -112,6 +105,56 @@ pub async fn enqueue(
     .await
     .map_err(|e| StorageError(e.to_string()))?;
     Ok(())
+}
+
+/// Events per multi-row INSERT (7 values each).
+const ENQUEUE_CHUNK: usize = 200;
+
+/// Queue several events in the caller's transaction with multi-row INSERTs, in the given order
+/// (their ids, and on PostgreSQL their `seq`, follow it), exactly as `enqueue` one by one would.
+pub async fn enqueue_all(
+    conn: &mut AnyConnection,
+    backend: Backend,
+    events: &[(EventDraft, DateTime<Utc>)],
+) -> Result<(), StorageError> {
+    for chunk in events.chunks(ENQUEUE_CHUNK) {
+        let sql = format!(
+            "INSERT INTO events (id, workspace_id, event_kind, number_id, call_id, occurred_at, \
+             body) VALUES {}",
+            crate::sql::value_rows(backend, chunk.len(), 7)
+        );
+        // Safe: `sql` is built only from placeholders; values are bound.
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (draft, at) in chunk {
+            let (event_id, body) = event_row(draft, *at)?;
+            q = q
+                .bind(event_id)
+                .bind(draft.workspace_id.clone())
+                .bind(draft.kind)
+                .bind(draft.number_id.clone())
+                .bind(draft.call_id.clone())
+                .bind(to_db(*at))
+                .bind(body);
+        }
+        q.execute(&mut *conn)
+            .await
+            .map_err(|e| StorageError(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// A new event's id and the envelope its deliveries send.
+fn event_row(draft: &EventDraft, now: DateTime<Utc>) -> Result<(String, String), StorageError> {
+    let event_id = new_id();
+    let body = serde_json::to_string(&Envelope {
+        event_id: &event_id,
+        event_kind: draft.kind,
+        workspace_id: &draft.workspace_id,
+        occurred_at: to_api(now),
+        payload: &draft.payload,
+    })
+    .map_err(|e| StorageError(e.to_string()))?;
+    Ok((event_id, body))
 }
 
 #[cfg(test)]

@@ -29,8 +29,13 @@ pub struct Ctx {
 /// A dev server with +254700000001 claimed and routed to `voice_path` on a local callback
 /// server, its events to a local receiver.
 pub async fn setup(backend: Backend, voice_path: &str) -> Ctx {
+    setup_with(backend, voice_path, &[]).await
+}
+
+/// As [`setup`], the server started with these settings besides the usual ones.
+pub async fn setup_with(backend: Backend, voice_path: &str, env: &[(&str, &str)]) -> Ctx {
     let db = TestDb::new(backend).await;
-    let server = start_server(&db);
+    let server = start_server_with(&db, env);
     let api = server.api(&dev_key(&db.data_dir));
     let claimed = api
         .post(&format!("/v1/numbers/{INVENTORY_ID}/claim"), None)
@@ -63,19 +68,22 @@ pub async fn setup(backend: Backend, voice_path: &str) -> Ctx {
 }
 
 pub fn start_server(db: &TestDb) -> Server {
-    Server::start_with(
-        db,
-        Mode::Dev,
-        &[
-            ("SAUTIKIT_SIP_LISTEN", "127.0.0.1:0"),
-            ("SAUTIKIT_RTP_PORTS", &rtp_range()),
-            ("SAUTIKIT_WEBHOOK_RETRY_SCALE", "0.001"),
-            // A dead engine's calls are closed after 2 s (PostgreSQL, several engines).
-            ("SAUTIKIT_CALL_ORPHAN_SECS", "2"),
-            // Deliveries a killed process had leased are taken over after 4 s (PostgreSQL).
-            ("SAUTIKIT_WEBHOOK_LEASE_SECS", "4"),
-        ],
-    )
+    start_server_with(db, &[])
+}
+
+pub fn start_server_with(db: &TestDb, extra: &[(&str, &str)]) -> Server {
+    let rtp = rtp_range();
+    let mut env = vec![
+        ("SAUTIKIT_SIP_LISTEN", "127.0.0.1:0"),
+        ("SAUTIKIT_RTP_PORTS", rtp.as_str()),
+        ("SAUTIKIT_WEBHOOK_RETRY_SCALE", "0.001"),
+        // A dead engine's calls are closed after 2 s (PostgreSQL, several engines).
+        ("SAUTIKIT_CALL_ORPHAN_SECS", "2"),
+        // Deliveries a killed process had leased are taken over after 4 s (PostgreSQL).
+        ("SAUTIKIT_WEBHOOK_LEASE_SECS", "4"),
+    ];
+    env.extend_from_slice(extra);
+    Server::start_with(db, Mode::Dev, &env)
 }
 
 /// Tests run in parallel: each server takes RTP ports from its own stretch.
