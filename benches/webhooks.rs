@@ -171,11 +171,13 @@ async fn run(backend: Backend, backlog: usize) {
     let machine_before = machine_jiffies();
     let receiver_cpu_before = cpu_secs(&receiver_stat);
     let started = Instant::now();
+    // BENCH_SERVER_LOG (a tracing filter) keeps the server's log, e.g. to time its statements.
+    let server_log = std::env::var("BENCH_SERVER_LOG").ok();
     let server = Server::start_with(
         &db,
         Mode::Production,
         &[
-            ("SAUTIKIT_LOG", "warn"),
+            ("SAUTIKIT_LOG", server_log.as_deref().unwrap_or("warn")),
             ("SAUTIKIT_WEBHOOK_ALLOW_CIDRS", "127.0.0.0/8"),
         ],
     );
@@ -245,7 +247,18 @@ async fn run(backend: Backend, backlog: usize) {
         machine_busy * 100.0,
         loadavg()
     );
+    if server_log.is_some() {
+        let kept = std::env::temp_dir().join(format!("bench-webhooks-{name}-{backlog}.log"));
+        if std::fs::copy(&server.log, &kept).is_ok() {
+            println!("  server log: {}", kept.display());
+        }
+    }
     drop(server);
+    if std::env::var("BENCH_KEEP_DB").is_ok() {
+        // Left for a look at its tables and plans; drop it by hand.
+        println!("  database kept: {}", db.url);
+        std::mem::forget(db);
+    }
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -255,14 +268,24 @@ async fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(if full { 100_000 } else { 500 });
-    let backends: Vec<Backend> = if std::env::var("SAUTIKIT_TEST_POSTGRES_URL").is_ok() {
+    let mut backends: Vec<Backend> = if std::env::var("SAUTIKIT_TEST_POSTGRES_URL").is_ok() {
         vec![Backend::Sqlite, Backend::Postgres]
     } else {
         vec![Backend::Sqlite]
     };
+    // BENCH_BACKEND=sqlite or postgres runs one of them.
+    match std::env::var("BENCH_BACKEND").as_deref() {
+        Ok("sqlite") => backends.retain(|b| *b == Backend::Sqlite),
+        Ok("postgres") => backends.retain(|b| *b == Backend::Postgres),
+        _ => {}
+    }
+    // BENCH_SMALL=0 skips the run with a tenth of the backlog.
+    let small = std::env::var("BENCH_SMALL").as_deref() != Ok("0");
     for backend in backends {
         // A tenth of the backlog first: memory should not grow with the backlog.
-        run(backend, (big / 10).max(100)).await;
+        if small {
+            run(backend, (big / 10).max(100)).await;
+        }
         run(backend, big).await;
     }
 }

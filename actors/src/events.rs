@@ -6,8 +6,16 @@
 //! are written to the outbox in batches. Memory is bounded by the batch and in-flight limits, not
 //! by the size of the backlog. A crash between a send and its record means a second delivery
 //! after restart: at least once, never lost.
+//!
+//! Leasing and recording run as tasks of their own, at most one of each at a time, so sending
+//! goes on while the database works and the next lease overlaps the last record. The bookkeeping
+//! ([`Book`]) decides what starts when, without doing any I/O. One rule keeps each key in order:
+//! a stop (a failed attempt, or a delivery released unsent) must be committed before a later
+//! lease starts, because until then the outbox still sees the key as held by this process and
+//! would hand out its later deliveries; and whatever a lease already running returns for a key
+//! that stopped meanwhile is released, not sent.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +24,7 @@ use tokio::sync::Notify;
 use tracing::{debug, warn};
 
 use crate::clock::Clock;
+use crate::store::StorageError;
 use crate::webhook::{
     AttemptRecord, DELIVERY_TIMEOUT, LeasedDelivery, Outbox, SignedRequest, WebhookSender, resolve,
     signature_header,
@@ -67,6 +76,15 @@ pub enum EventsMsg {
         /// waits behind it in the same ordering key must wait for the retry.
         stopped: bool,
     },
+    /// The lease in flight finished: `limit` deliveries were asked for.
+    Leased {
+        result: Result<Vec<LeasedDelivery>, StorageError>,
+        limit: usize,
+    },
+    /// The record in flight finished; if it failed, what it was to write comes back.
+    Recorded {
+        failed: Option<(Vec<AttemptRecord>, Vec<LeasedDelivery>)>,
+    },
 }
 
 pub struct Events;
@@ -89,8 +107,9 @@ struct KeySlot {
     running: bool,
 }
 
-pub struct EventsState {
-    args: EventsArgs,
+/// What the actor holds and what it may start next: sans-IO, the actor does the I/O it asks for.
+#[derive(Default)]
+struct Book {
     in_flight: usize,
     /// Every ordering key with deliveries held here (bounded by the lease batches).
     keys: HashMap<String, KeySlot>,
@@ -98,8 +117,189 @@ pub struct EventsState {
     ready: VecDeque<String>,
     /// Deliveries held but not yet started (bounded by two lease batches).
     queued_deliveries: usize,
+    /// Finished attempts and released deliveries not yet handed to a record.
     attempts: Vec<AttemptRecord>,
     released: Vec<LeasedDelivery>,
+    /// The buffered results hold a stop: no lease may start before it is committed.
+    unrecorded_stop: bool,
+    /// A record is in flight; `Some(true)` if it holds a stop.
+    recording: Option<bool>,
+    /// The last record failed: the next waits for the poll, instead of retrying in a loop.
+    record_held: bool,
+    /// The poll asks for buffered results to be written even if the batch is not full.
+    flush_due: bool,
+    /// A lease is in flight.
+    leasing: bool,
+    /// Keys that stopped while the lease in flight ran: what it returns for them is released.
+    stopped_while_leasing: HashSet<String>,
+    /// More may be due: a notification or poll came, or the last lease came back full.
+    more_due: bool,
+}
+
+impl Book {
+    fn new() -> Book {
+        // Work may be waiting from before a restart.
+        Book {
+            more_due: true,
+            ..Book::default()
+        }
+    }
+
+    fn poll(&mut self) {
+        self.more_due = true;
+        self.flush_due = true;
+        self.record_held = false;
+    }
+
+    fn committed(&mut self) {
+        self.more_due = true;
+    }
+
+    fn group_finished(
+        &mut self,
+        key: String,
+        attempts: Vec<AttemptRecord>,
+        released: Vec<LeasedDelivery>,
+        stopped: bool,
+    ) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        self.attempts.extend(attempts);
+        self.released.extend(released);
+        if stopped {
+            self.unrecorded_stop = true;
+            if self.leasing {
+                self.stopped_while_leasing.insert(key.clone());
+            }
+        }
+        if let Some(slot) = self.keys.get_mut(&key) {
+            slot.running = false;
+            if stopped {
+                // Later events of this key wait behind the one being retried.
+                self.queued_deliveries -= slot.waiting.len();
+                self.released.extend(slot.waiting.drain(..));
+                self.keys.remove(&key);
+            } else if slot.waiting.is_empty() {
+                self.keys.remove(&key);
+            } else {
+                self.ready.push_back(key);
+            }
+        }
+    }
+
+    /// A lease may start: nothing stopped is waiting to be committed, there is room for one more
+    /// batch, and something may be due.
+    fn lease_wanted(&self, lease_batch: usize) -> bool {
+        !self.leasing
+            && self.more_due
+            && !self.unrecorded_stop
+            && self.recording != Some(true)
+            && self.queued_deliveries < lease_batch
+    }
+
+    fn lease_started(&mut self) {
+        self.leasing = true;
+        // Notifications from now on may be for events this lease does not see.
+        self.more_due = false;
+    }
+
+    /// Takes the deliveries of a finished lease, oldest first. Returns how many it held back.
+    fn leased(&mut self, leased: Vec<LeasedDelivery>, limit: usize) -> usize {
+        self.leasing = false;
+        if leased.len() >= limit {
+            // There may be more.
+            self.more_due = true;
+        }
+        let stopped = std::mem::take(&mut self.stopped_while_leasing);
+        let mut held_back = 0;
+        // The outbox hands them out oldest first: appending keeps each key's order, also behind
+        // a group of the same key that is still being sent.
+        for d in leased {
+            if stopped.contains(&d.ordering_key) {
+                // Leased while an earlier one of its key failed: it waits for the retry.
+                self.released.push(d);
+                self.unrecorded_stop = true;
+                held_back += 1;
+                continue;
+            }
+            self.queued_deliveries += 1;
+            match self.keys.get_mut(&d.ordering_key) {
+                Some(slot) => slot.waiting.push_back(d),
+                None => {
+                    let key = d.ordering_key.clone();
+                    let mut slot = KeySlot::default();
+                    slot.waiting.push_back(d);
+                    self.keys.insert(key.clone(), slot);
+                    self.ready.push_back(key);
+                }
+            }
+        }
+        held_back
+    }
+
+    fn lease_failed(&mut self) {
+        self.leasing = false;
+        // Nothing came back, so nothing of a stopped key can be sent; the poll retries.
+        self.stopped_while_leasing.clear();
+    }
+
+    /// A record should start: promptly for a stop (the next lease waits for it) or when idle
+    /// (the next event of a key may wait for it), in batches otherwise.
+    fn record_wanted(&self, record_batch: usize) -> bool {
+        self.recording.is_none()
+            && !self.record_held
+            && (!self.attempts.is_empty() || !self.released.is_empty())
+            && (self.unrecorded_stop
+                || self.flush_due
+                || self.in_flight == 0
+                || self.attempts.len() >= record_batch)
+    }
+
+    fn take_record(&mut self) -> (Vec<AttemptRecord>, Vec<LeasedDelivery>) {
+        self.recording = Some(self.unrecorded_stop);
+        self.unrecorded_stop = false;
+        self.flush_due = false;
+        (
+            std::mem::take(&mut self.attempts),
+            std::mem::take(&mut self.released),
+        )
+    }
+
+    fn recorded(&mut self, failed: Option<(Vec<AttemptRecord>, Vec<LeasedDelivery>)>) {
+        let had_stop = self.recording.take() == Some(true);
+        if let Some((mut attempts, mut released)) = failed {
+            // Kept for the next try; leases hold the deliveries meanwhile.
+            attempts.append(&mut self.attempts);
+            released.append(&mut self.released);
+            self.attempts = attempts;
+            self.released = released;
+            self.unrecorded_stop |= had_stop;
+            self.record_held = true;
+        }
+    }
+
+    /// The next group to send, while there are free sending slots.
+    fn next_group(&mut self, max_in_flight: usize) -> Option<(String, Vec<LeasedDelivery>)> {
+        while self.in_flight < max_in_flight {
+            let key = self.ready.pop_front()?;
+            let Some(slot) = self.keys.get_mut(&key) else {
+                continue;
+            };
+            if slot.running || slot.waiting.is_empty() {
+                continue;
+            }
+            let group: Vec<LeasedDelivery> = slot.waiting.drain(..).collect();
+            slot.running = true;
+            self.queued_deliveries -= group.len();
+            self.in_flight += 1;
+            return Some((key, group));
+        }
+        None
+    }
+}
+
+pub struct EventsState {
+    args: EventsArgs,
+    book: Book,
     waker: tokio::task::JoinHandle<()>,
 }
 
@@ -131,16 +331,10 @@ impl Actor for Events {
                 tokio::time::sleep(COALESCE).await;
             }
         });
-        // Work may be waiting from before a restart.
         myself.cast(EventsMsg::PollDue)?;
         Ok(EventsState {
             args,
-            in_flight: 0,
-            keys: HashMap::new(),
-            ready: VecDeque::new(),
-            queued_deliveries: 0,
-            attempts: Vec::new(),
-            released: Vec::new(),
+            book: Book::new(),
             waker,
         })
     }
@@ -151,8 +345,14 @@ impl Actor for Events {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         state.waker.abort();
-        // Keep what was already sent from being sent again.
-        flush(state).await;
+        // Keep what was already sent from being sent again. (A record still in flight finishes
+        // on its own; a lease in flight lapses.)
+        let (attempts, released) = state.book.take_record();
+        if !attempts.is_empty() || !released.is_empty() {
+            if let Err(e) = state.args.outbox.record(&attempts, &released).await {
+                warn!(error = %e, pending = attempts.len(), "recording webhook attempts failed");
+            }
+        }
         Ok(())
     }
 
@@ -162,146 +362,93 @@ impl Actor for Events {
         message: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        let book = &mut state.book;
         match message {
-            EventsMsg::EventsCommitted | EventsMsg::PollDue => {
-                flush(state).await;
-            }
+            EventsMsg::EventsCommitted => book.committed(),
+            EventsMsg::PollDue => book.poll(),
             EventsMsg::GroupFinished {
                 key,
                 attempts,
                 released,
                 stopped,
-            } => {
-                state.in_flight = state.in_flight.saturating_sub(1);
-                state.attempts.extend(attempts);
-                state.released.extend(released);
-                if let Some(slot) = state.keys.get_mut(&key) {
-                    slot.running = false;
-                    if stopped {
-                        // Later events of this key wait behind the one being retried.
-                        state.queued_deliveries -= slot.waiting.len();
-                        state.released.extend(slot.waiting.drain(..));
-                        state.keys.remove(&key);
-                    } else if slot.waiting.is_empty() {
-                        state.keys.remove(&key);
-                    } else {
-                        state.ready.push_back(key);
-                    }
+            } => book.group_finished(key, attempts, released, stopped),
+            EventsMsg::Leased { result, limit } => match result {
+                Ok(leased) => {
+                    let count = leased.len();
+                    let held_back = book.leased(leased, limit);
+                    debug!(
+                        leased = count,
+                        held_back,
+                        in_flight = book.in_flight,
+                        "webhook deliveries leased"
+                    );
                 }
-                // Record promptly when idle (the next event of a key waits for it), in batches
-                // when busy.
-                if state.in_flight == 0 || state.attempts.len() >= state.args.config.record_batch {
-                    flush(state).await;
+                Err(e) => {
+                    warn!(error = %e, "leasing webhook deliveries failed");
+                    book.lease_failed();
                 }
-            }
+            },
+            EventsMsg::Recorded { failed } => book.recorded(failed),
         }
-        fill(&myself, state).await;
+        drive(&myself, state);
         Ok(())
     }
 }
 
-/// Write finished attempts and released deliveries; false if that failed (they are kept for
-/// the next try).
-async fn flush(state: &mut EventsState) -> bool {
-    if state.attempts.is_empty() && state.released.is_empty() {
-        return true;
-    }
-    match state
-        .args
-        .outbox
-        .record(&state.attempts, &state.released)
-        .await
-    {
-        Ok(()) => {
-            state.attempts.clear();
-            state.released.clear();
-            true
-        }
-        // Keep them: the next flush retries. Leases hold the deliveries meanwhile.
-        Err(e) => {
-            warn!(error = %e, pending = state.attempts.len(), "recording webhook attempts failed");
-            false
-        }
-    }
-}
-
-/// Start ready keys while there are free sending slots; lease more when the queue runs low.
-/// Concurrency stays at `max_in_flight`, so connections are reused instead of churned, and
-/// memory stays bounded by the queue (at most two lease batches), whatever the backlog.
-async fn fill(myself: &ActorRef<EventsMsg>, state: &mut EventsState) {
-    let cfg = state.args.config.clone();
-    loop {
-        start_queued(myself, state);
-        if state.queued_deliveries >= cfg.lease_batch {
-            return;
-        }
-        // Record what has finished first: a failed attempt must be in the outbox before the
-        // next lease, so that later events of its key wait behind it.
-        if !flush(state).await {
-            return;
-        }
-        let now = state.args.clock.now();
-        let lease_until = now + chrono::Duration::from_std(cfg.lease).unwrap_or_default();
-        let leased = match state
-            .args
-            .outbox
-            .lease_due(now, cfg.lease_batch, lease_until)
-            .await
-        {
-            Ok(l) => l,
-            Err(e) => {
-                warn!(error = %e, "leasing webhook deliveries failed");
-                return;
-            }
-        };
-        let leased_count = leased.len();
-        debug!(
-            leased = leased_count,
-            in_flight = state.in_flight,
-            "webhook deliveries leased"
-        );
-        state.queued_deliveries += leased_count;
-        // The outbox hands them out oldest first: appending keeps each key's order, also behind
-        // a group of the same key that is still being sent.
-        for d in leased {
-            match state.keys.get_mut(&d.ordering_key) {
-                Some(slot) => slot.waiting.push_back(d),
-                None => {
-                    let key = d.ordering_key.clone();
-                    let mut slot = KeySlot::default();
-                    slot.waiting.push_back(d);
-                    state.keys.insert(key.clone(), slot);
-                    state.ready.push_back(key);
-                }
-            }
-        }
-        if leased_count < cfg.lease_batch {
-            // Nothing more is due right now.
-            start_queued(myself, state);
-            return;
-        }
-    }
-}
-
-fn start_queued(myself: &ActorRef<EventsMsg>, state: &mut EventsState) {
-    while state.in_flight < state.args.config.max_in_flight {
-        let Some(key) = state.ready.pop_front() else {
-            return;
-        };
-        let Some(slot) = state.keys.get_mut(&key) else {
-            continue;
-        };
-        if slot.running || slot.waiting.is_empty() {
-            continue;
-        }
-        let group: Vec<LeasedDelivery> = slot.waiting.drain(..).collect();
-        slot.running = true;
-        state.queued_deliveries -= group.len();
-        state.in_flight += 1;
+/// Starts what the book allows: groups while there are free sending slots (so connections are
+/// reused instead of churned), a record, and a lease when the queue has room for another batch
+/// (so memory stays bounded by two lease batches, whatever the backlog).
+fn drive(myself: &ActorRef<EventsMsg>, state: &mut EventsState) {
+    let cfg = &state.args.config;
+    while let Some((key, group)) = state.book.next_group(cfg.max_in_flight) {
         spawn_group(myself.clone(), &state.args, key, group);
     }
+    // Record before leasing: a stop just buffered must be committed before the next lease.
+    if state.book.record_wanted(cfg.record_batch) {
+        let (attempts, released) = state.book.take_record();
+        let outbox = state.args.outbox.clone();
+        let me = myself.clone();
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let failed = match outbox.record(&attempts, &released).await {
+                Ok(()) => {
+                    debug!(
+                        attempts = attempts.len(),
+                        released = released.len(),
+                        ms = started.elapsed().as_millis() as u64,
+                        "webhook attempts recorded"
+                    );
+                    None
+                }
+                Err(e) => {
+                    warn!(error = %e, pending = attempts.len(), "recording webhook attempts failed");
+                    Some((attempts, released))
+                }
+            };
+            // If the actor is gone, the leases lapse and the deliveries are retried.
+            let _ = me.cast(EventsMsg::Recorded { failed });
+        });
+    }
+    if state.book.lease_wanted(cfg.lease_batch) {
+        state.book.lease_started();
+        let outbox = state.args.outbox.clone();
+        let clock = state.args.clock.clone();
+        let limit = cfg.lease_batch;
+        let lease = chrono::Duration::from_std(cfg.lease).unwrap_or_default();
+        let me = myself.clone();
+        tokio::spawn(async move {
+            let now = clock.now();
+            let started = std::time::Instant::now();
+            let result = outbox.lease_due(now, limit, now + lease).await;
+            debug!(
+                ms = started.elapsed().as_millis() as u64,
+                "webhook lease finished"
+            );
+            // If the actor is gone, what was leased lapses and is sent again: at least once.
+            let _ = me.cast(EventsMsg::Leased { result, limit });
+        });
+    }
 }
-
 fn spawn_group(
     myself: ActorRef<EventsMsg>,
     args: &EventsArgs,
@@ -361,4 +508,146 @@ fn spawn_group(
             stopped,
         });
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::webhook::{MAX_ATTEMPTS, SendResult};
+    use chrono::{DateTime, Utc};
+
+    fn at() -> DateTime<Utc> {
+        DateTime::from_timestamp(1_700_000_000, 0).unwrap_or_default()
+    }
+
+    fn delivery(id: &str, key: &str) -> LeasedDelivery {
+        LeasedDelivery {
+            id: id.to_owned(),
+            event_id: format!("e-{id}"),
+            event_kind: "number.provisioned".to_owned(),
+            ordering_key: key.to_owned(),
+            url: "http://127.0.0.1/hook".to_owned(),
+            body: "{}".to_owned(),
+            secret: "whsec_test".to_owned(),
+            attempts: 0,
+            max_attempts: MAX_ATTEMPTS,
+            lease_until: at(),
+            unwritten: None,
+        }
+    }
+
+    fn attempt(d: &LeasedDelivery, status: u16) -> AttemptRecord {
+        let result = SendResult {
+            status_code: Some(status),
+            error: None,
+            forbidden: false,
+            latency_ms: 1,
+        };
+        resolve(d, at(), result, 1.0)
+    }
+
+    fn ids(ds: &[LeasedDelivery]) -> Vec<&str> {
+        ds.iter().map(|d| d.id.as_str()).collect()
+    }
+
+    #[test]
+    fn a_key_that_stops_during_a_lease_gets_nothing_from_it() {
+        let mut b = Book::new();
+        assert!(b.lease_wanted(4));
+        b.lease_started();
+        assert!(!b.lease_wanted(4), "one lease at a time");
+        b.leased(vec![delivery("1", "k"), delivery("2", "j")], 4);
+        let (k, group) = b.next_group(8).expect("group k");
+        assert_eq!((k.as_str(), ids(&group)), ("k", vec!["1"]));
+        let (j, group_j) = b.next_group(8).expect("group j");
+        assert_eq!(j, "j");
+
+        // A second lease overlaps the sending; meanwhile key k fails.
+        b.committed();
+        assert!(b.lease_wanted(4));
+        b.lease_started();
+        b.group_finished(k, vec![attempt(&group[0], 500)], Vec::new(), true);
+        assert!(b.record_wanted(512), "a stop is recorded at once");
+        // The lease in flight saw k as held by this process and handed out its next delivery:
+        // it must not be sent before the retry of "1".
+        let held_back = b.leased(vec![delivery("3", "k"), delivery("4", "j")], 4);
+        assert_eq!(held_back, 1);
+        assert_eq!(ids(&b.released), vec!["3"]);
+        assert!(!b.keys.contains_key("k"));
+        // j's next one waits behind its running group, in order.
+        assert_eq!(
+            ids(&b.keys["j"].waiting.iter().cloned().collect::<Vec<_>>()),
+            vec!["4"]
+        );
+
+        // No lease while the stop is not committed, also while its record is in flight.
+        b.committed();
+        assert!(!b.lease_wanted(4));
+        let (attempts, released) = b.take_record();
+        assert_eq!(attempts.len(), 1);
+        assert_eq!(ids(&released), vec!["3"]);
+        assert!(!b.lease_wanted(4));
+        b.recorded(None);
+        assert!(b.lease_wanted(4));
+
+        // j finishes well: its waiting delivery goes next.
+        b.group_finished(j, vec![attempt(&group_j[0], 200)], Vec::new(), false);
+        let (j, group) = b.next_group(8).expect("j again");
+        assert_eq!((j.as_str(), ids(&group)), ("j", vec!["4"]));
+    }
+
+    #[test]
+    fn a_stop_before_the_lease_blocks_it_until_recorded() {
+        let mut b = Book::new();
+        b.lease_started();
+        b.leased(vec![delivery("1", "k"), delivery("2", "k")], 2);
+        let (k, group) = b.next_group(8).expect("group");
+        // "1" fails: "2" comes back released with it.
+        b.group_finished(
+            k,
+            vec![attempt(&group[0], 503)],
+            vec![group[1].clone()],
+            true,
+        );
+        assert!(b.more_due, "the lease came back full");
+        assert!(!b.lease_wanted(4));
+        let _ = b.take_record();
+        // A failed record keeps its batch, and the stop blocks leasing until it is written.
+        b.recorded(Some((
+            vec![attempt(&group[0], 503)],
+            vec![group[1].clone()],
+        )));
+        assert!(!b.lease_wanted(4));
+        assert!(!b.record_wanted(512), "held until the next poll");
+        b.poll();
+        assert!(b.record_wanted(512));
+        let (attempts, released) = b.take_record();
+        assert_eq!((attempts.len(), ids(&released)), (1, vec!["2"]));
+        b.recorded(None);
+        assert!(b.lease_wanted(4));
+    }
+
+    #[test]
+    fn leases_stop_at_two_batches_and_records_wait_for_a_batch() {
+        let mut b = Book::new();
+        b.lease_started();
+        b.leased((0..4).map(|i| delivery(&i.to_string(), "k")).collect(), 4);
+        assert!(b.more_due);
+        assert!(!b.lease_wanted(4), "a full batch is queued");
+        let (k, group) = b.next_group(8).expect("group");
+        assert!(b.lease_wanted(4), "room again");
+        b.lease_started();
+        assert!(!b.record_wanted(512), "nothing finished yet");
+        let attempts: Vec<AttemptRecord> = group.iter().map(|d| attempt(d, 200)).collect();
+        // The group ends while another key still sends: a partial batch waits.
+        b.in_flight += 1;
+        b.group_finished(k, attempts, Vec::new(), false);
+        assert!(!b.record_wanted(512));
+        assert!(b.record_wanted(4), "a full batch is written");
+        b.leased(Vec::new(), 4);
+        assert!(
+            !b.more_due,
+            "a short lease: nothing more is due until notified"
+        );
+    }
 }

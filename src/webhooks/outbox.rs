@@ -51,28 +51,34 @@ fn placeholder(backend: Backend, n: usize) -> String {
 
 /// `($1, $2, …)` or `(?, ?, …)` for an `IN` list of `n` values.
 fn in_list(backend: Backend, n: usize) -> String {
-    let v = value_rows(backend, n, 1);
-    // value_rows gives "(a), (b)"; an IN list wants "(a, b)".
-    format!("({})", v.replace(['(', ')'], ""))
+    in_list_from(backend, n, 1)
+}
+
+/// An `IN` list of `n` values whose first placeholder is the `first`th.
+fn in_list_from(backend: Backend, n: usize, first: usize) -> String {
+    let v: Vec<String> = (first..first + n)
+        .map(|i| placeholder(backend, i))
+        .collect();
+    format!("({})", v.join(", "))
 }
 
 // A delivery is leased only when no earlier pending delivery of its ordering key is blocked
 // (in backoff, or leased by a sender); the unblocked earlier ones come first in id order, so they
 // are in the same batch. Only leased or already-attempted deliveries can block: a fresh one is
 // always due. That keeps the per-candidate probe on a small partial index
-// (`webhook_deliveries_blockers`).
+// (`webhook_deliveries_blockers`). Candidates are unleased (`webhook_deliveries_unleased`, 0007):
+// a lease that lapsed is cleared first ([`REAP_LAPSED`]), and until then it blocks its key.
 macro_rules! lease_candidates {
     ($fence:literal, $lock:literal) => {
         concat!(
             "UPDATE webhook_deliveries SET lease_token = $1, lease_until = $2 WHERE id IN (\
              SELECT d.id FROM webhook_deliveries d \
-             WHERE d.status = 'pending' AND (d.attempts = 0 OR d.next_attempt_at <= $3) \
-               AND (d.lease_until IS NULL OR d.lease_until < $3) \
+             WHERE d.status = 'pending' AND d.lease_token IS NULL \
+               AND (d.attempts = 0 OR d.next_attempt_at <= $3) \
                AND NOT EXISTS (SELECT 1 FROM webhook_deliveries p \
                  WHERE p.status = 'pending' AND (p.lease_token IS NOT NULL OR p.attempts > 0) \
                    AND p.ordering_key = d.ordering_key AND p.id < d.id \
-                   AND (p.next_attempt_at > $3 \
-                        OR (p.lease_until IS NOT NULL AND p.lease_until >= $3))",
+                   AND (p.lease_token IS NOT NULL OR p.next_attempt_at > $3)",
             $fence,
             ") ORDER BY d.id LIMIT $4",
             $lock,
@@ -85,6 +91,17 @@ const LEASE_SQLITE: &str = lease_candidates!("", "");
 // `OFFSET 0` keeps PostgreSQL from turning the NOT EXISTS into an anti-join over every pending
 // row (it misjudges the blockers as one row); per candidate it is one probe of the small index.
 const LEASE_POSTGRES: &str = lease_candidates!(" OFFSET 0", " FOR UPDATE OF d SKIP LOCKED");
+
+/// Clears leases that lapsed (their holder crashed, or lost track of them), so that their
+/// deliveries are unleased candidates again. The repeated `lease_token` term lets SQLite use the
+/// blockers index, which holds every leased delivery.
+const REAP_LAPSED: &str = "UPDATE webhook_deliveries SET lease_token = NULL, lease_until = NULL \
+    WHERE status = 'pending' AND (lease_token IS NOT NULL OR attempts > 0) \
+      AND lease_token IS NOT NULL AND lease_until < $1";
+
+/// How often (at most) a lease also clears lapsed leases: they are rare (a crash), and the scan
+/// covers every leased delivery.
+const REAP_EVERY: Duration = Duration::from_secs(1);
 
 /// Pages of unexpanded events read per lease, at most (events without subscribers yield nothing).
 const EXPAND_PAGES: usize = 4;
@@ -121,6 +138,7 @@ struct LocalInner {
     unwritten: HashSet<String>,
     cursor: Option<String>,
     below_cursor_at: Option<Instant>,
+    reaped_at: Option<Instant>,
 }
 
 impl LocalLeases {
@@ -349,17 +367,25 @@ async fn expand_events(
         .collect::<HashSet<_>>()
         .into_iter()
         .collect();
+    // Two probes, each on its own partial index: unleased pending deliveries, and deliveries
+    // leased by another process (the blockers index holds every leased one).
     let mut blocked: HashSet<String> = HashSet::new();
     for chunk in keys.chunks(IN_CHUNK) {
+        let keys_in = in_list(backend, chunk.len());
         let sql = format!(
             "SELECT DISTINCT ordering_key FROM webhook_deliveries WHERE status = 'pending' \
-             AND ordering_key IN {} AND (lease_token IS NULL OR lease_token <> {})",
-            in_list(backend, chunk.len()),
-            placeholder(backend, chunk.len() + 1)
+             AND lease_token IS NULL AND ordering_key IN {keys_in} \
+             UNION SELECT DISTINCT ordering_key FROM webhook_deliveries \
+             WHERE status = 'pending' AND (lease_token IS NOT NULL OR attempts > 0) \
+             AND ordering_key IN {} AND lease_token <> {}",
+            in_list_from(backend, chunk.len(), chunk.len() + 1),
+            placeholder(backend, 2 * chunk.len() + 1)
         );
         let mut q = sqlx::query(AssertSqlSafe(sql));
-        for k in chunk {
-            q = q.bind((*k).clone());
+        for _ in 0..2 {
+            for k in chunk {
+                q = q.bind((*k).clone());
+            }
         }
         for r in q.bind(token).fetch_all(&mut *conn).await.map_err(storage)? {
             blocked.insert(get(&r, "ordering_key")?);
@@ -756,13 +782,35 @@ impl Outbox for SqlStore {
             Backend::Postgres => {
                 // Serialize leasing across processes, so two processes never take deliveries of
                 // one ordering key at once; SKIP LOCKED keeps rows being recorded out of the way.
-                sqlx::query("SELECT pg_advisory_xact_lock(7302519)")
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(storage)?;
+                // No bitmap scans in this transaction: without statistics (a fresh table, or
+                // autovacuum off) the planner takes the unexpanded events for a few hundred and
+                // sorts all of them (100 ms for a backlog of 100,000) instead of reading the
+                // first page from the partial index, which has them in `seq` order already.
+                sqlx::query(
+                    "SELECT pg_advisory_xact_lock(7302519), \
+                     set_config('enable_bitmapscan', 'off', true)",
+                )
+                .execute(&mut *tx)
+                .await
+                .map_err(storage)?;
                 LEASE_POSTGRES
             }
         };
+        let reap = {
+            let mut l = self.leases.lock();
+            let due = l.reaped_at.is_none_or(|t| t.elapsed() >= REAP_EVERY);
+            if due {
+                l.reaped_at = Some(Instant::now());
+            }
+            due
+        };
+        if reap {
+            sqlx::query(REAP_LAPSED)
+                .bind(to_db(now))
+                .execute(&mut *tx)
+                .await
+                .map_err(storage)?;
+        }
         // Deliveries already in the table first (retries, and ones that waited behind them):
         // they are older than anything expanded now.
         let leased: Vec<String> = sqlx::query(lease)
@@ -849,6 +897,18 @@ impl Outbox for SqlStore {
     ) -> Result<(), StorageError> {
         let backend = self.db().backend;
         let mut tx = self.db().write.begin().await.map_err(storage)?;
+        if backend == Backend::Postgres {
+            // Each batch touches a few hundred rows by primary key. Without statistics (a fresh
+            // table, or autovacuum off) the planner hash-joins them against a scan of the whole
+            // table instead, which grows with every delivery ever made.
+            sqlx::query(
+                "SELECT set_config('enable_hashjoin', 'off', true), \
+                 set_config('enable_mergejoin', 'off', true)",
+            )
+            .execute(&mut *tx)
+            .await
+            .map_err(storage)?;
+        }
 
         // Deliveries that so far existed only in this process: written once, as they stand after
         // this attempt (or pending, if released unattempted), and their events marked expanded.
