@@ -49,6 +49,32 @@ pub(crate) fn in_list_from(backend: Backend, first: usize, n: usize) -> String {
     out
 }
 
+/// Split `items` into chunks whose lengths are powers of two (largest first, at most `max`), so
+/// that a multi-row statement comes in a handful of texts that stay in the connection's prepared
+/// statement cache instead of one text per batch size, each parsed and planned afresh.
+pub(crate) fn pow2_chunks<T>(items: &[T], max: usize) -> Vec<&[T]> {
+    let max = max.max(1);
+    let cap = if max.is_power_of_two() {
+        max
+    } else {
+        max.next_power_of_two() / 2
+    };
+    let mut out = Vec::new();
+    let mut rest = items;
+    while !rest.is_empty() {
+        let n = rest.len().min(cap);
+        let n = if n.is_power_of_two() {
+            n
+        } else {
+            n.next_power_of_two() / 2
+        };
+        let (head, tail) = rest.split_at(n);
+        out.push(head);
+        rest = tail;
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -60,5 +86,17 @@ mod tests {
         assert_eq!(value_rows_from(Backend::Postgres, 3, 1, 2), "($3, $4)");
         assert_eq!(in_list_from(Backend::Postgres, 2, 3), "($2, $3, $4)");
         assert_eq!(in_list_from(Backend::Sqlite, 2, 2), "(?, ?)");
+    }
+
+    #[test]
+    fn chunks_are_powers_of_two() {
+        let v: Vec<u32> = (0..300).collect();
+        let sizes: Vec<usize> = pow2_chunks(&v, 200).iter().map(|c| c.len()).collect();
+        assert_eq!(sizes, [128, 128, 32, 8, 4]);
+        let sizes: Vec<usize> = pow2_chunks(&v[..37], 64).iter().map(|c| c.len()).collect();
+        assert_eq!(sizes, [32, 4, 1]);
+        assert!(pow2_chunks::<u32>(&[], 64).is_empty());
+        let joined: Vec<u32> = pow2_chunks(&v, 200).concat();
+        assert_eq!(joined, v);
     }
 }

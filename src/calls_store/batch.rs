@@ -13,12 +13,13 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::*;
 use crate::db::Backend;
-use crate::sql::{in_list_from, value_rows};
+use crate::sql::{in_list_from, pow2_chunks, value_rows};
 use crate::store::low_balance_event;
 use crate::webhooks::enqueue_all;
 
-/// Rows per multi-row statement: at most 10 values a row, far below either backend's limit.
-const CHUNK: usize = 200;
+/// Rows per multi-row statement, at most: at most 9 values a row, far below either backend's
+/// limit. Chunks are powers of two (see `pow2_chunks`).
+const CHUNK: usize = 128;
 
 /// Whether [`apply`] can take this batch.
 pub(super) fn applies(batch: &[Pending]) -> bool {
@@ -129,7 +130,7 @@ async fn read_calls(
     ids: &[&str],
 ) -> Result<HashMap<String, CallRecord>, StorageError> {
     let mut out = HashMap::new();
-    for chunk in ids.chunks(CHUNK) {
+    for chunk in pow2_chunks(ids, CHUNK) {
         let sql = format!(
             concat!("SELECT ", call_cols!(), " FROM calls WHERE id IN {}"),
             in_list_from(backend, 1, chunk.len())
@@ -172,7 +173,7 @@ async fn start_calls(
         return Ok(());
     }
     let mut inserted = HashMap::new();
-    for chunk in starts.chunks(CHUNK) {
+    for chunk in pow2_chunks(&starts, CHUNK) {
         // `WHERE true` keeps SQLite from reading ON CONFLICT as part of the join.
         let sql = format!(
             concat!(
@@ -244,7 +245,7 @@ async fn answer_calls(
         return Ok(());
     }
     let mut changed = HashMap::new();
-    for chunk in answers.chunks(CHUNK) {
+    for chunk in pow2_chunks(&answers, CHUNK) {
         let sql = format!(
             concat!(
                 "UPDATE calls SET status = 'answered', answered_at = v.column2, \
@@ -287,6 +288,7 @@ struct WalletDraft {
     threshold: i64,
     alerted: bool,
     debited: i64,
+    /// The latest debit, for `updated_at`.
     last_at: DateTime<Utc>,
 }
 
@@ -311,7 +313,7 @@ async fn end_calls(
         return Ok(());
     }
     let mut ended = HashMap::new();
-    for chunk in ends.chunks(CHUNK) {
+    for chunk in pow2_chunks(&ends, CHUNK) {
         // The conditional update comes first: it also locks the rows, so a second ender finds
         // them final.
         let sql = format!(
@@ -370,7 +372,7 @@ async fn end_calls(
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
         .collect();
-    let mut wallets = lock_wallets(conn, backend, &payers, ends[0].1.ended_at).await?;
+    let mut wallets = lock_wallets(conn, backend, &payers).await?;
 
     let mut ledger: Vec<LedgerRow> = Vec::new();
     let mut updates: Vec<(String, i64, i64, i64)> = Vec::new();
@@ -442,10 +444,9 @@ async fn lock_wallets(
     conn: &mut AnyConnection,
     backend: Backend,
     workspaces: &[&str],
-    at: DateTime<Utc>,
 ) -> Result<BTreeMap<String, WalletDraft>, StorageError> {
     let mut out = BTreeMap::new();
-    for chunk in workspaces.chunks(CHUNK) {
+    for chunk in pow2_chunks(workspaces, CHUNK) {
         // A no-op write: it locks the rows (PostgreSQL) so the balances read here are the ones
         // the debits apply to, even with other processes debiting the same wallets.
         let sql = format!(
@@ -469,7 +470,7 @@ async fn lock_wallets(
                     threshold: get(&row, "low_balance_threshold_minor")?,
                     alerted: alerted != 0,
                     debited: 0,
-                    last_at: at,
+                    last_at: DateTime::<Utc>::MIN_UTC,
                 },
             );
         }
@@ -519,7 +520,7 @@ async fn insert_ledger(
     backend: Backend,
     rows: &[LedgerRow],
 ) -> Result<(), StorageError> {
-    for chunk in rows.chunks(CHUNK) {
+    for chunk in pow2_chunks(rows, CHUNK) {
         let sql = format!(
             "INSERT INTO ledger_entries (id, workspace_id, kind, amount_minor, \
              balance_after_minor, currency, reference, created_at) VALUES {}",
@@ -548,7 +549,7 @@ async fn update_costs(
     backend: Backend,
     rows: &[(String, i64, i64, i64)],
 ) -> Result<(), StorageError> {
-    for chunk in rows.chunks(CHUNK) {
+    for chunk in pow2_chunks(rows, CHUNK) {
         let sql = format!(
             "UPDATE calls SET duration_seconds = v.column2, cost_minor = v.column3, \
              uncollected_minor = v.column4 FROM (VALUES {}) AS v WHERE calls.id = v.column1",
@@ -574,7 +575,7 @@ async fn insert_timelines(
     backend: Backend,
     entries: &[(&str, &TimelineEntry)],
 ) -> Result<(), StorageError> {
-    for chunk in entries.chunks(CHUNK) {
+    for chunk in pow2_chunks(entries, CHUNK) {
         let sql = format!(
             "INSERT INTO call_timeline (id, call_id, at, kind, detail) VALUES {}",
             value_rows(backend, chunk.len(), 5)

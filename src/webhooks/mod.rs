@@ -107,8 +107,8 @@ pub async fn enqueue(
     Ok(())
 }
 
-/// Events per multi-row INSERT (7 values each).
-const ENQUEUE_CHUNK: usize = 200;
+/// Events per multi-row INSERT, at most (7 values each).
+const ENQUEUE_CHUNK: usize = 128;
 
 /// Queue several events in the caller's transaction with multi-row INSERTs, in the given order
 /// (their ids, and on PostgreSQL their `seq`, follow it), exactly as `enqueue` one by one would.
@@ -117,7 +117,7 @@ pub async fn enqueue_all(
     backend: Backend,
     events: &[(EventDraft, DateTime<Utc>)],
 ) -> Result<(), StorageError> {
-    for chunk in events.chunks(ENQUEUE_CHUNK) {
+    for chunk in crate::sql::pow2_chunks(events, ENQUEUE_CHUNK) {
         let sql = format!(
             "INSERT INTO events (id, workspace_id, event_kind, number_id, call_id, occurred_at, \
              body) VALUES {}",
