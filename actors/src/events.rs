@@ -348,10 +348,10 @@ impl Actor for Events {
         // Keep what was already sent from being sent again. (A record still in flight finishes
         // on its own; a lease in flight lapses.)
         let (attempts, released) = state.book.take_record();
-        if !attempts.is_empty() || !released.is_empty() {
-            if let Err(e) = state.args.outbox.record(&attempts, &released).await {
-                warn!(error = %e, pending = attempts.len(), "recording webhook attempts failed");
-            }
+        if (!attempts.is_empty() || !released.is_empty())
+            && let Err(e) = state.args.outbox.record(&attempts, &released).await
+        {
+            warn!(error = %e, pending = attempts.len(), "recording webhook attempts failed");
         }
         Ok(())
     }
