@@ -159,9 +159,6 @@ const ROUTE_SELECT: &str = "SELECT t.id, t.workspace_id, t.number, t.status, \
      t.voice_callback_url, t.events_url, t.inbound_per_min_minor, t.outbound_per_min_minor, \
      t.currency, w.webhook_secret FROM tenant_numbers t JOIN workspaces w ON w.id = t.workspace_id";
 
-/// Timeline rows per INSERT statement (5 binds each); a call's batch is usually a handful.
-const TIMELINE_CHUNK: usize = 50;
-
 /// Append entries in the caller's transaction, in order (UUIDv7 ids from one process are
 /// monotonic, and the timeline is read in id order).
 async fn insert_timeline(
@@ -169,37 +166,9 @@ async fn insert_timeline(
     call_id: &str,
     entries: &[TimelineEntry],
 ) -> Result<(), StorageError> {
-    for chunk in entries.chunks(TIMELINE_CHUNK) {
-        let mut sql =
-            String::from("INSERT INTO call_timeline (id, call_id, at, kind, detail) VALUES ");
-        for i in 0..chunk.len() {
-            let b = i * 5;
-            if i > 0 {
-                sql.push_str(", ");
-            }
-            sql.push_str(&format!(
-                "(${}, ${}, ${}, ${}, ${})",
-                b + 1,
-                b + 2,
-                b + 3,
-                b + 4,
-                b + 5
-            ));
-        }
-        // Safe: `sql` is built only from placeholders; values are bound.
-        let mut q = sqlx::query(AssertSqlSafe(sql));
-        for e in chunk {
-            let detail = serde_json::to_string(&e.detail).map_err(storage)?;
-            q = q
-                .bind(new_id())
-                .bind(call_id.to_owned())
-                .bind(to_db(e.at))
-                .bind(e.kind.clone())
-                .bind(detail);
-        }
-        q.execute(&mut *conn).await.map_err(storage)?;
-    }
-    Ok(())
+    let rows: Vec<(&str, &TimelineEntry)> = entries.iter().map(|e| (call_id, e)).collect();
+    let backend = crate::db::backend_of(conn);
+    batch::insert_timelines(conn, backend, &rows).await
 }
 
 fn base_payload(c: &CallRecord) -> serde_json::Map<String, Value> {

@@ -94,6 +94,15 @@ impl Db {
     }
 }
 
+/// Which database a connection talks to.
+pub fn backend_of(conn: &sqlx::AnyConnection) -> Backend {
+    if conn.backend_name().eq_ignore_ascii_case("sqlite") {
+        Backend::Sqlite
+    } else {
+        Backend::Postgres
+    }
+}
+
 async fn sqlite_pool(url: &str, max: u32) -> Result<AnyPool, DbError> {
     let pool = AnyPoolOptions::new()
         .max_connections(max)

@@ -33,16 +33,21 @@ pub(super) fn applies(batch: &[Pending]) -> bool {
     })
 }
 
+/// A call an end in this batch ended.
+struct EndedCall {
+    call: CallRecord,
+    /// The timeline line of its charge, when it was rated.
+    charged: Option<TimelineEntry>,
+    /// `wallet.low_balance`, when its debit crossed the threshold.
+    low_balance: Option<EventDraft>,
+}
+
 /// What the batch does to each write, filled in phase by phase.
 enum Outcome {
     /// A start or answer that changed the call (its event and timeline are written).
-    Changed(CallRecord),
+    Changed(Box<CallRecord>),
     /// An end that ended the call (rated, maybe charged) and the extra timeline line it adds.
-    Ended {
-        call: CallRecord,
-        charged: Option<TimelineEntry>,
-        low_balance: Option<EventDraft>,
-    },
+    Ended(Box<EndedCall>),
     /// A repeat of a change that committed earlier: nothing is written.
     Repeat,
     /// An end of a call that was already final: nothing is written.
@@ -87,14 +92,12 @@ pub(super) async fn apply(
                 events.push((answered_event(stored, c.answered_at), c.answered_at));
                 results.push(Written::Other);
             }
-            (
-                CallWrite::Ended(c),
-                Outcome::Ended {
+            (CallWrite::Ended(c), Outcome::Ended(e)) => {
+                let EndedCall {
                     call,
                     charged,
                     low_balance,
-                },
-            ) => {
+                } = e.as_ref();
                 timeline.extend(c.timeline.iter().map(|e| (c.call_id.as_str(), e)));
                 timeline.extend(charged.iter().map(|e| (c.call_id.as_str(), e)));
                 if let Some(low) = low_balance {
@@ -148,55 +151,112 @@ async fn read_calls(
     Ok(out)
 }
 
-fn rows_by_id(rows: &[AnyRow]) -> Result<HashMap<String, CallRecord>, StorageError> {
-    rows.iter()
-        .map(|r| call_from_row(r).map(|c| (c.id.clone(), c)))
+/// A query being bound.
+type AnyQuery = sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments>;
+
+/// The writes of one kind, with their places in the batch.
+fn select<'a, T>(
+    writes: &[&'a CallWrite],
+    pick: impl Fn(&'a CallWrite) -> Option<&'a T>,
+) -> Vec<(usize, &'a T)> {
+    writes
+        .iter()
+        .enumerate()
+        .filter_map(|(i, w)| pick(w).map(|t| (i, t)))
         .collect()
 }
 
-/// Insert the new calls (`ringing`), priced as their numbers are now.
+/// One conditional change of many call rows: `statement` (with `{values}` where the rows of
+/// `width` values go) RETURNING the rows it changed. Returns those, and the others of `items`
+/// as they stand (a repeat of a change that committed, or a call already past it); a call in
+/// neither does not exist.
+async fn change_calls<T>(
+    conn: &mut AnyConnection,
+    backend: Backend,
+    items: &[(usize, &T)],
+    id: impl Fn(&T) -> &str,
+    statement: &str,
+    width: usize,
+    bind: impl Fn(AnyQuery, &T) -> Result<AnyQuery, StorageError>,
+) -> Result<(HashMap<String, CallRecord>, HashMap<String, CallRecord>), StorageError> {
+    let mut changed = HashMap::new();
+    for chunk in pow2_chunks(items, CHUNK) {
+        let sql = statement.replace("{values}", &value_rows(backend, chunk.len(), width));
+        // Safe: `sql` is a constant with placeholders; values are bound.
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for (_, item) in chunk {
+            q = bind(q, item)?;
+        }
+        let rows = q.fetch_all(&mut *conn).await.map_err(storage)?;
+        for row in &rows {
+            let c = call_from_row(row)?;
+            changed.insert(c.id.clone(), c);
+        }
+    }
+    let missing: Vec<&str> = items
+        .iter()
+        .map(|(_, item)| id(item))
+        .filter(|i| !changed.contains_key(*i))
+        .collect();
+    let existing = read_calls(conn, backend, &missing).await?;
+    Ok((changed, existing))
+}
+
+// `WHERE true` keeps SQLite from reading ON CONFLICT as part of the join. The rate and currency
+// are copied from the number as it is now: the call is billed at the price in force when it
+// started.
+const START_CALLS: &str = concat!(
+    "INSERT INTO calls (id, workspace_id, number_id, direction, from_number, to_number, status, \
+     sip_call_id, engine_id, started_at, currency, rate_per_min_minor, created_at, updated_at) \
+     SELECT v.column1, v.column2, v.column3, v.column4, v.column5, v.column6, 'ringing', \
+     v.column7, v.column8, v.column9, t.currency, \
+     CASE WHEN v.column4 = 'inbound' THEN t.inbound_per_min_minor \
+       ELSE t.outbound_per_min_minor END, v.column9, v.column9 \
+     FROM (VALUES {values}) AS v \
+     JOIN tenant_numbers t ON t.id = v.column3 AND t.workspace_id = v.column2 \
+     WHERE true ON CONFLICT (id) DO NOTHING RETURNING ",
+    call_cols!()
+);
+
+const ANSWER_CALLS: &str = concat!(
+    "UPDATE calls SET status = 'answered', answered_at = v.column2, updated_at = v.column2 \
+     FROM (VALUES {values}) AS v WHERE calls.id = v.column1 AND calls.status = 'ringing' \
+     RETURNING ",
+    call_cols!()
+);
+
+// The conditional update comes first: it also locks the rows, so a second ender finds them final.
+const END_CALLS: &str = concat!(
+    "UPDATE calls SET status = v.column2, ended_at = v.column3, hangup_cause = v.column4, \
+     failure_reason = v.column5, updated_at = v.column3 FROM (VALUES {values}) AS v \
+     WHERE calls.id = v.column1 AND calls.status IN ('ringing', 'answered') RETURNING ",
+    call_cols!()
+);
+
+/// Insert the new calls (`ringing`).
 async fn start_calls(
     conn: &mut AnyConnection,
     backend: Backend,
     writes: &[&CallWrite],
     outcomes: &mut [Option<Outcome>],
 ) -> Result<(), StorageError> {
-    let starts: Vec<(usize, &CallStarted)> = writes
-        .iter()
-        .enumerate()
-        .filter_map(|(i, w)| match w {
-            CallWrite::Started(c) => Some((i, c)),
-            _ => None,
-        })
-        .collect();
+    let starts = select(writes, |w| match w {
+        CallWrite::Started(c) => Some(c),
+        _ => None,
+    });
     if starts.is_empty() {
         return Ok(());
     }
-    let mut inserted = HashMap::new();
-    for chunk in pow2_chunks(&starts, CHUNK) {
-        // `WHERE true` keeps SQLite from reading ON CONFLICT as part of the join.
-        let sql = format!(
-            concat!(
-                "INSERT INTO calls (id, workspace_id, number_id, direction, from_number, \
-                 to_number, status, sip_call_id, engine_id, started_at, currency, \
-                 rate_per_min_minor, created_at, updated_at) \
-                 SELECT v.column1, v.column2, v.column3, v.column4, v.column5, v.column6, \
-                 'ringing', v.column7, v.column8, v.column9, t.currency, \
-                 CASE WHEN v.column4 = 'inbound' THEN t.inbound_per_min_minor \
-                   ELSE t.outbound_per_min_minor END, v.column9, v.column9 \
-                 FROM (VALUES {}) AS v \
-                 JOIN tenant_numbers t ON t.id = v.column3 AND t.workspace_id = v.column2 \
-                 WHERE true ON CONFLICT (id) DO NOTHING RETURNING ",
-                call_cols!()
-            ),
-            value_rows(backend, chunk.len(), 9)
-        );
-        // Safe: `sql` is built only from placeholders; values are bound.
-        let mut q = sqlx::query(AssertSqlSafe(sql));
-        for (_, c) in chunk {
+    let (mut inserted, existing) = change_calls(
+        conn,
+        backend,
+        &starts,
+        |c| &c.call_id,
+        START_CALLS,
+        9,
+        |q, c| {
             check_direction(&c.direction)?;
-            q = q
-                .bind(c.call_id.clone())
+            Ok(q.bind(c.call_id.clone())
                 .bind(c.workspace_id.clone())
                 .bind(c.number_id.clone())
                 .bind(c.direction.clone())
@@ -204,20 +264,13 @@ async fn start_calls(
                 .bind(c.to.clone())
                 .bind(c.sip_call_id.clone())
                 .bind(c.engine_id.clone())
-                .bind(to_db(c.started_at));
-        }
-        let rows = q.fetch_all(&mut *conn).await.map_err(storage)?;
-        inserted.extend(rows_by_id(&rows)?);
-    }
-    let missing: Vec<&str> = starts
-        .iter()
-        .filter(|(_, c)| !inserted.contains_key(&c.call_id))
-        .map(|(_, c)| c.call_id.as_str())
-        .collect();
-    let existing = read_calls(conn, backend, &missing).await?;
+                .bind(to_db(c.started_at)))
+        },
+    )
+    .await?;
     for (i, c) in starts {
         outcomes[i] = Some(match inserted.remove(&c.call_id) {
-            Some(stored) => Outcome::Changed(stored),
+            Some(stored) => Outcome::Changed(Box::new(stored)),
             // A retry of a start that did commit.
             None if existing.contains_key(&c.call_id) => Outcome::Repeat,
             None => return Err(unknown_number(c)),
@@ -233,45 +286,26 @@ async fn answer_calls(
     writes: &[&CallWrite],
     outcomes: &mut [Option<Outcome>],
 ) -> Result<(), StorageError> {
-    let answers: Vec<(usize, &CallAnswered)> = writes
-        .iter()
-        .enumerate()
-        .filter_map(|(i, w)| match w {
-            CallWrite::Answered(c) => Some((i, c)),
-            _ => None,
-        })
-        .collect();
+    let answers = select(writes, |w| match w {
+        CallWrite::Answered(c) => Some(c),
+        _ => None,
+    });
     if answers.is_empty() {
         return Ok(());
     }
-    let mut changed = HashMap::new();
-    for chunk in pow2_chunks(&answers, CHUNK) {
-        let sql = format!(
-            concat!(
-                "UPDATE calls SET status = 'answered', answered_at = v.column2, \
-                 updated_at = v.column2 FROM (VALUES {}) AS v \
-                 WHERE calls.id = v.column1 AND calls.status = 'ringing' RETURNING ",
-                call_cols!()
-            ),
-            value_rows(backend, chunk.len(), 2)
-        );
-        // Safe: `sql` is built only from placeholders; values are bound.
-        let mut q = sqlx::query(AssertSqlSafe(sql));
-        for (_, c) in chunk {
-            q = q.bind(c.call_id.clone()).bind(to_db(c.answered_at));
-        }
-        let rows = q.fetch_all(&mut *conn).await.map_err(storage)?;
-        changed.extend(rows_by_id(&rows)?);
-    }
-    let missing: Vec<&str> = answers
-        .iter()
-        .filter(|(_, c)| !changed.contains_key(&c.call_id))
-        .map(|(_, c)| c.call_id.as_str())
-        .collect();
-    let existing = read_calls(conn, backend, &missing).await?;
+    let (mut changed, existing) = change_calls(
+        conn,
+        backend,
+        &answers,
+        |c| &c.call_id,
+        ANSWER_CALLS,
+        2,
+        |q, c| Ok(q.bind(c.call_id.clone()).bind(to_db(c.answered_at))),
+    )
+    .await?;
     for (i, c) in answers {
         outcomes[i] = Some(match changed.remove(&c.call_id) {
-            Some(stored) => Outcome::Changed(stored),
+            Some(stored) => Outcome::Changed(Box::new(stored)),
             // Answered (or ended) already: a repeat changes nothing.
             None if existing.contains_key(&c.call_id) => Outcome::Repeat,
             None => return Err(call_not_found(&c.call_id)),
@@ -301,52 +335,30 @@ async fn end_calls(
     writes: &[&CallWrite],
     outcomes: &mut [Option<Outcome>],
 ) -> Result<(), StorageError> {
-    let ends: Vec<(usize, &CallEnded)> = writes
-        .iter()
-        .enumerate()
-        .filter_map(|(i, w)| match w {
-            CallWrite::Ended(c) => Some((i, c)),
-            _ => None,
-        })
-        .collect();
+    let ends = select(writes, |w| match w {
+        CallWrite::Ended(c) => Some(c),
+        _ => None,
+    });
     if ends.is_empty() {
         return Ok(());
     }
-    let mut ended = HashMap::new();
-    for chunk in pow2_chunks(&ends, CHUNK) {
-        // The conditional update comes first: it also locks the rows, so a second ender finds
-        // them final.
-        let sql = format!(
-            concat!(
-                "UPDATE calls SET status = v.column2, ended_at = v.column3, \
-                 hangup_cause = v.column4, failure_reason = v.column5, updated_at = v.column3 \
-                 FROM (VALUES {}) AS v \
-                 WHERE calls.id = v.column1 AND calls.status IN ('ringing', 'answered') \
-                 RETURNING ",
-                call_cols!()
-            ),
-            value_rows(backend, chunk.len(), 5)
-        );
-        // Safe: `sql` is built only from placeholders; values are bound.
-        let mut q = sqlx::query(AssertSqlSafe(sql));
-        for (_, c) in chunk {
+    let (mut ended, existing) = change_calls(
+        conn,
+        backend,
+        &ends,
+        |c| &c.call_id,
+        END_CALLS,
+        5,
+        |q, c| {
             check_final(c)?;
-            q = q
-                .bind(c.call_id.clone())
+            Ok(q.bind(c.call_id.clone())
                 .bind(c.status.as_str())
                 .bind(to_db(c.ended_at))
                 .bind(c.hangup_cause.clone())
-                .bind(c.failure_reason.clone());
-        }
-        let rows = q.fetch_all(&mut *conn).await.map_err(storage)?;
-        ended.extend(rows_by_id(&rows)?);
-    }
-    let missing: Vec<&str> = ends
-        .iter()
-        .filter(|(_, c)| !ended.contains_key(&c.call_id))
-        .map(|(_, c)| c.call_id.as_str())
-        .collect();
-    let existing = read_calls(conn, backend, &missing).await?;
+                .bind(c.failure_reason.clone()))
+        },
+    )
+    .await?;
 
     // Rate every call this batch ended; read the wallets of those with something to pay.
     let mut rated: Vec<(usize, CallRecord, i64)> = Vec::new();
@@ -426,11 +438,11 @@ async fn end_calls(
                 call.uncollected_minor,
             ));
         }
-        outcomes[i] = Some(Outcome::Ended {
+        outcomes[i] = Some(Outcome::Ended(Box::new(EndedCall {
             call,
             charged,
             low_balance,
-        });
+        })));
     }
     write_wallets(conn, &wallets).await?;
     insert_ledger(conn, backend, &ledger).await?;
@@ -570,7 +582,7 @@ async fn update_costs(
 }
 
 /// Timeline rows of several calls, ids given in the order listed.
-async fn insert_timelines(
+pub(super) async fn insert_timelines(
     conn: &mut AnyConnection,
     backend: Backend,
     entries: &[(&str, &TimelineEntry)],
