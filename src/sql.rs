@@ -36,6 +36,11 @@ pub(crate) fn placeholder(backend: Backend, n: usize) -> String {
     }
 }
 
+/// `($1, $2, …)` or `(?, ?, …)` for an `IN` list of `n` values.
+pub(crate) fn in_list(backend: Backend, n: usize) -> String {
+    in_list_from(backend, 1, n)
+}
+
 /// `($first, …)` or `(?, ?, …)` for an `IN` list of `n` values.
 pub(crate) fn in_list_from(backend: Backend, first: usize, n: usize) -> String {
     let mut out = String::from("(");

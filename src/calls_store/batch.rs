@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::*;
 use crate::db::Backend;
-use crate::sql::{in_list_from, pow2_chunks, value_rows};
+use crate::sql::{in_list, pow2_chunks, value_rows};
 use crate::store::low_balance_event;
 use crate::webhooks::enqueue_all;
 
@@ -136,7 +136,7 @@ async fn read_calls(
     for chunk in pow2_chunks(ids, CHUNK) {
         let sql = format!(
             concat!("SELECT ", call_cols!(), " FROM calls WHERE id IN {}"),
-            in_list_from(backend, 1, chunk.len())
+            in_list(backend, chunk.len())
         );
         // Safe: `sql` is built only from placeholders; values are bound.
         let mut q = sqlx::query(AssertSqlSafe(sql));
@@ -465,7 +465,7 @@ async fn lock_wallets(
             "UPDATE wallets SET updated_at = updated_at WHERE workspace_id IN {} \
              RETURNING workspace_id, balance_minor, currency, low_balance_threshold_minor, \
              low_balance_alerted",
-            in_list_from(backend, 1, chunk.len())
+            in_list(backend, chunk.len())
         );
         // Safe: `sql` is built only from placeholders; values are bound.
         let mut q = sqlx::query(AssertSqlSafe(sql));

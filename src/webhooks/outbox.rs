@@ -14,6 +14,7 @@ use sautikit_actors::webhook::{
 use sqlx::AssertSqlSafe;
 
 use crate::db::Backend;
+use crate::sql::{in_list, in_list_from, placeholder, value_rows};
 use crate::store::{SqlStore, get, get_opt_time, get_time, storage};
 use crate::time::{new_id, to_db};
 
@@ -23,44 +24,6 @@ const CHUNK: usize = 100;
 const ROW_CHUNK: usize = 250;
 /// Values per `IN` list on the delivery path.
 const IN_CHUNK: usize = 500;
-
-/// Placeholders for `n` rows of `width` values. SQLite gets anonymous `?`: it resolves each named
-/// `$N` by a linear scan, which makes wide multi-row statements quadratic.
-fn value_rows(backend: Backend, n: usize, width: usize) -> String {
-    (0..n)
-        .map(|r| {
-            let cols: Vec<String> = (0..width)
-                .map(|c| match backend {
-                    Backend::Sqlite => "?".to_owned(),
-                    Backend::Postgres => format!("${}", 1 + r * width + c),
-                })
-                .collect();
-            format!("({})", cols.join(", "))
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// The `n`th (1-based) placeholder.
-fn placeholder(backend: Backend, n: usize) -> String {
-    match backend {
-        Backend::Sqlite => "?".to_owned(),
-        Backend::Postgres => format!("${n}"),
-    }
-}
-
-/// `($1, $2, …)` or `(?, ?, …)` for an `IN` list of `n` values.
-fn in_list(backend: Backend, n: usize) -> String {
-    in_list_from(backend, n, 1)
-}
-
-/// An `IN` list of `n` values whose first placeholder is the `first`th.
-fn in_list_from(backend: Backend, n: usize, first: usize) -> String {
-    let v: Vec<String> = (first..first + n)
-        .map(|i| placeholder(backend, i))
-        .collect();
-    format!("({})", v.join(", "))
-}
 
 // A delivery is leased only when no earlier pending delivery of its ordering key is blocked
 // (in backoff, or leased by a sender); the unblocked earlier ones come first in id order, so they
@@ -378,7 +341,7 @@ async fn expand_events(
              UNION SELECT DISTINCT ordering_key FROM webhook_deliveries \
              WHERE status = 'pending' AND (lease_token IS NOT NULL OR attempts > 0) \
              AND ordering_key IN {} AND lease_token <> {}",
-            in_list_from(backend, chunk.len(), chunk.len() + 1),
+            in_list_from(backend, chunk.len() + 1, chunk.len()),
             placeholder(backend, 2 * chunk.len() + 1)
         );
         let mut q = sqlx::query(AssertSqlSafe(sql));
