@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::Backend;
 use common::caller::{Caller, decode};
-use common::calls::{NUMBER, free_port, scenario, setup, sipp, wait_for_calls};
+use common::calls::{NUMBER, scenario, setup, sipp, wait_for_calls};
 use sautikit_sip::rtp::{RtpHeader, g711};
 use serde_json::{Value, json};
 
@@ -117,16 +117,37 @@ fn uvicorn(port: u16) -> std::process::Child {
         .expect("uvicorn in tests/python/.venv (scripts/test.sh installs it)")
 }
 
-async fn wait_for_http(url: &str) {
+/// Wait until `url` answers; false if uvicorn exited first (its port was taken meanwhile).
+async fn wait_for_http(url: &str, uvicorn: &mut std::process::Child) -> bool {
     let client = reqwest::Client::new();
     // Python imports FastAPI slowly on a busy 2-core machine: allow a minute.
     for _ in 0..1200 {
         if client.post(url).send().await.is_ok() {
-            return;
+            return true;
+        }
+        if uvicorn.try_wait().ok().flatten().is_some() {
+            return false;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("{url} did not come up");
+}
+
+/// The guide's handler on a free TCP port, and its `/voice` URL. A port free when picked can be
+/// taken before uvicorn binds it (tests run in parallel): then another is tried.
+async fn guide_handler() -> (KillOnDrop, String) {
+    for _ in 0..5 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free TCP port");
+        let mut child = KillOnDrop(uvicorn(port));
+        let url = format!("http://127.0.0.1:{port}/voice");
+        if wait_for_http(&url, &mut child.0).await {
+            return (child, url);
+        }
+    }
+    panic!("uvicorn could not start on any of 5 ports");
 }
 
 struct KillOnDrop(std::process::Child);
@@ -141,10 +162,7 @@ impl Drop for KillOnDrop {
 /// then the engine hangs up and `call.completed` reaches the events receiver.
 async fn guide_fastapi_handler_speaks(backend: Backend) {
     let ctx = setup(backend, "/unused").await;
-    let port = free_port();
-    let _uvicorn = KillOnDrop(uvicorn(port));
-    let voice_url = format!("http://127.0.0.1:{port}/voice");
-    wait_for_http(&voice_url).await;
+    let (_uvicorn, voice_url) = guide_handler().await;
     ctx.api
         .patch(
             &format!("/v1/numbers/{}/routing", ctx.number_id),
