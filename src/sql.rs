@@ -6,11 +6,6 @@ use crate::db::Backend;
 /// `$N` by a linear scan, which makes wide multi-row statements quadratic. Binds must then follow
 /// the text's order, which they do when every placeholder of a statement comes from here.
 pub(crate) fn value_rows(backend: Backend, n: usize, width: usize) -> String {
-    value_rows_from(backend, 1, n, width)
-}
-
-/// As [`value_rows`], numbering PostgreSQL's placeholders from `first`.
-pub(crate) fn value_rows_from(backend: Backend, first: usize, n: usize, width: usize) -> String {
     let mut out = String::with_capacity(n * width * 5);
     for r in 0..n {
         out.push_str(if r == 0 { "(" } else { ", (" });
@@ -18,10 +13,7 @@ pub(crate) fn value_rows_from(backend: Backend, first: usize, n: usize, width: u
             if c > 0 {
                 out.push_str(", ");
             }
-            match backend {
-                Backend::Sqlite => out.push('?'),
-                Backend::Postgres => out.push_str(&format!("${}", first + r * width + c)),
-            }
+            out.push_str(&placeholder(backend, 1 + r * width + c));
         }
         out.push(')');
     }
@@ -88,7 +80,6 @@ mod tests {
     fn placeholders() {
         assert_eq!(value_rows(Backend::Postgres, 2, 2), "($1, $2), ($3, $4)");
         assert_eq!(value_rows(Backend::Sqlite, 2, 2), "(?, ?), (?, ?)");
-        assert_eq!(value_rows_from(Backend::Postgres, 3, 1, 2), "($3, $4)");
         assert_eq!(in_list_from(Backend::Postgres, 2, 3), "($2, $3, $4)");
         assert_eq!(in_list_from(Backend::Sqlite, 2, 2), "(?, ?)");
     }
