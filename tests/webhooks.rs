@@ -666,8 +666,13 @@ async fn unsubscribed_events_are_expanded(backend: Backend) {
     }
     let store =
         sautikit::store::SqlStore::new(sautikit::db::Db::connect(&db.url).await.expect("connect"));
+    // PostgreSQL keeps unexpanded events in a queue table (0008), SQLite flags them.
+    let unexpanded = match backend {
+        Backend::Sqlite => "SELECT COUNT(*) AS n FROM events WHERE expanded = 0",
+        Backend::Postgres => "SELECT COUNT(*) AS n FROM event_queue",
+    };
     let pending = || async {
-        let row = sqlx::query("SELECT COUNT(*) AS n FROM events WHERE expanded = 0")
+        let row = sqlx::query(unexpanded)
             .fetch_one(&store.db().read)
             .await
             .expect("count");

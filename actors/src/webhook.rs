@@ -101,6 +101,9 @@ pub struct Unwritten {
     pub number_id: Option<String>,
     pub call_id: Option<String>,
     pub created_at: DateTime<Utc>,
+    /// The event's claimed row in the PostgreSQL outbox's queue, deleted when this delivery is
+    /// written (SQLite keeps its claims in the process instead).
+    pub queue_seq: Option<i64>,
 }
 
 /// What the receiver (or the network) said.

@@ -81,6 +81,30 @@ pub(crate) fn subject(number_id: Option<&str>, call_id: Option<&str>) -> String 
     }
 }
 
+macro_rules! insert_event {
+    () => {
+        "INSERT INTO events (id, workspace_id, event_kind, number_id, call_id, occurred_at, body) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7)"
+    };
+}
+const INSERT_EVENT_SQLITE: &str = insert_event!();
+const INSERT_EVENT_POSTGRES: &str = concat!(
+    "WITH e AS (",
+    insert_event!(),
+    " RETURNING seq, id) INSERT INTO event_queue (seq, event_id) SELECT seq, id FROM e"
+);
+
+/// On PostgreSQL a new event also enters `event_queue` (0008), in the same statement.
+fn queued_insert(backend: Backend, insert: &str) -> String {
+    match backend {
+        Backend::Sqlite => insert.to_owned(),
+        Backend::Postgres => format!(
+            "WITH e AS ({insert} RETURNING seq, id) \
+             INSERT INTO event_queue (seq, event_id) SELECT seq, id FROM e"
+        ),
+    }
+}
+
 /// Write the event into the outbox, inside the caller's transaction. Who receives it is decided
 /// later, in batches, by the Events actor (`outbox::expand_events`): the transaction that makes
 /// the change pays for one insert and nothing else.
@@ -90,20 +114,21 @@ pub async fn enqueue(
     now: DateTime<Utc>,
 ) -> Result<(), StorageError> {
     let (event_id, body) = event_row(draft, now)?;
-    sqlx::query(
-        "INSERT INTO events (id, workspace_id, event_kind, number_id, call_id, occurred_at, body) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
-    )
-    .bind(&event_id)
-    .bind(&draft.workspace_id)
-    .bind(draft.kind)
-    .bind(&draft.number_id)
-    .bind(&draft.call_id)
-    .bind(to_db(now))
-    .bind(&body)
-    .execute(&mut *conn)
-    .await
-    .map_err(|e| StorageError(e.to_string()))?;
+    let sql = match crate::db::backend_of(conn) {
+        Backend::Sqlite => INSERT_EVENT_SQLITE,
+        Backend::Postgres => INSERT_EVENT_POSTGRES,
+    };
+    sqlx::query(sql)
+        .bind(&event_id)
+        .bind(&draft.workspace_id)
+        .bind(draft.kind)
+        .bind(&draft.number_id)
+        .bind(&draft.call_id)
+        .bind(to_db(now))
+        .bind(&body)
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| StorageError(e.to_string()))?;
     Ok(())
 }
 
@@ -118,10 +143,13 @@ pub async fn enqueue_all(
     events: &[(EventDraft, DateTime<Utc>)],
 ) -> Result<(), StorageError> {
     for chunk in crate::sql::pow2_chunks(events, ENQUEUE_CHUNK) {
-        let sql = format!(
-            "INSERT INTO events (id, workspace_id, event_kind, number_id, call_id, occurred_at, \
-             body) VALUES {}",
-            crate::sql::value_rows(backend, chunk.len(), 7)
+        let sql = queued_insert(
+            backend,
+            &format!(
+                "INSERT INTO events (id, workspace_id, event_kind, number_id, call_id, \
+                 occurred_at, body) VALUES {}",
+                crate::sql::value_rows(backend, chunk.len(), 7)
+            ),
         );
         // Safe: `sql` is built only from placeholders; values are bound.
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));

@@ -71,12 +71,16 @@ const EXPAND_PAGES: usize = 4;
 
 const UNEXPANDED_SQLITE: &str = "SELECT id, workspace_id, event_kind, number_id, call_id, body \
     FROM events WHERE expanded = 0 AND id > $1 ORDER BY id LIMIT $2";
-// In `seq` order, which is commit order for the events of one ordering key (0006): UUIDv7 ids of
-// two processes committing in the same millisecond can be in either order. No row locks: only
-// expansion changes events, and it runs under the lease's advisory lock, so the next expansion
-// (another process's included) starts after this one committed and sees its events expanded.
-const UNEXPANDED_POSTGRES: &str = "SELECT id, workspace_id, event_kind, number_id, call_id, body \
-    FROM events WHERE expanded = 0 AND id > $1 ORDER BY seq LIMIT $2";
+/// PostgreSQL (0008): queued events with their claims, after a `seq`. Rows this process claimed
+/// and still holds are left out; rows another process holds are read, because their ordering keys
+/// must wait. In `seq` order, which is commit order for the events of one ordering key (0006):
+/// UUIDv7 ids of two processes committing in the same millisecond can be in either order. Claims
+/// are made only under the lease's advisory lock, and a claimed row is deleted only by its holder.
+const QUEUED_POSTGRES: &str = "SELECT q.seq, q.lease_token, q.lease_until, e.id, e.workspace_id, \
+    e.event_kind, e.number_id, e.call_id, e.body \
+    FROM event_queue q JOIN events e ON e.id = q.event_id \
+    WHERE q.seq > $1 AND (q.lease_token IS DISTINCT FROM $2 OR q.lease_until < $3) \
+    ORDER BY q.seq LIMIT $4";
 
 /// How often (at most) a SQLite read also looks below its cursor, for events another process
 /// committed with a lower id than ones already handed out.
@@ -84,12 +88,16 @@ const BELOW_CURSOR_EVERY: Duration = Duration::from_secs(1);
 
 /// What this process's Events actor holds of the outbox.
 ///
-/// Rows it leases carry `token` in `lease_token`. On SQLite (one process owns the file) a
-/// delivery of an event with a single receiver is not written when the event is expanded: it is
-/// handed to the actor straight away and written once, with its first attempt (or as pending if
-/// it is released unattempted). Until then its event stays `expanded = 0`, so a crash loses
-/// nothing: the event is expanded and sent again after the restart. `unwritten` keeps such events
-/// from being read twice; reads continue after `cursor`, the highest event id handed out.
+/// Rows it leases carry `token` in `lease_token`. A delivery of an event with a single receiver
+/// is not written when the event is expanded: it is handed to the actor straight away and written
+/// once, with its first attempt (or as pending if it is released unattempted). Until then its
+/// event stays unexpanded, so a crash loses nothing: the event is expanded and sent again after
+/// the restart (PostgreSQL: when the claim lapses).
+///
+/// Where such a claim is kept differs. On PostgreSQL it is the event's `event_queue` row, claimed
+/// with `token` (0008), so other processes see it. On SQLite one process owns the file, and the
+/// claim is `unwritten` here, which keeps such events from being read twice; reads continue after
+/// `cursor`, the highest event id handed out.
 #[derive(Default)]
 pub struct LocalLeases {
     inner: Mutex<LocalInner>,
@@ -102,6 +110,9 @@ struct LocalInner {
     cursor: Option<String>,
     below_cursor_at: Option<Instant>,
     reaped_at: Option<Instant>,
+    /// The last delivery id made here: ids of deliveries handed out unwritten are not in the
+    /// table, and later ones of the same key must still sort after them.
+    last_delivery_id: Option<uuid::Uuid>,
 }
 
 impl LocalLeases {
@@ -183,6 +194,8 @@ struct NewRow {
 
 struct EventRow {
     id: String,
+    /// Its queue row (PostgreSQL).
+    seq: Option<i64>,
     workspace_id: String,
     kind: String,
     number_id: Option<String>,
@@ -196,8 +209,9 @@ struct EventRow {
 /// transaction, so expansion and leasing see one consistent outbox.
 ///
 /// A delivery whose ordering key has pending deliveries not held by this process waits behind
-/// them (written pending, unleased). Any other is handed out at once: written already leased to
-/// this process, or on SQLite, for an event with a single receiver, not written at all yet (see
+/// them (written pending, unleased). An event of a key whose earlier event another process holds
+/// claimed (PostgreSQL) stays queued. Any other is handed out at once: written already leased to
+/// this process, or, for an event with a single receiver, not written at all yet (see
 /// [`LocalLeases`]).
 #[allow(clippy::too_many_arguments)]
 async fn expand_events(
@@ -208,6 +222,7 @@ async fn expand_events(
     token: &str,
     lease_until: DateTime<Utc>,
     from: &ReadFrom,
+    ids: &mut DeliveryIds,
 ) -> Result<Expanded, StorageError> {
     let mut out = Expanded::default();
     let mut events: Vec<EventRow> = Vec::new();
@@ -218,22 +233,29 @@ async fn expand_events(
     // Receivers per event: (subscription, url, ordering key).
     let mut targets: Vec<Vec<(Option<String>, String, String)>> = Vec::new();
     let mut after = from.after.clone();
+    let mut after_seq = 0i64;
+    let now_db = to_db(now);
+    // Ordering keys of events another process holds claimed (PostgreSQL): later events of those
+    // keys stay queued until it has written them.
+    let mut elsewhere: HashSet<String> = HashSet::new();
     let mut produced = 0usize;
     for _ in 0..EXPAND_PAGES {
         if produced >= want {
             break;
         }
         let page = (want - produced).max(16);
-        let sql = match backend {
-            Backend::Sqlite => UNEXPANDED_SQLITE,
-            Backend::Postgres => UNEXPANDED_POSTGRES,
-        };
-        let rows = sqlx::query(sql)
-            .bind(&after)
-            .bind(i64::try_from(page + from.skip.len()).unwrap_or(i64::MAX))
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(storage)?;
+        let fetch = i64::try_from(page + from.skip.len()).unwrap_or(i64::MAX);
+        let rows = match backend {
+            Backend::Sqlite => sqlx::query(UNEXPANDED_SQLITE).bind(&after).bind(fetch),
+            Backend::Postgres => sqlx::query(QUEUED_POSTGRES)
+                .bind(after_seq)
+                .bind(token)
+                .bind(&now_db)
+                .bind(fetch),
+        }
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(storage)?;
         let full = rows.len() >= page + from.skip.len();
         for r in &rows {
             let workspace_id: String = get(r, "workspace_id")?;
@@ -247,6 +269,10 @@ async fn expand_events(
             }
             let e = EventRow {
                 id: get(r, "id")?,
+                seq: match backend {
+                    Backend::Sqlite => None,
+                    Backend::Postgres => Some(get(r, "seq")?),
+                },
                 secret: secrets[&workspace_id].clone(),
                 workspace_id,
                 kind: get(r, "event_kind")?,
@@ -255,9 +281,16 @@ async fn expand_events(
                 body: get(r, "body")?,
             };
             after.clone_from(&e.id);
+            after_seq = e.seq.unwrap_or(after_seq);
             if from.skip.contains(&e.id) {
                 continue;
             }
+            // Only another process's live claims come back claimed (the query leaves ours out).
+            let held_elsewhere = backend == Backend::Postgres && {
+                let holder: Option<String> = get(r, "lease_token")?;
+                let until: Option<String> = get(r, "lease_until")?;
+                holder.is_some() && until.is_some_and(|u| u >= now_db)
+            };
             let subject = super::subject(e.number_id.as_deref(), e.call_id.as_deref());
             let mut to = Vec::new();
             if e.kind.starts_with("call.") {
@@ -309,6 +342,10 @@ async fn expand_events(
                     }
                 }
             }
+            if held_elsewhere {
+                elsewhere.extend(to.into_iter().map(|(_, _, key)| key));
+                continue;
+            }
             produced += to.len();
             targets.push(to);
             events.push(e);
@@ -355,18 +392,25 @@ async fn expand_events(
         }
     }
 
-    let mut ids = DeliveryIds::default();
     if backend == Backend::Postgres {
         // Under the lease lock: ids above every delivery another process wrote (see DeliveryIds).
         let row = sqlx::query("SELECT max(id) AS m FROM webhook_deliveries")
             .fetch_one(&mut *conn)
             .await
             .map_err(storage)?;
-        ids.last = get::<Option<String>>(&row, "m")?.and_then(|m| uuid::Uuid::parse_str(&m).ok());
+        let written =
+            get::<Option<String>>(&row, "m")?.and_then(|m| uuid::Uuid::parse_str(&m).ok());
+        ids.last = ids.last.max(written);
     }
     let mut rows: Vec<NewRow> = Vec::new();
-    let mut written_events: Vec<&str> = Vec::new();
+    let mut written_events: Vec<(&str, Option<i64>)> = Vec::new();
+    let mut claims: Vec<i64> = Vec::new();
     for (i, (e, to)) in events.iter().zip(targets).enumerate() {
+        if to.iter().any(|(_, _, key)| elsewhere.contains(key)) {
+            // Stays queued, unclaimed; so do later events of any of its keys.
+            elsewhere.extend(to.into_iter().map(|(_, _, key)| key));
+            continue;
+        }
         let single = to.len() == 1;
         let mut unwritten = false;
         for (sub, url, key) in to {
@@ -382,7 +426,7 @@ async fn expand_events(
                 });
                 continue;
             }
-            let unwritten_delivery = (backend == Backend::Sqlite && single).then(|| {
+            let unwritten_delivery = single.then(|| {
                 Arc::new(Unwritten {
                     event_id: e.id.clone(),
                     workspace_id: e.workspace_id.clone(),
@@ -393,6 +437,7 @@ async fn expand_events(
                     number_id: e.number_id.clone(),
                     call_id: e.call_id.clone(),
                     created_at: now,
+                    queue_seq: e.seq,
                 })
             });
             unwritten = unwritten_delivery.is_some();
@@ -421,9 +466,12 @@ async fn expand_events(
             }
         }
         if unwritten {
-            out.unwritten.push(e.id.clone());
+            match e.seq {
+                Some(seq) => claims.push(seq),
+                None => out.unwritten.push(e.id.clone()),
+            }
         } else {
-            written_events.push(&e.id);
+            written_events.push((&e.id, e.seq));
         }
     }
 
@@ -461,22 +509,44 @@ async fn expand_events(
         q.execute(&mut *conn).await.map_err(storage)?;
     }
     mark_expanded(conn, backend, &written_events).await?;
+    for chunk in claims.chunks(IN_CHUNK) {
+        let sql = format!(
+            "UPDATE event_queue SET lease_token = $1, lease_until = $2 WHERE seq IN {}",
+            in_list_from(backend, 3, chunk.len())
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql)).bind(token).bind(&until);
+        for seq in chunk {
+            q = q.bind(*seq);
+        }
+        q.execute(&mut *conn).await.map_err(storage)?;
+    }
     Ok(out)
 }
 
+/// Events whose deliveries are written now (or that have none): SQLite flags the event row,
+/// PostgreSQL deletes its queue row. Each is `(event id, queue seq)`.
 async fn mark_expanded(
     conn: &mut sqlx::AnyConnection,
     backend: Backend,
-    ids: &[&str],
+    events: &[(&str, Option<i64>)],
 ) -> Result<(), StorageError> {
-    for chunk in ids.chunks(IN_CHUNK) {
-        let sql = format!(
-            "UPDATE events SET expanded = 1 WHERE id IN {}",
-            in_list(backend, chunk.len())
-        );
+    for chunk in events.chunks(IN_CHUNK) {
+        let sql = match backend {
+            Backend::Sqlite => format!(
+                "UPDATE events SET expanded = 1 WHERE id IN {}",
+                in_list(backend, chunk.len())
+            ),
+            Backend::Postgres => format!(
+                "DELETE FROM event_queue WHERE seq IN {}",
+                in_list(backend, chunk.len())
+            ),
+        };
         let mut q = sqlx::query(AssertSqlSafe(sql));
-        for id in chunk {
-            q = q.bind(*id);
+        for (id, seq) in chunk {
+            q = match backend {
+                Backend::Sqlite => q.bind(*id),
+                Backend::Postgres => q.bind(seq.unwrap_or_default()),
+            };
         }
         q.execute(&mut *conn).await.map_err(storage)?;
     }
@@ -733,11 +803,14 @@ impl Outbox for SqlStore {
                     }
                 }
             }
-            // Every expanded event is marked in the lease transaction.
+            // Claims are in the queue table: every read starts at its head.
             Backend::Postgres => ReadFrom {
                 after: String::new(),
                 skip: HashSet::new(),
             },
+        };
+        let mut ids = DeliveryIds {
+            last: self.leases.lock().last_delivery_id,
         };
         let mut tx = self.db().write.begin().await.map_err(storage)?;
         let lease = match backend {
@@ -749,9 +822,12 @@ impl Outbox for SqlStore {
                 // autovacuum off) the planner takes the unexpanded events for a few hundred and
                 // sorts all of them (100 ms for a backlog of 100,000) instead of reading the
                 // first page from the partial index, which has them in `seq` order already.
+                // The queue is joined to events row by row (nested loop), for the same reason.
                 sqlx::query(
                     "SELECT pg_advisory_xact_lock(7302519), \
-                     set_config('enable_bitmapscan', 'off', true)",
+                     set_config('enable_bitmapscan', 'off', true), \
+                     set_config('enable_hashjoin', 'off', true), \
+                     set_config('enable_mergejoin', 'off', true)",
                 )
                 .execute(&mut *tx)
                 .await
@@ -830,12 +906,14 @@ impl Outbox for SqlStore {
                 &token,
                 lease_until,
                 &from,
+                &mut ids,
             )
             .await?
         } else {
             Expanded::default()
         };
         tx.commit().await.map_err(storage)?;
+        self.leases.lock().last_delivery_id = ids.last;
         if backend == Backend::Sqlite {
             let mut l = self.leases.lock();
             l.unwritten.extend(expanded.unwritten);
@@ -970,7 +1048,10 @@ impl Outbox for SqlStore {
             }
             q.execute(&mut *tx).await.map_err(storage)?;
         }
-        let first_events: Vec<&str> = first_writes.iter().map(|w| w.u.event_id.as_str()).collect();
+        let first_events: Vec<(&str, Option<i64>)> = first_writes
+            .iter()
+            .map(|w| (w.u.event_id.as_str(), w.u.queue_seq))
+            .collect();
         mark_expanded(&mut tx, backend, &first_events).await?;
 
         // The first attempt is kept on the delivery row; later ones get rows of their own.
@@ -1057,7 +1138,7 @@ impl Outbox for SqlStore {
         tx.commit().await.map_err(storage)?;
         if !first_events.is_empty() {
             let mut l = self.leases.lock();
-            for e in &first_events {
+            for (e, _) in &first_events {
                 l.unwritten.remove(*e);
             }
             if l.unwritten.is_empty() {
@@ -1072,6 +1153,8 @@ impl Outbox for SqlStore {
             let mut l = self.leases.lock();
             *l = LocalInner::default();
         }
+        // On PostgreSQL the earlier incarnation's leases and queue claims lapse (a record it
+        // started may still be running).
         if self.db().backend == Backend::Sqlite {
             // One process: whatever an earlier incarnation of the actor leased is free now.
             self.release_all_leases().await?;
