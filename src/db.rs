@@ -88,6 +88,38 @@ impl Db {
         Ok(())
     }
 
+    /// SQLite: move WAL checkpoints off the write path. By default the connection whose commit
+    /// takes the WAL past 1,000 pages copies them into the database file and syncs it inside that
+    /// commit, and every write queued behind it waits (tens of milliseconds, every second or two
+    /// under call load). Here the writer never checkpoints; a task checkpoints every `every`
+    /// from a read connection in PASSIVE mode, beside the writer. Stops when the pools close.
+    /// A no-op on PostgreSQL.
+    pub async fn checkpoint_in_background(
+        &self,
+        every: Duration,
+    ) -> Result<Option<tokio::task::JoinHandle<()>>, DbError> {
+        if self.backend != Backend::Sqlite {
+            return Ok(None);
+        }
+        // The write pool has one connection, kept open (min_connections): the setting stays. If
+        // it is ever replaced, the new one checkpoints by itself again, which is only slower.
+        self.write.execute("PRAGMA wal_autocheckpoint = 0").await?;
+        let read = self.read.clone();
+        Ok(Some(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            while !read.is_closed() {
+                tick.tick().await;
+                if let Err(e) = read.execute("PRAGMA wal_checkpoint(PASSIVE)").await {
+                    if read.is_closed() {
+                        break;
+                    }
+                    tracing::warn!(error = %e, "WAL checkpoint failed");
+                }
+            }
+        })))
+    }
+
     pub async fn close(&self) {
         self.write.close().await;
         self.read.close().await;
@@ -150,4 +182,56 @@ fn create_sqlite_dir(url: &str) -> Result<(), DbError> {
 /// The default database: a SQLite file under `data_dir`, created if missing.
 pub fn default_sqlite_url(data_dir: &Path) -> String {
     format!("sqlite://{}/sautikit.db?mode=rwc", data_dir.display())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The writer no longer checkpoints; the background task does, so committed pages reach the
+    /// database file without any checkpoint by the writer.
+    #[tokio::test]
+    async fn wal_is_checkpointed_beside_the_writer() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("t.db");
+        let db = Db::connect(&format!("sqlite://{}?mode=rwc", file.display()))
+            .await
+            .expect("connect");
+        db.write
+            .execute("CREATE TABLE t (v TEXT NOT NULL)")
+            .await
+            .expect("create");
+        let task = db
+            .checkpoint_in_background(Duration::from_millis(20))
+            .await
+            .expect("start")
+            .expect("a task on SQLite");
+        let row = sqlx::query("PRAGMA wal_autocheckpoint")
+            .fetch_one(&db.write)
+            .await
+            .expect("pragma");
+        assert_eq!(sqlx::Row::try_get::<i64, _>(&row, 0).expect("value"), 0);
+        let before = std::fs::metadata(&file).expect("db file").len();
+        for _ in 0..200 {
+            sqlx::query("INSERT INTO t (v) VALUES ($1)")
+                .bind("x".repeat(4000))
+                .execute(&db.write)
+                .await
+                .expect("insert");
+        }
+        // 800 kB committed: in the WAL at once, in the database file once checkpointed.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::fs::metadata(&file).expect("db file").len() < before + 700_000 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nothing was checkpointed into the database file"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        db.close().await;
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the task stops when the pools close")
+            .expect("no panic");
+    }
 }

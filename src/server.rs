@@ -171,6 +171,9 @@ fn print_banner(addr: &std::net::SocketAddr, mode: Mode, dev: Option<&DevCredent
 pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
     let db = Db::connect(&args.db.url()).await?;
     db.migrate().await?;
+    let checkpointer = db
+        .checkpoint_in_background(Duration::from_millis(250))
+        .await?;
     let store = SqlStore::new(db.clone());
     let dev = if args.mode == Mode::Dev {
         dev_bootstrap(&store, &args.db.data_dir).await?
@@ -302,6 +305,9 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
         .await?;
     info!("shutting down");
     purge.abort();
+    if let Some(c) = checkpointer {
+        c.abort();
+    }
     if let Ok(engine) = Arc::try_unwrap(engine) {
         engine.stop().await;
     }
