@@ -8,12 +8,12 @@ use chrono::{DateTime, Duration, TimeZone, Utc};
 use common::{Backend, TestDb};
 use sautikit::calls_store::CallFilter;
 use sautikit::db::Db;
-use sautikit::store::{InventoryFilter, SeedInventory, SqlStore};
+use sautikit::store::SqlStore;
 use sautikit_actors::call_store::{
     CallAnswered, CallEnded, CallStarted, CallStatus, CallStore, TimelineEntry,
 };
 use sautikit_actors::model::{LedgerEntry, LedgerKind, TenantNumber};
-use sautikit_actors::store::{ClaimNumber, ReleaseNumber, Store};
+use sautikit_actors::store::{ReleaseNumber, Store};
 use serde_json::{Value, json};
 
 const MONTHLY: i64 = 10_000;
@@ -41,37 +41,18 @@ async fn fixture(backend: Backend, spare: i64, inbound: i64, outbound: i64) -> F
         .create_workspace("calls", "KES", MONTHLY + spare, t0())
         .await
         .expect("workspace");
-    store
-        .seed_inventory(
-            &SeedInventory {
-                country: "KE".into(),
-                currency: "KES".into(),
-                count: 3,
-                start: 254_700_000_001,
-                monthly_price_minor: MONTHLY,
-                inbound_per_min_minor: inbound,
-                outbound_per_min_minor: outbound,
-                guide_ids: false,
-            },
-            t0(),
-        )
-        .await
-        .expect("seed");
-    let inv = store
-        .list_available(&InventoryFilter {
-            limit: 1,
-            ..Default::default()
-        })
-        .await
-        .expect("inventory");
-    let number = store
-        .claim_number(ClaimNumber {
-            workspace_id: ws.workspace_id.clone(),
-            inventory_id: inv[0].id.clone(),
-            now: t0(),
-        })
-        .await
-        .expect("claim");
+    let number = common::store::claim_first_number(
+        &store,
+        &ws.workspace_id,
+        3,
+        common::store::Prices {
+            monthly: MONTHLY,
+            inbound_per_min: inbound,
+            outbound_per_min: outbound,
+        },
+        t0(),
+    )
+    .await;
     Fx {
         _db: tdb,
         store,

@@ -9,9 +9,9 @@ use chrono::{DateTime, Duration, TimeZone, Utc};
 use common::{Api, Backend, Mode, Server, TestDb, dev_key};
 use sautikit::db::Db;
 use sautikit::recordings::RecordingsConfig;
-use sautikit::store::{InventoryFilter, SeedInventory, SqlStore};
+use sautikit::store::SqlStore;
 use sautikit_actors::call_store::{CallStarted, CallStore, RecordingReady, TimelineEntry};
-use sautikit_actors::store::{ClaimNumber, Store};
+
 use serde_json::{Value, json};
 use sqlx::Row;
 
@@ -132,37 +132,18 @@ async fn store_fixture(backend: Backend) -> StoreFx {
         .create_workspace("rec", "KES", 100_000, t0())
         .await
         .expect("workspace");
-    store
-        .seed_inventory(
-            &SeedInventory {
-                country: "KE".into(),
-                currency: "KES".into(),
-                count: 1,
-                start: 254_700_000_001,
-                monthly_price_minor: 10_000,
-                inbound_per_min_minor: 0,
-                outbound_per_min_minor: 300,
-                guide_ids: false,
-            },
-            t0(),
-        )
-        .await
-        .expect("seed");
-    let inv = store
-        .list_available(&InventoryFilter {
-            limit: 1,
-            ..Default::default()
-        })
-        .await
-        .expect("inventory");
-    let number = store
-        .claim_number(ClaimNumber {
-            workspace_id: ws.workspace_id.clone(),
-            inventory_id: inv[0].id.clone(),
-            now: t0(),
-        })
-        .await
-        .expect("claim");
+    let number = common::store::claim_first_number(
+        &store,
+        &ws.workspace_id,
+        1,
+        common::store::Prices {
+            monthly: 10_000,
+            inbound_per_min: 0,
+            outbound_per_min: 300,
+        },
+        t0(),
+    )
+    .await;
     StoreFx {
         _db: tdb,
         store,

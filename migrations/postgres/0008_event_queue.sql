@@ -15,7 +15,13 @@ CREATE TABLE event_queue (
     event_id TEXT COLLATE "C" NOT NULL,
     lease_token TEXT COLLATE "C",
     lease_until TEXT COLLATE "C"
-) WITH (fillfactor = 50);
+) WITH (
+    fillfactor = 50,
+    -- Every row is deleted soon after it is written: vacuum it by row count, not by table size,
+    -- so the dead rows at the head of the queue, which every lease walks past, are reclaimed.
+    autovacuum_vacuum_scale_factor = 0,
+    autovacuum_vacuum_threshold = 10000
+);
 INSERT INTO event_queue (seq, event_id) SELECT seq, id FROM events WHERE expanded = 0;
 -- `events.expanded` is no longer read or written on PostgreSQL (SQLite still uses it).
 DROP INDEX events_unexpanded_by_seq;

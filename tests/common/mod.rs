@@ -4,6 +4,7 @@
 pub mod caller;
 pub mod calls;
 pub mod receiver;
+pub mod store;
 pub mod uac;
 pub mod voice;
 
