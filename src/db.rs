@@ -56,8 +56,8 @@ impl Db {
         match backend {
             Backend::Sqlite => {
                 create_sqlite_dir(url)?;
-                let write = sqlite_pool(url, 1).await?;
-                let read = sqlite_pool(url, 8).await?;
+                let write = sqlite_pool(url, 1, true).await?;
+                let read = sqlite_pool(url, 8, false).await?;
                 Ok(Db {
                     backend,
                     read,
@@ -101,8 +101,9 @@ impl Db {
         if self.backend != Backend::Sqlite {
             return Ok(None);
         }
-        // The write pool has one connection, kept open (min_connections): the setting stays. If
-        // it is ever replaced, the new one checkpoints by itself again, which is only slower.
+        // The write pool has one connection, never retired for age or idleness: the setting
+        // stays. Were it replaced after an error, the new one would checkpoint by itself again,
+        // which is only slower.
         self.write.execute("PRAGMA wal_autocheckpoint = 0").await?;
         let read = self.read.clone();
         Ok(Some(tokio::spawn(async move {
@@ -135,8 +136,14 @@ pub fn backend_of(conn: &sqlx::AnyConnection) -> Backend {
     }
 }
 
-async fn sqlite_pool(url: &str, max: u32) -> Result<AnyPool, DbError> {
-    let pool = AnyPoolOptions::new()
+/// `keep`: the one write connection is never retired for age or idleness, so per-connection
+/// settings made later (`checkpoint_in_background`) last.
+async fn sqlite_pool(url: &str, max: u32, keep: bool) -> Result<AnyPool, DbError> {
+    let mut options = AnyPoolOptions::new();
+    if keep {
+        options = options.max_lifetime(None).idle_timeout(None);
+    }
+    let pool = options
         .max_connections(max)
         .min_connections(1)
         .acquire_timeout(Duration::from_secs(30))

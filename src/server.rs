@@ -171,9 +171,6 @@ fn print_banner(addr: &std::net::SocketAddr, mode: Mode, dev: Option<&DevCredent
 pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
     let db = Db::connect(&args.db.url()).await?;
     db.migrate().await?;
-    let checkpointer = db
-        .checkpoint_in_background(Duration::from_millis(250))
-        .await?;
     let store = SqlStore::new(db.clone());
     let dev = if args.mode == Mode::Dev {
         dev_bootstrap(&store, &args.db.data_dir).await?
@@ -300,6 +297,9 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
         }
     });
 
+    let checkpointer = db
+        .checkpoint_in_background(Duration::from_millis(250))
+        .await?;
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await?;

@@ -10,6 +10,10 @@
 -- row. A claim by a process that crashed lapses at `lease_until`, and the event is claimed again:
 -- at least once, as before. Events with several receivers, or queued behind a delivery that is
 -- already in the table, are written at the lease as before and leave the queue then.
+--
+-- Upgrade with every process stopped: a process of the previous version would still read
+-- `events.expanded` (never set now, so it would send every new event again) and would write
+-- events without queue rows (which this version would never send).
 CREATE TABLE event_queue (
     seq BIGINT PRIMARY KEY,
     event_id TEXT COLLATE "C" NOT NULL,

@@ -87,27 +87,27 @@ macro_rules! insert_event {
          VALUES ($1, $2, $3, $4, $5, $6, $7)"
     };
 }
+/// What follows an event insert on PostgreSQL: the new rows also enter `event_queue` (0008), in
+/// the same statement.
+macro_rules! into_queue {
+    () => {
+        " RETURNING seq, id) INSERT INTO event_queue (seq, event_id) SELECT seq, id FROM e"
+    };
+}
 const INSERT_EVENT_SQLITE: &str = insert_event!();
-const INSERT_EVENT_POSTGRES: &str = concat!(
-    "WITH e AS (",
-    insert_event!(),
-    " RETURNING seq, id) INSERT INTO event_queue (seq, event_id) SELECT seq, id FROM e"
-);
+const INSERT_EVENT_POSTGRES: &str = concat!("WITH e AS (", insert_event!(), into_queue!());
 
-/// On PostgreSQL a new event also enters `event_queue` (0008), in the same statement.
 fn queued_insert(backend: Backend, insert: &str) -> String {
     match backend {
         Backend::Sqlite => insert.to_owned(),
-        Backend::Postgres => format!(
-            "WITH e AS ({insert} RETURNING seq, id) \
-             INSERT INTO event_queue (seq, event_id) SELECT seq, id FROM e"
-        ),
+        Backend::Postgres => format!(concat!("WITH e AS ({}", into_queue!()), insert),
     }
 }
 
 /// Write the event into the outbox, inside the caller's transaction. Who receives it is decided
 /// later, in batches, by the Events actor (`outbox::expand_events`): the transaction that makes
-/// the change pays for one insert and nothing else.
+/// the change pays for one insert statement and nothing else (on PostgreSQL it also fills the
+/// event's queue row).
 pub async fn enqueue(
     conn: &mut AnyConnection,
     draft: &EventDraft,

@@ -75,7 +75,8 @@ const UNEXPANDED_SQLITE: &str = "SELECT id, workspace_id, event_kind, number_id,
 /// and still holds are left out; rows another process holds are read, because their ordering keys
 /// must wait. In `seq` order, which is commit order for the events of one ordering key (0006):
 /// UUIDv7 ids of two processes committing in the same millisecond can be in either order. Claims
-/// are made only under the lease's advisory lock, and a claimed row is deleted only by its holder.
+/// are made only under the lease's advisory lock; `record` deletes a claimed row only while it
+/// still holds the claim.
 const QUEUED_POSTGRES: &str = "SELECT q.seq, q.lease_token, q.lease_until, e.id, e.workspace_id, \
     e.event_kind, e.number_id, e.call_id, e.body \
     FROM event_queue q JOIN events e ON e.id = q.event_id \
@@ -466,9 +467,12 @@ async fn expand_events(
             }
         }
         if unwritten {
-            match e.seq {
-                Some(seq) => claims.push(seq),
-                None => out.unwritten.push(e.id.clone()),
+            match (backend, e.seq) {
+                (Backend::Sqlite, _) => out.unwritten.push(e.id.clone()),
+                (Backend::Postgres, Some(seq)) => claims.push(seq),
+                (Backend::Postgres, None) => {
+                    return Err(StorageError(format!("event {} has no queue row", e.id)));
+                }
             }
         } else {
             written_events.push((&e.id, e.seq));
@@ -508,7 +512,7 @@ async fn expand_events(
         }
         q.execute(&mut *conn).await.map_err(storage)?;
     }
-    mark_expanded(conn, backend, &written_events).await?;
+    mark_expanded(conn, backend, &written_events, None).await?;
     for chunk in claims.chunks(IN_CHUNK) {
         let sql = format!(
             "UPDATE event_queue SET lease_token = $1, lease_until = $2 WHERE seq IN {}",
@@ -524,31 +528,54 @@ async fn expand_events(
 }
 
 /// Events whose deliveries are written now (or that have none): SQLite flags the event row,
-/// PostgreSQL deletes its queue row. Each is `(event id, queue seq)`.
+/// PostgreSQL deletes its queue row. Each is `(event id, queue seq)`. `holder` is the claim a
+/// PostgreSQL row must still carry (`record`): a claim that lapsed and was taken again belongs to
+/// its new holder, whose copy is the one that counts.
 async fn mark_expanded(
     conn: &mut sqlx::AnyConnection,
     backend: Backend,
     events: &[(&str, Option<i64>)],
+    holder: Option<&str>,
 ) -> Result<(), StorageError> {
     for chunk in events.chunks(IN_CHUNK) {
-        let sql = match backend {
-            Backend::Sqlite => format!(
-                "UPDATE events SET expanded = 1 WHERE id IN {}",
-                in_list(backend, chunk.len())
-            ),
-            Backend::Postgres => format!(
-                "DELETE FROM event_queue WHERE seq IN {}",
-                in_list(backend, chunk.len())
-            ),
+        let q = match backend {
+            Backend::Sqlite => {
+                let sql = format!(
+                    "UPDATE events SET expanded = 1 WHERE id IN {}",
+                    in_list(backend, chunk.len())
+                );
+                let mut q = sqlx::query(AssertSqlSafe(sql));
+                for (id, _) in chunk {
+                    q = q.bind(*id);
+                }
+                q
+            }
+            Backend::Postgres => {
+                let sql = format!(
+                    "DELETE FROM event_queue WHERE ($1 IS NULL OR lease_token = $1) AND seq IN {}",
+                    in_list_from(backend, 2, chunk.len())
+                );
+                let mut q = sqlx::query(AssertSqlSafe(sql)).bind(holder);
+                for (id, seq) in chunk {
+                    let seq = seq.ok_or_else(|| {
+                        StorageError(format!("event {id} has no queue row to remove"))
+                    })?;
+                    q = q.bind(seq);
+                }
+                q
+            }
         };
-        let mut q = sqlx::query(AssertSqlSafe(sql));
-        for (id, seq) in chunk {
-            q = match backend {
-                Backend::Sqlite => q.bind(*id),
-                Backend::Postgres => q.bind(seq.unwrap_or_default()),
-            };
+        let done = q
+            .execute(&mut *conn)
+            .await
+            .map_err(storage)?
+            .rows_affected();
+        if holder.is_some() && usize::try_from(done).is_ok_and(|d| d < chunk.len()) {
+            tracing::warn!(
+                lost = chunk.len() as u64 - done,
+                "webhook queue claims lapsed before their deliveries were recorded (sent twice)"
+            );
         }
-        q.execute(&mut *conn).await.map_err(storage)?;
     }
     Ok(())
 }
@@ -818,11 +845,10 @@ impl Outbox for SqlStore {
             Backend::Postgres => {
                 // Serialize leasing across processes, so two processes never take deliveries of
                 // one ordering key at once; SKIP LOCKED keeps rows being recorded out of the way.
-                // No bitmap scans in this transaction: without statistics (a fresh table, or
-                // autovacuum off) the planner takes the unexpanded events for a few hundred and
-                // sorts all of them (100 ms for a backlog of 100,000) instead of reading the
-                // first page from the partial index, which has them in `seq` order already.
-                // The queue is joined to events row by row (nested loop), for the same reason.
+                // No bitmap scans, hash or merge joins in this transaction: without statistics
+                // (a fresh table, or autovacuum off) the planner would read and sort the whole
+                // queue (100 ms for a backlog of 100,000) instead of the first page of its
+                // primary key, which is in `seq` order already, joined to events row by row.
                 sqlx::query(
                     "SELECT pg_advisory_xact_lock(7302519), \
                      set_config('enable_bitmapscan', 'off', true), \
@@ -952,7 +978,8 @@ impl Outbox for SqlStore {
         }
 
         // Deliveries that so far existed only in this process: written once, as they stand after
-        // this attempt (or pending, if released unattempted), and their events marked expanded.
+        // this attempt (or pending, if released unattempted), and their events marked expanded
+        // (SQLite) or their claimed queue rows deleted (PostgreSQL).
         let mut first_writes: Vec<FirstWrite> = Vec::new();
         for a in attempts {
             if let Some(u) = &a.unwritten {
@@ -1052,7 +1079,8 @@ impl Outbox for SqlStore {
             .iter()
             .map(|w| (w.u.event_id.as_str(), w.u.queue_seq))
             .collect();
-        mark_expanded(&mut tx, backend, &first_events).await?;
+        let holder = self.leases.token();
+        mark_expanded(&mut tx, backend, &first_events, Some(&holder)).await?;
 
         // The first attempt is kept on the delivery row; later ones get rows of their own.
         let later: Vec<&AttemptRecord> = attempts.iter().filter(|a| a.attempt != 1).collect();
