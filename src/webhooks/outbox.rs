@@ -258,6 +258,13 @@ async fn expand_events(
         .await
         .map_err(storage)?;
         let full = rows.len() >= page + from.skip.len();
+        // The next page starts after this one's last row.
+        if let Some(last) = rows.last() {
+            match backend {
+                Backend::Sqlite => after = get(last, "id")?,
+                Backend::Postgres => after_seq = get(last, "seq")?,
+            }
+        }
         for r in &rows {
             let workspace_id: String = get(r, "workspace_id")?;
             if !secrets.contains_key(&workspace_id) {
@@ -281,8 +288,6 @@ async fn expand_events(
                 call_id: get(r, "call_id")?,
                 body: get(r, "body")?,
             };
-            after.clone_from(&e.id);
-            after_seq = e.seq.unwrap_or(after_seq);
             if from.skip.contains(&e.id) {
                 continue;
             }
