@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, SecondsFormat, Utc};
 use sautikit_actors::call_store::{
     CallAnswered, CallCharged, CallEnded, CallStarted, CallStatus, CallStore, NumberRoute,
-    RecordingReady, TimelineEntry,
+    RecordingReady, TimelineEntry, WriteReceipt,
 };
 use sautikit_actors::model::{LedgerKind, NumberStatus};
 use sautikit_actors::money;
@@ -660,6 +660,17 @@ impl CallWriter {
 
 impl SqlStore {
     async fn write_call(&self, write: CallWrite) -> Result<Written, StorageError> {
+        self.queue_write(write)?
+            .await
+            .map_err(|_| StorageError("the call writer dropped a write".into()))?
+    }
+
+    /// Hand a write to the group commit; it is in line (after every write queued before it)
+    /// when this returns.
+    fn queue_write(
+        &self,
+        write: CallWrite,
+    ) -> Result<oneshot::Receiver<Result<Written, StorageError>>, StorageError> {
         let writer = self
             .call_writer
             .get_or_init(|| CallWriter::start(self.clone()));
@@ -668,8 +679,7 @@ impl SqlStore {
             .tx
             .send((write, reply))
             .map_err(|_| StorageError("the call writer stopped".into()))?;
-        rx.await
-            .map_err(|_| StorageError("the call writer dropped a write".into()))?
+        Ok(rx)
     }
 
     async fn commit_batch(&self, batch: &mut Vec<Pending>) {
@@ -894,7 +904,18 @@ impl CallStore for SqlStore {
     }
 
     async fn call_answered(&self, call: CallAnswered) -> Result<(), StorageError> {
-        self.write_call(CallWrite::Answered(call)).await.map(|_| ())
+        self.queue_call_answered(call).await
+    }
+
+    fn queue_call_answered(&self, call: CallAnswered) -> WriteReceipt {
+        match self.queue_write(CallWrite::Answered(call)) {
+            Ok(rx) => Box::pin(async move {
+                rx.await
+                    .map_err(|_| StorageError("the call writer dropped a write".into()))?
+                    .map(|_| ())
+            }),
+            Err(e) => Box::pin(std::future::ready(Err(e))),
+        }
     }
 
     async fn call_ended(&self, call: CallEnded) -> Result<CallCharged, StorageError> {

@@ -1011,3 +1011,73 @@ async fn a_group_of_ends_debits_in_order(backend: Backend) {
     }
 }
 on_both_backends!(a_group_of_ends_debits_in_order);
+
+/// A call's answer queued without waiting (as the Call actor does on ACK) and its end right
+/// behind it, for many calls at once: answers and ends share a group commit, and each call is
+/// still answered before it ends (rated from its answer), with its events and timeline in order.
+async fn queued_answers_and_their_ends_commit_together_in_order(backend: Backend) {
+    // 1,000 left after the claim; 10 calls of 20 s at 60/min cost 20 each.
+    let fx = fixture(backend, 1_000, 60, 0).await;
+    let ids: Vec<String> = (0..10).map(|_| new_call_id()).collect();
+    for id in &ids {
+        fx.store
+            .call_started(started(&fx, id, "inbound", "engine-a", t0()))
+            .await
+            .expect("started");
+    }
+    let answered_at = t0() + Duration::seconds(1);
+    let end = answered_at + Duration::seconds(20);
+    let mut receipts = Vec::new();
+    let mut ends = Vec::new();
+    for id in &ids {
+        receipts.push(fx.store.queue_call_answered(CallAnswered {
+            call_id: id.clone(),
+            answered_at,
+            timeline: vec![entry(answered_at, "sip.received", json!({"method": "ACK"}))],
+        }));
+        let store = fx.store.clone();
+        let id = id.clone();
+        ends.push(tokio::spawn(async move {
+            store
+                .call_ended(ended(&id, CallStatus::Completed, end))
+                .await
+        }));
+    }
+    for r in receipts {
+        r.await.expect("answered");
+    }
+    for e in ends {
+        let charged = e.await.expect("join").expect("ended");
+        assert_eq!((charged.duration_seconds, charged.cost_minor), (20, 20));
+    }
+    assert_eq!(balance(&fx).await, 1_000 - 10 * 20);
+    assert_eq!(call_charges(&fx).await.len(), 10);
+    for id in &ids {
+        let c = fx
+            .store
+            .get_call(&fx.ws, id)
+            .await
+            .expect("get")
+            .expect("call");
+        assert_eq!(c.status, CallStatus::Completed);
+        assert_eq!(c.answered_at, Some(answered_at));
+        let kinds: Vec<String> = call_events(&fx, id)
+            .await
+            .into_iter()
+            .map(|e| e.0)
+            .collect();
+        assert_eq!(kinds, ["call.started", "call.answered", "call.completed"]);
+        let details: Vec<Value> = fx
+            .store
+            .list_call_timeline(id, None, 100)
+            .await
+            .expect("timeline")
+            .into_iter()
+            .map(|t| t.detail)
+            .collect();
+        assert_eq!(details[0]["method"], "INVITE");
+        assert_eq!(details[1]["method"], "ACK");
+        assert_eq!(details[2]["method"], "BYE");
+    }
+}
+on_both_backends!(queued_answers_and_their_ends_commit_together_in_order);

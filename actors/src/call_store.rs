@@ -154,6 +154,10 @@ pub struct RecordingReady {
     pub timeline: Vec<TimelineEntry>,
 }
 
+/// The result of a write queued by [`CallStore::queue_call_answered`], once it has committed.
+pub type WriteReceipt =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StorageError>> + Send>>;
+
 #[async_trait]
 pub trait CallStore: Send + Sync + 'static {
     /// Record a finished recording of a call (row, timeline, `call.recording.ready` with
@@ -171,6 +175,12 @@ pub trait CallStore: Send + Sync + 'static {
 
     /// Mark it answered, append the timeline, queue `call.answered`.
     async fn call_answered(&self, call: CallAnswered) -> Result<(), StorageError>;
+
+    /// The same, queued before this returns (behind the call's earlier writes, ahead of its
+    /// later ones) and committed in the background; the receipt gives the result. A call goes on
+    /// while its answer commits: the BYE that follows an ACK at once is answered at once, and
+    /// the call's media stops then rather than a commit later.
+    fn queue_call_answered(&self, call: CallAnswered) -> WriteReceipt;
 
     /// Finalise, rate and debit, append the timeline, queue `call.completed` or `call.failed`.
     /// Idempotent: a call that is already final is left alone and its charge returned.

@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use sautikit_actors::audio::{AudioFetcher, PlayError};
 use sautikit_actors::call_store::{
     CallAnswered, CallCharged, CallEnded, CallStarted, CallStore, NumberRoute, RecordingReady,
-    TimelineEntry,
+    TimelineEntry, WriteReceipt,
 };
 use sautikit_actors::callback::{CallbackClient, CallbackFailure, CallbackReply, CallbackRequest};
 use sautikit_actors::clock::SystemClock;
@@ -101,6 +101,16 @@ impl CallStore for MemCalls {
             .unwrap()
             .insert(c.call_id, (c.to, "ringing".into(), None, None));
         Ok(())
+    }
+    fn queue_call_answered(&self, c: CallAnswered) -> WriteReceipt {
+        // In memory the write is done at once, in the caller (a panic here is the call's).
+        let to = self.calls.lock().unwrap()[&c.call_id].0.clone();
+        if to == BROKEN {
+            panic!("simulated bug while recording the answer");
+        }
+        self.calls.lock().unwrap().get_mut(&c.call_id).unwrap().1 = "answered".into();
+        self.answered.lock().unwrap().push(c.call_id);
+        Box::pin(std::future::ready(Ok(())))
     }
     async fn call_answered(&self, c: CallAnswered) -> Result<(), StorageError> {
         let to = self.calls.lock().unwrap()[&c.call_id].0.clone();

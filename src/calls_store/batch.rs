@@ -9,7 +9,7 @@
 //! rows, ledger rows and events get their ids in arrival order. A batch this cannot express (a
 //! call written twice, a recording) is applied one write at a time.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 
 use super::*;
 use crate::db::Backend;
@@ -21,16 +21,28 @@ use crate::webhooks::enqueue_all;
 /// limit. Chunks are powers of two (see `pow2_chunks`).
 const CHUNK: usize = 128;
 
-/// Whether [`apply`] can take this batch.
+/// Whether [`apply`] can take this batch: each call's lifecycle writes in it come at most one of
+/// each kind and in lifecycle order (start, answer, end), the order in which the phases of
+/// [`apply`] run. (An answer is queued without waiting for it to commit, so a call's answer and
+/// its end often share a batch.)
 pub(super) fn applies(batch: &[Pending]) -> bool {
-    let mut calls = HashSet::new();
-    batch.iter().all(|(w, _)| match w {
-        CallWrite::Started(c) => calls.insert(c.call_id.as_str()),
-        CallWrite::Answered(c) => calls.insert(c.call_id.as_str()),
-        CallWrite::Ended(c) => calls.insert(c.call_id.as_str()),
-        CallWrite::Timeline { .. } => true,
-        CallWrite::Recording { .. } => false,
-    })
+    let mut last_phase: HashMap<&str, u8> = HashMap::new();
+    for (w, _) in batch {
+        let (call_id, phase) = match w {
+            CallWrite::Started(c) => (c.call_id.as_str(), 0),
+            CallWrite::Answered(c) => (c.call_id.as_str(), 1),
+            CallWrite::Ended(c) => (c.call_id.as_str(), 2),
+            CallWrite::Timeline { .. } => continue,
+            CallWrite::Recording { .. } => return false,
+        };
+        if last_phase
+            .insert(call_id, phase)
+            .is_some_and(|before| before >= phase)
+        {
+            return false;
+        }
+    }
+    true
 }
 
 /// A call an end in this batch ended.
@@ -606,4 +618,51 @@ pub(super) async fn insert_timelines(
         q.execute(&mut *conn).await.map_err(storage)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending(write: CallWrite) -> Pending {
+        (write, oneshot::channel().0)
+    }
+
+    fn answer(id: &str) -> CallWrite {
+        CallWrite::Answered(CallAnswered {
+            call_id: id.into(),
+            answered_at: Utc::now(),
+            timeline: Vec::new(),
+        })
+    }
+
+    fn end(id: &str) -> CallWrite {
+        CallWrite::Ended(CallEnded {
+            call_id: id.into(),
+            status: CallStatus::Completed,
+            ended_at: Utc::now(),
+            hangup_cause: None,
+            failure_reason: None,
+            timeline: Vec::new(),
+        })
+    }
+
+    #[test]
+    fn a_batch_applies_set_wise_when_each_call_moves_forward() {
+        let applies_to =
+            |writes: Vec<CallWrite>| applies(&writes.into_iter().map(pending).collect::<Vec<_>>());
+        assert!(applies_to(vec![answer("a"), end("a"), answer("b")]));
+        assert!(applies_to(vec![
+            answer("a"),
+            CallWrite::Timeline {
+                call_id: "a".into(),
+                entries: Vec::new()
+            },
+            end("a")
+        ]));
+        // Phases run start, answer, end: an end before its answer, or a kind twice, cannot.
+        assert!(!applies_to(vec![end("a"), answer("a")]));
+        assert!(!applies_to(vec![end("a"), end("a")]));
+        assert!(!applies_to(vec![answer("a"), answer("a")]));
+    }
 }

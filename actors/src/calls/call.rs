@@ -702,7 +702,7 @@ impl CallState {
             return;
         }
         self.note("sip.received", json!({"method": "ACK"}));
-        self.mark_answered().await;
+        self.mark_answered();
         if self.waiting == Waiting::Ack {
             self.waiting = Waiting::Nothing;
             self.run().await;
@@ -710,16 +710,21 @@ impl CallState {
     }
 
     /// Our 200 was taken: status `answered`, `call.answered`; billing runs from now.
-    async fn mark_answered(&mut self) {
+    fn mark_answered(&mut self) {
         self.phase = Phase::Answered;
         let answered = CallAnswered {
             call_id: self.call_id.clone(),
             answered_at: self.now(),
             timeline: std::mem::take(&mut self.timeline),
         };
-        if let Err(e) = self.deps.store.call_answered(answered).await {
-            warn!(call_id = %self.call_id, error = %e, "recording the answer failed");
-        }
+        // Not awaited: the end, if it comes next, is queued behind it and commits with or after it.
+        let receipt = self.deps.store.queue_call_answered(answered);
+        let call_id = self.call_id.clone();
+        tokio::spawn(async move {
+            if let Err(e) = receipt.await {
+                warn!(call_id = %call_id, error = %e, "recording the answer failed");
+            }
+        });
     }
 
     async fn on_cancel(&mut self) {
@@ -778,7 +783,7 @@ impl CallState {
             if self.phase == Phase::AwaitingAck {
                 // The caller got our 200 (it sends BYE in the dialog it made): its ACK was lost
                 // or overtaken. The call was answered.
-                self.mark_answered().await;
+                self.mark_answered();
             }
             self.finish(CallStatus::Completed, Some("caller_hangup"), None)
                 .await;
