@@ -639,7 +639,9 @@ impl CallWriter {
         let (tx, mut rx) = mpsc::unbounded_channel::<Pending>();
         tokio::spawn(async move {
             let mut batch: Vec<Pending> = Vec::with_capacity(GROUP_MAX);
-            let mut last_commit = tokio::time::Instant::now();
+            // The first write finds no commit before it and goes at once.
+            let now = tokio::time::Instant::now();
+            let mut last_commit = now.checked_sub(COMMIT_GAP).unwrap_or(now);
             while let Some(first) = rx.recv().await {
                 // Under load, let writes gather instead of committing each as it comes.
                 tokio::time::sleep_until(last_commit + COMMIT_GAP).await;

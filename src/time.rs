@@ -7,6 +7,10 @@ use chrono::{DateTime, Datelike, SecondsFormat, Timelike, Utc};
 /// these, and parsing a strftime pattern each time showed in the profile of the calls benchmark.
 pub fn to_db(t: DateTime<Utc>) -> String {
     use std::fmt::Write;
+    if !(0..=9999).contains(&t.year()) {
+        // Not a time this service makes; chrono knows how to write it (with a sign).
+        return t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string();
+    }
     // chrono keeps a leap second as second 59 with 1_000_000_000 or more nanoseconds.
     let nanos = t.nanosecond();
     let (second, nanos) = if nanos >= 1_000_000_000 {
@@ -60,6 +64,8 @@ mod tests {
             at(1999, 12, 31, 23, 59, 59, 999_999_999),
             at(2016, 12, 31, 23, 59, 59, 1_500_000_000),
             at(10, 2, 3, 4, 5, 6, 1_000),
+            at(10_000, 1, 1, 0, 0, 0, 0),
+            at(-1, 1, 1, 0, 0, 0, 0),
             Utc::now(),
         ] {
             assert_eq!(
@@ -67,7 +73,6 @@ mod tests {
                 t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(),
                 "{t:?}"
             );
-            assert_eq!(to_db(t).len(), 27);
         }
         let t = at(2026, 11, 29, 4, 5, 6, 7_891_234);
         assert_eq!(

@@ -6,7 +6,7 @@ mod common;
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use common::{Backend, TestDb};
-use sautikit::calls_store::CallFilter;
+use sautikit::calls_store::{CallFilter, TimelineRecord};
 use sautikit::db::Db;
 use sautikit::store::SqlStore;
 use sautikit_actors::call_store::{
@@ -140,6 +140,21 @@ async fn call_events(fx: &Fx, call_id: &str) -> Vec<(String, Value)> {
             (kind, serde_json::from_str(&body).expect("json body"))
         })
         .collect()
+}
+
+async fn event_kinds(fx: &Fx, call_id: &str) -> Vec<String> {
+    call_events(fx, call_id)
+        .await
+        .into_iter()
+        .map(|e| e.0)
+        .collect()
+}
+
+async fn timeline(fx: &Fx, call_id: &str) -> Vec<TimelineRecord> {
+    fx.store
+        .list_call_timeline(call_id, None, 100)
+        .await
+        .expect("timeline")
 }
 
 async fn events_of_kind(fx: &Fx, kind: &str) -> usize {
@@ -984,11 +999,8 @@ async fn a_group_of_ends_debits_in_order(backend: Backend) {
     assert_eq!(body["payload"]["balance_minor"], 670);
 
     for id in &ids {
-        let kinds: Vec<String> = fx
-            .store
-            .list_call_timeline(id, None, 100)
+        let kinds: Vec<String> = timeline(&fx, id)
             .await
-            .expect("timeline")
             .into_iter()
             .map(|t| t.kind)
             .collect();
@@ -1002,12 +1014,10 @@ async fn a_group_of_ends_debits_in_order(backend: Backend) {
             ],
             "INVITE, ACK, BYE, then the charge"
         );
-        let kinds: Vec<String> = call_events(&fx, id)
-            .await
-            .into_iter()
-            .map(|e| e.0)
-            .collect();
-        assert_eq!(kinds, ["call.started", "call.answered", "call.completed"]);
+        assert_eq!(
+            event_kinds(&fx, id).await,
+            ["call.started", "call.answered", "call.completed"]
+        );
     }
 }
 on_both_backends!(a_group_of_ends_debits_in_order);
@@ -1061,17 +1071,12 @@ async fn queued_answers_and_their_ends_commit_together_in_order(backend: Backend
             .expect("call");
         assert_eq!(c.status, CallStatus::Completed);
         assert_eq!(c.answered_at, Some(answered_at));
-        let kinds: Vec<String> = call_events(&fx, id)
+        assert_eq!(
+            event_kinds(&fx, id).await,
+            ["call.started", "call.answered", "call.completed"]
+        );
+        let details: Vec<Value> = timeline(&fx, id)
             .await
-            .into_iter()
-            .map(|e| e.0)
-            .collect();
-        assert_eq!(kinds, ["call.started", "call.answered", "call.completed"]);
-        let details: Vec<Value> = fx
-            .store
-            .list_call_timeline(id, None, 100)
-            .await
-            .expect("timeline")
             .into_iter()
             .map(|t| t.detail)
             .collect();

@@ -5,9 +5,11 @@
 //!
 //! The outcome is that of applying the writes one by one in arrival order (`apply_in_tx`, which
 //! a failed batch falls back to): starts, then answers, then ends are applied, which is arrival
-//! order for any one call because its actor awaits each write before sending the next; timeline
-//! rows, ledger rows and events get their ids in arrival order. A batch this cannot express (a
-//! call written twice, a recording) is applied one write at a time.
+//! order for any one call as long as its writes in the batch come in lifecycle order, one of each
+//! kind at most (`applies`; a call's answer is queued without waiting, so its end often shares
+//! the batch); timeline rows, ledger rows and events get their ids in arrival order. A batch this
+//! cannot express (a kind twice for one call, an end before its answer, a recording) is applied
+//! one write at a time.
 
 use std::collections::{BTreeMap, HashMap};
 

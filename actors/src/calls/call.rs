@@ -154,6 +154,8 @@ pub struct CallState {
     pub(super) gather: Option<verbs::Gather>,
     pub(super) recording: Option<verbs::ActiveRecording>,
     pub(super) step_resume: Option<StepResume>,
+    /// The answer's write, queued and not yet known to have committed.
+    pub(super) answer_receipt: Option<crate::call_store::WriteReceipt>,
 }
 
 impl Actor for Call {
@@ -193,6 +195,7 @@ impl Actor for Call {
             gather: None,
             recording: None,
             step_resume: None,
+            answer_receipt: None,
         })
     }
 
@@ -273,6 +276,14 @@ impl Actor for Call {
             }
         }
         Ok(())
+    }
+}
+
+/// Wait for a queued answer to commit; a failure is logged (the call goes on, as it would have
+/// had the write been awaited).
+async fn answered_committed(answer: crate::call_store::WriteReceipt, call_id: &str) {
+    if let Err(e) = answer.await {
+        warn!(call_id = %call_id, error = %e, "recording the answer failed");
     }
 }
 
@@ -499,7 +510,12 @@ impl CallState {
         self.waiting = Waiting::Callback;
         let client = self.deps.callback.clone();
         let me = self.myself.clone();
+        let answer = self.answer_receipt.take();
+        let call_id = self.call_id.clone();
         tokio::spawn(async move {
+            if let Some(answer) = answer {
+                answered_committed(answer, &call_id).await;
+            }
             let result = client.fetch(request).await;
             // The call may have ended meanwhile (CANCEL, BYE): then nobody listens.
             let _ = me.cast(CallMsg::CallbackReturned { result, url });
@@ -717,14 +733,10 @@ impl CallState {
             answered_at: self.now(),
             timeline: std::mem::take(&mut self.timeline),
         };
-        // Not awaited: the end, if it comes next, is queued behind it and commits with or after it.
-        let receipt = self.deps.store.queue_call_answered(answered);
-        let call_id = self.call_id.clone();
-        tokio::spawn(async move {
-            if let Err(e) = receipt.await {
-                warn!(call_id = %call_id, error = %e, "recording the answer failed");
-            }
-        });
+        // Not awaited here: the end, if it comes next, is queued behind it and commits with or
+        // after it. The next callback waits for it, so the customer never reads the call as
+        // `ringing` once it has been asked about it as answered.
+        self.answer_receipt = Some(self.deps.store.queue_call_answered(answered));
     }
 
     async fn on_cancel(&mut self) {
@@ -892,6 +904,10 @@ impl CallState {
                 }
                 Err(e) => warn!(call_id = %self.call_id, error = %e, "recording the end failed"),
             }
+        }
+        if let Some(answer) = self.answer_receipt.take() {
+            // Queued before the end, so settled by now: only its failure is left to report.
+            answered_committed(answer, &self.call_id).await;
         }
         for w in self.hangup_waiters.drain(..) {
             let _ = w.send(true);
