@@ -142,6 +142,14 @@ async fn call_events(fx: &Fx, call_id: &str) -> Vec<(String, Value)> {
         .collect()
 }
 
+async fn stored_call(fx: &Fx, call_id: &str) -> sautikit::calls_store::CallRecord {
+    fx.store
+        .get_call(&fx.ws, call_id)
+        .await
+        .expect("get")
+        .expect("call")
+}
+
 async fn event_kinds(fx: &Fx, call_id: &str) -> Vec<String> {
     call_events(fx, call_id)
         .await
@@ -849,12 +857,7 @@ async fn concurrent_ends_charge_once_and_never_overdraw(backend: Backend) {
     assert_eq!(charges[0].balance_after_minor, 0);
     let mut uncollected = 0;
     for id in &ids {
-        let c = fx
-            .store
-            .get_call(&fx.ws, id)
-            .await
-            .expect("get")
-            .expect("call");
+        let c = stored_call(&fx, id).await;
         assert_eq!(c.cost_minor + c.uncollected_minor, 310);
         uncollected += c.uncollected_minor;
     }
@@ -1063,12 +1066,7 @@ async fn queued_answers_and_their_ends_commit_together_in_order(backend: Backend
     assert_eq!(balance(&fx).await, 1_000 - 10 * 20);
     assert_eq!(call_charges(&fx).await.len(), 10);
     for id in &ids {
-        let c = fx
-            .store
-            .get_call(&fx.ws, id)
-            .await
-            .expect("get")
-            .expect("call");
+        let c = stored_call(&fx, id).await;
         assert_eq!(c.status, CallStatus::Completed);
         assert_eq!(c.answered_at, Some(answered_at));
         assert_eq!(
