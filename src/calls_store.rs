@@ -619,9 +619,9 @@ const GROUP_MAX: usize = 256;
 /// Shortest time between the starts of two group commits. Every commit writes each B-tree page
 /// it touched to the WAL again (the same few tail pages of the calls, timeline and event
 /// tables), so at hundreds of writes a second fewer, larger commits cost less: at 500 calls/s
-/// a 5 ms gap took the engine from 1.20 to 1.05 cores (the SQLite thread from 43 % to 33 %)
-/// and added about 5 ms to the answer. A write that finds the writer idle for longer than the
-/// gap commits at once.
+/// a 5 ms gap took the engine from 1.20 to 1.07 cores (the SQLite thread from about 42 % to
+/// 31 %) and the median answer from 4–6 to 8.5 ms. A write that finds the writer idle for
+/// longer than the gap commits at once.
 const COMMIT_GAP: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// Group commit for call writes. Thousands of calls a second each change their row three times;
@@ -662,17 +662,16 @@ impl CallWriter {
 
 impl SqlStore {
     async fn write_call(&self, write: CallWrite) -> Result<Written, StorageError> {
-        self.queue_write(write)?
-            .await
-            .map_err(|_| StorageError("the call writer dropped a write".into()))?
+        self.queue_write(write)?.await
     }
 
     /// Hand a write to the group commit; it is in line (after every write queued before it)
-    /// when this returns.
+    /// when this returns, and the future gives its result once committed.
     fn queue_write(
         &self,
         write: CallWrite,
-    ) -> Result<oneshot::Receiver<Result<Written, StorageError>>, StorageError> {
+    ) -> Result<impl Future<Output = Result<Written, StorageError>> + Send + 'static, StorageError>
+    {
         let writer = self
             .call_writer
             .get_or_init(|| CallWriter::start(self.clone()));
@@ -681,7 +680,10 @@ impl SqlStore {
             .tx
             .send((write, reply))
             .map_err(|_| StorageError("the call writer stopped".into()))?;
-        Ok(rx)
+        Ok(async move {
+            rx.await
+                .map_err(|_| StorageError("the call writer dropped a write".into()))?
+        })
     }
 
     async fn commit_batch(&self, batch: &mut Vec<Pending>) {
@@ -905,17 +907,9 @@ impl CallStore for SqlStore {
         self.write_call(CallWrite::Started(call)).await.map(|_| ())
     }
 
-    async fn call_answered(&self, call: CallAnswered) -> Result<(), StorageError> {
-        self.queue_call_answered(call).await
-    }
-
     fn queue_call_answered(&self, call: CallAnswered) -> WriteReceipt {
         match self.queue_write(CallWrite::Answered(call)) {
-            Ok(rx) => Box::pin(async move {
-                rx.await
-                    .map_err(|_| StorageError("the call writer dropped a write".into()))?
-                    .map(|_| ())
-            }),
+            Ok(written) => Box::pin(async move { written.await.map(|_| ()) }),
             Err(e) => Box::pin(std::future::ready(Err(e))),
         }
     }

@@ -174,7 +174,9 @@ pub trait CallStore: Send + Sync + 'static {
     async fn call_started(&self, call: CallStarted) -> Result<(), StorageError>;
 
     /// Mark it answered, append the timeline, queue `call.answered`.
-    async fn call_answered(&self, call: CallAnswered) -> Result<(), StorageError>;
+    async fn call_answered(&self, call: CallAnswered) -> Result<(), StorageError> {
+        self.queue_call_answered(call).await
+    }
 
     /// The same, queued before this returns (behind the call's earlier writes, ahead of its
     /// later ones) and committed in the background; the receipt gives the result. A call goes on

@@ -112,15 +112,6 @@ impl CallStore for MemCalls {
         self.answered.lock().unwrap().push(c.call_id);
         Box::pin(std::future::ready(Ok(())))
     }
-    async fn call_answered(&self, c: CallAnswered) -> Result<(), StorageError> {
-        let to = self.calls.lock().unwrap()[&c.call_id].0.clone();
-        if to == BROKEN {
-            panic!("simulated bug while recording the answer");
-        }
-        self.calls.lock().unwrap().get_mut(&c.call_id).unwrap().1 = "answered".into();
-        self.answered.lock().unwrap().push(c.call_id);
-        Ok(())
-    }
     async fn call_ended(&self, c: CallEnded) -> Result<CallCharged, StorageError> {
         let mut calls = self.calls.lock().unwrap();
         let row = calls.get_mut(&c.call_id).unwrap();
