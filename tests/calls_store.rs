@@ -1084,3 +1084,55 @@ async fn queued_answers_and_their_ends_commit_together_in_order(backend: Backend
     }
 }
 on_both_backends!(queued_answers_and_their_ends_commit_together_in_order);
+
+/// SQLite: the usual webhook lease (nothing due in the delivery table, one receiver per event)
+/// writes nothing, so it runs without SQLite's write lock and never holds up a call's writes.
+/// Here another connection holds that lock for the whole lease.
+#[tokio::test]
+async fn sqlite_lease_of_new_events_needs_no_write_lock() {
+    use sautikit_actors::webhook::Outbox;
+    use sqlx::{Connection, Executor};
+
+    let fx = fixture(Backend::Sqlite, 1_000, 0, 0).await;
+    fx.store
+        .update_routing(
+            &fx.ws,
+            &fx.number.id,
+            &sautikit::store::RoutingChange {
+                voice_callback_url: None,
+                events_url: Some(Some("http://127.0.0.1:9/events".into())),
+            },
+            t0(),
+        )
+        .await
+        .expect("events_url");
+    // The first lease also clears lapsed leases (a write, at most once a second): out of the way.
+    let lease_until = t0() + Duration::seconds(60);
+    let none = fx
+        .store
+        .lease_due(t0(), 16, lease_until)
+        .await
+        .expect("lease");
+    assert!(none.is_empty());
+    let id = new_call_id();
+    fx.store
+        .call_started(started(&fx, &id, "inbound", "engine-a", t0()))
+        .await
+        .expect("start");
+
+    let mut holder = sqlx::AnyConnection::connect(&fx._db.url)
+        .await
+        .expect("connect");
+    holder.execute("BEGIN IMMEDIATE").await.expect("write lock");
+    let leased = tokio::time::timeout(
+        std::time::Duration::from_secs(3),
+        fx.store.lease_due(t0(), 16, lease_until),
+    )
+    .await
+    .expect("the lease waited for the write lock")
+    .expect("lease");
+    holder.execute("ROLLBACK").await.expect("rollback");
+    let kinds: Vec<&str> = leased.iter().map(|d| d.event_kind.as_str()).collect();
+    assert_eq!(kinds, ["call.started"]);
+    assert_eq!(leased[0].url, "http://127.0.0.1:9/events");
+}
