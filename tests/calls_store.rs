@@ -1106,7 +1106,8 @@ async fn sqlite_lease_of_new_events_needs_no_write_lock() {
         )
         .await
         .expect("events_url");
-    // The first lease also clears lapsed leases (a write, at most once a second): out of the way.
+    // The first lease also clears lapsed leases, a write done again only once the lease's clock
+    // (fixed here) has moved on a second: out of the way.
     let lease_until = t0() + Duration::seconds(60);
     let none = fx
         .store

@@ -62,7 +62,8 @@ impl Default for EventsConfig {
 /// Events committed within this window share one outbox pass. Each pass is a lease and then a
 /// record, and on SQLite those share the one write connection with every call write: at 20 ms
 /// they came 50 times a second each at 650 calls/s, and a call's first write often queued
-/// behind one. 50 ms gives fewer, larger passes; an event waits at most that much longer.
+/// behind one. 50 ms gives fewer, larger passes; an event waits at most that much longer (on
+/// PostgreSQL too, where passes cost a round trip per statement to the server).
 const COALESCE: Duration = Duration::from_millis(50);
 
 pub enum EventsMsg {

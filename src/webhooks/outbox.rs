@@ -14,7 +14,7 @@ use sautikit_actors::webhook::{
 use sqlx::AssertSqlSafe;
 
 use crate::db::Backend;
-use crate::sql::{in_list, in_list_from, placeholder, value_rows};
+use crate::sql::{in_list, in_list_from, placeholder, pow2_chunks, value_rows};
 use crate::store::{SqlStore, get, get_opt_time, get_time, storage};
 use crate::time::{new_id, to_db};
 
@@ -117,7 +117,8 @@ struct LocalInner {
     unwritten: HashSet<String>,
     cursor: Option<String>,
     below_cursor_at: Option<Instant>,
-    reaped_at: Option<Instant>,
+    /// On the lease's clock (`now`), so a test with a fixed clock leases without reaping.
+    reaped_at: Option<DateTime<Utc>>,
     /// The last delivery id made here: ids of deliveries handed out unwritten are not in the
     /// table, and later ones of the same key must still sort after them.
     last_delivery_id: Option<uuid::Uuid>,
@@ -256,56 +257,72 @@ async fn load_receivers(
             workspaces.push(workspace_id);
         }
     }
-    for chunk in workspaces.chunks(IN_CHUNK) {
-        let sql = format!(
-            "SELECT id, webhook_secret FROM workspaces WHERE id IN {}",
-            in_list(backend, chunk.len())
-        );
-        let mut q = sqlx::query(AssertSqlSafe(sql));
-        for id in chunk {
-            q = q.bind(id.clone());
-        }
-        for r in &q.fetch_all(&mut *conn).await.map_err(storage)? {
-            receivers
-                .secrets
-                .insert(get(r, "id")?, get(r, "webhook_secret")?);
-        }
+    let found = fetch_in(
+        conn,
+        backend,
+        "SELECT id, webhook_secret FROM workspaces WHERE id IN ",
+        "",
+        &workspaces,
+    )
+    .await?;
+    for r in &found {
+        receivers
+            .secrets
+            .insert(get(r, "id")?, get(r, "webhook_secret")?);
     }
-    for chunk in numbers.chunks(IN_CHUNK) {
-        let sql = format!(
-            "SELECT id, events_url FROM tenant_numbers WHERE events_url IS NOT NULL AND id IN {}",
-            in_list(backend, chunk.len())
-        );
-        let mut q = sqlx::query(AssertSqlSafe(sql));
-        for id in chunk {
-            q = q.bind(id.clone());
-        }
-        for r in q.fetch_all(&mut *conn).await.map_err(storage)? {
-            receivers
-                .events_urls
-                .insert(get(&r, "id")?, get(&r, "events_url")?);
-        }
+    let found = fetch_in(
+        conn,
+        backend,
+        "SELECT id, events_url FROM tenant_numbers WHERE events_url IS NOT NULL AND id IN ",
+        "",
+        &numbers,
+    )
+    .await?;
+    for r in &found {
+        receivers
+            .events_urls
+            .insert(get(r, "id")?, get(r, "events_url")?);
     }
-    for chunk in subscribers.chunks(IN_CHUNK) {
-        let sql = format!(
-            "SELECT workspace_id, id, url, events FROM webhook_subscriptions \
-             WHERE status = 'active' AND workspace_id IN {} ORDER BY workspace_id, id",
-            in_list(backend, chunk.len())
-        );
-        let mut q = sqlx::query(AssertSqlSafe(sql));
-        for id in chunk {
-            q = q.bind(id.clone());
-        }
-        for r in q.fetch_all(&mut *conn).await.map_err(storage)? {
-            let workspace_id: String = get(&r, "workspace_id")?;
-            receivers
-                .subscriptions
-                .entry(workspace_id)
-                .or_default()
-                .push((get(&r, "id")?, get(&r, "url")?, get(&r, "events")?));
-        }
+    let found = fetch_in(
+        conn,
+        backend,
+        "SELECT workspace_id, id, url, events FROM webhook_subscriptions \
+         WHERE status = 'active' AND workspace_id IN ",
+        " ORDER BY workspace_id, id",
+        &subscribers,
+    )
+    .await?;
+    for r in &found {
+        let workspace_id: String = get(r, "workspace_id")?;
+        receivers
+            .subscriptions
+            .entry(workspace_id)
+            .or_default()
+            .push((get(r, "id")?, get(r, "url")?, get(r, "events")?));
     }
     Ok(())
+}
+
+/// The rows of `select` (which ends in `IN `) followed by `rest`, for all of `ids`: one
+/// statement per chunk, chunks of power-of-two sizes so the statements stay cached.
+async fn fetch_in(
+    conn: &mut sqlx::AnyConnection,
+    backend: Backend,
+    select: &str,
+    rest: &str,
+    ids: &[String],
+) -> Result<Vec<sqlx::any::AnyRow>, StorageError> {
+    let mut rows = Vec::new();
+    for chunk in pow2_chunks(ids, IN_CHUNK) {
+        let sql = format!("{select}{}{rest}", in_list(backend, chunk.len()));
+        // Safe: `sql` is built from constants and placeholders; values are bound.
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for id in chunk {
+            q = q.bind(id.clone());
+        }
+        rows.extend(q.fetch_all(&mut *conn).await.map_err(storage)?);
+    }
+    Ok(rows)
 }
 
 /// Who receives committed events: one delivery per matching subscription (number and wallet
@@ -727,7 +744,9 @@ impl SqlStore {
     /// then runs in one read transaction and leaves the only write connection to call writes
     /// (an empty lease transaction held it for several round trips, 50 times a second at 650
     /// calls/s, and each call's first write queued behind it). `None`: something must be
-    /// written, and the caller leases in a write transaction, reading again.
+    /// written, and the caller leases in a write transaction, reading again. That includes
+    /// events nobody receives (their `expanded` flag) and deliveries queued behind one in
+    /// backoff: then each pass reads twice, on the read pool.
     async fn lease_without_writing(
         &self,
         now: DateTime<Utc>,
@@ -748,6 +767,7 @@ impl SqlStore {
         .await
         .map_err(storage)?;
         if due.is_some() {
+            tx.rollback().await.map_err(storage)?;
             return Ok(None);
         }
         let expanded = expand_events(
@@ -768,7 +788,7 @@ impl SqlStore {
 
     /// Keep what a lease handed out, and return its deliveries: `table` (leased rows, in id
     /// order) first, then the expanded ones, which are newer, in event order.
-    fn leased(
+    fn keep_handed_out(
         &self,
         mut table: Vec<LeasedDelivery>,
         expanded: Expanded,
@@ -1001,9 +1021,11 @@ impl Outbox for SqlStore {
         };
         let reap = {
             let mut l = self.leases.lock();
-            let due = l.reaped_at.is_none_or(|t| t.elapsed() >= REAP_EVERY);
+            let due = l
+                .reaped_at
+                .is_none_or(|t| (now - t).to_std().is_ok_and(|d| d >= REAP_EVERY));
             if due {
-                l.reaped_at = Some(Instant::now());
+                l.reaped_at = Some(now);
             }
             due
         };
@@ -1013,7 +1035,7 @@ impl Outbox for SqlStore {
                 .lease_without_writing(now, limit, &token, lease_until, &from, &mut ids)
                 .await?
         {
-            return Ok(self.leased(Vec::new(), expanded, ids));
+            return Ok(self.keep_handed_out(Vec::new(), expanded, ids));
         }
         let mut tx = self.db().write.begin().await.map_err(storage)?;
         let lease = match backend {
@@ -1109,7 +1131,7 @@ impl Outbox for SqlStore {
             Expanded::default()
         };
         tx.commit().await.map_err(storage)?;
-        Ok(self.leased(out, expanded, ids))
+        Ok(self.keep_handed_out(out, expanded, ids))
     }
 
     async fn record(
