@@ -143,7 +143,10 @@ async fn sqlite_pool(url: &str, max: u32, keep: bool) -> Result<AnyPool, DbError
     if keep {
         options = options.max_lifetime(None).idle_timeout(None);
     }
+    // No ping before handing out a connection: an embedded database does not drop connections,
+    // and the ping was one more round trip to SQLite's worker thread for every transaction.
     let pool = options
+        .test_before_acquire(false)
         .max_connections(max)
         .min_connections(1)
         .acquire_timeout(Duration::from_secs(30))
