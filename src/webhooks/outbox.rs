@@ -220,13 +220,11 @@ struct EventRow {
 struct Receivers {
     /// Webhook secret per workspace.
     secrets: HashMap<String, String>,
-    /// `events_url` per number that has one (call events).
-    events_urls: HashMap<String, String>,
+    /// `events_url` per number looked up (call events); `None` for a number without one.
+    events_urls: HashMap<String, Option<String>>,
     /// Active subscriptions per workspace as (id, url, event patterns), in id order (other
     /// events).
     subscriptions: HashMap<String, Vec<(String, String, String)>>,
-    /// Numbers already looked up, with or without an `events_url`.
-    numbers_seen: HashSet<String>,
 }
 
 /// Fill `receivers` with what the events in `rows` need and it does not hold yet.
@@ -243,8 +241,9 @@ async fn load_receivers(
         let kind: String = get(r, "event_kind")?;
         if kind.starts_with("call.") {
             if let Some(n) = get::<Option<String>>(r, "number_id")?
-                && receivers.numbers_seen.insert(n.clone())
+                && !receivers.events_urls.contains_key(&n)
             {
+                receivers.events_urls.insert(n.clone(), None);
                 numbers.push(n);
             }
         } else if !receivers.subscriptions.contains_key(&workspace_id) {
@@ -424,7 +423,7 @@ async fn expand_events(
             let mut to = Vec::new();
             if e.kind.starts_with("call.") {
                 if let Some(n) = &e.number_id
-                    && let Some(url) = receivers.events_urls.get(n)
+                    && let Some(Some(url)) = receivers.events_urls.get(n)
                 {
                     to.push((None, url.clone(), format!("events_url:{n}|{subject}")));
                 }
