@@ -1137,3 +1137,86 @@ async fn sqlite_lease_of_new_events_needs_no_write_lock() {
     assert_eq!(kinds, ["call.started"]);
     assert_eq!(leased[0].url, "http://127.0.0.1:9/events");
 }
+
+/// PostgreSQL: a call's start (which the caller waits for before the voice callback) does not
+/// queue behind other calls' writes. Another connection holds call A's row locked, so the end of A
+/// waits in its batch; the start of call B must still commit, and A's end once the lock goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_start_does_not_wait_behind_a_blocked_end() {
+    use sqlx::{Connection, Executor};
+
+    if !common::postgres_available() {
+        return;
+    }
+    let fx = fixture(Backend::Postgres, 5_000, 0, 0).await;
+    let a = new_call_id();
+    let s = t0() + Duration::minutes(1);
+    fx.store
+        .call_started(started(&fx, &a, "inbound", "engine-a", s))
+        .await
+        .expect("start A");
+
+    let mut holder = sqlx::AnyConnection::connect(&fx._db.url)
+        .await
+        .expect("connect");
+    let holder_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut holder)
+        .await
+        .expect("pid");
+    holder.execute("BEGIN").await.expect("begin");
+    holder
+        .execute(sqlx::AssertSqlSafe(format!(
+            "SELECT id FROM calls WHERE id = '{a}' FOR UPDATE"
+        )))
+        .await
+        .expect("lock A");
+    let store = fx.store.clone();
+    let end_a = tokio::spawn({
+        let end = ended(&a, CallStatus::Canceled, s + Duration::seconds(5));
+        async move { store.call_ended(end).await }
+    });
+    // The end of A is queued (and blocked) once the holder's lock has a waiter.
+    let waiting = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE {holder_pid} = ANY(pg_blocking_pids(pid))"
+    );
+    let mut watcher = sqlx::AnyConnection::connect(&fx._db.url)
+        .await
+        .expect("connect");
+    tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(waiting.clone()))
+                .fetch_one(&mut watcher)
+                .await
+                .expect("pg_locks");
+            if n > 0 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the end of A never reached the locked row");
+
+    let b = new_call_id();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(3),
+        fx.store.call_started(started(
+            &fx,
+            &b,
+            "inbound",
+            "engine-a",
+            s + Duration::seconds(1),
+        )),
+    )
+    .await
+    .expect("the start of B waited behind the blocked end of A")
+    .expect("start B");
+    assert!(!end_a.is_finished(), "the end of A was not blocked");
+
+    holder.execute("ROLLBACK").await.expect("release A");
+    let charged = end_a.await.expect("join").expect("end A");
+    assert_eq!(charged.cost_minor, 0);
+    assert_eq!(stored_call(&fx, &a).await.status, CallStatus::Canceled);
+    assert_eq!(stored_call(&fx, &b).await.status, CallStatus::Ringing);
+    assert_eq!(event_kinds(&fx, &b).await, ["call.started"]);
+}
