@@ -620,16 +620,6 @@ impl CallState {
         let events: crate::media::MediaEvents = std::sync::Arc::new(move |e: MediaEvent| {
             let _ = me.cast(CallMsg::Media(e));
         });
-        let port = self
-            .deps
-            .media
-            .open(events)
-            .await
-            .map_err(|_| "media.no_port")?;
-        let session_id =
-            u64::from_str_radix(&self.local_tag[..self.local_tag.len().min(12)], 16).unwrap_or(1);
-        let answer = sdp::answer(offer, self.deps.media_ip, port.local.port(), session_id)
-            .map_err(|_| "sdp.no_common_codec")?;
         let contact = format!(
             "sip:{}@{}{}",
             self.to.trim_start_matches('+'),
@@ -652,12 +642,32 @@ impl CallState {
             "Allow".into(),
             crate::sip_endpoint::ALLOW.into(),
         ));
-        let response = with_body(response, "application/sdp", answer.sdp.clone().into_bytes());
         let dialog = Dialog::uas(&self.invite.request, &self.local_tag, contact_uri)
             .map_err(|_| "sip.bad_dialog")?;
+        // Everything that can fail without a port is done: a port opened now is closed again if
+        // the answer cannot be made.
+        let port = self
+            .deps
+            .media
+            .open(events)
+            .await
+            .map_err(|_| "media.no_port")?;
+        let session_id =
+            u64::from_str_radix(&self.local_tag[..self.local_tag.len().min(12)], 16).unwrap_or(1);
+        let answer = match sdp::answer(offer, self.deps.media_ip, port.local.port(), session_id) {
+            Ok(answer) => answer,
+            Err(_) => {
+                self.deps.media.close(port.id);
+                return Err("sdp.no_common_codec");
+            }
+        };
+        let response = with_body(response, "application/sdp", answer.sdp.clone().into_bytes());
+        let port_id = port.id;
+        // From here the call's end closes the port, whatever fails.
+        self.rtp = Some(port);
         if let Some(remote) = answer.remote_rtp {
             self.deps.media.start_stream(
-                port.id,
+                port_id,
                 StreamParams {
                     remote,
                     codec: answer.codec,
@@ -678,7 +688,6 @@ impl CallState {
         );
         self.answer_sdp = Some(answer.sdp);
         self.dialog = Some(dialog);
-        self.rtp = Some(port);
         self.phase = Phase::AwaitingAck;
         self.snapshot();
         Ok(())

@@ -7,15 +7,16 @@
 //! this engine's heartbeat so calls orphaned by a dead process get closed.
 
 mod call;
+mod live;
 mod verbs;
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+
 use sautikit_sip::dialog::Dialog;
 use sautikit_sip::message::response_to;
 use sautikit_sip::rsip;
@@ -88,6 +89,9 @@ pub enum CallsMsg {
         reply: RpcReplyPort<bool>,
     },
     HeartbeatDue,
+    /// A call reported a snapshot after its actor had stopped: drop it unless its end, queued
+    /// ahead of this, already did.
+    ForgetIfStopped(ActorId),
 }
 
 pub struct Calls;
@@ -103,8 +107,11 @@ pub struct CallsArgs {
 pub struct CallsState {
     deps: CallDeps,
     orphan_after: chrono::Duration,
-    live: HashMap<ActorId, (ActorRef<CallMsg>, CallSnapshot)>,
-    by_call_id: HashMap<String, ActorId>,
+    live: live::LiveCalls<CallMsg, CallSnapshot>,
+}
+
+fn call_id_of(s: &CallSnapshot) -> &str {
+    &s.call_id
 }
 
 impl Actor for Calls {
@@ -141,33 +148,36 @@ impl Actor for Calls {
         Ok(CallsState {
             deps,
             orphan_after,
-            live: HashMap::new(),
-            by_call_id: HashMap::new(),
+            live: live::LiveCalls::new(),
         })
     }
 
     async fn handle(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         message: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match message {
             CallsMsg::Snapshot { actor, snapshot } => {
-                state
-                    .by_call_id
-                    .insert(snapshot.call_id.clone(), actor.get_id());
-                state.live.insert(actor.get_id(), (actor, *snapshot));
+                let id = actor.get_id();
+                if state
+                    .live
+                    .report(actor, snapshot.call_id.clone(), *snapshot)
+                {
+                    // Behind the actor's end, which was sent before it showed as stopped.
+                    let _ = myself.cast(CallsMsg::ForgetIfStopped(id));
+                }
             }
+            CallsMsg::ForgetIfStopped(id) => state.live.forget_if_stopped(id, call_id_of),
             CallsMsg::HangupRequested {
                 workspace_id,
                 call_id,
                 reply,
             } => {
                 let target = state
-                    .by_call_id
-                    .get(&call_id)
-                    .and_then(|id| state.live.get(id))
+                    .live
+                    .by_call_id(&call_id)
                     .filter(|(_, s)| s.workspace_id == workspace_id);
                 match target {
                     Some((actor, _)) => {
@@ -215,15 +225,12 @@ impl Actor for Calls {
     ) -> Result<(), ActorProcessingErr> {
         match event {
             SupervisionEvent::ActorTerminated(cell, _, _) => {
-                if let Some((_, s)) = state.live.remove(&cell.get_id()) {
-                    state.by_call_id.remove(&s.call_id);
-                }
+                state.live.ended(cell.get_id(), call_id_of);
             }
             SupervisionEvent::ActorFailed(cell, err) => {
-                let snapshot = state.live.remove(&cell.get_id()).map(|(_, s)| s);
+                let snapshot = state.live.ended(cell.get_id(), call_id_of);
                 error!(error = %err, call_id = snapshot.as_ref().map(|s| s.call_id.as_str()), "call actor failed; ending its call");
                 if let Some(s) = snapshot {
-                    state.by_call_id.remove(&s.call_id);
                     end_failed_call(&state.deps, s);
                 }
             }
