@@ -667,7 +667,9 @@ impl CallWriter {
             let mut last_commit = now.checked_sub(gap).unwrap_or(now);
             while let Some(first) = rx.recv().await {
                 // Under load, let writes gather instead of committing each as it comes.
-                tokio::time::sleep_until(last_commit + gap).await;
+                if !gap.is_zero() {
+                    tokio::time::sleep_until(last_commit + gap).await;
+                }
                 last_commit = tokio::time::Instant::now();
                 batch.push(first);
                 while batch.len() < GROUP_MAX {

@@ -1191,15 +1191,16 @@ async fn postgres_start_does_not_wait_behind_a_blocked_end() {
             if n > 0 {
                 break;
             }
-            tokio::task::yield_now().await;
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     })
     .await
     .expect("the end of A never reached the locked row");
 
     let b = new_call_id();
+    // Without a lane of its own the start waits as long as the lock is held: forever here.
     tokio::time::timeout(
-        std::time::Duration::from_secs(3),
+        std::time::Duration::from_secs(10),
         fx.store.call_started(started(
             &fx,
             &b,

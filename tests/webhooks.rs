@@ -436,6 +436,15 @@ async fn subscriptions_secrets_and_low_balance(backend: Backend) {
         .await
         .json();
     assert_eq!(by_number.as_array().map(Vec::len), Some(1));
+    // A delivery's first attempt is written when its outcome is recorded, just after the receiver
+    // answered: the last one may reach the log a moment after its hit.
+    wait_for_json(
+        &api,
+        "/v1/webhooks/deliveries",
+        Duration::from_secs(10),
+        |v| v.as_array().map(Vec::len) == Some(6),
+    )
+    .await;
     let all = api.get_all("/v1/webhooks/deliveries?limit=2").await;
     assert_eq!(all.len(), 6);
 }

@@ -170,7 +170,9 @@ pub trait CallStore: Send + Sync + 'static {
     /// The same by tenant number id (used to refresh a cached route).
     async fn route_by_id(&self, number_id: &str) -> Result<Option<NumberRoute>, StorageError>;
 
-    /// Insert the call row (`ringing`), its timeline so far and `call.started`.
+    /// Insert the call row (`ringing`), its timeline so far and `call.started`. A caller awaits it
+    /// before writing anything else of the call: a store may commit starts apart from (and side
+    /// by side with) other writes, and keeps each call's order only from that.
     async fn call_started(&self, call: CallStarted) -> Result<(), StorageError>;
 
     /// Mark it answered, append the timeline, queue `call.answered`.
@@ -178,8 +180,8 @@ pub trait CallStore: Send + Sync + 'static {
         self.queue_call_answered(call).await
     }
 
-    /// The same, queued before this returns (behind the call's earlier writes, ahead of its
-    /// later ones) and committed in the background; the receipt gives the result. A call goes on
+    /// The same, queued before this returns (behind the call's earlier queued writes, ahead of
+    /// its later ones; its start has committed already) and committed in the background; the receipt gives the result. A call goes on
     /// while its answer commits: the BYE that follows an ACK at once is answered at once, and
     /// the call's media stops then rather than a commit later.
     fn queue_call_answered(&self, call: CallAnswered) -> WriteReceipt;

@@ -455,6 +455,14 @@ impl Engine {
         .await
     }
 
+    /// How many calls this process holds as live (each has a Call actor that has not ended).
+    pub async fn live_calls(&self) -> Result<usize, StorageError> {
+        let Some(calls) = ActorRef::<CallsMsg>::where_is(self.names.calls.clone()) else {
+            return Ok(0);
+        };
+        ask(&calls, CallsMsg::LiveCount).await
+    }
+
     /// Stop the tree and wait for every actor to finish its current message.
     pub async fn stop(self) {
         self.root

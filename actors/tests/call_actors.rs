@@ -31,6 +31,10 @@ use tokio::net::UdpSocket;
 /// Calls to this number make the store panic when the answer is recorded: a bug in one call.
 const BROKEN: &str = "+254700000099";
 const HEALTHY: &str = "+254700000001";
+/// Calls to this number have no voice callback (answered `480`), and the first time a call's end
+/// is recorded the store panics: the Call actor fails in the same step that sent its first
+/// snapshot to Calls.
+const FAILS_AT_END: &str = "+254700000098";
 
 struct NoStore;
 
@@ -56,6 +60,8 @@ struct MemCalls {
     calls: Mutex<HashMap<String, Row>>,
     /// Calls whose answer was recorded.
     answered: Mutex<Vec<String>>,
+    /// Whether the end of a call to `FAILS_AT_END` has panicked yet.
+    end_panicked: std::sync::atomic::AtomicBool,
 }
 
 impl MemCalls {
@@ -87,7 +93,14 @@ fn route(number: &str) -> NumberRoute {
 #[async_trait]
 impl CallStore for MemCalls {
     async fn route_by_number(&self, number: &str) -> Result<Option<NumberRoute>, StorageError> {
-        Ok([BROKEN, HEALTHY].contains(&number).then(|| route(number)))
+        Ok(match number {
+            BROKEN | HEALTHY => Some(route(number)),
+            FAILS_AT_END => Some(NumberRoute {
+                voice_callback_url: None,
+                ..route(number)
+            }),
+            _ => None,
+        })
     }
     async fn route_by_id(&self, id: &str) -> Result<Option<NumberRoute>, StorageError> {
         Ok(id.strip_prefix("id").map(route))
@@ -113,6 +126,14 @@ impl CallStore for MemCalls {
         Box::pin(std::future::ready(Ok(())))
     }
     async fn call_ended(&self, c: CallEnded) -> Result<CallCharged, StorageError> {
+        let to = self.calls.lock().unwrap()[&c.call_id].0.clone();
+        if to == FAILS_AT_END
+            && !self
+                .end_panicked
+                .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            panic!("simulated bug while recording the end");
+        }
         let mut calls = self.calls.lock().unwrap();
         let row = calls.get_mut(&c.call_id).unwrap();
         row.1 = c.status.as_str().into();
@@ -400,5 +421,47 @@ async fn a_failing_call_actor_ends_only_its_own_call() {
     let (hasty_id, _, cause) = wait_for(&calls, HEALTHY, "completed").await;
     assert_eq!(cause.as_deref(), Some("caller_hangup"));
     assert!(calls.answered.lock().unwrap().contains(&hasty_id));
+    engine.stop().await;
+}
+
+/// Ractor hands Calls a child's failure before that child's queued messages. On one thread, a
+/// Call actor that sends its first snapshot and fails in the same step has both waiting when
+/// Calls next runs; Calls must still end the call from that snapshot, and keep nothing of it.
+#[tokio::test]
+async fn a_call_failing_right_after_its_snapshot_is_ended_and_forgotten() {
+    let calls = Arc::new(MemCalls::default());
+    let engine = Engine::start_full(
+        Arc::new(NoStore),
+        Arc::new(SystemClock),
+        None,
+        Some(VoiceSetup {
+            store: calls.clone(),
+            callback: Arc::new(PauseScript),
+            sip_listen: "127.0.0.1:0".parse().unwrap(),
+            carrier_allow: vec!["127.0.0.0/8".parse().unwrap()],
+            rtp_ports: (31_500, 31_600),
+            media_ip: "127.0.0.1".parse().unwrap(),
+            media_realtime: false,
+            media_threads: 1,
+            single_process: true,
+            orphan_after: Duration::from_secs(30),
+            timers: Timers::default(),
+            admission: Admission::default(),
+            synth: Arc::new(NoMedia),
+            audio: Arc::new(NoMedia),
+            data_dir: std::env::temp_dir(),
+            public_url: "http://127.0.0.1:1".into(),
+        }),
+    )
+    .await
+    .expect("engine starts");
+    let sip = engine.sip_addr().expect("SIP is bound");
+
+    let uac = Uac::new(sip, FAILS_AT_END).await;
+    uac.invite().await;
+    uac.expect("480").await;
+    let (_, reason, _) = wait_for(&calls, FAILS_AT_END, "failed").await;
+    assert_eq!(reason.as_deref(), Some("engine.error"));
+    assert_eq!(engine.live_calls().await.expect("live calls"), 0);
     engine.stop().await;
 }

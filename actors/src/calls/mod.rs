@@ -89,9 +89,14 @@ pub enum CallsMsg {
         reply: RpcReplyPort<bool>,
     },
     HeartbeatDue,
-    /// A call reported a snapshot after its actor had stopped: drop it unless its end, queued
-    /// ahead of this, already did.
-    ForgetIfStopped(ActorId),
+    /// A Call actor ended (`failure` says why, if it failed). Sent by Calls to itself from the
+    /// supervision event, so that it queues behind every snapshot the actor sent.
+    CallActorEnded {
+        actor: ActorId,
+        failure: Option<String>,
+    },
+    /// How many calls Calls holds as live (for tests and diagnostics).
+    LiveCount(RpcReplyPort<usize>),
 }
 
 pub struct Calls;
@@ -154,22 +159,28 @@ impl Actor for Calls {
 
     async fn handle(
         &self,
-        myself: ActorRef<Self::Msg>,
+        _myself: ActorRef<Self::Msg>,
         message: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match message {
             CallsMsg::Snapshot { actor, snapshot } => {
-                let id = actor.get_id();
-                if state
+                state
                     .live
-                    .report(actor, snapshot.call_id.clone(), *snapshot)
-                {
-                    // Behind the actor's end, which was sent before it showed as stopped.
-                    let _ = myself.cast(CallsMsg::ForgetIfStopped(id));
+                    .report(actor, snapshot.call_id.clone(), *snapshot);
+            }
+            CallsMsg::CallActorEnded { actor, failure } => {
+                let snapshot = state.live.ended(actor, call_id_of);
+                if let Some(err) = failure {
+                    error!(error = %err, call_id = snapshot.as_ref().map(|s| s.call_id.as_str()), "call actor failed; ending its call");
+                    if let Some(s) = snapshot {
+                        end_failed_call(&state.deps, s);
+                    }
                 }
             }
-            CallsMsg::ForgetIfStopped(id) => state.live.forget_if_stopped(id, call_id_of),
+            CallsMsg::LiveCount(reply) => {
+                let _ = reply.send(state.live.len());
+            }
             CallsMsg::HangupRequested {
                 workspace_id,
                 call_id,
@@ -216,23 +227,25 @@ impl Actor for Calls {
         Ok(())
     }
 
-    // Never stop for a child: a failed call is ended here, the others go on.
+    // Never stop for a child: a failed call is ended (in `CallActorEnded`), the others go on.
     async fn handle_supervisor_evt(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         event: SupervisionEvent,
-        state: &mut Self::State,
+        _state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match event {
             SupervisionEvent::ActorTerminated(cell, _, _) => {
-                state.live.ended(cell.get_id(), call_id_of);
+                let _ = myself.cast(CallsMsg::CallActorEnded {
+                    actor: cell.get_id(),
+                    failure: None,
+                });
             }
             SupervisionEvent::ActorFailed(cell, err) => {
-                let snapshot = state.live.ended(cell.get_id(), call_id_of);
-                error!(error = %err, call_id = snapshot.as_ref().map(|s| s.call_id.as_str()), "call actor failed; ending its call");
-                if let Some(s) = snapshot {
-                    end_failed_call(&state.deps, s);
-                }
+                let _ = myself.cast(CallsMsg::CallActorEnded {
+                    actor: cell.get_id(),
+                    failure: Some(err.to_string()),
+                });
             }
             _ => {}
         }
