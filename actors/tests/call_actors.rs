@@ -343,10 +343,13 @@ async fn wait_for(
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failing_call_actor_ends_only_its_own_call() {
-    let calls = Arc::new(MemCalls::default());
-    let engine = Engine::start_full(
+/// An engine whose calls are stored in `calls` and scripted by `PauseScript`.
+async fn start_engine(
+    calls: &Arc<MemCalls>,
+    rtp_ports: (u16, u16),
+    media_threads: usize,
+) -> Engine {
+    Engine::start_full(
         Arc::new(NoStore),
         Arc::new(SystemClock),
         None,
@@ -355,10 +358,10 @@ async fn a_failing_call_actor_ends_only_its_own_call() {
             callback: Arc::new(PauseScript),
             sip_listen: "127.0.0.1:0".parse().unwrap(),
             carrier_allow: vec!["127.0.0.0/8".parse().unwrap()],
-            rtp_ports: (31_000, 31_400),
+            rtp_ports,
             media_ip: "127.0.0.1".parse().unwrap(),
             media_realtime: false,
-            media_threads: 2,
+            media_threads,
             single_process: true,
             orphan_after: Duration::from_secs(30),
             timers: Timers::default(),
@@ -370,7 +373,13 @@ async fn a_failing_call_actor_ends_only_its_own_call() {
         }),
     )
     .await
-    .expect("engine starts");
+    .expect("engine starts")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_call_actor_ends_only_its_own_call() {
+    let calls = Arc::new(MemCalls::default());
+    let engine = start_engine(&calls, (31_000, 31_400), 2).await;
     let sip = engine.sip_addr().expect("SIP is bound");
 
     // The healthy call is answered and stays up.
@@ -430,31 +439,7 @@ async fn a_failing_call_actor_ends_only_its_own_call() {
 #[tokio::test]
 async fn a_call_failing_right_after_its_snapshot_is_ended_and_forgotten() {
     let calls = Arc::new(MemCalls::default());
-    let engine = Engine::start_full(
-        Arc::new(NoStore),
-        Arc::new(SystemClock),
-        None,
-        Some(VoiceSetup {
-            store: calls.clone(),
-            callback: Arc::new(PauseScript),
-            sip_listen: "127.0.0.1:0".parse().unwrap(),
-            carrier_allow: vec!["127.0.0.0/8".parse().unwrap()],
-            rtp_ports: (31_500, 31_600),
-            media_ip: "127.0.0.1".parse().unwrap(),
-            media_realtime: false,
-            media_threads: 1,
-            single_process: true,
-            orphan_after: Duration::from_secs(30),
-            timers: Timers::default(),
-            admission: Admission::default(),
-            synth: Arc::new(NoMedia),
-            audio: Arc::new(NoMedia),
-            data_dir: std::env::temp_dir(),
-            public_url: "http://127.0.0.1:1".into(),
-        }),
-    )
-    .await
-    .expect("engine starts");
+    let engine = start_engine(&calls, (31_500, 31_600), 1).await;
     let sip = engine.sip_addr().expect("SIP is bound");
 
     let uac = Uac::new(sip, FAILS_AT_END).await;
