@@ -238,6 +238,8 @@ struct UacStats {
     no_sdp: u64,
     unmatched: u64,
     setup: Vec<Duration>,
+    /// When each call of `setup` sent its first INVITE (same order).
+    setup_sent: Vec<Instant>,
     bye_latency: Vec<Duration>,
 }
 
@@ -272,6 +274,7 @@ impl UacStats {
         self.no_sdp += o.no_sdp;
         self.unmatched += o.unmatched;
         self.setup.extend(o.setup);
+        self.setup_sent.extend(o.setup_sent);
         self.bye_latency.extend(o.bye_latency);
     }
 }
@@ -424,6 +427,7 @@ impl UacSocket {
             }
             ("INVITE", Phase::Inviting { .. }) if code < 300 => {
                 self.stats.setup.push(now - call.first_sent);
+                self.stats.setup_sent.push(call.first_sent);
                 self.stats.answered += 1;
                 self.progress.answered.fetch_add(1, Ordering::Relaxed);
                 if !body(msg).contains("m=audio") {
@@ -881,6 +885,42 @@ struct RateSettings {
 }
 
 /// Returns whether the run met zero failures and p99 ≤ the line.
+/// Where in the run the calls over `line` were (by second of their first INVITE), and the p99 of
+/// the run without its first second (connection pools and statement caches warm up then).
+fn slow_by_second(stats: &UacStats, started: Instant, line: Duration) -> String {
+    let mut by_second: BTreeMap<u64, usize> = BTreeMap::new();
+    let mut warm: Vec<Duration> = Vec::new();
+    for (took, at) in stats.setup.iter().zip(&stats.setup_sent) {
+        let second = at.saturating_duration_since(started).as_secs();
+        if *took > line {
+            *by_second.entry(second).or_default() += 1;
+        }
+        if second >= 1 {
+            warm.push(*took);
+        }
+    }
+    warm.sort();
+    let mut worst: Vec<(u64, usize)> = by_second.iter().map(|(s, n)| (*s, *n)).collect();
+    worst.sort_by_key(|(s, n)| (Reverse(*n), *s));
+    let seconds: Vec<String> = worst
+        .iter()
+        .take(6)
+        .map(|(s, n)| format!("t={s}s: {n}"))
+        .collect();
+    format!(
+        "  INVITE→200 over {:.0} ms: {} calls in {} seconds of the run (most: {}); p99 without the first second {:.2} ms",
+        ms(line),
+        by_second.values().sum::<usize>(),
+        by_second.len(),
+        if seconds.is_empty() {
+            "none".into()
+        } else {
+            seconds.join(", ")
+        },
+        ms(quantile(&warm, 0.99))
+    )
+}
+
 async fn rate_run(backend: Backend, s: &RateSettings) -> bool {
     println!(
         "\n== rate, {}: {:.0} calls/s for {:.0} s, {} numbers, hold {} ms ==",
@@ -966,6 +1006,7 @@ async fn rate_run(backend: Backend, s: &RateSettings) -> bool {
 
     let mut setup = stats.setup.clone();
     setup.sort();
+    let slow_line = slow_by_second(&stats, started, s.p99_line);
     let mut bye = stats.bye_latency.clone();
     bye.sort();
     let failed = stats.failed();
@@ -1015,6 +1056,7 @@ async fn rate_run(backend: Backend, s: &RateSettings) -> bool {
         ms(quantile(&bye, 0.5)),
         ms(quantile(&bye, 0.99)),
     );
+    println!("{slow_line}");
     println!(
         "  server CPU: {cores:.2} cores while calls ran ({:.1} s), {cores_all:.2} incl. event drain; \
          RSS peak sampled {:.0} MiB, VmHWM {:.0} MiB; harness CPU {:.2} cores",
