@@ -87,13 +87,22 @@ struct RequestInfo {
 
 impl TransactionLayer {
     pub fn new(timers: Timers) -> Self {
+        Self::with_capacity(timers, 0)
+    }
+
+    /// A layer whose indexes hold `transactions` before they first grow. Growing a table means
+    /// hashing every key again at once: at 1,000 calls/s (two transactions a call, each kept 32 s
+    /// after it ends) the key index grew past 57,344 entries mid-load and the endpoint stalled
+    /// for tens of milliseconds. Slots not yet written cost address space, not memory.
+    pub fn with_capacity(timers: Timers, transactions: usize) -> Self {
         Self {
             timers,
             next_id: 0,
-            ids: HashMap::new(),
-            txs: HashMap::new(),
+            ids: HashMap::with_capacity(transactions),
+            txs: HashMap::with_capacity(transactions),
             heap: BinaryHeap::new(),
-            by_dialog: HashMap::new(),
+            // Only INVITE server transactions are found by dialog.
+            by_dialog: HashMap::with_capacity(transactions / 2),
             out: Out::default(),
         }
     }
