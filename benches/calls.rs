@@ -884,7 +884,6 @@ struct RateSettings {
     p99_line: Duration,
 }
 
-/// Returns whether the run met zero failures and p99 ≤ the line.
 /// Where in the run the calls over `line` were (by second of their first INVITE), and the p99 of
 /// the run without its first second (connection pools and statement caches warm up then).
 fn slow_by_second(stats: &UacStats, started: Instant, line: Duration) -> String {
@@ -908,7 +907,7 @@ fn slow_by_second(stats: &UacStats, started: Instant, line: Duration) -> String 
         .map(|(s, n)| format!("t={s}s: {n}"))
         .collect();
     format!(
-        "  INVITE→200 over {:.0} ms: {} calls in {} seconds of the run (most: {}); p99 without the first second {:.2} ms",
+        "  INVITE→200 over {:.0} ms: {} calls in {} seconds of the run (most: {}); p99 without the first second {}",
         ms(line),
         by_second.values().sum::<usize>(),
         by_second.len(),
@@ -917,10 +916,15 @@ fn slow_by_second(stats: &UacStats, started: Instant, line: Duration) -> String 
         } else {
             seconds.join(", ")
         },
-        ms(quantile(&warm, 0.99))
+        if warm.is_empty() {
+            "n/a".to_owned()
+        } else {
+            format!("{:.2} ms", ms(quantile(&warm, 0.99)))
+        }
     )
 }
 
+/// Returns whether the run met zero failures and p99 ≤ the line.
 async fn rate_run(backend: Backend, s: &RateSettings) -> bool {
     println!(
         "\n== rate, {}: {:.0} calls/s for {:.0} s, {} numbers, hold {} ms ==",
