@@ -10,34 +10,30 @@ use std::collections::HashMap;
 
 use ractor::{ActorId, ActorRef};
 
-pub(super) struct LiveCalls<M, S> {
-    by_actor: HashMap<ActorId, (ActorRef<M>, S)>,
+use super::{CallMsg, CallSnapshot};
+
+#[derive(Default)]
+pub(super) struct LiveCalls {
+    by_actor: HashMap<ActorId, (ActorRef<CallMsg>, CallSnapshot)>,
     by_call_id: HashMap<String, ActorId>,
 }
 
-impl<M, S> LiveCalls<M, S> {
-    pub(super) fn new() -> Self {
-        LiveCalls {
-            by_actor: HashMap::new(),
-            by_call_id: HashMap::new(),
-        }
-    }
-
-    /// Keep `snapshot` as what `actor` last reported of call `call_id`.
-    pub(super) fn report(&mut self, actor: ActorRef<M>, call_id: String, snapshot: S) {
+impl LiveCalls {
+    /// Keep `snapshot` as what `actor` last reported of its call.
+    pub(super) fn report(&mut self, actor: ActorRef<CallMsg>, snapshot: CallSnapshot) {
         let id = actor.get_id();
-        self.by_call_id.insert(call_id, id);
+        self.by_call_id.insert(snapshot.call_id.clone(), id);
         self.by_actor.insert(id, (actor, snapshot));
     }
 
     /// The actor has ended: its last snapshot, if any, leaves the book.
-    pub(super) fn ended(&mut self, id: ActorId, call_id: impl Fn(&S) -> &str) -> Option<S> {
+    pub(super) fn ended(&mut self, id: ActorId) -> Option<CallSnapshot> {
         let (_, snapshot) = self.by_actor.remove(&id)?;
-        self.by_call_id.remove(call_id(&snapshot));
+        self.by_call_id.remove(&snapshot.call_id);
         Some(snapshot)
     }
 
-    pub(super) fn by_call_id(&self, call_id: &str) -> Option<&(ActorRef<M>, S)> {
+    pub(super) fn by_call_id(&self, call_id: &str) -> Option<&(ActorRef<CallMsg>, CallSnapshot)> {
         self.by_call_id
             .get(call_id)
             .and_then(|id| self.by_actor.get(id))

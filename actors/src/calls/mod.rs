@@ -112,11 +112,7 @@ pub struct CallsArgs {
 pub struct CallsState {
     deps: CallDeps,
     orphan_after: chrono::Duration,
-    live: live::LiveCalls<CallMsg, CallSnapshot>,
-}
-
-fn call_id_of(s: &CallSnapshot) -> &str {
-    &s.call_id
+    live: live::LiveCalls,
 }
 
 impl Actor for Calls {
@@ -153,7 +149,7 @@ impl Actor for Calls {
         Ok(CallsState {
             deps,
             orphan_after,
-            live: live::LiveCalls::new(),
+            live: live::LiveCalls::default(),
         })
     }
 
@@ -165,12 +161,10 @@ impl Actor for Calls {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             CallsMsg::Snapshot { actor, snapshot } => {
-                state
-                    .live
-                    .report(actor, snapshot.call_id.clone(), *snapshot);
+                state.live.report(actor, *snapshot);
             }
             CallsMsg::CallActorEnded { actor, failure } => {
-                let snapshot = state.live.ended(actor, call_id_of);
+                let snapshot = state.live.ended(actor);
                 if let Some(err) = failure {
                     error!(error = %err, call_id = snapshot.as_ref().map(|s| s.call_id.as_str()), "call actor failed; ending its call");
                     if let Some(s) = snapshot {
