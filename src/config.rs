@@ -81,6 +81,34 @@ pub struct ServeArgs {
     /// …`).
     #[arg(long, env = "SAUTIKIT_SIP_LISTEN", default_value = "127.0.0.1:5060")]
     pub sip_listen: SocketAddr,
+    /// The SIP domain of addresses of record (`ts_…@DOMAIN` or `+2547…@DOMAIN`) that softphones
+    /// register. Default: the SIP listen address's IP. The IP a REGISTER arrives at is always
+    /// accepted too.
+    #[arg(long, env = "SAUTIKIT_SIP_DOMAIN")]
+    pub sip_domain: Option<String>,
+    /// Failed SIP logins (REGISTER) from one source address, or for one username, within
+    /// `SAUTIKIT_SIP_AUTH_WINDOW_SECS` that ban the source (or lock the username).
+    #[arg(long, env = "SAUTIKIT_SIP_AUTH_MAX_FAILURES", default_value_t = 20)]
+    pub sip_auth_max_failures: u32,
+    #[arg(long, env = "SAUTIKIT_SIP_AUTH_WINDOW_SECS", default_value_t = 60)]
+    pub sip_auth_window_secs: u64,
+    /// How long a ban or lock lasts.
+    #[arg(long, env = "SAUTIKIT_SIP_AUTH_BAN_SECS", default_value_t = 300)]
+    pub sip_auth_ban_secs: u64,
+    /// Seconds between OPTIONS keepalives to each device registered over UDP; a device that
+    /// stops answering loses its binding.
+    #[arg(long, env = "SAUTIKIT_SIP_KEEPALIVE_SECS", default_value_t = 30)]
+    pub sip_keepalive_secs: u64,
+    /// Shortest registration accepted (`423 Interval Too Brief` below it).
+    #[arg(long, env = "SAUTIKIT_SIP_MIN_EXPIRES", default_value_t = 60)]
+    pub sip_min_expires: u32,
+    /// Longest registration granted (longer requests are clamped), also the default.
+    #[arg(long, env = "SAUTIKIT_SIP_MAX_EXPIRES", default_value_t = 3600)]
+    pub sip_max_expires: u32,
+    /// SIP timer T1 in milliseconds (RFC 3261 §17: the first retransmission interval; a client
+    /// transaction gives up after 64 × T1).
+    #[arg(long, env = "SAUTIKIT_SIP_T1_MS", default_value_t = 500)]
+    pub sip_t1_ms: u64,
     /// RTP port range, inclusive (`first-last`); even ports carry RTP.
     #[arg(long, env = "SAUTIKIT_RTP_PORTS", default_value = "20000-29999", value_parser = parse_port_range)]
     pub rtp_ports: (u16, u16),

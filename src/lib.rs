@@ -10,6 +10,7 @@ pub mod config;
 pub mod db;
 pub mod play;
 pub mod recordings;
+pub mod registrations;
 pub mod resample;
 pub mod secrets;
 pub mod server;

@@ -9,7 +9,9 @@ use dashmap::DashMap;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use sautikit_actors::clock::{Clock, SystemClock};
 use sautikit_actors::sip_endpoint::Admission;
-use sautikit_actors::{Engine, VoiceSetup};
+use sautikit_actors::{Engine, RegistrarSetup, VoiceSetup};
+use sautikit_sip::auth::FailureLimits;
+use sautikit_sip::registrar::BindingLimits;
 use sautikit_sip::transaction::Timers;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -242,7 +244,10 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
         media_threads: media_threads(&args),
         single_process: db.backend == Backend::Sqlite,
         orphan_after: Duration::from_secs(args.call_orphan_secs.max(1)),
-        timers: Timers::default(),
+        timers: Timers {
+            t1: Duration::from_millis(args.sip_t1_ms.clamp(10, 10_000)),
+            ..Timers::default()
+        },
         admission: Admission {
             max_setups: args.max_call_setups.max(1),
             max_calls: args.max_calls.max(1),
@@ -258,6 +263,25 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
         ),
         data_dir: args.db.data_dir.clone(),
         public_url,
+        registrar: RegistrarSetup {
+            store: Arc::new(store.clone()),
+            domain: args
+                .sip_domain
+                .clone()
+                .unwrap_or_else(|| args.sip_listen.ip().to_string()),
+            failures: FailureLimits {
+                max_failures: args.sip_auth_max_failures.max(1),
+                window: Duration::from_secs(args.sip_auth_window_secs.max(1)),
+                ban: Duration::from_secs(args.sip_auth_ban_secs),
+            },
+            bindings: BindingLimits {
+                default_expires: args.sip_max_expires.max(1),
+                max_expires: args.sip_max_expires.max(1),
+                min_expires: args.sip_min_expires.clamp(1, args.sip_max_expires.max(1)),
+                ..BindingLimits::default()
+            },
+            keepalive_every: Duration::from_secs(args.sip_keepalive_secs.max(1)),
+        },
     };
     let engine = Arc::new(
         Engine::start_full(

@@ -38,6 +38,18 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
         .is_some_and(|d| d.is_unique_violation())
 }
 
+async fn drop_credential_registrations(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    credential_id: &str,
+) -> Result<(), StorageError> {
+    sqlx::query("DELETE FROM sip_registrations WHERE credential_id = $1")
+        .bind(credential_id)
+        .execute(&mut **tx)
+        .await
+        .map_err(storage)?;
+    Ok(())
+}
+
 pub(crate) fn get<'r, T>(row: &'r AnyRow, col: &str) -> Result<T, StorageError>
 where
     T: sqlx::Decode<'r, sqlx::Any> + sqlx::Type<sqlx::Any>,
@@ -730,6 +742,7 @@ impl SqlStore {
         secret: &StoredSipSecret,
         now: DateTime<Utc>,
     ) -> Result<SipCredential, CredentialError> {
+        let mut tx = self.db.write.begin().await.map_err(storage)?;
         let r = sqlx::query(
             "UPDATE sip_credentials SET password_hash = $1, ha1_md5 = $2, ha1_sha256 = $3, \
              updated_at = $4 WHERE id = $5 AND number_id = $6 AND workspace_id = $7 \
@@ -742,9 +755,12 @@ impl SqlStore {
         .bind(credential_id)
         .bind(number_id)
         .bind(workspace_id)
-        .execute(&self.db.write)
+        .execute(&mut *tx)
         .await
         .map_err(storage)?;
+        // Devices registered with the old password are gone with it.
+        drop_credential_registrations(&mut tx, credential_id).await?;
+        tx.commit().await.map_err(storage)?;
         let cred = self
             .get_sip_credential(workspace_id, number_id, credential_id)
             .await?
@@ -763,6 +779,7 @@ impl SqlStore {
         now: DateTime<Utc>,
     ) -> Result<SipCredential, CredentialError> {
         let ts = to_db(now);
+        let mut tx = self.db.write.begin().await.map_err(storage)?;
         let r = sqlx::query(
             "UPDATE sip_credentials SET status = 'revoked', revoked_at = $1, updated_at = $1 \
              WHERE id = $2 AND number_id = $3 AND workspace_id = $4 AND status = 'active'",
@@ -771,9 +788,11 @@ impl SqlStore {
         .bind(credential_id)
         .bind(number_id)
         .bind(workspace_id)
-        .execute(&self.db.write)
+        .execute(&mut *tx)
         .await
         .map_err(storage)?;
+        drop_credential_registrations(&mut tx, credential_id).await?;
+        tx.commit().await.map_err(storage)?;
         let cred = self
             .get_sip_credential(workspace_id, number_id, credential_id)
             .await?
@@ -1329,6 +1348,11 @@ impl Store for SqlStore {
         .execute(&mut *tx)
         .await
         .map_err(storage)?;
+        sqlx::query("DELETE FROM sip_registrations WHERE number_id = $1")
+            .bind(&number.id)
+            .execute(&mut *tx)
+            .await
+            .map_err(storage)?;
         enqueue(
             &mut tx,
             &EventDraft {

@@ -15,6 +15,7 @@ pub mod media;
 pub mod model;
 pub mod money;
 pub mod numbers;
+pub mod registrar;
 pub mod root;
 pub mod sip_endpoint;
 pub mod store;
@@ -23,4 +24,4 @@ pub mod voice;
 pub mod wallet;
 pub mod webhook;
 
-pub use root::{Engine, EngineError, VoiceSetup};
+pub use root::{Engine, EngineError, RegistrarSetup, VoiceSetup};

@@ -21,6 +21,7 @@ use crate::inventory::{Inventory, InventoryArgs, InventoryMsg};
 use crate::media::Media;
 use crate::model::{LedgerEntry, LedgerKind, TenantNumber};
 use crate::numbers::{Numbers, NumbersMsg};
+use crate::registrar::{Registrar, RegistrarArgs, RegistrarStore};
 use crate::sip_endpoint::{SipEndpoint, SipEndpointArgs};
 use crate::store::{ClaimError, ReleaseError, StorageError, Store, WalletError};
 use crate::wallet::{WalletDeps, WalletMsg, Wallets, WalletsMsg};
@@ -42,6 +43,7 @@ struct Names {
     numbers: String,
     calls: String,
     sip: String,
+    registrar: String,
 }
 
 impl Names {
@@ -54,6 +56,7 @@ impl Names {
             numbers: format!("sautikit.{tag}.numbers"),
             calls: format!("sautikit.{tag}.calls"),
             sip: format!("sautikit.{tag}.sip"),
+            registrar: format!("sautikit.{tag}.registrar"),
         }
     }
 }
@@ -99,6 +102,18 @@ pub struct VoiceSetup {
     pub data_dir: std::path::PathBuf,
     /// The API's public base URL (for `RecordingUrl`).
     pub public_url: String,
+    pub registrar: RegistrarSetup,
+}
+
+/// How softphones register (DESIGN §8).
+#[derive(Clone)]
+pub struct RegistrarSetup {
+    pub store: Arc<dyn RegistrarStore>,
+    /// `SAUTIKIT_SIP_DOMAIN`.
+    pub domain: String,
+    pub failures: sautikit_sip::auth::FailureLimits,
+    pub bindings: sautikit_sip::registrar::BindingLimits,
+    pub keepalive_every: Duration,
 }
 
 /// What Root needs to (re)start the voice actors.
@@ -198,6 +213,35 @@ impl Root {
         Ok(())
     }
 
+    async fn spawn_registrar(
+        myself: &ActorRef<RootMsg>,
+        state: &RootState,
+    ) -> Result<(), ActorProcessingErr> {
+        let Some(v) = &state.voice else {
+            return Ok(());
+        };
+        let r = &v.setup.registrar;
+        Actor::spawn_linked(
+            Some(state.names.registrar.clone()),
+            Registrar,
+            RegistrarArgs {
+                store: r.store.clone(),
+                clock: v.deps.clock.clone(),
+                domain: r.domain.clone(),
+                engine_id: v.deps.engine_id.clone(),
+                single_process: v.setup.single_process,
+                orphan_after: v.setup.orphan_after,
+                failures: r.failures,
+                bindings: r.bindings,
+                keepalive_every: r.keepalive_every,
+                sip: state.names.sip.clone(),
+            },
+            myself.get_cell(),
+        )
+        .await?;
+        Ok(())
+    }
+
     async fn spawn_sip(
         myself: &ActorRef<RootMsg>,
         state: &RootState,
@@ -226,6 +270,7 @@ impl Root {
                     calls: calls.get_cell(),
                     timers: v.setup.timers,
                     admission: v.setup.admission,
+                    registrar: state.names.registrar.clone(),
                 },
                 tx,
             ),
@@ -256,6 +301,7 @@ impl Actor for Root {
         Root::spawn_events(&myself, &state).await?;
         Root::spawn_numbers(&myself, &state).await?;
         Root::spawn_calls(&myself, &state).await?;
+        Root::spawn_registrar(&myself, &state).await?;
         Root::spawn_sip(&myself, &state).await?;
         Ok(state)
     }
@@ -280,6 +326,8 @@ impl Actor for Root {
                 Root::spawn_numbers(&myself, state).await?;
             } else if name == state.names.calls {
                 Root::spawn_calls(&myself, state).await?;
+            } else if name == state.names.registrar {
+                Root::spawn_registrar(&myself, state).await?;
             } else if name == state.names.sip {
                 Root::spawn_sip(&myself, state).await?;
             } else {

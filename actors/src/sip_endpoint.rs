@@ -25,14 +25,14 @@ use tracing::{debug, info, warn};
 use crate::call_store::{CallStore, TimelineEntry};
 use crate::calls::{CallArgs, CallDeps, CallMsg, IncomingInvite};
 use crate::clock::Clock;
+use crate::registrar::RegistrarMsg;
 
 /// How often the transaction layer's timers are checked. SIP's shortest timer is T1 = 500 ms, so
 /// 10 ms of slack is invisible on the wire.
 const TICK: Duration = Duration::from_millis(10);
 /// Methods we answer; the rest of RFC 3261's and its extensions' get `405` with this list.
-pub const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO";
+pub const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, REGISTER";
 const KNOWN_UNSUPPORTED: &[&str] = &[
-    "REGISTER",
     "SUBSCRIBE",
     "NOTIFY",
     "MESSAGE",
@@ -77,6 +77,14 @@ pub enum SipMsg {
     DialogEnded {
         sip_call_id: String,
     },
+    /// The registrar asks for an OPTIONS to a registered device over the flow it registered on.
+    SendKeepalive {
+        contact: String,
+        to: Peer,
+        domain: String,
+        binding_id: String,
+        sent_at: chrono::DateTime<chrono::Utc>,
+    },
 }
 
 #[derive(Clone)]
@@ -88,6 +96,8 @@ pub struct SipEndpointArgs {
     pub calls: ActorCell,
     pub timers: Timers,
     pub admission: Admission,
+    /// Registered name of the Registrar actor (REGISTER goes there).
+    pub registrar: String,
 }
 
 /// How many calls the engine takes on before it turns new INVITEs away with `503` and
@@ -133,6 +143,8 @@ pub struct SipEndpointState {
     shed_reported: Instant,
     /// Our in-dialog requests → the call whose timeline records the answer.
     requests: HashMap<TxKey, String>,
+    /// Keepalive OPTIONS in flight → the binding and when it was pinged.
+    keepalives: HashMap<TxKey, (String, chrono::DateTime<chrono::Utc>)>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     store: Arc<dyn CallStore>,
     clock: Arc<dyn Clock>,
@@ -189,6 +201,7 @@ impl Actor for SipEndpoint {
             shed: 0,
             shed_reported: Instant::now(),
             requests: HashMap::new(),
+            keepalives: HashMap::new(),
             tasks,
         })
     }
@@ -218,6 +231,9 @@ impl Actor for SipEndpoint {
             }
             SipMsg::TcpClosed { peer } => {
                 state.tcp.remove(&peer);
+                if let Some(r) = registrar(state) {
+                    let _ = r.cast(RegistrarMsg::FlowClosed { peer });
+                }
             }
             SipMsg::TimersDue => {
                 state.layer.handle_timeout(now);
@@ -241,6 +257,31 @@ impl Actor for SipEndpoint {
                 }
                 Err(e) => warn!(error = %e, %call_id, "could not send an in-dialog request"),
             },
+            SipMsg::SendKeepalive {
+                contact,
+                to,
+                domain,
+                binding_id,
+                sent_at,
+            } => {
+                let via = state.local;
+                let Some(request) = sautikit_sip::registrar::keepalive_options(
+                    &contact,
+                    &domain,
+                    &via.ip().to_string(),
+                    via.port(),
+                    to.transport,
+                ) else {
+                    debug!(%binding_id, "binding with a contact we cannot address");
+                    return Ok(());
+                };
+                match state.layer.send_request(request, to, now) {
+                    Ok(key) => {
+                        state.keepalives.insert(key, (binding_id, sent_at));
+                    }
+                    Err(e) => debug!(error = %e, "could not send a keepalive"),
+                }
+            }
             SipMsg::DialogEnded { sip_call_id } => {
                 state.dialogs.remove(&sip_call_id);
                 if let Some(key) = state.invite_of.remove(&sip_call_id) {
@@ -329,6 +370,10 @@ async fn on_event(myself: &ActorRef<SipMsg>, state: &mut SipEndpointState, event
         }
         TuEvent::ResponseReceived { key, response } => {
             let code = response.status_code.code();
+            if code >= 200 && state.keepalives.remove(&key).is_some() {
+                // Any final answer, even an error, shows the device and its flow are there.
+                return;
+            }
             if code >= 200
                 && let Some(call_id) = state.requests.remove(&key)
             {
@@ -348,6 +393,15 @@ async fn on_event(myself: &ActorRef<SipMsg>, state: &mut SipEndpointState, event
             }
         }
         TuEvent::ClientTimeout { key } => {
+            if let Some((binding_id, sent_at)) = state.keepalives.remove(&key) {
+                if let Some(r) = registrar(state) {
+                    let _ = r.cast(RegistrarMsg::KeepaliveTimedOut {
+                        binding_id,
+                        sent_at,
+                    });
+                }
+                return;
+            }
             if let Some(call_id) = state.requests.remove(&key) {
                 let entry = TimelineEntry {
                     at: state.clock.now(),
@@ -452,6 +506,18 @@ async fn on_request(
             &[("Allow", ALLOW), ("Accept", "application/sdp")],
         ),
         Method::Bye | Method::Info => reply(state, &key, &request, 481, &[]),
+        Method::Register => match registrar(state) {
+            Some(r) => {
+                let _ = r.cast(RegistrarMsg::RegisterReceived {
+                    key,
+                    request: Box::new(request),
+                    from,
+                    local: state.local,
+                    endpoint: myself.clone(),
+                });
+            }
+            None => reply(state, &key, &request, 503, &[("Retry-After", "5")]),
+        },
         Method::Ack | Method::Cancel => {}
         other => {
             let name = other.to_string();
@@ -462,6 +528,10 @@ async fn on_request(
             }
         }
     }
+}
+
+fn registrar(state: &SipEndpointState) -> Option<ActorRef<RegistrarMsg>> {
+    ActorRef::<RegistrarMsg>::where_is(state.args.registrar.clone())
 }
 
 /// At most one line a second while INVITEs are being turned away.

@@ -17,6 +17,9 @@ use sautikit_actors::call_store::{
 use sautikit_actors::callback::{CallbackClient, CallbackFailure, CallbackReply, CallbackRequest};
 use sautikit_actors::clock::SystemClock;
 use sautikit_actors::model::{LedgerEntry, NumberStatus, TenantNumber};
+use sautikit_actors::registrar::{
+    DeviceLogin, RegisterBindings, RegisterStoreError, RegistrarStore, Registration,
+};
 use sautikit_actors::sip_endpoint::Admission;
 use sautikit_actors::store::{
     ClaimError, ClaimNumber, CreditWallet, ReleaseError, ReleaseNumber, StorageError, Store,
@@ -24,7 +27,7 @@ use sautikit_actors::store::{
 };
 use sautikit_actors::synth::{Audio, SpeechRequest, SynthError, Synthesizer};
 use sautikit_actors::voice::parse_script;
-use sautikit_actors::{Engine, VoiceSetup};
+use sautikit_actors::{Engine, RegistrarSetup, VoiceSetup};
 use sautikit_sip::transaction::Timers;
 use tokio::net::UdpSocket;
 
@@ -35,6 +38,53 @@ const HEALTHY: &str = "+254700000001";
 /// is recorded the store panics: the Call actor fails in the same step that sent its first
 /// snapshot to Calls.
 const FAILS_AT_END: &str = "+254700000098";
+
+/// No SIP credentials exist: every REGISTER is refused.
+struct NoDevices;
+
+#[async_trait]
+impl RegistrarStore for NoDevices {
+    async fn nonce_secret(&self, _now: DateTime<Utc>) -> Result<[u8; 32], StorageError> {
+        Ok([9; 32])
+    }
+    async fn device_login(&self, _username: &str) -> Result<Option<DeviceLogin>, StorageError> {
+        Ok(None)
+    }
+    async fn realm_for(&self, _aor_user: &str) -> Result<Option<String>, StorageError> {
+        Ok(None)
+    }
+    async fn register(
+        &self,
+        _cmd: RegisterBindings,
+    ) -> Result<Vec<Registration>, RegisterStoreError> {
+        Err(RegisterStoreError::CredentialChanged)
+    }
+    async fn udp_bindings(
+        &self,
+        _engine_id: &str,
+        _adopt_silent_since: Option<DateTime<Utc>>,
+        _now: DateTime<Utc>,
+    ) -> Result<Vec<Registration>, StorageError> {
+        Ok(Vec::new())
+    }
+    async fn drop_silent_binding(
+        &self,
+        _id: &str,
+        _since: DateTime<Utc>,
+    ) -> Result<bool, StorageError> {
+        Ok(false)
+    }
+    async fn drop_flow_bindings(
+        &self,
+        _engine_id: &str,
+        _source: SocketAddr,
+    ) -> Result<u64, StorageError> {
+        Ok(0)
+    }
+    async fn sweep_expired_bindings(&self, _now: DateTime<Utc>) -> Result<u64, StorageError> {
+        Ok(0)
+    }
+}
 
 struct NoStore;
 
@@ -370,6 +420,13 @@ async fn start_engine(
             audio: Arc::new(NoMedia),
             data_dir: std::env::temp_dir(),
             public_url: "http://127.0.0.1:1".into(),
+            registrar: RegistrarSetup {
+                store: Arc::new(NoDevices),
+                domain: "127.0.0.1".into(),
+                failures: Default::default(),
+                bindings: Default::default(),
+                keepalive_every: Duration::from_secs(30),
+            },
         }),
     )
     .await

@@ -6,11 +6,13 @@
 
 pub use rsip;
 
+pub mod auth;
 pub mod dialog;
 pub mod digest;
 pub mod dtmf;
 pub mod jitter;
 pub mod message;
+pub mod registrar;
 pub mod rtp;
 pub mod sdp;
 pub mod stream;

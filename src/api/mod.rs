@@ -8,6 +8,7 @@ pub mod extract;
 pub mod middleware;
 pub mod numbers;
 pub mod ops;
+pub mod registrations;
 pub mod wallet;
 pub mod webhooks;
 
@@ -86,6 +87,8 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(credentials::create, credentials::list))
         .routes(routes!(credentials::rotate))
         .routes(routes!(credentials::revoke))
+        .routes(routes!(registrations::list))
+        .routes(routes!(registrations::delete))
         .routes(routes!(wallet::get_wallet, wallet::update_wallet))
         .routes(routes!(wallet::transactions))
         .routes(routes!(wallet::topup))

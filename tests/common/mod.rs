@@ -1,8 +1,10 @@
 //! Test harness: real `sautikit` processes on SQLite or PostgreSQL, driven over HTTP.
 #![allow(dead_code)]
 
+pub mod baresip;
 pub mod caller;
 pub mod calls;
+pub mod device;
 pub mod receiver;
 pub mod store;
 pub mod uac;

@@ -1,0 +1,796 @@
+//! Registrar: REGISTER (RFC 3261 §10) from softphones, with digest authentication (RFC 7616,
+//! RFC 8760), bindings kept in the database, OPTIONS keepalives to the UDP devices whose flow
+//! this engine holds, and the removal of expired bindings (DESIGN §8).
+//!
+//! The rules are sans-IO in `sautikit_sip::{auth, registrar}`; this actor drives them. It holds
+//! only what must not wait for the database (nonce counts, the failure limiter); database work
+//! runs in tasks that answer the device themselves, so a slow disk never holds up other devices.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use sautikit_sip::auth::{
+    self, DigestCredentials, FailureLimiter, FailureLimits, NonceCounts, NonceKey, NonceState,
+};
+use sautikit_sip::digest::Algorithm;
+use sautikit_sip::message::{self as sipmsg, response_to};
+use sautikit_sip::registrar::{self, BindingLimits, RegisterError, RegisterRequest};
+use sautikit_sip::rsip::{self, prelude::*};
+use sautikit_sip::transaction::{Peer, Transport, TxKey};
+use thiserror::Error;
+use tracing::{debug, info, warn};
+
+use crate::clock::Clock;
+use crate::model::NumberStatus;
+use crate::sip_endpoint::SipMsg;
+use crate::store::StorageError;
+
+/// How often expired bindings are removed and the limiter's old windows dropped.
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// An active SIP credential and the number it registers, as the registrar checks a login.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceLogin {
+    pub credential_id: String,
+    pub label: String,
+    pub username: String,
+    /// Also the digest realm.
+    pub workspace_id: String,
+    pub number_id: String,
+    /// E.164 with `+`.
+    pub number: String,
+    pub number_status: NumberStatus,
+    pub ha1_md5: String,
+    pub ha1_sha256: String,
+}
+
+impl DeviceLogin {
+    pub fn ha1(&self, algorithm: Algorithm) -> &str {
+        match algorithm {
+            Algorithm::Md5 => &self.ha1_md5,
+            Algorithm::Sha256 => &self.ha1_sha256,
+        }
+    }
+}
+
+/// One binding of a number's address of record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registration {
+    pub id: String,
+    pub workspace_id: String,
+    pub number_id: String,
+    pub credential_id: String,
+    pub contact: String,
+    /// The flow the REGISTER came on: requests to the device go here.
+    pub source: SocketAddr,
+    pub transport: Transport,
+    pub user_agent: Option<String>,
+    pub expires_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// An authenticated REGISTER, to be applied in one transaction.
+#[derive(Debug, Clone)]
+pub struct RegisterBindings {
+    pub login: DeviceLogin,
+    /// The HA1 the request was verified with: the store applies the change only while the
+    /// credential still has it, so a REGISTER racing a rotation cannot bind after it.
+    pub verified_with: Algorithm,
+    pub request: RegisterRequest,
+    pub limits: BindingLimits,
+    pub source: Peer,
+    pub user_agent: Option<String>,
+    pub engine_id: String,
+    pub now: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Error)]
+pub enum RegisterStoreError {
+    #[error(transparent)]
+    Refused(#[from] RegisterError),
+    #[error("the credential was rotated or revoked")]
+    CredentialChanged,
+    #[error("the number is not active")]
+    NumberNotActive,
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// The registrar's persistence. Every method is one transaction.
+#[async_trait]
+pub trait RegistrarStore: Send + Sync + 'static {
+    /// The nonce MAC key every engine on this database shares; made on first use.
+    async fn nonce_secret(&self, now: DateTime<Utc>) -> Result<[u8; 32], StorageError>;
+
+    /// The active credential with this username, with its number.
+    async fn device_login(&self, username: &str) -> Result<Option<DeviceLogin>, StorageError>;
+
+    /// The realm (workspace id) to challenge an address of record's user part with: a
+    /// credential username, or a live number (E.164, with or without `+`).
+    async fn realm_for(&self, aor_user: &str) -> Result<Option<String>, StorageError>;
+
+    /// Apply a REGISTER to the number's bindings (dropping expired ones) and return the bindings
+    /// after it, unexpired, oldest first.
+    async fn register(
+        &self,
+        cmd: RegisterBindings,
+    ) -> Result<Vec<Registration>, RegisterStoreError>;
+
+    /// Unexpired UDP bindings whose flow `engine_id` holds. First, bindings of engines silent
+    /// since `adopt_silent_since` (no heartbeat after it, or none at all) are dealt with: their
+    /// UDP bindings are taken over by this engine (the device's address still reaches us) and
+    /// their TCP bindings, whose connections died with that process, are removed.
+    async fn udp_bindings(
+        &self,
+        engine_id: &str,
+        adopt_silent_since: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Registration>, StorageError>;
+
+    /// Remove a binding a keepalive got no answer from, unless a REGISTER refreshed it after
+    /// `since`.
+    async fn drop_silent_binding(
+        &self,
+        id: &str,
+        since: DateTime<Utc>,
+    ) -> Result<bool, StorageError>;
+
+    /// A TCP connection closed: its bindings can no longer be reached.
+    async fn drop_flow_bindings(
+        &self,
+        engine_id: &str,
+        source: SocketAddr,
+    ) -> Result<u64, StorageError>;
+
+    /// Remove bindings past their expiry.
+    async fn sweep_expired_bindings(&self, now: DateTime<Utc>) -> Result<u64, StorageError>;
+}
+
+#[derive(Clone)]
+pub struct RegistrarArgs {
+    pub store: Arc<dyn RegistrarStore>,
+    pub clock: Arc<dyn Clock>,
+    /// Our SIP domain (`SAUTIKIT_SIP_DOMAIN`); addresses of record are `user@domain` (our IP
+    /// is accepted too).
+    pub domain: String,
+    pub engine_id: String,
+    /// SQLite: bindings in the database at start were this process's before it restarted.
+    pub single_process: bool,
+    /// An engine silent this long is taken for dead (PostgreSQL): its UDP bindings are adopted.
+    pub orphan_after: Duration,
+    pub failures: FailureLimits,
+    pub bindings: BindingLimits,
+    /// OPTIONS to each UDP binding this often; one that stops answering is removed.
+    pub keepalive_every: Duration,
+    /// Registered name of the SIP endpoint (keepalives go out through it).
+    pub sip: String,
+}
+
+pub enum RegistrarMsg {
+    /// A REGISTER arrived (no response sent yet).
+    RegisterReceived {
+        key: TxKey,
+        request: Box<rsip::Request>,
+        from: Peer,
+        /// The address it arrived at (accepted as the domain of the AOR).
+        local: SocketAddr,
+        endpoint: ActorRef<SipMsg>,
+    },
+    /// The credential behind an Authorization header was looked up and its response checked.
+    LoginChecked(Box<LoginChecked>),
+    KeepaliveDue,
+    /// The bindings to send OPTIONS to this round.
+    KeepaliveTargets(Vec<Registration>),
+    /// An OPTIONS to a binding got no final response (Timer F).
+    KeepaliveTimedOut {
+        binding_id: String,
+        sent_at: DateTime<Utc>,
+    },
+    /// A TCP connection closed.
+    FlowClosed {
+        peer: SocketAddr,
+    },
+    SweepDue,
+}
+
+pub struct LoginChecked {
+    key: TxKey,
+    request: rsip::Request,
+    register: RegisterRequest,
+    from: Peer,
+    endpoint: ActorRef<SipMsg>,
+    creds: DigestCredentials,
+    /// The credential, when one has this username.
+    login: Option<DeviceLogin>,
+    /// The response matches the credential's HA1.
+    response_ok: bool,
+    aor_user: String,
+}
+
+pub struct Registrar;
+
+pub struct RegistrarState {
+    args: RegistrarArgs,
+    nonces: NonceKey,
+    /// A key of the same secret for realms of unknown users, so a first challenge does not tell
+    /// a scanner which usernames exist.
+    decoy: [u8; 32],
+    counts: NonceCounts,
+    limiter: FailureLimiter,
+    ticker: Option<tokio::task::JoinHandle<()>>,
+    /// No keepalive round has run yet.
+    first_round: bool,
+}
+
+impl Actor for Registrar {
+    type Msg = RegistrarMsg;
+    type State = RegistrarState;
+    type Arguments = RegistrarArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let secret = args.store.nonce_secret(args.clock.now()).await?;
+        let me = myself.clone();
+        let keepalive_every = args.keepalive_every.max(Duration::from_secs(1));
+        let ticker = tokio::spawn(async move {
+            let mut sweep = tokio::time::interval(SWEEP_EVERY);
+            let mut keepalive = tokio::time::interval(keepalive_every);
+            sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                let msg = tokio::select! {
+                    _ = sweep.tick() => RegistrarMsg::SweepDue,
+                    _ = keepalive.tick() => RegistrarMsg::KeepaliveDue,
+                };
+                if me.cast(msg).is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(RegistrarState {
+            nonces: NonceKey::new(secret),
+            decoy: derive_key(&secret, b"decoy realms"),
+            counts: NonceCounts::new(),
+            limiter: FailureLimiter::new(args.failures),
+            ticker: Some(ticker),
+            first_round: true,
+            args,
+        })
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Some(t) = state.ticker.take() {
+            t.abort();
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            RegistrarMsg::RegisterReceived {
+                key,
+                request,
+                from,
+                local,
+                endpoint,
+            } => on_register(&myself, state, key, *request, from, local, endpoint),
+            RegistrarMsg::LoginChecked(checked) => on_login_checked(state, *checked),
+            RegistrarMsg::KeepaliveDue => {
+                let store = state.args.store.clone();
+                let engine = state.args.engine_id.clone();
+                let now = state.args.clock.now();
+                let first = std::mem::take(&mut state.first_round);
+                // One process owns a SQLite file: at its start every binding was its own.
+                let adopt = if state.args.single_process {
+                    first.then_some(now)
+                } else {
+                    chrono::Duration::from_std(state.args.orphan_after)
+                        .ok()
+                        .map(|d| now - d)
+                };
+                let me = myself.clone();
+                tokio::spawn(async move {
+                    match store.udp_bindings(&engine, adopt, now).await {
+                        Ok(targets) => {
+                            let _ = me.cast(RegistrarMsg::KeepaliveTargets(targets));
+                        }
+                        Err(e) => warn!(error = %e, "could not read bindings to keep alive"),
+                    }
+                });
+            }
+            RegistrarMsg::KeepaliveTargets(targets) => {
+                let Some(sip) = ActorRef::<SipMsg>::where_is(state.args.sip.clone()) else {
+                    return Ok(());
+                };
+                let sent_at = state.args.clock.now();
+                for b in targets {
+                    let _ = sip.cast(SipMsg::SendKeepalive {
+                        contact: b.contact,
+                        to: Peer {
+                            addr: b.source,
+                            transport: b.transport,
+                        },
+                        domain: state.args.domain.clone(),
+                        binding_id: b.id,
+                        sent_at,
+                    });
+                }
+            }
+            RegistrarMsg::KeepaliveTimedOut {
+                binding_id,
+                sent_at,
+            } => {
+                let store = state.args.store.clone();
+                tokio::spawn(async move {
+                    match store.drop_silent_binding(&binding_id, sent_at).await {
+                        Ok(true) => {
+                            info!(%binding_id, "device stopped answering keepalives; binding removed")
+                        }
+                        Ok(false) => {}
+                        Err(e) => {
+                            warn!(error = %e, %binding_id, "could not remove a silent binding")
+                        }
+                    }
+                });
+            }
+            RegistrarMsg::FlowClosed { peer } => {
+                let store = state.args.store.clone();
+                let engine = state.args.engine_id.clone();
+                tokio::spawn(async move {
+                    match store.drop_flow_bindings(&engine, peer).await {
+                        Ok(0) => {}
+                        Ok(n) => {
+                            info!(%peer, removed = n, "TCP connection of registered devices closed")
+                        }
+                        Err(e) => {
+                            warn!(error = %e, %peer, "could not remove the bindings of a closed connection")
+                        }
+                    }
+                });
+            }
+            RegistrarMsg::SweepDue => {
+                let now_unix = unix(state.args.clock.now());
+                state.counts.forget_expired(now_unix);
+                state.limiter.prune(Instant::now());
+                metrics::gauge!("sautikit_sip_banned_sources")
+                    .set(state.limiter.banned_sources(Instant::now()) as f64);
+                let store = state.args.store.clone();
+                let now = state.args.clock.now();
+                tokio::spawn(async move {
+                    match store.sweep_expired_bindings(now).await {
+                        Ok(0) => {}
+                        Ok(n) => debug!(removed = n, "expired bindings removed"),
+                        Err(e) => warn!(error = %e, "could not remove expired bindings"),
+                    }
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+fn unix(t: DateTime<Utc>) -> u64 {
+    u64::try_from(t.timestamp()).unwrap_or(0)
+}
+
+fn derive_key(secret: &[u8; 32], label: &[u8]) -> [u8; 32] {
+    use hmac::{KeyInit, Mac};
+    let mut out = [0u8; 32];
+    if let Ok(mut mac) = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret) {
+        mac.update(label);
+        out.copy_from_slice(&mac.finalize().into_bytes());
+    }
+    out
+}
+
+/// A realm for a user we do not know: shaped like a workspace id and stable per user, so the
+/// first challenge looks the same whether or not the username exists.
+fn decoy_realm(key: &[u8; 32], user: &str) -> String {
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&derive_key(key, user.as_bytes())[..16]);
+    b[6] = (b[6] & 0x0f) | 0x70;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    uuid::Uuid::from_bytes(b).to_string()
+}
+
+fn fresh_nonce(state: &RegistrarState) -> String {
+    let mut random = [0u8; 12];
+    // Without OS randomness the nonce is still unforgeable (MACed) and time-bound.
+    let _ = getrandom::fill(&mut random);
+    state.nonces.mint(unix(state.args.clock.now()), random)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn on_register(
+    myself: &ActorRef<RegistrarMsg>,
+    state: &mut RegistrarState,
+    key: TxKey,
+    request: rsip::Request,
+    from: Peer,
+    local: SocketAddr,
+    endpoint: ActorRef<SipMsg>,
+) {
+    let now = Instant::now();
+    if state.limiter.source_banned(from.addr.ip(), now) {
+        metrics::counter!("sautikit_sip_auth_refused_total", "reason" => "banned").increment(1);
+        respond(&endpoint, &key, &request, 403, Vec::new());
+        return;
+    }
+    let register = match registrar::parse_register(&request) {
+        Ok(r) => r,
+        Err(e) => {
+            debug!(error = %e, from = %from.addr, "malformed REGISTER");
+            respond(
+                &endpoint,
+                &key,
+                &request,
+                e.status(),
+                warning(&e.to_string()),
+            );
+            return;
+        }
+    };
+    let Some(aor) = request
+        .to_header()
+        .ok()
+        .and_then(|h| sipmsg::header_uri(h.value()))
+    else {
+        respond(
+            &endpoint,
+            &key,
+            &request,
+            400,
+            warning("no address of record in To"),
+        );
+        return;
+    };
+    let aor_user = aor.user().map(str::to_owned).unwrap_or_default();
+    if aor_user.is_empty() || !our_domain(&aor, &state.args.domain, local) {
+        respond(
+            &endpoint,
+            &key,
+            &request,
+            404,
+            warning("not a domain of this registrar"),
+        );
+        return;
+    }
+    let authorization = request.headers.iter().find_map(|h| match h {
+        rsip::Header::Authorization(a) => Some(a.value().to_owned()),
+        _ => None,
+    });
+    let Some(authorization) = authorization else {
+        // First contact: challenge with the realm of the AOR's workspace (or a decoy).
+        let store = state.args.store.clone();
+        let decoy = state.decoy;
+        let nonce = fresh_nonce(state);
+        tokio::spawn(async move {
+            let realm = match store.realm_for(&aor_user).await {
+                Ok(Some(realm)) => realm,
+                Ok(None) => decoy_realm(&decoy, &aor_user),
+                Err(e) => {
+                    warn!(error = %e, "registrar could not look up a realm");
+                    respond(&endpoint, &key, &request, 500, Vec::new());
+                    return;
+                }
+            };
+            challenge(&endpoint, &key, &request, &realm, &nonce, false);
+        });
+        return;
+    };
+    let creds = match auth::parse_authorization(&authorization) {
+        Ok(c) => c,
+        Err(e) => {
+            debug!(error = %e, from = %from.addr, "malformed Authorization");
+            state.limiter.record_failure(from.addr.ip(), None, now);
+            respond(
+                &endpoint,
+                &key,
+                &request,
+                400,
+                warning("malformed Authorization"),
+            );
+            return;
+        }
+    };
+    if state.limiter.username_locked(&creds.username, now) {
+        metrics::counter!("sautikit_sip_auth_refused_total", "reason" => "locked").increment(1);
+        respond(&endpoint, &key, &request, 403, Vec::new());
+        return;
+    }
+    let store = state.args.store.clone();
+    let me = myself.clone();
+    tokio::spawn(async move {
+        let login = match store.device_login(&creds.username).await {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(error = %e, "registrar could not look up a credential");
+                respond(&endpoint, &key, &request, 500, Vec::new());
+                return;
+            }
+        };
+        let response_ok = login
+            .as_ref()
+            .is_some_and(|l| auth::verify(&creds, "REGISTER", l.ha1(creds.algorithm)));
+        let _ = me.cast(RegistrarMsg::LoginChecked(Box::new(LoginChecked {
+            key,
+            request,
+            register,
+            from,
+            endpoint,
+            creds,
+            login,
+            response_ok,
+            aor_user,
+        })));
+    });
+}
+
+fn on_login_checked(state: &mut RegistrarState, c: LoginChecked) {
+    let now = Instant::now();
+    let ip = c.from.addr.ip();
+    let login = match c.login {
+        Some(login)
+            if c.response_ok
+                && c.creds.realm == login.workspace_id
+                && aor_matches(&c.aor_user, &login) =>
+        {
+            login
+        }
+        known => {
+            // Unknown user, wrong password, foreign realm or another number's AOR: one answer
+            // for all, so a scanner learns nothing. Only usernames that exist are counted (a
+            // scan of made-up names must not fill the limiter).
+            let username = known.as_ref().map(|_| c.creds.username.as_str());
+            let bans = state.limiter.record_failure(ip, username, now);
+            metrics::counter!("sautikit_sip_auth_failures_total").increment(1);
+            if bans.source {
+                metrics::counter!("sautikit_sip_auth_bans_total", "kind" => "source").increment(1);
+                warn!(source = %ip, "too many failed SIP logins: source banned");
+            }
+            if bans.username {
+                metrics::counter!("sautikit_sip_auth_bans_total", "kind" => "username")
+                    .increment(1);
+                warn!(username = %c.creds.username, "too many failed SIP logins: username locked");
+            }
+            info!(source = %c.from.addr, username = %c.creds.username, "SIP login refused");
+            respond(&c.endpoint, &c.key, &c.request, 403, Vec::new());
+            return;
+        }
+    };
+    let now_unix = unix(state.args.clock.now());
+    let issued = match state.nonces.check(&c.creds.nonce, now_unix) {
+        NonceState::Valid { issued_unix } => issued_unix,
+        NonceState::Stale => {
+            let nonce = fresh_nonce(state);
+            challenge(
+                &c.endpoint,
+                &c.key,
+                &c.request,
+                &login.workspace_id,
+                &nonce,
+                true,
+            );
+            return;
+        }
+        NonceState::Invalid => {
+            let nonce = fresh_nonce(state);
+            challenge(
+                &c.endpoint,
+                &c.key,
+                &c.request,
+                &login.workspace_id,
+                &nonce,
+                false,
+            );
+            return;
+        }
+    };
+    // Replay protection needs qop=auth's nonce count: the RFC 2069 form is refused.
+    let Some(nc) = c.creds.nc else {
+        respond(
+            &c.endpoint,
+            &c.key,
+            &c.request,
+            403,
+            warning("qop=auth is required"),
+        );
+        return;
+    };
+    if !state.counts.accept(&c.creds.nonce, issued, nc, now_unix) {
+        info!(source = %c.from.addr, username = %login.username, "replayed SIP Authorization refused");
+        metrics::counter!("sautikit_sip_auth_refused_total", "reason" => "replay").increment(1);
+        let nonce = fresh_nonce(state);
+        challenge(
+            &c.endpoint,
+            &c.key,
+            &c.request,
+            &login.workspace_id,
+            &nonce,
+            true,
+        );
+        return;
+    }
+    if login.number_status != NumberStatus::Active {
+        respond(
+            &c.endpoint,
+            &c.key,
+            &c.request,
+            403,
+            warning("the number is not active"),
+        );
+        return;
+    }
+    let user_agent = c.request.headers.iter().find_map(|h| match h {
+        rsip::Header::UserAgent(u) => Some(u.value().chars().take(200).collect::<String>()),
+        _ => None,
+    });
+    let cmd = RegisterBindings {
+        verified_with: c.creds.algorithm,
+        request: c.register,
+        limits: state.args.bindings,
+        source: c.from,
+        user_agent,
+        engine_id: state.args.engine_id.clone(),
+        now: state.args.clock.now(),
+        login,
+    };
+    let store = state.args.store.clone();
+    tokio::spawn(async move {
+        let (workspace_id, number_id, credential_id) = (
+            cmd.login.workspace_id.clone(),
+            cmd.login.number_id.clone(),
+            cmd.login.credential_id.clone(),
+        );
+        let now = cmd.now;
+        match store.register(cmd).await {
+            Ok(bindings) => {
+                info!(%workspace_id, %number_id, %credential_id, source = %c.from.addr,
+                    bindings = bindings.len(), "REGISTER accepted");
+                let contacts = bindings
+                    .iter()
+                    .map(|b| {
+                        let left = (b.expires_at - now).num_seconds().max(0);
+                        (
+                            "Contact".to_owned(),
+                            format!("<{}>;expires={left}", b.contact),
+                        )
+                    })
+                    .collect();
+                respond(&c.endpoint, &c.key, &c.request, 200, contacts);
+            }
+            Err(RegisterStoreError::Refused(e)) => {
+                let mut extra = warning(&e.to_string());
+                if let RegisterError::IntervalTooBrief { min } = e {
+                    extra.push(("Min-Expires".to_owned(), min.to_string()));
+                }
+                respond(&c.endpoint, &c.key, &c.request, e.status(), extra);
+            }
+            Err(RegisterStoreError::CredentialChanged) => {
+                respond(&c.endpoint, &c.key, &c.request, 403, Vec::new());
+            }
+            Err(RegisterStoreError::NumberNotActive) => {
+                respond(
+                    &c.endpoint,
+                    &c.key,
+                    &c.request,
+                    403,
+                    warning("the number is not active"),
+                );
+            }
+            Err(RegisterStoreError::Storage(e)) => {
+                warn!(error = %e, %number_id, "could not store a registration");
+                respond(&c.endpoint, &c.key, &c.request, 500, Vec::new());
+            }
+        }
+    });
+}
+
+/// The AOR's user part names this login: its username, or its number with or without `+`.
+fn aor_matches(aor_user: &str, login: &DeviceLogin) -> bool {
+    aor_user == login.username
+        || aor_user.trim_start_matches('+') == login.number.trim_start_matches('+')
+}
+
+fn our_domain(aor: &rsip::Uri, domain: &str, local: SocketAddr) -> bool {
+    let host = aor.host_with_port.host.to_string();
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.eq_ignore_ascii_case(domain) {
+        return true;
+    }
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip == local.ip() || local.ip().is_unspecified(),
+        Err(_) => false,
+    }
+}
+
+fn warning(text: &str) -> Vec<(String, String)> {
+    vec![(
+        "Warning".to_owned(),
+        format!("399 sautikit \"{}\"", text.replace('"', "'")),
+    )]
+}
+
+fn challenge(
+    endpoint: &ActorRef<SipMsg>,
+    key: &TxKey,
+    request: &rsip::Request,
+    realm: &str,
+    nonce: &str,
+    stale: bool,
+) {
+    let extra = auth::challenges(realm, nonce, stale)
+        .into_iter()
+        .map(|v| ("WWW-Authenticate".to_owned(), v))
+        .collect();
+    respond(endpoint, key, request, 401, extra);
+}
+
+fn respond(
+    endpoint: &ActorRef<SipMsg>,
+    key: &TxKey,
+    request: &rsip::Request,
+    code: u16,
+    extra: Vec<(String, String)>,
+) {
+    let mut response = response_to(request, code, None, Some(&sipmsg::new_tag()));
+    for (name, value) in extra {
+        response.headers.push(rsip::Header::Other(name, value));
+    }
+    let _ = endpoint.cast(SipMsg::Respond {
+        key: key.clone(),
+        response,
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decoy_realms_look_like_workspace_ids_and_are_stable() {
+        let key = derive_key(&[7u8; 32], b"decoy realms");
+        let a = decoy_realm(&key, "ts_00000001");
+        assert_eq!(a, decoy_realm(&key, "ts_00000001"));
+        assert_ne!(a, decoy_realm(&key, "ts_00000002"));
+        let parsed = uuid::Uuid::parse_str(&a).unwrap_or_default();
+        assert_eq!(parsed.get_version_num(), 7);
+        assert_eq!(a.len(), 36);
+    }
+
+    #[test]
+    fn aor_user_is_the_username_or_the_number() {
+        let login = DeviceLogin {
+            credential_id: "c".into(),
+            label: String::new(),
+            username: "ts_0a0b0c0d".into(),
+            workspace_id: "w".into(),
+            number_id: "n".into(),
+            number: "+254700000001".into(),
+            number_status: NumberStatus::Active,
+            ha1_md5: String::new(),
+            ha1_sha256: String::new(),
+        };
+        assert!(aor_matches("ts_0a0b0c0d", &login));
+        assert!(aor_matches("+254700000001", &login));
+        assert!(aor_matches("254700000001", &login));
+        assert!(!aor_matches("254700000002", &login));
+        assert!(!aor_matches("ts_0a0b0c0e", &login));
+    }
+}
