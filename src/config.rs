@@ -99,6 +99,12 @@ pub struct ServeArgs {
     /// stops answering loses its binding.
     #[arg(long, env = "SAUTIKIT_SIP_KEEPALIVE_SECS", default_value_t = 30)]
     pub sip_keepalive_secs: u64,
+    /// Digest algorithms a SIP login is challenged with, most preferred first, one challenge
+    /// header each. Some older softphones (baresip 1.0 with libre 1.1, as Debian 12 ships it)
+    /// refuse a whole 401 that holds any SHA-256 challenge: serve them with `MD5`.
+    #[arg(long, env = "SAUTIKIT_SIP_DIGEST_ALGORITHMS", value_delimiter = ',',
+          default_value = "SHA-256,MD5", value_parser = parse_digest_algorithm)]
+    pub sip_digest_algorithms: Vec<sautikit_sip::digest::Algorithm>,
     /// Shortest registration accepted (`423 Interval Too Brief` below it).
     #[arg(long, env = "SAUTIKIT_SIP_MIN_EXPIRES", default_value_t = 60)]
     pub sip_min_expires: u32,
@@ -158,6 +164,12 @@ pub fn parse_public_url(s: &str) -> Result<String, String> {
         ));
     }
     Ok(u.as_str().trim_end_matches('/').to_owned())
+}
+
+/// `SHA-256` or `MD5`.
+pub fn parse_digest_algorithm(s: &str) -> Result<sautikit_sip::digest::Algorithm, String> {
+    sautikit_sip::digest::Algorithm::from_token(s)
+        .ok_or_else(|| format!("expected SHA-256 or MD5, got {s:?}"))
 }
 
 /// `20000-29999` → (20000, 29999): at least two ports, first ≤ last.

@@ -280,6 +280,11 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
                 min_expires: args.sip_min_expires.clamp(1, args.sip_max_expires.max(1)),
                 ..BindingLimits::default()
             },
+            algorithms: {
+                let mut algs = args.sip_digest_algorithms.clone();
+                algs.dedup();
+                algs
+            },
             keepalive_every: Duration::from_secs(args.sip_keepalive_secs.max(1)),
         },
     };

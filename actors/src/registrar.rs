@@ -164,6 +164,8 @@ pub struct RegistrarArgs {
     pub orphan_after: Duration,
     pub failures: FailureLimits,
     pub bindings: BindingLimits,
+    /// Digest algorithms offered, most preferred first (one challenge header each).
+    pub algorithms: Vec<Algorithm>,
     /// OPTIONS to each UDP binding this often; one that stops answering is removed.
     pub keepalive_every: Duration,
     /// Registered name of the SIP endpoint (keepalives go out through it).
@@ -480,6 +482,7 @@ fn on_register(
         let store = state.args.store.clone();
         let decoy = state.decoy;
         let nonce = fresh_nonce(state);
+        let algorithms = state.args.algorithms.clone();
         tokio::spawn(async move {
             let realm = match store.realm_for(&aor_user).await {
                 Ok(Some(realm)) => realm,
@@ -490,7 +493,15 @@ fn on_register(
                     return;
                 }
             };
-            challenge(&endpoint, &key, &request, &realm, &nonce, false);
+            challenge(
+                &endpoint,
+                &key,
+                &request,
+                &algorithms,
+                &realm,
+                &nonce,
+                false,
+            );
         });
         return;
     };
@@ -574,6 +585,20 @@ fn on_login_checked(state: &mut RegistrarState, c: LoginChecked) {
             return;
         }
     };
+    if !state.args.algorithms.contains(&c.creds.algorithm) {
+        // An answer to a challenge we no longer offer.
+        let nonce = fresh_nonce(state);
+        challenge(
+            &c.endpoint,
+            &c.key,
+            &c.request,
+            &state.args.algorithms,
+            &login.workspace_id,
+            &nonce,
+            false,
+        );
+        return;
+    }
     let now_unix = unix(state.args.clock.now());
     let issued = match state.nonces.check(&c.creds.nonce, now_unix) {
         NonceState::Valid { issued_unix } => issued_unix,
@@ -583,6 +608,7 @@ fn on_login_checked(state: &mut RegistrarState, c: LoginChecked) {
                 &c.endpoint,
                 &c.key,
                 &c.request,
+                &state.args.algorithms,
                 &login.workspace_id,
                 &nonce,
                 true,
@@ -595,6 +621,7 @@ fn on_login_checked(state: &mut RegistrarState, c: LoginChecked) {
                 &c.endpoint,
                 &c.key,
                 &c.request,
+                &state.args.algorithms,
                 &login.workspace_id,
                 &nonce,
                 false,
@@ -621,6 +648,7 @@ fn on_login_checked(state: &mut RegistrarState, c: LoginChecked) {
             &c.endpoint,
             &c.key,
             &c.request,
+            &state.args.algorithms,
             &login.workspace_id,
             &nonce,
             true,
@@ -731,13 +759,19 @@ fn challenge(
     endpoint: &ActorRef<SipMsg>,
     key: &TxKey,
     request: &rsip::Request,
+    algorithms: &[Algorithm],
     realm: &str,
     nonce: &str,
     stale: bool,
 ) {
-    let extra = auth::challenges(realm, nonce, stale)
-        .into_iter()
-        .map(|v| ("WWW-Authenticate".to_owned(), v))
+    let extra = algorithms
+        .iter()
+        .map(|a| {
+            (
+                "WWW-Authenticate".to_owned(),
+                auth::challenge(*a, realm, nonce, stale),
+            )
+        })
         .collect();
     respond(endpoint, key, request, 401, extra);
 }

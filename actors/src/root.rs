@@ -113,6 +113,8 @@ pub struct RegistrarSetup {
     pub domain: String,
     pub failures: sautikit_sip::auth::FailureLimits,
     pub bindings: sautikit_sip::registrar::BindingLimits,
+    /// Digest algorithms offered, most preferred first.
+    pub algorithms: Vec<sautikit_sip::digest::Algorithm>,
     pub keepalive_every: Duration,
 }
 
@@ -233,6 +235,7 @@ impl Root {
                 orphan_after: v.setup.orphan_after,
                 failures: r.failures,
                 bindings: r.bindings,
+                algorithms: r.algorithms.clone(),
                 keepalive_every: r.keepalive_every,
                 sip: state.names.sip.clone(),
             },

@@ -425,6 +425,7 @@ async fn start_engine(
                 domain: "127.0.0.1".into(),
                 failures: Default::default(),
                 bindings: Default::default(),
+                algorithms: sautikit_sip::digest::Algorithm::ALL.to_vec(),
                 keepalive_every: Duration::from_secs(30),
             },
         }),

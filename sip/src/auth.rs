@@ -375,7 +375,14 @@ pub fn verify(creds: &DigestCredentials, method: &str, ha1: &str) -> bool {
 /// each: `Digest realm="<realm>", nonce="<nonce>", algorithm=SHA-256, qop="auth"` and with
 /// `, stale=true` appended when stale.
 pub fn challenges(realm: &str, nonce: &str, stale: bool) -> [String; 2] {
-    [Algorithm::Sha256, Algorithm::Md5].map(|alg| {
+    [Algorithm::Sha256, Algorithm::Md5].map(|alg| challenge(alg, realm, nonce, stale))
+}
+
+/// One challenge header value for `algorithm`. A server that offers several sends one header
+/// each, most preferred first.
+pub fn challenge(algorithm: Algorithm, realm: &str, nonce: &str, stale: bool) -> String {
+    {
+        let alg = algorithm;
         let mut v = format!(
             "Digest realm={}, nonce={}, algorithm={}, qop=\"auth\"",
             quote(realm),
@@ -386,7 +393,7 @@ pub fn challenges(realm: &str, nonce: &str, stale: bool) -> [String; 2] {
             v.push_str(", stale=true");
         }
         v
-    })
+    }
 }
 
 /// A quoted-string. `"` and `\` are escaped; control characters are dropped, since a quoted-pair

@@ -26,6 +26,13 @@ impl Algorithm {
         }
     }
 
+    /// `MD5` or `SHA-256` (case-insensitive), as in an `algorithm=` parameter or a setting.
+    pub fn from_token(token: &str) -> Option<Algorithm> {
+        Algorithm::ALL
+            .into_iter()
+            .find(|a| a.token().eq_ignore_ascii_case(token.trim()))
+    }
+
     fn hash_hex(self, parts: &[&[u8]]) -> String {
         match self {
             Algorithm::Md5 => {
