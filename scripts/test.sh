@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 
 # sipp (Debian sip-tester) is the real SIP peer of the interop tests (tests/calls_sip.rs).
 apt_install_missing cc:gcc node:nodejs npm:npm sipp:sip-tester espeak-ng:espeak-ng python3:python3
+# baresip (Debian) is the real softphone of the device tests (tests/devices.rs).
+apt_install_missing baresip:baresip
+export SAUTIKIT_REQUIRE_BARESIP=1
 
 # The guide's Express handler runs under Node with express from npm (tests/express.rs).
 if [ ! -d tests/node/node_modules/express ]; then

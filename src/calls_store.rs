@@ -973,6 +973,13 @@ impl CallStore for SqlStore {
         .map(|_| ())
     }
 
+    async fn wallet_balance(&self, workspace_id: &str) -> Result<i64, StorageError> {
+        Ok(self
+            .get_wallet(workspace_id)
+            .await?
+            .map_or(0, |w| w.balance_minor))
+    }
+
     async fn engine_heartbeat(
         &self,
         engine_id: &str,

@@ -24,7 +24,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the service (HTTP API and engine) in one process.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Apply database migrations and exit.
     Migrate(DbArgs),
     /// Operator commands that work on the database directly.
@@ -105,6 +105,22 @@ pub struct ServeArgs {
     #[arg(long, env = "SAUTIKIT_SIP_DIGEST_ALGORITHMS", value_delimiter = ',',
           default_value = "SHA-256,MD5", value_parser = parse_digest_algorithm)]
     pub sip_digest_algorithms: Vec<sautikit_sip::digest::Algorithm>,
+    /// A bridged call (to a device, or a dialled party) whose leg sends no RTP for this many
+    /// seconds is ended with `hangup_cause: "media_timeout"`.
+    #[arg(long, env = "SAUTIKIT_MEDIA_TIMEOUT_SECS", default_value_t = 60)]
+    pub media_timeout_secs: u64,
+    /// Where calls to numbers that are not ours go: a SIP URI such as
+    /// `sip:carrier.example.com:5060` or `sip:192.0.2.10;transport=tcp`.
+    #[arg(long, env = "SAUTIKIT_OUTBOUND_TRUNK")]
+    pub outbound_trunk: Option<String>,
+    /// Credentials to answer the trunk's `401`/`407` (MD5 or SHA-256 digest).
+    #[arg(long, env = "SAUTIKIT_OUTBOUND_TRUNK_USERNAME")]
+    pub outbound_trunk_username: Option<String>,
+    #[arg(long, env = "SAUTIKIT_OUTBOUND_TRUNK_PASSWORD", hide_env_values = true)]
+    pub outbound_trunk_password: Option<String>,
+    /// Seconds a number's registered devices ring before the caller gets `480` (`no_answer`).
+    #[arg(long, env = "SAUTIKIT_DEVICE_RING_SECS", default_value_t = 30)]
+    pub device_ring_secs: u64,
     /// Shortest registration accepted (`423 Interval Too Brief` below it).
     #[arg(long, env = "SAUTIKIT_SIP_MIN_EXPIRES", default_value_t = 60)]
     pub sip_min_expires: u32,

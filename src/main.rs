@@ -27,7 +27,7 @@ async fn main() -> ExitCode {
     match cli.command {
         Command::Serve(args) => {
             init_tracing(args.log_format);
-            match sautikit::server::serve(args).await {
+            match sautikit::server::serve(*args).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("sautikit: {e}");

@@ -377,6 +377,27 @@ impl RegistrarStore for SqlStore {
         Ok(r.rows_affected())
     }
 
+    async fn reachable_bindings(
+        &self,
+        number_id: &str,
+        engine_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Registration>, StorageError> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            registration_cols!(),
+            " FROM sip_registrations WHERE number_id = $1 AND expires_at > $2 \
+              AND (transport = 'udp' OR engine_id = $3) ORDER BY id"
+        ))
+        .bind(number_id)
+        .bind(to_db(now))
+        .bind(engine_id)
+        .fetch_all(&self.db().read)
+        .await
+        .map_err(storage)?;
+        rows.iter().map(registration_from_row).collect()
+    }
+
     async fn sweep_expired_bindings(&self, now: DateTime<Utc>) -> Result<u64, StorageError> {
         // Cheap when nothing is due: one index probe on the read pool before taking the writer.
         let now = to_db(now);

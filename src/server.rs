@@ -7,12 +7,13 @@ use std::time::Duration;
 use chrono::Utc;
 use dashmap::DashMap;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use sautikit_actors::calls::trunk::Trunk;
 use sautikit_actors::clock::{Clock, SystemClock};
 use sautikit_actors::sip_endpoint::Admission;
 use sautikit_actors::{Engine, RegistrarSetup, VoiceSetup};
 use sautikit_sip::auth::FailureLimits;
 use sautikit_sip::registrar::BindingLimits;
-use sautikit_sip::transaction::Timers;
+use sautikit_sip::transaction::{Peer, Timers, Transport};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tracing::{info, warn};
@@ -263,6 +264,9 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
         ),
         data_dir: args.db.data_dir.clone(),
         public_url,
+        media_timeout: Duration::from_secs(args.media_timeout_secs.max(1)),
+        ring_timeout: Duration::from_secs(args.device_ring_secs.max(1)),
+        trunk: outbound_trunk(&args).await?,
         registrar: RegistrarSetup {
             store: Arc::new(store.clone()),
             domain: args
@@ -366,6 +370,37 @@ impl sautikit_actors::synth::Synthesizer for NoSynthesizer {
     ) -> Result<sautikit_actors::synth::Audio, sautikit_actors::synth::SynthError> {
         Err(self.0.clone())
     }
+}
+
+/// `SAUTIKIT_OUTBOUND_TRUNK`, resolved once at start.
+async fn outbound_trunk(args: &ServeArgs) -> Result<Option<Trunk>, ServeError> {
+    let Some(text) = args.outbound_trunk.as_deref() else {
+        return Ok(None);
+    };
+    let bad = |why: &str| ServeError::Config(format!("SAUTIKIT_OUTBOUND_TRUNK {text:?}: {why}"));
+    let uri = sautikit_sip::rsip::Uri::try_from(text.trim()).map_err(|_| bad("not a SIP URI"))?;
+    let host = uri.host_with_port.host.to_string();
+    let port = uri.host_with_port.port.map(|p| *p.value()).unwrap_or(5060);
+    let transport = if text.to_ascii_lowercase().contains("transport=tcp") {
+        Transport::Tcp
+    } else {
+        Transport::Udp
+    };
+    let addr = tokio::net::lookup_host((host.trim_matches(['[', ']']), port))
+        .await
+        .map_err(|e| bad(&e.to_string()))?
+        .next()
+        .ok_or_else(|| bad("the host does not resolve"))?;
+    let host_port = match uri.host_with_port.port {
+        Some(_) => format!("{host}:{port}"),
+        None => host,
+    };
+    Ok(Some(Trunk {
+        peer: Peer { addr, transport },
+        host: host_port,
+        username: args.outbound_trunk_username.clone(),
+        password: args.outbound_trunk_password.clone(),
+    }))
 }
 
 fn carrier_allow(args: &ServeArgs) -> Vec<ipnet::IpNet> {

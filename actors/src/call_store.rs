@@ -197,6 +197,10 @@ pub trait CallStore: Send + Sync + 'static {
         entries: Vec<TimelineEntry>,
     ) -> Result<(), StorageError>;
 
+    /// The wallet balance of a workspace (minor units), for the prepaid check before an
+    /// outbound leg.
+    async fn wallet_balance(&self, workspace_id: &str) -> Result<i64, StorageError>;
+
     /// Record that engine process `engine_id` is alive at `now` (called every few seconds).
     async fn engine_heartbeat(
         &self,

@@ -1,5 +1,6 @@
 //! Media: RTP ports for calls, one pacing task that sends every call's 20 ms frames, and a
-//! receiving task per call for what the caller sends (DTMF, recordings).
+//! receiving task per call for what the caller sends (DTMF, recordings, and — while two streams
+//! are bridged — the packets relayed to the other leg).
 //!
 //! One scheduler serves all outgoing streams (not a task or timer per call): a wheel of 1 ms
 //! slots over the 20 ms frame period, each stream keeping one slot, so every millisecond the
@@ -7,15 +8,25 @@
 //! cost 1,000 wake-ups a second of ~100 sends each, not 100,000 timers, and no stream waits behind
 //! all the others. Packet layout, pacing arithmetic, jitter buffering and DTMF detection are
 //! sans-IO in `sautikit_sip`; this is the driver.
+//!
+//! A bridge (a call's two legs talking to each other: the B2BUA's media path) lives on the media
+//! thread of both its streams ([`Media::open_beside`] puts the second leg there). It costs no task
+//! and no allocation per packet: the receiving task of leg A, woken by A's packet, rewrites it
+//! onto B's outgoing stream (B's SSRC and numbering, µ-law ↔ A-law by table when the legs' codecs
+//! differ, telephone-events with B's payload type) in a buffer it keeps, and sends it from B's
+//! socket to B's (latched) remote. Each stream's outgoing side — socket, remote, the
+//! [`RtpSender`] numbering every packet — is shared by the pacer and the other leg's receiving
+//! task behind a mutex that is never contended (both run on the shard's one thread); while relayed
+//! packets own a stream, the pacer sends nothing on it.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use sautikit_sip::rtp::{DueTicks, FrameWheel, RtpSender, g711};
+use sautikit_sip::rtp::{DueTicks, FrameWheel, RtpRelay, RtpSender, g711};
 use sautikit_sip::sdp::Codec;
 use thiserror::Error;
 use tokio::net::UdpSocket;
@@ -38,6 +49,9 @@ const SLOTS: usize = 20;
 /// buffer cannot use; the rest are skipped in time (the RTP clock and the prompt move on), so the
 /// stream stays in step with the wall clock.
 const MAX_BURST: u32 = 3;
+/// A bridged leg whose remote sends no RTP for this long is reported
+/// ([`MediaEvent::MediaTimeout`]), unless [`Media::bridge`] is given another figure.
+pub const DEFAULT_MEDIA_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Error)]
 pub enum MediaError {
@@ -56,6 +70,10 @@ pub enum MediaEvent {
     Digit { key: char },
     /// A recording ended and its WAV file is complete.
     RecordingFinished(RecordingOutcome),
+    /// The stream is bridged and its remote has sent no RTP (of its negotiated payload types)
+    /// for the bridge's media timeout, counted from its last packet or from the bridge, whichever
+    /// came later. Sent once per silence: a packet re-arms it.
+    MediaTimeout { silent_for: Duration },
 }
 
 /// Where a call's media events go (the Call actor casts them to itself).
@@ -86,11 +104,6 @@ enum MediaCmd {
         id: u64,
         params: StreamParams,
     },
-    /// The caller's packets come from here: answer to it (symmetric RTP, RFC 4961).
-    Latch {
-        id: u64,
-        remote: SocketAddr,
-    },
     Play {
         id: u64,
         play_id: u64,
@@ -99,6 +112,15 @@ enum MediaCmd {
     },
     StopPlayback {
         id: u64,
+    },
+    Bridge {
+        a: u64,
+        b: u64,
+        timeout: Duration,
+    },
+    Unbridge {
+        a: u64,
+        b: u64,
     },
     /// For the stream's receiving task.
     Receiver {
@@ -113,9 +135,12 @@ enum MediaCmd {
 /// Counters a benchmark or `/metrics` can read.
 #[derive(Debug, Default)]
 pub struct MediaStats {
+    /// Frames the pacer sent (prompts, silence).
     pub packets_sent: AtomicU64,
     pub send_errors: AtomicU64,
     pub packets_received: AtomicU64,
+    /// Packets bridges relayed from one leg to the other.
+    pub packets_relayed: AtomicU64,
     pub streams: AtomicU64,
 }
 
@@ -135,17 +160,71 @@ struct Playback {
     loops_left: u32,
 }
 
+/// A stream's outgoing side, shared by the pacer and, while bridged, the receiving task of the
+/// other leg. Both run on the shard's one thread, so the lock is never contended.
+#[derive(Debug)]
+struct Out {
+    socket: Arc<UdpSocket>,
+    /// Where packets go: the negotiated address, then wherever the remote's packets come from
+    /// (symmetric RTP, RFC 4961: the stream's receiving task latches it).
+    remote: Option<SocketAddr>,
+    /// Numbers every packet of the stream, paced or relayed: one SSRC, one sequence.
+    sender: Option<RtpSender>,
+    /// Bridged, started, and no prompt playing here: the stream whose packets are relayed here.
+    /// The pacer then sends nothing, and only that stream's receiving task writes.
+    relay_from: Option<u64>,
+    relay: RtpRelay,
+}
+
+type SharedOut = Arc<Mutex<Out>>;
+
+fn lock(out: &Mutex<Out>) -> MutexGuard<'_, Out> {
+    // Nothing panics while holding it; should something, the state is still fit to send from.
+    out.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Out {
+    /// Relayed packets (from stream `peer`) take the stream over from the pacer, if it has
+    /// started; a no-op if they have it already.
+    fn relay_from(&mut self, peer: u64, now: std::time::Instant) {
+        let Some(sender) = self.sender.as_mut() else {
+            return;
+        };
+        if self.relay_from.is_none() {
+            self.relay.start(sender, now);
+        }
+        self.relay_from = Some(peer);
+    }
+
+    /// The pacer takes the stream back; a no-op if it has it.
+    fn back_to_pacer(&mut self, now: std::time::Instant) {
+        if self.relay_from.take().is_some()
+            && let Some(sender) = self.sender.as_mut()
+        {
+            self.relay.stop(sender, now);
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Bridged {
+    peer: u64,
+    timeout: Duration,
+}
+
 struct Stream {
     socket: Arc<UdpSocket>,
+    out: SharedOut,
     /// Control of the receiving task, once the stream has started.
     receiver: Option<mpsc::UnboundedSender<receive::RecvCmd>>,
     events: MediaEvents,
     codec: Codec,
-    remote: Option<SocketAddr>,
-    sender: Option<RtpSender>,
+    /// What was negotiated, once started.
+    params: Option<StreamParams>,
     playback: Option<Playback>,
     /// The wheel slot this stream sends in, once started.
     slot: Option<usize>,
+    bridge: Option<Bridged>,
 }
 
 struct Engine {
@@ -164,7 +243,6 @@ struct Engine {
     in_use: HashMap<u16, u64>,
     wheel: FrameWheel<u64>,
     stats: Arc<MediaStats>,
-    tx: mpsc::UnboundedSender<MediaCmd>,
 }
 
 impl Media {
@@ -190,7 +268,6 @@ impl Media {
                 in_use: HashMap::new(),
                 wheel: FrameWheel::new(Instant::now().into_std(), FRAME / SLOTS as u32, SLOTS),
                 stats: stats.clone(),
-                tx: tx.clone(),
             };
             txs.push(tx);
             // Pacing gets threads of its own: on the shared runtime a frame would wait behind
@@ -220,13 +297,23 @@ impl Media {
         }
     }
 
-    fn send(&self, id: u64, cmd: MediaCmd) -> Result<(), MediaError> {
+    /// The shard (media thread) of stream `id`.
+    fn shard_of(&self, id: u64) -> usize {
         let n = self.shards.len() as u64;
+        usize::try_from(id % n.max(1)).unwrap_or(0)
+    }
+
+    fn send(&self, id: u64, cmd: MediaCmd) -> Result<(), MediaError> {
         let tx = self
             .shards
-            .get(usize::try_from(id % n.max(1)).unwrap_or(0))
+            .get(self.shard_of(id))
             .ok_or(MediaError::Stopped)?;
         tx.send(cmd).map_err(|_| MediaError::Stopped)
+    }
+
+    /// Whether streams `a` and `b` live on the same media thread (only then can they be bridged).
+    pub fn same_thread(&self, a: u64, b: u64) -> bool {
+        self.shard_of(a) == self.shard_of(b)
     }
 
     /// Bind a free port for a call; its events go to `events`. Calls are dealt to the pacing
@@ -258,7 +345,21 @@ impl Media {
         Err(last_err)
     }
 
-    /// Start sending (silence until something plays) and listening.
+    /// Open a port on the same media thread as stream `beside` (a bridge needs both legs on one
+    /// thread). Unlike [`Media::open`] it does not fall back to another thread when this one has
+    /// no free port: it fails with [`MediaError::NoFreePort`].
+    pub async fn open_beside(
+        &self,
+        beside: u64,
+        events: MediaEvents,
+    ) -> Result<RtpPort, MediaError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(beside, MediaCmd::Open { events, reply })?;
+        rx.await.map_err(|_| MediaError::Stopped)?
+    }
+
+    /// Start sending (silence until something plays) and listening. Again on a started stream
+    /// (a re-INVITE): the new remote and codec apply; the stream keeps its SSRC and numbering.
     pub fn start_stream(&self, id: u64, params: StreamParams) {
         let _ = self.send(id, MediaCmd::Start { id, params });
     }
@@ -279,6 +380,47 @@ impl Media {
     /// Stop what plays now (barge-in); `PlaybackFinished { interrupted: true }` follows.
     pub fn stop_playback(&self, id: u64) {
         let _ = self.send(id, MediaCmd::StopPlayback { id });
+    }
+
+    /// Relay both ways between streams `a` and `b`, which must be on the same media thread (open
+    /// the second with [`Media::open_beside`]; otherwise this logs a warning and does nothing).
+    /// Whatever either plays stops (`PlaybackFinished { interrupted: true }`), and while bridged
+    /// the pacer sends nothing on them: each hears the other — transcoded when their codecs
+    /// differ, telephone-events included (with the payload type the hearing leg negotiated;
+    /// dropped if it negotiated none). Digits are still reported and recordings still made on
+    /// each leg, and each leg's outgoing stream keeps its SSRC and numbering throughout.
+    ///
+    /// A leg whose remote sends no RTP for `media_timeout` (usually [`DEFAULT_MEDIA_TIMEOUT`];
+    /// zero: never) reports [`MediaEvent::MediaTimeout`] to its events. The streams may be bridged
+    /// before they have started: relaying begins as each starts. Bridging a stream bridged to a
+    /// third ends that bridge first. A `play` on a bridged stream is heard on that leg in place of
+    /// the other leg (which still hears this one); when it ends or is stopped, relaying resumes.
+    pub fn bridge(&self, a: u64, b: u64, media_timeout: Duration) {
+        if !self.same_thread(a, b) {
+            warn!(
+                a,
+                b,
+                "cannot bridge streams on different media threads (open the second leg with \
+                 open_beside); not bridged"
+            );
+            return;
+        }
+        let _ = self.send(
+            a,
+            MediaCmd::Bridge {
+                a,
+                b,
+                timeout: media_timeout,
+            },
+        );
+    }
+
+    /// Stop relaying between `a` and `b`: both go back to the pacer (silence until something
+    /// plays), their numbering continuing. Nothing happens unless they are bridged together.
+    pub fn unbridge(&self, a: u64, b: u64) {
+        if self.same_thread(a, b) {
+            let _ = self.send(a, MediaCmd::Unbridge { a, b });
+        }
     }
 
     /// Record what the caller says into a WAV file; `RecordingFinished` follows.
@@ -321,7 +463,8 @@ impl Media {
             .flatten()
     }
 
-    /// Stop sending and listening and free the port (a recording in progress is finished).
+    /// Stop sending and listening and free the port (a recording in progress is finished). A
+    /// bridge it is in ends: the other stream goes back to the pacer.
     pub fn close(&self, id: u64) {
         let _ = self.send(id, MediaCmd::Close { id });
     }
@@ -340,7 +483,17 @@ impl Engine {
             }
             tokio::select! {
                 cmd = rx.recv() => match cmd {
-                    Some(cmd) => self.apply(cmd),
+                    Some(cmd) => {
+                        let opened = matches!(cmd, MediaCmd::Open { .. });
+                        self.apply(cmd);
+                        if opened {
+                            // Tokio learns that a new socket is writable only when its driver
+                            // polls; until then `try_send_to` refuses (WouldBlock) without
+                            // trying. Yielding lets the driver poll first, so the stream's first
+                            // frame is not lost should its Start follow at once.
+                            tokio::task::yield_now().await;
+                        }
+                    }
                     None => return,
                 },
                 () = &mut sleep, if deadline.is_some() => {
@@ -356,39 +509,7 @@ impl Engine {
             MediaCmd::Open { events, reply } => {
                 let _ = reply.send(self.open(events));
             }
-            MediaCmd::Start { id, params } => {
-                if let Some(s) = self.streams.get_mut(&id) {
-                    s.remote = Some(params.remote);
-                    s.codec = params.codec;
-                    let mut sender = RtpSender::new(params.payload_type);
-                    sender.start_talkspurt();
-                    s.sender = Some(sender);
-                    if s.slot.is_none() {
-                        s.slot = Some(self.wheel.insert(id, Instant::now().into_std()));
-                    }
-                    let (ctl, ctl_rx) = mpsc::unbounded_channel();
-                    s.receiver = Some(ctl);
-                    tokio::spawn(receive::run(
-                        receive::Receiver::new(
-                            id,
-                            s.socket.clone(),
-                            params,
-                            s.events.clone(),
-                            self.stats.clone(),
-                        ),
-                        ctl_rx,
-                        self.tx.clone(),
-                    ));
-                }
-            }
-            MediaCmd::Latch { id, remote } => {
-                if let Some(s) = self.streams.get_mut(&id)
-                    && s.remote != Some(remote)
-                {
-                    debug!(stream = id, %remote, "RTP latched to the caller's source address");
-                    s.remote = Some(remote);
-                }
-            }
+            MediaCmd::Start { id, params } => self.start(id, params),
             MediaCmd::Play {
                 id,
                 play_id,
@@ -402,9 +523,13 @@ impl Engine {
                             interrupted: true,
                         });
                     }
-                    if let Some(sender) = s.sender.as_mut() {
+                    let mut out = lock(&s.out);
+                    // On a bridged leg the prompt takes the leg's stream over until it ends.
+                    out.back_to_pacer(Instant::now().into_std());
+                    if let Some(sender) = out.sender.as_mut() {
                         sender.start_talkspurt();
                     }
+                    drop(out);
                     s.playback = Some(Playback {
                         play_id,
                         audio,
@@ -423,6 +548,18 @@ impl Engine {
                         play_id: old.play_id,
                         interrupted: true,
                     });
+                    if let Some(b) = s.bridge {
+                        lock(&s.out).relay_from(b.peer, Instant::now().into_std());
+                    }
+                }
+            }
+            MediaCmd::Bridge { a, b, timeout } => self.bridge(a, b, timeout),
+            MediaCmd::Unbridge { a, b } => {
+                if self.bridged_to(a) == Some(b) {
+                    self.leave_bridge(a);
+                }
+                if self.bridged_to(b) == Some(a) {
+                    self.leave_bridge(b);
                 }
             }
             MediaCmd::Receiver { id, cmd } => {
@@ -431,6 +568,12 @@ impl Engine {
                 }
             }
             MediaCmd::Close { id } => {
+                if let Some(peer) = self.bridged_to(id) {
+                    self.leave_bridge(id);
+                    if self.bridged_to(peer) == Some(id) {
+                        self.leave_bridge(peer);
+                    }
+                }
                 if let Some(s) = self.streams.remove(&id) {
                     if let Some(slot) = s.slot {
                         self.wheel.remove(id, slot);
@@ -445,6 +588,136 @@ impl Engine {
                 }
             }
         }
+    }
+
+    fn start(&mut self, id: u64, params: StreamParams) {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        s.codec = params.codec;
+        s.params = Some(params);
+        {
+            let mut out = lock(&s.out);
+            out.remote = Some(params.remote);
+            match out.sender.as_mut() {
+                Some(sender) => {
+                    // A re-INVITE: same stream, maybe another payload type.
+                    sender.payload_type = params.payload_type & 0x7f;
+                    sender.start_talkspurt();
+                }
+                None => {
+                    let mut sender = RtpSender::new(params.payload_type);
+                    sender.start_talkspurt();
+                    out.sender = Some(sender);
+                    if let Some(b) = s.bridge
+                        && s.playback.is_none()
+                    {
+                        // Bridged before it started: relaying begins now.
+                        out.relay_from(b.peer, Instant::now().into_std());
+                    }
+                }
+            }
+        }
+        if s.slot.is_none() {
+            s.slot = Some(self.wheel.insert(id, Instant::now().into_std()));
+        }
+        let (ctl, ctl_rx) = mpsc::unbounded_channel();
+        s.receiver = Some(ctl);
+        tokio::spawn(receive::run(
+            receive::Receiver::new(
+                id,
+                s.socket.clone(),
+                s.out.clone(),
+                params,
+                s.events.clone(),
+                self.stats.clone(),
+            ),
+            ctl_rx,
+        ));
+        if let Some(b) = s.bridge {
+            // The new receiving task relays to the peer, and the peer's relays (transcoding) for
+            // this stream's codec, which may have changed.
+            self.link(id, b.peer);
+            self.link(b.peer, id);
+        }
+    }
+
+    /// The stream `id` is bridged to.
+    fn bridged_to(&self, id: u64) -> Option<u64> {
+        self.streams.get(&id).and_then(|s| s.bridge).map(|b| b.peer)
+    }
+
+    fn bridge(&mut self, a: u64, b: u64, timeout: Duration) {
+        if a == b || !self.streams.contains_key(&a) || !self.streams.contains_key(&b) {
+            warn!(
+                a,
+                b, "bridge with a closed stream (or of a stream with itself) ignored"
+            );
+            return;
+        }
+        for (x, y) in [(a, b), (b, a)] {
+            if let Some(old) = self.bridged_to(x)
+                && old != y
+            {
+                self.leave_bridge(x);
+                if self.bridged_to(old) == Some(x) {
+                    self.leave_bridge(old);
+                }
+            }
+        }
+        let now = Instant::now().into_std();
+        for (x, y) in [(a, b), (b, a)] {
+            let Some(s) = self.streams.get_mut(&x) else {
+                continue;
+            };
+            if let Some(old) = s.playback.take() {
+                (s.events)(MediaEvent::PlaybackFinished {
+                    play_id: old.play_id,
+                    interrupted: true,
+                });
+            }
+            s.bridge = Some(Bridged { peer: y, timeout });
+            lock(&s.out).relay_from(y, now);
+        }
+        self.link(a, b);
+        self.link(b, a);
+        debug!(a, b, "streams bridged");
+    }
+
+    /// Tell `x`'s receiving task (once it runs) where to relay: to `y` (once `y` has started).
+    fn link(&self, x: u64, y: u64) {
+        let (Some(sx), Some(sy)) = (self.streams.get(&x), self.streams.get(&y)) else {
+            return;
+        };
+        let (Some(receiver), Some(bridge)) = (&sx.receiver, sx.bridge) else {
+            return;
+        };
+        let peer = sy.params.map(|p| receive::Peer {
+            id: y,
+            out: sy.out.clone(),
+            payload_type: p.payload_type,
+            telephone_event: p.telephone_event,
+            map: g711::transcode_table(sx.codec, p.codec),
+        });
+        let _ = receiver.send(receive::RecvCmd::Bridge {
+            peer,
+            timeout: bridge.timeout,
+        });
+    }
+
+    /// `x` is bridged no more: back to the pacer, its receiving task relaying nothing.
+    fn leave_bridge(&mut self, x: u64) {
+        let Some(s) = self.streams.get_mut(&x) else {
+            return;
+        };
+        if s.bridge.take().is_none() {
+            return;
+        }
+        lock(&s.out).back_to_pacer(Instant::now().into_std());
+        if let Some(r) = &s.receiver {
+            let _ = r.send(receive::RecvCmd::Unbridge);
+        }
+        debug!(stream = x, "stream unbridged");
     }
 
     fn open(&mut self, events: MediaEvents) -> Result<RtpPort, MediaError> {
@@ -489,17 +762,25 @@ impl Engine {
             let id = self.next_id * u64::from(self.shards) + u64::from(self.shard);
             self.next_id += 1;
             self.in_use.insert(port, id);
+            let socket = Arc::new(socket);
             self.streams.insert(
                 id,
                 Stream {
-                    socket: Arc::new(socket),
+                    out: Arc::new(Mutex::new(Out {
+                        socket: socket.clone(),
+                        remote: None,
+                        sender: None,
+                        relay_from: None,
+                        relay: RtpRelay::new(8000),
+                    })),
+                    socket,
                     events,
                     codec: Codec::Pcmu,
-                    remote: None,
-                    sender: None,
+                    params: None,
                     playback: None,
                     receiver: None,
                     slot: None,
+                    bridge: None,
                 },
             );
             self.stats.streams.fetch_add(1, Ordering::Relaxed);
@@ -548,30 +829,49 @@ impl Engine {
 }
 
 impl Stream {
-    /// Send the next frame, if the stream has somewhere to send it.
+    /// Send the next frame, if the stream has somewhere to send it and is not relaying.
     fn send_frame(
         &mut self,
         buf: &mut Vec<u8>,
         payload: &mut Vec<u8>,
     ) -> Option<std::io::Result<()>> {
-        let (Some(remote), Some(sender)) = (self.remote, self.sender.as_mut()) else {
+        let mut guard = lock(&self.out);
+        let out = &mut *guard;
+        if out.relay_from.is_some() {
+            // Bridged: the other leg's packets are this stream's frames.
+            return None;
+        }
+        let (Some(remote), Some(sender)) = (out.remote, out.sender.as_mut()) else {
             return None;
         };
         next_payload(self.codec, &mut self.playback, &self.events, payload);
         buf.clear();
         sender.next_packet(payload, SAMPLES_PER_FRAME as u32, buf);
+        if self.playback.is_none()
+            && let Some(b) = self.bridge
+        {
+            // A prompt played on a bridged leg ended with this frame: relaying resumes.
+            out.relay_from(b.peer, Instant::now().into_std());
+        }
         // Non-blocking: a full socket buffer drops this frame rather than stalling every other
         // call's timing.
-        Some(self.socket.try_send_to(buf, remote).map(|_| ()))
+        Some(out.socket.try_send_to(buf, remote).map(|_| ()))
     }
 
     /// Frames that fell due but were not sent: time moves on all the same.
     fn skip_frames(&mut self, frames: u32) {
         let samples = frames as usize * SAMPLES_PER_FRAME;
-        if let Some(sender) = self.sender.as_mut() {
-            sender.timestamp = sender.timestamp.wrapping_add(samples as u32);
-            // The gap is a new talkspurt for the caller's jitter buffer.
-            sender.start_talkspurt();
+        {
+            let mut out = lock(&self.out);
+            if out.relay_from.is_some() {
+                // Relaying: the relay keeps the stream's clock.
+                return;
+            }
+            if let Some(sender) = out.sender.as_mut() {
+                sender.timestamp = sender.timestamp.wrapping_add(samples as u32);
+                // The gap is a new talkspurt for the caller's jitter buffer.
+                sender.start_talkspurt();
+            }
         }
         if let Some(p) = self.playback.as_mut() {
             let len = p.audio.samples.len().max(1);

@@ -56,6 +56,22 @@ pub fn call_cost_minor(duration_seconds: i64, rate_per_min_minor: i64) -> i64 {
     i64::try_from(cost).unwrap_or(i64::MAX)
 }
 
+/// The whole seconds of talk `balance_minor` pays for at `rate_per_min_minor` (the cost of that
+/// many seconds, rounded up as billing rounds it, never exceeds the balance); `None` when the
+/// rate is free. An outbound leg needs at least 60 of them to start (DESIGN §4).
+pub fn paid_seconds(balance_minor: i64, rate_per_min_minor: i64) -> Option<i64> {
+    if rate_per_min_minor <= 0 {
+        return None;
+    }
+    let secs = i128::from(balance_minor.max(0)) * 60 / i128::from(rate_per_min_minor);
+    Some(i64::try_from(secs).unwrap_or(i64::MAX))
+}
+
+/// An outbound leg starts only with at least one minute of balance at its rate.
+pub fn can_start_outbound(balance_minor: i64, rate_per_min_minor: i64) -> bool {
+    paid_seconds(balance_minor, rate_per_min_minor).is_none_or(|s| s >= 60)
+}
+
 /// Billable seconds of an answered call: whole seconds from answer to end, rounded up (a call
 /// answered for 10.2 s bills 11 s). Never negative, whatever the clocks say.
 pub fn billable_seconds(answered_at: DateTime<Utc>, ended_at: DateTime<Utc>) -> i64 {
@@ -89,6 +105,23 @@ pub fn format_minor(amount_minor: i64) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn paid_time_never_costs_more_than_the_balance() {
+        assert_eq!(super::paid_seconds(450, 300), Some(90));
+        assert_eq!(super::paid_seconds(0, 300), Some(0));
+        assert_eq!(super::paid_seconds(100, 0), None);
+        for balance in 0..2_000 {
+            for rate in [1, 7, 300, 499, 1_000] {
+                let secs = super::paid_seconds(balance, rate).unwrap_or(0);
+                assert!(super::call_cost_minor(secs, rate) <= balance);
+                assert!(super::call_cost_minor(secs + 1, rate) > balance || rate == 0);
+            }
+        }
+        assert!(super::can_start_outbound(300, 300));
+        assert!(!super::can_start_outbound(299, 300));
+        assert!(super::can_start_outbound(0, 0));
+    }
+
     use super::*;
     use chrono::TimeZone;
 

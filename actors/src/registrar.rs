@@ -146,6 +146,15 @@ pub trait RegistrarStore: Send + Sync + 'static {
         source: SocketAddr,
     ) -> Result<u64, StorageError>;
 
+    /// The unexpired bindings of a number that engine `engine_id` can reach: every UDP one, and
+    /// TCP ones whose connection it holds. Oldest first.
+    async fn reachable_bindings(
+        &self,
+        number_id: &str,
+        engine_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Registration>, StorageError>;
+
     /// Remove bindings past their expiry.
     async fn sweep_expired_bindings(&self, now: DateTime<Utc>) -> Result<u64, StorageError>;
 }
@@ -182,6 +191,16 @@ pub enum RegistrarMsg {
         local: SocketAddr,
         endpoint: ActorRef<SipMsg>,
     },
+    /// An INVITE from a device (not a carrier): it must authenticate as a credential of one
+    /// number (`407` challenge, the same nonce rules), then goes back to the endpoint as a
+    /// `DeviceCallAuthenticated`.
+    InviteReceived {
+        key: TxKey,
+        request: Box<rsip::Request>,
+        from: Peer,
+        local: SocketAddr,
+        endpoint: ActorRef<SipMsg>,
+    },
     /// The credential behind an Authorization header was looked up and its response checked.
     LoginChecked(Box<LoginChecked>),
     KeepaliveDue,
@@ -199,10 +218,33 @@ pub enum RegistrarMsg {
     SweepDue,
 }
 
+/// What a login is for.
+enum Purpose {
+    Register(RegisterRequest),
+    Call,
+}
+
+impl Purpose {
+    fn method(&self) -> &'static str {
+        match self {
+            Purpose::Register(_) => "REGISTER",
+            Purpose::Call => "INVITE",
+        }
+    }
+
+    /// A registrar challenges with `401`/`WWW-Authenticate`, a proxy with `407`/`Proxy-…`.
+    fn challenge_code(&self) -> u16 {
+        match self {
+            Purpose::Register(_) => 401,
+            Purpose::Call => 407,
+        }
+    }
+}
+
 pub struct LoginChecked {
     key: TxKey,
     request: rsip::Request,
-    register: RegisterRequest,
+    purpose: Purpose,
     from: Peer,
     endpoint: ActorRef<SipMsg>,
     creds: DigestCredentials,
@@ -291,7 +333,41 @@ impl Actor for Registrar {
                 from,
                 local,
                 endpoint,
-            } => on_register(&myself, state, key, *request, from, local, endpoint),
+            } => {
+                let purpose = match registrar::parse_register(&request) {
+                    Ok(r) => Purpose::Register(r),
+                    Err(e) => {
+                        debug!(error = %e, from = %from.addr, "malformed REGISTER");
+                        respond(
+                            &endpoint,
+                            &key,
+                            &request,
+                            e.status(),
+                            warning(&e.to_string()),
+                        );
+                        return Ok(());
+                    }
+                };
+                on_login_request(
+                    &myself, state, key, *request, purpose, from, local, endpoint,
+                )
+            }
+            RegistrarMsg::InviteReceived {
+                key,
+                request,
+                from,
+                local,
+                endpoint,
+            } => on_login_request(
+                &myself,
+                state,
+                key,
+                *request,
+                Purpose::Call,
+                from,
+                local,
+                endpoint,
+            ),
             RegistrarMsg::LoginChecked(checked) => on_login_checked(state, *checked),
             RegistrarMsg::KeepaliveDue => {
                 let store = state.args.store.clone();
@@ -419,11 +495,12 @@ fn fresh_nonce(state: &RegistrarState) -> String {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn on_register(
+fn on_login_request(
     myself: &ActorRef<RegistrarMsg>,
     state: &mut RegistrarState,
     key: TxKey,
     request: rsip::Request,
+    purpose: Purpose,
     from: Peer,
     local: SocketAddr,
     endpoint: ActorRef<SipMsg>,
@@ -434,47 +511,39 @@ fn on_register(
         respond(&endpoint, &key, &request, 403, Vec::new());
         return;
     }
-    let register = match registrar::parse_register(&request) {
-        Ok(r) => r,
-        Err(e) => {
-            debug!(error = %e, from = %from.addr, "malformed REGISTER");
-            respond(
-                &endpoint,
-                &key,
-                &request,
-                e.status(),
-                warning(&e.to_string()),
-            );
-            return;
-        }
+    // A REGISTER names its address of record in To; a device's call, in From.
+    let aor = match purpose {
+        Purpose::Register(_) => request.to_header().ok().map(|h| h.value().to_owned()),
+        Purpose::Call => request.from_header().ok().map(|h| h.value().to_owned()),
     };
-    let Some(aor) = request
-        .to_header()
-        .ok()
-        .and_then(|h| sipmsg::header_uri(h.value()))
-    else {
+    let Some(aor) = aor.as_deref().and_then(sipmsg::header_uri) else {
         respond(
             &endpoint,
             &key,
             &request,
             400,
-            warning("no address of record in To"),
+            warning("no address of record"),
         );
         return;
     };
     let aor_user = aor.user().map(str::to_owned).unwrap_or_default();
     if aor_user.is_empty() || !our_domain(&aor, &state.args.domain, local) {
+        let code = match purpose {
+            Purpose::Register(_) => 404,
+            Purpose::Call => 403,
+        };
         respond(
             &endpoint,
             &key,
             &request,
-            404,
-            warning("not a domain of this registrar"),
+            code,
+            warning("not a domain of this server"),
         );
         return;
     }
-    let authorization = request.headers.iter().find_map(|h| match h {
-        rsip::Header::Authorization(a) => Some(a.value().to_owned()),
+    let authorization = request.headers.iter().find_map(|h| match (h, &purpose) {
+        (rsip::Header::Authorization(a), Purpose::Register(_)) => Some(a.value().to_owned()),
+        (rsip::Header::ProxyAuthorization(a), Purpose::Call) => Some(a.value().to_owned()),
         _ => None,
     });
     let Some(authorization) = authorization else {
@@ -483,25 +552,25 @@ fn on_register(
         let decoy = state.decoy;
         let nonce = fresh_nonce(state);
         let algorithms = state.args.algorithms.clone();
+        let code = purpose.challenge_code();
         tokio::spawn(async move {
             let realm = match store.realm_for(&aor_user).await {
                 Ok(Some(realm)) => realm,
                 Ok(None) => decoy_realm(&decoy, &aor_user),
                 Err(e) => {
-                    warn!(error = %e, "registrar could not look up a realm");
+                    warn!(error = %e, "could not look up a realm");
                     respond(&endpoint, &key, &request, 500, Vec::new());
                     return;
                 }
             };
-            challenge(
-                &endpoint,
-                &key,
-                &request,
-                &algorithms,
-                &realm,
-                &nonce,
-                false,
-            );
+            let c = Challenge {
+                code,
+                algorithms: &algorithms,
+                realm: &realm,
+                nonce: &nonce,
+                stale: false,
+            };
+            c.send(&endpoint, &key, &request);
         });
         return;
     };
@@ -531,18 +600,18 @@ fn on_register(
         let login = match store.device_login(&creds.username).await {
             Ok(l) => l,
             Err(e) => {
-                warn!(error = %e, "registrar could not look up a credential");
+                warn!(error = %e, "could not look up a credential");
                 respond(&endpoint, &key, &request, 500, Vec::new());
                 return;
             }
         };
         let response_ok = login
             .as_ref()
-            .is_some_and(|l| auth::verify(&creds, "REGISTER", l.ha1(creds.algorithm)));
+            .is_some_and(|l| auth::verify(&creds, purpose.method(), l.ha1(creds.algorithm)));
         let _ = me.cast(RegistrarMsg::LoginChecked(Box::new(LoginChecked {
             key,
             request,
-            register,
+            purpose,
             from,
             endpoint,
             creds,
@@ -588,15 +657,14 @@ fn on_login_checked(state: &mut RegistrarState, c: LoginChecked) {
     if !state.args.algorithms.contains(&c.creds.algorithm) {
         // An answer to a challenge we no longer offer.
         let nonce = fresh_nonce(state);
-        challenge(
-            &c.endpoint,
-            &c.key,
-            &c.request,
-            &state.args.algorithms,
-            &login.workspace_id,
-            &nonce,
-            false,
-        );
+        Challenge {
+            code: c.purpose.challenge_code(),
+            algorithms: &state.args.algorithms,
+            realm: &login.workspace_id,
+            nonce: &nonce,
+            stale: false,
+        }
+        .send(&c.endpoint, &c.key, &c.request);
         return;
     }
     let now_unix = unix(state.args.clock.now());
@@ -604,28 +672,26 @@ fn on_login_checked(state: &mut RegistrarState, c: LoginChecked) {
         NonceState::Valid { issued_unix } => issued_unix,
         NonceState::Stale => {
             let nonce = fresh_nonce(state);
-            challenge(
-                &c.endpoint,
-                &c.key,
-                &c.request,
-                &state.args.algorithms,
-                &login.workspace_id,
-                &nonce,
-                true,
-            );
+            Challenge {
+                code: c.purpose.challenge_code(),
+                algorithms: &state.args.algorithms,
+                realm: &login.workspace_id,
+                nonce: &nonce,
+                stale: true,
+            }
+            .send(&c.endpoint, &c.key, &c.request);
             return;
         }
         NonceState::Invalid => {
             let nonce = fresh_nonce(state);
-            challenge(
-                &c.endpoint,
-                &c.key,
-                &c.request,
-                &state.args.algorithms,
-                &login.workspace_id,
-                &nonce,
-                false,
-            );
+            Challenge {
+                code: c.purpose.challenge_code(),
+                algorithms: &state.args.algorithms,
+                realm: &login.workspace_id,
+                nonce: &nonce,
+                stale: false,
+            }
+            .send(&c.endpoint, &c.key, &c.request);
             return;
         }
     };
@@ -644,15 +710,14 @@ fn on_login_checked(state: &mut RegistrarState, c: LoginChecked) {
         info!(source = %c.from.addr, username = %login.username, "replayed SIP Authorization refused");
         metrics::counter!("sautikit_sip_auth_refused_total", "reason" => "replay").increment(1);
         let nonce = fresh_nonce(state);
-        challenge(
-            &c.endpoint,
-            &c.key,
-            &c.request,
-            &state.args.algorithms,
-            &login.workspace_id,
-            &nonce,
-            true,
-        );
+        Challenge {
+            code: c.purpose.challenge_code(),
+            algorithms: &state.args.algorithms,
+            realm: &login.workspace_id,
+            nonce: &nonce,
+            stale: true,
+        }
+        .send(&c.endpoint, &c.key, &c.request);
         return;
     }
     if login.number_status != NumberStatus::Active {
@@ -665,13 +730,27 @@ fn on_login_checked(state: &mut RegistrarState, c: LoginChecked) {
         );
         return;
     }
+    let register = match c.purpose {
+        Purpose::Register(r) => r,
+        Purpose::Call => {
+            info!(workspace_id = %login.workspace_id, number_id = %login.number_id,
+                credential_id = %login.credential_id, source = %c.from.addr, "device call authenticated");
+            let _ = c.endpoint.cast(SipMsg::DeviceCallAuthenticated {
+                key: c.key,
+                request: Box::new(c.request),
+                from: c.from,
+                login: Box::new(login),
+            });
+            return;
+        }
+    };
     let user_agent = c.request.headers.iter().find_map(|h| match h {
         rsip::Header::UserAgent(u) => Some(u.value().chars().take(200).collect::<String>()),
         _ => None,
     });
     let cmd = RegisterBindings {
         verified_with: c.creds.algorithm,
-        request: c.register,
+        request: register,
         limits: state.args.bindings,
         source: c.from,
         user_agent,
@@ -755,25 +834,35 @@ fn warning(text: &str) -> Vec<(String, String)> {
     )]
 }
 
-fn challenge(
-    endpoint: &ActorRef<SipMsg>,
-    key: &TxKey,
-    request: &rsip::Request,
-    algorithms: &[Algorithm],
-    realm: &str,
-    nonce: &str,
+/// A digest challenge: `401` with `WWW-Authenticate` (registrar) or `407` with
+/// `Proxy-Authenticate` (a device's call), one header per algorithm.
+struct Challenge<'a> {
+    code: u16,
+    algorithms: &'a [Algorithm],
+    realm: &'a str,
+    nonce: &'a str,
     stale: bool,
-) {
-    let extra = algorithms
-        .iter()
-        .map(|a| {
-            (
-                "WWW-Authenticate".to_owned(),
-                auth::challenge(*a, realm, nonce, stale),
-            )
-        })
-        .collect();
-    respond(endpoint, key, request, 401, extra);
+}
+
+impl Challenge<'_> {
+    fn send(&self, endpoint: &ActorRef<SipMsg>, key: &TxKey, request: &rsip::Request) {
+        let header = if self.code == 407 {
+            "Proxy-Authenticate"
+        } else {
+            "WWW-Authenticate"
+        };
+        let extra = self
+            .algorithms
+            .iter()
+            .map(|a| {
+                (
+                    header.to_owned(),
+                    auth::challenge(*a, self.realm, self.nonce, self.stale),
+                )
+            })
+            .collect();
+        respond(endpoint, key, request, self.code, extra);
+    }
 }
 
 fn respond(

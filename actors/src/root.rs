@@ -103,6 +103,12 @@ pub struct VoiceSetup {
     /// The API's public base URL (for `RecordingUrl`).
     pub public_url: String,
     pub registrar: RegistrarSetup,
+    /// A bridged call leg that sends no RTP this long ends the call (`media_timeout`).
+    pub media_timeout: Duration,
+    /// How long a number's registered devices ring before the caller gets `480`.
+    pub ring_timeout: Duration,
+    /// `SAUTIKIT_OUTBOUND_TRUNK`, resolved.
+    pub trunk: Option<crate::calls::trunk::Trunk>,
 }
 
 /// How softphones register (DESIGN §8).
@@ -397,6 +403,10 @@ impl Engine {
                     audio: setup.audio.clone(),
                     data_dir: setup.data_dir.clone(),
                     public_url: setup.public_url.clone(),
+                    devices: setup.registrar.store.clone(),
+                    media_timeout: setup.media_timeout,
+                    ring_timeout: setup.ring_timeout,
+                    trunk: setup.trunk.clone(),
                 },
                 setup,
                 sip_addr: Arc::new(std::sync::Mutex::new(None)),

@@ -60,6 +60,10 @@ pub enum SipMsg {
     TcpClosed {
         peer: SocketAddr,
     },
+    /// A connection we opened could not be made.
+    TcpConnectFailed {
+        peer: SocketAddr,
+    },
     TimersDue,
     /// A Call actor answers its INVITE (or an in-dialog request).
     Respond {
@@ -76,6 +80,26 @@ pub enum SipMsg {
     /// The call behind this SIP Call-ID has ended: stop routing its messages to it.
     DialogEnded {
         sip_call_id: String,
+    },
+    /// A Call actor starts an outbound leg: an INVITE whose responses, and the in-dialog
+    /// requests of the dialog it makes, go to that call as leg `leg`.
+    SendInvite {
+        request: Box<rsip::Request>,
+        to: Peer,
+        call: ActorRef<CallMsg>,
+        leg: u32,
+    },
+    /// A device's INVITE authenticated (by the Registrar) as a credential of `login`'s number.
+    DeviceCallAuthenticated {
+        key: TxKey,
+        request: Box<rsip::Request>,
+        from: Peer,
+        login: Box<crate::registrar::DeviceLogin>,
+    },
+    /// The ACK for a 2xx to one of our INVITEs (not a transaction).
+    SendAck {
+        request: Box<rsip::Request>,
+        to: Peer,
     },
     /// The registrar asks for an OPTIONS to a registered device over the flow it registered on.
     SendKeepalive {
@@ -143,6 +167,12 @@ pub struct SipEndpointState {
     shed_reported: Instant,
     /// Our in-dialog requests → the call whose timeline records the answer.
     requests: HashMap<TxKey, String>,
+    /// Our INVITEs (outbound legs) → the call and leg their responses go to.
+    client_invites: HashMap<TxKey, (ActorRef<CallMsg>, u32)>,
+    /// The other way round, by the leg's SIP Call-ID, to forget them when the leg's call ends.
+    client_invite_of: HashMap<String, TxKey>,
+    /// Messages waiting for a TCP connection we are opening.
+    connecting: HashMap<SocketAddr, Vec<Vec<u8>>>,
     /// Keepalive OPTIONS in flight → the binding and when it was pinged.
     keepalives: HashMap<TxKey, (String, chrono::DateTime<chrono::Utc>)>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -202,6 +232,9 @@ impl Actor for SipEndpoint {
             shed_reported: Instant::now(),
             requests: HashMap::new(),
             keepalives: HashMap::new(),
+            connecting: HashMap::new(),
+            client_invites: HashMap::new(),
+            client_invite_of: HashMap::new(),
             tasks,
         })
     }
@@ -227,7 +260,15 @@ impl Actor for SipEndpoint {
         match message {
             SipMsg::Received { bytes, from } => state.layer.handle_datagram(&bytes, from, now),
             SipMsg::TcpOpened { peer, writer } => {
+                for bytes in state.connecting.remove(&peer).unwrap_or_default() {
+                    let _ = writer.send(bytes);
+                }
                 state.tcp.insert(peer, writer);
+            }
+            SipMsg::TcpConnectFailed { peer } => {
+                if let Some(lost) = state.connecting.remove(&peer) {
+                    info!(%peer, messages = lost.len(), "could not connect over TCP; messages dropped");
+                }
             }
             SipMsg::TcpClosed { peer } => {
                 state.tcp.remove(&peer);
@@ -257,6 +298,37 @@ impl Actor for SipEndpoint {
                 }
                 Err(e) => warn!(error = %e, %call_id, "could not send an in-dialog request"),
             },
+            SipMsg::SendInvite {
+                request,
+                to,
+                call,
+                leg,
+            } => {
+                let sip_call_id = sipmsg::call_id(&*request);
+                match (sip_call_id, state.layer.send_request(*request, to, now)) {
+                    (Some(sip_call_id), Ok(key)) => {
+                        state
+                            .client_invites
+                            .insert(key.clone(), (call.clone(), leg));
+                        state.client_invite_of.insert(sip_call_id.clone(), key);
+                        state.dialogs.insert(sip_call_id, call);
+                    }
+                    (_, Err(e)) => {
+                        warn!(error = %e, "could not send an INVITE");
+                        let _ = call.cast(CallMsg::LegTimedOut { leg });
+                    }
+                    (None, Ok(_)) => {
+                        let _ = call.cast(CallMsg::LegTimedOut { leg });
+                    }
+                }
+            }
+            SipMsg::SendAck { request, to } => state.layer.send_ack(*request, to),
+            SipMsg::DeviceCallAuthenticated {
+                key,
+                request,
+                from,
+                login,
+            } => start_call(&myself, state, key, *request, from, Some(*login)).await,
             SipMsg::SendKeepalive {
                 contact,
                 to,
@@ -284,6 +356,9 @@ impl Actor for SipEndpoint {
             }
             SipMsg::DialogEnded { sip_call_id } => {
                 state.dialogs.remove(&sip_call_id);
+                if let Some(key) = state.client_invite_of.remove(&sip_call_id) {
+                    state.client_invites.remove(&key);
+                }
                 if let Some(key) = state.invite_of.remove(&sip_call_id) {
                     state.invites.remove(&key);
                     state.setting_up.remove(&key);
@@ -301,11 +376,11 @@ async fn drive(myself: &ActorRef<SipMsg>, state: &mut SipEndpointState) {
         on_event(myself, state, event).await;
     }
     while let Some(t) = state.layer.poll_transmit() {
-        transmit(state, t.to, t.bytes);
+        transmit(myself, state, t.to, t.bytes);
     }
 }
 
-fn transmit(state: &SipEndpointState, to: Peer, bytes: Vec<u8>) {
+fn transmit(myself: &ActorRef<SipMsg>, state: &mut SipEndpointState, to: Peer, bytes: Vec<u8>) {
     match to.transport {
         Transport::Udp => match state.udp.try_send_to(&bytes, to.addr) {
             Ok(_) => {}
@@ -322,7 +397,14 @@ fn transmit(state: &SipEndpointState, to: Peer, bytes: Vec<u8>) {
             Some(w) => {
                 let _ = w.send(bytes);
             }
-            None => debug!(to = %to.addr, "no TCP connection for a message; dropped"),
+            // No connection yet (the trunk over TCP): open one; what is sent meanwhile waits.
+            None => match state.connecting.get_mut(&to.addr) {
+                Some(queue) => queue.push(bytes),
+                None => {
+                    state.connecting.insert(to.addr, vec![bytes]);
+                    tokio::spawn(connect_out(to.addr, myself.clone()));
+                }
+            },
         },
     }
 }
@@ -374,6 +456,13 @@ async fn on_event(myself: &ActorRef<SipMsg>, state: &mut SipEndpointState, event
                 // Any final answer, even an error, shows the device and its flow are there.
                 return;
             }
+            if let Some((call, leg)) = state.client_invites.get(&key) {
+                let _ = call.cast(CallMsg::LegResponse {
+                    leg: *leg,
+                    response: Box::new(response),
+                });
+                return;
+            }
             if code >= 200
                 && let Some(call_id) = state.requests.remove(&key)
             {
@@ -393,6 +482,10 @@ async fn on_event(myself: &ActorRef<SipMsg>, state: &mut SipEndpointState, event
             }
         }
         TuEvent::ClientTimeout { key } => {
+            if let Some((call, leg)) = state.client_invites.remove(&key) {
+                let _ = call.cast(CallMsg::LegTimedOut { leg });
+                return;
+            }
             if let Some((binding_id, sent_at)) = state.keepalives.remove(&key) {
                 if let Some(r) = registrar(state) {
                     let _ = r.cast(RegistrarMsg::KeepaliveTimedOut {
@@ -439,56 +532,30 @@ async fn on_request(
                 });
                 return;
             }
-            if !carrier_allowed(&state.args.carrier_allow, from.addr) {
-                info!(from = %from.addr, "INVITE from an address outside SAUTIKIT_CARRIER_ALLOW");
-                reply(state, &key, &request, 403, &[]);
-                return;
-            }
             let to_tag = sipmsg::to_tag(&request);
             if to_tag.is_some() {
                 // A re-INVITE for a dialog we do not know.
                 reply(state, &key, &request, 481, &[]);
                 return;
             }
-            let Some(sip_call_id) = msg_call_id else {
-                reply(state, &key, &request, 400, &[]);
-                return;
-            };
-            let limits = state.args.admission;
-            if state.setting_up.len() >= limits.max_setups
-                || state.dialogs.len() >= limits.max_calls
-            {
-                state.shed += 1;
-                reply(state, &key, &request, 503, &[("Retry-After", "1")]);
+            if from_device(&state.args.carrier_allow, &request, from) {
+                // Devices authenticate (407) as a credential of one number; the Registrar
+                // holds the nonce and failure state.
+                match registrar(state) {
+                    Some(r) => {
+                        let _ = r.cast(RegistrarMsg::InviteReceived {
+                            key,
+                            request: Box::new(request),
+                            from,
+                            local: state.local,
+                            endpoint: myself.clone(),
+                        });
+                    }
+                    None => reply(state, &key, &request, 503, &[("Retry-After", "5")]),
+                }
                 return;
             }
-            // Kept to answer 500 should the Call actor fail to start.
-            let fallback = request.clone();
-            let args = CallArgs {
-                deps: state.args.deps.clone(),
-                endpoint: myself.clone(),
-                invite: IncomingInvite {
-                    key: key.clone(),
-                    request,
-                    from,
-                    sip_call_id: sip_call_id.clone(),
-                    local: state.local,
-                },
-            };
-            match Actor::spawn_linked(None, crate::calls::Call, args, state.args.calls.clone())
-                .await
-            {
-                Ok((call, _)) => {
-                    state.setting_up.insert(key.clone());
-                    state.invite_of.insert(sip_call_id.clone(), key.clone());
-                    state.invites.insert(key, sip_call_id.clone());
-                    state.dialogs.insert(sip_call_id, call);
-                }
-                Err(e) => {
-                    warn!(error = %e, "could not start a Call actor");
-                    reply(state, &key, &fallback, 500, &[]);
-                }
-            }
+            start_call(myself, state, key, request, from, None).await;
         }
         Method::Bye | Method::Info | Method::Options if call.is_some() => {
             if let Some(call) = call {
@@ -532,6 +599,70 @@ async fn on_request(
 
 fn registrar(state: &SipEndpointState) -> Option<ActorRef<RegistrarMsg>> {
     ActorRef::<RegistrarMsg>::where_is(state.args.registrar.clone())
+}
+
+/// A new INVITE from a carrier, or an authenticated device: a Call actor takes it.
+async fn start_call(
+    myself: &ActorRef<SipMsg>,
+    state: &mut SipEndpointState,
+    key: TxKey,
+    request: rsip::Request,
+    from: Peer,
+    device: Option<crate::registrar::DeviceLogin>,
+) {
+    let Some(sip_call_id) = sipmsg::call_id(&request) else {
+        reply(state, &key, &request, 400, &[]);
+        return;
+    };
+    if state.dialogs.contains_key(&sip_call_id) {
+        reply(state, &key, &request, 482, &[]);
+        return;
+    }
+    let limits = state.args.admission;
+    if state.setting_up.len() >= limits.max_setups || state.dialogs.len() >= limits.max_calls {
+        state.shed += 1;
+        reply(state, &key, &request, 503, &[("Retry-After", "1")]);
+        return;
+    }
+    // Kept to answer 500 should the Call actor fail to start.
+    let fallback = request.clone();
+    let args = CallArgs {
+        deps: state.args.deps.clone(),
+        endpoint: myself.clone(),
+        invite: IncomingInvite {
+            key: key.clone(),
+            request,
+            from,
+            sip_call_id: sip_call_id.clone(),
+            local: state.local,
+            device,
+        },
+    };
+    match Actor::spawn_linked(None, crate::calls::Call, args, state.args.calls.clone()).await {
+        Ok((call, _)) => {
+            state.setting_up.insert(key.clone());
+            state.invite_of.insert(sip_call_id.clone(), key.clone());
+            state.invites.insert(key, sip_call_id.clone());
+            state.dialogs.insert(sip_call_id, call);
+        }
+        Err(e) => {
+            warn!(error = %e, "could not start a Call actor");
+            reply(state, &key, &fallback, 500, &[]);
+        }
+    }
+}
+
+/// A new INVITE comes from a device rather than a carrier when it carries credentials, comes
+/// from outside the carriers' addresses, or names one of our SIP usernames as its caller.
+fn from_device(carrier_allow: &[IpNet], request: &rsip::Request, from: Peer) -> bool {
+    let has_credentials = request
+        .headers
+        .iter()
+        .any(|h| matches!(h, rsip::Header::ProxyAuthorization(_)));
+    let username = sipmsg::from_user(request).is_some_and(|u| {
+        u.len() == 11 && u.starts_with("ts_") && u[3..].bytes().all(|b| b.is_ascii_hexdigit())
+    });
+    has_credentials || username || !carrier_allowed(carrier_allow, from.addr)
 }
 
 /// At most one line a second while INVITEs are being turned away.
@@ -608,6 +739,24 @@ async fn accept_loop(listener: TcpListener, endpoint: ActorRef<SipMsg>) {
                 warn!(error = %e, "TCP accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
+        }
+    }
+}
+
+/// Open a TCP connection to `peer` (the outbound trunk); it then serves like an accepted one.
+async fn connect_out(peer: SocketAddr, endpoint: ActorRef<SipMsg>) {
+    match tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(peer)).await {
+        Ok(Ok(stream)) => {
+            let _ = stream.set_nodelay(true);
+            tcp_connection(stream, peer, endpoint).await;
+        }
+        Ok(Err(e)) => {
+            info!(%peer, error = %e, "TCP connect failed");
+            let _ = endpoint.cast(SipMsg::TcpConnectFailed { peer });
+        }
+        Err(_) => {
+            info!(%peer, "TCP connect timed out");
+            let _ = endpoint.cast(SipMsg::TcpConnectFailed { peer });
         }
     }
 }

@@ -81,6 +81,14 @@ impl RegistrarStore for NoDevices {
     ) -> Result<u64, StorageError> {
         Ok(0)
     }
+    async fn reachable_bindings(
+        &self,
+        _number_id: &str,
+        _engine_id: &str,
+        _now: DateTime<Utc>,
+    ) -> Result<Vec<Registration>, StorageError> {
+        Ok(Vec::new())
+    }
     async fn sweep_expired_bindings(&self, _now: DateTime<Utc>) -> Result<u64, StorageError> {
         Ok(0)
     }
@@ -197,6 +205,9 @@ impl CallStore for MemCalls {
     }
     async fn append_timeline(&self, _: &str, _: Vec<TimelineEntry>) -> Result<(), StorageError> {
         Ok(())
+    }
+    async fn wallet_balance(&self, _: &str) -> Result<i64, StorageError> {
+        Ok(0)
     }
     async fn engine_heartbeat(&self, _: &str, _: DateTime<Utc>) -> Result<(), StorageError> {
         Ok(())
@@ -420,6 +431,9 @@ async fn start_engine(
             audio: Arc::new(NoMedia),
             data_dir: std::env::temp_dir(),
             public_url: "http://127.0.0.1:1".into(),
+            media_timeout: Duration::from_secs(60),
+            ring_timeout: Duration::from_secs(30),
+            trunk: None,
             registrar: RegistrarSetup {
                 store: Arc::new(NoDevices),
                 domain: "127.0.0.1".into(),

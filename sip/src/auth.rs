@@ -87,6 +87,11 @@ pub enum AuthParseError {
 /// ignored; a known one given twice is an error, so there is never a question of which one the
 /// response was computed over.
 pub fn parse_authorization(value: &str) -> Result<DigestCredentials, AuthParseError> {
+    parse_params(value)?.finish()
+}
+
+/// The parameters of a `Digest` header value (credentials or a challenge).
+fn parse_params(value: &str) -> Result<Params, AuthParseError> {
     if value.len() > MAX_AUTHORIZATION_LEN {
         return Err(AuthParseError::Malformed("header value too long"));
     }
@@ -136,7 +141,58 @@ pub fn parse_authorization(value: &str) -> Result<DigestCredentials, AuthParseEr
             }
         }
     }
-    p.finish()
+    Ok(p)
+}
+
+/// Our answer to a server's challenge (`WWW-Authenticate` or `Proxy-Authenticate` value), as a
+/// UAC that holds the password: an `Authorization` value for `method uri`, with `qop=auth` and
+/// nonce count 1 when the challenge offers it.
+pub fn answer_challenge(
+    challenge: &str,
+    method: &str,
+    uri: &str,
+    username: &str,
+    password: &str,
+    cnonce: &str,
+) -> Result<String, AuthParseError> {
+    let p = parse_params(challenge)?;
+    let realm = p.realm.ok_or(AuthParseError::MissingParam("realm"))?;
+    let nonce = p.nonce.ok_or(AuthParseError::MissingParam("nonce"))?;
+    let algorithm = match p.algorithm.as_deref() {
+        None => Algorithm::Md5,
+        Some(a) => {
+            Algorithm::from_token(a).ok_or_else(|| AuthParseError::UnsupportedAlgorithm(clip(a)))?
+        }
+    };
+    let qop_auth = p
+        .qop
+        .as_deref()
+        .is_some_and(|q| q.split(',').any(|t| t.trim().eq_ignore_ascii_case("auth")));
+    let ha1 = crate::digest::ha1(algorithm, username, &realm, password);
+    let nc = "00000001";
+    let response = crate::digest::expected_response(&crate::digest::ResponseInput {
+        algorithm,
+        ha1: &ha1,
+        method,
+        uri,
+        nonce: &nonce,
+        qop_auth: qop_auth.then_some((nc, cnonce)),
+    });
+    let mut out = format!(
+        "Digest username={}, realm={}, nonce={}, uri={}, response=\"{response}\", algorithm={}",
+        quote(username),
+        quote(&realm),
+        quote(&nonce),
+        quote(uri),
+        algorithm.token()
+    );
+    if qop_auth {
+        out.push_str(&format!(", qop=auth, nc={nc}, cnonce={}", quote(cnonce)));
+    }
+    if let Some(opaque) = p.opaque {
+        out.push_str(&format!(", opaque={}", quote(&opaque)));
+    }
+    Ok(out)
 }
 
 /// Token characters per RFC 3261 §25.1.
@@ -874,6 +930,42 @@ impl FailureLimiter {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn our_answer_to_a_challenge_verifies() {
+        for alg in [Algorithm::Md5, Algorithm::Sha256] {
+            let challenge = super::challenge(alg, "carrier.example", "abc123", false);
+            let value = super::answer_challenge(
+                &format!("{challenge}, opaque=\"xyz\""),
+                "INVITE",
+                "sip:+254711000001@carrier.example",
+                "trunkuser",
+                "trunkpass",
+                "c0ffee",
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+            let creds = parse_authorization(&value).unwrap_or_else(|e| panic!("{e}: {value}"));
+            assert_eq!(creds.opaque.as_deref(), Some("xyz"));
+            let ha1 = crate::digest::ha1(alg, "trunkuser", "carrier.example", "trunkpass");
+            assert!(verify(&creds, "INVITE", &ha1), "{value}");
+            assert!(!verify(&creds, "BYE", &ha1));
+        }
+        // Without qop: the RFC 2069 form.
+        let value = super::answer_challenge(
+            "Digest realm=\"r\", nonce=\"n\"",
+            "INVITE",
+            "sip:a@b",
+            "u",
+            "p",
+            "c",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(!value.contains("qop"), "{value}");
+        assert!(
+            super::answer_challenge("Digest nonce=\"n\"", "INVITE", "sip:a@b", "u", "p", "c")
+                .is_err()
+        );
+    }
+
     use super::*;
     use std::net::{Ipv4Addr, Ipv6Addr};
 

@@ -279,6 +279,84 @@ impl Dialog {
     }
 }
 
+/// What an out-of-dialog INVITE we send (a new call leg) says.
+#[derive(Debug, Clone)]
+pub struct NewInvite<'a> {
+    /// The Request-URI (a device's Contact, a trunk's `sip:+2547…@carrier`).
+    pub target: &'a str,
+    /// The To header's URI (the called party's address of record).
+    pub to: &'a str,
+    /// The From header's URI (who calls) and an optional display name.
+    pub from: &'a str,
+    pub from_display: Option<&'a str>,
+    /// Our Contact URI.
+    pub contact: &'a str,
+    pub via_host: &'a str,
+    pub via_port: u16,
+    pub transport: Transport,
+    /// Extra headers (name, value), e.g. `P-Asserted-Identity`.
+    pub extra: &'a [(&'a str, String)],
+    pub sdp: &'a str,
+}
+
+/// A new INVITE (RFC 3261 §8.1.1) with a fresh Call-ID, From tag and branch; `None` when a URI
+/// does not parse.
+pub fn new_invite(n: &NewInvite<'_>) -> Option<Request> {
+    let uri = rsip::Uri::try_from(n.target).ok()?;
+    rsip::Uri::try_from(n.to).ok()?;
+    rsip::Uri::try_from(n.from).ok()?;
+    rsip::Uri::try_from(n.contact).ok()?;
+    let host = if n.via_host.contains(':') && !n.via_host.starts_with('[') {
+        format!("[{}]", n.via_host)
+    } else {
+        n.via_host.to_string()
+    };
+    let mut headers = rsip::Headers::default();
+    headers.push(Header::Via(rsip::headers::Via::new(format!(
+        "SIP/2.0/{} {host}:{};branch={};rport",
+        n.transport.via_token(),
+        n.via_port,
+        message::new_branch()
+    ))));
+    headers.push(Header::MaxForwards(70u32.into()));
+    let display = n
+        .from_display
+        .map(|d| format!("\"{}\" ", d.replace(['"', '\\'], "")))
+        .unwrap_or_default();
+    headers.push(Header::From(rsip::headers::From::new(format!(
+        "{display}<{}>;tag={}",
+        n.from,
+        message::new_tag()
+    ))));
+    headers.push(Header::To(rsip::headers::To::new(format!("<{}>", n.to))));
+    headers.push(Header::CallId(rsip::headers::CallId::new(
+        message::new_call_id(),
+    )));
+    headers.push(Header::CSeq(rsip::headers::CSeq::new("1 INVITE")));
+    headers.push(Header::Contact(rsip::headers::Contact::new(format!(
+        "<{}>",
+        n.contact
+    ))));
+    for (name, value) in n.extra {
+        headers.push(Header::Other((*name).to_owned(), value.clone()));
+    }
+    headers.push(Header::UserAgent(rsip::headers::UserAgent::new(
+        message::SERVER,
+    )));
+    let req = Request {
+        method: Method::Invite,
+        uri,
+        version: rsip::Version::V2,
+        headers,
+        body: Vec::new(),
+    };
+    Some(message::request_with_body(
+        req,
+        "application/sdp",
+        n.sdp.as_bytes().to_vec(),
+    ))
+}
+
 fn record_routes(msg: &impl HasHeaders) -> Vec<String> {
     msg.headers()
         .iter()
@@ -302,6 +380,42 @@ fn route_uri(entry: &str) -> Option<rsip::Uri> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn new_invite_starts_a_dialog_we_can_follow() {
+        let req = super::new_invite(&super::NewInvite {
+            target: "sip:ts_1-0x55@10.0.0.9:5062;transport=udp",
+            to: "sip:+254700000001@sip.example.com",
+            from: "sip:+254711000001@sip.example.com",
+            from_display: Some("+254711000001"),
+            contact: "sip:254700000001@127.0.0.1:5060",
+            via_host: "127.0.0.1",
+            via_port: 5060,
+            transport: Transport::Udp,
+            extra: &[(
+                "P-Asserted-Identity",
+                "<sip:+254711000001@sip.example.com>".into(),
+            )],
+            sdp: "v=0\r\n",
+        })
+        .unwrap_or_else(|| panic!("the INVITE builds"));
+        let text = String::from_utf8(message::to_bytes(req.clone())).unwrap_or_default();
+        // rsip prints the transport parameter in capitals; its value is case-insensitive.
+        assert!(
+            text.to_ascii_lowercase()
+                .starts_with("invite sip:ts_1-0x55@10.0.0.9:5062;transport=udp sip/2.0\r\n"),
+            "{text}"
+        );
+        assert!(text.contains("P-Asserted-Identity: <sip:+254711000001@sip.example.com>\r\n"));
+        assert!(text.contains("Content-Type: application/sdp\r\n"));
+        assert!(message::from_tag(&req).is_some());
+        assert!(message::top_via_branch(&req).is_some_and(|b| b.starts_with("z9hG4bK")));
+        assert!(matches!(
+            message::parse(text.as_bytes()),
+            Ok(rsip::SipMessage::Request(_))
+        ));
+        assert!(message::cancel_for(&req).method == Method::Cancel);
+    }
+
     use super::*;
     use rsip::SipMessage;
 

@@ -61,6 +61,24 @@ pub fn available() -> bool {
     binary().is_some()
 }
 
+/// Should a test that needs baresip run? True when baresip is present. When it is missing:
+/// panics if `SAUTIKIT_REQUIRE_BARESIP=1` (scripts/test.sh sets it and installs baresip), else
+/// prints a note naming `test` and returns false, so the test returns early.
+pub fn present_or_required(test: &str) -> bool {
+    if available() {
+        return true;
+    }
+    assert!(
+        std::env::var("SAUTIKIT_REQUIRE_BARESIP").as_deref() != Ok("1"),
+        "{test}: SAUTIKIT_REQUIRE_BARESIP=1 but baresip is not installed \
+         (Debian package `baresip`, or set BARESIP_BIN)"
+    );
+    eprintln!(
+        "{test}: not run: baresip is not installed (Debian package `baresip`, or set BARESIP_BIN)"
+    );
+    false
+}
+
 fn binary() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("BARESIP_BIN") {
         let p = PathBuf::from(p);

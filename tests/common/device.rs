@@ -56,6 +56,14 @@ pub fn parse_challenge(value: &str) -> Challenge {
     }
 }
 
+/// Every challenge in headers `name` (`WWW-Authenticate`, `Proxy-Authenticate`), in order.
+pub fn challenges_named(msg: &str, name: &str) -> Vec<Challenge> {
+    headers(msg, name)
+        .into_iter()
+        .map(parse_challenge)
+        .collect()
+}
+
 /// Every challenge of a 401, in order.
 pub fn challenges(msg: &str) -> Vec<Challenge> {
     headers(msg, "WWW-Authenticate")

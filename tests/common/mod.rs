@@ -5,6 +5,7 @@ pub mod baresip;
 pub mod caller;
 pub mod calls;
 pub mod device;
+pub mod peer;
 pub mod receiver;
 pub mod store;
 pub mod uac;

@@ -41,6 +41,8 @@ pub struct IncomingInvite {
     pub sip_call_id: String,
     /// Our SIP address (Via and Contact of what we send).
     pub local: SocketAddr,
+    /// A registered device's call: the credential and number it authenticated as.
+    pub device: Option<crate::registrar::DeviceLogin>,
 }
 
 pub struct CallArgs {
@@ -80,6 +82,19 @@ pub enum CallMsg {
     },
     /// `getDigits` waited long enough for the next key.
     DigitsTimedOut { seq: u64 },
+    /// A response to the INVITE of outbound leg `leg`.
+    LegResponse {
+        leg: u32,
+        response: Box<rsip::Response>,
+    },
+    /// Leg `leg`'s INVITE got no final response (Timer B), or could not be sent.
+    LegTimedOut { leg: u32 },
+    /// Leg `leg`'s media reported something.
+    LegMedia { leg: u32, event: MediaEvent },
+    /// The devices rang for the whole ring time.
+    RingTimedOut { seq: u64 },
+    /// The balance paid for this much talk: the call ends now.
+    PaidTimeOver { seq: u64 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,6 +128,8 @@ pub(super) enum Waiting {
         seq: u64,
     },
     Recording,
+    /// The caller is connected (or being connected) to another leg: no script runs.
+    Bridge,
 }
 
 /// Where the script goes on when a step's callback (`getDigits`, `record`) returns no actions.
@@ -156,6 +173,18 @@ pub struct CallState {
     pub(super) step_resume: Option<StepResume>,
     /// The answer's write, queued and not yet known to have committed.
     pub(super) answer_receipt: Option<crate::call_store::WriteReceipt>,
+    /// Outbound legs (devices rung, parties dialled), by leg number.
+    pub(super) legs: Vec<super::leg::Leg>,
+    /// The leg whose media is bridged to the caller's.
+    pub(super) bridged: Option<u32>,
+    /// Names the current ring timer (older ones are ignored).
+    pub(super) ring_seq: u64,
+    /// `inbound`, or `outbound` for a device's call out through the trunk.
+    pub(super) direction: &'static str,
+    /// The call goes out through the trunk: the carrier's answers are passed on.
+    pub(super) trunk_call: bool,
+    /// Names the current paid-time timer.
+    pub(super) paid_seq: u64,
 }
 
 impl Actor for Call {
@@ -196,6 +225,12 @@ impl Actor for Call {
             recording: None,
             step_resume: None,
             answer_receipt: None,
+            legs: Vec::new(),
+            bridged: None,
+            ring_seq: 0,
+            direction: "inbound",
+            trunk_call: false,
+            paid_seq: 0,
         })
     }
 
@@ -257,6 +292,11 @@ impl Actor for Call {
                     verbs::get_digits_timed_out(state).await;
                 }
             }
+            CallMsg::LegResponse { leg, response } => state.on_leg_answer(leg, &response).await,
+            CallMsg::LegTimedOut { leg } => state.on_leg_timeout(leg).await,
+            CallMsg::LegMedia { leg, event } => state.on_leg_media(leg, event).await,
+            CallMsg::RingTimedOut { seq } => state.on_ring_timeout(seq).await,
+            CallMsg::PaidTimeOver { seq } => state.on_paid_time_over(seq).await,
             CallMsg::HangupRequested { reply } => {
                 state.hangup_waiters.push(reply);
                 if state.phase == Phase::Ringing {
@@ -284,6 +324,16 @@ impl Actor for Call {
 async fn answered_committed(answer: crate::call_store::WriteReceipt, call_id: &str) {
     if let Err(e) = answer.await {
         warn!(call_id = %call_id, error = %e, "recording the answer failed");
+    }
+}
+
+/// A device dialling `07…` or `01…` (Kenya's national format) means `+2547…`/`+2541…`.
+fn national_to_e164(user: &str) -> String {
+    match user.strip_prefix('0') {
+        Some(rest) if rest.len() == 9 && rest.bytes().all(|b| b.is_ascii_digit()) => {
+            format!("+254{rest}")
+        }
+        _ => user.to_owned(),
     }
 }
 
@@ -317,6 +367,14 @@ impl CallState {
         let user = sipmsg::request_user(request).unwrap_or_default();
         let from_user = sipmsg::from_user(&self.invite.request).unwrap_or_default();
         self.from = normalize_number(&from_user).unwrap_or(from_user);
+        let user = match &self.invite.device {
+            // A device presents only its number, and may dial in the national format.
+            Some(login) => {
+                self.from = login.number.clone();
+                national_to_e164(&user)
+            }
+            None => user,
+        };
         let transport = match self.invite.from.transport {
             Transport::Udp => "udp",
             Transport::Tcp => "tcp",
@@ -331,33 +389,16 @@ impl CallState {
             return;
         };
         self.to = number.clone();
-        let Some(numbers) = ActorRef::<NumbersMsg>::where_is(self.deps.numbers.clone()) else {
-            warn!(sip_call_id = %self.invite.sip_call_id, "Numbers actor not running");
-            self.respond_with(503, Some("Service Unavailable"), &[("Retry-After", "5")]);
-            self.stop_unrecorded();
+        let Ok(route) = self.lookup_route(number).await else {
             return;
-        };
-        let route = match ractor::call_t!(
-            numbers,
-            |reply| NumbersMsg::RouteRequested { number, reply },
-            ROUTE_TIMEOUT.as_millis() as u64
-        ) {
-            Ok(Ok(route)) => route,
-            Ok(Err(e)) => {
-                warn!(sip_call_id = %self.invite.sip_call_id, error = %e, "route look-up failed");
-                self.respond_with(503, Some("Service Unavailable"), &[("Retry-After", "5")]);
-                self.stop_unrecorded();
-                return;
-            }
-            Err(e) => {
-                warn!(sip_call_id = %self.invite.sip_call_id, error = %e, "Numbers actor unavailable");
-                self.respond_with(503, Some("Service Unavailable"), &[("Retry-After", "5")]);
-                self.stop_unrecorded();
-                return;
-            }
         };
         let route = match route {
             Some(r) if r.status != NumberStatus::Released => r,
+            _ if self.invite.device.is_some() => {
+                // Not one of our numbers: out through the trunk.
+                self.call_out().await;
+                return;
+            }
             _ => {
                 info!(number = %self.to, "INVITE for a number nobody has claimed");
                 self.respond_final(404, Some("Not Found"));
@@ -378,9 +419,22 @@ impl CallState {
         }
         info!(call_id = %self.call_id, number_id = %self.route_ref().number_id, workspace_id = %self.route_ref().workspace_id, "inbound call");
         let Some(url) = callback_url else {
-            self.respond_final(480, Some("Temporarily Unavailable"));
-            self.finish(CallStatus::Failed, None, Some("routing.no_voice_callback"))
-                .await;
+            // No script: the number's registered devices, if it has any.
+            match self.check_offer() {
+                Ok(offer) => self.offer = Some(offer),
+                Err(reason) => {
+                    self.note("sdp.rejected", json!({"message": reason}));
+                    self.respond_final(488, Some("Not Acceptable Here"));
+                    self.finish(CallStatus::Failed, None, Some("sdp.no_common_codec"))
+                        .await;
+                    return;
+                }
+            }
+            if !self.ring_devices().await {
+                self.respond_final(480, Some("Temporarily Unavailable"));
+                self.finish(CallStatus::Failed, None, Some("routing.no_voice_callback"))
+                    .await;
+            }
             return;
         };
         // The offer is checked before the callback: a call we could not answer costs the customer
@@ -398,7 +452,36 @@ impl CallState {
         self.fetch(url, CallbackMethod::Post, Vec::new());
     }
 
-    fn check_offer(&self) -> Result<sdp::SessionDescription, String> {
+    /// The route of a number; `Err` when it could not be had (answered `503` already).
+    pub(super) async fn lookup_route(&mut self, number: String) -> Result<Option<NumberRoute>, ()> {
+        let Some(numbers) = ActorRef::<NumbersMsg>::where_is(self.deps.numbers.clone()) else {
+            warn!(sip_call_id = %self.invite.sip_call_id, "Numbers actor not running");
+            self.respond_with(503, Some("Service Unavailable"), &[("Retry-After", "5")]);
+            self.stop_unrecorded();
+            return Err(());
+        };
+        match ractor::call_t!(
+            numbers,
+            |reply| NumbersMsg::RouteRequested { number, reply },
+            ROUTE_TIMEOUT.as_millis() as u64
+        ) {
+            Ok(Ok(route)) => Ok(route),
+            Ok(Err(e)) => {
+                warn!(sip_call_id = %self.invite.sip_call_id, error = %e, "route look-up failed");
+                self.respond_with(503, Some("Service Unavailable"), &[("Retry-After", "5")]);
+                self.stop_unrecorded();
+                Err(())
+            }
+            Err(e) => {
+                warn!(sip_call_id = %self.invite.sip_call_id, error = %e, "Numbers actor unavailable");
+                self.respond_with(503, Some("Service Unavailable"), &[("Retry-After", "5")]);
+                self.stop_unrecorded();
+                Err(())
+            }
+        }
+    }
+
+    pub(super) fn check_offer(&self) -> Result<sdp::SessionDescription, String> {
         let body = &self.invite.request.body;
         if body.is_empty() {
             return Err("the INVITE carries no SDP offer".into());
@@ -417,13 +500,13 @@ impl CallState {
     }
 
     /// Write the call row (`ringing`) with `call.started`; false if that failed (answered 503).
-    async fn record_started(&mut self) -> bool {
+    pub(super) async fn record_started(&mut self) -> bool {
         let route = self.route_ref().clone();
         let started = CallStarted {
             call_id: self.call_id.clone(),
             workspace_id: route.workspace_id.clone(),
             number_id: route.number_id.clone(),
-            direction: "inbound".into(),
+            direction: self.direction.into(),
             from: self.from.clone(),
             to: self.to.clone(),
             sip_call_id: self.invite.sip_call_id.clone(),
@@ -486,7 +569,7 @@ impl CallState {
             ("NumberId".to_owned(), route.number_id.clone()),
             ("From".to_owned(), self.from.clone()),
             ("To".to_owned(), self.to.clone()),
-            ("Direction".to_owned(), "inbound".to_owned()),
+            ("Direction".to_owned(), self.direction.to_owned()),
             ("CallStatus".to_owned(), status.to_owned()),
         ];
         f.extend(extra);
@@ -645,13 +728,16 @@ impl CallState {
         let dialog = Dialog::uas(&self.invite.request, &self.local_tag, contact_uri)
             .map_err(|_| "sip.bad_dialog")?;
         // Everything that can fail without a port is done: a port opened now is closed again if
-        // the answer cannot be made.
-        let port = self
-            .deps
-            .media
-            .open(events)
-            .await
-            .map_err(|_| "media.no_port")?;
+        // the answer cannot be made. A call that rang devices opened its port already.
+        let port = match self.rtp.take() {
+            Some(port) => port,
+            None => self
+                .deps
+                .media
+                .open(events)
+                .await
+                .map_err(|_| "media.no_port")?,
+        };
         let session_id =
             u64::from_str_radix(&self.local_tag[..self.local_tag.len().min(12)], 16).unwrap_or(1);
         let answer = match sdp::answer(offer, self.deps.media_ip, port.local.port(), session_id) {
@@ -693,8 +779,35 @@ impl CallState {
         Ok(())
     }
 
+    /// Open the caller's RTP port before answering (legs open theirs beside it). The call's
+    /// end closes it.
+    pub(super) async fn open_caller_port(&mut self) -> Result<(), &'static str> {
+        if self.rtp.is_some() {
+            return Ok(());
+        }
+        let me = self.myself.clone();
+        let events: crate::media::MediaEvents = std::sync::Arc::new(move |e: MediaEvent| {
+            let _ = me.cast(CallMsg::Media(e));
+        });
+        let port = self
+            .deps
+            .media
+            .open(events)
+            .await
+            .map_err(|_| "media.no_port")?;
+        self.rtp = Some(port);
+        Ok(())
+    }
+
     async fn on_media(&mut self, event: MediaEvent) {
         match event {
+            MediaEvent::MediaTimeout { .. } => {
+                if self.bridged.is_some() {
+                    self.note("media.timeout", json!({"leg": "caller"}));
+                    self.hang_up(CallStatus::Completed, "media_timeout", None)
+                        .await;
+                }
+            }
             MediaEvent::PlaybackFinished {
                 play_id,
                 interrupted,
@@ -763,6 +876,10 @@ impl CallState {
     }
 
     async fn on_in_dialog(&mut self, key: TxKey, request: rsip::Request) {
+        if let Some(leg) = self.leg_of(&request) {
+            self.on_leg_request(leg, key, request).await;
+            return;
+        }
         let method = request.method.to_string();
         self.note("sip.received", json!({"method": method}));
         let info_digit = (request.method == rsip::Method::Info)
@@ -809,6 +926,24 @@ impl CallState {
             self.finish(CallStatus::Completed, Some("caller_hangup"), None)
                 .await;
         }
+    }
+
+    /// A provisional answer to the INVITE (`180 Ringing` while devices ring).
+    pub(super) fn respond_provisional(&mut self, code: u16, reason: &str) {
+        if self.phase != Phase::Ringing {
+            return;
+        }
+        let response = response_to(
+            &self.invite.request,
+            code,
+            Some(reason),
+            Some(&self.local_tag),
+        );
+        let _ = self.endpoint.cast(SipMsg::Respond {
+            key: self.invite.key.clone(),
+            response,
+        });
+        self.note("sip.sent", json!({"status": code, "reason": reason}));
     }
 
     /// A final non-2xx answer to the INVITE.
@@ -882,6 +1017,7 @@ impl CallState {
         }
         self.phase = Phase::Ended;
         verbs::recording_interrupted(self).await;
+        self.end_legs();
         if let Some(port) = self.rtp.take() {
             self.deps.media.close(port.id);
         }
@@ -925,7 +1061,7 @@ impl CallState {
     }
 
     /// Answered without a call row (unknown number, storage down): nothing to record.
-    fn stop_unrecorded(&mut self) {
+    pub(super) fn stop_unrecorded(&mut self) {
         self.phase = Phase::Ended;
         self.leave();
     }
@@ -934,6 +1070,11 @@ impl CallState {
         let _ = self.endpoint.cast(SipMsg::DialogEnded {
             sip_call_id: self.invite.sip_call_id.clone(),
         });
+        for leg in &self.legs {
+            let _ = self.endpoint.cast(SipMsg::DialogEnded {
+                sip_call_id: leg.sip_call_id.clone(),
+            });
+        }
         self.myself.stop(None);
     }
 }

@@ -7,7 +7,11 @@
 //! this engine's heartbeat so calls orphaned by a dead process get closed.
 
 mod call;
+mod devices;
+mod from_device;
+mod leg;
 mod live;
+pub mod trunk;
 mod verbs;
 
 use std::net::{IpAddr, SocketAddr};
@@ -58,6 +62,14 @@ pub struct CallDeps {
     pub data_dir: PathBuf,
     /// The API's public base URL, for `RecordingUrl`.
     pub public_url: String,
+    /// Registered devices of a number (calls to devices ring them).
+    pub devices: Arc<dyn crate::registrar::RegistrarStore>,
+    /// A bridged leg silent this long ends the call (`media_timeout`).
+    pub media_timeout: Duration,
+    /// How long a number's devices ring before the caller gets `480`.
+    pub ring_timeout: Duration,
+    /// Where calls to numbers that are not ours go (`SAUTIKIT_OUTBOUND_TRUNK`).
+    pub trunk: Option<trunk::Trunk>,
 }
 
 /// What a call has on the wire, kept by Calls to end it cleanly should its actor fail.

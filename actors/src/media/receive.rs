@@ -6,6 +6,9 @@
 //! callers behind NAT), turns RFC 4733 telephone-events into digits, and writes recordings:
 //! packets go through a jitter buffer (reordered, de-duplicated, gaps filled with silence) so the
 //! WAV file keeps the caller's timing.
+//!
+//! While the stream is bridged it also relays each packet, as it arrives, onto the other leg's
+//! outgoing stream (see the media module), and watches for the caller falling silent.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -15,7 +18,7 @@ use std::time::Duration;
 
 use sautikit_sip::dtmf::DtmfDetector;
 use sautikit_sip::jitter::{Frame, JitterBuffer};
-use sautikit_sip::rtp::{RtpHeader, g711};
+use sautikit_sip::rtp::{RelayKind, RtpView, g711};
 use sautikit_sip::tone::SilenceDetector;
 use sautikit_sip::wav::WavWriter;
 use tokio::net::UdpSocket;
@@ -23,7 +26,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use super::{MediaCmd, MediaEvent, MediaEvents, MediaStats, StreamParams};
+use super::{MediaEvent, MediaEvents, MediaStats, SharedOut, StreamParams, lock};
 
 /// Jitter absorbed before audio is written: enough for reordering on a mobile network, short
 /// enough that a key pressed to end a recording cuts it close to the press.
@@ -36,6 +39,8 @@ const FLUSH_BYTES: usize = 64 * 1024;
 /// While recording, the task checks limits at least this often, even if the caller sends nothing
 /// (silence suppression): silence is then the absence of packets.
 const RECORDING_TICK: Duration = Duration::from_millis(100);
+/// Room for any packet relayed (a UDP datagram on an Ethernet path), allocated once per stream.
+const RELAY_BUFFER: usize = 1500;
 
 /// What a `record` asks for.
 #[derive(Debug, Clone)]
@@ -91,7 +96,35 @@ pub enum RecvCmd {
         RecordingEnd,
         Option<tokio::sync::oneshot::Sender<Option<RecordingOutcome>>>,
     ),
+    /// Relay what arrives to `peer` (`None`: the peer has not started yet; relay nothing), and
+    /// report a silence of `timeout` (zero: never).
+    Bridge {
+        peer: Option<Peer>,
+        timeout: Duration,
+    },
+    Unbridge,
     Close,
+}
+
+/// Where a bridged stream's packets go: the other leg's outgoing stream and what it negotiated.
+#[derive(Debug)]
+pub(super) struct Peer {
+    pub(super) id: u64,
+    pub(super) out: SharedOut,
+    pub(super) payload_type: u8,
+    pub(super) telephone_event: Option<u8>,
+    /// From this stream's codec to the peer's, when they differ.
+    pub(super) map: Option<&'static [u8; 256]>,
+}
+
+/// Bridged: where packets go, and the silence that is reported.
+struct Bridge {
+    peer: Option<Peer>,
+    timeout: Option<Duration>,
+    /// The last packet, or the bridge's start if later.
+    heard_at: Instant,
+    /// The silence since `heard_at` was reported.
+    reported: bool,
 }
 
 struct Recorder {
@@ -107,6 +140,8 @@ struct Recorder {
 pub(super) struct Receiver {
     id: u64,
     socket: Arc<UdpSocket>,
+    /// This stream's outgoing side (latching sets its remote).
+    out: SharedOut,
     params: StreamParams,
     events: MediaEvents,
     stats: Arc<MediaStats>,
@@ -116,12 +151,16 @@ pub(super) struct Receiver {
     jitter: JitterBuffer,
     recorder: Option<Recorder>,
     pcm: Vec<i16>,
+    bridge: Option<Bridge>,
+    /// Where relayed packets are written.
+    relay_buf: Vec<u8>,
 }
 
 impl Receiver {
     pub(super) fn new(
         id: u64,
         socket: Arc<UdpSocket>,
+        out: SharedOut,
         params: StreamParams,
         events: MediaEvents,
         stats: Arc<MediaStats>,
@@ -129,6 +168,7 @@ impl Receiver {
         Receiver {
             id,
             socket,
+            out,
             params,
             events,
             stats,
@@ -137,6 +177,8 @@ impl Receiver {
             jitter: JitterBuffer::new(8000, PLAYOUT_DELAY),
             recorder: None,
             pcm: Vec::with_capacity(160),
+            bridge: None,
+            relay_buf: Vec::new(),
         }
     }
 
@@ -154,48 +196,103 @@ impl Receiver {
             let tick = Instant::now() + RECORDING_TICK;
             next = Some(next.map_or(tick, |n| n.min(tick)));
         }
+        if let Some(b) = &self.bridge
+            && let Some(timeout) = b.timeout
+            && !b.reported
+        {
+            let at = b.heard_at + timeout;
+            next = Some(next.map_or(at, |n| n.min(at)));
+        }
         next
     }
 
-    async fn on_packet(
-        &mut self,
-        packet: &[u8],
-        from: SocketAddr,
-        engine: &mpsc::UnboundedSender<MediaCmd>,
-    ) {
+    async fn on_packet(&mut self, packet: &[u8], from: SocketAddr) {
         self.stats.packets_received.fetch_add(1, Ordering::Relaxed);
-        let Ok((header, payload)) = RtpHeader::parse(packet) else {
+        let Ok(packet) = RtpView::parse(packet) else {
             return;
         };
-        let pt = header.payload_type;
-        let ours = pt == self.params.payload_type || Some(pt) == self.params.telephone_event;
-        if !ours {
+        let pt = packet.payload_type;
+        let event = Some(pt) == self.params.telephone_event;
+        if pt != self.params.payload_type && !event {
             return;
         }
         if self.latched != Some(from) {
             self.latched = Some(from);
-            let _ = engine.send(MediaCmd::Latch {
-                id: self.id,
-                remote: from,
-            });
+            let mut out = lock(&self.out);
+            if out.remote != Some(from) {
+                debug!(stream = self.id, remote = %from, "RTP latched to the caller's source address");
+                out.remote = Some(from);
+            }
         }
         let now = Instant::now();
-        if Some(pt) == self.params.telephone_event {
+        if let Some(b) = self.bridge.as_mut() {
+            b.heard_at = now;
+            b.reported = false;
+            if let Some(peer) = &b.peer {
+                relay(
+                    self.id,
+                    peer,
+                    &packet,
+                    event,
+                    now,
+                    &mut self.relay_buf,
+                    &self.stats,
+                );
+            }
+        }
+        if event {
             let digit = self
                 .dtmf
                 .as_mut()
-                .and_then(|d| d.push(&header, payload, now.into_std()));
+                .and_then(|d| d.push(&packet.header(), packet.payload, now.into_std()));
             if let Some(digit) = digit {
                 self.digit(digit.key).await;
             }
         } else if self.recorder.is_some() {
-            self.jitter.push(header, payload, now.into_std());
+            self.jitter
+                .push(packet.header(), packet.payload, now.into_std());
             self.drain(now).await;
+        }
+    }
+
+    fn bridge(&mut self, peer: Option<Peer>, timeout: Duration) {
+        let timeout = (!timeout.is_zero()).then_some(timeout);
+        match self.bridge.as_mut() {
+            // Linked again (the peer restarted, or a new timeout): the silence goes on.
+            Some(b) => {
+                b.peer = peer;
+                b.timeout = timeout;
+            }
+            None => {
+                self.bridge = Some(Bridge {
+                    peer,
+                    timeout,
+                    heard_at: Instant::now(),
+                    reported: false,
+                });
+            }
+        }
+        if self.relay_buf.capacity() < RELAY_BUFFER {
+            self.relay_buf = Vec::with_capacity(RELAY_BUFFER);
         }
     }
 
     async fn on_timer(&mut self) {
         let now = Instant::now();
+        if let Some(b) = self.bridge.as_mut()
+            && let Some(timeout) = b.timeout
+            && !b.reported
+            && now >= b.heard_at + timeout
+        {
+            b.reported = true;
+            let silent_for = now.duration_since(b.heard_at);
+            debug!(
+                stream = self.id,
+                ?silent_for,
+                "bridged stream silent: media timeout"
+            );
+            (self.events)(MediaEvent::MediaTimeout { silent_for });
+        }
         let digit = self.dtmf.as_mut().and_then(|d| d.poll(now.into_std()));
         if let Some(digit) = digit {
             self.digit(digit.key).await;
@@ -362,18 +459,14 @@ impl Recorder {
     }
 }
 
-pub(super) async fn run(
-    mut r: Receiver,
-    mut ctl: mpsc::UnboundedReceiver<RecvCmd>,
-    engine: mpsc::UnboundedSender<MediaCmd>,
-) {
+pub(super) async fn run(mut r: Receiver, mut ctl: mpsc::UnboundedReceiver<RecvCmd>) {
     let mut buf = vec![0u8; 2048];
     let socket = r.socket.clone();
     loop {
         let deadline = r.next_deadline();
         tokio::select! {
             got = socket.recv_from(&mut buf) => match got {
-                Ok((n, from)) => r.on_packet(&buf[..n], from, &engine).await,
+                Ok((n, from)) => r.on_packet(&buf[..n], from).await,
                 // ICMP errors from earlier sends surface here; nothing to do.
                 Err(e) => debug!(stream = r.id, error = %e, "RTP receive error"),
             },
@@ -385,12 +478,62 @@ pub(super) async fn run(
                         let _ = done.send(outcome);
                     }
                 }
+                Some(RecvCmd::Bridge { peer, timeout }) => r.bridge(peer, timeout),
+                Some(RecvCmd::Unbridge) => r.bridge = None,
                 Some(RecvCmd::Close) | None => {
                     let _ = r.finish(RecordingEnd::Hangup).await;
                     return;
                 }
             },
             () = sleep_until(deadline) => r.on_timer().await,
+        }
+    }
+}
+
+/// Relay one packet of stream `from` onto `peer`'s outgoing stream: one (uncontended) lock, the
+/// header rewritten and the payload copied (or mapped, byte by byte) into `buf`, one non-blocking
+/// send. Nothing is allocated.
+fn relay(
+    from: u64,
+    peer: &Peer,
+    packet: &RtpView<'_>,
+    event: bool,
+    now: Instant,
+    buf: &mut Vec<u8>,
+    stats: &MediaStats,
+) {
+    let (payload_type, kind, map) = if event {
+        // The peer negotiated no telephone-events: it cannot take them.
+        let Some(pt) = peer.telephone_event else {
+            return;
+        };
+        (pt, RelayKind::Event, None)
+    } else {
+        let samples = u32::try_from(packet.payload.len()).unwrap_or(u32::MAX);
+        (peer.payload_type, RelayKind::Audio { samples }, peer.map)
+    };
+    let mut guard = lock(&peer.out);
+    let out = &mut *guard;
+    // Not ours to write (a prompt plays there, or the bridge is ending).
+    if out.relay_from != Some(from) {
+        return;
+    }
+    let (Some(remote), Some(sender)) = (out.remote, out.sender.as_mut()) else {
+        return;
+    };
+    if !out
+        .relay
+        .relay(sender, packet, payload_type, kind, map, now.into_std(), buf)
+    {
+        return;
+    }
+    match out.socket.try_send_to(buf, remote) {
+        Ok(_) => {
+            stats.packets_relayed.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(e) => {
+            stats.send_errors.fetch_add(1, Ordering::Relaxed);
+            debug!(stream = peer.id, error = %e, "relayed RTP send failed");
         }
     }
 }

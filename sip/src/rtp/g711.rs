@@ -109,6 +109,28 @@ pub fn decode_into(codec: crate::sdp::Codec, bytes: &[u8], out: &mut Vec<i16>) {
     }
 }
 
+/// Per-byte tables that turn one law's codes into the other's (decode, then encode), for relaying
+/// between a PCMU leg and a PCMA leg without a detour through linear samples per packet. Built on
+/// first use, then shared.
+static ULAW_TO_ALAW: std::sync::LazyLock<[u8; 256]> =
+    std::sync::LazyLock::new(|| std::array::from_fn(|c| alaw::encode(ulaw::decode(c as u8))));
+static ALAW_TO_ULAW: std::sync::LazyLock<[u8; 256]> =
+    std::sync::LazyLock::new(|| std::array::from_fn(|c| ulaw::encode(alaw::decode(c as u8))));
+
+/// The table that turns `from` codes into `to` codes (index by the code); `None` when the codecs
+/// are the same and the bytes pass unchanged.
+pub fn transcode_table(
+    from: crate::sdp::Codec,
+    to: crate::sdp::Codec,
+) -> Option<&'static [u8; 256]> {
+    use crate::sdp::Codec;
+    match (from, to) {
+        (Codec::Pcmu, Codec::Pcma) => Some(&ULAW_TO_ALAW),
+        (Codec::Pcma, Codec::Pcmu) => Some(&ALAW_TO_ULAW),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,6 +170,30 @@ mod tests {
                 assert_eq!(ulaw::encode(ulaw::decode(code)), code, "ulaw {code:#x}");
             }
             assert_eq!(alaw::encode(alaw::decode(code)), code, "alaw {code:#x}");
+        }
+    }
+
+    #[test]
+    fn transcode_tables_match_decode_then_encode() {
+        use crate::sdp::Codec;
+        assert!(transcode_table(Codec::Pcmu, Codec::Pcmu).is_none());
+        assert!(transcode_table(Codec::Pcma, Codec::Pcma).is_none());
+        let u2a = transcode_table(Codec::Pcmu, Codec::Pcma).expect("table");
+        let a2u = transcode_table(Codec::Pcma, Codec::Pcmu).expect("table");
+        for code in 0..=255u8 {
+            assert_eq!(u2a[usize::from(code)], alaw::encode(ulaw::decode(code)));
+            assert_eq!(a2u[usize::from(code)], ulaw::encode(alaw::decode(code)));
+        }
+        assert_eq!(u2a[usize::from(SILENCE_PCMU)], SILENCE_PCMA);
+        // Silence maps to (near) silence both ways; loud codes stay within one step.
+        assert!(ulaw::decode(a2u[usize::from(SILENCE_PCMA)]).abs() <= 8);
+        for code in 0..=255u8 {
+            let (x, y) = (ulaw::decode(code), alaw::decode(u2a[usize::from(code)]));
+            let tolerance = i32::from(x).abs() / 16 + 16;
+            assert!(
+                (i32::from(x) - i32::from(y)).abs() <= tolerance,
+                "{code:#x}: {x} vs {y}"
+            );
         }
     }
 }

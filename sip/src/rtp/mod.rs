@@ -1,8 +1,10 @@
 //! RTP (RFC 3550) headers, a sender that numbers packets, G.711 and real-time pacing.
 
 pub mod g711;
+mod relay;
 mod wheel;
 
+pub use relay::{RESYNC_GAP, RelayKind, RtpRelay, RtpView};
 pub use wheel::{DueTicks, FrameWheel};
 
 use thiserror::Error;

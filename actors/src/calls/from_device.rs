@@ -1,0 +1,146 @@
+//! Calls from registered devices (DESIGN §8): a device that authenticated as a credential of one
+//! number calls out with that number's identity. A call to one of our own numbers is taken as an
+//! inbound call to it (see `Call::begin`); anything else goes out through the trunk, paid from the
+//! wallet: a minute of balance to start, cut when the paid time is over.
+
+use serde_json::json;
+use tracing::{info, warn};
+
+use super::call::{CallMsg, CallState, Phase, Waiting};
+use super::leg::LegTarget;
+use super::trunk;
+use crate::call_store::CallStatus;
+use crate::model::NumberStatus;
+use crate::money;
+
+impl CallState {
+    /// Out through the trunk, from the device's number to `self.to`.
+    pub(super) async fn call_out(&mut self) {
+        let Some(login) = self.invite.device.clone() else {
+            return;
+        };
+        let Ok(route) = self.lookup_route(login.number.clone()).await else {
+            return;
+        };
+        let route = match route {
+            Some(r) if r.status == NumberStatus::Active => r,
+            _ => {
+                self.respond_final(403, Some("Forbidden"));
+                self.stop_unrecorded();
+                return;
+            }
+        };
+        self.direction = "outbound";
+        self.route = Some(route.clone());
+        if !self.record_started().await {
+            return;
+        }
+        info!(call_id = %self.call_id, number_id = %route.number_id, workspace_id = %route.workspace_id, to = %self.to, "device call out");
+        let Some(trunk) = self.deps.trunk.clone() else {
+            self.respond_final(503, Some("Service Unavailable"));
+            self.finish(CallStatus::Failed, None, Some("trunk.not_configured"))
+                .await;
+            return;
+        };
+        match self.check_offer() {
+            Ok(offer) => self.offer = Some(offer),
+            Err(reason) => {
+                self.note("sdp.rejected", json!({"message": reason}));
+                self.respond_final(488, Some("Not Acceptable Here"));
+                self.finish(CallStatus::Failed, None, Some("sdp.no_common_codec"))
+                    .await;
+                return;
+            }
+        }
+        let balance = match self.deps.store.wallet_balance(&route.workspace_id).await {
+            Ok(b) => b,
+            Err(e) => {
+                warn!(call_id = %self.call_id, error = %e, "could not read the balance");
+                self.fail("engine.error").await;
+                return;
+            }
+        };
+        if !money::can_start_outbound(balance, route.outbound_per_min_minor) {
+            self.note(
+                "prepaid.refused",
+                json!({"balance_minor": balance, "rate_per_min_minor": route.outbound_per_min_minor}),
+            );
+            self.respond_final(402, Some("Payment Required"));
+            self.finish(CallStatus::Failed, None, Some("wallet.insufficient_funds"))
+                .await;
+            return;
+        }
+        self.trunk_call = true;
+        self.waiting = Waiting::Bridge;
+        if let Err(reason) = self.open_caller_port().await {
+            self.fail(reason).await;
+            return;
+        }
+        let host = self.invite.local.ip().to_string();
+        let caller = format!("sip:{}@{host}", login.number);
+        let target = LegTarget {
+            label: "trunk".into(),
+            uri: trunk.uri(&self.to),
+            to: trunk.uri(&self.to),
+            from: caller.clone(),
+            from_display: Some(login.number.clone()),
+            peer: trunk.peer,
+            extra: vec![("P-Asserted-Identity", format!("<{caller}>"))],
+        };
+        if let Err(reason) = self.start_leg(target).await {
+            self.fail(reason).await;
+        }
+    }
+
+    /// The trunk refused: the device gets the carrier's code, the call its status.
+    pub(super) async fn trunk_refused(&mut self, code: u16) {
+        let (status, failure) = trunk::refusal(code);
+        // A challenge we could not answer is ours to explain, not the device's to retry.
+        let passed = if matches!(code, 401 | 407) { 503 } else { code };
+        self.respond_final(passed, None);
+        let cause = match status {
+            CallStatus::Busy => Some("busy"),
+            CallStatus::NoAnswer => Some("no_answer"),
+            _ => None,
+        };
+        self.finish(status, cause, failure.as_deref()).await;
+    }
+
+    /// The far end answered: the call may last as long as the balance pays for.
+    pub(super) async fn start_paid_time(&mut self) {
+        let Some(route) = self.route.clone() else {
+            return;
+        };
+        let balance = match self.deps.store.wallet_balance(&route.workspace_id).await {
+            Ok(b) => b,
+            Err(e) => {
+                warn!(call_id = %self.call_id, error = %e, "could not read the balance");
+                return;
+            }
+        };
+        let Some(secs) = money::paid_seconds(balance, route.outbound_per_min_minor) else {
+            return;
+        };
+        self.note(
+            "prepaid.limit",
+            json!({"paid_seconds": secs, "balance_minor": balance}),
+        );
+        self.paid_seq += 1;
+        let seq = self.paid_seq;
+        let me = self.myself.clone();
+        let wait = std::time::Duration::from_secs(u64::try_from(secs).unwrap_or(0));
+        tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            let _ = me.cast(CallMsg::PaidTimeOver { seq });
+        });
+    }
+
+    pub(super) async fn on_paid_time_over(&mut self, seq: u64) {
+        if seq != self.paid_seq || self.phase == Phase::Ended {
+            return;
+        }
+        self.note("prepaid.exhausted", json!({}));
+        self.hang_up(CallStatus::Completed, "balance_exhausted", None)
+            .await;
+    }
+}
