@@ -151,6 +151,8 @@ async fn ops_endpoints(backend: Backend) {
         ("get", "/v1/numbers/{id}/sip-credentials"),
         ("post", "/v1/numbers/{id}/sip-credentials/{cred_id}/rotate"),
         ("delete", "/v1/numbers/{id}/sip-credentials/{cred_id}"),
+        ("get", "/v1/numbers/{id}/registrations"),
+        ("delete", "/v1/numbers/{id}/registrations/{reg_id}"),
         ("get", "/v1/wallet"),
         ("get", "/v1/wallet/transactions"),
         ("post", "/v1/topups"),
@@ -189,7 +191,8 @@ async fn ops_endpoints(backend: Backend) {
         let concrete = path
             .replace("{inventory_id}", zero)
             .replace("{id}", zero)
-            .replace("{cred_id}", zero);
+            .replace("{cred_id}", zero)
+            .replace("{reg_id}", zero);
         let m = reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).expect("method");
         let r = api.send(api.request(m, &concrete)).await;
         let code = serde_json::from_str::<Value>(&r.text)
