@@ -622,10 +622,10 @@ fn on_login_request(
     });
 }
 
-fn on_login_checked(state: &mut RegistrarState, c: LoginChecked) {
+fn on_login_checked(state: &mut RegistrarState, mut c: LoginChecked) {
     let now = Instant::now();
     let ip = c.from.addr.ip();
-    let login = match c.login {
+    let login = match c.login.take() {
         Some(login)
             if c.response_ok
                 && c.creds.realm == login.workspace_id
@@ -656,42 +656,18 @@ fn on_login_checked(state: &mut RegistrarState, c: LoginChecked) {
     };
     if !state.args.algorithms.contains(&c.creds.algorithm) {
         // An answer to a challenge we no longer offer.
-        let nonce = fresh_nonce(state);
-        Challenge {
-            code: c.purpose.challenge_code(),
-            algorithms: &state.args.algorithms,
-            realm: &login.workspace_id,
-            nonce: &nonce,
-            stale: false,
-        }
-        .send(&c.endpoint, &c.key, &c.request);
+        rechallenge(state, &c, &login.workspace_id, false);
         return;
     }
     let now_unix = unix(state.args.clock.now());
     let issued = match state.nonces.check(&c.creds.nonce, now_unix) {
         NonceState::Valid { issued_unix } => issued_unix,
         NonceState::Stale => {
-            let nonce = fresh_nonce(state);
-            Challenge {
-                code: c.purpose.challenge_code(),
-                algorithms: &state.args.algorithms,
-                realm: &login.workspace_id,
-                nonce: &nonce,
-                stale: true,
-            }
-            .send(&c.endpoint, &c.key, &c.request);
+            rechallenge(state, &c, &login.workspace_id, true);
             return;
         }
         NonceState::Invalid => {
-            let nonce = fresh_nonce(state);
-            Challenge {
-                code: c.purpose.challenge_code(),
-                algorithms: &state.args.algorithms,
-                realm: &login.workspace_id,
-                nonce: &nonce,
-                stale: false,
-            }
-            .send(&c.endpoint, &c.key, &c.request);
+            rechallenge(state, &c, &login.workspace_id, false);
             return;
         }
     };
@@ -709,15 +685,7 @@ fn on_login_checked(state: &mut RegistrarState, c: LoginChecked) {
     if !state.counts.accept(&c.creds.nonce, issued, nc, now_unix) {
         info!(source = %c.from.addr, username = %login.username, "replayed SIP Authorization refused");
         metrics::counter!("sautikit_sip_auth_refused_total", "reason" => "replay").increment(1);
-        let nonce = fresh_nonce(state);
-        Challenge {
-            code: c.purpose.challenge_code(),
-            algorithms: &state.args.algorithms,
-            realm: &login.workspace_id,
-            nonce: &nonce,
-            stale: true,
-        }
-        .send(&c.endpoint, &c.key, &c.request);
+        rechallenge(state, &c, &login.workspace_id, true);
         return;
     }
     if login.number_status != NumberStatus::Active {
@@ -832,6 +800,20 @@ fn warning(text: &str) -> Vec<(String, String)> {
         "Warning".to_owned(),
         format!("399 sautikit \"{}\"", text.replace('"', "'")),
     )]
+}
+
+/// A fresh challenge for a login whose credentials were right but whose nonce is not usable
+/// (stale, not ours, replayed, or answered with an algorithm no longer offered).
+fn rechallenge(state: &RegistrarState, c: &LoginChecked, realm: &str, stale: bool) {
+    let nonce = fresh_nonce(state);
+    Challenge {
+        code: c.purpose.challenge_code(),
+        algorithms: &state.args.algorithms,
+        realm,
+        nonce: &nonce,
+        stale,
+    }
+    .send(&c.endpoint, &c.key, &c.request);
 }
 
 /// A digest challenge: `401` with `WWW-Authenticate` (registrar) or `407` with
