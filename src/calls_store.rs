@@ -21,6 +21,7 @@ use sautikit_actors::store::StorageError;
 use serde_json::{Value, json};
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, AssertSqlSafe};
+use std::collections::HashMap;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::store::{SqlStore, after_debit, get, get_opt_time, get_time, storage};
@@ -355,12 +356,16 @@ async fn finalise_in_tx(
         return Ok(Finalised::AlreadyFinal(stored.charged()));
     };
     let mut call = call_from_row(&row)?;
+    let reserved = release_reservations(conn, std::slice::from_ref(&call.id)).await?;
 
     call.duration_seconds = call
         .answered_at
         .map(|a| money::billable_seconds(a, end.ended_at))
         .unwrap_or(0);
-    let rated = money::call_cost_minor(call.duration_seconds, call.rate_per_min_minor);
+    let rated = money::reserved_charge_minor(
+        money::call_cost_minor(call.duration_seconds, call.rate_per_min_minor),
+        reserved.get(&call.id).copied(),
+    );
     let mut timeline = end.timeline.clone();
     if rated > 0 {
         let (charged, ledger_entry_id) = debit_for_call(conn, &call, rated, end.ended_at).await?;
@@ -389,6 +394,31 @@ async fn finalise_in_tx(
     insert_timeline(conn, &call.id, &timeline).await?;
     enqueue(conn, &ended_event(&call, end.ended_at), end.ended_at).await?;
     Ok(Finalised::Ended(call.charged()))
+}
+
+/// End the prepaid reservations of these calls (they are ending in this transaction); returns
+/// what each had reserved. Calls without one are simply absent.
+pub(crate) async fn release_reservations(
+    conn: &mut AnyConnection,
+    call_ids: &[String],
+) -> Result<HashMap<String, i64>, StorageError> {
+    let backend = crate::db::backend_of(conn);
+    let mut out = HashMap::new();
+    for chunk in crate::sql::pow2_chunks(call_ids, 128) {
+        let sql = format!(
+            "DELETE FROM call_reservations WHERE call_id IN {} RETURNING call_id, amount_minor",
+            crate::sql::in_list(backend, chunk.len())
+        );
+        // Safe: `sql` is built only from placeholders; values are bound.
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for id in chunk {
+            q = q.bind(id.clone());
+        }
+        for row in q.fetch_all(&mut *conn).await.map_err(storage)? {
+            out.insert(get(&row, "call_id")?, get(&row, "amount_minor")?);
+        }
+    }
+    Ok(out)
 }
 
 /// Debit up to `rated` from the call's wallet with one `call_charge` ledger row; returns what was
@@ -973,11 +1003,65 @@ impl CallStore for SqlStore {
         .map(|_| ())
     }
 
-    async fn wallet_balance(&self, workspace_id: &str) -> Result<i64, StorageError> {
-        Ok(self
-            .get_wallet(workspace_id)
-            .await?
-            .map_or(0, |w| w.balance_minor))
+    async fn reserve(
+        &self,
+        call_id: &str,
+        workspace_id: &str,
+        want_minor: i64,
+        at_least_minor: i64,
+        now: DateTime<Utc>,
+    ) -> Result<Option<i64>, StorageError> {
+        let ts = to_db(now);
+        let mut tx = self.db().write.begin().await.map_err(storage)?;
+        // A no-op write first: it locks the wallet row (PostgreSQL), so no other reservation of
+        // this wallet is taken between the sum read below and the write that relies on it.
+        let wallet = sqlx::query(
+            "UPDATE wallets SET updated_at = updated_at WHERE workspace_id = $1 \
+             RETURNING balance_minor",
+        )
+        .bind(workspace_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(storage)?
+        .ok_or_else(|| StorageError(format!("workspace {workspace_id} has no wallet")))?;
+        let balance: i64 = get(&wallet, "balance_minor")?;
+        let held = sqlx::query(
+            "SELECT CAST(COALESCE(SUM(amount_minor), 0) AS BIGINT) AS held, \
+                    CAST(COALESCE(SUM(CASE WHEN call_id = $2 THEN amount_minor ELSE 0 END), 0) \
+                         AS BIGINT) AS mine \
+             FROM call_reservations WHERE workspace_id = $1",
+        )
+        .bind(workspace_id)
+        .bind(call_id)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(storage)?;
+        let (held, mine): (i64, i64) = (get(&held, "held")?, get(&held, "mine")?);
+        let Some(take) = money::reservation_take(want_minor, at_least_minor, balance - held) else {
+            return Ok(None);
+        };
+        // Only for a live call: a reservation of an ended call would hold the balance forever.
+        let done = sqlx::query(
+            "INSERT INTO call_reservations (call_id, workspace_id, amount_minor, created_at, \
+             updated_at) SELECT $1, $2, $3, $4, $4 WHERE EXISTS (SELECT 1 FROM calls \
+             WHERE id = $1 AND status IN ('ringing', 'answered')) \
+             ON CONFLICT (call_id) DO UPDATE SET \
+             amount_minor = call_reservations.amount_minor + excluded.amount_minor, \
+             updated_at = excluded.updated_at",
+        )
+        .bind(call_id)
+        .bind(workspace_id)
+        .bind(take)
+        .bind(&ts)
+        .execute(&mut *tx)
+        .await
+        .map_err(storage)?
+        .rows_affected();
+        if done != 1 {
+            return Ok(None);
+        }
+        tx.commit().await.map_err(storage)?;
+        Ok(Some(mine + take))
     }
 
     async fn engine_heartbeat(

@@ -1221,3 +1221,156 @@ async fn postgres_start_does_not_wait_behind_a_blocked_end() {
     assert_eq!(stored_call(&fx, &b).await.status, CallStatus::Ringing);
     assert_eq!(event_kinds(&fx, &b).await, ["call.started"]);
 }
+
+/// Prepaid reservations (DESIGN §4): concurrent calls of one wallet share its balance, one
+/// reservation at a time from two stores (two processes) never over-reserves, an extension takes
+/// a slice or what is left, a call's end releases its reservation and charges at most what it
+/// held, an unanswered call's reservation is released for nothing, and after a crash closing the
+/// orphaned call settles its reservation.
+async fn reservations_share_the_balance_and_settle_with_the_call(backend: Backend) {
+    // 1,050 left after the claim: three slices of 300 (a minute at 300/min) and 150 spare.
+    let fx = fixture(backend, 1_050, 0, 300).await;
+    let second = SqlStore::new(Db::connect(&fx._db.url).await.expect("connect"));
+    let s = t0() + Duration::minutes(1);
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        let id = new_call_id();
+        fx.store
+            .call_started(started(&fx, &id, "outbound", "engine-a", s))
+            .await
+            .expect("started");
+        ids.push(id);
+    }
+    // Six calls ask for their first slice at once, through two stores.
+    let mut tasks = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let store = if i % 2 == 0 {
+            fx.store.clone()
+        } else {
+            second.clone()
+        };
+        let (id, ws) = (id.clone(), fx.ws.clone());
+        tasks.push(tokio::spawn(async move {
+            store.reserve(&id, &ws, 300, 300, s).await.expect("reserve")
+        }));
+    }
+    let mut got = Vec::new();
+    for t in tasks {
+        got.push(t.await.expect("task"));
+    }
+    let reserved: Vec<usize> = (0..6).filter(|i| got[*i] == Some(300)).collect();
+    assert_eq!(reserved.len(), 3, "three slices fit: {got:?}");
+    assert!(got.iter().all(|g| *g == Some(300) || g.is_none()));
+    let (a, b, c) = (&ids[reserved[0]], &ids[reserved[1]], &ids[reserved[2]]);
+    let refused = &ids[(0..6).find(|i| got[*i].is_none()).expect("a refused call")];
+    // A refused call can still take what is left to extend, but not a whole slice to start.
+    assert_eq!(
+        fx.store
+            .reserve(refused, &fx.ws, 300, 300, s)
+            .await
+            .expect("reserve"),
+        None
+    );
+    // Extensions: `a` takes the 150 left, then nothing is left for `b`.
+    assert_eq!(
+        fx.store
+            .reserve(a, &fx.ws, 300, 1, s)
+            .await
+            .expect("extend"),
+        Some(450)
+    );
+    assert_eq!(
+        fx.store
+            .reserve(b, &fx.ws, 300, 1, s)
+            .await
+            .expect("extend"),
+        None
+    );
+    assert_eq!(balance(&fx).await, 1_050, "reserving takes nothing yet");
+
+    // `a` answered and talked 90.02 s: rated 91 s (455) but charged what it held (450).
+    fx.store
+        .call_answered(CallAnswered {
+            call_id: a.clone(),
+            answered_at: s,
+            timeline: vec![],
+        })
+        .await
+        .expect("answered");
+    let charged = fx
+        .store
+        .call_ended(ended(
+            a,
+            CallStatus::Completed,
+            s + Duration::milliseconds(90_020),
+        ))
+        .await
+        .expect("ended");
+    assert_eq!(charged.duration_seconds, 91);
+    assert_eq!(charged.cost_minor, 450);
+    assert_eq!(balance(&fx).await, 600);
+    // `b` never answered: its slice is released for nothing.
+    fx.store
+        .call_ended(ended(b, CallStatus::NoAnswer, s + Duration::seconds(20)))
+        .await
+        .expect("ended");
+    assert_eq!(balance(&fx).await, 600);
+    // Free now: 600 less `c`'s 300. A new call can start; an ended call cannot reserve.
+    assert_eq!(
+        fx.store
+            .reserve(refused, &fx.ws, 300, 300, s)
+            .await
+            .expect("reserve"),
+        Some(300)
+    );
+    assert_eq!(
+        fx.store
+            .reserve(b, &fx.ws, 300, 1, s)
+            .await
+            .expect("reserve"),
+        None
+    );
+    assert_eq!(
+        fx.store
+            .reserve(refused, &fx.ws, 300, 1, s)
+            .await
+            .expect("extend"),
+        None
+    );
+
+    // The engine holding `c` dies while it talks: closing the orphan settles its reservation,
+    // charged from the call row but never past what it held.
+    fx.store
+        .call_answered(CallAnswered {
+            call_id: c.clone(),
+            answered_at: s,
+            timeline: vec![],
+        })
+        .await
+        .expect("answered");
+    let later = s + Duration::minutes(10);
+    let closed = second
+        .close_orphaned_calls(later, "engine-b", later)
+        .await
+        .expect("close");
+    assert_eq!(
+        closed, 4,
+        "`c`, the refused-then-reserved call and the two left ringing"
+    );
+    let call = stored_call(&fx, c).await;
+    assert_eq!(call.status, CallStatus::Failed);
+    assert_eq!(call.cost_minor, 300, "charged at most its reservation");
+    assert_eq!(balance(&fx).await, 300);
+    use sqlx::Row;
+    let left: i64 = sqlx::query("SELECT COUNT(*) AS n FROM call_reservations")
+        .fetch_one(&fx.store.db().read)
+        .await
+        .expect("count")
+        .try_get("n")
+        .expect("n");
+    assert_eq!(left, 0, "no reservation outlives its call");
+    let charges = call_charges(&fx).await;
+    assert_eq!(charges.len(), 2);
+    assert!(charges.iter().all(|e| e.balance_after_minor >= 0));
+}
+on_both_backends!(reservations_share_the_balance_and_settle_with_the_call);

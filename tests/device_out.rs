@@ -351,6 +351,70 @@ async fn the_call_is_cut_when_the_balance_is_spent() {
     assert_eq!(wallet["balance_minor"], 0, "{wallet}");
 }
 
+/// Concurrent calls of one wallet share its balance: with 1.5 minutes of talk, a call that rings
+/// holds one minute, so a second call gets `402`; once the first ends, its minute is free again.
+async fn calls_of_one_wallet_share_the_balance(backend: Backend) {
+    let ctx = setup(backend, 450, &[]).await;
+    let rtp = RtpPeer::new(Codec::Pcmu, 1).await;
+    let offer = sdp(rtp.addr(), Codec::Pcmu, 101);
+    let mut first_dev = ctx.device().await;
+    let o = offer.clone();
+    let first = tokio::spawn(async move { device_call(&mut first_dev, DIALLED, &o).await });
+    let (invite, from) = ctx
+        .trunk_recv(Duration::from_secs(10))
+        .await
+        .expect("INVITE");
+    ctx.trunk_send(&reply(&invite, 180, "Ringing", "trunk", None), from)
+        .await;
+
+    let mut second_dev = ctx.device().await;
+    let (fin, _) = device_call(&mut second_dev, DIALLED, &offer).await;
+    assert_eq!(status_code(&fin), Some(402), "{fin}");
+    let first_call_id = header(&invite, "Call-ID").unwrap().to_owned();
+    while let Some((m, _)) = ctx.trunk_recv(Duration::from_millis(300)).await {
+        assert_eq!(
+            header(&m, "Call-ID"),
+            Some(first_call_id.as_str()),
+            "the refused call reached the trunk: {m}"
+        );
+    }
+
+    ctx.trunk_send(&reply(&invite, 486, "Busy Here", "trunk", None), from)
+        .await;
+    let (fin, _) = first.await.unwrap();
+    assert_eq!(status_code(&fin), Some(486), "{fin}");
+    // The first call ends (its row after the refused one's, which started later).
+    wait_for_json(
+        &ctx.api,
+        "/v1/calls?limit=2",
+        Duration::from_secs(15),
+        |v| v[1]["status"] == "busy",
+    )
+    .await;
+    let mut third_dev = ctx.device().await;
+    let third = tokio::spawn(async move { device_call(&mut third_dev, DIALLED, &offer).await });
+    let (again, from) = loop {
+        let (m, f) = ctx
+            .trunk_recv(Duration::from_secs(10))
+            .await
+            .expect("INVITE");
+        if m.starts_with("INVITE ") {
+            break (m, f);
+        }
+    };
+    assert_ne!(header(&again, "Call-ID"), Some(first_call_id.as_str()));
+    ctx.trunk_send(&reply(&again, 486, "Busy Here", "trunk", None), from)
+        .await;
+    let (fin, _) = third.await.unwrap();
+    assert_eq!(status_code(&fin), Some(486), "{fin}");
+    let wallet = ctx.api.get("/v1/wallet").await.json();
+    assert_eq!(
+        wallet["balance_minor"], 450,
+        "unanswered calls cost nothing"
+    );
+}
+on_both_backends!(calls_of_one_wallet_share_the_balance);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn carrier_refusals_challenges_and_no_trunk() {
     let ctx = setup(

@@ -197,9 +197,20 @@ pub trait CallStore: Send + Sync + 'static {
         entries: Vec<TimelineEntry>,
     ) -> Result<(), StorageError>;
 
-    /// The wallet balance of a workspace (minor units), for the prepaid check before an
-    /// outbound leg.
-    async fn wallet_balance(&self, workspace_id: &str) -> Result<i64, StorageError>;
+    /// Reserve up to `want_minor` more of the workspace's balance for the live call `call_id`, if
+    /// at least `at_least_minor` of it is free (its balance less every open reservation of the
+    /// wallet, so concurrent calls share it). Returns the call's whole reservation afterwards, or
+    /// `None` when nothing was reserved (too little free, or the call is no longer live). The
+    /// reservation ends with the call: [`CallStore::call_ended`] releases it in the transaction
+    /// that charges the call, never more than was reserved.
+    async fn reserve(
+        &self,
+        call_id: &str,
+        workspace_id: &str,
+        want_minor: i64,
+        at_least_minor: i64,
+        now: DateTime<Utc>,
+    ) -> Result<Option<i64>, StorageError>;
 
     /// Record that engine process `engine_id` is alive at `now` (called every few seconds).
     async fn engine_heartbeat(

@@ -67,9 +67,35 @@ pub fn paid_seconds(balance_minor: i64, rate_per_min_minor: i64) -> Option<i64> 
     Some(i64::try_from(secs).unwrap_or(i64::MAX))
 }
 
-/// An outbound leg starts only with at least one minute of balance at its rate.
-pub fn can_start_outbound(balance_minor: i64, rate_per_min_minor: i64) -> bool {
-    paid_seconds(balance_minor, rate_per_min_minor).is_none_or(|s| s >= 60)
+/// A prepaid leg reserves its wallet's balance this many seconds of talk at a time; the first
+/// slice is also what it needs to start (DESIGN §4: one minute).
+pub const PREPAID_SLICE_SECONDS: i64 = 60;
+
+/// A live leg asks for its next slice this long before its paid time runs out, so a slow
+/// database never cuts a call that could pay.
+pub const PREPAID_EXTEND_AHEAD_SECONDS: i64 = 10;
+
+/// The cost of one slice at `rate_per_min_minor` (0 when the rate is free: nothing to reserve).
+pub fn prepaid_slice_minor(rate_per_min_minor: i64) -> i64 {
+    call_cost_minor(PREPAID_SLICE_SECONDS, rate_per_min_minor)
+}
+
+/// How much a reservation takes from what a wallet still has free (`available_minor`: balance
+/// less every open reservation of the wallet): up to `want_minor`, and only if that is at least
+/// `at_least_minor` (a whole slice to start, anything to extend). `None`: nothing is taken.
+pub fn reservation_take(want_minor: i64, at_least_minor: i64, available_minor: i64) -> Option<i64> {
+    let take = want_minor.min(available_minor.max(0));
+    (take > 0 && take >= at_least_minor).then_some(take)
+}
+
+/// What a call that held a reservation of `reserved_minor` is charged for a rated cost: never
+/// more than it reserved, because it was promised exactly that much talk (a cut a few ms past
+/// the paid time rounds up to one more second, which is not the customer's to pay).
+pub fn reserved_charge_minor(rated_minor: i64, reserved_minor: Option<i64>) -> i64 {
+    match reserved_minor {
+        Some(r) => rated_minor.min(r.max(0)),
+        None => rated_minor,
+    }
 }
 
 /// Billable seconds of an answered call: whole seconds from answer to end, rounded up (a call
@@ -117,9 +143,23 @@ mod tests {
                 assert!(super::call_cost_minor(secs + 1, rate) > balance || rate == 0);
             }
         }
-        assert!(super::can_start_outbound(300, 300));
-        assert!(!super::can_start_outbound(299, 300));
-        assert!(super::can_start_outbound(0, 0));
+    }
+
+    #[test]
+    fn reservations_take_a_slice_or_what_is_left() {
+        use super::{prepaid_slice_minor, reservation_take, reserved_charge_minor};
+        assert_eq!(prepaid_slice_minor(300), 300);
+        assert_eq!(prepaid_slice_minor(0), 0);
+        // To start: a whole slice or nothing.
+        assert_eq!(reservation_take(300, 300, 450), Some(300));
+        assert_eq!(reservation_take(300, 300, 299), None);
+        // To extend: a slice, or whatever is left, or nothing when nothing is.
+        assert_eq!(reservation_take(300, 1, 150), Some(150));
+        assert_eq!(reservation_take(300, 1, 0), None);
+        assert_eq!(reservation_take(300, 1, -20), None);
+        assert_eq!(reserved_charge_minor(455, Some(450)), 450);
+        assert_eq!(reserved_charge_minor(100, Some(450)), 100);
+        assert_eq!(reserved_charge_minor(455, None), 455);
     }
 
     use super::*;

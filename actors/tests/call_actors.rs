@@ -206,8 +206,15 @@ impl CallStore for MemCalls {
     async fn append_timeline(&self, _: &str, _: Vec<TimelineEntry>) -> Result<(), StorageError> {
         Ok(())
     }
-    async fn wallet_balance(&self, _: &str) -> Result<i64, StorageError> {
-        Ok(0)
+    async fn reserve(
+        &self,
+        _: &str,
+        _: &str,
+        _: i64,
+        _: i64,
+        _: DateTime<Utc>,
+    ) -> Result<Option<i64>, StorageError> {
+        Ok(None)
     }
     async fn engine_heartbeat(&self, _: &str, _: DateTime<Utc>) -> Result<(), StorageError> {
         Ok(())

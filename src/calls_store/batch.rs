@@ -374,6 +374,10 @@ async fn end_calls(
     )
     .await?;
 
+    // Their prepaid reservations end here too: a reserved call is charged at most what it held.
+    let ended_ids: Vec<String> = ended.keys().cloned().collect();
+    let reserved = super::release_reservations(conn, &ended_ids).await?;
+
     // Rate every call this batch ended; read the wallets of those with something to pay.
     let mut rated: Vec<(usize, CallRecord, i64)> = Vec::new();
     for (i, c) in &ends {
@@ -388,7 +392,10 @@ async fn end_calls(
             .answered_at
             .map(|a| money::billable_seconds(a, c.ended_at))
             .unwrap_or(0);
-        let cost = money::call_cost_minor(call.duration_seconds, call.rate_per_min_minor);
+        let cost = money::reserved_charge_minor(
+            money::call_cost_minor(call.duration_seconds, call.rate_per_min_minor),
+            reserved.get(&call.id).copied(),
+        );
         rated.push((*i, call, cost));
     }
     let payers: Vec<&str> = rated

@@ -93,8 +93,8 @@ pub enum CallMsg {
     LegMedia { leg: u32, event: MediaEvent },
     /// The devices rang for the whole ring time.
     RingTimedOut { seq: u64 },
-    /// The balance paid for this much talk: the call ends now.
-    PaidTimeOver { seq: u64 },
+    /// Time to extend the prepaid reservation, or the paid time is over.
+    PrepaidCheck { seq: u64 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -183,8 +183,8 @@ pub struct CallState {
     pub(super) direction: &'static str,
     /// The call goes out through the trunk: the carrier's answers are passed on.
     pub(super) trunk_call: bool,
-    /// Names the current paid-time timer.
-    pub(super) paid_seq: u64,
+    /// The paid leg's reservation (calls out through the trunk).
+    pub(super) prepaid: Option<super::prepaid::Prepaid>,
 }
 
 impl Actor for Call {
@@ -230,7 +230,7 @@ impl Actor for Call {
             ring_seq: 0,
             direction: "inbound",
             trunk_call: false,
-            paid_seq: 0,
+            prepaid: None,
         })
     }
 
@@ -296,7 +296,7 @@ impl Actor for Call {
             CallMsg::LegTimedOut { leg } => state.on_leg_timeout(leg).await,
             CallMsg::LegMedia { leg, event } => state.on_leg_media(leg, event).await,
             CallMsg::RingTimedOut { seq } => state.on_ring_timeout(seq).await,
-            CallMsg::PaidTimeOver { seq } => state.on_paid_time_over(seq).await,
+            CallMsg::PrepaidCheck { seq } => state.on_prepaid_check(seq).await,
             CallMsg::HangupRequested { reply } => {
                 state.hangup_waiters.push(reply);
                 if state.phase == Phase::Ringing {

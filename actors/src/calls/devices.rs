@@ -133,7 +133,7 @@ impl CallState {
                 let label = self.legs.get(n as usize).map(|l| l.label.clone());
                 self.note("call.bridged", json!({"leg": label}));
                 if self.trunk_call {
-                    self.start_paid_time().await;
+                    self.start_paid_time();
                 }
             }
             LegOutcome::Refused => {

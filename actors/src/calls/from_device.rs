@@ -1,17 +1,17 @@
 //! Calls from registered devices (DESIGN §8): a device that authenticated as a credential of one
 //! number calls out with that number's identity. A call to one of our own numbers is taken as an
 //! inbound call to it (see `Call::begin`); anything else goes out through the trunk, paid from the
-//! wallet: a minute of balance to start, cut when the paid time is over.
+//! wallet through the prepaid module (`prepaid.rs`).
 
 use serde_json::json;
-use tracing::{info, warn};
+use tracing::info;
 
-use super::call::{CallMsg, CallState, Phase, Waiting};
+use super::call::{CallState, Waiting};
 use super::leg::LegTarget;
+use super::prepaid::PrepaidRefusal;
 use super::trunk;
 use crate::call_store::CallStatus;
 use crate::model::NumberStatus;
-use crate::money;
 
 impl CallState {
     /// Out through the trunk, from the device's number to `self.to`.
@@ -52,23 +52,21 @@ impl CallState {
                 return;
             }
         }
-        let balance = match self.deps.store.wallet_balance(&route.workspace_id).await {
-            Ok(b) => b,
-            Err(e) => {
-                warn!(call_id = %self.call_id, error = %e, "could not read the balance");
+        match self
+            .reserve_first_slice(&route.workspace_id, route.outbound_per_min_minor)
+            .await
+        {
+            Ok(()) => {}
+            Err(PrepaidRefusal::InsufficientFunds) => {
+                self.respond_final(402, Some("Payment Required"));
+                self.finish(CallStatus::Failed, None, Some("wallet.insufficient_funds"))
+                    .await;
+                return;
+            }
+            Err(PrepaidRefusal::Storage) => {
                 self.fail("engine.error").await;
                 return;
             }
-        };
-        if !money::can_start_outbound(balance, route.outbound_per_min_minor) {
-            self.note(
-                "prepaid.refused",
-                json!({"balance_minor": balance, "rate_per_min_minor": route.outbound_per_min_minor}),
-            );
-            self.respond_final(402, Some("Payment Required"));
-            self.finish(CallStatus::Failed, None, Some("wallet.insufficient_funds"))
-                .await;
-            return;
         }
         self.trunk_call = true;
         self.waiting = Waiting::Bridge;
@@ -104,43 +102,5 @@ impl CallState {
             _ => None,
         };
         self.finish(status, cause, failure.as_deref()).await;
-    }
-
-    /// The far end answered: the call may last as long as the balance pays for.
-    pub(super) async fn start_paid_time(&mut self) {
-        let Some(route) = self.route.clone() else {
-            return;
-        };
-        let balance = match self.deps.store.wallet_balance(&route.workspace_id).await {
-            Ok(b) => b,
-            Err(e) => {
-                warn!(call_id = %self.call_id, error = %e, "could not read the balance");
-                return;
-            }
-        };
-        let Some(secs) = money::paid_seconds(balance, route.outbound_per_min_minor) else {
-            return;
-        };
-        self.note(
-            "prepaid.limit",
-            json!({"paid_seconds": secs, "balance_minor": balance}),
-        );
-        self.paid_seq += 1;
-        let seq = self.paid_seq;
-        let me = self.myself.clone();
-        let wait = std::time::Duration::from_secs(u64::try_from(secs).unwrap_or(0));
-        tokio::spawn(async move {
-            tokio::time::sleep(wait).await;
-            let _ = me.cast(CallMsg::PaidTimeOver { seq });
-        });
-    }
-
-    pub(super) async fn on_paid_time_over(&mut self, seq: u64) {
-        if seq != self.paid_seq || self.phase == Phase::Ended {
-            return;
-        }
-        self.note("prepaid.exhausted", json!({}));
-        self.hang_up(CallStatus::Completed, "balance_exhausted", None)
-            .await;
     }
 }

@@ -11,6 +11,7 @@ mod devices;
 mod from_device;
 mod leg;
 mod live;
+mod prepaid;
 pub mod trunk;
 mod verbs;
 

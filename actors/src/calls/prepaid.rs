@@ -1,0 +1,180 @@
+//! The prepaid cut-off of a call's paid leg (DESIGN §4, §8), used by every outbound leg billed at
+//! the number's outbound rate: a whole slice of balance reserved before the leg is placed, the
+//! reservation extended a slice at a time while the call lasts and the wallet can pay (concurrent
+//! calls of one wallet share its balance), and BYE on both legs at the end of the paid time with
+//! `hangup_cause: "balance_exhausted"`. The store ends the reservation with the call and charges
+//! at most what was reserved; after a crash, closing the orphaned call settles it the same way.
+
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::time::Instant;
+use tracing::warn;
+
+use super::call::{CallMsg, CallState, Phase};
+use crate::call_store::CallStatus;
+use crate::money;
+
+/// A paid leg's reservation, as the call knows it.
+pub(super) struct Prepaid {
+    workspace_id: String,
+    rate_per_min_minor: i64,
+    /// The call's whole reservation so far.
+    reserved_minor: i64,
+    /// When the far end answered (paid time runs from there); `None` while it rings.
+    answered: Option<Instant>,
+    /// Names the current check timer (older ones are ignored).
+    seq: u64,
+}
+
+/// Why a paid leg may not start.
+pub(super) enum PrepaidRefusal {
+    /// Less than a slice of the wallet's balance is free.
+    InsufficientFunds,
+    /// The store could not say.
+    Storage,
+}
+
+impl Prepaid {
+    /// The end of the paid time, once answered.
+    fn paid_until(&self) -> Option<Instant> {
+        let secs = money::paid_seconds(self.reserved_minor, self.rate_per_min_minor)?;
+        Some(self.answered? + Duration::from_secs(u64::try_from(secs).unwrap_or(0)))
+    }
+}
+
+impl CallState {
+    /// Before the paid leg is placed: reserve its first slice (a minute at `rate_per_min_minor`).
+    /// A free rate needs no reservation.
+    pub(super) async fn reserve_first_slice(
+        &mut self,
+        workspace_id: &str,
+        rate_per_min_minor: i64,
+    ) -> Result<(), PrepaidRefusal> {
+        let slice = money::prepaid_slice_minor(rate_per_min_minor);
+        if slice == 0 {
+            return Ok(());
+        }
+        let now = self.now();
+        match self
+            .deps
+            .store
+            .reserve(&self.call_id, workspace_id, slice, slice, now)
+            .await
+        {
+            Ok(Some(reserved_minor)) => {
+                self.note(
+                    "prepaid.reserved",
+                    json!({"reserved_minor": reserved_minor, "rate_per_min_minor": rate_per_min_minor}),
+                );
+                self.prepaid = Some(Prepaid {
+                    workspace_id: workspace_id.to_owned(),
+                    rate_per_min_minor,
+                    reserved_minor,
+                    answered: None,
+                    seq: 0,
+                });
+                Ok(())
+            }
+            Ok(None) => {
+                self.note(
+                    "prepaid.refused",
+                    json!({"needed_minor": slice, "rate_per_min_minor": rate_per_min_minor}),
+                );
+                Err(PrepaidRefusal::InsufficientFunds)
+            }
+            Err(e) => {
+                warn!(call_id = %self.call_id, workspace_id, error = %e, "could not reserve the balance");
+                Err(PrepaidRefusal::Storage)
+            }
+        }
+    }
+
+    /// The far end answered: paid time runs from now.
+    pub(super) fn start_paid_time(&mut self) {
+        let Some(p) = self.prepaid.as_mut() else {
+            return;
+        };
+        p.answered = Some(Instant::now());
+        self.schedule_prepaid_check();
+    }
+
+    /// Wake at the point to ask for the next slice, or, if that has passed, at the end of the
+    /// paid time.
+    fn schedule_prepaid_check(&mut self) {
+        let Some(p) = self.prepaid.as_mut() else {
+            return;
+        };
+        let Some(until) = p.paid_until() else {
+            return;
+        };
+        let ahead = until
+            .checked_sub(Duration::from_secs(
+                money::PREPAID_EXTEND_AHEAD_SECONDS.unsigned_abs(),
+            ))
+            .unwrap_or(until);
+        let wake = if ahead > Instant::now() { ahead } else { until };
+        p.seq += 1;
+        let seq = p.seq;
+        let me = self.myself.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(wake).await;
+            let _ = me.cast(CallMsg::PrepaidCheck { seq });
+        });
+    }
+
+    /// Extend the reservation by a slice (or what is left); with nothing more to reserve, the
+    /// call ends at the end of its paid time.
+    pub(super) async fn on_prepaid_check(&mut self, seq: u64) {
+        let Some(p) = self.prepaid.as_ref() else {
+            return;
+        };
+        if seq != p.seq || self.phase == Phase::Ended {
+            return;
+        }
+        let (ws, rate) = (p.workspace_id.clone(), p.rate_per_min_minor);
+        let slice = money::prepaid_slice_minor(rate);
+        let now = self.now();
+        let extended = match self
+            .deps
+            .store
+            .reserve(&self.call_id, &ws, slice, 1, now)
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                // Unpaid time is not given away: the call keeps what it holds.
+                warn!(call_id = %self.call_id, workspace_id = %ws, error = %e, "could not extend the reservation");
+                None
+            }
+        };
+        if let Some(reserved_minor) = extended {
+            if let Some(p) = self.prepaid.as_mut() {
+                p.reserved_minor = reserved_minor;
+            }
+            self.note(
+                "prepaid.extended",
+                json!({
+                    "reserved_minor": reserved_minor,
+                    "paid_seconds": money::paid_seconds(reserved_minor, rate),
+                }),
+            );
+            self.schedule_prepaid_check();
+            return;
+        }
+        let over = self
+            .prepaid
+            .as_ref()
+            .and_then(Prepaid::paid_until)
+            .is_none_or(|until| Instant::now() >= until);
+        if !over {
+            // The last chance to extend is at the very end (a top-up may land meanwhile).
+            self.schedule_prepaid_check();
+            return;
+        }
+        let reserved = self.prepaid.as_ref().map(|p| p.reserved_minor);
+        self.note("prepaid.exhausted", json!({"reserved_minor": reserved}));
+        self.hang_up(CallStatus::Completed, "balance_exhausted", None)
+            .await;
+    }
+}
