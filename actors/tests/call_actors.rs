@@ -38,9 +38,14 @@ const HEALTHY: &str = "+254700000001";
 /// is recorded the store panics: the Call actor fails in the same step that sent its first
 /// snapshot to Calls.
 const FAILS_AT_END: &str = "+254700000098";
+/// Calls to this number ring its one registered device; once the caller's ACK comes, recording
+/// the answer panics: the Call actor fails with a bridged device leg on the wire.
+const RINGS_DEVICE: &str = "+254700000097";
 
 /// No SIP credentials exist: every REGISTER is refused.
-struct NoDevices;
+/// The one device registered for `RINGS_DEVICE`, if a test set it.
+#[derive(Default)]
+struct NoDevices(Mutex<Option<SocketAddr>>);
 
 #[async_trait]
 impl RegistrarStore for NoDevices {
@@ -83,11 +88,26 @@ impl RegistrarStore for NoDevices {
     }
     async fn reachable_bindings(
         &self,
-        _number_id: &str,
+        number_id: &str,
         _engine_id: &str,
-        _now: DateTime<Utc>,
+        now: DateTime<Utc>,
     ) -> Result<Vec<Registration>, StorageError> {
-        Ok(Vec::new())
+        let device = *self.0.lock().unwrap();
+        Ok(match device {
+            Some(addr) if number_id == format!("id{RINGS_DEVICE}") => vec![Registration {
+                id: "reg".into(),
+                workspace_id: "ws".into(),
+                number_id: number_id.into(),
+                credential_id: "cred".into(),
+                contact: format!("sip:desk@{addr}"),
+                source: addr,
+                transport: sautikit_sip::transaction::Transport::Udp,
+                user_agent: None,
+                expires_at: now + chrono::Duration::seconds(600),
+                updated_at: now,
+            }],
+            _ => Vec::new(),
+        })
     }
     async fn sweep_expired_bindings(&self, _now: DateTime<Utc>) -> Result<u64, StorageError> {
         Ok(0)
@@ -153,7 +173,7 @@ impl CallStore for MemCalls {
     async fn route_by_number(&self, number: &str) -> Result<Option<NumberRoute>, StorageError> {
         Ok(match number {
             BROKEN | HEALTHY => Some(route(number)),
-            FAILS_AT_END => Some(NumberRoute {
+            FAILS_AT_END | RINGS_DEVICE => Some(NumberRoute {
                 voice_callback_url: None,
                 ..route(number)
             }),
@@ -176,7 +196,7 @@ impl CallStore for MemCalls {
     fn queue_call_answered(&self, c: CallAnswered) -> WriteReceipt {
         // In memory the write is done at once, in the caller (a panic here is the call's).
         let to = self.calls.lock().unwrap()[&c.call_id].0.clone();
-        if to == BROKEN {
+        if to == BROKEN || to == RINGS_DEVICE {
             panic!("simulated bug while recording the answer");
         }
         self.calls.lock().unwrap().get_mut(&c.call_id).unwrap().1 = "answered".into();
@@ -417,6 +437,16 @@ async fn start_engine(
     rtp_ports: (u16, u16),
     media_threads: usize,
 ) -> Engine {
+    start_engine_with(calls, rtp_ports, media_threads, Arc::default()).await
+}
+
+/// The same, with `devices` as the registered devices.
+async fn start_engine_with(
+    calls: &Arc<MemCalls>,
+    rtp_ports: (u16, u16),
+    media_threads: usize,
+    devices: Arc<NoDevices>,
+) -> Engine {
     Engine::start_full(
         Arc::new(NoStore),
         Arc::new(SystemClock),
@@ -442,7 +472,7 @@ async fn start_engine(
             ring_timeout: Duration::from_secs(30),
             trunk: None,
             registrar: RegistrarSetup {
-                store: Arc::new(NoDevices),
+                store: devices,
                 domain: "127.0.0.1".into(),
                 failures: Default::default(),
                 bindings: Default::default(),
@@ -528,4 +558,71 @@ async fn a_call_failing_right_after_its_snapshot_is_ended_and_forgotten() {
     assert_eq!(reason.as_deref(), Some("engine.error"));
     assert_eq!(engine.live_calls().await.expect("live calls"), 0);
     engine.stop().await;
+}
+
+/// A Call actor that fails with a bridged device leg: Calls ends both legs from its snapshot,
+/// BYE to the caller and BYE to the device, and records the call failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_call_actor_ends_its_device_leg_too() {
+    let calls = Arc::new(MemCalls::default());
+    let device = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let devices = Arc::new(NoDevices(Mutex::new(Some(device.local_addr().unwrap()))));
+    let engine = start_engine_with(&calls, (31_600, 31_700), 1, devices).await;
+    let sip = engine.sip_addr().expect("SIP is bound");
+    let caller = Uac::new(sip, RINGS_DEVICE).await;
+    caller.invite().await;
+
+    // The device gets the INVITE and answers it.
+    let (invite, from) = device_recv(&device).await;
+    assert!(invite.starts_with("INVITE "), "{invite}");
+    let me = device.local_addr().unwrap();
+    let answer = format!(
+        "v=0\r\no=- 2 2 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n\
+         m=audio {} RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n",
+        me.port() + 2
+    );
+    let mut ok = String::from("SIP/2.0 200 OK\r\n");
+    for name in ["Via", "From", "Call-ID", "CSeq"] {
+        ok.push_str(&format!("{name}: {}\r\n", header(&invite, name).unwrap()));
+    }
+    ok.push_str(&format!(
+        "To: {};tag=desk\r\nContact: <sip:desk@{me}>\r\nContent-Type: application/sdp\r\n\
+         Content-Length: {}\r\n\r\n{answer}",
+        header(&invite, "To").unwrap(),
+        answer.len()
+    ));
+    device.send_to(ok.as_bytes(), from).await.unwrap();
+
+    // The caller is answered, and its ACK makes the actor fail.
+    let ok = caller.expect("200 OK").await;
+    caller.ack(&ok).await;
+    let bye = caller.expect("BYE").await;
+    caller.answer_bye(&bye).await;
+    let bye_at_device = loop {
+        let (m, _) = device_recv(&device).await;
+        if m.starts_with("BYE ") {
+            break m;
+        }
+        assert!(m.starts_with("ACK "), "{m}");
+    };
+    assert_eq!(
+        header(&bye_at_device, "Call-ID"),
+        header(&invite, "Call-ID")
+    );
+    assert!(
+        header(&bye_at_device, "To").unwrap().contains("tag=desk"),
+        "{bye_at_device}"
+    );
+    let (_, reason, _) = wait_for(&calls, RINGS_DEVICE, "failed").await;
+    assert_eq!(reason.as_deref(), Some("engine.error"));
+    engine.stop().await;
+}
+
+async fn device_recv(device: &UdpSocket) -> (String, SocketAddr) {
+    let mut buf = vec![0u8; 65_535];
+    let (n, from) = tokio::time::timeout(Duration::from_secs(10), device.recv_from(&mut buf))
+        .await
+        .expect("a message at the device")
+        .unwrap();
+    (String::from_utf8_lossy(&buf[..n]).into_owned(), from)
 }

@@ -185,6 +185,8 @@ pub struct CallState {
     pub(super) trunk_call: bool,
     /// The paid leg's reservation (calls out through the trunk).
     pub(super) prepaid: Option<super::prepaid::Prepaid>,
+    /// The legs as Calls last heard of them (see [`CallState::legs_changed`]).
+    pub(super) legs_reported: Vec<super::leg::LegState>,
 }
 
 impl Actor for Call {
@@ -231,6 +233,7 @@ impl Actor for Call {
             direction: "inbound",
             trunk_call: false,
             prepaid: None,
+            legs_reported: Vec::new(),
         })
     }
 
@@ -314,6 +317,10 @@ impl Actor for Call {
                         .await;
                 }
             }
+        }
+        // Calls must know every leg on the wire, to end them all should this actor fail.
+        if state.recorded && state.phase != Phase::Ended && state.legs_changed() {
+            state.snapshot();
         }
         Ok(())
     }
@@ -553,6 +560,7 @@ impl CallState {
                 final_sent: self.phase != Phase::Ringing,
                 dialog: self.dialog.clone(),
                 rtp_id: self.rtp.as_ref().map(|p| p.id),
+                legs: self.leg_snapshots(),
             }),
         });
     }

@@ -49,6 +49,45 @@ pub(super) struct Leg {
     pub(super) authenticated: bool,
 }
 
+impl CallState {
+    /// The legs still on the wire, as Calls needs them to end them without this actor.
+    pub(super) fn leg_snapshots(&self) -> Vec<super::LegSnapshot> {
+        self.legs
+            .iter()
+            .filter(|l| l.state != LegState::Ended && !l.cancelled)
+            .map(|l| super::LegSnapshot {
+                sip_call_id: l.sip_call_id.clone(),
+                target: l.target,
+                invite: l.invite.clone(),
+                dialog: (l.state == LegState::Answered)
+                    .then(|| l.dialog.clone())
+                    .flatten(),
+                rtp_id: l.rtp.as_ref().map(|p| p.id),
+            })
+            .collect()
+    }
+
+    /// Whether the legs changed since Calls last heard of them (and remember them as heard).
+    pub(super) fn legs_changed(&mut self) -> bool {
+        let now: Vec<LegState> = self
+            .legs
+            .iter()
+            .map(|l| {
+                if l.cancelled {
+                    LegState::Ended
+                } else {
+                    l.state
+                }
+            })
+            .collect();
+        if now == self.legs_reported {
+            return false;
+        }
+        self.legs_reported = now;
+        true
+    }
+}
+
 /// Where a new leg goes.
 pub(super) struct LegTarget {
     pub(super) label: String,

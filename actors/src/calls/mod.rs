@@ -23,7 +23,7 @@ use std::time::Duration;
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
 use sautikit_sip::dialog::Dialog;
-use sautikit_sip::message::response_to;
+use sautikit_sip::message::{cancel_for, response_to};
 use sautikit_sip::rsip;
 use sautikit_sip::transaction::{Peer, TxKey};
 use tracing::{error, info, warn};
@@ -85,6 +85,18 @@ pub struct CallSnapshot {
     pub peer: Peer,
     pub local: SocketAddr,
     pub final_sent: bool,
+    pub dialog: Option<Dialog>,
+    pub rtp_id: Option<u64>,
+    /// Its outbound legs still on the wire.
+    pub legs: Vec<LegSnapshot>,
+}
+
+/// An outbound leg on the wire: answered (a dialog to BYE) or not yet (an INVITE to CANCEL).
+#[derive(Clone)]
+pub struct LegSnapshot {
+    pub sip_call_id: String,
+    pub target: Peer,
+    pub invite: rsip::Request,
     pub dialog: Option<Dialog>,
     pub rtp_id: Option<u64>,
 }
@@ -294,6 +306,35 @@ fn end_failed_call(deps: &CallDeps, mut s: CallSnapshot) {
     let _ = s.endpoint.cast(SipMsg::DialogEnded {
         sip_call_id: s.sip_call_id.clone(),
     });
+    for mut leg in std::mem::take(&mut s.legs) {
+        let (request, method) = match leg.dialog.as_mut() {
+            Some(d) => (
+                d.bye(
+                    &s.local.ip().to_string(),
+                    s.local.port(),
+                    leg.target.transport,
+                ),
+                "BYE",
+            ),
+            None => (cancel_for(&leg.invite), "CANCEL"),
+        };
+        timeline.push(TimelineEntry {
+            at: now,
+            kind: "sip.sent".into(),
+            detail: serde_json::json!({"method": method, "leg_call_id": leg.sip_call_id}),
+        });
+        let _ = s.endpoint.cast(SipMsg::SendRequest {
+            request,
+            to: leg.target,
+            call_id: s.call_id.clone(),
+        });
+        if let Some(id) = leg.rtp_id {
+            deps.media.close(id);
+        }
+        let _ = s.endpoint.cast(SipMsg::DialogEnded {
+            sip_call_id: leg.sip_call_id,
+        });
+    }
     let store = deps.store.clone();
     tokio::spawn(async move {
         let end = CallEnded {
