@@ -1,7 +1,8 @@
 //! Calls from registered devices end to end (DESIGN §8): a device authenticates its INVITE as a
 //! credential of one number (`407`), calls out through the trunk with that number's identity,
 //! paid from the wallet (a minute to start, cut when the balance is spent), or reaches one of our
-//! own numbers without the trunk. The trunk and the device are real UDP sockets in the test.
+//! own numbers without the trunk. The trunk and the device are UDP sockets of the test, or sipp
+//! on both sides (a UAC with `[authentication]` as the device, a UAS as the carrier).
 
 mod common;
 
@@ -350,6 +351,119 @@ async fn the_call_is_cut_when_the_balance_is_spent() {
     let wallet = ctx.api.get("/v1/wallet").await.json();
     assert_eq!(wallet["balance_minor"], 0, "{wallet}");
 }
+
+/// Real SIP peers on both sides: a sipp UAC as the device (answering our `407` with its
+/// credential through sipp's `[authentication]`, which speaks MD5 only) and a sipp UAS as the
+/// carrier trunk, whose scenario fails unless the INVITE dials `+254711000001` and presents the
+/// number in From and P-Asserted-Identity. The call is billed per second at the outbound rate.
+async fn a_sipp_device_calls_out_through_a_sipp_trunk(backend: Backend) {
+    let trunk_port = {
+        let probe = std::net::UdpSocket::bind("127.0.0.1:0").expect("a free port");
+        probe.local_addr().expect("its address").port()
+    };
+    let trunk_uri = format!("sip:127.0.0.1:{trunk_port}");
+    let ctx = setup(
+        backend,
+        100_000,
+        &[
+            ("SAUTIKIT_OUTBOUND_TRUNK", trunk_uri.as_str()),
+            ("SAUTIKIT_SIP_DIGEST_ALGORITHMS", "MD5"),
+        ],
+    )
+    .await;
+    let cred = ctx
+        .api
+        .post(
+            &format!("/v1/numbers/{}/sip-credentials", ctx.number_id),
+            Some(json!({"label": "sipp"})),
+        )
+        .await;
+    assert_eq!(cred.status, 201, "{}", cred.text);
+    let (user, password) = {
+        let v = cred.json();
+        (
+            v["username"].as_str().unwrap().to_owned(),
+            v["password"].as_str().unwrap().to_owned(),
+        )
+    };
+    let dir = ctx._db.data_dir.clone();
+    let uas_scenario = common::calls::scenario(&dir, "trunk_uas.xml", None);
+    let uac_scenario = common::calls::scenario(&dir, "device_out_uac.xml", None);
+    let media = common::calls::sipp_media_port().to_string();
+    let port = trunk_port.to_string();
+    let mut trunk = tokio::process::Command::new("sipp")
+        .current_dir(&dir)
+        .args([
+            "-sf",
+            &uas_scenario,
+            "-p",
+            &port,
+            "-i",
+            "127.0.0.1",
+            "-mp",
+            &media,
+        ])
+        .args(["-m", "1", "-nostdin", "-timeout", "60s", "-timeout_error"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("sipp runs (scripts/test.sh installs sip-tester)");
+    // The trunk listens once its port is taken.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::UdpSocket::bind(("127.0.0.1", trunk_port)).is_ok() {
+        if let Ok(Some(status)) = trunk.try_wait() {
+            let out = trunk.wait_with_output().await.expect("its output");
+            panic!(
+                "sipp (trunk) exited at start ({status}):\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        assert!(Instant::now() < deadline, "sipp (trunk) did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (ok, out) = common::calls::sipp(
+        &dir,
+        ctx.server.sip_addr(),
+        &[
+            "-sf",
+            &uac_scenario,
+            "-s",
+            &user,
+            "-au",
+            &user,
+            "-ap",
+            &password,
+            "-m",
+            "1",
+        ],
+    )
+    .await;
+    assert!(ok, "sipp (device) failed:\n{out}");
+    let trunk = tokio::time::timeout(Duration::from_secs(30), trunk.wait_with_output())
+        .await
+        .expect("sipp (trunk) ends")
+        .expect("sipp (trunk) runs");
+    assert!(
+        trunk.status.success(),
+        "sipp (trunk) failed:\n{}{}",
+        String::from_utf8_lossy(&trunk.stdout),
+        String::from_utf8_lossy(&trunk.stderr)
+    );
+    let call = ctx.last_call("completed").await;
+    assert_eq!(call["direction"], "outbound", "{call}");
+    assert_eq!(call["from"], "+254700000001");
+    assert_eq!(call["to"], DIALLED);
+    let secs = call["duration_seconds"].as_i64().unwrap();
+    assert!((3..=5).contains(&secs), "{call}");
+    let cost = (secs * 300 + 59) / 60;
+    assert_eq!(call["cost_minor"].as_i64().unwrap(), cost, "{call}");
+    let wallet = ctx.api.get("/v1/wallet").await.json();
+    assert_eq!(wallet["balance_minor"], 100_000 - cost, "{wallet}");
+}
+on_both_backends!(a_sipp_device_calls_out_through_a_sipp_trunk);
 
 /// Concurrent calls of one wallet share its balance: with 1.5 minutes of talk, a call that rings
 /// holds one minute, so a second call gets `402`; once the first ends, its minute is free again.
