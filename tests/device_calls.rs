@@ -14,7 +14,6 @@ use common::{Api, Backend, Mode, Server, TestDb, wait_for_json};
 use sautikit_sip::sdp::Codec;
 use serde_json::{Value, json};
 
-const INVENTORY_ID: &str = "01900000-0000-7000-8000-000000000001";
 const NUMBER: &str = "254700000001";
 
 struct Ctx {
@@ -30,11 +29,7 @@ async fn setup(backend: Backend, env: &[(&str, &str)]) -> Ctx {
     let server = Server::start_with(&db, Mode::Dev, env);
     let (_, key) = db.workspace("devices", 100_000);
     let api = server.api(&key);
-    let claimed = api
-        .post(&format!("/v1/numbers/{INVENTORY_ID}/claim"), None)
-        .await;
-    assert_eq!(claimed.status, 201, "{}", claimed.text);
-    let number_id = claimed.json()["id"].as_str().unwrap().to_owned();
+    let number_id = common::device::claim(&api, common::device::FIRST_INVENTORY_ID).await;
     let events = Receiver::ok().await;
     // Events only: no voice callback, so calls ring the number's devices.
     let routed = api
@@ -56,21 +51,9 @@ async fn setup(backend: Backend, env: &[(&str, &str)]) -> Ctx {
 impl Ctx {
     /// A device registered with a new credential of the number.
     async fn device(&self, label: &str) -> Device {
-        let r = self
-            .api
-            .post(
-                &format!("/v1/numbers/{}/sip-credentials", self.number_id),
-                Some(json!({"label": label})),
-            )
-            .await;
-        assert_eq!(r.status, 201, "{}", r.text);
-        let v = r.json();
-        let mut dev = Device::udp(
-            self.server.sip_addr(),
-            v["username"].as_str().unwrap(),
-            v["password"].as_str().unwrap(),
-        )
-        .await;
+        let (_, user, password) =
+            common::device::new_credential(&self.api, &self.number_id, label).await;
+        let mut dev = Device::udp(self.server.sip_addr(), &user, &password).await;
         let contact = format!("Contact: <{}>\r\n", dev.contact());
         let ok = dev.register(&contact, "SHA-256").await;
         assert_eq!(status_code(&ok), Some(200), "{ok}");

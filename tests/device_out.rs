@@ -41,9 +41,7 @@ async fn setup(backend: Backend, talk_minor: i64, env: &[(&str, &str)]) -> Ctx {
     let server = Server::start_with(&db, Mode::Dev, &all);
     let (_, key) = db.workspace("caller", 10_000 + talk_minor);
     let api = server.api(&key);
-    let claimed = api.post(&format!("/v1/numbers/{FIRST}/claim"), None).await;
-    assert_eq!(claimed.status, 201, "{}", claimed.text);
-    let number_id = claimed.json()["id"].as_str().unwrap().to_owned();
+    let number_id = common::device::claim(&api, FIRST).await;
     Ctx {
         _db: db,
         server,
@@ -55,21 +53,9 @@ async fn setup(backend: Backend, talk_minor: i64, env: &[(&str, &str)]) -> Ctx {
 
 impl Ctx {
     async fn device(&self) -> Device {
-        let r = self
-            .api
-            .post(
-                &format!("/v1/numbers/{}/sip-credentials", self.number_id),
-                Some(json!({"label": "desk"})),
-            )
-            .await;
-        assert_eq!(r.status, 201, "{}", r.text);
-        let v = r.json();
-        Device::udp(
-            self.server.sip_addr(),
-            v["username"].as_str().unwrap(),
-            v["password"].as_str().unwrap(),
-        )
-        .await
+        let (_, user, password) =
+            common::device::new_credential(&self.api, &self.number_id, "desk").await;
+        Device::udp(self.server.sip_addr(), &user, &password).await
     }
 
     async fn trunk_recv(&self, wait: Duration) -> Option<(String, SocketAddr)> {
@@ -371,21 +357,8 @@ async fn a_sipp_device_calls_out_through_a_sipp_trunk(backend: Backend) {
         ],
     )
     .await;
-    let cred = ctx
-        .api
-        .post(
-            &format!("/v1/numbers/{}/sip-credentials", ctx.number_id),
-            Some(json!({"label": "sipp"})),
-        )
-        .await;
-    assert_eq!(cred.status, 201, "{}", cred.text);
-    let (user, password) = {
-        let v = cred.json();
-        (
-            v["username"].as_str().unwrap().to_owned(),
-            v["password"].as_str().unwrap().to_owned(),
-        )
-    };
+    let (_, user, password) =
+        common::device::new_credential(&ctx.api, &ctx.number_id, "sipp").await;
     let dir = ctx._db.data_dir.clone();
     let uas_scenario = common::calls::scenario(&dir, "trunk_uas.xml", None);
     let uac_scenario = common::calls::scenario(&dir, "device_out_uac.xml", None);

@@ -27,7 +27,6 @@ use sautikit_sip::rtp::{RtpHeader, g711};
 use sautikit_sip::sdp::Codec;
 use serde_json::{Value, json};
 
-const INVENTORY_ID: &str = "01900000-0000-7000-8000-000000000001";
 const NUMBER: &str = "254700000001";
 const MD5_ONLY: &[(&str, &str)] = &[("SAUTIKIT_SIP_DIGEST_ALGORITHMS", "MD5")];
 
@@ -48,11 +47,7 @@ async fn setup(backend: Backend, env: &[(&str, &str)]) -> Ctx {
     let server = Server::start_with(&db, Mode::Dev, env);
     let (_, key) = db.workspace("devices", 100_000);
     let api = server.api(&key);
-    let claimed = api
-        .post(&format!("/v1/numbers/{INVENTORY_ID}/claim"), None)
-        .await;
-    assert_eq!(claimed.status, 201, "{}", claimed.text);
-    let number_id = claimed.json()["id"].as_str().unwrap().to_owned();
+    let number_id = common::device::claim(&api, common::device::FIRST_INVENTORY_ID).await;
     let events = Receiver::ok().await;
     let routed = api
         .patch(
@@ -74,29 +69,11 @@ async fn setup(backend: Backend, env: &[(&str, &str)]) -> Ctx {
 impl Ctx {
     /// A new credential: (id, username, password).
     async fn credential(&self, label: &str) -> (String, String, String) {
-        let r = self
-            .api
-            .post(
-                &format!("/v1/numbers/{}/sip-credentials", self.number_id),
-                Some(json!({"label": label})),
-            )
-            .await;
-        assert_eq!(r.status, 201, "{}", r.text);
-        let v = r.json();
-        (
-            v["id"].as_str().unwrap().to_owned(),
-            v["username"].as_str().unwrap().to_owned(),
-            v["password"].as_str().unwrap().to_owned(),
-        )
+        common::device::new_credential(&self.api, &self.number_id, label).await
     }
 
     async fn registrations(&self) -> Vec<Value> {
-        let r = self
-            .api
-            .get(&format!("/v1/numbers/{}/registrations", self.number_id))
-            .await;
-        assert_eq!(r.status, 200, "{}", r.text);
-        r.json().as_array().cloned().expect("a list")
+        common::device::registrations(&self.api, &self.number_id).await
     }
 
     /// A baresip that starts registering with the server at once, AOR `sip:{user}@127.0.0.1`,

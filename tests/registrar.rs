@@ -8,9 +8,7 @@ use std::time::Duration;
 use common::device::{Device, challenges};
 use common::uac::{header, headers, status_code};
 use common::{Api, Backend, Mode, Server, TestDb, wait_for_json};
-use serde_json::{Value, json};
-
-const INVENTORY_ID: &str = "01900000-0000-7000-8000-000000000001";
+use serde_json::Value;
 
 struct Ctx {
     db: TestDb,
@@ -26,11 +24,7 @@ async fn setup(backend: Backend, env: &[(&str, &str)]) -> Ctx {
     let server = Server::start_with(&db, Mode::Dev, env);
     let (workspace_id, key) = db.workspace("devices", 100_000);
     let api = server.api(&key);
-    let claimed = api
-        .post(&format!("/v1/numbers/{INVENTORY_ID}/claim"), None)
-        .await;
-    assert_eq!(claimed.status, 201, "{}", claimed.text);
-    let number_id = claimed.json()["id"].as_str().unwrap().to_owned();
+    let number_id = common::device::claim(&api, common::device::FIRST_INVENTORY_ID).await;
     Ctx {
         db,
         server,
@@ -44,29 +38,11 @@ async fn setup(backend: Backend, env: &[(&str, &str)]) -> Ctx {
 impl Ctx {
     /// A new credential: (id, username, password).
     async fn credential(&self, label: &str) -> (String, String, String) {
-        let r = self
-            .api
-            .post(
-                &format!("/v1/numbers/{}/sip-credentials", self.number_id),
-                Some(json!({"label": label})),
-            )
-            .await;
-        assert_eq!(r.status, 201, "{}", r.text);
-        let v = r.json();
-        (
-            v["id"].as_str().unwrap().to_owned(),
-            v["username"].as_str().unwrap().to_owned(),
-            v["password"].as_str().unwrap().to_owned(),
-        )
+        common::device::new_credential(&self.api, &self.number_id, label).await
     }
 
     async fn registrations(&self) -> Vec<Value> {
-        let r = self
-            .api
-            .get(&format!("/v1/numbers/{}/registrations", self.number_id))
-            .await;
-        assert_eq!(r.status, 200, "{}", r.text);
-        r.json().as_array().cloned().unwrap_or_default()
+        common::device::registrations(&self.api, &self.number_id).await
     }
 
     async fn wait_registrations(&self, n: usize) -> Vec<Value> {

@@ -314,3 +314,45 @@ impl Device {
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
+
+/// The first number of the seeded inventory (`+254700000001`).
+pub const FIRST_INVENTORY_ID: &str = "01900000-0000-7000-8000-000000000001";
+
+/// Claim inventory number `inventory_id`: the tenant number's id.
+pub async fn claim(api: &super::Api, inventory_id: &str) -> String {
+    let claimed = api
+        .post(&format!("/v1/numbers/{inventory_id}/claim"), None)
+        .await;
+    assert_eq!(claimed.status, 201, "{}", claimed.text);
+    claimed.json()["id"].as_str().unwrap().to_owned()
+}
+
+/// A new SIP credential of the number: (id, username, password).
+pub async fn new_credential(
+    api: &super::Api,
+    number_id: &str,
+    label: &str,
+) -> (String, String, String) {
+    let r = api
+        .post(
+            &format!("/v1/numbers/{number_id}/sip-credentials"),
+            Some(serde_json::json!({"label": label})),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text);
+    let v = r.json();
+    (
+        v["id"].as_str().unwrap().to_owned(),
+        v["username"].as_str().unwrap().to_owned(),
+        v["password"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// The number's registrations as the API lists them.
+pub async fn registrations(api: &super::Api, number_id: &str) -> Vec<serde_json::Value> {
+    let r = api
+        .get(&format!("/v1/numbers/{number_id}/registrations"))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    r.json().as_array().cloned().expect("a list")
+}
