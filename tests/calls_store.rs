@@ -1222,6 +1222,14 @@ async fn postgres_start_does_not_wait_behind_a_blocked_end() {
     assert_eq!(event_kinds(&fx, &b).await, ["call.started"]);
 }
 
+/// `fx.store.reserve` for the fixture's workspace, at the fixture's time.
+async fn reserve(fx: &Fx, call_id: &str, want: i64, at_least: i64) -> Option<i64> {
+    fx.store
+        .reserve(call_id, &fx.ws, want, at_least, t0() + Duration::minutes(1))
+        .await
+        .expect("reserve")
+}
+
 /// Prepaid reservations (DESIGN §4): concurrent calls of one wallet share its balance, one
 /// reservation at a time from two stores (two processes) never over-reserves, an extension takes
 /// a slice or what is left, a call's end releases its reservation and charges at most what it
@@ -1264,28 +1272,10 @@ async fn reservations_share_the_balance_and_settle_with_the_call(backend: Backen
     let (a, b, c) = (&ids[reserved[0]], &ids[reserved[1]], &ids[reserved[2]]);
     let refused = &ids[(0..6).find(|i| got[*i].is_none()).expect("a refused call")];
     // A refused call can still take what is left to extend, but not a whole slice to start.
-    assert_eq!(
-        fx.store
-            .reserve(refused, &fx.ws, 300, 300, s)
-            .await
-            .expect("reserve"),
-        None
-    );
+    assert_eq!(reserve(&fx, refused, 300, 300).await, None);
     // Extensions: `a` takes the 150 left, then nothing is left for `b`.
-    assert_eq!(
-        fx.store
-            .reserve(a, &fx.ws, 300, 1, s)
-            .await
-            .expect("extend"),
-        Some(450)
-    );
-    assert_eq!(
-        fx.store
-            .reserve(b, &fx.ws, 300, 1, s)
-            .await
-            .expect("extend"),
-        None
-    );
+    assert_eq!(reserve(&fx, a, 300, 1).await, Some(450));
+    assert_eq!(reserve(&fx, b, 300, 1).await, None);
     assert_eq!(balance(&fx).await, 1_050, "reserving takes nothing yet");
 
     // `a` answered and talked 90.02 s: rated 91 s (455) but charged what it held (450).
@@ -1316,27 +1306,9 @@ async fn reservations_share_the_balance_and_settle_with_the_call(backend: Backen
         .expect("ended");
     assert_eq!(balance(&fx).await, 600);
     // Free now: 600 less `c`'s 300. A new call can start; an ended call cannot reserve.
-    assert_eq!(
-        fx.store
-            .reserve(refused, &fx.ws, 300, 300, s)
-            .await
-            .expect("reserve"),
-        Some(300)
-    );
-    assert_eq!(
-        fx.store
-            .reserve(b, &fx.ws, 300, 1, s)
-            .await
-            .expect("reserve"),
-        None
-    );
-    assert_eq!(
-        fx.store
-            .reserve(refused, &fx.ws, 300, 1, s)
-            .await
-            .expect("extend"),
-        None
-    );
+    assert_eq!(reserve(&fx, refused, 300, 300).await, Some(300));
+    assert_eq!(reserve(&fx, b, 300, 1).await, None);
+    assert_eq!(reserve(&fx, refused, 300, 1).await, None);
 
     // The engine holding `c` dies while it talks: closing the orphan settles its reservation,
     // charged from the call row but never past what it held.
