@@ -1,4 +1,5 @@
-//! `dial`: connect the caller to a number, the first answering of several numbers, or a SIP URI.
+//! `dial`: connect the caller to a number, the first answering of several numbers, a SIP URI,
+//! or the number's registered devices.
 
 use serde_json::Value;
 
@@ -24,6 +25,15 @@ pub enum DialTarget {
     Numbers(Vec<String>),
     /// JSON `sip`: a `sip:` or `sips:` URI.
     Sip(String),
+    /// JSON `device`: `true` for every registered device of the number, or the label of one
+    /// of its SIP credentials for the devices registered with that credential.
+    Device(DeviceTarget),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeviceTarget {
+    All,
+    Label(String),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -36,6 +46,9 @@ pub struct Dial {
     pub timeout_seconds: u32,
     /// JSON `timeLimit`: longest connected time, default and at most 14400 s.
     pub time_limit_seconds: u32,
+    /// JSON `answerOnBridge`, default false: the caller keeps ringing until the dialled party
+    /// answers, instead of being answered at once and hearing ringback.
+    pub answer_on_bridge: bool,
     /// Where `DialStatus`/`DialDuration` go; `None` = the voice callback. As written.
     pub action: Option<String>,
 }
@@ -48,21 +61,23 @@ pub(super) fn parse(path: String, value: &Value) -> Result<Dial, ScriptError> {
             "number",
             "numbers",
             "sip",
+            "device",
             "callerId",
             "timeout",
             "timeLimit",
+            "answerOnBridge",
             "action",
         ],
         false,
     )?;
-    let given = ["number", "numbers", "sip"]
+    let given = ["number", "numbers", "sip", "device"]
         .into_iter()
         .filter(|k| a.has(k))
         .count();
     if given != 1 {
         return Err(error(
             a.path(),
-            "give exactly one of number, numbers or sip",
+            "give exactly one of number, numbers, sip or device",
         ));
     }
     let target = if let Some(n) = a.string("number")? {
@@ -72,6 +87,8 @@ pub(super) fn parse(path: String, value: &Value) -> Result<Dial, ScriptError> {
         DialTarget::Number(n.to_owned())
     } else if let Some(list) = a.get("numbers") {
         DialTarget::Numbers(numbers(&a, list)?)
+    } else if let Some(device) = a.get("device") {
+        DialTarget::Device(device_target(&a, device)?)
     } else {
         let sip = a.required_string("sip")?;
         if !is_sip_uri(sip) {
@@ -95,8 +112,25 @@ pub(super) fn parse(path: String, value: &Value) -> Result<Dial, ScriptError> {
             1,
             MAX_TIME_LIMIT_SECONDS,
         )?,
+        answer_on_bridge: a.boolean("answerOnBridge", false)?,
         action: a.url("action")?,
     })
+}
+
+/// Longest credential label (as the credentials API allows).
+const MAX_LABEL_CHARS: usize = 64;
+
+fn device_target(a: &Attrs<'_>, v: &Value) -> Result<DeviceTarget, ScriptError> {
+    const MESSAGE: &str = "must be true or the label of one of the number's SIP credentials";
+    match v {
+        Value::Bool(true) => Ok(DeviceTarget::All),
+        Value::String(label)
+            if !label.trim().is_empty() && label.chars().count() <= MAX_LABEL_CHARS =>
+        {
+            Ok(DeviceTarget::Label(label.clone()))
+        }
+        _ => Err(a.err("device", MESSAGE)),
+    }
 }
 
 fn numbers(a: &Attrs<'_>, list: &Value) -> Result<Vec<String>, ScriptError> {
@@ -192,6 +226,7 @@ mod tests {
                 caller_id: None,
                 timeout_seconds: 30,
                 time_limit_seconds: 14400,
+                answer_on_bridge: false,
                 action: None
             }
         );
@@ -199,7 +234,7 @@ mod tests {
 
     #[test]
     fn exactly_one_target() {
-        let msg = "actions[0].dial: give exactly one of number, numbers or sip";
+        let msg = "actions[0].dial: give exactly one of number, numbers, sip or device";
         assert_eq!(err(r#"{"dial": {}}"#), msg);
         assert_eq!(err(r#"{"dial": {"callerId": "+254700000001"}}"#), msg);
         assert_eq!(
@@ -210,6 +245,29 @@ mod tests {
         assert_eq!(
             dial(r#"{"number": null, "sip": "sip:a@b.example"}"#).target,
             DialTarget::Sip("sip:a@b.example".into())
+        );
+    }
+
+    #[test]
+    fn devices_and_answer_on_bridge() {
+        assert_eq!(
+            dial(r#"{"device": true}"#).target,
+            DialTarget::Device(DeviceTarget::All)
+        );
+        let d = dial(r#"{"device": "front desk", "answerOnBridge": true}"#);
+        assert_eq!(d.target, DialTarget::Device(DeviceTarget::Label("front desk".into())));
+        assert!(d.answer_on_bridge);
+        let msg = "actions[0].dial.device: must be true or the label of one of the number's SIP credentials";
+        assert_eq!(err(r#"{"dial": {"device": false}}"#), msg);
+        assert_eq!(err(r#"{"dial": {"device": "  "}}"#), msg);
+        assert_eq!(err(r#"{"dial": {"device": 1}}"#), msg);
+        assert_eq!(
+            err(r#"{"dial": {"device": true, "number": "+254700000001"}}"#),
+            "actions[0].dial: give exactly one of number, numbers, sip or device"
+        );
+        assert!(
+            err(r#"{"dial": {"device": true, "answerOnBridge": "yes"}}"#)
+                .starts_with("actions[0].dial.answerOnBridge:")
         );
     }
 
@@ -336,7 +394,7 @@ mod tests {
         }
         assert_eq!(
             err(r#"{"dial": {"number": "+254700000001", "record": true}}"#),
-            "actions[0].dial.record: unknown attribute (expected one of: number, numbers, sip, callerId, timeout, timeLimit, action)"
+            "actions[0].dial.record: unknown attribute (expected one of: number, numbers, sip, device, callerId, timeout, timeLimit, answerOnBridge, action)"
         );
     }
 }

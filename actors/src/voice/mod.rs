@@ -25,7 +25,7 @@ mod redirect;
 mod reject;
 mod say;
 
-pub use dial::{Dial, DialTarget, MAX_DIAL_NUMBERS};
+pub use dial::{DeviceTarget, Dial, DialTarget, MAX_DIAL_NUMBERS};
 pub use get_digits::GetDigits;
 pub use pause::Pause;
 pub use play::Play;
