@@ -33,7 +33,7 @@ macro_rules! call_cols {
         "id, workspace_id, number_id, direction, from_number, to_number, status, sip_call_id, \
          engine_id, started_at, answered_at, ended_at, duration_seconds, hangup_cause, \
          failure_reason, cost_minor, uncollected_minor, currency, rate_per_min_minor, created_at, \
-         updated_at"
+         updated_at, parent_call_id"
     };
 }
 
@@ -67,6 +67,8 @@ pub struct CallRecord {
     pub rate_per_min_minor: i64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// For a dialled party's leg: the call that dialled it.
+    pub parent_call_id: Option<String>,
 }
 
 impl CallRecord {
@@ -95,6 +97,8 @@ pub struct CallFilter {
     pub number_id: Option<String>,
     pub direction: Option<String>,
     pub status: Option<CallStatus>,
+    /// Only the legs dialled by this call.
+    pub parent_call_id: Option<String>,
     /// Calls strictly older (by id) than this one: the cursor.
     pub before_id: Option<String>,
     pub limit: i64,
@@ -125,6 +129,7 @@ fn call_from_row(row: &AnyRow) -> Result<CallRecord, StorageError> {
         rate_per_min_minor: get(row, "rate_per_min_minor")?,
         created_at: get_time(row, "created_at")?,
         updated_at: get_time(row, "updated_at")?,
+        parent_call_id: get(row, "parent_call_id")?,
     })
 }
 
@@ -181,6 +186,10 @@ fn base_payload(c: &CallRecord) -> serde_json::Map<String, Value> {
     m.insert("from".into(), json!(c.from));
     m.insert("to".into(), json!(c.to));
     m.insert("status".into(), json!(c.status.as_str()));
+    // Only a dialled leg has a parent: other calls' payloads stay as they were.
+    if let Some(parent) = &c.parent_call_id {
+        m.insert("parent_call_id".into(), json!(parent));
+    }
     m
 }
 
@@ -563,10 +572,10 @@ async fn started_in_tx(conn: &mut AnyConnection, call: &CallStarted) -> Result<b
     let row = sqlx::query(concat!(
         "INSERT INTO calls (id, workspace_id, number_id, direction, from_number, to_number, \
          status, sip_call_id, engine_id, started_at, currency, rate_per_min_minor, \
-         created_at, updated_at) \
+         created_at, updated_at, parent_call_id) \
          SELECT $1, $2, $3, $4, $5, $6, 'ringing', $7, $8, $9, currency, \
            CASE WHEN $4 = 'inbound' THEN inbound_per_min_minor ELSE outbound_per_min_minor END, \
-           $9, $9 \
+           $9, $9, $10 \
          FROM tenant_numbers WHERE id = $3 AND workspace_id = $2 \
          ON CONFLICT (id) DO NOTHING RETURNING ",
         call_cols!()
@@ -580,6 +589,7 @@ async fn started_in_tx(conn: &mut AnyConnection, call: &CallStarted) -> Result<b
     .bind(&call.sip_call_id)
     .bind(&call.engine_id)
     .bind(&ts)
+    .bind(&call.parent_call_id)
     .fetch_optional(&mut *conn)
     .await
     .map_err(storage)?;
@@ -864,6 +874,9 @@ impl SqlStore {
         }
         if let Some(d) = &f.direction {
             push(" AND direction = $?", Arg::Text(d.clone()), &mut sql);
+        }
+        if let Some(p) = &f.parent_call_id {
+            push(" AND parent_call_id = $?", Arg::Text(p.clone()), &mut sql);
         }
         if let Some(s) = f.status {
             push(

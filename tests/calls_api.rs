@@ -118,6 +118,7 @@ async fn call(
                     json!({"status": 180, "reason": "Ringing"}),
                 ),
             ],
+            parent_call_id: None,
         })
         .await
         .expect("started");
@@ -157,7 +158,7 @@ async fn call(
     id
 }
 
-const CALL_KEYS: [&str; 14] = [
+const CALL_KEYS: [&str; 15] = [
     "id",
     "number_id",
     "direction",
@@ -172,6 +173,7 @@ const CALL_KEYS: [&str; 14] = [
     "failure_reason",
     "cost_minor",
     "currency",
+    "parent_call_id",
 ];
 
 fn ids(items: &[Value]) -> Vec<String> {
@@ -431,6 +433,7 @@ async fn list_get_filter_and_page(backend: Backend) {
         "limit=101",
         "limit=ten",
         "cursor=%%%",
+        "parent_call_id=nope",
     ] {
         fx.api
             .get(&format!("/v1/calls?{q}"))
@@ -441,6 +444,52 @@ async fn list_get_filter_and_page(backend: Backend) {
         .get("/v1/calls")
         .await
         .assert_error(401, "api_key.invalid");
+
+    // The legs a call dialled: their own records, found by their parent.
+    assert_eq!(first["parent_call_id"], Value::Null);
+    let mut legs = Vec::new();
+    for to in ["+254711000001", "+254711000002"] {
+        let id = uuid::Uuid::now_v7().to_string();
+        let s = Utc::now() - Duration::minutes(1);
+        fx.store
+            .call_started(CallStarted {
+                call_id: id.clone(),
+                workspace_id: fx.ws.clone(),
+                number_id: num_a.clone(),
+                direction: "outbound".into(),
+                from: e164_a.clone(),
+                to: to.into(),
+                sip_call_id: format!("sip-{id}"),
+                engine_id: TEST_ENGINE.into(),
+                started_at: s,
+                timeline: vec![],
+                parent_call_id: Some(guide_call.clone()),
+            })
+            .await
+            .expect("leg started");
+        legs.push(id);
+    }
+    let children = fx
+        .api
+        .get_all(&format!("/v1/calls?parent_call_id={guide_call}&limit=1"))
+        .await;
+    legs.reverse();
+    assert_eq!(ids(&children), legs, "newest first");
+    assert!(
+        children
+            .iter()
+            .all(|c| c["parent_call_id"] == guide_call.as_str()
+                && c["direction"] == "outbound"
+                && c["rate_per_min_minor"].is_null())
+    );
+    let one = fx.api.get(&format!("/v1/calls/{}", legs[0])).await.json();
+    assert_eq!(one["parent_call_id"], guide_call.as_str());
+    let none = fx
+        .api
+        .get(&format!("/v1/calls?parent_call_id={other_call}"))
+        .await
+        .json();
+    assert_eq!(none, json!([]));
 }
 on_both_backends!(list_get_filter_and_page);
 

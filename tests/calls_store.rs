@@ -88,6 +88,7 @@ fn started(
         engine_id: engine.into(),
         started_at: at,
         timeline: vec![entry(at, "sip.received", json!({"method": "INVITE"}))],
+        parent_call_id: None,
     }
 }
 
@@ -1346,3 +1347,59 @@ async fn reservations_share_the_balance_and_settle_with_the_call(backend: Backen
     assert!(charges.iter().all(|e| e.balance_after_minor >= 0));
 }
 on_both_backends!(reservations_share_the_balance_and_settle_with_the_call);
+
+/// A dialled party's leg is a call record of its own: it names its parent on the row and in its
+/// events (other calls' payloads are unchanged), and a parent that does not exist is refused.
+async fn dialled_legs_name_their_parent(backend: Backend) {
+    let fx = fixture(backend, 5_000, 0, 300).await;
+    let s = t0() + Duration::minutes(1);
+    let parent = new_call_id();
+    fx.store
+        .call_started(started(&fx, &parent, "inbound", "engine-a", s))
+        .await
+        .expect("parent");
+    let leg = new_call_id();
+    fx.store
+        .call_started(CallStarted {
+            parent_call_id: Some(parent.clone()),
+            ..started(&fx, &leg, "outbound", "engine-a", s)
+        })
+        .await
+        .expect("leg");
+    assert_eq!(
+        stored_call(&fx, &leg).await.parent_call_id.as_deref(),
+        Some(parent.as_str())
+    );
+    assert_eq!(
+        stored_call(&fx, &leg).await.rate_per_min_minor,
+        300,
+        "outbound rate"
+    );
+    let leg_events = call_events(&fx, &leg).await;
+    assert_eq!(
+        leg_events[0].1["payload"]["parent_call_id"],
+        parent.as_str(),
+        "{leg_events:?}"
+    );
+    let parent_events = call_events(&fx, &parent).await;
+    assert!(parent_events[0].1["payload"].get("parent_call_id").is_none());
+    let orphan = new_call_id();
+    assert!(
+        fx.store
+            .call_started(CallStarted {
+                parent_call_id: Some(new_call_id()),
+                ..started(&fx, &orphan, "outbound", "engine-a", s)
+            })
+            .await
+            .is_err(),
+        "a leg of no call"
+    );
+    assert!(
+        fx.store
+            .get_call(&fx.ws, &orphan)
+            .await
+            .expect("get")
+            .is_none()
+    );
+}
+on_both_backends!(dialled_legs_name_their_parent);

@@ -49,6 +49,7 @@ async fn start_call(store: &SqlStore, ws: &str, number_id: &str, at: DateTime<Ut
             engine_id: TEST_ENGINE.into(),
             started_at: at,
             timeline: vec![entry(at, "sip.received", json!({"method": "INVITE"}))],
+            parent_call_id: None,
         })
         .await
         .expect("call started");

@@ -101,6 +101,8 @@ pub struct CallStarted {
     pub engine_id: String,
     pub started_at: DateTime<Utc>,
     pub timeline: Vec<TimelineEntry>,
+    /// For a dialled party's leg: the call that dialled it (same workspace).
+    pub parent_call_id: Option<String>,
 }
 
 /// The call was answered (our 200 OK was ACKed): status `answered`, `call.answered`.

@@ -54,6 +54,8 @@ pub struct CallView {
     pub cost_minor: i64,
     #[schema(example = "KES")]
     pub currency: String,
+    /// For a dialled party's leg: the call that dialled it; `null` otherwise.
+    pub parent_call_id: Option<String>,
 }
 
 impl From<CallRecord> for CallView {
@@ -73,6 +75,7 @@ impl From<CallRecord> for CallView {
             failure_reason: c.failure_reason,
             cost_minor: c.cost_minor,
             currency: c.currency,
+            parent_call_id: c.parent_call_id,
         }
     }
 }
@@ -130,6 +133,8 @@ pub struct CallsQuery {
     pub direction: Option<String>,
     /// `ringing`, `answered`, `completed`, `failed`, `busy`, `no_answer` or `canceled`.
     pub status: Option<String>,
+    /// Only the legs dialled by this call (its id).
+    pub parent_call_id: Option<String>,
     /// Page size, 1–100 (default 25).
     pub limit: Option<i64>,
     /// Opaque: the value from the previous page's `Link: <…>; rel="next"`.
@@ -158,6 +163,14 @@ pub async fn list_calls(
         .as_deref()
         .map(|n| parse_id(n, "number_id").map_err(|_| invalid_query("number_id must be a UUID")))
         .transpose()?;
+    let parent_call_id = q
+        .parent_call_id
+        .as_deref()
+        .map(|p| {
+            parse_id(p, "parent_call_id")
+                .map_err(|_| invalid_query("parent_call_id must be a UUID"))
+        })
+        .transpose()?;
     if let Some(d) = &q.direction
         && d != "inbound"
         && d != "outbound"
@@ -184,6 +197,7 @@ pub async fn list_calls(
                 number_id,
                 direction: q.direction,
                 status,
+                parent_call_id,
                 before_id: page.after()?,
                 limit: limit + 1,
             },

@@ -221,11 +221,12 @@ async fn change_calls<T>(
 // started.
 const START_CALLS: &str = concat!(
     "INSERT INTO calls (id, workspace_id, number_id, direction, from_number, to_number, status, \
-     sip_call_id, engine_id, started_at, currency, rate_per_min_minor, created_at, updated_at) \
+     sip_call_id, engine_id, started_at, currency, rate_per_min_minor, created_at, updated_at, \
+     parent_call_id) \
      SELECT v.column1, v.column2, v.column3, v.column4, v.column5, v.column6, 'ringing', \
      v.column7, v.column8, v.column9, t.currency, \
      CASE WHEN v.column4 = 'inbound' THEN t.inbound_per_min_minor \
-       ELSE t.outbound_per_min_minor END, v.column9, v.column9 \
+       ELSE t.outbound_per_min_minor END, v.column9, v.column9, v.column10 \
      FROM (VALUES {values}) AS v \
      JOIN tenant_numbers t ON t.id = v.column3 AND t.workspace_id = v.column2 \
      WHERE true ON CONFLICT (id) DO NOTHING RETURNING ",
@@ -267,7 +268,7 @@ async fn start_calls(
         &starts,
         |c| &c.call_id,
         START_CALLS,
-        9,
+        10,
         |q, c| {
             check_direction(&c.direction)?;
             Ok(q.bind(c.call_id.clone())
@@ -278,7 +279,8 @@ async fn start_calls(
                 .bind(c.to.clone())
                 .bind(c.sip_call_id.clone())
                 .bind(c.engine_id.clone())
-                .bind(to_db(c.started_at)))
+                .bind(to_db(c.started_at))
+                .bind(c.parent_call_id.clone()))
         },
     )
     .await?;

@@ -524,6 +524,7 @@ impl CallState {
                 .map(|t| t.at)
                 .unwrap_or_else(|| self.now()),
             timeline: std::mem::take(&mut self.timeline),
+            parent_call_id: None,
         };
         match self.deps.store.call_started(started).await {
             Ok(()) => {

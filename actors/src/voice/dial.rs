@@ -255,7 +255,10 @@ mod tests {
             DialTarget::Device(DeviceTarget::All)
         );
         let d = dial(r#"{"device": "front desk", "answerOnBridge": true}"#);
-        assert_eq!(d.target, DialTarget::Device(DeviceTarget::Label("front desk".into())));
+        assert_eq!(
+            d.target,
+            DialTarget::Device(DeviceTarget::Label("front desk".into()))
+        );
         assert!(d.answer_on_bridge);
         let msg = "actions[0].dial.device: must be true or the label of one of the number's SIP credentials";
         assert_eq!(err(r#"{"dial": {"device": false}}"#), msg);
