@@ -1382,7 +1382,11 @@ async fn dialled_legs_name_their_parent(backend: Backend) {
         "{leg_events:?}"
     );
     let parent_events = call_events(&fx, &parent).await;
-    assert!(parent_events[0].1["payload"].get("parent_call_id").is_none());
+    assert!(
+        parent_events[0].1["payload"]
+            .get("parent_call_id")
+            .is_none()
+    );
     let orphan = new_call_id();
     assert!(
         fx.store

@@ -26,6 +26,7 @@ struct Ctx {
     _db: TestDb,
     server: Server,
     api: Api,
+    key: String,
     number_id: String,
     trunk: UdpSocket,
 }
@@ -46,6 +47,7 @@ async fn setup(backend: Backend, talk_minor: i64, env: &[(&str, &str)]) -> Ctx {
         _db: db,
         server,
         api,
+        key,
         number_id,
         trunk,
     }
@@ -437,6 +439,87 @@ async fn a_sipp_device_calls_out_through_a_sipp_trunk(backend: Backend) {
     assert_eq!(wallet["balance_minor"], 100_000 - cost, "{wallet}");
 }
 on_both_backends!(a_sipp_device_calls_out_through_a_sipp_trunk);
+
+/// A crash loses no reservation: the engine dies (`kill -9`) while a paid call talks. The restarted
+/// engine closes the call as `failed` with `engine.restart`, charges it per second from its row,
+/// and releases its reservation: a wallet that held a minute and a half can start a call again.
+async fn a_crash_mid_call_settles_the_reservation(backend: Backend) {
+    let mut ctx = setup(backend, 450, &[]).await;
+    let mut dev = ctx.device().await;
+    let rtp = RtpPeer::new(Codec::Pcmu, 1).await;
+    let offer = sdp(rtp.addr(), Codec::Pcmu, 101);
+    let o = offer.clone();
+    let device = tokio::spawn(async move {
+        let (ok, invite) = device_call(&mut dev, DIALLED, &o).await;
+        (dev, ok, invite)
+    });
+    let (invite, from) = ctx
+        .trunk_recv(Duration::from_secs(10))
+        .await
+        .expect("INVITE");
+    let trunk_rtp = RtpPeer::new(Codec::Pcmu, 2).await;
+    let answer = sdp(trunk_rtp.addr(), Codec::Pcmu, 101);
+    ctx.trunk_send(&reply(&invite, 200, "OK", "trunk", Some(&answer)), from)
+        .await;
+    let (mut dev, ok, dev_invite) = device.await.unwrap();
+    dev.send(&ack_for(&dev_invite, &ok)).await;
+    ctx.last_call("answered").await;
+
+    // While it talks, its minute is held: a second call is refused.
+    let mut second = ctx.device().await;
+    let (fin, _) = device_call(&mut second, DIALLED, &offer).await;
+    assert_eq!(status_code(&fin), Some(402), "{fin}");
+
+    let pid = ctx.server.pid().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &pid])
+        .status()
+        .expect("kill runs");
+    assert!(killed.success());
+    let trunk_uri = format!("sip:{}", ctx.trunk.local_addr().unwrap());
+    ctx.server = Server::start_with(
+        &ctx._db,
+        Mode::Dev,
+        &[
+            ("SAUTIKIT_OUTBOUND_TRUNK", trunk_uri.as_str()),
+            ("SAUTIKIT_CALL_ORPHAN_SECS", "1"),
+        ],
+    );
+    ctx.api = ctx.server.api(&ctx.key);
+    let calls = wait_for_json(
+        &ctx.api,
+        "/v1/calls?limit=2",
+        Duration::from_secs(30),
+        |v| v[1]["status"] == "failed",
+    )
+    .await;
+    let call = &calls[1];
+    assert_eq!(call["failure_reason"], "engine.restart", "{call}");
+    let secs = call["duration_seconds"].as_i64().unwrap();
+    let cost = call["cost_minor"].as_i64().unwrap();
+    assert!((1..=30).contains(&secs), "{call}");
+    assert_eq!(cost, (secs * 300 + 59) / 60, "{call}");
+    let wallet = ctx.api.get("/v1/wallet").await.json();
+    assert_eq!(wallet["balance_minor"], 450 - cost, "{wallet}");
+
+    // The reservation is gone with the call: a new call reaches the trunk.
+    let mut third = ctx.device().await;
+    let calling = tokio::spawn(async move { device_call(&mut third, DIALLED, &offer).await });
+    let (again, from) = loop {
+        let (m, f) = ctx
+            .trunk_recv(Duration::from_secs(10))
+            .await
+            .expect("INVITE");
+        if m.starts_with("INVITE ") && header(&m, "Call-ID") != header(&invite, "Call-ID") {
+            break (m, f);
+        }
+    };
+    ctx.trunk_send(&reply(&again, 486, "Busy Here", "trunk", None), from)
+        .await;
+    let (fin, _) = calling.await.unwrap();
+    assert_eq!(status_code(&fin), Some(486), "{fin}");
+}
+on_both_backends!(a_crash_mid_call_settles_the_reservation);
 
 /// Concurrent calls of one wallet share its balance: with 1.5 minutes of talk, a call that rings
 /// holds one minute, so a second call gets `402`; once the first ends, its minute is free again.
