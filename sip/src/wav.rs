@@ -97,6 +97,18 @@ impl WavWriter {
     }
 }
 
+/// A whole canonical WAV file (44-byte header) of 16-bit mono PCM, for files written at once
+/// (audio caches) rather than streamed.
+pub fn encode_pcm16(sample_rate: u32, samples: &[i16]) -> Vec<u8> {
+    let mut writer = WavWriter::new(sample_rate);
+    let mut body = Vec::new();
+    writer.write_samples(samples, &mut body);
+    let mut out = Vec::with_capacity(HEADER_LEN + body.len());
+    out.extend_from_slice(&writer.finish());
+    out.extend_from_slice(&body);
+    out
+}
+
 /// A 16-bit mono PCM header; `data_len` of [`u32::MAX`] marks the sizes as unknown.
 fn wav_header(sample_rate: u32, data_len: u32) -> [u8; HEADER_LEN] {
     let riff_len = if data_len == PLACEHOLDER {
@@ -225,6 +237,20 @@ mod tests {
             .map(|i| ((i as i64 * 7919) % 65536 - 32768) as i16)
             .chain([i16::MIN, i16::MAX, 0, -1])
             .collect()
+    }
+
+    #[test]
+    fn whole_file_equals_the_streamed_one() {
+        let samples = sweep(500);
+        let file = encode_pcm16(8000, &samples);
+        let mut w = WavWriter::new(8000);
+        let mut streamed = Vec::new();
+        w.write_samples(&samples, &mut streamed);
+        let mut expected = w.finish().to_vec();
+        expected.extend(streamed);
+        assert_eq!(file, expected);
+        assert_eq!(parse_wav(&file), Ok((8000, 1, samples)));
+        assert_eq!(encode_pcm16(8000, &[]).len(), HEADER_LEN);
     }
 
     #[test]
