@@ -1026,8 +1026,23 @@ impl CallStore for SqlStore {
     ) -> Result<Option<i64>, StorageError> {
         let ts = to_db(now);
         let mut tx = self.db().write.begin().await.map_err(storage)?;
-        // A no-op write first: it locks the wallet row (PostgreSQL), so no other reservation of
-        // this wallet is taken between the sum read below and the write that relies on it.
+        // Lock the call first, as its end does (call, then reservation, then wallet): a call that
+        // ends meanwhile either ends first (and is not live here) or waits for this to commit
+        // (and releases what it reserved). A reservation of an ended call would hold the balance
+        // for good.
+        let live = sqlx::query(
+            "UPDATE calls SET updated_at = updated_at \
+             WHERE id = $1 AND status IN ('ringing', 'answered') RETURNING id",
+        )
+        .bind(call_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(storage)?;
+        if live.is_none() {
+            return Ok(None);
+        }
+        // Then the wallet: no other reservation of this wallet is taken between the sum read
+        // below and the write that relies on it.
         let wallet = sqlx::query(
             "UPDATE wallets SET updated_at = updated_at WHERE workspace_id = $1 \
              RETURNING balance_minor",
@@ -1053,11 +1068,9 @@ impl CallStore for SqlStore {
         let Some(take) = money::reservation_take(want_minor, at_least_minor, balance - held) else {
             return Ok(None);
         };
-        // Only for a live call: a reservation of an ended call would hold the balance forever.
         let done = sqlx::query(
             "INSERT INTO call_reservations (call_id, workspace_id, amount_minor, created_at, \
-             updated_at) SELECT $1, $2, $3, $4, $4 WHERE EXISTS (SELECT 1 FROM calls \
-             WHERE id = $1 AND status IN ('ringing', 'answered')) \
+             updated_at) VALUES ($1, $2, $3, $4, $4) \
              ON CONFLICT (call_id) DO UPDATE SET \
              amount_minor = call_reservations.amount_minor + excluded.amount_minor, \
              updated_at = excluded.updated_at",
@@ -1071,7 +1084,9 @@ impl CallStore for SqlStore {
         .map_err(storage)?
         .rows_affected();
         if done != 1 {
-            return Ok(None);
+            return Err(StorageError(format!(
+                "reserving for call {call_id} wrote {done} rows"
+            )));
         }
         tx.commit().await.map_err(storage)?;
         Ok(Some(mine + take))

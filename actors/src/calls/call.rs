@@ -186,7 +186,7 @@ pub struct CallState {
     /// The paid leg's reservation (calls out through the trunk).
     pub(super) prepaid: Option<super::prepaid::Prepaid>,
     /// The legs as Calls last heard of them (see [`CallState::legs_changed`]).
-    pub(super) legs_reported: Vec<super::leg::LegState>,
+    pub(super) legs_reported: Vec<(super::leg::LegState, bool)>,
 }
 
 impl Actor for Call {
@@ -243,6 +243,7 @@ impl Actor for Call {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         state.begin().await;
+        state.report_legs();
         Ok(())
     }
 
@@ -318,10 +319,7 @@ impl Actor for Call {
                 }
             }
         }
-        // Calls must know every leg on the wire, to end them all should this actor fail.
-        if state.recorded && state.phase != Phase::Ended && state.legs_changed() {
-            state.snapshot();
-        }
+        state.report_legs();
         Ok(())
     }
 }

@@ -92,7 +92,9 @@ impl CallState {
         if self.phase == Phase::Ended {
             return;
         }
-        match self.on_leg_response(n, response) {
+        let outcome = self.on_leg_response(n, response);
+        self.report_legs();
+        match outcome {
             LegOutcome::Nothing => {}
             LegOutcome::Ringing => {
                 if self.trunk_call {
@@ -162,6 +164,7 @@ impl CallState {
             leg.final_code = Some(408);
             let label = leg.label.clone();
             self.close_leg_media(n);
+            self.report_legs();
             self.note(
                 "sip.timeout",
                 json!({"leg": label, "message": "no final response to our INVITE"}),

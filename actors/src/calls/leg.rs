@@ -67,24 +67,29 @@ impl CallState {
             .collect()
     }
 
-    /// Whether the legs changed since Calls last heard of them (and remember them as heard).
-    pub(super) fn legs_changed(&mut self) -> bool {
-        let now: Vec<LegState> = self
+    /// Calls must know every leg on the wire, to end them all should this actor fail: tell it
+    /// when a leg started, changed state or was sent again with credentials (a new INVITE to
+    /// CANCEL). Called as soon as that happens, before anything that could fail.
+    pub(super) fn report_legs(&mut self) {
+        if !self.recorded || self.phase == super::call::Phase::Ended {
+            return;
+        }
+        let now: Vec<(LegState, bool)> = self
             .legs
             .iter()
             .map(|l| {
-                if l.cancelled {
+                let state = if l.cancelled {
                     LegState::Ended
                 } else {
                     l.state
-                }
+                };
+                (state, l.authenticated)
             })
             .collect();
-        if now == self.legs_reported {
-            return false;
+        if now != self.legs_reported {
+            self.legs_reported = now;
+            self.snapshot();
         }
-        self.legs_reported = now;
-        true
     }
 }
 
@@ -169,6 +174,7 @@ impl CallState {
             offer_sdp,
             authenticated: false,
         });
+        self.report_legs();
         Ok(n)
     }
 

@@ -15,6 +15,9 @@ use super::call::{CallMsg, CallState, Phase};
 use crate::call_store::CallStatus;
 use crate::money;
 
+/// How long extending a reservation may take before it counts as failed.
+const RESERVE_WAIT: Duration = Duration::from_secs(3);
+
 /// A paid leg's reservation, as the call knows it.
 pub(super) struct Prepaid {
     workspace_id: String,
@@ -135,17 +138,22 @@ impl CallState {
         let (ws, rate) = (p.workspace_id.clone(), p.rate_per_min_minor);
         let slice = money::prepaid_slice_minor(rate);
         let now = self.now();
-        let extended = match self
-            .deps
-            .store
-            .reserve(&self.call_id, &ws, slice, 1, now)
-            .await
-        {
-            Ok(r) => r,
-            Err(e) => {
-                // Unpaid time is not given away: the call keeps what it holds.
+        // A store that does not answer in time is a store that failed: the call is not left
+        // running past its paid time while we wait.
+        let reserved = tokio::time::timeout(
+            RESERVE_WAIT,
+            self.deps.store.reserve(&self.call_id, &ws, slice, 1, now),
+        )
+        .await;
+        let (extended, storage_failed) = match reserved {
+            Ok(Ok(r)) => (r, false),
+            Ok(Err(e)) => {
                 warn!(call_id = %self.call_id, workspace_id = %ws, error = %e, "could not extend the reservation");
-                None
+                (None, true)
+            }
+            Err(_) => {
+                warn!(call_id = %self.call_id, workspace_id = %ws, "extending the reservation timed out");
+                (None, true)
             }
         };
         if let Some(reserved_minor) = extended {
@@ -173,6 +181,16 @@ impl CallState {
             return;
         }
         let reserved = self.prepaid.as_ref().map(|p| p.reserved_minor);
+        if storage_failed {
+            // Unpaid time is not given away, but the wallet was not found short either.
+            self.note(
+                "prepaid.unconfirmed",
+                json!({"reserved_minor": reserved, "reason": "storage"}),
+            );
+            self.hang_up(CallStatus::Completed, "engine_error", None)
+                .await;
+            return;
+        }
         self.note("prepaid.exhausted", json!({"reserved_minor": reserved}));
         self.hang_up(CallStatus::Completed, "balance_exhausted", None)
             .await;
