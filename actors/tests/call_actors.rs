@@ -41,6 +41,9 @@ const FAILS_AT_END: &str = "+254700000098";
 /// Calls to this number ring its one registered device; once the caller's ACK comes, recording
 /// the answer panics: the Call actor fails with a bridged device leg on the wire.
 const RINGS_DEVICE: &str = "+254700000097";
+/// Recording the end of a call to this number fails `END_FAILURES` times, then works.
+const END_FAILS: &str = "+254700000096";
+const END_FAILURES: usize = 4;
 
 /// No SIP credentials exist: every REGISTER is refused.
 /// The one device registered for `RINGS_DEVICE`, if a test set it.
@@ -140,6 +143,8 @@ struct MemCalls {
     answered: Mutex<Vec<String>>,
     /// Whether the end of a call to `FAILS_AT_END` has panicked yet.
     end_panicked: std::sync::atomic::AtomicBool,
+    /// Failed attempts to record the end of a call to `END_FAILS`.
+    end_failures: std::sync::atomic::AtomicUsize,
 }
 
 impl MemCalls {
@@ -172,7 +177,7 @@ fn route(number: &str) -> NumberRoute {
 impl CallStore for MemCalls {
     async fn route_by_number(&self, number: &str) -> Result<Option<NumberRoute>, StorageError> {
         Ok(match number {
-            BROKEN | HEALTHY => Some(route(number)),
+            BROKEN | HEALTHY | END_FAILS => Some(route(number)),
             FAILS_AT_END | RINGS_DEVICE => Some(NumberRoute {
                 voice_callback_url: None,
                 ..route(number)
@@ -205,6 +210,14 @@ impl CallStore for MemCalls {
     }
     async fn call_ended(&self, c: CallEnded) -> Result<CallCharged, StorageError> {
         let to = self.calls.lock().unwrap()[&c.call_id].0.clone();
+        if to == END_FAILS
+            && self
+                .end_failures
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+                < END_FAILURES
+        {
+            return Err(StorageError("database unavailable".into()));
+        }
         if to == FAILS_AT_END
             && !self
                 .end_panicked
@@ -625,4 +638,42 @@ async fn device_recv(device: &UdpSocket) -> (String, SocketAddr) {
         .expect("a message at the device")
         .unwrap();
     (String::from_utf8_lossy(&buf[..n]).into_owned(), from)
+}
+
+/// The database fails while a call's end is written, longer than the Call actor retries: Calls
+/// takes the end over and writes it at a later heartbeat (the end carries the charge and frees
+/// the call's reservation, so it is never dropped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_end_the_database_refused_is_written_later() {
+    let calls = Arc::new(MemCalls::default());
+    let engine = start_engine(&calls, (31_800, 31_900), 1).await;
+    let sip = engine.sip_addr().expect("SIP is bound");
+    let caller = Uac::new(sip, END_FAILS).await;
+    caller.invite().await;
+    let ok = caller.expect("200 OK").await;
+    caller.ack(&ok).await;
+    wait_for(&calls, END_FAILS, "answered").await;
+    caller.bye(&ok).await;
+    caller.expect("200 OK").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some((_, status, _, cause)) = calls.by_number(END_FAILS)
+            && status == "completed"
+        {
+            assert_eq!(cause.as_deref(), Some("caller_hangup"));
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the end was never written: {:?}",
+            calls.by_number(END_FAILS)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        calls.end_failures.load(std::sync::atomic::Ordering::SeqCst),
+        END_FAILURES + 1,
+        "four refusals, then one write"
+    );
+    engine.stop().await;
 }

@@ -1040,8 +1040,8 @@ impl CallState {
             failure_reason: failure_reason.map(str::to_owned),
             timeline: std::mem::take(&mut self.timeline),
         };
-        // The end carries the money: retry a failing database a few times before giving up
-        // (then the orphan sweep closes the row).
+        // The end carries the money: retry a failing database a few times, then hand the end
+        // to Calls, which keeps writing it until it is written.
         let mut delay = Duration::from_millis(100);
         for attempt in 1..=4 {
             match self.deps.store.call_ended(end.clone()).await {
@@ -1054,7 +1054,12 @@ impl CallState {
                     tokio::time::sleep(delay).await;
                     delay *= 3;
                 }
-                Err(e) => warn!(call_id = %self.call_id, error = %e, "recording the end failed"),
+                Err(e) => {
+                    warn!(call_id = %self.call_id, error = %e, "recording the end failed");
+                    if let Some(calls) = ActorRef::<CallsMsg>::where_is(self.deps.calls.clone()) {
+                        let _ = calls.cast(CallsMsg::EndNotRecorded(Box::new(end.clone())));
+                    }
+                }
             }
         }
         if let Some(answer) = self.answer_receipt.take() {

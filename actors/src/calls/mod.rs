@@ -122,6 +122,10 @@ pub enum CallsMsg {
     },
     /// How many calls Calls holds as live (for tests and diagnostics).
     LiveCount(RpcReplyPort<usize>),
+    /// A call's end that could not be written (the database failed): Calls writes it again at
+    /// every heartbeat until it is. The end carries the charge and frees the call's reservation,
+    /// so it is never dropped.
+    EndNotRecorded(Box<CallEnded>),
 }
 
 pub struct Calls;
@@ -138,6 +142,8 @@ pub struct CallsState {
     deps: CallDeps,
     orphan_after: chrono::Duration,
     live: live::LiveCalls,
+    /// Ends waiting to be written again (see `CallsMsg::EndNotRecorded`).
+    unrecorded: Vec<CallEnded>,
 }
 
 impl Actor for Calls {
@@ -175,16 +181,21 @@ impl Actor for Calls {
             deps,
             orphan_after,
             live: live::LiveCalls::default(),
+            unrecorded: Vec::new(),
         })
     }
 
     async fn handle(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         message: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match message {
+            CallsMsg::EndNotRecorded(end) => {
+                warn!(call_id = %end.call_id, "a call's end is not recorded yet; retrying at each heartbeat");
+                state.unrecorded.push(*end);
+            }
             CallsMsg::Snapshot { actor, snapshot } => {
                 state.live.report(actor, *snapshot);
             }
@@ -193,7 +204,7 @@ impl Actor for Calls {
                 if let Some(err) = failure {
                     error!(error = %err, call_id = snapshot.as_ref().map(|s| s.call_id.as_str()), "call actor failed; ending its call");
                     if let Some(s) = snapshot {
-                        end_failed_call(&state.deps, s);
+                        end_failed_call(&state.deps, &myself, s);
                     }
                 }
             }
@@ -223,8 +234,10 @@ impl Actor for Calls {
             CallsMsg::HeartbeatDue => {
                 let deps = state.deps.clone();
                 let orphan_after = state.orphan_after;
+                let unrecorded = std::mem::take(&mut state.unrecorded);
                 // Off the actor: a slow database must not hold up hangups.
                 tokio::spawn(async move {
+                    record_ends(&deps, &myself, unrecorded).await;
                     let now = deps.clock.now();
                     if let Err(e) = deps.store.engine_heartbeat(&deps.engine_id, now).await {
                         warn!(error = %e, "engine heartbeat failed");
@@ -272,8 +285,21 @@ impl Actor for Calls {
     }
 }
 
+/// Write ends that failed before; those that fail again go back to Calls for the next heartbeat.
+async fn record_ends(deps: &CallDeps, calls: &ActorRef<CallsMsg>, ends: Vec<CallEnded>) {
+    for end in ends {
+        match deps.store.call_ended(end.clone()).await {
+            Ok(_) => info!(call_id = %end.call_id, "a call's end was recorded on a retry"),
+            Err(e) => {
+                warn!(call_id = %end.call_id, error = %e, "recording a call's end failed again");
+                let _ = calls.cast(CallsMsg::EndNotRecorded(Box::new(end)));
+            }
+        }
+    }
+}
+
 /// The call's actor is gone: finish its call from the snapshot.
-fn end_failed_call(deps: &CallDeps, mut s: CallSnapshot) {
+fn end_failed_call(deps: &CallDeps, calls: &ActorRef<CallsMsg>, mut s: CallSnapshot) {
     let now = deps.clock.now();
     let mut timeline = Vec::new();
     if let Some(dialog) = s.dialog.as_mut() {
@@ -336,6 +362,7 @@ fn end_failed_call(deps: &CallDeps, mut s: CallSnapshot) {
         });
     }
     let store = deps.store.clone();
+    let calls = calls.clone();
     tokio::spawn(async move {
         let end = CallEnded {
             call_id: s.call_id.clone(),
@@ -345,8 +372,9 @@ fn end_failed_call(deps: &CallDeps, mut s: CallSnapshot) {
             failure_reason: Some("engine.error".into()),
             timeline,
         };
-        if let Err(e) = store.call_ended(end).await {
+        if let Err(e) = store.call_ended(end.clone()).await {
             warn!(call_id = %s.call_id, error = %e, "recording a failed call's end failed");
+            let _ = calls.cast(CallsMsg::EndNotRecorded(Box::new(end)));
         }
     });
 }
