@@ -14,8 +14,15 @@
 //! As soon as a call is answered both of its sides send 20 ms G.711 packets (160 payload bytes,
 //! 50 a second each way) to the engine's two RTP ports, paced on a 1 ms wheel like the engine's
 //! own (every stream keeps one of 20 slots). The RTP side of the harness is `BENCH_RTP_THREADS`
-//! (2) threads, each a current-thread runtime owning the sockets of its share of the calls (one
-//! receiving task per socket, one pacing task): 2,000 sockets, 100,000 packets a second in all.
+//! (2) plain threads, each owning the sockets of its share of the calls in one epoll set: it
+//! waits in `epoll_wait` until the next millisecond, reads what arrived, and sends the frames of
+//! the slots due (after a late wake at most 3 slots back to back; older frames are skipped and
+//! counted, so a stall of the harness does not reach the engine as a burst). 2,000 sockets,
+//! 100,000 packets a second in all. The engine's media threads run with real-time scheduling
+//! (`SAUTIKIT_MEDIA_REALTIME`, on by default); the RTP threads are given `SCHED_RR` one priority
+//! below them (`BENCH_HARNESS_REALTIME=0`: normal priority), so the engine gets a core first and
+//! the harness still runs ahead of other work on the machine.
+//!
 //! Every packet carries in its first 28 payload bytes a tag (a magic, the stream's packet count,
 //! and the wall-clock time in ns just before `sendto`), written with 16 G.711 codes whose
 //! transcoded images are distinct, so the tag survives the relay's µ-law ↔ A-law mapping. The
@@ -24,22 +31,32 @@
 //! relay**: two loopback hops, the engine waking, rewriting and sending.
 //!
 //! **Anchor.** `BENCH_ANCHOR_CALLS` (20) pairs of streams of the same kind go through a plain UDP
-//! forwarder in this process instead of the engine (one thread, a current-thread runtime, a task
-//! per socket: the engine's shape without the RTP rewrite) and are measured the same way in the
-//! same window. Its delay is what two loopback hops and a thread wake cost on this machine at this
-//! load; the engine's figure minus the anchor's estimates what the relay itself adds.
+//! forwarder in this process instead of the engine (one thread waiting in `epoll_wait`, with the
+//! media threads' scheduling policy) and are measured the same way in the same window. Its delay
+//! is what two loopback hops and a thread wake cost on this machine at this load; the engine's
+//! figure minus the anchor's estimates what the relay itself adds.
 //!
 //! After every call is answered and `BENCH_WARMUP` (3 s) has passed, the window of `BENCH_SECONDS`
 //! (60) opens. Counted over it: packets sent per direction (by their send time) and received (by
 //! the send time in their tag, so late packets still count), the delay distribution per
-//! direction, output sequence gaps, the engine's CPU (utime+stime from `/proc/<pid>/stat`) and its
-//! busiest threads, RSS (VmRSS sampled, VmHWM), this process's own CPU, and UDP receive-buffer
-//! drops on the machine (`/proc/net/snmp`).
+//! direction and by second, output sequence gaps, the engine's CPU (utime+stime from
+//! `/proc/<pid>/stat`) and its busiest threads, RSS (VmRSS sampled, VmHWM), this process's own CPU,
+//! and UDP receive-buffer drops (`/proc/net/snmp`, and per socket from `/proc/net/udp`: at the
+//! engine's RTP ports and at the harness's). Loss in the relay is what was sent and not received,
+//! less what the harness's own sockets dropped.
 //!
 //! `BENCH_VARIANTS` (`pcmu,pcma`): `pcmu` has devices answer PCMU (the relay copies payloads);
 //! `pcma` has them answer PCMA (the relay transcodes both ways). Pass lines: `BENCH_CORES` (1.0),
 //! `BENCH_P99_MS` (2.0, the p99 of the engine's delay in each direction). `BENCH_RTP_PORTS` sets the
-//! engine's RTP range (20000-29999: 5,000 RTP ports).
+//! engine's RTP range (20000-29999: 5,000 RTP ports), `BENCH_MEDIA_REALTIME` its
+//! `SAUTIKIT_MEDIA_REALTIME` (true), `BENCH_HARNESS_REALTIME` (1) the RTP threads' scheduling.
+//! The engine's other limits hold 1,000 bridged calls as they are: `SAUTIKIT_MAX_CALLS` 10,000,
+//! `SAUTIKIT_MAX_CALL_SETUPS` 1,000 (at 100 calls/s a few dozen are in setup), two RTP ports a call,
+//! `SAUTIKIT_MEDIA_TIMEOUT_SECS` 60 (both legs send throughout), and the workspace is created
+//! with KES 10,000,000 of credit.
+//!
+//! `cargo bench --bench bridge`; `cargo test --benches` (or the bench binary without `--bench`)
+//! runs 20 calls for 2 s as a smoke test.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
