@@ -11,17 +11,17 @@
 //! INVITE with a PCMU offer → `100`/`180` → `200` when the device answers → ACK. The engine
 //! bridges the caller's leg and the device's leg on one media thread.
 //!
-//! As soon as a call is answered both of its sides send 20 ms G.711 packets (160 payload bytes,
-//! 50 a second each way) to the engine's two RTP ports, paced on a 1 ms wheel like the engine's
-//! own (every stream keeps one of 20 slots). The RTP side of the harness is `BENCH_RTP_THREADS`
-//! (2) plain threads, each owning the sockets of its share of the calls in one epoll set: it
-//! waits in `epoll_wait` until the next millisecond, reads what arrived, and sends the frames of
-//! the slots due (after a late wake at most 3 slots back to back; older frames are skipped and
-//! counted, so a stall of the harness does not reach the engine as a burst). 2,000 sockets,
-//! 100,000 packets a second in all. The engine's media threads run with real-time scheduling
-//! (`SAUTIKIT_MEDIA_REALTIME`, on by default); the RTP threads are given `SCHED_RR` one priority
-//! below them (`BENCH_HARNESS_REALTIME=0`: normal priority), so the engine gets a core first and
-//! the harness still runs ahead of other work on the machine.
+//! As soon as a call is answered both of its sides send 20 ms G.711 packets (160 payload bytes, 50
+//! a second each way) to the engine's two RTP ports, paced on a 1 ms wheel like the engine's own
+//! (every stream keeps one of 20 slots). The RTP side of the harness is `BENCH_RTP_THREADS` (2)
+//! plain threads, each owning the sockets of its share of the calls in one epoll set: it waits in
+//! `epoll_wait` until the next millisecond, reads what arrived, and sends the frames of the slots
+//! due (after a late wake at most 3 slots back to back; older frames are skipped and counted, so a
+//! stall of the harness does not reach the engine as a burst). 2,000 sockets, 100,000 packets a
+//! second in all when the harness keeps pace. The engine's media threads run with real-time
+//! scheduling (`SAUTIKIT_MEDIA_REALTIME`, on by default); the RTP threads are given `SCHED_RR` one
+//! priority below them (`BENCH_HARNESS_REALTIME=0`: normal priority), so the engine gets a core
+//! first and the harness still runs ahead of other work on the machine.
 //!
 //! Every packet carries in its first 28 payload bytes a tag (a magic, the stream's packet count,
 //! and the wall-clock time in ns just before `sendto`), written with 16 G.711 codes whose
