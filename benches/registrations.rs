@@ -45,6 +45,7 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod harness;
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
@@ -59,9 +60,12 @@ use common::uac::{
 };
 use common::{Backend, Mode, Server, TestDb};
 use futures::StreamExt;
+use harness::{
+    auth_param, backend_name, claim_seeded, env_or, insert_credentials, mib, sample_rss,
+    sha256_hex, sip_listen, thread_delta, udp_rcvbuf_errors, udp_socket_drops,
+};
 use nix::sys::socket::{setsockopt, sockopt};
-use sautikit_sip::digest::{Algorithm, ha1};
-use sha2::{Digest, Sha256};
+use sautikit_sip::digest::Algorithm;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -75,45 +79,8 @@ const T2: Duration = Duration::from_secs(4);
 const DOMAIN: &str = "127.0.0.1";
 const CNONCE: &str = "0a4f113b";
 
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(default)
-}
-
 fn ms_us(us: u32) -> f64 {
     f64::from(us) / 1000.0
-}
-
-fn mib(kib: u64) -> f64 {
-    kib as f64 / 1024.0
-}
-
-fn sha256_hex(text: &str) -> String {
-    hex::encode(Sha256::digest(text.as_bytes()))
-}
-
-/// A parameter of a `WWW-Authenticate` value: `name="value"` or `name=token`.
-fn auth_param<'a>(value: &'a str, name: &str) -> Option<&'a str> {
-    let mut rest = value;
-    while let Some(pos) = rest.find(name) {
-        let before = rest[..pos].chars().last();
-        let after = &rest[pos + name.len()..];
-        rest = after;
-        if before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-            continue;
-        }
-        let Some(v) = after.trim_start().strip_prefix('=') else {
-            continue;
-        };
-        let v = v.trim_start();
-        if let Some(q) = v.strip_prefix('"') {
-            return q.split('"').next();
-        }
-        return v.split([',', ' ']).next();
-    }
-    None
 }
 
 /// `branch=` of a message's top Via.
@@ -749,25 +716,6 @@ struct Ctx {
     _db: TestDb,
 }
 
-fn backend_name(b: Backend) -> &'static str {
-    match b {
-        Backend::Sqlite => "SQLite",
-        Backend::Postgres => "PostgreSQL",
-    }
-}
-
-/// A port free for both UDP and TCP (the engine binds both on the same number).
-fn sip_listen() -> String {
-    (0..100)
-        .find_map(|_| {
-            let tcp = std::net::TcpListener::bind("127.0.0.1:0").ok()?;
-            let addr = tcp.local_addr().ok()?;
-            std::net::UdpSocket::bind(addr).ok()?;
-            Some(addr.to_string())
-        })
-        .unwrap_or_else(|| "127.0.0.1:0".into())
-}
-
 async fn setup(backend: Backend, devices: usize, expires: u32, keepalive_secs: u64) -> Ctx {
     let t0 = Instant::now();
     let db = TestDb::new(backend).await;
@@ -801,88 +749,23 @@ async fn setup(backend: Backend, devices: usize, expires: u32, keepalive_secs: u
     let store = sautikit::db::Db::connect(&db.url).await.expect("db");
 
     // Claim every seeded number through the API.
-    let rows = sqlx::query(
-        "SELECT id FROM inventory_numbers WHERE status = 'available' ORDER BY number LIMIT $1",
-    )
-    .bind(n_numbers as i64)
-    .fetch_all(&store.read)
-    .await
-    .expect("inventory");
-    let inventory: Vec<String> = rows
-        .iter()
-        .map(|r| sqlx::Row::try_get::<String, _>(r, "id").expect("id"))
+    let claimed: Vec<String> = claim_seeded(&api, &store, n_numbers)
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
         .collect();
-    assert_eq!(inventory.len(), n_numbers);
-    let claimed: Vec<String> = futures::stream::iter(inventory)
-        .map(|id| {
-            let api = api.clone();
-            async move {
-                let r = api.post(&format!("/v1/numbers/{id}/claim"), None).await;
-                assert_eq!(r.status, 201, "claim {id}: {}", r.text);
-                r.json()["id"].as_str().expect("id").to_owned()
-            }
-        })
-        .buffer_unordered(16)
-        .collect()
-        .await;
     let claim_time = t0.elapsed();
 
     // Credentials straight into the table: device g on number g % numbers, so devices in turn
     // hit different numbers (each REGISTER locks its number's row).
-    let now = sautikit::time::to_db(chrono::Utc::now());
-    let mut specs = Vec::with_capacity(devices);
-    let mut tx = store.write.begin().await.expect("begin");
-    for chunk_start in (0..devices).step_by(100) {
-        let chunk_end = (chunk_start + 100).min(devices);
-        let mut sql = String::from(
-            "INSERT INTO sip_credentials (id, workspace_id, number_id, label, username, \
-             password_hash, ha1_md5, ha1_sha256, status, created_at, updated_at) VALUES ",
-        );
-        let mut binds: Vec<String> = Vec::with_capacity(10 * (chunk_end - chunk_start));
-        for g in chunk_start..chunk_end {
-            let user = format!("ts_b{g:07x}");
-            let password = format!("bench-{g}-{}", uuid::Uuid::now_v7().simple());
-            let md5 = ha1(Algorithm::Md5, &user, &workspace_id, &password);
-            let sha = ha1(Algorithm::Sha256, &user, &workspace_id, &password);
-            let k = binds.len();
-            if g > chunk_start {
-                sql.push_str(", ");
-            }
-            sql.push_str(&format!(
-                "(${}, ${}, ${}, ${}, ${}, 'bench placeholder: registrar uses HA1', ${}, ${}, \
-                 'active', ${}, ${})",
-                k + 1,
-                k + 2,
-                k + 3,
-                k + 4,
-                k + 5,
-                k + 6,
-                k + 7,
-                k + 8,
-                k + 8
-            ));
-            binds.extend([
-                uuid::Uuid::now_v7().to_string(),
-                workspace_id.clone(),
-                claimed[g % claimed.len()].clone(),
-                format!("bench {g}"),
-                user.clone(),
-                md5,
-                sha.clone(),
-                now.clone(),
-            ]);
-            specs.push(DevSpec {
-                user,
-                ha1_sha256: sha,
-            });
-        }
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for b in binds {
-            q = q.bind(b);
-        }
-        q.execute(&mut *tx).await.expect("insert credentials");
-    }
-    tx.commit().await.expect("commit credentials");
+    let specs: Vec<DevSpec> = insert_credentials(&store, &workspace_id, &claimed, devices, "ts_b")
+        .await
+        .into_iter()
+        .map(|c| DevSpec {
+            user: c.user,
+            ha1_sha256: c.ha1_sha256,
+        })
+        .collect();
     println!(
         "  setup: {n_numbers} numbers seeded and claimed through the API in {:.1} s, {devices} \
          credentials inserted in {:.1} s",
@@ -917,26 +800,6 @@ impl Ctx {
     }
 }
 
-/// Samples a process's RSS every `every` until told to stop; returns samples in KiB.
-fn sample_rss(
-    pid: u32,
-    every: Duration,
-) -> (watch::Sender<bool>, tokio::task::JoinHandle<Vec<u64>>) {
-    let (tx, mut rx) = watch::channel(false);
-    let h = tokio::spawn(async move {
-        let mut out = vec![status_kib(pid, "VmRSS")];
-        loop {
-            tokio::select! {
-                _ = rx.changed() => break,
-                () = tokio::time::sleep(every) => out.push(status_kib(pid, "VmRSS")),
-            }
-        }
-        out.push(status_kib(pid, "VmRSS"));
-        out
-    });
-    (tx, h)
-}
-
 /// (completed, failed, keepalives) in one second.
 type Second = (u64, u64, u64);
 
@@ -965,35 +828,6 @@ fn sample_seconds(
     (tx, h)
 }
 
-/// Busiest server threads over an interval: (name, share of one core).
-fn thread_delta(
-    before: &[(String, Duration)],
-    after: &[(String, Duration)],
-    wall: Duration,
-) -> String {
-    let mut rows: Vec<(String, f64)> = after
-        .iter()
-        .map(|(n, t)| {
-            let b = before
-                .iter()
-                .find(|(m, _)| m == n)
-                .map(|(_, t)| *t)
-                .unwrap_or_default();
-            (
-                n.clone(),
-                t.saturating_sub(b).as_secs_f64() / wall.as_secs_f64(),
-            )
-        })
-        .filter(|(_, c)| *c >= 0.01)
-        .collect();
-    rows.sort_by(|a, b| b.1.total_cmp(&a.1));
-    rows.iter()
-        .take(8)
-        .map(|(n, c)| format!("{n} {:.0}%", c * 100.0))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 /// CPU time of the PostgreSQL backends serving database `name` (their process titles name it);
 /// zero for SQLite, which runs inside the engine.
 fn pg_backends_cpu(name: Option<&str>) -> Duration {
@@ -1014,41 +848,6 @@ fn pg_backends_cpu(name: Option<&str>) -> Duration {
         }
     }
     total
-}
-
-/// Datagrams dropped so far by the IPv4 UDP sockets bound to these ports (`/proc/net/udp`, the
-/// last column: receive buffer full).
-fn udp_socket_drops(ports: &[u16]) -> u64 {
-    let table = std::fs::read_to_string("/proc/net/udp").unwrap_or_default();
-    table
-        .lines()
-        .skip(1)
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let port = u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok()?;
-            ports
-                .contains(&port)
-                .then(|| f.last()?.parse::<u64>().ok())
-                .flatten()
-        })
-        .sum()
-}
-
-/// UDP receive-buffer drops on this machine so far (`/proc/net/snmp`, all sockets).
-fn udp_rcvbuf_errors() -> u64 {
-    let snmp = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
-    let lines: Vec<&str> = snmp.lines().filter(|l| l.starts_with("Udp:")).collect();
-    if lines.len() < 2 {
-        return 0;
-    }
-    let names: Vec<&str> = lines[0].split_whitespace().collect();
-    let values: Vec<&str> = lines[1].split_whitespace().collect();
-    names
-        .iter()
-        .position(|n| *n == "RcvbufErrors")
-        .and_then(|i| values.get(i))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 fn server_log_excerpt(server: &Server) -> String {

@@ -1,0 +1,270 @@
+//! Harness code shared by the load benchmarks (`registrations`, `bridge`): settings from the
+//! environment, a SIP port for the engine, SIP credentials inserted straight into the database,
+//! digest helpers, and what the engine's process uses (RSS samples, busiest threads, UDP drops).
+//! Each bench includes it with `mod harness;` beside `tests/common` (`mod common;`).
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use sautikit_sip::digest::{Algorithm, ha1};
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+use crate::common::Backend;
+use crate::common::uac::status_kib;
+
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(default)
+}
+
+pub fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+pub fn sha256_hex(text: &str) -> String {
+    hex::encode(Sha256::digest(text.as_bytes()))
+}
+
+/// A parameter of a `WWW-Authenticate` value: `name="value"` or `name=token`.
+pub fn auth_param<'a>(value: &'a str, name: &str) -> Option<&'a str> {
+    let mut rest = value;
+    while let Some(pos) = rest.find(name) {
+        let before = rest[..pos].chars().last();
+        let after = &rest[pos + name.len()..];
+        rest = after;
+        if before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            continue;
+        }
+        let Some(v) = after.trim_start().strip_prefix('=') else {
+            continue;
+        };
+        let v = v.trim_start();
+        if let Some(q) = v.strip_prefix('"') {
+            return q.split('"').next();
+        }
+        return v.split([',', ' ']).next();
+    }
+    None
+}
+
+pub fn backend_name(b: Backend) -> &'static str {
+    match b {
+        Backend::Sqlite => "SQLite",
+        Backend::Postgres => "PostgreSQL",
+    }
+}
+
+/// A port free for both UDP and TCP (the engine binds both on the same number).
+pub fn sip_listen() -> String {
+    (0..100)
+        .find_map(|_| {
+            let tcp = std::net::TcpListener::bind("127.0.0.1:0").ok()?;
+            let addr = tcp.local_addr().ok()?;
+            std::net::UdpSocket::bind(addr).ok()?;
+            Some(addr.to_string())
+        })
+        .unwrap_or_else(|| "127.0.0.1:0".into())
+}
+
+/// Samples a process's RSS every `every` until told to stop; returns samples in KiB.
+pub fn sample_rss(
+    pid: u32,
+    every: Duration,
+) -> (watch::Sender<bool>, tokio::task::JoinHandle<Vec<u64>>) {
+    let (tx, mut rx) = watch::channel(false);
+    let h = tokio::spawn(async move {
+        let mut out = vec![status_kib(pid, "VmRSS")];
+        loop {
+            tokio::select! {
+                _ = rx.changed() => break,
+                () = tokio::time::sleep(every) => out.push(status_kib(pid, "VmRSS")),
+            }
+        }
+        out.push(status_kib(pid, "VmRSS"));
+        out
+    });
+    (tx, h)
+}
+
+/// Busiest server threads over an interval: (name, share of one core).
+pub fn thread_delta(
+    before: &[(String, Duration)],
+    after: &[(String, Duration)],
+    wall: Duration,
+) -> String {
+    let mut rows: Vec<(String, f64)> = after
+        .iter()
+        .map(|(n, t)| {
+            let b = before
+                .iter()
+                .find(|(m, _)| m == n)
+                .map(|(_, t)| *t)
+                .unwrap_or_default();
+            (
+                n.clone(),
+                t.saturating_sub(b).as_secs_f64() / wall.as_secs_f64(),
+            )
+        })
+        .filter(|(_, c)| *c >= 0.01)
+        .collect();
+    rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+    rows.iter()
+        .take(8)
+        .map(|(n, c)| format!("{n} {:.0}%", c * 100.0))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Datagrams dropped so far by the IPv4 UDP sockets bound to these ports (`/proc/net/udp`, the
+/// last column: receive buffer full).
+pub fn udp_socket_drops(ports: &[u16]) -> u64 {
+    let table = std::fs::read_to_string("/proc/net/udp").unwrap_or_default();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let port = u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok()?;
+            ports
+                .contains(&port)
+                .then(|| f.last()?.parse::<u64>().ok())
+                .flatten()
+        })
+        .sum()
+}
+
+/// UDP receive-buffer drops on this machine so far (`/proc/net/snmp`, all sockets).
+pub fn udp_rcvbuf_errors() -> u64 {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
+    let lines: Vec<&str> = snmp.lines().filter(|l| l.starts_with("Udp:")).collect();
+    if lines.len() < 2 {
+        return 0;
+    }
+    let names: Vec<&str> = lines[0].split_whitespace().collect();
+    let values: Vec<&str> = lines[1].split_whitespace().collect();
+    names
+        .iter()
+        .position(|n| *n == "RcvbufErrors")
+        .and_then(|i| values.get(i))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A device's credential as inserted: its username and SHA-256 HA1 (user:workspace:password).
+pub struct Credential {
+    pub user: String,
+    pub ha1_sha256: String,
+}
+
+/// Inserts `count` active SIP credentials straight into `sip_credentials` (the API hashes each
+/// password with Argon2, tens of ms each): credential `g` is `<prefix><g as 7 hex digits>` on
+/// number `numbers[g % numbers.len()]`, with both HA1s from `sautikit_sip::digest::ha1` and a
+/// placeholder where the Argon2 hash would be (the registrar uses the HA1s).
+pub async fn insert_credentials(
+    store: &sautikit::db::Db,
+    workspace_id: &str,
+    numbers: &[String],
+    count: usize,
+    prefix: &str,
+) -> Vec<Credential> {
+    let now = sautikit::time::to_db(chrono::Utc::now());
+    let mut out = Vec::with_capacity(count);
+    let mut tx = store.write.begin().await.expect("begin");
+    for chunk_start in (0..count).step_by(100) {
+        let chunk_end = (chunk_start + 100).min(count);
+        let mut sql = String::from(
+            "INSERT INTO sip_credentials (id, workspace_id, number_id, label, username, \
+             password_hash, ha1_md5, ha1_sha256, status, created_at, updated_at) VALUES ",
+        );
+        let mut binds: Vec<String> = Vec::with_capacity(8 * (chunk_end - chunk_start));
+        for g in chunk_start..chunk_end {
+            let user = format!("{prefix}{g:07x}");
+            let password = format!("bench-{g}-{}", uuid::Uuid::now_v7().simple());
+            let md5 = ha1(Algorithm::Md5, &user, workspace_id, &password);
+            let sha = ha1(Algorithm::Sha256, &user, workspace_id, &password);
+            let k = binds.len();
+            if g > chunk_start {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!(
+                "(${}, ${}, ${}, ${}, ${}, 'bench placeholder: registrar uses HA1', ${}, ${}, \
+                 'active', ${}, ${})",
+                k + 1,
+                k + 2,
+                k + 3,
+                k + 4,
+                k + 5,
+                k + 6,
+                k + 7,
+                k + 8,
+                k + 8
+            ));
+            binds.extend([
+                uuid::Uuid::now_v7().to_string(),
+                workspace_id.to_owned(),
+                numbers[g % numbers.len()].clone(),
+                format!("bench {g}"),
+                user.clone(),
+                md5,
+                sha.clone(),
+                now.clone(),
+            ]);
+            out.push(Credential {
+                user,
+                ha1_sha256: sha,
+            });
+        }
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for b in binds {
+            q = q.bind(b);
+        }
+        q.execute(&mut *tx).await.expect("insert credentials");
+    }
+    tx.commit().await.expect("commit credentials");
+    out
+}
+
+/// Claims the first `n` available inventory numbers through the API, 16 at a time; returns each
+/// claimed number's id and its E.164 digits without `+`, in inventory order.
+pub async fn claim_seeded(
+    api: &crate::common::Api,
+    store: &sautikit::db::Db,
+    n: usize,
+) -> Vec<(String, String)> {
+    use futures::StreamExt;
+    let rows = sqlx::query(
+        "SELECT id FROM inventory_numbers WHERE status = 'available' ORDER BY number LIMIT $1",
+    )
+    .bind(n as i64)
+    .fetch_all(&store.read)
+    .await
+    .expect("inventory");
+    let inventory: Vec<String> = rows
+        .iter()
+        .map(|r| sqlx::Row::try_get::<String, _>(r, "id").expect("id"))
+        .collect();
+    assert_eq!(inventory.len(), n, "seeded inventory");
+    futures::stream::iter(inventory)
+        .map(|id| {
+            let api = api.clone();
+            async move {
+                let r = api.post(&format!("/v1/numbers/{id}/claim"), None).await;
+                assert_eq!(r.status, 201, "claim {id}: {}", r.text);
+                let v = r.json();
+                (
+                    v["id"].as_str().expect("id").to_owned(),
+                    v["number"]
+                        .as_str()
+                        .expect("number")
+                        .trim_start_matches('+')
+                        .to_owned(),
+                )
+            }
+        })
+        .buffered(16)
+        .collect()
+        .await
+}
