@@ -147,6 +147,14 @@ impl RegistrarStore for SqlStore {
 
     async fn realm_for(&self, aor_user: &str) -> Result<Option<String>, StorageError> {
         let digits = aor_user.trim_start_matches('+');
+        if !digits.bytes().all(|b| b.is_ascii_digit()) {
+            // A username: the device answers this challenge next, so read its whole login now
+            // (one query for a first contact, and the answer finds it cached).
+            if let Some(login) = self.device_login(aor_user).await? {
+                self.logins().put_realm(aor_user, &login.workspace_id);
+                return Ok(Some(login.workspace_id));
+            }
+        }
         let row = sqlx::query(
             "SELECT workspace_id FROM sip_credentials WHERE username = $1 AND status = 'active' \
              UNION ALL SELECT workspace_id FROM tenant_numbers \
