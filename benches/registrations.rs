@@ -1661,7 +1661,7 @@ async fn main() {
     if tests.contains("hold") {
         for &backend in &backends {
             let h = HoldSettings {
-                ramp: env_or("BENCH_REG_RATE", if full { 2000.0 } else { 100.0 }),
+                ramp: env_or("BENCH_HOLD_RAMP", if full { 1000.0 } else { 100.0 }),
                 seconds: env_or("BENCH_HOLD_SECONDS", if full { 120.0 } else { 4.0 }),
                 refresh_secs: env_or("BENCH_REFRESH_SECS", if full { 120.0 } else { 4.0 }),
                 cores_line: env_or("BENCH_HOLD_CORES", 0.2),

@@ -24,6 +24,7 @@ use sqlx::{AnyConnection, AssertSqlSafe};
 use std::collections::HashMap;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::group_commit;
 use crate::store::{SqlStore, after_debit, get, get_opt_time, get_time, storage};
 use crate::time::{new_id, to_api, to_db};
 use crate::webhooks::{EventDraft, enqueue};
@@ -647,12 +648,24 @@ const WRITE_ATTEMPTS: usize = 5;
 
 /// PostgreSQL's deadlock victim (40P01) or serialization failure (40001). The code is gone once the
 /// error is a `StorageError`, so this matches PostgreSQL's fixed message texts.
-fn is_transient(e: &StorageError) -> bool {
+pub(crate) fn is_transient(e: &StorageError) -> bool {
     e.0.contains("deadlock detected") || e.0.contains("could not serialize access")
 }
 
 /// Writes waiting for the group commit, each with who waits for its result.
-type Pending = (CallWrite, oneshot::Sender<Result<Written, StorageError>>);
+type Pending = group_commit::Pending<CallWrite, Result<Written, StorageError>>;
+
+/// Call writes as a group-commit lane commits them.
+struct CallCommits(SqlStore);
+
+impl group_commit::Committer for CallCommits {
+    type Write = CallWrite;
+    type Output = Result<Written, StorageError>;
+
+    async fn commit(&self, batch: &mut Vec<Pending>) {
+        self.0.commit_batch(batch).await;
+    }
+}
 
 /// Most writes committed together.
 const GROUP_MAX: usize = 256;
@@ -696,32 +709,9 @@ impl CallWriter {
         }
     }
 
-    /// One group-commit loop, starting batches at least `gap` apart; writes sent to the returned
-    /// queue commit in order.
+    /// One group-commit lane for call writes, starting batches at least `gap` apart.
     fn lane(store: SqlStore, gap: std::time::Duration) -> mpsc::UnboundedSender<Pending> {
-        let (tx, mut rx) = mpsc::unbounded_channel::<Pending>();
-        tokio::spawn(async move {
-            let mut batch: Vec<Pending> = Vec::with_capacity(GROUP_MAX);
-            // The first write finds no commit before it and goes at once.
-            let now = tokio::time::Instant::now();
-            let mut last_commit = now.checked_sub(gap).unwrap_or(now);
-            while let Some(first) = rx.recv().await {
-                // Under load, let writes gather instead of committing each as it comes.
-                if !gap.is_zero() {
-                    tokio::time::sleep_until(last_commit + gap).await;
-                }
-                last_commit = tokio::time::Instant::now();
-                batch.push(first);
-                while batch.len() < GROUP_MAX {
-                    match rx.try_recv() {
-                        Ok(p) => batch.push(p),
-                        Err(_) => break,
-                    }
-                }
-                store.commit_batch(&mut batch).await;
-            }
-        });
-        tx
+        group_commit::lane(CallCommits(store), gap, GROUP_MAX)
     }
 
     fn queue(

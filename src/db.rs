@@ -127,6 +127,74 @@ impl Db {
     }
 }
 
+/// Where sqlx reports a connection that took long to acquire (past 2 s by default).
+const SLOW_ACQUIRE_TARGET: &str = "sqlx::pool::acquire";
+
+/// Lets at most one of sqlx's slow-acquire warnings through per `every`; the rest are counted
+/// (`sautikit_db_slow_acquires_unlogged_total`). An overloaded writer otherwise logs one per
+/// waiting query, tens of thousands a minute, and the logging adds to the overload.
+pub struct SlowAcquireGate {
+    every: Duration,
+    started: std::time::Instant,
+    /// Milliseconds after `started` the last one went through, plus one (0: none yet).
+    last: std::sync::atomic::AtomicU64,
+}
+
+impl SlowAcquireGate {
+    pub fn new(every: Duration) -> Self {
+        SlowAcquireGate {
+            every,
+            started: std::time::Instant::now(),
+            last: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Whether an event with this target is logged now.
+    pub fn pass(&self, target: &str) -> bool {
+        use std::sync::atomic::Ordering;
+        if target != SLOW_ACQUIRE_TARGET {
+            return true;
+        }
+        let now = u64::try_from(self.started.elapsed().as_millis())
+            .unwrap_or(u64::MAX)
+            .saturating_add(1);
+        let every = u64::try_from(self.every.as_millis()).unwrap_or(u64::MAX);
+        let last = self.last.load(Ordering::Relaxed);
+        if (last == 0 || now.saturating_sub(last) >= every)
+            && self
+                .last
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            return true;
+        }
+        metrics::counter!("sautikit_db_slow_acquires_unlogged_total").increment(1);
+        false
+    }
+}
+
+impl<S> tracing_subscriber::layer::Filter<S> for SlowAcquireGate {
+    fn enabled(
+        &self,
+        meta: &tracing::Metadata<'_>,
+        _cx: &tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        self.pass(meta.target())
+    }
+
+    fn callsite_enabled(
+        &self,
+        meta: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        // Asked again at every event of sqlx's acquire, once for every other callsite.
+        if meta.target() == SLOW_ACQUIRE_TARGET {
+            tracing::subscriber::Interest::sometimes()
+        } else {
+            tracing::subscriber::Interest::always()
+        }
+    }
+}
+
 /// Which database a connection talks to.
 pub fn backend_of(conn: &sqlx::AnyConnection) -> Backend {
     if conn.backend_name().eq_ignore_ascii_case("sqlite") {
@@ -197,6 +265,20 @@ pub fn default_sqlite_url(data_dir: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slow_acquire_warnings_are_rate_limited() {
+        let gate = SlowAcquireGate::new(Duration::from_millis(200));
+        assert!(gate.pass("sautikit::registrar"));
+        assert!(gate.pass(SLOW_ACQUIRE_TARGET));
+        for _ in 0..100 {
+            assert!(!gate.pass(SLOW_ACQUIRE_TARGET));
+            assert!(gate.pass("sqlx::query"));
+        }
+        std::thread::sleep(Duration::from_millis(250));
+        assert!(gate.pass(SLOW_ACQUIRE_TARGET));
+        assert!(!gate.pass(SLOW_ACQUIRE_TARGET));
+    }
 
     /// The writer no longer checkpoints; the background task does, so committed pages reach the
     /// database file without any checkpoint by the writer.

@@ -8,6 +8,7 @@ pub mod callback;
 pub mod calls_store;
 pub mod config;
 pub mod db;
+mod group_commit;
 pub mod play;
 pub mod recordings;
 pub mod registrations;

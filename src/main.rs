@@ -8,17 +8,22 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::Parser;
 use sautikit::config::{Cli, Command, LogFormat};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::FilterExt;
+use tracing_subscriber::prelude::*;
 
 fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_env("SAUTIKIT_LOG")
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let layer = match format {
+        LogFormat::Text => layer.boxed(),
+        LogFormat::Json => layer.json().boxed(),
+    };
+    // sqlx warns once per slow connection acquire: one line in ten seconds is enough.
+    let gate = sautikit::db::SlowAcquireGate::new(std::time::Duration::from_secs(10));
+    tracing_subscriber::registry()
+        .with(layer.with_filter(filter.and(gate)))
+        .init();
 }
 
 #[tokio::main]

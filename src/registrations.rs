@@ -5,9 +5,11 @@
 //! one process or several.
 
 use std::net::SocketAddr;
+use std::time::Instant;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use dashmap::DashMap;
 use sautikit_actors::model::NumberStatus;
 use sautikit_actors::registrar::{
     DeviceLogin, RegisterBindings, RegisterStoreError, RegistrarStore, Registration,
@@ -16,8 +18,13 @@ use sautikit_actors::store::StorageError;
 use sautikit_sip::digest::Algorithm;
 use sautikit_sip::registrar::{self, Change, ExistingBinding};
 use sautikit_sip::transaction::Transport;
+use sqlx::AnyConnection;
 use sqlx::any::AnyRow;
+use tokio::sync::{mpsc, oneshot};
 
+use crate::calls_store::is_transient;
+use crate::db::Backend;
+use crate::group_commit;
 use crate::store::{SqlStore, get, get_time, storage};
 use crate::time::{new_id, to_db};
 
@@ -114,26 +121,40 @@ impl RegistrarStore for SqlStore {
         .fetch_optional(&self.db().read)
         .await
         .map_err(storage)?;
-        row.map(|r| {
-            let status: String = get(&r, "status")?;
-            Ok(DeviceLogin {
-                credential_id: get(&r, "id")?,
-                label: get(&r, "label")?,
-                username: get(&r, "username")?,
-                workspace_id: get(&r, "workspace_id")?,
-                number_id: get(&r, "number_id")?,
-                number: get(&r, "number")?,
-                number_status: NumberStatus::parse(&status)
-                    .ok_or_else(|| StorageError(format!("bad number status {status:?}")))?,
-                ha1_md5: get(&r, "ha1_md5")?,
-                ha1_sha256: get(&r, "ha1_sha256")?,
+        let login = row
+            .map(|r| {
+                let status: String = get(&r, "status")?;
+                Ok(DeviceLogin {
+                    credential_id: get(&r, "id")?,
+                    label: get(&r, "label")?,
+                    username: get(&r, "username")?,
+                    workspace_id: get(&r, "workspace_id")?,
+                    number_id: get(&r, "number_id")?,
+                    number: get(&r, "number")?,
+                    number_status: NumberStatus::parse(&status)
+                        .ok_or_else(|| StorageError(format!("bad number status {status:?}")))?,
+                    ha1_md5: get(&r, "ha1_md5")?,
+                    ha1_sha256: get(&r, "ha1_sha256")?,
+                })
             })
-        })
-        .transpose()
+            .transpose()?;
+        match &login {
+            Some(l) => self.logins().put_login(l),
+            None => self.logins().forget_username(username),
+        }
+        Ok(login)
     }
 
     async fn realm_for(&self, aor_user: &str) -> Result<Option<String>, StorageError> {
         let digits = aor_user.trim_start_matches('+');
+        if !digits.bytes().all(|b| b.is_ascii_digit()) {
+            // A username: the device answers this challenge next, so read its whole login now
+            // (one query for a first contact, and the answer finds it cached).
+            if let Some(login) = self.device_login(aor_user).await? {
+                self.logins().put_realm(aor_user, &login.workspace_id);
+                return Ok(Some(login.workspace_id));
+            }
+        }
         let row = sqlx::query(
             "SELECT workspace_id FROM sip_credentials WHERE username = $1 AND status = 'active' \
              UNION ALL SELECT workspace_id FROM tenant_numbers \
@@ -144,202 +165,95 @@ impl RegistrarStore for SqlStore {
         .fetch_optional(&self.db().read)
         .await
         .map_err(storage)?;
-        row.map(|r| get(&r, "workspace_id")).transpose()
+        let realm: Option<String> = row.map(|r| get(&r, "workspace_id")).transpose()?;
+        if let Some(realm) = &realm {
+            self.logins().put_realm(aor_user, realm);
+        }
+        Ok(realm)
+    }
+
+    fn cached_login(&self, username: &str) -> Option<DeviceLogin> {
+        self.logins().login(username)
+    }
+
+    fn cached_realm(&self, aor_user: &str) -> Option<String> {
+        self.logins().realm(aor_user)
+    }
+
+    fn forget_login(&self, username: &str) {
+        self.logins().forget_username(username);
     }
 
     async fn register(
         &self,
         cmd: RegisterBindings,
     ) -> Result<Vec<Registration>, RegisterStoreError> {
-        let login = &cmd.login;
-        let now = to_db(cmd.now);
+        self.register_writer().register(cmd).await
+    }
+
+    async fn adopt_silent_bindings(
+        &self,
+        engine_id: &str,
+        since: DateTime<Utc>,
+    ) -> Result<(), StorageError> {
+        let since = to_db(since);
+        let silent = "engine_id <> $1 AND NOT EXISTS (SELECT 1 FROM engines e \
+                      WHERE e.id = sip_registrations.engine_id AND e.heartbeat_at > $2)";
         let mut tx = self.db().write.begin().await.map_err(storage)?;
-        // Lock the credential as it was verified (PostgreSQL holds the row until commit; SQLite
-        // has one writer): a rotation or revocation is wholly before or after this.
-        let ha1_column = match cmd.verified_with {
-            Algorithm::Md5 => "ha1_md5",
-            Algorithm::Sha256 => "ha1_sha256",
-        };
-        let locked = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "UPDATE sip_credentials SET updated_at = updated_at \
-             WHERE id = $1 AND status = 'active' AND {ha1_column} = $2"
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DELETE FROM sip_registrations WHERE transport = 'tcp' AND {silent}"
         )))
-        .bind(&login.credential_id)
-        .bind(login.ha1(cmd.verified_with))
+        .bind(engine_id)
+        .bind(&since)
         .execute(&mut *tx)
         .await
         .map_err(storage)?;
-        if locked.rows_affected() != 1 {
-            tx.rollback().await.map_err(storage)?;
-            return Err(RegisterStoreError::CredentialChanged);
-        }
-        // The number's row serializes REGISTERs of its devices (the 10-contact limit holds).
-        let active = sqlx::query(
-            "UPDATE tenant_numbers SET updated_at = updated_at WHERE id = $1 AND status = 'active'",
-        )
-        .bind(&login.number_id)
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE sip_registrations SET engine_id = $1 WHERE transport = 'udp' AND {silent}"
+        )))
+        .bind(engine_id)
+        .bind(&since)
         .execute(&mut *tx)
         .await
         .map_err(storage)?;
-        if active.rows_affected() != 1 {
-            tx.rollback().await.map_err(storage)?;
-            return Err(RegisterStoreError::NumberNotActive);
-        }
-        sqlx::query("DELETE FROM sip_registrations WHERE number_id = $1 AND expires_at <= $2")
-            .bind(&login.number_id)
-            .bind(&now)
-            .execute(&mut *tx)
-            .await
-            .map_err(storage)?;
-        let rows = sqlx::query(
-            "SELECT id, contact, sip_call_id, cseq FROM sip_registrations WHERE number_id = $1",
+        tx.commit().await.map_err(storage)
+    }
+
+    async fn udp_binding_count(
+        &self,
+        engine_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<u64, StorageError> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS n FROM sip_registrations \
+             WHERE engine_id = $1 AND transport = 'udp' AND expires_at > $2",
         )
-        .bind(&login.number_id)
-        .fetch_all(&mut *tx)
+        .bind(engine_id)
+        .bind(to_db(now))
+        .fetch_one(&self.db().read)
         .await
         .map_err(storage)?;
-        let mut existing = Vec::with_capacity(rows.len());
-        let mut ids = Vec::with_capacity(rows.len());
-        for r in &rows {
-            let cseq: i64 = get(r, "cseq")?;
-            ids.push(get::<String>(r, "id")?);
-            existing.push(ExistingBinding {
-                contact: get(r, "contact")?,
-                call_id: get(r, "sip_call_id")?,
-                cseq: u32::try_from(cseq).unwrap_or(u32::MAX),
-            });
-        }
-        let changes = match registrar::plan(&existing, &cmd.request, &cmd.limits) {
-            Ok(c) => c,
-            Err(e) => {
-                tx.rollback().await.map_err(storage)?;
-                return Err(e.into());
-            }
-        };
-        let source = cmd.source.addr.to_string();
-        let transport = transport_name(cmd.source.transport);
-        for change in changes {
-            match change {
-                Change::Unbind { contact } => {
-                    sqlx::query(
-                        "DELETE FROM sip_registrations WHERE number_id = $1 AND contact = $2",
-                    )
-                    .bind(&login.number_id)
-                    .bind(&contact)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(storage)?;
-                }
-                Change::Bind { contact, expires } => {
-                    let expires_at = to_db(cmd.now + chrono::Duration::seconds(i64::from(expires)));
-                    let known = existing
-                        .iter()
-                        .zip(&ids)
-                        .find(|(b, _)| b.contact == contact)
-                        .map(|(_, id)| id.clone());
-                    match known {
-                        Some(id) => {
-                            sqlx::query(
-                                "UPDATE sip_registrations SET credential_id = $1, source_addr = $2, \
-                                 transport = $3, user_agent = $4, sip_call_id = $5, cseq = $6, \
-                                 engine_id = $7, expires_at = $8, updated_at = $9 WHERE id = $10",
-                            )
-                            .bind(&login.credential_id)
-                            .bind(&source)
-                            .bind(transport)
-                            .bind(cmd.user_agent.as_deref())
-                            .bind(&cmd.request.call_id)
-                            .bind(i64::from(cmd.request.cseq))
-                            .bind(&cmd.engine_id)
-                            .bind(&expires_at)
-                            .bind(&now)
-                            .bind(&id)
-                            .execute(&mut *tx)
-                            .await
-                            .map_err(storage)?;
-                        }
-                        None => {
-                            sqlx::query(
-                                "INSERT INTO sip_registrations (id, workspace_id, number_id, \
-                                 credential_id, contact, source_addr, transport, user_agent, \
-                                 sip_call_id, cseq, engine_id, expires_at, created_at, updated_at) \
-                                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13)",
-                            )
-                            .bind(new_id())
-                            .bind(&login.workspace_id)
-                            .bind(&login.number_id)
-                            .bind(&login.credential_id)
-                            .bind(&contact)
-                            .bind(&source)
-                            .bind(transport)
-                            .bind(cmd.user_agent.as_deref())
-                            .bind(&cmd.request.call_id)
-                            .bind(i64::from(cmd.request.cseq))
-                            .bind(&cmd.engine_id)
-                            .bind(&expires_at)
-                            .bind(&now)
-                            .execute(&mut *tx)
-                            .await
-                            .map_err(storage)?;
-                        }
-                    }
-                }
-            }
-        }
-        let rows = sqlx::query(concat!(
-            "SELECT ",
-            registration_cols!(),
-            " FROM sip_registrations WHERE number_id = $1 ORDER BY id"
-        ))
-        .bind(&login.number_id)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(storage)?;
-        let after = rows
-            .iter()
-            .map(registration_from_row)
-            .collect::<Result<Vec<_>, _>>()?;
-        tx.commit().await.map_err(storage)?;
-        Ok(after)
+        let n: i64 = get(&row, "n")?;
+        Ok(u64::try_from(n).unwrap_or(0))
     }
 
     async fn udp_bindings(
         &self,
         engine_id: &str,
-        adopt_silent_since: Option<DateTime<Utc>>,
+        after: &str,
+        limit: u32,
         now: DateTime<Utc>,
     ) -> Result<Vec<Registration>, StorageError> {
-        let now = to_db(now);
-        if let Some(since) = adopt_silent_since {
-            let since = to_db(since);
-            let silent = "engine_id <> $1 AND NOT EXISTS (SELECT 1 FROM engines e \
-                          WHERE e.id = sip_registrations.engine_id AND e.heartbeat_at > $2)";
-            let mut tx = self.db().write.begin().await.map_err(storage)?;
-            sqlx::query(sqlx::AssertSqlSafe(format!(
-                "DELETE FROM sip_registrations WHERE transport = 'tcp' AND {silent}"
-            )))
-            .bind(engine_id)
-            .bind(&since)
-            .execute(&mut *tx)
-            .await
-            .map_err(storage)?;
-            sqlx::query(sqlx::AssertSqlSafe(format!(
-                "UPDATE sip_registrations SET engine_id = $1 WHERE transport = 'udp' AND {silent}"
-            )))
-            .bind(engine_id)
-            .bind(&since)
-            .execute(&mut *tx)
-            .await
-            .map_err(storage)?;
-            tx.commit().await.map_err(storage)?;
-        }
         let rows = sqlx::query(concat!(
             "SELECT ",
             registration_cols!(),
-            " FROM sip_registrations WHERE engine_id = $1 AND transport = 'udp' AND expires_at > $2"
+            " FROM sip_registrations WHERE engine_id = $1 AND transport = 'udp' \
+              AND expires_at > $2 AND id > $3 ORDER BY id LIMIT $4"
         ))
         .bind(engine_id)
-        .bind(&now)
+        .bind(to_db(now))
+        .bind(after)
+        .bind(i64::from(limit))
         .fetch_all(&self.db().read)
         .await
         .map_err(storage)?;
@@ -478,3 +392,442 @@ impl SqlStore {
         Ok(r.rows_affected() > 0)
     }
 }
+
+/// How long a looked-up login or realm serves REGISTERs without the database. Nothing depends
+/// on it for safety: `register` checks the credential's HA1 and the number's status under its
+/// lock, a response that does not match the cached HA1 is checked against the database, and this
+/// process drops entries itself on rotation, revocation and release. The limit only bounds how
+/// long another engine's change takes to show in a first challenge's realm.
+const LOGIN_TTL: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Entries past which the cache starts over (a bound on memory, far above any engine's devices).
+const LOGIN_CACHE_MAX: usize = 200_000;
+
+/// The registrar's lookups by username (`device_login`) and by address-of-record user
+/// (`realm_for`), as last read from the database.
+#[derive(Default)]
+pub struct LoginCache {
+    logins: DashMap<String, (DeviceLogin, Instant)>,
+    realms: DashMap<String, (String, Instant)>,
+}
+
+impl LoginCache {
+    fn login(&self, username: &str) -> Option<DeviceLogin> {
+        let entry = self.logins.get(username)?;
+        (entry.1.elapsed() < LOGIN_TTL).then(|| entry.0.clone())
+    }
+
+    fn put_login(&self, login: &DeviceLogin) {
+        if self.logins.len() >= LOGIN_CACHE_MAX {
+            self.logins.clear();
+        }
+        self.logins
+            .insert(login.username.clone(), (login.clone(), Instant::now()));
+    }
+
+    fn forget_username(&self, username: &str) {
+        self.logins.remove(username);
+    }
+
+    fn realm(&self, aor_user: &str) -> Option<String> {
+        let entry = self.realms.get(aor_user)?;
+        (entry.1.elapsed() < LOGIN_TTL).then(|| entry.0.clone())
+    }
+
+    fn put_realm(&self, aor_user: &str, realm: &str) {
+        if self.realms.len() >= LOGIN_CACHE_MAX {
+            self.realms.clear();
+        }
+        self.realms
+            .insert(aor_user.to_owned(), (realm.to_owned(), Instant::now()));
+    }
+
+    /// A credential was rotated or revoked.
+    pub(crate) fn forget_credential(&self, credential_id: &str) {
+        self.logins
+            .retain(|_, (l, _)| l.credential_id != credential_id);
+        // A revoked username's realm turns into a decoy.
+        self.realms.clear();
+    }
+
+    /// A number was released, with its credentials.
+    pub(crate) fn forget_number(&self, number_id: &str) {
+        self.logins.retain(|_, (l, _)| l.number_id != number_id);
+        self.realms.clear();
+    }
+}
+
+/// Most REGISTERs committed together.
+const REGISTER_GROUP_MAX: usize = 128;
+
+type RegisterResult = Result<Vec<Registration>, RegisterStoreError>;
+type PendingRegister = group_commit::Pending<RegisterBindings, RegisterResult>;
+
+/// Group commit of REGISTERs ([`group_commit`]): those that queue while a transaction runs share
+/// the next one. SQLite has one writer, so one lane; on PostgreSQL a few lanes run side by side,
+/// each number always in the same lane (its REGISTERs keep their order and never wait on each
+/// other's locks across lanes).
+pub(crate) struct RegisterWriter {
+    lanes: Vec<mpsc::UnboundedSender<PendingRegister>>,
+}
+
+/// PostgreSQL lanes: REGISTERs of different numbers commit in parallel.
+const POSTGRES_REGISTER_LANES: usize = 4;
+
+impl RegisterWriter {
+    fn start(store: &SqlStore) -> RegisterWriter {
+        let lanes = match store.db().backend {
+            Backend::Sqlite => 1,
+            Backend::Postgres => POSTGRES_REGISTER_LANES,
+        };
+        RegisterWriter {
+            lanes: (0..lanes)
+                .map(|_| {
+                    group_commit::lane(
+                        RegisterCommits(store.clone()),
+                        std::time::Duration::ZERO,
+                        REGISTER_GROUP_MAX,
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    async fn register(&self, cmd: RegisterBindings) -> RegisterResult {
+        // FNV-1a of the number id picks the lane.
+        let hash = cmd
+            .login
+            .number_id
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            });
+        let lane = &self.lanes[(hash % self.lanes.len() as u64) as usize];
+        let (reply, rx) = oneshot::channel();
+        lane.send((cmd, reply))
+            .map_err(|_| StorageError("the registration writer stopped".into()))?;
+        rx.await
+            .map_err(|_| StorageError("the registration writer dropped a REGISTER".into()))?
+    }
+}
+
+struct RegisterCommits(SqlStore);
+
+impl group_commit::Committer for RegisterCommits {
+    type Write = RegisterBindings;
+    type Output = RegisterResult;
+
+    /// All in one transaction; a REGISTER refused (a changed credential, too many contacts)
+    /// wrote nothing and gets its refusal. Should the transaction fail, each REGISTER runs
+    /// again in its own, so one failure fails only itself.
+    async fn commit(&self, batch: &mut Vec<PendingRegister>) {
+        let store = &self.0;
+        if batch.len() > 1 {
+            match store.register_batch(batch).await {
+                Ok(results) => {
+                    for ((_, reply), r) in batch.drain(..).zip(results) {
+                        let _ = reply.send(r);
+                    }
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, registers = batch.len(),
+                        "group commit of REGISTERs failed; writing one by one");
+                }
+            }
+        }
+        for (cmd, reply) in batch.drain(..) {
+            let _ = reply.send(store.register_alone(&cmd).await);
+        }
+    }
+}
+
+/// The credential and number rows as `register` reads them under its lock.
+struct Locked {
+    credential_active: bool,
+    ha1_md5: String,
+    ha1_sha256: String,
+    number_active: bool,
+}
+
+impl Locked {
+    fn from_row(row: &AnyRow) -> Result<Locked, StorageError> {
+        Ok(Locked {
+            credential_active: get::<String>(row, "credential_status")? == "active",
+            ha1_md5: get(row, "ha1_md5")?,
+            ha1_sha256: get(row, "ha1_sha256")?,
+            number_active: get::<String>(row, "number_status")? == "active",
+        })
+    }
+}
+
+/// A binding as read under the lock: what the answer lists, and what planning needs.
+struct Read {
+    registration: Registration,
+    expires_at: String,
+    call_id: String,
+    cseq: u32,
+}
+
+fn read_binding(row: &AnyRow) -> Result<Read, StorageError> {
+    let cseq: i64 = get(row, "cseq")?;
+    Ok(Read {
+        registration: registration_from_row(row)?,
+        expires_at: get(row, "expires_at")?,
+        call_id: get(row, "sip_call_id")?,
+        cseq: u32::try_from(cseq).unwrap_or(u32::MAX),
+    })
+}
+
+/// Apply one REGISTER inside a transaction. The common case is two statements on SQLite and
+/// three on PostgreSQL: read the credential, the number and the number's bindings (on
+/// PostgreSQL first locking the credential and number rows with `SELECT … FOR NO KEY UPDATE`,
+/// the lock an `UPDATE` of them takes, so a rotation, revocation or release is wholly before or
+/// after this; SQLite has one writer), then write the one binding. The answer's list is built
+/// from what was read. Nothing is written before every check has passed, so a refusal leaves
+/// the transaction as it found it (and a group commit goes on with the next REGISTER).
+async fn register_in_tx(
+    conn: &mut AnyConnection,
+    backend: Backend,
+    cmd: &RegisterBindings,
+) -> RegisterResult {
+    let login = &cmd.login;
+    let (locked, read) = match backend {
+        Backend::Sqlite => {
+            let rows = sqlx::query(
+                "SELECT c.status AS credential_status, c.ha1_md5, c.ha1_sha256, \
+                 n.status AS number_status, r.id, r.workspace_id, r.number_id, r.credential_id, \
+                 r.contact, r.source_addr, r.transport, r.user_agent, r.sip_call_id, r.cseq, \
+                 r.expires_at, r.created_at, r.updated_at FROM sip_credentials c \
+                 JOIN tenant_numbers n ON n.id = $2 \
+                 LEFT JOIN sip_registrations r ON r.number_id = n.id WHERE c.id = $1",
+            )
+            .bind(&login.credential_id)
+            .bind(&login.number_id)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(storage)?;
+            let Some(first) = rows.first() else {
+                return Err(RegisterStoreError::CredentialChanged);
+            };
+            let locked = Locked::from_row(first)?;
+            let mut read = Vec::with_capacity(rows.len());
+            for row in &rows {
+                if get::<Option<String>>(row, "id")?.is_some() {
+                    read.push(read_binding(row)?);
+                }
+            }
+            (locked, read)
+        }
+        Backend::Postgres => {
+            let row = sqlx::query(
+                "SELECT c.status AS credential_status, c.ha1_md5, c.ha1_sha256, \
+                 n.status AS number_status FROM sip_credentials c \
+                 JOIN tenant_numbers n ON n.id = $2 WHERE c.id = $1 FOR NO KEY UPDATE OF c, n",
+            )
+            .bind(&login.credential_id)
+            .bind(&login.number_id)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(storage)?;
+            let Some(row) = row else {
+                return Err(RegisterStoreError::CredentialChanged);
+            };
+            let locked = Locked::from_row(&row)?;
+            // After the lock: this statement sees every REGISTER of the number committed before.
+            let rows = sqlx::query(concat!(
+                "SELECT ",
+                registration_cols!(),
+                " FROM sip_registrations WHERE number_id = $1"
+            ))
+            .bind(&login.number_id)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(storage)?;
+            let read = rows.iter().map(read_binding).collect::<Result<_, _>>()?;
+            (locked, read)
+        }
+    };
+    let ha1 = match cmd.verified_with {
+        Algorithm::Md5 => &locked.ha1_md5,
+        Algorithm::Sha256 => &locked.ha1_sha256,
+    };
+    if !locked.credential_active || ha1 != login.ha1(cmd.verified_with) {
+        return Err(RegisterStoreError::CredentialChanged);
+    }
+    if !locked.number_active {
+        return Err(RegisterStoreError::NumberNotActive);
+    }
+    let now = to_db(cmd.now);
+    let mut any_expired = false;
+    let mut live = Vec::with_capacity(read.len());
+    let mut existing = Vec::with_capacity(read.len());
+    for b in read {
+        if b.expires_at <= now {
+            any_expired = true;
+            continue;
+        }
+        existing.push(ExistingBinding {
+            contact: b.registration.contact.clone(),
+            call_id: b.call_id,
+            cseq: b.cseq,
+        });
+        live.push(b.registration);
+    }
+    let changes = registrar::plan(&existing, &cmd.request, &cmd.limits)?;
+    if any_expired {
+        sqlx::query("DELETE FROM sip_registrations WHERE number_id = $1 AND expires_at <= $2")
+            .bind(&login.number_id)
+            .bind(&now)
+            .execute(&mut *conn)
+            .await
+            .map_err(storage)?;
+    }
+    let source = cmd.source.addr.to_string();
+    let transport = transport_name(cmd.source.transport);
+    for change in changes {
+        match change {
+            Change::Unbind { contact } => {
+                sqlx::query("DELETE FROM sip_registrations WHERE number_id = $1 AND contact = $2")
+                    .bind(&login.number_id)
+                    .bind(&contact)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(storage)?;
+                live.retain(|r| r.contact != contact);
+            }
+            Change::Bind { contact, expires } => {
+                let expires_at = cmd.now + chrono::Duration::seconds(i64::from(expires));
+                let expires_db = to_db(expires_at);
+                match live.iter_mut().find(|r| r.contact == contact) {
+                    Some(known) => {
+                        sqlx::query(
+                            "UPDATE sip_registrations SET credential_id = $1, source_addr = $2, \
+                             transport = $3, user_agent = $4, sip_call_id = $5, cseq = $6, \
+                             engine_id = $7, expires_at = $8, updated_at = $9 WHERE id = $10",
+                        )
+                        .bind(&login.credential_id)
+                        .bind(&source)
+                        .bind(transport)
+                        .bind(cmd.user_agent.as_deref())
+                        .bind(&cmd.request.call_id)
+                        .bind(i64::from(cmd.request.cseq))
+                        .bind(&cmd.engine_id)
+                        .bind(&expires_db)
+                        .bind(&now)
+                        .bind(&known.id)
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(storage)?;
+                        known.credential_id.clone_from(&login.credential_id);
+                        known.source = cmd.source.addr;
+                        known.transport = cmd.source.transport;
+                        known.user_agent.clone_from(&cmd.user_agent);
+                        known.expires_at = expires_at;
+                        known.updated_at = cmd.now;
+                    }
+                    None => {
+                        let id = new_id();
+                        sqlx::query(
+                            "INSERT INTO sip_registrations (id, workspace_id, number_id, \
+                             credential_id, contact, source_addr, transport, user_agent, \
+                             sip_call_id, cseq, engine_id, expires_at, created_at, updated_at) \
+                             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13)",
+                        )
+                        .bind(&id)
+                        .bind(&login.workspace_id)
+                        .bind(&login.number_id)
+                        .bind(&login.credential_id)
+                        .bind(&contact)
+                        .bind(&source)
+                        .bind(transport)
+                        .bind(cmd.user_agent.as_deref())
+                        .bind(&cmd.request.call_id)
+                        .bind(i64::from(cmd.request.cseq))
+                        .bind(&cmd.engine_id)
+                        .bind(&expires_db)
+                        .bind(&now)
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(storage)?;
+                        live.push(Registration {
+                            id,
+                            workspace_id: login.workspace_id.clone(),
+                            number_id: login.number_id.clone(),
+                            credential_id: login.credential_id.clone(),
+                            contact,
+                            source: cmd.source.addr,
+                            transport: cmd.source.transport,
+                            user_agent: cmd.user_agent.clone(),
+                            expires_at,
+                            updated_at: cmd.now,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    live.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(live)
+}
+
+impl SqlStore {
+    pub(crate) fn logins(&self) -> &LoginCache {
+        &self.login_cache
+    }
+
+    fn register_writer(&self) -> &RegisterWriter {
+        self.register_writer
+            .get_or_init(|| RegisterWriter::start(self))
+    }
+
+    /// REGISTERs in one transaction, each answered in order. `Err`: the transaction failed
+    /// (nothing of it committed).
+    async fn register_batch(
+        &self,
+        batch: &[PendingRegister],
+    ) -> Result<Vec<RegisterResult>, StorageError> {
+        let backend = self.db().backend;
+        let mut tx = self.db().write.begin().await.map_err(storage)?;
+        let mut results = Vec::with_capacity(batch.len());
+        for (cmd, _) in batch {
+            match register_in_tx(&mut tx, backend, cmd).await {
+                Err(RegisterStoreError::Storage(e)) => return Err(e),
+                r => results.push(r),
+            }
+        }
+        tx.commit().await.map_err(storage)?;
+        Ok(results)
+    }
+
+    /// One REGISTER in its own transaction; a PostgreSQL deadlock victim (a release locking
+    /// the number and its credentials the other way round) runs again.
+    async fn register_alone(&self, cmd: &RegisterBindings) -> RegisterResult {
+        let mut attempt = 1;
+        loop {
+            let r = async {
+                let mut tx = self.db().write.begin().await.map_err(storage)?;
+                let r = register_in_tx(&mut tx, self.db().backend, cmd).await;
+                if r.is_ok() {
+                    tx.commit().await.map_err(storage)?;
+                } else {
+                    tx.rollback().await.map_err(storage)?;
+                }
+                r
+            }
+            .await;
+            match r {
+                Err(RegisterStoreError::Storage(e))
+                    if attempt < REGISTER_ATTEMPTS && is_transient(&e) =>
+                {
+                    attempt += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(5 * attempt)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+/// Attempts for a REGISTER that keeps losing deadlocks before it reports a storage failure.
+const REGISTER_ATTEMPTS: u64 = 3;

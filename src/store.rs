@@ -310,6 +310,10 @@ pub struct SqlStore {
     pub committed: Arc<Notify>,
     /// Group commit of call writes, started on first use.
     pub(crate) call_writer: Arc<std::sync::OnceLock<crate::calls_store::CallWriter>>,
+    /// Group commit of REGISTERs, started on first use.
+    pub(crate) register_writer: Arc<std::sync::OnceLock<crate::registrations::RegisterWriter>>,
+    /// The registrar's lookups by username, dropped here on rotation, revocation and release.
+    pub(crate) login_cache: Arc<crate::registrations::LoginCache>,
     /// Public URL and data directory for recordings, set by `serve` (see `recordings.rs`).
     pub(crate) recordings: Arc<std::sync::OnceLock<crate::recordings::RecordingsConfig>>,
     /// What this process's Events actor holds of the outbox (`webhooks::outbox`).
@@ -322,6 +326,8 @@ impl SqlStore {
             db,
             committed: Arc::new(Notify::new()),
             call_writer: Arc::default(),
+            register_writer: Arc::default(),
+            login_cache: Arc::default(),
             recordings: Arc::default(),
             leases: Arc::default(),
         }
@@ -761,6 +767,7 @@ impl SqlStore {
         // Devices registered with the old password are gone with it.
         drop_credential_registrations(&mut tx, credential_id).await?;
         tx.commit().await.map_err(storage)?;
+        self.logins().forget_credential(credential_id);
         let cred = self
             .get_sip_credential(workspace_id, number_id, credential_id)
             .await?
@@ -793,6 +800,7 @@ impl SqlStore {
         .map_err(storage)?;
         drop_credential_registrations(&mut tx, credential_id).await?;
         tx.commit().await.map_err(storage)?;
+        self.logins().forget_credential(credential_id);
         let cred = self
             .get_sip_credential(workspace_id, number_id, credential_id)
             .await?
@@ -1371,6 +1379,7 @@ impl Store for SqlStore {
         )
         .await?;
         tx.commit().await.map_err(storage)?;
+        self.logins().forget_number(&number.id);
         self.events_committed();
         Ok(number)
     }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use common::device::{Device, challenges};
 use common::uac::{header, headers, status_code};
 use common::{Api, Backend, Mode, Server, TestDb, wait_for_json};
+use sautikit_sip::digest::{Algorithm, ha1};
 use serde_json::Value;
 
 struct Ctx {
@@ -263,6 +264,59 @@ async fn rotation_revocation_and_release_remove_bindings(backend: Backend) {
     );
 }
 on_both_backends!(rotation_revocation_and_release_remove_bindings);
+
+/// The registrar keeps recent logins in memory; a rotation made elsewhere (another engine on the
+/// same PostgreSQL, here a direct write) never lets the old password bind, and the new one works
+/// at once.
+async fn a_rotation_elsewhere_never_lets_the_old_password_in(backend: Backend) {
+    let ctx = setup(backend, &[]).await;
+    let (cred_id, user, password) = ctx.credential("desk").await;
+    let sip = ctx.server.sip_addr();
+    let mut dev = Device::udp(sip, &user, &password).await;
+    let contact = format!("Contact: <{}>\r\n", dev.contact());
+    assert_eq!(
+        status_code(&dev.register(&contact, "SHA-256").await),
+        Some(200)
+    );
+    // Cached now: a refresh is accepted.
+    assert_eq!(status_code(&dev.register_again(&contact).await), Some(200));
+
+    let new_password = "another-password-0123456789";
+    let db = sautikit::db::Db::connect(&ctx.db.url).await.expect("db");
+    sqlx::query("UPDATE sip_credentials SET ha1_md5 = $1, ha1_sha256 = $2 WHERE id = $3")
+        .bind(ha1(Algorithm::Md5, &user, &ctx.workspace_id, new_password))
+        .bind(ha1(
+            Algorithm::Sha256,
+            &user,
+            &ctx.workspace_id,
+            new_password,
+        ))
+        .bind(&cred_id)
+        .execute(&db.write)
+        .await
+        .expect("rotate behind the engine's back");
+    sqlx::query("DELETE FROM sip_registrations WHERE credential_id = $1")
+        .bind(&cred_id)
+        .execute(&db.write)
+        .await
+        .expect("drop bindings");
+    db.close().await;
+
+    let refused = dev.register_again(&contact).await;
+    assert_eq!(status_code(&refused), Some(403), "{refused}");
+    let refused = dev.register(&contact, "SHA-256").await;
+    assert_eq!(
+        status_code(&refused),
+        Some(403),
+        "the old password: {refused}"
+    );
+    assert_eq!(ctx.stored_bindings().await, 0);
+    dev.password = new_password.to_owned();
+    let ok = dev.register(&contact, "MD5").await;
+    assert_eq!(status_code(&ok), Some(200), "the new password: {ok}");
+    assert_eq!(ctx.stored_bindings().await, 1);
+}
+on_both_backends!(a_rotation_elsewhere_never_lets_the_old_password_in);
 
 /// Replace what a response echoes of its request (Via, From, To, Call-ID, CSeq), so two answers
 /// can be compared byte for byte.

@@ -8,6 +8,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -31,6 +32,28 @@ use crate::store::StorageError;
 
 /// How often expired bindings are removed and the limiter's old windows dropped.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// REGISTERs waiting on the database past which new ones are answered `503` with `Retry-After`,
+/// as new INVITEs are when calls pile up. A healthy engine has a few dozen in flight; a
+/// thousand is half a second of work at 2,000 a second, when devices start retransmitting
+/// (T1) and each retransmission costs a parse.
+const MAX_PENDING_REGISTERS: usize = 1_000;
+
+/// Counts a REGISTER that waits on the database until it is answered.
+struct PendingRegister(Arc<AtomicUsize>);
+
+impl PendingRegister {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        PendingRegister(count.clone())
+    }
+}
+
+impl Drop for PendingRegister {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 /// An active SIP credential and the number it registers, as the registrar checks a login.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,6 +136,22 @@ pub trait RegistrarStore: Send + Sync + 'static {
     /// credential username, or a live number (E.164, with or without `+`).
     async fn realm_for(&self, aor_user: &str) -> Result<Option<String>, StorageError>;
 
+    /// What `device_login` recently returned for this username, without touching the database,
+    /// if the store keeps such a cache. It may be stale (a rotation on another engine): the
+    /// registrar only takes it to accept a REGISTER whose response matches it, and `register`
+    /// checks the HA1 again under its lock; anything else is looked up afresh.
+    fn cached_login(&self, _username: &str) -> Option<DeviceLogin> {
+        None
+    }
+
+    /// What `realm_for` recently returned for this user part, without touching the database.
+    fn cached_realm(&self, _aor_user: &str) -> Option<String> {
+        None
+    }
+
+    /// A cached login proved stale (`register` refused it): look it up afresh next time.
+    fn forget_login(&self, _username: &str) {}
+
     /// Apply a REGISTER to the number's bindings (dropping expired ones) and return the bindings
     /// after it, unexpired, oldest first.
     async fn register(
@@ -120,14 +159,29 @@ pub trait RegistrarStore: Send + Sync + 'static {
         cmd: RegisterBindings,
     ) -> Result<Vec<Registration>, RegisterStoreError>;
 
-    /// Unexpired UDP bindings whose flow `engine_id` holds. First, bindings of engines silent
-    /// since `adopt_silent_since` (no heartbeat after it, or none at all) are dealt with: their
+    /// Bindings of engines silent since `since` (no heartbeat after it, or none at all): their
     /// UDP bindings are taken over by this engine (the device's address still reaches us) and
     /// their TCP bindings, whose connections died with that process, are removed.
+    async fn adopt_silent_bindings(
+        &self,
+        engine_id: &str,
+        since: DateTime<Utc>,
+    ) -> Result<(), StorageError>;
+
+    /// How many unexpired UDP bindings `engine_id` holds the flow of.
+    async fn udp_binding_count(
+        &self,
+        engine_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<u64, StorageError>;
+
+    /// One page of the unexpired UDP bindings whose flow `engine_id` holds: at most `limit`,
+    /// in id order, with ids after `after` (`""` for the first page).
     async fn udp_bindings(
         &self,
         engine_id: &str,
-        adopt_silent_since: Option<DateTime<Utc>>,
+        after: &str,
+        limit: u32,
         now: DateTime<Utc>,
     ) -> Result<Vec<Registration>, StorageError>;
 
@@ -204,8 +258,6 @@ pub enum RegistrarMsg {
     /// The credential behind an Authorization header was looked up and its response checked.
     LoginChecked(Box<LoginChecked>),
     KeepaliveDue,
-    /// The bindings to send OPTIONS to this round.
-    KeepaliveTargets(Vec<Registration>),
     /// An OPTIONS to a binding got no final response (Timer F).
     KeepaliveTimedOut {
         binding_id: String,
@@ -266,6 +318,12 @@ pub struct RegistrarState {
     counts: NonceCounts,
     limiter: FailureLimiter,
     ticker: Option<tokio::task::JoinHandle<()>>,
+    /// The keepalive round under way.
+    round: Option<tokio::task::JoinHandle<()>>,
+    /// REGISTERs between their arrival and their answer that wait on the database.
+    pending_registers: Arc<AtomicUsize>,
+    /// REGISTERs answered `503` since the last sweep.
+    shed_registers: u64,
     /// No keepalive round has run yet.
     first_round: bool,
 }
@@ -304,6 +362,9 @@ impl Actor for Registrar {
             counts: NonceCounts::new(),
             limiter: FailureLimiter::new(args.failures),
             ticker: Some(ticker),
+            round: None,
+            pending_registers: Arc::default(),
+            shed_registers: 0,
             first_round: true,
             args,
         })
@@ -315,6 +376,9 @@ impl Actor for Registrar {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         if let Some(t) = state.ticker.take() {
+            t.abort();
+        }
+        if let Some(t) = state.round.take() {
             t.abort();
         }
         Ok(())
@@ -334,6 +398,22 @@ impl Actor for Registrar {
                 local,
                 endpoint,
             } => {
+                if state.pending_registers.load(Ordering::Relaxed) >= MAX_PENDING_REGISTERS {
+                    // Falling behind: a device told to come back later (RFC 3261 §21.5.4) does
+                    // not retransmit into the queue. Spread the returns over ten seconds.
+                    state.shed_registers += 1;
+                    let mut r = [0u8; 1];
+                    let _ = getrandom::fill(&mut r);
+                    let after = (5 + u32::from(r[0]) % 10).to_string();
+                    respond(
+                        &endpoint,
+                        &key,
+                        &request,
+                        503,
+                        vec![("Retry-After".to_owned(), after)],
+                    );
+                    return Ok(());
+                }
                 let purpose = match registrar::parse_register(&request) {
                     Ok(r) => Purpose::Register(r),
                     Err(e) => {
@@ -370,8 +450,13 @@ impl Actor for Registrar {
             ),
             RegistrarMsg::LoginChecked(checked) => on_login_checked(state, *checked),
             RegistrarMsg::KeepaliveDue => {
-                let store = state.args.store.clone();
-                let engine = state.args.engine_id.clone();
+                if let Some(previous) = state.round.take()
+                    && !previous.is_finished()
+                {
+                    // Not done in a whole interval (a slow database): the new round starts over.
+                    warn!("a keepalive round did not finish within its interval");
+                    previous.abort();
+                }
                 let now = state.args.clock.now();
                 let first = std::mem::take(&mut state.first_round);
                 // One process owns a SQLite file: at its start every binding was its own.
@@ -382,33 +467,11 @@ impl Actor for Registrar {
                         .ok()
                         .map(|d| now - d)
                 };
-                let me = myself.clone();
-                tokio::spawn(async move {
-                    match store.udp_bindings(&engine, adopt, now).await {
-                        Ok(targets) => {
-                            let _ = me.cast(RegistrarMsg::KeepaliveTargets(targets));
-                        }
-                        Err(e) => warn!(error = %e, "could not read bindings to keep alive"),
-                    }
-                });
-            }
-            RegistrarMsg::KeepaliveTargets(targets) => {
-                let Some(sip) = ActorRef::<SipMsg>::where_is(state.args.sip.clone()) else {
-                    return Ok(());
-                };
-                let sent_at = state.args.clock.now();
-                for b in targets {
-                    let _ = sip.cast(SipMsg::SendKeepalive {
-                        contact: b.contact,
-                        to: Peer {
-                            addr: b.source,
-                            transport: b.transport,
-                        },
-                        domain: state.args.domain.clone(),
-                        binding_id: b.id,
-                        sent_at,
-                    });
-                }
+                state.round = Some(tokio::spawn(keepalive_round(
+                    state.args.clone(),
+                    adopt,
+                    now,
+                )));
             }
             RegistrarMsg::KeepaliveTimedOut {
                 binding_id,
@@ -443,6 +506,16 @@ impl Actor for Registrar {
                 });
             }
             RegistrarMsg::SweepDue => {
+                if state.shed_registers > 0 {
+                    metrics::counter!("sautikit_sip_registers_shed_total")
+                        .increment(state.shed_registers);
+                    warn!(
+                        turned_away = state.shed_registers,
+                        waiting = state.pending_registers.load(Ordering::Relaxed),
+                        "overloaded: REGISTERs answered 503"
+                    );
+                    state.shed_registers = 0;
+                }
                 let now_unix = unix(state.args.clock.now());
                 state.counts.forget_expired(now_unix);
                 state.limiter.prune(Instant::now());
@@ -460,6 +533,86 @@ impl Actor for Registrar {
             }
         }
         Ok(())
+    }
+}
+
+/// Bindings read a page at a time during a keepalive round.
+const KEEPALIVE_PAGE: u32 = 500;
+
+/// One keepalive round: an OPTIONS to every UDP binding this engine holds the flow of, spread
+/// evenly over nine tenths of the keepalive interval (10,000 bindings every 30 s is 370 a
+/// second) rather than all at once, whose answers would overflow the socket's receive buffer
+/// and hold up REGISTERs. Bindings are read a page at a time.
+async fn keepalive_round(
+    args: RegistrarArgs,
+    adopt_silent_since: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) {
+    let store = &args.store;
+    let engine = &args.engine_id;
+    if let Some(since) = adopt_silent_since
+        && let Err(e) = store.adopt_silent_bindings(engine, since).await
+    {
+        warn!(error = %e, "could not adopt the bindings of silent engines");
+    }
+    let total = match store.udp_binding_count(engine, now).await {
+        Ok(0) => return,
+        Ok(n) => n,
+        Err(e) => {
+            warn!(error = %e, "could not count the bindings to keep alive");
+            return;
+        }
+    };
+    let Some(sip) = ActorRef::<SipMsg>::where_is(args.sip.clone()) else {
+        return;
+    };
+    let spread = args
+        .keepalive_every
+        .max(Duration::from_secs(1))
+        .mul_f64(0.9);
+    let step = spread.div_f64(total as f64);
+    let start = tokio::time::Instant::now();
+    let mut sent: u32 = 0;
+    let mut after = String::new();
+    loop {
+        let page = match store
+            .udp_bindings(engine, &after, KEEPALIVE_PAGE, now)
+            .await
+        {
+            Ok(page) => page,
+            Err(e) => {
+                warn!(error = %e, "could not read bindings to keep alive");
+                return;
+            }
+        };
+        let full = page.len() >= KEEPALIVE_PAGE as usize;
+        if let Some(last) = page.last() {
+            after.clone_from(&last.id);
+        }
+        for b in page {
+            // Wake a few times a tick, not once per OPTIONS.
+            let due = start + step * sent;
+            if due > tokio::time::Instant::now() + Duration::from_millis(5) {
+                tokio::time::sleep_until(due).await;
+            }
+            sent = sent.saturating_add(1);
+            let msg = SipMsg::SendKeepalive {
+                contact: b.contact,
+                to: Peer {
+                    addr: b.source,
+                    transport: b.transport,
+                },
+                domain: args.domain.clone(),
+                binding_id: b.id,
+                sent_at: args.clock.now(),
+            };
+            if sip.cast(msg).is_err() {
+                return;
+            }
+        }
+        if !full {
+            return;
+        }
     }
 }
 
@@ -548,6 +701,20 @@ fn on_login_request(
     });
     let Some(authorization) = authorization else {
         // First contact: challenge with the realm of the AOR's workspace (or a decoy).
+        if let Some(realm) = state.args.store.cached_realm(&aor_user) {
+            let nonce = fresh_nonce(state);
+            Challenge {
+                code: purpose.challenge_code(),
+                algorithms: &state.args.algorithms,
+                realm: &realm,
+                nonce: &nonce,
+                stale: false,
+            }
+            .send(&endpoint, &key, &request);
+            return;
+        }
+        let pending = matches!(purpose, Purpose::Register(_))
+            .then(|| PendingRegister::new(&state.pending_registers));
         let store = state.args.store.clone();
         let decoy = state.decoy;
         let nonce = fresh_nonce(state);
@@ -571,6 +738,7 @@ fn on_login_request(
                 stale: false,
             };
             c.send(&endpoint, &key, &request);
+            drop(pending);
         });
         return;
     };
@@ -594,9 +762,37 @@ fn on_login_request(
         respond(&endpoint, &key, &request, 403, Vec::new());
         return;
     }
+    // A REGISTER from a device seen recently is checked against the login cached then; a call,
+    // or anything the cached login would refuse, against the database.
+    if let Purpose::Register(_) = purpose
+        && let Some(login) = state.args.store.cached_login(&creds.username)
+        && login.number_status == NumberStatus::Active
+        && creds.realm == login.workspace_id
+        && aor_matches(&aor_user, &login)
+        && auth::verify(&creds, purpose.method(), login.ha1(creds.algorithm))
+    {
+        on_login_checked(
+            state,
+            LoginChecked {
+                key,
+                request,
+                purpose,
+                from,
+                endpoint,
+                creds,
+                login: Some(login),
+                response_ok: true,
+                aor_user,
+            },
+        );
+        return;
+    }
+    let pending = matches!(purpose, Purpose::Register(_))
+        .then(|| PendingRegister::new(&state.pending_registers));
     let store = state.args.store.clone();
     let me = myself.clone();
     tokio::spawn(async move {
+        let _pending = pending;
         let login = match store.device_login(&creds.username).await {
             Ok(l) => l,
             Err(e) => {
@@ -727,7 +923,10 @@ fn on_login_checked(state: &mut RegistrarState, mut c: LoginChecked) {
         login,
     };
     let store = state.args.store.clone();
+    let pending = PendingRegister::new(&state.pending_registers);
     tokio::spawn(async move {
+        let _pending = pending;
+        let username = cmd.login.username.clone();
         let (workspace_id, number_id, credential_id) = (
             cmd.login.workspace_id.clone(),
             cmd.login.number_id.clone(),
@@ -736,7 +935,7 @@ fn on_login_checked(state: &mut RegistrarState, mut c: LoginChecked) {
         let now = cmd.now;
         match store.register(cmd).await {
             Ok(bindings) => {
-                info!(%workspace_id, %number_id, %credential_id, source = %c.from.addr,
+                debug!(%workspace_id, %number_id, %credential_id, source = %c.from.addr,
                     bindings = bindings.len(), "REGISTER accepted");
                 let contacts = bindings
                     .iter()
@@ -758,9 +957,11 @@ fn on_login_checked(state: &mut RegistrarState, mut c: LoginChecked) {
                 respond(&c.endpoint, &c.key, &c.request, e.status(), extra);
             }
             Err(RegisterStoreError::CredentialChanged) => {
+                store.forget_login(&username);
                 respond(&c.endpoint, &c.key, &c.request, 403, Vec::new());
             }
             Err(RegisterStoreError::NumberNotActive) => {
+                store.forget_login(&username);
                 respond(
                     &c.endpoint,
                     &c.key,

@@ -43,9 +43,10 @@ const KNOWN_UNSUPPORTED: &[&str] = &[
 ];
 const MAX_DATAGRAM: usize = 65_535;
 /// Transactions the layer's indexes hold before they first grow: 1,000 calls/s, two transactions
-/// a call, each kept about 32 s after it ends (Timers J and L), comes to 64,000. Past that (a
-/// busier engine) the indexes grow once more, at about 115,000.
-const EXPECTED_TRANSACTIONS: usize = 100_000;
+/// a call, each kept about 32 s after it ends (Timers J and L), comes to 64,000; 2,000
+/// registrations/s (two REGISTERs each) to 128,000. The tables round up to 262,144 slots and
+/// grow past about 229,000.
+const EXPECTED_TRANSACTIONS: usize = 200_000;
 
 pub enum SipMsg {
     /// A datagram, or one framed message from a TCP connection.
@@ -690,12 +691,34 @@ fn carrier_allowed(allow: &[IpNet], addr: SocketAddr) -> bool {
     allow.iter().any(|n| n.contains(&ip))
 }
 
+/// Receive buffer asked for on the SIP UDP socket. The default (about 200 kB, some 400
+/// datagrams) overflows when thousands of devices answer keepalives or register within a
+/// second; the kernel caps the request at `net.core.rmem_max`.
+const UDP_RECEIVE_BUFFER: usize = 4 << 20;
+
+fn grow_receive_buffer(udp: &UdpSocket) {
+    let socket = socket2::SockRef::from(udp);
+    if let Err(e) = socket.set_recv_buffer_size(UDP_RECEIVE_BUFFER) {
+        warn!(error = %e, "could not enlarge the SIP socket's receive buffer");
+    }
+    match socket.recv_buffer_size() {
+        // Linux reports twice what it grants (the other half is its bookkeeping).
+        Ok(n) if n < UDP_RECEIVE_BUFFER => info!(
+            bytes = n,
+            wanted = UDP_RECEIVE_BUFFER,
+            "SIP socket receive buffer capped by the system (net.core.rmem_max)"
+        ),
+        _ => {}
+    }
+}
+
 /// UDP and TCP on one port. With port 0 the port UDP gets may be taken for TCP (by another
 /// listener of this very process, say): then try another.
 async fn bind_both(listen: SocketAddr) -> std::io::Result<(UdpSocket, TcpListener)> {
     let mut last = None;
     for _ in 0..20 {
         let udp = UdpSocket::bind(listen).await?;
+        grow_receive_buffer(&udp);
         let local = udp.local_addr()?;
         match TcpListener::bind(local).await {
             Ok(tcp) => return Ok((udp, tcp)),

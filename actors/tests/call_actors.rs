@@ -67,10 +67,25 @@ impl RegistrarStore for NoDevices {
     ) -> Result<Vec<Registration>, RegisterStoreError> {
         Err(RegisterStoreError::CredentialChanged)
     }
+    async fn adopt_silent_bindings(
+        &self,
+        _engine_id: &str,
+        _since: DateTime<Utc>,
+    ) -> Result<(), StorageError> {
+        Ok(())
+    }
+    async fn udp_binding_count(
+        &self,
+        _engine_id: &str,
+        _now: DateTime<Utc>,
+    ) -> Result<u64, StorageError> {
+        Ok(0)
+    }
     async fn udp_bindings(
         &self,
         _engine_id: &str,
-        _adopt_silent_since: Option<DateTime<Utc>>,
+        _after: &str,
+        _limit: u32,
         _now: DateTime<Utc>,
     ) -> Result<Vec<Registration>, StorageError> {
         Ok(Vec::new())
