@@ -290,6 +290,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
                 algs
             },
             keepalive_every: Duration::from_secs(args.sip_keepalive_secs.max(1)),
+            max_pending_registers: sautikit_actors::registrar::MAX_PENDING_REGISTERS,
         },
     };
     let engine = Arc::new(

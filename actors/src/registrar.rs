@@ -37,7 +37,7 @@ const SWEEP_EVERY: Duration = Duration::from_secs(5);
 /// as new INVITEs are when calls pile up. A healthy engine has a few dozen in flight; a
 /// thousand is half a second of work at 2,000 a second, when devices start retransmitting
 /// (T1) and each retransmission costs a parse.
-const MAX_PENDING_REGISTERS: usize = 1_000;
+pub const MAX_PENDING_REGISTERS: usize = 1_000;
 
 /// Counts a REGISTER that waits on the database until it is answered.
 struct PendingRegister(Arc<AtomicUsize>);
@@ -231,6 +231,8 @@ pub struct RegistrarArgs {
     pub algorithms: Vec<Algorithm>,
     /// OPTIONS to each UDP binding this often; one that stops answering is removed.
     pub keepalive_every: Duration,
+    /// REGISTERs waiting on the database past which new ones are shed ([`MAX_PENDING_REGISTERS`]).
+    pub max_pending_registers: usize,
     /// Registered name of the SIP endpoint (keepalives go out through it).
     pub sip: String,
 }
@@ -398,7 +400,9 @@ impl Actor for Registrar {
                 local,
                 endpoint,
             } => {
-                if state.pending_registers.load(Ordering::Relaxed) >= MAX_PENDING_REGISTERS {
+                if state.pending_registers.load(Ordering::Relaxed)
+                    >= state.args.max_pending_registers
+                {
                     // Falling behind: a device told to come back later (RFC 3261 §21.5.4) does
                     // not retransmit into the queue. Spread the returns over ten seconds.
                     state.shed_registers += 1;

@@ -122,6 +122,9 @@ pub struct RegistrarSetup {
     /// Digest algorithms offered, most preferred first.
     pub algorithms: Vec<sautikit_sip::digest::Algorithm>,
     pub keepalive_every: Duration,
+    /// REGISTERs waiting on the database past which new ones get `503` (normally
+    /// [`crate::registrar::MAX_PENDING_REGISTERS`]).
+    pub max_pending_registers: usize,
 }
 
 /// What Root needs to (re)start the voice actors.
@@ -243,6 +246,7 @@ impl Root {
                 bindings: r.bindings,
                 algorithms: r.algorithms.clone(),
                 keepalive_every: r.keepalive_every,
+                max_pending_registers: r.max_pending_registers,
                 sip: state.names.sip.clone(),
             },
             myself.get_cell(),

@@ -46,9 +46,10 @@ const END_FAILS: &str = "+254700000096";
 const END_FAILURES: usize = 4;
 
 /// No SIP credentials exist: every REGISTER is refused.
-/// The one device registered for `RINGS_DEVICE`, if a test set it.
+/// The one device registered for `RINGS_DEVICE`, if a test set it; with `stall`, looking up a
+/// REGISTER's realm never ends (a database that stopped answering).
 #[derive(Default)]
-struct NoDevices(Mutex<Option<SocketAddr>>);
+struct NoDevices(Mutex<Option<SocketAddr>>, std::sync::atomic::AtomicBool);
 
 #[async_trait]
 impl RegistrarStore for NoDevices {
@@ -59,6 +60,9 @@ impl RegistrarStore for NoDevices {
         Ok(None)
     }
     async fn realm_for(&self, _aor_user: &str) -> Result<Option<String>, StorageError> {
+        if self.1.load(std::sync::atomic::Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
         Ok(None)
     }
     async fn register(
@@ -475,6 +479,17 @@ async fn start_engine_with(
     media_threads: usize,
     devices: Arc<NoDevices>,
 ) -> Engine {
+    start_engine_shedding(calls, rtp_ports, media_threads, devices, 1_000).await
+}
+
+/// The same, shedding REGISTERs once `max_pending_registers` wait on the store.
+async fn start_engine_shedding(
+    calls: &Arc<MemCalls>,
+    rtp_ports: (u16, u16),
+    media_threads: usize,
+    devices: Arc<NoDevices>,
+    max_pending_registers: usize,
+) -> Engine {
     Engine::start_full(
         Arc::new(NoStore),
         Arc::new(SystemClock),
@@ -506,6 +521,7 @@ async fn start_engine_with(
                 bindings: Default::default(),
                 algorithms: sautikit_sip::digest::Algorithm::ALL.to_vec(),
                 keepalive_every: Duration::from_secs(30),
+                max_pending_registers,
             },
         }),
     )
@@ -594,7 +610,10 @@ async fn a_call_failing_right_after_its_snapshot_is_ended_and_forgotten() {
 async fn a_failing_call_actor_ends_its_device_leg_too() {
     let calls = Arc::new(MemCalls::default());
     let device = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let devices = Arc::new(NoDevices(Mutex::new(Some(device.local_addr().unwrap()))));
+    let devices = Arc::new(NoDevices(
+        Mutex::new(Some(device.local_addr().unwrap())),
+        Default::default(),
+    ));
     let engine = start_engine_with(&calls, (31_600, 31_700), 1, devices).await;
     let sip = engine.sip_addr().expect("SIP is bound");
     let caller = Uac::new(sip, RINGS_DEVICE).await;
@@ -689,6 +708,50 @@ async fn an_end_the_database_refused_is_written_later() {
         calls.end_failures.load(std::sync::atomic::Ordering::SeqCst),
         END_FAILURES + 1,
         "four refusals, then one write"
+    );
+    engine.stop().await;
+}
+
+/// REGISTERs that pile up behind a stalled database: past the limit, new ones are answered `503`
+/// with a `Retry-After` of 5–14 s at once, so devices come back later instead of retransmitting
+/// into the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registers_past_the_pending_limit_are_told_to_retry_later() {
+    let calls = Arc::new(MemCalls::default());
+    let devices = Arc::new(NoDevices::default());
+    devices.1.store(true, std::sync::atomic::Ordering::SeqCst);
+    let engine = start_engine_shedding(&calls, (32_000, 32_100), 1, devices, 3).await;
+    let sip = engine.sip_addr().expect("SIP is bound");
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let me = sock.local_addr().unwrap();
+    for i in 0..4 {
+        let register = format!(
+            "REGISTER sip:{sip} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bKshed{i}\r\n\
+             From: <sip:ts_0000000{i}@{sip}>;tag=t{i}\r\nTo: <sip:ts_0000000{i}@{sip}>\r\n\
+             Call-ID: shed-{i}\r\nCSeq: 1 REGISTER\r\nContact: <sip:dev@{me}>\r\n\
+             Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+        );
+        sock.send_to(register.as_bytes(), sip).await.unwrap();
+    }
+    // Three wait on the store; the fourth is shed at once. Nothing else is answered.
+    let mut buf = vec![0u8; 65_535];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(10), sock.recv_from(&mut buf))
+        .await
+        .expect("an answer to the fourth REGISTER")
+        .unwrap();
+    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(msg.starts_with("SIP/2.0 503"), "{msg}");
+    assert_eq!(header(&msg, "Call-ID").as_deref(), Some("shed-3"), "{msg}");
+    let after: u32 = header(&msg, "Retry-After")
+        .expect("Retry-After")
+        .trim()
+        .parse()
+        .expect("seconds");
+    assert!((5..=14).contains(&after), "{msg}");
+    let more = tokio::time::timeout(Duration::from_millis(500), sock.recv_from(&mut buf)).await;
+    assert!(
+        more.is_err(),
+        "the waiting REGISTERs are not answered while the store stalls"
     );
     engine.stop().await;
 }
