@@ -31,6 +31,9 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod harness;
+
+use harness::{backend_name, env_or, mib, sample_rss, thread_delta};
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
@@ -64,19 +67,8 @@ const RATE_PAUSE_SECS: u64 = 30;
 const T1: Duration = Duration::from_millis(500);
 const T2: Duration = Duration::from_secs(4);
 
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(default)
-}
-
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
-}
-
-fn mib(kib: u64) -> f64 {
-    kib as f64 / 1024.0
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -672,13 +664,6 @@ struct Ctx {
     _db: TestDb,
 }
 
-fn backend_name(b: Backend) -> &'static str {
-    match b {
-        Backend::Sqlite => "SQLite",
-        Backend::Postgres => "PostgreSQL",
-    }
-}
-
 async fn setup(backend: Backend, n_numbers: usize, pause_secs: u64) -> Ctx {
     let db = TestDb::new(backend).await;
     // A port free for both UDP and TCP: with port 0 the engine binds UDP first and then TCP on
@@ -745,55 +730,6 @@ async fn setup(backend: Backend, n_numbers: usize, pause_secs: u64) -> Ctx {
         hooks,
         _db: db,
     }
-}
-
-/// Samples a process's RSS every `every` until told to stop; returns (samples in KiB).
-fn sample_rss(
-    pid: u32,
-    every: Duration,
-) -> (watch::Sender<bool>, tokio::task::JoinHandle<Vec<u64>>) {
-    let (tx, mut rx) = watch::channel(false);
-    let h = tokio::spawn(async move {
-        let mut out = vec![status_kib(pid, "VmRSS")];
-        loop {
-            tokio::select! {
-                _ = rx.changed() => break,
-                () = tokio::time::sleep(every) => out.push(status_kib(pid, "VmRSS")),
-            }
-        }
-        out.push(status_kib(pid, "VmRSS"));
-        out
-    });
-    (tx, h)
-}
-
-/// Busiest server threads over an interval: (name, share of one core).
-fn thread_delta(
-    before: &[(String, Duration)],
-    after: &[(String, Duration)],
-    wall: Duration,
-) -> String {
-    let mut rows: Vec<(String, f64)> = after
-        .iter()
-        .map(|(n, t)| {
-            let b = before
-                .iter()
-                .find(|(m, _)| m == n)
-                .map(|(_, t)| *t)
-                .unwrap_or_default();
-            (
-                n.clone(),
-                t.saturating_sub(b).as_secs_f64() / wall.as_secs_f64(),
-            )
-        })
-        .filter(|(_, c)| *c >= 0.01)
-        .collect();
-    rows.sort_by(|a, b| b.1.total_cmp(&a.1));
-    rows.iter()
-        .take(8)
-        .map(|(n, c)| format!("{n} {:.0}%", c * 100.0))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 async fn count_completed(api: &Api) -> (usize, BTreeMap<String, usize>) {

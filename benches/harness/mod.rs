@@ -1,4 +1,4 @@
-//! Harness code shared by the load benchmarks (`registrations`, `bridge`): settings from the
+//! Harness code shared by the load benchmarks (`calls`, `registrations`, `bridge`): settings from the
 //! environment, a SIP port for the engine, SIP credentials inserted straight into the database,
 //! digest helpers, and what the engine's process uses (RSS samples, busiest threads, UDP drops).
 //! Each bench includes it with `mod harness;` beside `tests/common` (`mod common;`).
