@@ -312,6 +312,23 @@ impl RegistrarStore for SqlStore {
         rows.iter().map(registration_from_row).collect()
     }
 
+    async fn credential_ids_by_label(
+        &self,
+        number_id: &str,
+        label: &str,
+    ) -> Result<Vec<String>, StorageError> {
+        let rows = sqlx::query(
+            "SELECT id FROM sip_credentials WHERE number_id = $1 AND label = $2 \
+              AND status = 'active' ORDER BY id",
+        )
+        .bind(number_id)
+        .bind(label)
+        .fetch_all(&self.db().read)
+        .await
+        .map_err(storage)?;
+        rows.iter().map(|r| get::<String>(r, "id")).collect()
+    }
+
     async fn sweep_expired_bindings(&self, now: DateTime<Utc>) -> Result<u64, StorageError> {
         // Cheap when nothing is due: one index probe on the read pool before taking the writer.
         let now = to_db(now);

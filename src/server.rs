@@ -256,7 +256,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
         synth: synthesizer(&args.db.data_dir),
         audio: Arc::new(
             crate::play::HttpAudioFetcher::new(
-                policy,
+                policy.clone(),
                 args.db.data_dir.join("play-cache"),
                 crate::play::PlayLimits::default(),
             )
@@ -267,6 +267,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
         media_timeout: Duration::from_secs(args.media_timeout_secs.max(1)),
         ring_timeout: Duration::from_secs(args.device_ring_secs.max(1)),
         trunk: outbound_trunk(&args).await?,
+        dial_policy: policy.clone(),
         registrar: RegistrarSetup {
             store: Arc::new(store.clone()),
             domain: args

@@ -216,8 +216,8 @@ async fn callback_failures(backend: Backend) {
             "callback.invalid_actions",
             "callback.failed",
         ),
-        // `dial` waits for outbound calls.
-        ("/dial", "action.not_supported", "action.failed"),
+        // `dial` presenting a number the workspace does not hold.
+        ("/dial", "callback.invalid_actions", "action.failed"),
         // Longer than the 10 s deadline.
         ("/slow/11000", "callback.timeout", "callback.failed"),
     ];

@@ -4,6 +4,7 @@
 //! the atomicity boundary for money and ownership (DESIGN §2). This crate knows nothing of HTTP or
 //! SQL: it reaches the outside world only through the traits in [`store`] and [`clock`].
 
+pub mod address;
 pub mod audio;
 pub mod call_store;
 pub mod callback;

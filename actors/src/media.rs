@@ -74,6 +74,9 @@ pub enum MediaEvent {
     /// for the bridge's media timeout, counted from its last packet or from the bridge, whichever
     /// came later. Sent once per silence: a packet re-arms it.
     MediaTimeout { silent_for: Duration },
+    /// The stream's remote sent its first RTP packet (of a negotiated payload type) since the
+    /// stream started: a dialled party's early media is really flowing.
+    RemoteMediaStarted,
 }
 
 /// Where a call's media events go (the Call actor casts them to itself).

@@ -211,6 +211,13 @@ pub trait RegistrarStore: Send + Sync + 'static {
 
     /// Remove bindings past their expiry.
     async fn sweep_expired_bindings(&self, now: DateTime<Utc>) -> Result<u64, StorageError>;
+
+    /// The ids of a number's active SIP credentials with this label (`dial` with `device`).
+    async fn credential_ids_by_label(
+        &self,
+        number_id: &str,
+        label: &str,
+    ) -> Result<Vec<String>, StorageError>;
 }
 
 #[derive(Clone)]

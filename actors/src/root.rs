@@ -109,6 +109,8 @@ pub struct VoiceSetup {
     pub ring_timeout: Duration,
     /// `SAUTIKIT_OUTBOUND_TRUNK`, resolved.
     pub trunk: Option<crate::calls::trunk::Trunk>,
+    /// Which addresses `dial`'s SIP targets may resolve to (the webhook rules).
+    pub dial_policy: crate::address::AddressPolicy,
 }
 
 /// How softphones register (DESIGN §8).
@@ -411,6 +413,7 @@ impl Engine {
                     media_timeout: setup.media_timeout,
                     ring_timeout: setup.ring_timeout,
                     trunk: setup.trunk.clone(),
+                    dial_policy: setup.dial_policy.clone(),
                 },
                 setup,
                 sip_addr: Arc::new(std::sync::Mutex::new(None)),

@@ -53,6 +53,13 @@ struct NoDevices(Mutex<Option<SocketAddr>>, std::sync::atomic::AtomicBool);
 
 #[async_trait]
 impl RegistrarStore for NoDevices {
+    async fn credential_ids_by_label(
+        &self,
+        _number_id: &str,
+        _label: &str,
+    ) -> Result<Vec<String>, StorageError> {
+        Ok(Vec::new())
+    }
     async fn nonce_secret(&self, _now: DateTime<Utc>) -> Result<[u8; 32], StorageError> {
         Ok([9; 32])
     }
@@ -514,6 +521,7 @@ async fn start_engine_shedding(
             media_timeout: Duration::from_secs(60),
             ring_timeout: Duration::from_secs(30),
             trunk: None,
+            dial_policy: Default::default(),
             registrar: RegistrarSetup {
                 store: devices,
                 domain: "127.0.0.1".into(),

@@ -30,6 +30,23 @@ pub fn beep(freq_hz: f32, duration_ms: u32, sample_rate: u32, amplitude: f32) ->
         .collect()
 }
 
+/// The ringing tone's frequency: ITU-T E.180 §2.3 recommends 400–450 Hz, 425 Hz preferred,
+/// which is the frequency of Kenya's national tones.
+pub const RINGBACK_HZ: f32 = 425.0;
+/// Its cadence, within E.180's recommended ringing-tone range (0.67–1.5 s on, 3–5 s off).
+pub const RINGBACK_ON_MS: u32 = 1_000;
+pub const RINGBACK_OFF_MS: u32 = 4_000;
+
+/// One period of the ringing tone the caller hears while a dialled party rings: 425 Hz for 1 s,
+/// then 4 s of silence. Looped, it is the familiar "ring … ring".
+pub fn ringback(sample_rate: u32) -> Vec<i16> {
+    // About -13 dBFS peak: as loud as a network tone, well below speech peaks.
+    let mut samples = beep(RINGBACK_HZ, RINGBACK_ON_MS, sample_rate, 0.22);
+    let silence = (u64::from(RINGBACK_OFF_MS) * u64::from(sample_rate) / 1000) as usize;
+    samples.resize(samples.len() + silence, 0);
+    samples
+}
+
 /// RMS level of `samples` in dBFS (0 for a full-scale square wave, about -3 for a full-scale
 /// sine); `-inf` for digital silence or no samples.
 pub fn rms_dbfs(samples: &[i16]) -> f32 {
@@ -131,6 +148,18 @@ impl Default for SilenceDetector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ringback_is_one_second_of_425_hz_then_four_of_silence() {
+        let r = ringback(8000);
+        assert_eq!(r.len(), 40_000);
+        let tone = &r[..8000];
+        assert!(rms_dbfs(tone) > -20.0, "tone {}", rms_dbfs(tone));
+        assert!(r[8000..].iter().all(|&s| s == 0));
+        // 425 cycles in a second: count upward zero crossings.
+        let crossings = tone.windows(2).filter(|w| w[0] < 0 && w[1] >= 0).count();
+        assert!((423..=426).contains(&crossings), "{crossings}");
+    }
 
     #[test]
     fn beep_is_a_faded_sine() {

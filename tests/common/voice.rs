@@ -57,7 +57,10 @@ async fn answer(path: &str) -> Response {
         ["status500"] => (StatusCode::INTERNAL_SERVER_ERROR, "boom").into_response(),
         ["notjson"] => (StatusCode::OK, "<Response><Say>hi</Say></Response>").into_response(),
         ["unknown-verb"] => script(json!({"actions": [{"pause": {"length": 1}}, {"dance": {}}]})),
-        ["dial"] => script(json!({"actions": [{"dial": {"number": "+254700000002"}}]})),
+        // A caller id the workspace may not present.
+        ["dial"] => script(
+            json!({"actions": [{"dial": {"number": "+254700000002", "callerId": "+254799999999"}}]}),
+        ),
         ["reject-busy"] => script(json!({"actions": [{"reject": {"reason": "busy"}}]})),
         ["reject"] => script(json!({"actions": [{"reject": {}}]})),
         ["redirect"] => script(json!({"actions": [{"redirect": {"url": "/hangup"}}]})),

@@ -93,8 +93,12 @@ pub enum CallMsg {
     LegMedia { leg: u32, event: MediaEvent },
     /// The devices rang for the whole ring time.
     RingTimedOut { seq: u64 },
+    /// A `dial`'s parties rang for its whole `timeout`.
+    DialRingTimedOut { seq: u64 },
+    /// A `dial`'s bridged party reached its `timeLimit`.
+    DialTimeLimit { seq: u64 },
     /// Time to extend the prepaid reservation, or the paid time is over.
-    PrepaidCheck { seq: u64 },
+    PrepaidCheck { leg: Option<u32>, seq: u64 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -187,6 +191,8 @@ pub struct CallState {
     pub(super) prepaid: Option<super::prepaid::Prepaid>,
     /// The legs as Calls last heard of them (see [`CallState::legs_changed`]).
     pub(super) legs_reported: Vec<(super::leg::LegState, bool)>,
+    /// A `dial` in progress.
+    pub(super) dial: Option<verbs::ActiveDial>,
 }
 
 impl Actor for Call {
@@ -234,6 +240,7 @@ impl Actor for Call {
             trunk_call: false,
             prepaid: None,
             legs_reported: Vec::new(),
+            dial: None,
         })
     }
 
@@ -300,7 +307,9 @@ impl Actor for Call {
             CallMsg::LegTimedOut { leg } => state.on_leg_timeout(leg).await,
             CallMsg::LegMedia { leg, event } => state.on_leg_media(leg, event).await,
             CallMsg::RingTimedOut { seq } => state.on_ring_timeout(seq).await,
-            CallMsg::PrepaidCheck { seq } => state.on_prepaid_check(seq).await,
+            CallMsg::DialRingTimedOut { seq } => verbs::dial_ring_timed_out(state, seq).await,
+            CallMsg::DialTimeLimit { seq } => verbs::dial_time_limit_reached(state, seq).await,
+            CallMsg::PrepaidCheck { leg, seq } => state.on_prepaid_check(leg, seq).await,
             CallMsg::HangupRequested { reply } => {
                 state.hangup_waiters.push(reply);
                 if state.phase == Phase::Ringing {
@@ -565,7 +574,7 @@ impl CallState {
     }
 
     /// Callback fields of DESIGN §6, then the step's own.
-    fn fields(&self, extra: Vec<(String, String)>) -> Vec<(String, String)> {
+    pub(super) fn fields(&self, extra: Vec<(String, String)>) -> Vec<(String, String)> {
         let route = self.route_ref();
         let status = match self.phase {
             Phase::Ringing => "ringing",
@@ -745,8 +754,7 @@ impl CallState {
                 .await
                 .map_err(|_| "media.no_port")?,
         };
-        let session_id =
-            u64::from_str_radix(&self.local_tag[..self.local_tag.len().min(12)], 16).unwrap_or(1);
+        let session_id = self.sdp_session_id();
         let answer = match sdp::answer(offer, self.deps.media_ip, port.local.port(), session_id) {
             Ok(answer) => answer,
             Err(_) => {
@@ -783,6 +791,58 @@ impl CallState {
         self.dialog = Some(dialog);
         self.phase = Phase::AwaitingAck;
         self.snapshot();
+        Ok(())
+    }
+
+    /// Our SDP's session id: the same in a `183` and the `200` that follows it.
+    fn sdp_session_id(&self) -> u64 {
+        u64::from_str_radix(&self.local_tag[..self.local_tag.len().min(12)], 16).unwrap_or(1)
+    }
+
+    /// `183 Session Progress` with our SDP, before answering: the caller hears what its port
+    /// is sent (a dialled party's early media, a ringback tone). The `200` carries the same SDP.
+    pub(super) async fn early_answer(&mut self) -> Result<(), &'static str> {
+        if self.phase != Phase::Ringing {
+            return Ok(());
+        }
+        self.open_caller_port().await?;
+        let offer = self.offer.as_ref().ok_or("sdp.no_offer")?;
+        let port = self.rtp.as_ref().ok_or("media.no_port")?;
+        let answer = sdp::answer(
+            offer,
+            self.deps.media_ip,
+            port.local.port(),
+            self.sdp_session_id(),
+        )
+        .map_err(|_| "sdp.no_common_codec")?;
+        if let Some(remote) = answer.remote_rtp {
+            self.deps.media.start_stream(
+                port.id,
+                StreamParams {
+                    remote,
+                    codec: answer.codec,
+                    payload_type: answer.payload_type,
+                    telephone_event: answer.telephone_event,
+                },
+            );
+        }
+        let response = response_to(
+            &self.invite.request,
+            183,
+            Some("Session Progress"),
+            Some(&self.local_tag),
+        );
+        let response = with_body(response, "application/sdp", answer.sdp.into_bytes());
+        self.endpoint
+            .cast(SipMsg::Respond {
+                key: self.invite.key.clone(),
+                response,
+            })
+            .map_err(|_| "sip.endpoint_gone")?;
+        self.note(
+            "sip.sent",
+            json!({"status": 183, "reason": "Session Progress"}),
+        );
         Ok(())
     }
 
@@ -825,6 +885,7 @@ impl CallState {
                 }
             }
             MediaEvent::Digit { key } => self.on_digit(key, "rfc4733").await,
+            MediaEvent::RemoteMediaStarted => {}
             MediaEvent::RecordingFinished(outcome) => {
                 if self.waiting == Waiting::Recording {
                     self.waiting = Waiting::Nothing;
@@ -1024,7 +1085,8 @@ impl CallState {
         }
         self.phase = Phase::Ended;
         verbs::recording_interrupted(self).await;
-        self.end_legs();
+        verbs::dial_interrupted(self);
+        self.end_legs(hangup_cause.unwrap_or("engine_hangup"));
         if let Some(port) = self.rtp.take() {
             self.deps.media.close(port.id);
         }

@@ -36,7 +36,6 @@ impl CallState {
             self.fail(reason).await;
             return true;
         }
-        let number = self.to.clone();
         let host = self.invite.local.ip().to_string();
         let caller = if self.from.is_empty() {
             "anonymous".to_owned()
@@ -49,18 +48,7 @@ impl CallState {
                 Err(_) => format!("sip:anonymous@{host}"),
             };
         for b in bindings {
-            let target = LegTarget {
-                label: format!("device {}", b.contact),
-                uri: b.contact.clone(),
-                to: format!("sip:{number}@{host}"),
-                from: from_uri.clone(),
-                from_display: Some(caller.clone()),
-                peer: Peer {
-                    addr: b.source,
-                    transport: b.transport,
-                },
-                extra: Vec::new(),
-            };
+            let target = self.device_leg_target(&b, &host, &from_uri, &caller);
             if let Err(reason) = self.start_leg(target).await {
                 self.note(
                     "device.unreachable",
@@ -87,16 +75,52 @@ impl CallState {
         true
     }
 
+    /// Leg `n` is a `dial`'s (it has a call record of its own), or a dial is in progress.
+    fn dialled(&self, n: u32) -> bool {
+        self.dial.is_some()
+            || self
+                .legs
+                .get(n as usize)
+                .is_some_and(|l| l.record.is_some())
+    }
+
+    /// A leg to registered device `b`, presenting `caller` (`from` as its URI).
+    pub(super) fn device_leg_target(
+        &self,
+        b: &crate::registrar::Registration,
+        host: &str,
+        from: &str,
+        caller: &str,
+    ) -> LegTarget {
+        LegTarget {
+            label: format!("device {}", b.contact),
+            uri: b.contact.clone(),
+            to: format!("sip:{}@{host}", self.to),
+            from: from.to_owned(),
+            from_display: Some(caller.to_owned()),
+            peer: Peer {
+                addr: b.source,
+                transport: b.transport,
+            },
+            extra: Vec::new(),
+            record: None,
+        }
+    }
+
     /// A leg's INVITE got a response.
     pub(super) async fn on_leg_answer(&mut self, n: u32, response: &sautikit_sip::rsip::Response) {
         if self.phase == Phase::Ended {
+            return;
+        }
+        if self.dialled(n) {
+            super::verbs::dial_leg_response(self, n, response).await;
             return;
         }
         let outcome = self.on_leg_response(n, response);
         self.report_legs();
         match outcome {
             LegOutcome::Nothing => {}
-            LegOutcome::Ringing => {
+            LegOutcome::Ringing { .. } => {
                 if self.trunk_call {
                     self.respond_provisional(180, "Ringing");
                 }
@@ -135,7 +159,7 @@ impl CallState {
                 let label = self.legs.get(n as usize).map(|l| l.label.clone());
                 self.note("call.bridged", json!({"leg": label}));
                 if self.trunk_call {
-                    self.start_paid_time();
+                    self.start_paid_time(None);
                 }
             }
             LegOutcome::Refused => {
@@ -169,7 +193,9 @@ impl CallState {
                 "sip.timeout",
                 json!({"leg": label, "message": "no final response to our INVITE"}),
             );
-            if self.trunk_call {
+            if self.dialled(n) {
+                super::verbs::dial_leg_timed_out(self, n).await;
+            } else if self.trunk_call {
                 if self.phase == Phase::Ringing {
                     self.trunk_refused(408).await;
                 }
@@ -217,7 +243,7 @@ impl CallState {
         }
         let after = self.deps.ring_timeout.as_secs();
         self.note("devices.no_answer", json!({"after_seconds": after}));
-        self.end_legs();
+        self.end_legs("no_answer");
         self.respond_final(480, Some("Temporarily Unavailable"));
         self.finish(CallStatus::NoAnswer, Some("no_answer"), None)
             .await;
@@ -225,7 +251,9 @@ impl CallState {
 
     /// A leg hung up (BYE). The bridged leg's hang-up ends the call.
     pub(super) async fn leg_hung_up(&mut self, n: u32) {
-        if self.bridged == Some(n) {
+        if self.dialled(n) {
+            super::verbs::dial_leg_hung_up(self, n).await;
+        } else if self.bridged == Some(n) {
             self.bridged = None;
             self.hang_up(CallStatus::Completed, "callee_hangup", None)
                 .await;
@@ -234,6 +262,10 @@ impl CallState {
 
     /// What a leg's media reported.
     pub(super) async fn on_leg_media(&mut self, n: u32, event: MediaEvent) {
+        if self.dialled(n) {
+            super::verbs::dial_leg_media(self, n, event).await;
+            return;
+        }
         if let MediaEvent::MediaTimeout { .. } = event
             && self.bridged == Some(n)
         {

@@ -52,11 +52,12 @@ impl CallState {
                 return;
             }
         }
+        let call_id = self.call_id.clone();
         match self
-            .reserve_first_slice(&route.workspace_id, route.outbound_per_min_minor)
+            .reserve_first_slice(&call_id, &route.workspace_id, route.outbound_per_min_minor)
             .await
         {
-            Ok(()) => {}
+            Ok(paid) => self.prepaid = paid,
             Err(PrepaidRefusal::InsufficientFunds) => {
                 self.respond_final(402, Some("Payment Required"));
                 self.finish(CallStatus::Failed, None, Some("wallet.insufficient_funds"))
@@ -84,6 +85,7 @@ impl CallState {
             from_display: Some(login.number.clone()),
             peer: trunk.peer,
             extra: vec![("P-Asserted-Identity", format!("<{caller}>"))],
+            record: None,
         };
         if let Err(reason) = self.start_leg(target).await {
             self.fail(reason).await;

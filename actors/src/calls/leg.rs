@@ -11,7 +11,9 @@ use sautikit_sip::transaction::{Peer, Transport, TxKey};
 use serde_json::json;
 use tracing::{debug, warn};
 
+use super::CallsMsg;
 use super::call::{CallMsg, CallState};
+use crate::call_store::{CallAnswered, CallEnded, CallStarted, CallStatus, TimelineEntry};
 use crate::media::{MediaEvent, RtpPort, StreamParams};
 use crate::sip_endpoint::SipMsg;
 
@@ -47,6 +49,13 @@ pub(super) struct Leg {
     pub(super) offer_sdp: String,
     /// The INVITE was sent again with credentials (a carrier's `401`/`407` is answered once).
     pub(super) authenticated: bool,
+    /// A dialled party's own call record (`parent_call_id` = this call), billed at the number's
+    /// outbound rate; `None` for a device rung by a number with no script.
+    pub(super) record: Option<String>,
+    /// That record's end is written (or on its way).
+    pub(super) record_ended: bool,
+    /// The record's prepaid reservation.
+    pub(super) prepaid: Option<super::prepaid::Prepaid>,
 }
 
 impl CallState {
@@ -63,6 +72,7 @@ impl CallState {
                     .then(|| l.dialog.clone())
                     .flatten(),
                 rtp_id: l.rtp.as_ref().map(|p| p.id),
+                record_call_id: l.record.clone().filter(|_| !l.record_ended),
             })
             .collect()
     }
@@ -105,14 +115,37 @@ pub(super) struct LegTarget {
     pub(super) from_display: Option<String>,
     pub(super) peer: Peer,
     pub(super) extra: Vec<(&'static str, String)>,
+    /// Give the leg a call record of its own (from, to), paid through the prepaid module.
+    pub(super) record: Option<(String, String)>,
+}
+
+/// Why a leg was not placed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum LegRefusal {
+    /// The wallet cannot pay its first slice.
+    InsufficientFunds,
+    /// Anything else: no port, a target we cannot write an INVITE to, storage.
+    Failed(&'static str),
 }
 
 impl CallState {
     /// Open a port beside the caller's, offer it, and send the INVITE. The leg's responses come
     /// back as `LegResponse`.
     pub(super) async fn start_leg(&mut self, t: LegTarget) -> Result<u32, &'static str> {
-        let n = u32::try_from(self.legs.len()).map_err(|_| "leg.too_many")?;
-        let beside = self.rtp.as_ref().map(|p| p.id).ok_or("media.no_port")?;
+        self.place_leg(t).await.map_err(|r| match r {
+            LegRefusal::InsufficientFunds => "wallet.insufficient_funds",
+            LegRefusal::Failed(reason) => reason,
+        })
+    }
+
+    /// [`CallState::start_leg`], telling a wallet that cannot pay from other failures.
+    pub(super) async fn place_leg(&mut self, t: LegTarget) -> Result<u32, LegRefusal> {
+        let n = u32::try_from(self.legs.len()).map_err(|_| LegRefusal::Failed("leg.too_many"))?;
+        let beside = self
+            .rtp
+            .as_ref()
+            .map(|p| p.id)
+            .ok_or(LegRefusal::Failed("media.no_port"))?;
         let me = self.myself.clone();
         let events: crate::media::MediaEvents = std::sync::Arc::new(move |event: MediaEvent| {
             let _ = me.cast(CallMsg::LegMedia { leg: n, event });
@@ -122,7 +155,7 @@ impl CallState {
             .media
             .open_beside(beside, events)
             .await
-            .map_err(|_| "media.no_port")?;
+            .map_err(|_| LegRefusal::Failed("media.no_port"))?;
         let local = self.invite.local;
         let session_id = u64::from(n) + 1_000 + u64::from(local.port());
         let offer_sdp = sdp::offer(self.deps.media_ip, port.local.port(), session_id);
@@ -141,11 +174,21 @@ impl CallState {
             sdp: &offer_sdp,
         }) else {
             self.deps.media.close(port.id);
-            return Err("sip.bad_target");
+            return Err(LegRefusal::Failed("sip.bad_target"));
         };
         let Some(sip_call_id) = sipmsg::call_id(&invite) else {
             self.deps.media.close(port.id);
-            return Err("sip.bad_target");
+            return Err(LegRefusal::Failed("sip.bad_target"));
+        };
+        let (record, prepaid) = match &t.record {
+            Some((from, to)) => match self.record_leg(&sip_call_id, from, to).await {
+                Ok(paid) => paid,
+                Err(refusal) => {
+                    self.deps.media.close(port.id);
+                    return Err(refusal);
+                }
+            },
+            None => (None, None),
         };
         self.note(
             "sip.sent",
@@ -158,7 +201,7 @@ impl CallState {
                 call: self.myself.clone(),
                 leg: n,
             })
-            .map_err(|_| "sip.endpoint_gone")?;
+            .map_err(|_| LegRefusal::Failed("sip.endpoint_gone"))?;
         self.legs.push(Leg {
             label: t.label,
             invite,
@@ -173,9 +216,130 @@ impl CallState {
             cancelled: false,
             offer_sdp,
             authenticated: false,
+            record,
+            record_ended: false,
+            prepaid,
         });
         self.report_legs();
         Ok(n)
+    }
+
+    /// Write a dialled party's call record and reserve its first slice. A wallet that cannot pay
+    /// leaves the record `failed` (`wallet.insufficient_funds`) and the leg unplaced.
+    async fn record_leg(
+        &mut self,
+        sip_call_id: &str,
+        from: &str,
+        to: &str,
+    ) -> Result<(Option<String>, Option<super::prepaid::Prepaid>), LegRefusal> {
+        let route = self.route_ref().clone();
+        let call_id = uuid::Uuid::now_v7().to_string();
+        let now = self.now();
+        let started = CallStarted {
+            call_id: call_id.clone(),
+            workspace_id: route.workspace_id.clone(),
+            number_id: route.number_id.clone(),
+            direction: "outbound".into(),
+            from: from.to_owned(),
+            to: to.to_owned(),
+            sip_call_id: sip_call_id.to_owned(),
+            engine_id: self.deps.engine_id.clone(),
+            started_at: now,
+            timeline: vec![TimelineEntry {
+                at: now,
+                kind: "dial.leg".into(),
+                detail: json!({"parent_call_id": self.call_id, "to": to}),
+            }],
+            parent_call_id: Some(self.call_id.clone()),
+        };
+        if let Err(e) = self.deps.store.call_started(started).await {
+            warn!(call_id = %self.call_id, error = %e, "recording a dialled leg failed");
+            return Err(LegRefusal::Failed("engine.error"));
+        }
+        match self
+            .reserve_first_slice(&call_id, &route.workspace_id, route.outbound_per_min_minor)
+            .await
+        {
+            Ok(paid) => Ok((Some(call_id), paid)),
+            Err(refusal) => {
+                let (failure, result) = match refusal {
+                    super::prepaid::PrepaidRefusal::InsufficientFunds => {
+                        ("wallet.insufficient_funds", LegRefusal::InsufficientFunds)
+                    }
+                    super::prepaid::PrepaidRefusal::Storage => {
+                        ("engine.error", LegRefusal::Failed("engine.error"))
+                    }
+                };
+                write_leg_end(
+                    self,
+                    CallEnded {
+                        call_id,
+                        status: CallStatus::Failed,
+                        ended_at: now,
+                        hangup_cause: None,
+                        failure_reason: Some(failure.into()),
+                        timeline: Vec::new(),
+                    },
+                );
+                Err(result)
+            }
+        }
+    }
+
+    /// End leg `n`'s call record (once): `status` and why. Answered legs are billed by the store
+    /// from their answer; refused ones cost nothing.
+    pub(super) fn end_leg_record(
+        &mut self,
+        n: u32,
+        status: CallStatus,
+        hangup_cause: Option<&str>,
+        failure_reason: Option<&str>,
+    ) {
+        let now = self.now();
+        let Some(leg) = self.legs.get_mut(n as usize) else {
+            return;
+        };
+        if leg.record_ended {
+            return;
+        }
+        let Some(call_id) = leg.record.clone() else {
+            return;
+        };
+        leg.record_ended = true;
+        leg.prepaid = None;
+        let code = leg.final_code;
+        write_leg_end(
+            self,
+            CallEnded {
+                call_id,
+                status,
+                ended_at: now,
+                hangup_cause: hangup_cause.map(str::to_owned),
+                failure_reason: failure_reason.map(str::to_owned),
+                timeline: vec![TimelineEntry {
+                    at: now,
+                    kind: "call.ended".into(),
+                    detail: json!({"status": status.as_str(), "sip_status": code, "hangup_cause": hangup_cause}),
+                }],
+            },
+        );
+    }
+
+    /// Leg `n` answered and is the one kept: its record is `answered` (billing runs from now).
+    pub(super) fn leg_record_answered(&mut self, n: u32) {
+        let Some(call_id) = self.legs.get(n as usize).and_then(|l| l.record.clone()) else {
+            return;
+        };
+        let receipt = self.deps.store.queue_call_answered(CallAnswered {
+            call_id: call_id.clone(),
+            answered_at: self.now(),
+            timeline: Vec::new(),
+        });
+        tokio::spawn(async move {
+            if let Err(e) = receipt.await {
+                warn!(call_id = %call_id, error = %e, "recording a dialled leg's answer failed");
+            }
+        });
     }
 
     /// Our Contact for requests and answers over `transport`.
@@ -246,12 +410,16 @@ impl CallState {
         }
     }
 
-    /// End every leg: BYE the answered, CANCEL the ringing (the call is ending).
-    pub(super) fn end_legs(&mut self) {
+    /// End every leg: BYE the answered, CANCEL the ringing (the call is ending, for
+    /// `cause`). Their records end with them: answered ones `completed`, the others `canceled`.
+    pub(super) fn end_legs(&mut self, cause: &str) {
         for n in 0..self.legs.len() as u32 {
             let state = self.legs.get(n as usize).map(|l| l.state);
             match state {
-                Some(LegState::Answered) => self.bye_leg(n),
+                Some(LegState::Answered) => {
+                    self.bye_leg(n);
+                    self.end_leg_record(n, CallStatus::Completed, Some(cause), None);
+                }
                 Some(LegState::Early) => self.cancel_leg(n),
                 Some(LegState::Calling) => {
                     // No provisional yet: CANCEL all the same, as the call will not be here to
@@ -263,6 +431,7 @@ impl CallState {
                 }
                 _ => {}
             }
+            self.end_leg_record(n, CallStatus::Canceled, Some(cause), None);
             self.close_leg_media(n);
         }
     }
@@ -304,7 +473,21 @@ impl CallState {
                     self.cancel_leg(n);
                 }
             }
-            return LegOutcome::Ringing;
+            // Early media (`183` with SDP): where the party's ringback or announcement comes from.
+            let early = std::str::from_utf8(&response.body)
+                .ok()
+                .filter(|t| !t.trim().is_empty())
+                .and_then(|text| sdp::parse(text).ok())
+                .and_then(|answer| sdp::answer(&answer, media_ip, 0, 0).ok())
+                .and_then(|a| {
+                    Some(StreamParams {
+                        remote: a.remote_rtp?,
+                        codec: a.codec,
+                        payload_type: a.payload_type,
+                        telephone_event: a.telephone_event,
+                    })
+                });
+            return LegOutcome::Ringing { code, early };
         }
         if matches!(code, 401 | 407) && !leg.authenticated && self.answer_challenge(n, response) {
             return LegOutcome::Nothing;
@@ -534,6 +717,7 @@ impl CallState {
             if let Some(leg) = self.legs.get_mut(n as usize) {
                 leg.state = LegState::Ended;
             }
+            self.end_leg_record(n, CallStatus::Completed, Some("callee_hangup"), None);
             self.close_leg_media(n);
             self.leg_hung_up(n).await;
         }
@@ -543,9 +727,28 @@ impl CallState {
 /// What a leg's response means for its call.
 pub(super) enum LegOutcome {
     Nothing,
-    Ringing,
+    /// A provisional response (`code`), with the party's early media if it offered some.
+    Ringing {
+        code: u16,
+        early: Option<StreamParams>,
+    },
     /// The leg answered with this stream.
     Answered(StreamParams),
     /// A final refusal, or an answer we could not use.
     Refused,
+}
+
+/// Write a leg's end off the actor; one the database refuses goes to Calls, which writes it
+/// again until it is written (it carries the charge and frees the reservation).
+fn write_leg_end(call: &CallState, end: CallEnded) {
+    let store = call.deps.store.clone();
+    let calls = call.deps.calls.clone();
+    tokio::spawn(async move {
+        if let Err(e) = store.call_ended(end.clone()).await {
+            warn!(call_id = %end.call_id, error = %e, "recording a dialled leg's end failed");
+            if let Some(calls) = ractor::ActorRef::<CallsMsg>::where_is(calls) {
+                let _ = calls.cast(CallsMsg::EndNotRecorded(Box::new(end)));
+            }
+        }
+    });
 }

@@ -71,6 +71,8 @@ pub struct CallDeps {
     pub ring_timeout: Duration,
     /// Where calls to numbers that are not ours go (`SAUTIKIT_OUTBOUND_TRUNK`).
     pub trunk: Option<trunk::Trunk>,
+    /// Which addresses `dial`'s SIP targets may resolve to.
+    pub dial_policy: crate::address::AddressPolicy,
 }
 
 /// What a call has on the wire, kept by Calls to end it cleanly should its actor fail.
@@ -99,6 +101,8 @@ pub struct LegSnapshot {
     pub invite: rsip::Request,
     pub dialog: Option<Dialog>,
     pub rtp_id: Option<u64>,
+    /// Its own call record (a dialled party), not yet ended.
+    pub record_call_id: Option<String>,
 }
 
 pub enum CallsMsg {
@@ -332,6 +336,8 @@ fn end_failed_call(deps: &CallDeps, calls: &ActorRef<CallsMsg>, mut s: CallSnaps
     let _ = s.endpoint.cast(SipMsg::DialogEnded {
         sip_call_id: s.sip_call_id.clone(),
     });
+    // Dialled parties' records end with the call (their answered time is billed).
+    let mut ends = Vec::new();
     for mut leg in std::mem::take(&mut s.legs) {
         let (request, method) = match leg.dialog.as_mut() {
             Some(d) => (
@@ -360,6 +366,16 @@ fn end_failed_call(deps: &CallDeps, calls: &ActorRef<CallsMsg>, mut s: CallSnaps
         let _ = s.endpoint.cast(SipMsg::DialogEnded {
             sip_call_id: leg.sip_call_id,
         });
+        if let Some(call_id) = leg.record_call_id {
+            ends.push(CallEnded {
+                call_id,
+                status: CallStatus::Failed,
+                ended_at: now,
+                hangup_cause: Some("engine_error".into()),
+                failure_reason: Some("engine.error".into()),
+                timeline: Vec::new(),
+            });
+        }
     }
     let store = deps.store.clone();
     let calls = calls.clone();
@@ -372,9 +388,12 @@ fn end_failed_call(deps: &CallDeps, calls: &ActorRef<CallsMsg>, mut s: CallSnaps
             failure_reason: Some("engine.error".into()),
             timeline,
         };
-        if let Err(e) = store.call_ended(end.clone()).await {
-            warn!(call_id = %s.call_id, error = %e, "recording a failed call's end failed");
-            let _ = calls.cast(CallsMsg::EndNotRecorded(Box::new(end)));
+        ends.push(end);
+        for end in ends {
+            if let Err(e) = store.call_ended(end.clone()).await {
+                warn!(call_id = %end.call_id, error = %e, "recording a failed call's end failed");
+                let _ = calls.cast(CallsMsg::EndNotRecorded(Box::new(end)));
+            }
         }
     });
 }

@@ -217,6 +217,9 @@ impl Receiver {
             return;
         }
         if self.latched != Some(from) {
+            if self.latched.is_none() {
+                (self.events)(MediaEvent::RemoteMediaStarted);
+            }
             self.latched = Some(from);
             let mut out = lock(&self.out);
             if out.remote != Some(from) {

@@ -1,6 +1,7 @@
 //! Executing VoiceAction verbs on a live call, one verb per file. Parsing and validation are in
 //! `crate::voice`; here each verb acts on the call's SIP dialog and media.
 
+mod dial;
 mod get_digits;
 mod hangup;
 mod pause;
@@ -10,8 +11,13 @@ mod record;
 mod redirect;
 mod reject;
 mod say;
-mod unsupported;
 
+pub(super) use dial::ActiveDial;
+pub(super) use dial::{
+    leg_hung_up as dial_leg_hung_up, leg_media as dial_leg_media,
+    leg_response as dial_leg_response, leg_timed_out as dial_leg_timed_out,
+    ring_timed_out as dial_ring_timed_out, time_limit_reached as dial_time_limit_reached,
+};
 pub(super) use get_digits::Gather;
 pub(super) use record::ActiveRecording;
 
@@ -44,7 +50,7 @@ pub(super) async fn execute(call: &mut CallState, action: &Action) -> Step {
         Action::Play(p) => play::run(call, p).await,
         Action::GetDigits(g) => get_digits::run(call, g).await,
         Action::Record(r) => record::run(call, r).await,
-        Action::Dial(_) => unsupported::run(call, action.verb()).await,
+        Action::Dial(d) => dial::run(call, d).await,
     }
 }
 
@@ -103,6 +109,16 @@ pub(super) async fn recording_finished(call: &mut CallState, outcome: RecordingO
 /// The call ends while a recording runs: keep what was recorded.
 pub(super) async fn recording_interrupted(call: &mut CallState) {
     record::interrupted(call).await;
+}
+
+/// The call ends while it dials: the result still goes out.
+pub(super) fn dial_interrupted(call: &mut CallState) {
+    dial::interrupted(call);
+}
+
+/// A dialled leg's time is up (`timeLimit`, its paid time): it ends, the script goes on.
+pub(super) async fn dial_leg_cut(call: &mut CallState, n: u32, cause: &str) {
+    dial::leg_cut(call, n, cause).await;
 }
 
 /// Post a step's result (`Digits`, `Recording…`) to `action` (relative to the script's URL) or

@@ -1,0 +1,452 @@
+//! `dial` end to end (DESIGN §7, §8): an inbound call's script puts the caller through to
+//! numbers out through the carrier trunk. The caller and the trunk are UDP sockets of the test;
+//! the voice callback is a real HTTP server. Each dialled party is a call record of its own
+//! (`parent_call_id`), billed per second at the outbound rate; the result is always posted.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::calls::{Ctx, setup_with};
+use common::peer::{RtpPeer, SipCaller, reply, sdp, sdp_rtp};
+use common::uac::{header, status_code};
+use common::{Backend, wait_for_json};
+use sautikit_sip::sdp::Codec;
+use serde_json::{Value, json};
+use tokio::net::UdpSocket;
+
+const NUMBER: &str = "254700000001";
+/// The caller's own number (`SipCaller`'s From): presented to the dialled party by default.
+const CALLER: &str = "+254711000002";
+
+struct Dial {
+    ctx: Ctx,
+    trunk: UdpSocket,
+}
+
+/// A dev server whose trunk is a UDP socket of the test, its number's script `script`, and
+/// KES 1,000 in the wallet (outbound rate KES 3.00 a minute).
+async fn setup(backend: Backend, script: Value) -> Dial {
+    let trunk = UdpSocket::bind("127.0.0.1:0").await.expect("trunk socket");
+    let trunk_uri = format!("sip:{}", trunk.local_addr().unwrap());
+    let ctx = setup_with(
+        backend,
+        "/main",
+        &[("SAUTIKIT_OUTBOUND_TRUNK", trunk_uri.as_str())],
+    )
+    .await;
+    ctx.voice.set_script("/main", script);
+    ctx.voice.set_script(
+        "/after",
+        json!({"actions": [{"pause": {"length": 1}}, {"hangup": {}}]}),
+    );
+    let topup = ctx
+        .api
+        .post(
+            "/v1/topups",
+            Some(json!({"provider": "test", "amount_minor": 100_000, "currency": "KES"})),
+        )
+        .await;
+    assert_eq!(topup.status, 201, "{}", topup.text);
+    Dial { ctx, trunk }
+}
+
+impl Dial {
+    async fn trunk_recv(&self, wait: Duration) -> Option<(String, SocketAddr)> {
+        let mut buf = vec![0u8; 65_535];
+        let (n, from) = tokio::time::timeout(wait, self.trunk.recv_from(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        Some((String::from_utf8_lossy(&buf[..n]).into_owned(), from))
+    }
+
+    /// The next request of `method` at the trunk (retransmissions and ACKs of others skipped).
+    async fn trunk_request(&self, method: &str) -> (String, SocketAddr) {
+        loop {
+            let (msg, from) = self
+                .trunk_recv(Duration::from_secs(15))
+                .await
+                .unwrap_or_else(|| panic!("a {method} at the trunk"));
+            if msg.starts_with(&format!("{method} ")) {
+                return (msg, from);
+            }
+        }
+    }
+
+    async fn trunk_send(&self, text: &str, to: SocketAddr) {
+        self.trunk.send_to(text.as_bytes(), to).await.expect("send");
+    }
+
+    /// The voice callback's requests to `path`, once there are `n`.
+    async fn posts(&self, path: &str, n: usize) -> Vec<HashMap<String, String>> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let hits: Vec<_> = self
+                .ctx
+                .voice
+                .hits()
+                .into_iter()
+                .filter(|h| h.path == path)
+                .map(|h| h.fields)
+                .collect();
+            if hits.len() >= n {
+                return hits;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{n} posts to {path}, got {hits:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Every call record once the one with `id` is final.
+    async fn call_final(&self, id: &str) -> Value {
+        wait_for_json(
+            &self.ctx.api,
+            &format!("/v1/calls/{id}"),
+            Duration::from_secs(15),
+            |v| !matches!(v["status"].as_str(), Some("ringing") | Some("answered")),
+        )
+        .await
+    }
+
+    async fn children(&self, parent: &str) -> Vec<Value> {
+        self.ctx
+            .api
+            .get_all(&format!("/v1/calls?parent_call_id={parent}"))
+            .await
+    }
+}
+
+/// The request line's user: the number dialled.
+fn dialled(invite: &str) -> String {
+    invite
+        .split_whitespace()
+        .nth(1)
+        .and_then(|uri| uri.strip_prefix("sip:"))
+        .and_then(|rest| rest.split('@').next())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Answer a CANCEL at the trunk (`200`), then its INVITE (`487`).
+async fn cancelled(t: &Dial, invite: &str, from: SocketAddr, tag: &str) {
+    let (cancel, _) = t.trunk_request("CANCEL").await;
+    assert_eq!(header(&cancel, "Call-ID"), header(invite, "Call-ID"));
+    t.trunk_send(&reply(&cancel, 200, "OK", tag, None), from)
+        .await;
+    t.trunk_send(&reply(invite, 487, "Request Terminated", tag, None), from)
+        .await;
+}
+
+async fn dials_through_the_trunk_bridges_and_bills_the_leg(backend: Backend) {
+    let t = setup(
+        backend,
+        json!({"actions": [{"dial": {"number": "+254711000001", "action": "/after"}}]}),
+    )
+    .await;
+    let rtp = RtpPeer::new(Codec::Pcmu, 1).await;
+    let mut caller = SipCaller::new(t.ctx.server.sip_addr(), NUMBER).await;
+    caller.invite(&sdp(rtp.addr(), Codec::Pcmu, 101)).await;
+    // Answered at once (no answerOnBridge): the caller hears ringback while the party rings.
+    let (_, ok) = caller.await_final(Duration::from_secs(10)).await;
+    assert_eq!(status_code(&ok), Some(200), "{ok}");
+    caller.ack().await;
+    let ours = sdp_rtp(&ok).expect("our RTP address");
+    let (invite, from) = t.trunk_request("INVITE").await;
+    assert_eq!(dialled(&invite), "+254711000001");
+    // The party sees the caller's own number (an inbound call forwarded).
+    assert!(
+        header(&invite, "From").is_some_and(|f| f.contains(&format!("sip:{CALLER}@"))),
+        "{invite}"
+    );
+    let heard = rtp.receive(20, Duration::from_secs(3)).await;
+    assert!(heard.len() >= 20, "ringback frames: {}", heard.len());
+    let trunk_rtp = RtpPeer::new(Codec::Pcma, 2).await;
+    t.trunk_send(&reply(&invite, 180, "Ringing", "far", None), from)
+        .await;
+    t.trunk_send(
+        &reply(
+            &invite,
+            200,
+            "OK",
+            "far",
+            Some(&sdp(trunk_rtp.addr(), Codec::Pcma, 101)),
+        ),
+        from,
+    )
+    .await;
+    let (ack, _) = t.trunk_request("ACK").await;
+    assert!(ack.contains("tag=far"), "{ack}");
+    let leg = sdp_rtp(&invite).expect("the leg's RTP address");
+    // Both ways through the bridge, transcoded PCMU ↔ PCMA.
+    let (_, _, by_caller, by_trunk) = tokio::join!(
+        rtp.send_frames(ours, 0, 50),
+        trunk_rtp.send_frames(leg, 1000, 1050),
+        rtp.receive(30, Duration::from_secs(4)),
+        trunk_rtp.receive(30, Duration::from_secs(4)),
+    );
+    let caller_heard = by_caller
+        .iter()
+        .filter(|(_, i)| i.is_some_and(|i| i >= 1000))
+        .count();
+    let trunk_heard = by_trunk
+        .iter()
+        .filter(|(_, i)| i.is_some_and(|i| i < 1000))
+        .count();
+    assert!(
+        caller_heard >= 25,
+        "the caller heard the party: {caller_heard}"
+    );
+    assert!(
+        trunk_heard >= 25,
+        "the party heard the caller: {trunk_heard}"
+    );
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // The party hangs up: its leg ends, the script goes on (`/after` hangs up the caller).
+    let party_bye = format!(
+        "BYE {contact} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bKpartybye\r\nFrom: {to};tag=far\r\nTo: {from_h}\r\nCall-ID: {cid}\r\nCSeq: 1 BYE\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n",
+        contact = common::uac::contact_uri(&invite).expect("our Contact"),
+        me = t.trunk.local_addr().unwrap(),
+        to = header(&invite, "To").unwrap(),
+        from_h = header(&invite, "From").unwrap(),
+        cid = header(&invite, "Call-ID").unwrap(),
+    );
+    t.trunk_send(&party_bye, from).await;
+    let ok = loop {
+        let (msg, _) = t
+            .trunk_recv(Duration::from_secs(5))
+            .await
+            .expect("200 to BYE");
+        if status_code(&msg).is_some() {
+            break msg;
+        }
+    };
+    assert_eq!(status_code(&ok), Some(200), "{ok}");
+    caller.await_bye(Duration::from_secs(10)).await;
+    let posts = t.posts("/after", 1).await;
+    assert_eq!(posts.len(), 1, "{posts:?}");
+    let result = &posts[0];
+    assert_eq!(result["DialStatus"], "completed", "{result:?}");
+    assert_eq!(result["DialSipStatus"], "200");
+    let secs: u64 = result["DialDuration"].parse().unwrap();
+    assert!((1..=5).contains(&secs), "{result:?}");
+    let parent = result["CallId"].clone();
+    let child_id = result["DialCallId"].clone();
+    let child = t.call_final(&child_id).await;
+    assert_eq!(child["status"], "completed", "{child}");
+    assert_eq!(child["direction"], "outbound");
+    assert_eq!(child["parent_call_id"], parent.as_str());
+    assert_eq!(child["from"], CALLER);
+    assert_eq!(child["to"], "+254711000001");
+    assert_eq!(child["hangup_cause"], "callee_hangup", "{child}");
+    let billed = child["duration_seconds"].as_i64().unwrap();
+    assert!((1..=5).contains(&billed), "{child}");
+    // The number's outbound rate: KES 3.00 a minute, per second, rounded up.
+    assert_eq!(
+        child["cost_minor"].as_i64().unwrap(),
+        (billed * 300 + 59) / 60,
+        "{child}"
+    );
+    let parent = t.call_final(&parent).await;
+    assert_eq!(parent["status"], "completed", "{parent}");
+    assert_eq!(t.children(parent["id"].as_str().unwrap()).await.len(), 1);
+}
+on_both_backends!(dials_through_the_trunk_bridges_and_bills_the_leg);
+
+/// `numbers`: one busy at once, one answering after 2 s, one never answering. The second is
+/// bridged, the third gets CANCEL, and the result is posted once. The caller's hang-up ends the
+/// bridged leg too.
+#[tokio::test]
+async fn the_first_of_several_numbers_to_answer_wins() {
+    let t = setup(
+        Backend::Sqlite,
+        json!({"actions": [{"dial": {
+            "numbers": ["+254711000001", "+254711000002", "+254711000003"],
+            "action": "/after"
+        }}]}),
+    )
+    .await;
+    let rtp = RtpPeer::new(Codec::Pcmu, 1).await;
+    let mut caller = SipCaller::new(t.ctx.server.sip_addr(), NUMBER).await;
+    caller.invite(&sdp(rtp.addr(), Codec::Pcmu, 101)).await;
+    let (_, ok) = caller.await_final(Duration::from_secs(10)).await;
+    assert_eq!(status_code(&ok), Some(200));
+    caller.ack().await;
+    let mut invites = HashMap::new();
+    while invites.len() < 3 {
+        let (invite, from) = t.trunk_request("INVITE").await;
+        invites.insert(dialled(&invite), (invite, from));
+    }
+    let (busy, from) = &invites["+254711000001"];
+    t.trunk_send(&reply(busy, 486, "Busy Here", "busy", None), *from)
+        .await;
+    let (late, from) = invites["+254711000002"].clone();
+    let (never, never_from) = invites["+254711000003"].clone();
+    t.trunk_send(&reply(&late, 180, "Ringing", "late", None), from)
+        .await;
+    t.trunk_send(&reply(&never, 180, "Ringing", "never", None), never_from)
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let trunk_rtp = RtpPeer::new(Codec::Pcmu, 2).await;
+    t.trunk_send(
+        &reply(
+            &late,
+            200,
+            "OK",
+            "late",
+            Some(&sdp(trunk_rtp.addr(), Codec::Pcmu, 101)),
+        ),
+        from,
+    )
+    .await;
+    cancelled(&t, &never, never_from, "never").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    caller.bye().await;
+    let (bye, _) = t.trunk_request("BYE").await;
+    assert_eq!(header(&bye, "Call-ID"), header(&late, "Call-ID"));
+    t.trunk_send(&reply(&bye, 200, "OK", "late", None), from)
+        .await;
+    let posts = t.posts("/after", 1).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(t.posts("/after", 1).await.len(), 1, "posted once");
+    let result = &posts[0];
+    assert_eq!(result["DialStatus"], "completed", "{result:?}");
+    let children = t.children(&result["CallId"]).await;
+    assert_eq!(children.len(), 3, "{children:?}");
+    let by_to: HashMap<String, Value> = children
+        .into_iter()
+        .map(|c| (c["to"].as_str().unwrap().to_owned(), c))
+        .collect();
+    assert_eq!(by_to["+254711000001"]["status"], "busy");
+    assert_eq!(by_to["+254711000001"]["cost_minor"], 0);
+    assert_eq!(by_to["+254711000003"]["status"], "canceled");
+    let won = t.call_final(&result["DialCallId"]).await;
+    assert_eq!(won["to"], "+254711000002", "{won}");
+    assert_eq!(won["status"], "completed");
+}
+
+/// Ring timeout → `no-answer` with `DialSipStatus` 487 and the script goes on; busy → `busy`;
+/// `timeLimit` cuts the bridged call; with `answerOnBridge` the caller gets `180` and no `200`
+/// until the party answers, and its hang-up while the party rings cancels the leg and posts
+/// `canceled`.
+#[tokio::test]
+async fn timeouts_busy_time_limits_and_the_caller_leaving() {
+    let t = setup(
+        Backend::Sqlite,
+        json!({"actions": [{"dial": {"number": "+254711000001", "timeout": 2, "action": "/after"}}]}),
+    )
+    .await;
+
+    // No answer within 2 s.
+    let rtp = RtpPeer::new(Codec::Pcmu, 1).await;
+    let mut caller = SipCaller::new(t.ctx.server.sip_addr(), NUMBER).await;
+    caller.invite(&sdp(rtp.addr(), Codec::Pcmu, 101)).await;
+    let (_, ok) = caller.await_final(Duration::from_secs(10)).await;
+    assert_eq!(status_code(&ok), Some(200));
+    caller.ack().await;
+    let (invite, from) = t.trunk_request("INVITE").await;
+    t.trunk_send(&reply(&invite, 180, "Ringing", "slow", None), from)
+        .await;
+    cancelled(&t, &invite, from, "slow").await;
+    // The script goes on after the failed dial: `/after` hangs up.
+    caller.await_bye(Duration::from_secs(10)).await;
+    let result = t.posts("/after", 1).await.remove(0);
+    assert_eq!(result["DialStatus"], "no-answer", "{result:?}");
+    assert_eq!(result["DialSipStatus"], "487");
+    let child = t.call_final(&result["DialCallId"]).await;
+    assert_eq!(child["status"], "no_answer", "{child}");
+    assert_eq!(child["cost_minor"], 0);
+
+    // Busy.
+    let mut caller = SipCaller::new(t.ctx.server.sip_addr(), NUMBER).await;
+    caller.invite(&sdp(rtp.addr(), Codec::Pcmu, 101)).await;
+    let (_, ok) = caller.await_final(Duration::from_secs(10)).await;
+    assert_eq!(status_code(&ok), Some(200));
+    caller.ack().await;
+    let (invite, from) = t.trunk_request("INVITE").await;
+    t.trunk_send(&reply(&invite, 486, "Busy Here", "busy", None), from)
+        .await;
+    caller.await_bye(Duration::from_secs(10)).await;
+    let result = t.posts("/after", 2).await.remove(1);
+    assert_eq!(result["DialStatus"], "busy", "{result:?}");
+    assert_eq!(result["DialSipStatus"], "486");
+
+    // timeLimit 2 s, and answerOnBridge: no 200 to the caller before the party's.
+    t.ctx.voice.set_script(
+        "/main",
+        json!({"actions": [{"dial": {"number": "+254711000001", "timeLimit": 2,
+                                      "answerOnBridge": true, "action": "/after"}}]}),
+    );
+    let mut caller = SipCaller::new(t.ctx.server.sip_addr(), NUMBER).await;
+    caller.invite(&sdp(rtp.addr(), Codec::Pcmu, 101)).await;
+    let (invite, from) = t.trunk_request("INVITE").await;
+    t.trunk_send(&reply(&invite, 180, "Ringing", "limit", None), from)
+        .await;
+    // The caller hears 180 passed on, and nothing final yet.
+    let mut provisional = Vec::new();
+    while let Some(msg) = caller.recv(Duration::from_millis(700)).await {
+        let code = status_code(&msg).unwrap_or(0);
+        assert!(code < 200, "a final answer before the party's: {msg}");
+        provisional.push(code);
+    }
+    assert!(provisional.contains(&180), "{provisional:?}");
+    let trunk_rtp = RtpPeer::new(Codec::Pcmu, 2).await;
+    t.trunk_send(
+        &reply(
+            &invite,
+            200,
+            "OK",
+            "limit",
+            Some(&sdp(trunk_rtp.addr(), Codec::Pcmu, 101)),
+        ),
+        from,
+    )
+    .await;
+    let (_, ok) = caller.await_final(Duration::from_secs(5)).await;
+    assert_eq!(status_code(&ok), Some(200), "{ok}");
+    caller.ack().await;
+    let answered = Instant::now();
+    let (bye, _) = t.trunk_request("BYE").await;
+    let cut = answered.elapsed();
+    assert!(
+        cut >= Duration::from_millis(1500) && cut < Duration::from_secs(4),
+        "cut after {cut:?}"
+    );
+    t.trunk_send(&reply(&bye, 200, "OK", "limit", None), from)
+        .await;
+    caller.await_bye(Duration::from_secs(10)).await;
+    let result = t.posts("/after", 3).await.remove(2);
+    assert_eq!(result["DialStatus"], "completed", "{result:?}");
+    let child = t.call_final(&result["DialCallId"]).await;
+    assert_eq!(child["hangup_cause"], "time_limit", "{child}");
+
+    // The caller gives up while the party rings (answerOnBridge: it was never answered).
+    let mut caller = SipCaller::new(t.ctx.server.sip_addr(), NUMBER).await;
+    let caller_invite = caller.invite(&sdp(rtp.addr(), Codec::Pcmu, 101)).await;
+    let (invite, from) = t.trunk_request("INVITE").await;
+    t.trunk_send(&reply(&invite, 180, "Ringing", "left", None), from)
+        .await;
+    loop {
+        let msg = caller
+            .recv(Duration::from_secs(5))
+            .await
+            .expect("180 passed on");
+        if status_code(&msg) == Some(180) {
+            break;
+        }
+    }
+    caller.cancel(&caller_invite).await;
+    cancelled(&t, &invite, from, "left").await;
+    let result = t.posts("/after", 4).await.remove(3);
+    assert_eq!(result["DialStatus"], "canceled", "{result:?}");
+    assert_eq!(result["CallStatus"], "canceled", "{result:?}");
+    let child = t.call_final(&result["DialCallId"]).await;
+    assert_eq!(child["status"], "canceled", "{child}");
+    let parent = t.call_final(&result["CallId"]).await;
+    assert_eq!(parent["status"], "canceled", "{parent}");
+}
