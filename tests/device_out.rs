@@ -364,41 +364,7 @@ async fn a_sipp_device_calls_out_through_a_sipp_trunk(backend: Backend) {
     let dir = ctx._db.data_dir.clone();
     let uas_scenario = common::calls::scenario(&dir, "trunk_uas.xml", None);
     let uac_scenario = common::calls::scenario(&dir, "device_out_uac.xml", None);
-    let media = common::calls::sipp_media_port().to_string();
-    let port = trunk_port.to_string();
-    let mut trunk = tokio::process::Command::new("sipp")
-        .current_dir(&dir)
-        .args([
-            "-sf",
-            &uas_scenario,
-            "-p",
-            &port,
-            "-i",
-            "127.0.0.1",
-            "-mp",
-            &media,
-        ])
-        .args(["-m", "1", "-nostdin", "-timeout", "60s", "-timeout_error"])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("sipp runs (scripts/test.sh installs sip-tester)");
-    // The trunk listens once its port is taken.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::UdpSocket::bind(("127.0.0.1", trunk_port)).is_ok() {
-        if let Ok(Some(status)) = trunk.try_wait() {
-            let out = trunk.wait_with_output().await.expect("its output");
-            panic!(
-                "sipp (trunk) exited at start ({status}):\n{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        assert!(Instant::now() < deadline, "sipp (trunk) did not start");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let trunk = common::calls::sipp_uas(&dir, &uas_scenario, trunk_port).await;
     let (ok, out) = common::calls::sipp(
         &dir,
         ctx.server.sip_addr(),

@@ -550,3 +550,93 @@ async fn baresip_answers_a_call_and_audio_flows_both_ways(backend: Backend) {
     );
 }
 on_both_backends!(baresip_answers_a_call_and_audio_flows_both_ways);
+
+/// `dial` with `device`: a script puts the caller through to the number's registered baresip
+/// (chosen by its credential's label). baresip answers, the caller hears its WAV source, and the
+/// dialled leg is a call record of its own under the caller's, billed at the outbound rate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dial_device_rings_a_registered_baresip() {
+    if !baresip::present_or_required("dial_device_rings_a_registered_baresip") {
+        return;
+    }
+    let ctx = setup(Backend::Sqlite, MD5_ONLY).await;
+    let voice = common::voice::VoiceServer::start().await;
+    voice.set_script(
+        "/main",
+        json!({"actions": [{"dial": {"device": "softphone", "action": "/after"}}]}),
+    );
+    voice.set_script("/after", json!({"actions": [{"hangup": {}}]}));
+    let routed = ctx
+        .api
+        .patch(
+            &format!("/v1/numbers/{}/routing", ctx.number_id),
+            json!({"voice_callback_url": voice.url("/main")}),
+        )
+        .await;
+    assert_eq!(routed.status, 200, "{}", routed.text);
+    let (_, user, password) = ctx.credential("softphone").await;
+    let wav = ctx.scratch.path().join("tone.wav");
+    tone_wav(&wav);
+    let phone = ctx.phone_playing("udp", &user, &password, Some(wav)).await;
+    phone.wait_registered().await.expect("baresip registers");
+
+    let caller_rtp = RtpPeer::new(Codec::Pcmu, 0x2222_2222).await;
+    let mut caller = SipCaller::new(ctx.server.sip_addr(), NUMBER).await;
+    caller
+        .invite(&sdp(caller_rtp.addr(), Codec::Pcmu, 101))
+        .await;
+    let (_, ok) = caller.await_final(Duration::from_secs(10)).await;
+    assert_eq!(status_code(&ok), Some(200), "{ok}\n{}", phone.log_tail(80));
+    let ours = sdp_rtp(&ok).expect("an SDP answer to the caller");
+    caller.ack().await;
+    phone
+        .wait_event("CALL_ESTABLISHED")
+        .await
+        .expect("baresip was rung and answered");
+    let ((), got) = tokio::join!(
+        caller_rtp.send_frames(ours, 0, TALK_FRAMES),
+        receive_audio(
+            &caller_rtp,
+            TALK_FRAMES as usize,
+            Duration::from_millis(20 * u64::from(TALK_FRAMES)),
+        ),
+    );
+    let loud_packets = loud(&got);
+    assert!(
+        loud_packets >= 100,
+        "the caller heard baresip: {loud_packets} loud packets of {}\n{}",
+        got.len(),
+        phone.log_tail(80)
+    );
+    caller.bye().await;
+    phone.wait_closed().await.expect("baresip's call ends");
+    let parent = wait_for_json(
+        &ctx.api,
+        "/v1/calls?limit=5",
+        Duration::from_secs(15),
+        |v| {
+            v.as_array().is_some_and(|calls| {
+                calls
+                    .iter()
+                    .any(|c| c["parent_call_id"].is_null() && c["status"] == "completed")
+                    && calls
+                        .iter()
+                        .any(|c| c["parent_call_id"].is_string() && c["status"] == "completed")
+            })
+        },
+    )
+    .await;
+    let calls = parent.as_array().expect("calls");
+    let child = calls
+        .iter()
+        .find(|c| c["parent_call_id"].is_string())
+        .expect("the dialled leg's record");
+    let top = calls
+        .iter()
+        .find(|c| c["parent_call_id"].is_null())
+        .expect("the caller's record");
+    assert_eq!(child["parent_call_id"], top["id"], "{child}");
+    assert_eq!(child["direction"], "outbound", "{child}");
+    assert!(child["duration_seconds"].as_i64().unwrap() >= 2, "{child}");
+    assert!(child["cost_minor"].as_i64().unwrap() > 0, "{child}");
+}

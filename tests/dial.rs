@@ -31,12 +31,13 @@ struct Dial {
 async fn setup(backend: Backend, script: Value) -> Dial {
     let trunk = UdpSocket::bind("127.0.0.1:0").await.expect("trunk socket");
     let trunk_uri = format!("sip:{}", trunk.local_addr().unwrap());
-    let ctx = setup_with(
-        backend,
-        "/main",
-        &[("SAUTIKIT_OUTBOUND_TRUNK", trunk_uri.as_str())],
-    )
-    .await;
+    let ctx = setup_at(backend, script, &trunk_uri).await;
+    Dial { ctx, trunk }
+}
+
+/// The same with the trunk at `trunk_uri`.
+async fn setup_at(backend: Backend, script: Value, trunk_uri: &str) -> Ctx {
+    let ctx = setup_with(backend, "/main", &[("SAUTIKIT_OUTBOUND_TRUNK", trunk_uri)]).await;
     ctx.voice.set_script("/main", script);
     ctx.voice.set_script(
         "/after",
@@ -50,7 +51,7 @@ async fn setup(backend: Backend, script: Value) -> Dial {
         )
         .await;
     assert_eq!(topup.status, 201, "{}", topup.text);
-    Dial { ctx, trunk }
+    ctx
 }
 
 impl Dial {

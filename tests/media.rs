@@ -10,20 +10,10 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::Backend;
+use common::audio::{copy_pcaps, correlation, pcap_alaw, voiced_span};
 use common::caller::{Caller, decode};
 use common::calls::{NUMBER, scenario, setup, sipp, wait_for_calls};
-use sautikit_sip::rtp::{RtpHeader, g711};
 use serde_json::{Value, json};
-
-const SIP_TESTER: &str = "/usr/share/sip-tester";
-
-/// Copy sip-tester's captures next to a scenario (sipp reads them from its working directory).
-fn copy_pcaps(dir: &Path) {
-    for entry in std::fs::read_dir(SIP_TESTER).expect("sip-tester's captures (scripts/test.sh)") {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
-    }
-}
 
 /// espeak-ng's own rendering, brought to 8 kHz with a windowed-sinc low-pass written here (not
 /// the engine's resampler), as i16.
@@ -68,40 +58,6 @@ fn downsample(input: &[i16], from: u32, to: u32) -> Vec<i16> {
             acc.clamp(-32768.0, 32767.0) as i16
         })
         .collect()
-}
-
-/// First and last sample louder than a quiet floor: the spoken span.
-fn voiced_span(s: &[i16]) -> Option<(usize, usize)> {
-    let loud = |x: &i16| x.unsigned_abs() > 600;
-    Some((s.iter().position(loud)?, s.iter().rposition(loud)?))
-}
-
-/// The best normalised cross-correlation of `a` against `b`, spoken spans aligned, within
-/// ±`search` samples.
-fn correlation(a: &[i16], b: &[i16], search: i64) -> f64 {
-    let (Some((a0, a1)), Some((b0, _))) = (voiced_span(a), voiced_span(b)) else {
-        return 0.0;
-    };
-    let a = &a[a0..=a1];
-    let mut best = 0.0f64;
-    for lag in -search..=search {
-        let start = b0 as i64 + lag;
-        if start < 0 {
-            continue;
-        }
-        let (mut ab, mut aa, mut bb) = (0.0f64, 0.0f64, 0.0f64);
-        for (i, &x) in a.iter().enumerate() {
-            let j = start as usize + i;
-            let y = b.get(j).copied().unwrap_or(0);
-            ab += f64::from(x) * f64::from(y);
-            aa += f64::from(x) * f64::from(x);
-            bb += f64::from(y) * f64::from(y);
-        }
-        if aa > 0.0 && bb > 0.0 {
-            best = best.max(ab / (aa.sqrt() * bb.sqrt()));
-        }
-    }
-    best
 }
 
 /// Start the guide's FastAPI handler under uvicorn (tests/python; scripts/test.sh makes the venv).
@@ -275,28 +231,6 @@ async fn get_digits_from_rfc4733_and_info(backend: Backend) {
     );
 }
 on_both_backends!(get_digits_from_rfc4733_and_info);
-
-/// A-law audio from sip-tester's g711a.pcap, as the engine should have recorded it.
-fn pcap_alaw(path: &Path) -> Vec<i16> {
-    let f = std::fs::read(path).unwrap();
-    let mut off = 24;
-    let mut out = Vec::new();
-    while off + 16 <= f.len() {
-        let incl = u32::from_le_bytes(f[off + 8..off + 12].try_into().unwrap()) as usize;
-        off += 16;
-        let pkt = &f[off..off + incl];
-        off += incl;
-        let ip = &pkt[14..];
-        let ihl = usize::from(ip[0] & 15) * 4;
-        let rtp = &ip[ihl + 8..];
-        if let Ok((h, payload)) = RtpHeader::parse(rtp)
-            && h.payload_type == 8
-        {
-            out.extend(payload.iter().map(|&b| g711::alaw::decode(b)));
-        }
-    }
-    out
-}
 
 async fn recording_wav(ctx: &common::calls::Ctx, call_id: &str) -> Vec<i16> {
     let resp = ctx

@@ -153,6 +153,49 @@ pub async fn sipp(dir: &Path, target: SocketAddr, args: &[&str]) -> (bool, Strin
     (out.status.success(), text)
 }
 
+/// sipp as a carrier trunk: a UAS for one call on 127.0.0.1:`port` running `scenario` from
+/// `dir`, returned once it listens.
+pub async fn sipp_uas(dir: &Path, scenario: &str, port: u16) -> tokio::process::Child {
+    let media = sipp_media_port().to_string();
+    let port_arg = port.to_string();
+    let mut uas = tokio::process::Command::new("sipp")
+        .current_dir(dir)
+        .args([
+            "-sf",
+            scenario,
+            "-p",
+            &port_arg,
+            "-i",
+            "127.0.0.1",
+            "-mp",
+            &media,
+        ])
+        .args(["-m", "1", "-nostdin", "-timeout", "60s", "-timeout_error"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("sipp runs (scripts/test.sh installs sip-tester)");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+        if let Ok(Some(status)) = uas.try_wait() {
+            let out = uas.wait_with_output().await.expect("its output");
+            panic!(
+                "sipp (UAS) exited at start ({status}):\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sipp (UAS) did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    uas
+}
+
 /// A scenario from tests/sipp with `[status]` filled in, written to `dir`.
 pub fn scenario(dir: &Path, name: &str, status: Option<u16>) -> String {
     let src = Path::new(env!("CARGO_MANIFEST_DIR"))

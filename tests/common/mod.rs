@@ -1,6 +1,7 @@
 //! Test harness: real `sautikit` processes on SQLite or PostgreSQL, driven over HTTP.
 #![allow(dead_code)]
 
+pub mod audio;
 pub mod baresip;
 pub mod caller;
 pub mod calls;

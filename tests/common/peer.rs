@@ -290,6 +290,25 @@ impl RtpPeer {
     }
 }
 
+impl RtpPeer {
+    /// Everything heard for `wait`, decoded, in arrival order.
+    pub async fn receive_pcm(&self, wait: Duration) -> Vec<i16> {
+        let mut pcm = Vec::new();
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut buf = [0u8; 2048];
+        while let Ok(Ok((n, _))) =
+            tokio::time::timeout_at(deadline, self.sock.recv_from(&mut buf)).await
+        {
+            if let Ok((h, payload)) = RtpHeader::parse(&buf[..n])
+                && h.payload_type == self.codec.payload_type()
+            {
+                g711::decode_into(self.codec, payload, &mut pcm);
+            }
+        }
+        pcm
+    }
+}
+
 /// Which numbered frame a payload carries (None for silence or anything else).
 pub fn frame_index(codec: Codec, payload: &[u8]) -> Option<u32> {
     let mut pcm = Vec::with_capacity(160);
