@@ -23,9 +23,55 @@ const TE_B: u8 = 96;
 fn events() -> (MediaEvents, mpsc::UnboundedReceiver<MediaEvent>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let events: MediaEvents = Arc::new(move |e: MediaEvent| {
-        let _ = tx.send(e);
+        // Each stream's first packet is reported once (`early_media_is_reported_once_it_flows`
+        // checks it); the bridge's own events are what these tests follow.
+        if !matches!(e, MediaEvent::RemoteMediaStarted) {
+            let _ = tx.send(e);
+        }
     });
     (events, rx)
+}
+
+#[tokio::test]
+async fn early_media_is_reported_once_it_flows() {
+    let media = Media::start(LOCAL, 31_840, 31_859, 1, false);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let events: MediaEvents = Arc::new(move |e: MediaEvent| {
+        let _ = tx.send(e);
+    });
+    let port = media.open(events).await.expect("a port");
+    let phone = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    media.start_stream(
+        port.id,
+        StreamParams {
+            remote: phone.local_addr().expect("addr"),
+            codec: Codec::Pcmu,
+            payload_type: 0,
+            telephone_event: None,
+        },
+    );
+    assert!(
+        timeout(Duration::from_millis(300), rx.recv())
+            .await
+            .is_err(),
+        "nothing reported before the remote sends"
+    );
+    let mut talk = Talker::new(7, Codec::Pcmu);
+    for k in 0..3 {
+        let packet = talk.audio(&[0; 160], k == 0);
+        phone.send_to(&packet, port.local).await.expect("send");
+    }
+    assert!(matches!(
+        next_event(&mut rx).await,
+        MediaEvent::RemoteMediaStarted
+    ));
+    assert!(
+        timeout(Duration::from_millis(300), rx.recv())
+            .await
+            .is_err(),
+        "reported once"
+    );
+    media.close(port.id);
 }
 
 async fn next_event(rx: &mut mpsc::UnboundedReceiver<MediaEvent>) -> MediaEvent {
