@@ -451,3 +451,104 @@ async fn timeouts_busy_time_limits_and_the_caller_leaving() {
     let parent = t.call_final(&result["CallId"]).await;
     assert_eq!(parent["status"], "canceled", "{parent}");
 }
+
+/// A `sip` target: the INVITE goes to the URI's host and port (a PBX socket of the test) with
+/// the URI as its Request-URI; its `486` is the result (`busy`) and the script goes on.
+#[tokio::test]
+async fn a_sip_uri_is_dialled_at_its_host() {
+    let pbx = UdpSocket::bind("127.0.0.1:0").await.expect("pbx socket");
+    let uri = format!("sip:alice@{}", pbx.local_addr().unwrap());
+    let t = setup(
+        Backend::Sqlite,
+        json!({"actions": [{"dial": {"sip": uri, "action": "/after"}}]}),
+    )
+    .await;
+    let rtp = RtpPeer::new(Codec::Pcmu, 1).await;
+    let mut caller = SipCaller::new(t.ctx.server.sip_addr(), NUMBER).await;
+    caller.invite(&sdp(rtp.addr(), Codec::Pcmu, 101)).await;
+    let (_, ok) = caller.await_final(Duration::from_secs(10)).await;
+    assert_eq!(status_code(&ok), Some(200));
+    caller.ack().await;
+    let mut buf = vec![0u8; 65_535];
+    let (n, from) = tokio::time::timeout(Duration::from_secs(10), pbx.recv_from(&mut buf))
+        .await
+        .expect("an INVITE at the PBX")
+        .expect("recv");
+    let invite = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(
+        invite.starts_with(&format!("INVITE {uri} SIP/2.0")),
+        "{invite}"
+    );
+    pbx.send_to(
+        reply(&invite, 486, "Busy Here", "pbx", None).as_bytes(),
+        from,
+    )
+    .await
+    .expect("send");
+    caller.await_bye(Duration::from_secs(10)).await;
+    let result = t.posts("/after", 1).await.remove(0);
+    assert_eq!(result["DialStatus"], "busy", "{result:?}");
+    assert_eq!(result["DialSipStatus"], "486");
+    let child = t.call_final(&result["DialCallId"]).await;
+    assert_eq!(child["to"], uri.as_str(), "{child}");
+    assert_eq!(child["status"], "busy");
+}
+
+/// One target with early media (`183` with SDP): the caller, answered at once, hears the
+/// party's own ringback frames once they flow, then the party itself after its `200`.
+#[tokio::test]
+async fn the_caller_hears_the_partys_early_media() {
+    let t = setup(
+        Backend::Sqlite,
+        json!({"actions": [{"dial": {"number": "+254711000001", "action": "/after"}}]}),
+    )
+    .await;
+    let rtp = RtpPeer::new(Codec::Pcmu, 1).await;
+    let mut caller = SipCaller::new(t.ctx.server.sip_addr(), NUMBER).await;
+    caller.invite(&sdp(rtp.addr(), Codec::Pcmu, 101)).await;
+    let (_, ok) = caller.await_final(Duration::from_secs(10)).await;
+    assert_eq!(status_code(&ok), Some(200));
+    caller.ack().await;
+    let (invite, from) = t.trunk_request("INVITE").await;
+    let leg = sdp_rtp(&invite).expect("the leg's RTP address");
+    let trunk_rtp = RtpPeer::new(Codec::Pcmu, 2).await;
+    let party_sdp = sdp(trunk_rtp.addr(), Codec::Pcmu, 101);
+    t.trunk_send(
+        &reply(&invite, 183, "Session Progress", "early", Some(&party_sdp)),
+        from,
+    )
+    .await;
+    // The party's early media (frames 500…): the caller hears them in place of our tone.
+    let (_, early) = tokio::join!(
+        trunk_rtp.send_frames(leg, 500, 575),
+        rtp.receive(60, Duration::from_secs(3)),
+    );
+    let heard = early
+        .iter()
+        .filter(|(_, i)| i.is_some_and(|i| (500..575).contains(&i)))
+        .count();
+    assert!(
+        heard >= 30,
+        "the caller heard the party's early media: {heard}"
+    );
+    t.trunk_send(&reply(&invite, 200, "OK", "early", Some(&party_sdp)), from)
+        .await;
+    let (ack, _) = t.trunk_request("ACK").await;
+    assert!(ack.contains("tag=early"), "{ack}");
+    let (_, talk) = tokio::join!(
+        trunk_rtp.send_frames(leg, 1000, 1050),
+        // Early frames not yet read come first.
+        rtp.receive(80, Duration::from_secs(3)),
+    );
+    let heard = talk
+        .iter()
+        .filter(|(_, i)| i.is_some_and(|i| i >= 1000))
+        .count();
+    assert!(heard >= 25, "the caller heard the party: {heard}");
+    caller.bye().await;
+    let (bye, _) = t.trunk_request("BYE").await;
+    t.trunk_send(&reply(&bye, 200, "OK", "early", None), from)
+        .await;
+    let result = t.posts("/after", 1).await.remove(0);
+    assert_eq!(result["DialStatus"], "completed", "{result:?}");
+}
