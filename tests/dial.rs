@@ -552,3 +552,65 @@ async fn the_caller_hears_the_partys_early_media() {
     let result = t.posts("/after", 1).await.remove(0);
     assert_eq!(result["DialStatus"], "completed", "{result:?}");
 }
+
+/// On-net: a number of ours is dialled without the trunk. The INVITE reaches our own listener
+/// and is an inbound call to that number, running its own script (answer, 2 s, hang up); its
+/// hang-up ends the dialled leg and the first call's script goes on.
+#[tokio::test]
+async fn one_of_our_numbers_is_dialled_on_net() {
+    let t = setup(
+        Backend::Sqlite,
+        json!({"actions": [{"dial": {"number": "+254700000002", "action": "/after"}}]}),
+    )
+    .await;
+    let second = common::device::claim(&t.ctx.api, "01900000-0000-7000-8000-000000000002").await;
+    t.ctx.voice.set_script(
+        "/second",
+        json!({"actions": [{"pause": {"length": 2}}, {"hangup": {}}]}),
+    );
+    let routed = t
+        .ctx
+        .api
+        .patch(
+            &format!("/v1/numbers/{second}/routing"),
+            json!({"voice_callback_url": t.ctx.voice.url("/second")}),
+        )
+        .await;
+    assert_eq!(routed.status, 200, "{}", routed.text);
+    let rtp = RtpPeer::new(Codec::Pcmu, 1).await;
+    let mut caller = SipCaller::new(t.ctx.server.sip_addr(), NUMBER).await;
+    caller.invite(&sdp(rtp.addr(), Codec::Pcmu, 101)).await;
+    let (_, ok) = caller.await_final(Duration::from_secs(10)).await;
+    assert_eq!(status_code(&ok), Some(200));
+    caller.ack().await;
+    caller.await_bye(Duration::from_secs(20)).await;
+    assert!(
+        t.trunk_recv(Duration::from_millis(200)).await.is_none(),
+        "nothing went to the trunk"
+    );
+    let result = t.posts("/after", 1).await.remove(0);
+    assert_eq!(result["DialStatus"], "completed", "{result:?}");
+    let secs: u64 = result["DialDuration"].parse().unwrap();
+    assert!((1..=4).contains(&secs), "{result:?}");
+    let child = t.call_final(&result["DialCallId"]).await;
+    assert_eq!(child["status"], "completed", "{child}");
+    assert_eq!(child["hangup_cause"], "callee_hangup", "{child}");
+    // The called number took it as an inbound call from the caller's number.
+    let second_calls = t
+        .ctx
+        .api
+        .get_all(&format!("/v1/calls?number_id={second}"))
+        .await;
+    let inbound: Vec<&Value> = second_calls
+        .iter()
+        .filter(|c| c["direction"] == "inbound")
+        .collect();
+    assert_eq!(inbound.len(), 1, "{second_calls:?}");
+    assert_eq!(inbound[0]["from"], CALLER, "{:?}", inbound[0]);
+    let inbound = t.call_final(inbound[0]["id"].as_str().unwrap()).await;
+    assert_eq!(inbound["status"], "completed", "{inbound}");
+    assert!(
+        t.ctx.voice.hits().iter().any(|h| h.path == "/second"),
+        "the called number's script ran"
+    );
+}

@@ -174,6 +174,11 @@ pub struct SipEndpointState {
     client_invite_of: HashMap<String, TxKey>,
     /// Messages waiting for a TCP connection we are opening.
     connecting: HashMap<SocketAddr, Vec<Vec<u8>>>,
+    /// On-net legs: our INVITEs to our own listener (a `dial` to one of our numbers), by SIP
+    /// Call-ID → the From-tag of our side. Both dialogs of such a call share its Call-ID, so the
+    /// side a request is for is told by its From-tag: ours → the called side, known internally
+    /// by [`on_net_id`].
+    loopback: HashMap<String, String>,
     /// Keepalive OPTIONS in flight → the binding and when it was pinged.
     keepalives: HashMap<TxKey, (String, chrono::DateTime<chrono::Utc>)>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -233,6 +238,7 @@ impl Actor for SipEndpoint {
             shed_reported: Instant::now(),
             requests: HashMap::new(),
             keepalives: HashMap::new(),
+            loopback: HashMap::new(),
             connecting: HashMap::new(),
             client_invites: HashMap::new(),
             client_invite_of: HashMap::new(),
@@ -306,6 +312,11 @@ impl Actor for SipEndpoint {
                 leg,
             } => {
                 let sip_call_id = sipmsg::call_id(&*request);
+                if to.addr == state.local
+                    && let (Some(id), Some(tag)) = (&sip_call_id, sipmsg::from_tag(&*request))
+                {
+                    state.loopback.insert(id.clone(), tag);
+                }
                 match (sip_call_id, state.layer.send_request(*request, to, now)) {
                     (Some(sip_call_id), Ok(key)) => {
                         state
@@ -329,7 +340,7 @@ impl Actor for SipEndpoint {
                 request,
                 from,
                 login,
-            } => start_call(&myself, state, key, *request, from, Some(*login)).await,
+            } => start_call(&myself, state, key, *request, from, Some(*login), None).await,
             SipMsg::SendKeepalive {
                 contact,
                 to,
@@ -356,6 +367,13 @@ impl Actor for SipEndpoint {
                 }
             }
             SipMsg::DialogEnded { sip_call_id } => {
+                // An on-net call is forgotten once its called side is gone (our side's BYE or
+                // CANCEL may still be on its way to it).
+                if let Some(id) = sip_call_id.strip_suffix(ON_NET_SUFFIX) {
+                    state.loopback.remove(id);
+                } else if !state.dialogs.contains_key(&on_net_id(&sip_call_id)) {
+                    state.loopback.remove(&sip_call_id);
+                }
                 state.dialogs.remove(&sip_call_id);
                 if let Some(key) = state.client_invite_of.remove(&sip_call_id) {
                     state.client_invites.remove(&key);
@@ -433,7 +451,7 @@ async fn on_event(myself: &ActorRef<SipMsg>, state: &mut SipEndpointState, event
             on_request(myself, state, key, request, from).await
         }
         TuEvent::AckReceived { request, .. } => {
-            if let Some(call) = sipmsg::call_id(&request).and_then(|c| state.dialogs.get(&c)) {
+            if let Some(call) = dialog_id(state, &request).and_then(|c| state.dialogs.get(&c)) {
                 let _ = call.cast(CallMsg::AckReceived);
             }
         }
@@ -519,7 +537,7 @@ async fn on_request(
     from: Peer,
 ) {
     let method = request.method;
-    let msg_call_id = sipmsg::call_id(&request);
+    let msg_call_id = dialog_id(state, &request);
     let call = msg_call_id
         .as_ref()
         .and_then(|c| state.dialogs.get(c))
@@ -539,6 +557,24 @@ async fn on_request(
                 reply(state, &key, &request, 481, &[]);
                 return;
             }
+            let on_net = msg_call_id
+                .as_deref()
+                .and_then(|c| c.strip_suffix(ON_NET_SUFFIX))
+                .map(str::to_owned);
+            if let Some(id) = on_net {
+                // Our own `dial` to one of our numbers: trusted like a carrier.
+                start_call(
+                    myself,
+                    state,
+                    key,
+                    request,
+                    from,
+                    None,
+                    Some(on_net_id(&id)),
+                )
+                .await;
+                return;
+            }
             if from_device(&state.args.carrier_allow, &request, from) {
                 // Devices authenticate (407) as a credential of one number; the Registrar
                 // holds the nonce and failure state.
@@ -556,7 +592,7 @@ async fn on_request(
                 }
                 return;
             }
-            start_call(myself, state, key, request, from, None).await;
+            start_call(myself, state, key, request, from, None, None).await;
         }
         Method::Bye | Method::Info | Method::Options if call.is_some() => {
             if let Some(call) = call {
@@ -610,8 +646,10 @@ async fn start_call(
     request: rsip::Request,
     from: Peer,
     device: Option<crate::registrar::DeviceLogin>,
+    // The called side of an on-net call is known by another id than its Call-ID.
+    id: Option<String>,
 ) {
-    let Some(sip_call_id) = sipmsg::call_id(&request) else {
+    let Some(sip_call_id) = id.or_else(|| sipmsg::call_id(&request)) else {
         reply(state, &key, &request, 400, &[]);
         return;
     };
@@ -650,6 +688,25 @@ async fn start_call(
             warn!(error = %e, "could not start a Call actor");
             reply(state, &key, &fallback, 500, &[]);
         }
+    }
+}
+
+/// What the called side of an on-net call is known by (its Call-ID is its caller's too).
+const ON_NET_SUFFIX: &str = ";on-net";
+
+fn on_net_id(sip_call_id: &str) -> String {
+    format!("{sip_call_id}{ON_NET_SUFFIX}")
+}
+
+/// The dialog a request belongs to: its Call-ID, or for a request our own on-net leg sent to
+/// the side it called, that side's id.
+fn dialog_id(state: &SipEndpointState, request: &rsip::Request) -> Option<String> {
+    let id = sipmsg::call_id(request)?;
+    match state.loopback.get(&id) {
+        Some(tag) if sipmsg::from_tag(request).as_deref() == Some(tag.as_str()) => {
+            Some(on_net_id(&id))
+        }
+        _ => Some(id),
     }
 }
 

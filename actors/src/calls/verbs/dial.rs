@@ -170,22 +170,51 @@ async fn targets(call: &mut CallState, d: &Dial, caller_id: &str) -> Vec<Result<
     let host = call.invite.local.ip().to_string();
     let from = format!("sip:{caller_id}@{host}");
     match &d.target {
-        DialTarget::Number(n) => vec![trunk_target(call, n, &from, caller_id)],
-        DialTarget::Numbers(list) => list
-            .iter()
-            .map(|n| trunk_target(call, n, &from, caller_id))
-            .collect(),
+        DialTarget::Number(n) => vec![number_target(call, n, &from, caller_id).await],
+        DialTarget::Numbers(list) => {
+            let mut targets = Vec::with_capacity(list.len());
+            for n in list {
+                targets.push(number_target(call, n, &from, caller_id).await);
+            }
+            targets
+        }
         DialTarget::Sip(uri) => vec![sip_target(call, uri, &from, caller_id).await],
         DialTarget::Device(which) => device_targets(call, which, &from, caller_id).await,
     }
 }
 
-fn trunk_target(
+/// A number: on-net when it is one of our numbers (the INVITE goes to our own listener and
+/// arrives as an inbound call to it), otherwise through the trunk.
+async fn number_target(
     call: &mut CallState,
     number: &str,
     from: &str,
     caller_id: &str,
 ) -> Result<LegTarget, u16> {
+    match call.deps.store.route_by_number(number).await {
+        Ok(Some(r)) if r.status != NumberStatus::Released => {
+            let local = call.invite.local;
+            let uri = format!("sip:{number}@{local}");
+            return Ok(LegTarget {
+                label: number.to_owned(),
+                uri: uri.clone(),
+                to: uri,
+                from: from.to_owned(),
+                from_display: Some(caller_id.to_owned()),
+                peer: Peer {
+                    addr: local,
+                    transport: Transport::Udp,
+                },
+                extra: Vec::new(),
+                record: Some((caller_id.to_owned(), number.to_owned())),
+            });
+        }
+        Ok(_) => {}
+        Err(e) => {
+            warn!(call_id = %call.call_id, error = %e, "could not look a dialled number up");
+            return Err(500);
+        }
+    }
     let Some(trunk) = call.deps.trunk.clone() else {
         call.note(
             "dial.not_placed",
