@@ -614,3 +614,100 @@ async fn one_of_our_numbers_is_dialled_on_net() {
         "the called number's script ran"
     );
 }
+
+/// The dialled party's paid time: a wallet holding one minute at the outbound rate pays for one
+/// minute of the party. Then the party gets BYE (`balance_exhausted`), the caller's script goes
+/// on, and the wallet is spent to zero, never below.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_party_is_cut_when_its_paid_time_runs_out() {
+    let db = common::TestDb::new(Backend::Sqlite).await;
+    let trunk = UdpSocket::bind("127.0.0.1:0").await.expect("trunk socket");
+    let trunk_uri = format!("sip:{}", trunk.local_addr().unwrap());
+    let server = common::Server::start_with(
+        &db,
+        common::Mode::Dev,
+        &[("SAUTIKIT_OUTBOUND_TRUNK", trunk_uri.as_str())],
+    );
+    // The number's first month (KES 100.00) and one minute at KES 3.00.
+    let (_, key) = db.workspace("dialler", 10_000 + 300);
+    let api = server.api(&key);
+    let number_id = common::device::claim(&api, common::device::FIRST_INVENTORY_ID).await;
+    let voice = common::voice::VoiceServer::start().await;
+    voice.set_script(
+        "/main",
+        json!({"actions": [{"dial": {"number": "+254711000001", "action": "/after"}}]}),
+    );
+    voice.set_script("/after", json!({"actions": [{"hangup": {}}]}));
+    let routed = api
+        .patch(
+            &format!("/v1/numbers/{number_id}/routing"),
+            json!({"voice_callback_url": voice.url("/main")}),
+        )
+        .await;
+    assert_eq!(routed.status, 200, "{}", routed.text);
+    let t = Dial {
+        ctx: Ctx {
+            db,
+            server,
+            api,
+            number_id,
+            voice,
+            events: common::receiver::Receiver::ok().await,
+            secret: String::new(),
+        },
+        trunk,
+    };
+    let rtp = RtpPeer::new(Codec::Pcmu, 1).await;
+    let mut caller = SipCaller::new(t.ctx.server.sip_addr(), NUMBER).await;
+    caller.invite(&sdp(rtp.addr(), Codec::Pcmu, 101)).await;
+    let (_, ok) = caller.await_final(Duration::from_secs(10)).await;
+    assert_eq!(status_code(&ok), Some(200));
+    caller.ack().await;
+    let ours = sdp_rtp(&ok).expect("our RTP address");
+    let (invite, from) = t.trunk_request("INVITE").await;
+    let trunk_rtp = RtpPeer::new(Codec::Pcmu, 2).await;
+    t.trunk_send(
+        &reply(
+            &invite,
+            200,
+            "OK",
+            "paid",
+            Some(&sdp(trunk_rtp.addr(), Codec::Pcmu, 101)),
+        ),
+        from,
+    )
+    .await;
+    let answered = Instant::now();
+    let leg = sdp_rtp(&invite).expect("the leg's RTP address");
+    // Both talk throughout (a silent leg would end for another reason).
+    let talk = tokio::spawn(async move {
+        tokio::join!(
+            rtp.send_frames(ours, 0, 5_000),
+            trunk_rtp.send_frames(leg, 0, 5_000)
+        );
+    });
+    let cut = loop {
+        let (msg, _) = t
+            .trunk_recv(Duration::from_secs(75))
+            .await
+            .expect("BYE at the trunk");
+        if msg.starts_with("BYE ") {
+            t.trunk_send(&reply(&msg, 200, "OK", "paid", None), from)
+                .await;
+            break answered.elapsed();
+        }
+    };
+    assert!(
+        cut >= Duration::from_secs(59) && cut <= Duration::from_secs(62),
+        "cut at {cut:?}"
+    );
+    caller.await_bye(Duration::from_secs(10)).await;
+    talk.abort();
+    let result = t.posts("/after", 1).await.remove(0);
+    assert_eq!(result["DialStatus"], "completed", "{result:?}");
+    let child = t.call_final(&result["DialCallId"]).await;
+    assert_eq!(child["hangup_cause"], "balance_exhausted", "{child}");
+    assert_eq!(child["cost_minor"], 300, "{child}");
+    let wallet = t.ctx.api.get("/v1/wallet").await.json();
+    assert_eq!(wallet["balance_minor"], 0, "{wallet}");
+}
