@@ -1109,7 +1109,8 @@ impl CallStore for SqlStore {
         // The status predicate matches the partial index `calls_live`. Id order keeps lock order
         // the same in every process that closes the same calls.
         let rows = sqlx::query(
-            "SELECT c.id, c.engine_id FROM calls c LEFT JOIN engines e ON e.id = c.engine_id \
+            "SELECT c.id, c.engine_id, c.started_at, e.heartbeat_at FROM calls c \
+             LEFT JOIN engines e ON e.id = c.engine_id \
              WHERE c.status IN ('ringing', 'answered') AND c.engine_id <> $1 \
                AND (e.heartbeat_at IS NULL OR e.heartbeat_at < $2) \
              ORDER BY c.id",
@@ -1123,10 +1124,16 @@ impl CallStore for SqlStore {
         for row in &rows {
             let call_id: String = get(row, "id")?;
             let engine_id: String = get(row, "engine_id")?;
+            // The call was last known alive at its engine's last heartbeat: it is rated up to
+            // then, not through the time the engine was down (at most one beat is not billed).
+            let started_at = get_time(row, "started_at")?;
+            let ended_at = get_opt_time(row, "heartbeat_at")?
+                .unwrap_or(started_at)
+                .clamp(started_at, now.max(started_at));
             let end = CallEnded {
                 call_id,
                 status: CallStatus::Failed,
-                ended_at: now,
+                ended_at,
                 hangup_cause: None,
                 failure_reason: Some("engine.restart".to_owned()),
                 timeline: vec![TimelineEntry {

@@ -410,7 +410,8 @@ on_both_backends!(a_sipp_device_calls_out_through_a_sipp_trunk);
 /// engine closes the call as `failed` with `engine.restart`, charges it per second from its row,
 /// and releases its reservation: a wallet that held a minute and a half can start a call again.
 async fn a_crash_mid_call_settles_the_reservation(backend: Backend) {
-    let mut ctx = setup(backend, 450, &[]).await;
+    // A heartbeat every third of a second: the call is rated up to the last one.
+    let mut ctx = setup(backend, 450, &[("SAUTIKIT_CALL_ORPHAN_SECS", "1")]).await;
     let mut dev = ctx.device().await;
     let rtp = RtpPeer::new(Codec::Pcmu, 1).await;
     let offer = sdp(rtp.addr(), Codec::Pcmu, 101);
@@ -435,6 +436,8 @@ async fn a_crash_mid_call_settles_the_reservation(backend: Backend) {
     let mut second = ctx.device().await;
     let (fin, _) = device_call(&mut second, DIALLED, &offer).await;
     assert_eq!(status_code(&fin), Some(402), "{fin}");
+    // Some talk before the crash.
+    tokio::time::sleep(Duration::from_secs(2)).await;
 
     let pid = ctx.server.pid().to_string();
     let killed = std::process::Command::new("kill")
