@@ -278,10 +278,10 @@ pub async fn call_events(
 /// is committed.
 #[utoipa::path(post, path = "/v1/calls/{id}/hangup", tag = "calls",
     params(("id" = String, Path, description = "The call's id")),
-    responses((status = 200, body = CallView, description = "The call's final record"),
+    responses((status = 200, body = CallView, description = "The call's final record: the call was hung up, or had already ended (hanging up is idempotent)"),
         (status = 400, body = ErrorEnvelope, description = "`request.invalid_id`"),
         (status = 404, body = ErrorEnvelope, description = "`calls.not_found`"),
-        (status = 409, body = ErrorEnvelope, description = "`calls.not_live`: the call has already ended, or it is held by another engine process")))]
+        (status = 409, body = ErrorEnvelope, description = "`calls.not_live`: the call is live but held by another engine process")))]
 pub async fn hangup(
     State(state): State<AppState>,
     Extension(ws): Extension<Workspace>,
@@ -290,32 +290,20 @@ pub async fn hangup(
     let id = parse_id(&id, "call id")?;
     let before = owned_call(&state, &ws, &id).await?;
     if before.status.is_final() {
-        return Err(already_ended(&before));
+        // Idempotent: a call that has ended is hung up; its record says how it ended.
+        return Ok(axum::Json(before.into()));
     }
     let ended_here = state.engine.hangup_call(&ws.id, &id).await?;
     let after = owned_call(&state, &ws, &id).await?;
-    if ended_here {
+    if ended_here || after.status.is_final() {
+        // Hung up here, or it ended on its own between our read and the engine's answer.
         return Ok(axum::Json(after.into()));
-    }
-    if after.status.is_final() {
-        // It ended on its own between our read and the engine's answer.
-        return Err(already_ended(&after));
     }
     Err(ApiError::conflict(
         "calls.not_live",
         "the call is live but held by another engine process; send the hangup to that process \
          or retry",
     ))
-}
-
-fn already_ended(c: &CallRecord) -> ApiError {
-    ApiError::conflict(
-        "calls.not_live",
-        format!(
-            "the call has already ended (status {}); only a live call can be hung up",
-            c.status.as_str()
-        ),
-    )
 }
 
 fn recording_not_found() -> ApiError {
