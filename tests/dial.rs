@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use common::audio::{copy_pcaps, correlation, pcap_alaw};
 use common::calls::{Ctx, setup_with};
 use common::peer::{RtpPeer, SipCaller, reply, sdp, sdp_rtp};
 use common::uac::{header, status_code};
@@ -450,4 +451,52 @@ async fn timeouts_busy_time_limits_and_the_caller_leaving() {
     assert_eq!(child["status"], "canceled", "{child}");
     let parent = t.call_final(&result["CallId"]).await;
     assert_eq!(parent["status"], "canceled", "{parent}");
+}
+
+/// A real carrier peer: sipp as the trunk answers in PCMA and speaks sip-tester's g711a.pcap;
+/// the caller (PCMU) hears that speech through the bridge, transcoded. sipp's scenario fails
+/// unless the INVITE dials +254711000001 presenting the caller's own number.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_caller_hears_a_sipp_trunk_through_the_bridge() {
+    let trunk_port = {
+        let probe = std::net::UdpSocket::bind("127.0.0.1:0").expect("a free port");
+        probe.local_addr().expect("its address").port()
+    };
+    let ctx = setup_at(
+        Backend::Sqlite,
+        // No ringback before the party's answer: the caller hears the trunk's speech alone.
+        json!({"actions": [{"dial": {"number": "+254711000001", "answerOnBridge": true, "action": "/after"}}]}),
+        &format!("sip:127.0.0.1:{trunk_port}"),
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    copy_pcaps(dir.path());
+    let scenario = common::calls::scenario(dir.path(), "dial_trunk_pcap.xml", None);
+    let trunk = common::calls::sipp_uas(dir.path(), &scenario, trunk_port).await;
+    let rtp = RtpPeer::new(Codec::Pcmu, 1).await;
+    let mut caller = SipCaller::new(ctx.server.sip_addr(), NUMBER).await;
+    caller.invite(&sdp(rtp.addr(), Codec::Pcmu, 101)).await;
+    let (_, ok) = caller.await_final(Duration::from_secs(10)).await;
+    assert_eq!(status_code(&ok), Some(200), "{ok}");
+    caller.ack().await;
+    let heard = rtp.receive_pcm(Duration::from_secs(9)).await;
+    caller.bye().await;
+    let out = tokio::time::timeout(Duration::from_secs(30), trunk.wait_with_output())
+        .await
+        .expect("sipp (trunk) ends")
+        .expect("sipp (trunk) runs");
+    assert!(
+        out.status.success(),
+        "sipp (trunk) failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sent = pcap_alaw(&dir.path().join("g711a.pcap"));
+    let corr = correlation(&sent, &heard, 4_000);
+    assert!(
+        corr >= 0.9,
+        "the caller heard the trunk's speech: correlation {corr:.3} over {} samples\n{}",
+        heard.len(),
+        ctx.server.log_text()
+    );
 }
