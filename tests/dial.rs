@@ -453,6 +453,38 @@ async fn timeouts_busy_time_limits_and_the_caller_leaving() {
     assert_eq!(parent["status"], "canceled", "{parent}");
 }
 
+/// The listening half of the sipp test: `RtpPeer::receive_pcm` keeps every packet's audio, in
+/// order (30 ms packets, as sipp's g711a.pcap has), skipping other payload types. It once kept
+/// only the last packet's, which looked like a bridge relaying one packet of the party's speech.
+#[tokio::test]
+async fn receive_pcm_keeps_every_packet() {
+    let rtp = RtpPeer::new(Codec::Pcmu, 1).await;
+    let sender = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let mut sent = Vec::new();
+    for k in 0..4u16 {
+        // A falling ramp, each packet's starting higher than the last one's.
+        let start = 1000 * (i16::try_from(k).expect("small") + 1);
+        let samples: Vec<i16> = (0..240).map(|i| start - 3 * i).collect();
+        let mut payload = Vec::new();
+        sautikit_sip::rtp::g711::encode_into(Codec::Pcmu, &samples, &mut payload);
+        let mut decoded = Vec::new();
+        sautikit_sip::rtp::g711::decode_into(Codec::Pcmu, &payload, &mut decoded);
+        // Packet 2 is PCMA (PT 8): not the peer's codec, so not heard.
+        let pt = if k == 2 { 8 } else { 0 };
+        if pt == 0 {
+            sent.extend_from_slice(&decoded);
+        }
+        let mut packet = Vec::new();
+        sautikit_sip::rtp::RtpHeader::new(pt, 100 + k, 240 * u32::from(k), 9, k == 0)
+            .write(&mut packet);
+        packet.extend_from_slice(&payload);
+        sender.send_to(&packet, rtp.addr()).await.expect("send");
+    }
+    let heard = rtp.receive_pcm(Duration::from_millis(300)).await;
+    assert_eq!(heard.len(), 3 * 240, "every packet's audio is kept");
+    assert_eq!(heard, sent);
+}
+
 /// A real carrier peer: sipp as the trunk answers in PCMA and speaks sip-tester's g711a.pcap;
 /// the caller (PCMU) hears that speech through the bridge, transcoded. sipp's scenario fails
 /// unless the INVITE dials +254711000001 presenting the caller's own number.
