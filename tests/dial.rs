@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use common::audio::{copy_pcaps, correlation, pcap_alaw};
 use common::calls::{Ctx, setup_with};
 use common::peer::{RtpPeer, SipCaller, reply, sdp, sdp_rtp};
 use common::uac::{header, status_code};
@@ -710,4 +711,84 @@ async fn a_party_is_cut_when_its_paid_time_runs_out() {
     assert_eq!(child["cost_minor"], 300, "{child}");
     let wallet = t.ctx.api.get("/v1/wallet").await.json();
     assert_eq!(wallet["balance_minor"], 0, "{wallet}");
+}
+
+/// The listening half of the sipp test: `RtpPeer::receive_pcm` keeps every packet's audio, in
+/// order (30 ms packets, as sipp's g711a.pcap has), skipping other payload types. It once kept
+/// only the last packet's, which looked like a bridge relaying one packet of the party's speech.
+#[tokio::test]
+async fn receive_pcm_keeps_every_packet() {
+    let rtp = RtpPeer::new(Codec::Pcmu, 1).await;
+    let sender = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let mut sent = Vec::new();
+    for k in 0..4u16 {
+        // A falling ramp, each packet's starting higher than the last one's.
+        let start = 1000 * (i16::try_from(k).expect("small") + 1);
+        let samples: Vec<i16> = (0..240).map(|i| start - 3 * i).collect();
+        let mut payload = Vec::new();
+        sautikit_sip::rtp::g711::encode_into(Codec::Pcmu, &samples, &mut payload);
+        let mut decoded = Vec::new();
+        sautikit_sip::rtp::g711::decode_into(Codec::Pcmu, &payload, &mut decoded);
+        // Packet 2 is PCMA (PT 8): not the peer's codec, so not heard.
+        let pt = if k == 2 { 8 } else { 0 };
+        if pt == 0 {
+            sent.extend_from_slice(&decoded);
+        }
+        let mut packet = Vec::new();
+        sautikit_sip::rtp::RtpHeader::new(pt, 100 + k, 240 * u32::from(k), 9, k == 0)
+            .write(&mut packet);
+        packet.extend_from_slice(&payload);
+        sender.send_to(&packet, rtp.addr()).await.expect("send");
+    }
+    let heard = rtp.receive_pcm(Duration::from_millis(300)).await;
+    assert_eq!(heard.len(), 3 * 240, "every packet's audio is kept");
+    assert_eq!(heard, sent);
+}
+
+/// A real carrier peer: sipp as the trunk answers in PCMA and speaks sip-tester's g711a.pcap;
+/// the caller (PCMU) hears that speech through the bridge, transcoded. sipp's scenario fails
+/// unless the INVITE dials +254711000001 presenting the caller's own number.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_caller_hears_a_sipp_trunk_through_the_bridge() {
+    let trunk_port = {
+        let probe = std::net::UdpSocket::bind("127.0.0.1:0").expect("a free port");
+        probe.local_addr().expect("its address").port()
+    };
+    let ctx = setup_at(
+        Backend::Sqlite,
+        // No ringback before the party's answer: the caller hears the trunk's speech alone.
+        json!({"actions": [{"dial": {"number": "+254711000001", "answerOnBridge": true, "action": "/after"}}]}),
+        &format!("sip:127.0.0.1:{trunk_port}"),
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    copy_pcaps(dir.path());
+    let scenario = common::calls::scenario(dir.path(), "dial_trunk_pcap.xml", None);
+    let trunk = common::calls::sipp_uas(dir.path(), &scenario, trunk_port).await;
+    let rtp = RtpPeer::new(Codec::Pcmu, 1).await;
+    let mut caller = SipCaller::new(ctx.server.sip_addr(), NUMBER).await;
+    caller.invite(&sdp(rtp.addr(), Codec::Pcmu, 101)).await;
+    let (_, ok) = caller.await_final(Duration::from_secs(10)).await;
+    assert_eq!(status_code(&ok), Some(200), "{ok}");
+    caller.ack().await;
+    let heard = rtp.receive_pcm(Duration::from_secs(9)).await;
+    caller.bye().await;
+    let out = tokio::time::timeout(Duration::from_secs(30), trunk.wait_with_output())
+        .await
+        .expect("sipp (trunk) ends")
+        .expect("sipp (trunk) runs");
+    assert!(
+        out.status.success(),
+        "sipp (trunk) failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sent = pcap_alaw(&dir.path().join("g711a.pcap"));
+    let corr = correlation(&sent, &heard, 4_000);
+    assert!(
+        corr >= 0.9,
+        "the caller heard the trunk's speech: correlation {corr:.3} over {} samples\n{}",
+        heard.len(),
+        ctx.server.log_text()
+    );
 }

@@ -291,18 +291,25 @@ impl RtpPeer {
 }
 
 impl RtpPeer {
-    /// Everything heard for `wait`, decoded, in arrival order.
+    /// Everything heard for `wait`, decoded, in arrival order: every packet's audio appended.
     pub async fn receive_pcm(&self, wait: Duration) -> Vec<i16> {
         let mut pcm = Vec::new();
+        // `decode_into` replaces what its output holds: each packet is decoded on its own, then
+        // appended (decoding straight into `pcm` kept only the last packet).
+        let mut packet_pcm = Vec::with_capacity(240);
         let deadline = tokio::time::Instant::now() + wait;
         let mut buf = [0u8; 2048];
-        while let Ok(Ok((n, _))) =
-            tokio::time::timeout_at(deadline, self.sock.recv_from(&mut buf)).await
-        {
+        while let Ok(got) = tokio::time::timeout_at(deadline, self.sock.recv_from(&mut buf)).await {
+            // A receive error (an ICMP report of an earlier send) does not end the listening:
+            // only the deadline does.
+            let Ok((n, _)) = got else {
+                continue;
+            };
             if let Ok((h, payload)) = RtpHeader::parse(&buf[..n])
                 && h.payload_type == self.codec.payload_type()
             {
-                g711::decode_into(self.codec, payload, &mut pcm);
+                g711::decode_into(self.codec, payload, &mut packet_pcm);
+                pcm.extend_from_slice(&packet_pcm);
             }
         }
         pcm

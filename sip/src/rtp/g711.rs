@@ -91,7 +91,7 @@ pub mod alaw {
     }
 }
 
-/// Encode a buffer of linear samples.
+/// Encode a buffer of linear samples into `out`, replacing what it held (it is cleared first).
 pub fn encode_into(codec: crate::sdp::Codec, samples: &[i16], out: &mut Vec<u8>) {
     out.clear();
     match codec {
@@ -100,7 +100,8 @@ pub fn encode_into(codec: crate::sdp::Codec, samples: &[i16], out: &mut Vec<u8>)
     }
 }
 
-/// Decode a buffer of G.711 bytes.
+/// Decode a buffer of G.711 bytes into `out`, replacing what it held (it is cleared first): to
+/// collect several packets' audio, decode each into a scratch buffer and append that.
 pub fn decode_into(codec: crate::sdp::Codec, bytes: &[u8], out: &mut Vec<i16>) {
     out.clear();
     match codec {

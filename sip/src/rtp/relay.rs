@@ -429,6 +429,54 @@ mod tests {
         }
     }
 
+    /// A party packetizing at 30 ms (sip-tester's g711a.pcap: 240-byte PCMA payloads, marker on
+    /// the first) relayed to a PCMU leg: every packet goes out, whole and transcoded, numbered on
+    /// from the stream's own sequence, its clock 240 samples a packet, one talkspurt.
+    #[test]
+    fn thirty_millisecond_packets_are_all_relayed() {
+        let t0 = Instant::now();
+        let mut sender = RtpSender::new(0);
+        let mut relay = RtpRelay::new(8000);
+        relay.start(&mut sender, t0);
+        let map = g711::transcode_table(Codec::Pcma, Codec::Pcmu);
+        let audio: Vec<u8> = (0..240).map(|i| i as u8).collect();
+        let ms30 = Duration::from_millis(30);
+        let mut out = Vec::new();
+        let mut got = Vec::new();
+        for k in 0..236u16 {
+            let p = packet(
+                8,
+                59_133 + k,
+                240 * (u32::from(k) + 1),
+                0xdee0_ee8f,
+                k == 0,
+                &audio,
+            );
+            assert!(
+                relay.relay(
+                    &mut sender,
+                    &RtpView::parse(&p).expect("parse"),
+                    0,
+                    RelayKind::Audio { samples: 240 },
+                    map,
+                    t0 + ms30 * u32::from(k),
+                    &mut out,
+                ),
+                "packet {k} relayed"
+            );
+            let (h, payload) = RtpHeader::parse(&out).expect("parse out");
+            assert_eq!((h.payload_type, h.ssrc), (0, sender.ssrc));
+            assert_eq!(payload.len(), 240);
+            assert_eq!(payload[7], g711::ulaw::encode(g711::alaw::decode(7)));
+            got.push(h);
+        }
+        assert!(got[0].marker && got[1..].iter().all(|h| !h.marker));
+        for w in got.windows(2) {
+            assert_eq!(w[1].sequence, w[0].sequence.wrapping_add(1));
+            assert_eq!(w[1].timestamp.wrapping_sub(w[0].timestamp), 240);
+        }
+    }
+
     #[test]
     fn timestamps_follow_the_source_and_the_wall_clock() {
         let t0 = Instant::now();
