@@ -1,6 +1,7 @@
-//! A call's receiving side: what the caller sends on its RTP port. One task per call (receiving
-//! cannot be batched like sending), idle but for packets: it wakes on a timer only while a
-//! recording, a jitter buffer or a DTMF event needs it.
+//! A call's receiving side: what the caller sends on its RTP port. One task per call, idle but
+//! for packets: the media thread wakes it when its socket has something to read (see the media
+//! module: the thread polls its streams' sockets once a millisecond), and a timer wakes it while a
+//! recording, a jitter buffer, a DTMF event or a bridge's media timeout needs it.
 //!
 //! It latches the stream to where the caller's packets actually come from (symmetric RTP, for
 //! callers behind NAT), turns RFC 4733 telephone-events into digits, and writes recordings:
@@ -10,7 +11,8 @@
 //! While the stream is bridged it also relays each packet, as it arrives, onto the other leg's
 //! outgoing stream (see the media module), and watches for the caller falling silent.
 
-use std::net::SocketAddr;
+use std::io::ErrorKind;
+use std::net::{SocketAddr, UdpSocket};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -21,8 +23,7 @@ use sautikit_sip::jitter::{Frame, JitterBuffer};
 use sautikit_sip::rtp::{RelayKind, RtpView, g711};
 use sautikit_sip::tone::SilenceDetector;
 use sautikit_sip::wav::WavWriter;
-use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
@@ -41,6 +42,9 @@ const FLUSH_BYTES: usize = 64 * 1024;
 const RECORDING_TICK: Duration = Duration::from_millis(100);
 /// Room for any packet relayed (a UDP datagram on an Ethernet path), allocated once per stream.
 const RELAY_BUFFER: usize = 1500;
+/// Packets read per wake at most: a flooded socket does not hold the media thread; what is left
+/// is read at the thread's next poll (the socket is still readable then).
+const MAX_READS_PER_WAKE: usize = 32;
 
 /// What a `record` asks for.
 #[derive(Debug, Clone)]
@@ -459,17 +463,52 @@ impl Recorder {
     }
 }
 
-pub(super) async fn run(mut r: Receiver, mut ctl: mpsc::UnboundedReceiver<RecvCmd>) {
+impl Receiver {
+    /// Read what the socket holds (the media thread found it readable) and handle each packet.
+    async fn receive(&mut self, socket: &UdpSocket, buf: &mut [u8]) {
+        for _ in 0..MAX_READS_PER_WAKE {
+            match socket.recv_from(buf) {
+                Ok((n, from)) => {
+                    let Some(packet) = buf.get(..n) else { return };
+                    self.on_packet(packet, from).await;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                // ICMP errors from earlier sends surface here; nothing to do but read on.
+                Err(e) => debug!(stream = self.id, error = %e, "RTP receive error"),
+            }
+        }
+    }
+}
+
+/// The receiving task of one stream: `ready` is notified by the media thread when the socket is
+/// readable (the socket is not registered with tokio's reactor, see the media module).
+pub(super) async fn run(
+    mut r: Receiver,
+    mut ctl: mpsc::UnboundedReceiver<RecvCmd>,
+    ready: Arc<Notify>,
+) {
     let mut buf = vec![0u8; 2048];
     let socket = r.socket.clone();
+    // One timer for the task's life, moved only when the next deadline comes earlier than where
+    // it is set. A bridged stream's media-timeout deadline moves later with every packet, and
+    // re-arming a timer per packet costs more than relaying the packet; when the timer fires
+    // before the real deadline, `on_timer` finds nothing due (it checks every condition against
+    // the clock) and the loop sets it again.
+    let timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(timer);
+    let mut armed: Option<Instant> = None;
     loop {
-        let deadline = r.next_deadline();
+        if let Some(deadline) = r.next_deadline()
+            && armed.is_none_or(|at| deadline < at)
+        {
+            timer.as_mut().reset(deadline);
+            armed = Some(deadline);
+        }
         tokio::select! {
-            got = socket.recv_from(&mut buf) => match got {
-                Ok((n, from)) => r.on_packet(&buf[..n], from).await,
-                // ICMP errors from earlier sends surface here; nothing to do.
-                Err(e) => debug!(stream = r.id, error = %e, "RTP receive error"),
-            },
+            // Packets first: they are what the task exists for, and a command or timer in the
+            // same wake loses nothing by waiting for them.
+            biased;
+            () = ready.notified() => r.receive(&socket, &mut buf).await,
             cmd = ctl.recv() => match cmd {
                 Some(RecvCmd::StartRecording(spec)) => r.start(spec).await,
                 Some(RecvCmd::StopRecording(end, done)) => {
@@ -485,7 +524,10 @@ pub(super) async fn run(mut r: Receiver, mut ctl: mpsc::UnboundedReceiver<RecvCm
                     return;
                 }
             },
-            () = sleep_until(deadline) => r.on_timer().await,
+            () = &mut timer, if armed.is_some() => {
+                armed = None;
+                r.on_timer().await;
+            }
         }
     }
 }
@@ -527,7 +569,7 @@ fn relay(
     {
         return;
     }
-    match out.socket.try_send_to(buf, remote) {
+    match out.socket.send_to(buf, remote) {
         Ok(_) => {
             stats.packets_relayed.fetch_add(1, Ordering::Relaxed);
         }
@@ -535,12 +577,5 @@ fn relay(
             stats.send_errors.fetch_add(1, Ordering::Relaxed);
             debug!(stream = peer.id, error = %e, "relayed RTP send failed");
         }
-    }
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
     }
 }
