@@ -25,19 +25,27 @@
 //! epoll set of its own, level-triggered, and looks at it once a millisecond on the pacer's grid.
 //! Each readable stream's receiving task is then woken (in-process, no system call) and reads
 //! what its socket holds. A packet waits at most one slot (1 ms) for the thread; 1,000 bridged
-//! calls cost 1,000 wakes a second per thread instead of one per packet.
+//! calls cost 1,000 wakes a second per thread instead of one per packet. While streams are
+//! started the slots are kept by a periodic kernel timer (a timerfd), which wakes the thread on
+//! the grid to the microsecond: tokio's timers round to whole milliseconds and would make the
+//! wait up to 2 ms.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
+use nix::sys::time::TimeSpec;
+use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 use sautikit_sip::rtp::{DueTicks, FrameWheel, RtpRelay, RtpSender, g711};
 use sautikit_sip::sdp::Codec;
 use thiserror::Error;
+use tokio::io::unix::AsyncFd;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -262,6 +270,102 @@ struct Engine {
     epoch: std::time::Instant,
     readable: Readable,
     stats: Arc<MediaStats>,
+}
+
+/// A periodic timer, once a slot on the wheel's grid, armed while the thread polls sockets.
+struct Tick {
+    timer: AsyncFd<Timer>,
+    armed: bool,
+}
+
+/// `AsyncFd` wants `AsRawFd`, which nix's `TimerFd` does not implement.
+struct Timer(TimerFd);
+
+impl AsRawFd for Timer {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_fd().as_raw_fd()
+    }
+}
+
+impl Tick {
+    /// `None` (tokio's timer serves) if the kernel refuses a timerfd.
+    fn new() -> Option<Tick> {
+        let timer = TimerFd::new(
+            ClockId::CLOCK_MONOTONIC,
+            TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
+        )
+        .map_err(std::io::Error::from)
+        .and_then(|t| {
+            // SAFETY: `Timer` owns the timerfd (an `OwnedFd` inside nix's `TimerFd`): it stays
+            // open, the same descriptor, until the `AsyncFd` holding it is dropped.
+            unsafe { AsyncFd::register(Timer(t)) }.map_err(std::io::Error::from)
+        });
+        match timer {
+            Ok(timer) => Some(Tick {
+                timer,
+                armed: false,
+            }),
+            Err(e) => {
+                warn!(error = %e, "no timerfd for the media thread; it paces on tokio's timer");
+                None
+            }
+        }
+    }
+
+    /// Arm the timer when `wanted` (from the next slot of the grid starting at `epoch`), disarm
+    /// it when not; returns whether it is armed.
+    fn arm(&mut self, wanted: bool, epoch: std::time::Instant) -> bool {
+        if wanted == self.armed {
+            return wanted;
+        }
+        let timer = &self.timer.get_ref().0;
+        let set = if wanted {
+            let since = std::time::Instant::now().saturating_duration_since(epoch);
+            let into_slot = Duration::from_nanos(
+                u64::try_from(since.as_nanos() % SLOT.as_nanos()).unwrap_or(0),
+            );
+            // Never zero: a zero first expiration disarms the timer.
+            let first = (SLOT - into_slot).max(Duration::from_micros(1));
+            timer.set(
+                Expiration::IntervalDelayed(TimeSpec::from(first), TimeSpec::from(SLOT)),
+                TimerSetTimeFlags::empty(),
+            )
+        } else {
+            timer.unset()
+        };
+        match set {
+            Ok(()) => self.armed = wanted,
+            Err(e) => warn!(error = %e, "cannot set the media thread's timerfd"),
+        }
+        self.armed
+    }
+
+    /// The timer's next expiration (those missed by a late wake count as one). An error means
+    /// the timer cannot be used.
+    async fn expired(tick: Option<&Tick>) -> std::io::Result<()> {
+        let Some(tick) = tick else {
+            return std::future::pending().await;
+        };
+        loop {
+            let mut guard = tick.timer.readable().await?;
+            // The count of expirations is read and dropped; what fell due is computed from the
+            // clock.
+            match nix::unistd::read(guard.get_inner().0.as_fd(), &mut [0u8; 8]) {
+                Ok(_) => {
+                    // Read out: no longer readable until the next expiration, which the reactor
+                    // reports afresh (clearing does not drop an expiration it has not seen).
+                    guard.clear_ready();
+                    return Ok(());
+                }
+                Err(Errno::EAGAIN) => guard.clear_ready(),
+                Err(Errno::EINTR) => {}
+                Err(e) => {
+                    warn!(error = %e, "reading the media thread's timerfd failed; it paces on tokio's timer");
+                    return Err(e.into());
+                }
+            }
+        }
+    }
 }
 
 /// The shard's started streams' sockets, polled by the media thread (see the module's notes).
@@ -521,9 +625,17 @@ impl Engine {
         let mut payload = Vec::with_capacity(SAMPLES_PER_FRAME);
         let sleep = tokio::time::sleep(FRAME);
         tokio::pin!(sleep);
+        let mut tick = Tick::new();
         loop {
-            let poll = (self.readable.watched > 0).then_some(self.readable.next);
+            // While streams are started, the tick drives polls and pacing alike; otherwise (or
+            // without a timerfd) tokio's timer does.
+            let ticking = match tick.as_mut() {
+                Some(t) => t.arm(self.readable.watched > 0, self.epoch),
+                None => false,
+            };
+            let poll = (self.readable.watched > 0 && !ticking).then_some(self.readable.next);
             let deadline = match (self.wheel.poll_timeout(), poll) {
+                _ if ticking => None,
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
@@ -535,6 +647,16 @@ impl Engine {
                     Some(cmd) => self.apply(cmd),
                     None => return,
                 },
+                ticked = Tick::expired(tick.as_ref()), if ticking => {
+                    if ticked.is_err() {
+                        tick = None;
+                        continue;
+                    }
+                    let now = Instant::now().into_std();
+                    self.poll_readable(now);
+                    let due = self.wheel.handle_timeout(now);
+                    self.send_due(due, &mut buf, &mut payload);
+                }
                 () = &mut sleep, if deadline.is_some() => {
                     let now = Instant::now().into_std();
                     if poll.is_some_and(|at| now >= at) {
@@ -565,7 +687,7 @@ impl Engine {
         r.events.resize(r.watched.max(1), EpollEvent::empty());
         let n = match epoll.wait(&mut r.events, 0u8) {
             Ok(n) => n,
-            Err(nix::errno::Errno::EINTR) => return,
+            Err(Errno::EINTR) => return,
             Err(e) => {
                 warn!(error = %e, "epoll_wait on the media thread's sockets failed");
                 return;
