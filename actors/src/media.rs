@@ -22,7 +22,7 @@
 //! Receiving is batched as sending is. The RTP sockets are not registered with tokio's reactor,
 //! which would wake the thread for every packet (each wake a context switch, and with real-time
 //! scheduling a preemption of whatever else runs on the core): the media thread keeps them in an
-//! epoll set of its own, level-triggered, and looks at it once a millisecond on the pacer's grid.
+//! epoll set of its own, edge-triggered, and looks at it once a millisecond on the pacer's grid.
 //! Each readable stream's receiving task is then woken (in-process, no system call) and reads
 //! what its socket holds. A packet waits at most one slot (1 ms) for the thread; 1,000 bridged
 //! calls cost 1,000 wakes a second per thread instead of one per packet. While streams are
@@ -682,8 +682,8 @@ impl Engine {
             }
             return;
         };
-        // Level-triggered: a socket a task has not emptied is reported again next time, so one
-        // call per poll, with room for every socket, loses nothing.
+        // One call per poll, with room for every socket. Edge-triggered: a socket is reported
+        // once per arrival, and its task reads it empty (or wakes itself to go on).
         r.events.resize(r.watched.max(1), EpollEvent::empty());
         let n = match epoll.wait(&mut r.events, 0u8) {
             Ok(n) => n,
@@ -827,9 +827,14 @@ impl Engine {
         }
         if !s.watched {
             match &self.readable.epoll {
-                Some(epoll) => match epoll.add(&*s.socket, EpollEvent::new(EpollFlags::EPOLLIN, id)) {
+                Some(epoll) => match epoll.add(
+                    &*s.socket,
+                    EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLET, id),
+                ) {
                     Ok(()) => s.watched = true,
-                    Err(e) => warn!(stream = id, error = %e, "cannot watch the RTP socket; nothing is received on it"),
+                    Err(e) => {
+                        warn!(stream = id, error = %e, "cannot watch the RTP socket; nothing is received on it")
+                    }
                 },
                 None => s.watched = true,
             }
@@ -840,8 +845,10 @@ impl Engine {
         let (ctl, ctl_rx) = mpsc::unbounded_channel();
         s.receiver = Some(ctl);
         // A new task (a re-INVITE): the previous one, its control dropped, ends and is woken no
-        // more.
+        // more. The new one reads at once: the socket is watched edge-triggered, and what arrived
+        // since the previous task last read is reported no more.
         s.ready = Arc::new(Notify::new());
+        s.ready.notify_one();
         tokio::spawn(receive::run(
             receive::Receiver::new(
                 id,

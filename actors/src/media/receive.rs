@@ -11,13 +11,16 @@
 //! While the stream is bridged it also relays each packet, as it arrives, onto the other leg's
 //! outgoing stream (see the media module), and watches for the caller falling silent.
 
-use std::io::ErrorKind;
+use std::io::IoSliceMut;
 use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use nix::errno::Errno;
+use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg};
 use sautikit_sip::dtmf::DtmfDetector;
 use sautikit_sip::jitter::{Frame, JitterBuffer};
 use sautikit_sip::rtp::{RelayKind, RtpView, g711};
@@ -42,9 +45,15 @@ const FLUSH_BYTES: usize = 64 * 1024;
 const RECORDING_TICK: Duration = Duration::from_millis(100);
 /// Room for any packet relayed (a UDP datagram on an Ethernet path), allocated once per stream.
 const RELAY_BUFFER: usize = 1500;
-/// Packets read per wake at most: a flooded socket does not hold the media thread; what is left
-/// is read at the thread's next poll (the socket is still readable then).
-const MAX_READS_PER_WAKE: usize = 32;
+/// Packets read per system call at most. A read that returns fewer than it had room for found
+/// the socket empty, so the usual wake (one packet) costs one call, not a second one that only
+/// learns the socket is empty.
+const BATCH: usize = 2;
+/// Room for one datagram read.
+const RECV_BUFFER: usize = 2048;
+/// Reads per wake at most: a flooded socket does not hold the media thread; the task yields, then
+/// reads on.
+const MAX_READS_PER_WAKE: usize = 16;
 
 /// What a `record` asks for.
 #[derive(Debug, Clone)]
@@ -464,20 +473,71 @@ impl Recorder {
 }
 
 impl Receiver {
-    /// Read what the socket holds (the media thread found it readable) and handle each packet.
-    async fn receive(&mut self, socket: &UdpSocket, buf: &mut [u8]) {
+    /// Read what the socket holds (the media thread saw a packet arrive) and handle each packet.
+    /// The socket is watched edge-triggered: the task reads it empty, or wakes itself to go on.
+    async fn receive(&mut self, socket: &UdpSocket, bufs: &mut RecvBufs, ready: &Notify) {
         for _ in 0..MAX_READS_PER_WAKE {
-            match socket.recv_from(buf) {
-                Ok((n, from)) => {
-                    let Some(packet) = buf.get(..n) else { return };
-                    self.on_packet(packet, from).await;
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+            let n = match read_batch(socket, bufs) {
+                Ok(n) => n,
+                Err(Errno::EAGAIN) => return,
                 // ICMP errors from earlier sends surface here; nothing to do but read on.
-                Err(e) => debug!(stream = self.id, error = %e, "RTP receive error"),
+                Err(e) => {
+                    debug!(stream = self.id, error = %e, "RTP receive error");
+                    continue;
+                }
+            };
+            for i in 0..n {
+                let (Some(&(len, from)), Some(data)) = (bufs.got.get(i), bufs.data.get(i)) else {
+                    continue;
+                };
+                let (Some(from), Some(packet)) = (from, data.get(..len)) else {
+                    continue;
+                };
+                self.on_packet(packet, from).await;
+            }
+            if n < BATCH {
+                return;
             }
         }
+        // Not read empty: give the thread's other tasks their turn, then read on.
+        tokio::task::yield_now().await;
+        ready.notify_one();
     }
+}
+
+/// Where a receiving task reads to.
+struct RecvBufs {
+    data: [[u8; RECV_BUFFER]; BATCH],
+    /// Length and source of each datagram of the last read.
+    got: [(usize, Option<SocketAddr>); BATCH],
+}
+
+/// One `recvmmsg` (non-blocking) into `bufs`: how many datagrams it read.
+fn read_batch(socket: &UdpSocket, bufs: &mut RecvBufs) -> nix::Result<usize> {
+    // Set up per read, small: nix's headers hold raw pointers, so they cannot live in the task
+    // across its awaits.
+    let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
+    let mut slices = bufs.data.each_mut().map(|d| [IoSliceMut::new(d)]);
+    let results = recvmmsg(
+        socket.as_raw_fd(),
+        &mut headers,
+        slices.iter_mut(),
+        MsgFlags::MSG_DONTWAIT,
+        None,
+    )?;
+    let mut n = 0;
+    for (msg, got) in results.zip(bufs.got.iter_mut()) {
+        *got = (msg.bytes, msg.address.as_ref().and_then(socket_addr));
+        n += 1;
+    }
+    Ok(n)
+}
+
+fn socket_addr(a: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = a.as_sockaddr_in() {
+        return Some(SocketAddr::from(*v4));
+    }
+    a.as_sockaddr_in6().map(|v6| SocketAddr::from(*v6))
 }
 
 /// The receiving task of one stream: `ready` is notified by the media thread when the socket is
@@ -487,7 +547,10 @@ pub(super) async fn run(
     mut ctl: mpsc::UnboundedReceiver<RecvCmd>,
     ready: Arc<Notify>,
 ) {
-    let mut buf = vec![0u8; 2048];
+    let mut bufs = Box::new(RecvBufs {
+        data: [[0; RECV_BUFFER]; BATCH],
+        got: [(0, None); BATCH],
+    });
     let socket = r.socket.clone();
     // One timer for the task's life, moved only when the next deadline comes earlier than where
     // it is set. A bridged stream's media-timeout deadline moves later with every packet, and
@@ -508,7 +571,7 @@ pub(super) async fn run(
             // Packets first: they are what the task exists for, and a command or timer in the
             // same wake loses nothing by waiting for them.
             biased;
-            () = ready.notified() => r.receive(&socket, &mut buf).await,
+            () = ready.notified() => r.receive(&socket, &mut bufs, &ready).await,
             cmd = ctl.recv() => match cmd {
                 Some(RecvCmd::StartRecording(spec)) => r.start(spec).await,
                 Some(RecvCmd::StopRecording(end, done)) => {
