@@ -476,13 +476,17 @@ impl Receiver {
     /// Read what the socket holds (the media thread saw a packet arrive) and handle each packet.
     /// The socket is watched edge-triggered: the task reads it empty, or wakes itself to go on.
     async fn receive(&mut self, socket: &UdpSocket, bufs: &mut RecvBufs, ready: &Notify) {
+        let mut more = false;
         for _ in 0..MAX_READS_PER_WAKE {
             let n = match read_batch(socket, bufs) {
                 Ok(n) => n,
                 Err(Errno::EAGAIN) => return,
-                // ICMP errors from earlier sends surface here; nothing to do but read on.
+                // ICMP errors from earlier sends surface here; nothing to do but read on. One
+                // that persists ends the wake without waking the task again (no spinning): the
+                // next packet's arrival does.
                 Err(e) => {
                     debug!(stream = self.id, error = %e, "RTP receive error");
+                    more = false;
                     continue;
                 }
             };
@@ -498,10 +502,13 @@ impl Receiver {
             if n < BATCH {
                 return;
             }
+            more = true;
         }
-        // Not read empty: give the thread's other tasks their turn, then read on.
-        tokio::task::yield_now().await;
-        ready.notify_one();
+        if more {
+            // Not read empty: give the thread's other tasks their turn, then read on.
+            tokio::task::yield_now().await;
+            ready.notify_one();
+        }
     }
 }
 
