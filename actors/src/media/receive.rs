@@ -1,6 +1,7 @@
-//! A call's receiving side: what the caller sends on its RTP port. One task per call (receiving
-//! cannot be batched like sending), idle but for packets: it wakes on a timer only while a
-//! recording, a jitter buffer or a DTMF event needs it.
+//! A call's receiving side: what the caller sends on its RTP port. One task per call, idle but
+//! for packets: the media thread wakes it when its socket has something to read (see the media
+//! module: the thread polls its streams' sockets once a millisecond), and a timer wakes it while a
+//! recording, a jitter buffer, a DTMF event or a bridge's media timeout needs it.
 //!
 //! It latches the stream to where the caller's packets actually come from (symmetric RTP, for
 //! callers behind NAT), turns RFC 4733 telephone-events into digits, and writes recordings:
@@ -10,19 +11,22 @@
 //! While the stream is bridged it also relays each packet, as it arrives, onto the other leg's
 //! outgoing stream (see the media module), and watches for the caller falling silent.
 
-use std::net::SocketAddr;
+use std::io::IoSliceMut;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use nix::errno::Errno;
+use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg};
 use sautikit_sip::dtmf::DtmfDetector;
 use sautikit_sip::jitter::{Frame, JitterBuffer};
 use sautikit_sip::rtp::{RelayKind, RtpView, g711};
 use sautikit_sip::tone::SilenceDetector;
 use sautikit_sip::wav::WavWriter;
-use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
@@ -41,6 +45,15 @@ const FLUSH_BYTES: usize = 64 * 1024;
 const RECORDING_TICK: Duration = Duration::from_millis(100);
 /// Room for any packet relayed (a UDP datagram on an Ethernet path), allocated once per stream.
 const RELAY_BUFFER: usize = 1500;
+/// Packets read per system call at most. A read that returns fewer than it had room for found
+/// the socket empty, so the usual wake (one packet) costs one call, not a second one that only
+/// learns the socket is empty.
+const BATCH: usize = 2;
+/// Room for one datagram read.
+const RECV_BUFFER: usize = 2048;
+/// Reads per wake at most: a flooded socket does not hold the media thread; the task yields, then
+/// reads on.
+const MAX_READS_PER_WAKE: usize = 16;
 
 /// What a `record` asks for.
 #[derive(Debug, Clone)]
@@ -462,17 +475,113 @@ impl Recorder {
     }
 }
 
-pub(super) async fn run(mut r: Receiver, mut ctl: mpsc::UnboundedReceiver<RecvCmd>) {
-    let mut buf = vec![0u8; 2048];
+impl Receiver {
+    /// Read what the socket holds (the media thread saw a packet arrive) and handle each packet.
+    /// The socket is watched edge-triggered: the task reads it empty, or wakes itself to go on.
+    async fn receive(&mut self, socket: &UdpSocket, bufs: &mut RecvBufs, ready: &Notify) {
+        let mut more = false;
+        for _ in 0..MAX_READS_PER_WAKE {
+            let n = match read_batch(socket, bufs) {
+                Ok(n) => n,
+                Err(Errno::EAGAIN) => return,
+                // ICMP errors from earlier sends surface here; nothing to do but read on. One
+                // that persists ends the wake without waking the task again (no spinning): the
+                // next packet's arrival does.
+                Err(e) => {
+                    debug!(stream = self.id, error = %e, "RTP receive error");
+                    more = false;
+                    continue;
+                }
+            };
+            for i in 0..n {
+                let (Some(&(len, from)), Some(data)) = (bufs.got.get(i), bufs.data.get(i)) else {
+                    continue;
+                };
+                let (Some(from), Some(packet)) = (from, data.get(..len)) else {
+                    continue;
+                };
+                self.on_packet(packet, from).await;
+            }
+            if n < BATCH {
+                return;
+            }
+            more = true;
+        }
+        if more {
+            // Not read empty: give the thread's other tasks their turn, then read on.
+            tokio::task::yield_now().await;
+            ready.notify_one();
+        }
+    }
+}
+
+/// Where a receiving task reads to.
+struct RecvBufs {
+    data: [[u8; RECV_BUFFER]; BATCH],
+    /// Length and source of each datagram of the last read.
+    got: [(usize, Option<SocketAddr>); BATCH],
+}
+
+/// One `recvmmsg` (non-blocking) into `bufs`: how many datagrams it read.
+fn read_batch(socket: &UdpSocket, bufs: &mut RecvBufs) -> nix::Result<usize> {
+    // Set up per read, small: nix's headers hold raw pointers, so they cannot live in the task
+    // across its awaits.
+    let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
+    let mut slices = bufs.data.each_mut().map(|d| [IoSliceMut::new(d)]);
+    let results = recvmmsg(
+        socket.as_raw_fd(),
+        &mut headers,
+        slices.iter_mut(),
+        MsgFlags::MSG_DONTWAIT,
+        None,
+    )?;
+    let mut n = 0;
+    for (msg, got) in results.zip(bufs.got.iter_mut()) {
+        *got = (msg.bytes, msg.address.as_ref().and_then(socket_addr));
+        n += 1;
+    }
+    Ok(n)
+}
+
+fn socket_addr(a: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = a.as_sockaddr_in() {
+        return Some(SocketAddr::from(*v4));
+    }
+    a.as_sockaddr_in6().map(|v6| SocketAddr::from(*v6))
+}
+
+/// The receiving task of one stream: `ready` is notified by the media thread when the socket is
+/// readable (the socket is not registered with tokio's reactor, see the media module).
+pub(super) async fn run(
+    mut r: Receiver,
+    mut ctl: mpsc::UnboundedReceiver<RecvCmd>,
+    ready: Arc<Notify>,
+) {
+    let mut bufs = Box::new(RecvBufs {
+        data: [[0; RECV_BUFFER]; BATCH],
+        got: [(0, None); BATCH],
+    });
     let socket = r.socket.clone();
+    // One timer for the task's life, moved only when the next deadline comes earlier than where
+    // it is set. A bridged stream's media-timeout deadline moves later with every packet, and
+    // re-arming a timer per packet costs more than relaying the packet; when the timer fires
+    // before the real deadline, `on_timer` finds nothing due (it checks every condition against
+    // the clock) and the loop sets it again.
+    let timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(timer);
+    let mut armed: Option<Instant> = None;
     loop {
-        let deadline = r.next_deadline();
+        if let Some(deadline) = r.next_deadline()
+            && armed.is_none_or(|at| deadline < at)
+        {
+            timer.as_mut().reset(deadline);
+            armed = Some(deadline);
+        }
         tokio::select! {
-            got = socket.recv_from(&mut buf) => match got {
-                Ok((n, from)) => r.on_packet(&buf[..n], from).await,
-                // ICMP errors from earlier sends surface here; nothing to do.
-                Err(e) => debug!(stream = r.id, error = %e, "RTP receive error"),
-            },
+            // Packets first: they are what the task exists for, and a command or timer in the
+            // same wake loses nothing by waiting for them.
+            biased;
+            () = ready.notified() => r.receive(&socket, &mut bufs, &ready).await,
             cmd = ctl.recv() => match cmd {
                 Some(RecvCmd::StartRecording(spec)) => r.start(spec).await,
                 Some(RecvCmd::StopRecording(end, done)) => {
@@ -488,7 +597,10 @@ pub(super) async fn run(mut r: Receiver, mut ctl: mpsc::UnboundedReceiver<RecvCm
                     return;
                 }
             },
-            () = sleep_until(deadline) => r.on_timer().await,
+            () = &mut timer, if armed.is_some() => {
+                armed = None;
+                r.on_timer().await;
+            }
         }
     }
 }
@@ -530,7 +642,7 @@ fn relay(
     {
         return;
     }
-    match out.socket.try_send_to(buf, remote) {
+    match out.socket.send_to(buf, remote) {
         Ok(_) => {
             stats.packets_relayed.fetch_add(1, Ordering::Relaxed);
         }
@@ -538,12 +650,5 @@ fn relay(
             stats.send_errors.fetch_add(1, Ordering::Relaxed);
             debug!(stream = peer.id, error = %e, "relayed RTP send failed");
         }
-    }
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
     }
 }
