@@ -1323,6 +1323,12 @@ async fn reservations_share_the_balance_and_settle_with_the_call(backend: Backen
         })
         .await
         .expect("answered");
+    // Its engine was last heard 5 minutes in: the call is rated to then (5 minutes), and charged
+    // no more than the one minute it held.
+    second
+        .engine_heartbeat("engine-a", s + Duration::minutes(5))
+        .await
+        .expect("beat");
     let later = s + Duration::minutes(10);
     let closed = second
         .close_orphaned_calls(later, "engine-b", later)
