@@ -118,6 +118,19 @@ pub struct StreamParams {
     pub telephone_event: Option<u8>,
 }
 
+impl StreamParams {
+    /// The stream an SDP negotiation settled on; `None` when the far end gave no usable RTP
+    /// address (e.g. `0.0.0.0`).
+    pub fn negotiated(answer: &sautikit_sip::sdp::Answer) -> Option<StreamParams> {
+        Some(StreamParams {
+            remote: answer.remote_rtp?,
+            codec: answer.codec,
+            payload_type: answer.payload_type,
+            telephone_event: answer.telephone_event,
+        })
+    }
+}
+
 enum MediaCmd {
     Open {
         events: MediaEvents,

@@ -766,16 +766,8 @@ impl CallState {
         let port_id = port.id;
         // From here the call's end closes the port, whatever fails.
         self.rtp = Some(port);
-        if let Some(remote) = answer.remote_rtp {
-            self.deps.media.start_stream(
-                port_id,
-                StreamParams {
-                    remote,
-                    codec: answer.codec,
-                    payload_type: answer.payload_type,
-                    telephone_event: answer.telephone_event,
-                },
-            );
+        if let Some(stream) = StreamParams::negotiated(&answer) {
+            self.deps.media.start_stream(port_id, stream);
         }
         self.endpoint
             .cast(SipMsg::Respond {
@@ -815,16 +807,8 @@ impl CallState {
             self.sdp_session_id(),
         )
         .map_err(|_| "sdp.no_common_codec")?;
-        if let Some(remote) = answer.remote_rtp {
-            self.deps.media.start_stream(
-                port.id,
-                StreamParams {
-                    remote,
-                    codec: answer.codec,
-                    payload_type: answer.payload_type,
-                    telephone_event: answer.telephone_event,
-                },
-            );
+        if let Some(stream) = StreamParams::negotiated(&answer) {
+            self.deps.media.start_stream(port.id, stream);
         }
         let response = response_to(
             &self.invite.request,

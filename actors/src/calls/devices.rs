@@ -136,11 +136,7 @@ impl CallState {
                         self.end_unanswered_leg(other);
                     }
                 }
-                let Some(leg_port) = self
-                    .legs
-                    .get(n as usize)
-                    .and_then(|l| l.rtp.as_ref().map(|p| p.id))
-                else {
+                let Some(leg_port) = self.leg_port(n) else {
                     self.bye_leg(n);
                     return;
                 };

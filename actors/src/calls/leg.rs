@@ -404,6 +404,11 @@ impl CallState {
         self.close_leg_media(n);
     }
 
+    /// Leg `n`'s RTP port, while it has one.
+    pub(super) fn leg_port(&self, n: u32) -> Option<u64> {
+        self.legs.get(n as usize)?.rtp.as_ref().map(|p| p.id)
+    }
+
     pub(super) fn close_leg_media(&mut self, n: u32) {
         if let Some(port) = self.legs.get_mut(n as usize).and_then(|l| l.rtp.take()) {
             self.deps.media.close(port.id);
@@ -479,14 +484,7 @@ impl CallState {
                 .filter(|t| !t.trim().is_empty())
                 .and_then(|text| sdp::parse(text).ok())
                 .and_then(|answer| sdp::answer(&answer, media_ip, 0, 0).ok())
-                .and_then(|a| {
-                    Some(StreamParams {
-                        remote: a.remote_rtp?,
-                        codec: a.codec,
-                        payload_type: a.payload_type,
-                        telephone_event: a.telephone_event,
-                    })
-                });
+                .and_then(|a| StreamParams::negotiated(&a));
             return LegOutcome::Ringing { code, early };
         }
         if matches!(code, 401 | 407) && !leg.authenticated && self.answer_challenge(n, response) {
@@ -533,19 +531,14 @@ impl CallState {
             .and_then(|text| sdp::parse(text).ok())
             .and_then(|answer| sdp::answer(&answer, media_ip, 0, 0).ok());
         match (wanted, stream) {
-            (true, Some(answer)) => LegOutcome::Answered(StreamParams {
-                remote: match answer.remote_rtp {
-                    Some(r) => r,
-                    None => {
-                        debug!(call_id = %self.call_id, "leg answered with no RTP address");
-                        self.bye_leg(n);
-                        return LegOutcome::Refused;
-                    }
-                },
-                codec: answer.codec,
-                payload_type: answer.payload_type,
-                telephone_event: answer.telephone_event,
-            }),
+            (true, Some(answer)) => match StreamParams::negotiated(&answer) {
+                Some(stream) => LegOutcome::Answered(stream),
+                None => {
+                    debug!(call_id = %self.call_id, "leg answered with no RTP address");
+                    self.bye_leg(n);
+                    LegOutcome::Refused
+                }
+            },
             (true, None) => {
                 self.note(
                     "sdp.rejected",

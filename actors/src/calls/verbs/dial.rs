@@ -440,11 +440,7 @@ async fn ringing(call: &mut CallState, n: u32, code: u16, early: Option<StreamPa
     let already_early = dial.early == Some(n);
     match (single, early) {
         (true, Some(stream)) if !already_early => {
-            let Some(leg_port) = call
-                .legs
-                .get(n as usize)
-                .and_then(|l| l.rtp.as_ref().map(|p| p.id))
-            else {
+            let Some(leg_port) = call.leg_port(n) else {
                 return;
             };
             call.deps.media.start_stream(leg_port, stream);
@@ -505,11 +501,7 @@ async fn answered(call: &mut CallState, n: u32, stream: StreamParams) {
         stop_leg(call, other, CallStatus::Canceled, "answered_elsewhere");
     }
     stop_ringback(call);
-    let Some(leg_port) = call
-        .legs
-        .get(n as usize)
-        .and_then(|l| l.rtp.as_ref().map(|p| p.id))
-    else {
+    let Some(leg_port) = call.leg_port(n) else {
         return;
     };
     call.deps.media.start_stream(leg_port, stream);
@@ -745,7 +737,7 @@ pub(in crate::calls) fn interrupted(call: &mut CallState) {
         ),
         None => ("canceled", Some(487), dial.legs.first().copied()),
     };
-    let mut fields = result_fields(call, &dial, status, sip, leg);
+    let fields = result_fields(call, &dial, status, sip, leg);
     let url = match dial.action.as_deref() {
         Some(a) => resolve_url(&call.document_url, a).ok(),
         None => call
@@ -765,11 +757,12 @@ pub(in crate::calls) fn interrupted(call: &mut CallState) {
     } else {
         "canceled"
     };
-    fields.push(("CallStatus".to_owned(), call_status.to_owned()));
     let mut fields = call.fields(fields);
-    // The base fields' `CallStatus` gives way to the one above.
-    if let Some(pos) = fields.iter().position(|(k, _)| k == "CallStatus") {
-        fields.remove(pos);
+    // The call has ended: its status is final, not the phase the base fields read.
+    for (k, v) in &mut fields {
+        if k == "CallStatus" {
+            call_status.clone_into(v);
+        }
     }
     let request = CallbackRequest {
         url,
