@@ -103,6 +103,7 @@ async fn fill_backlog(db: &TestDb, workspace_id: &str, url: &str, n: usize) {
                     number_id: Some(format!("bench-number-{}", i % KEYS)),
                     call_id: None,
                     payload: json!({"number_id": format!("bench-number-{}", i % KEYS), "seq": i}),
+                    events_url: None,
                 },
                 Utc::now(),
             )

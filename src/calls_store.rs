@@ -34,7 +34,8 @@ macro_rules! call_cols {
         "id, workspace_id, number_id, direction, from_number, to_number, status, sip_call_id, \
          engine_id, started_at, answered_at, ended_at, duration_seconds, hangup_cause, \
          failure_reason, cost_minor, uncollected_minor, currency, rate_per_min_minor, created_at, \
-         updated_at, parent_call_id"
+         updated_at, parent_call_id, origin, client_request_id, voice_callback_url, events_url, \
+         sip_status"
     };
 }
 
@@ -70,6 +71,15 @@ pub struct CallRecord {
     pub updated_at: DateTime<Utc>,
     /// For a dialled party's leg: the call that dialled it.
     pub parent_call_id: Option<String>,
+    /// `sip` (an INVITE, a `dial`) or `api` (`POST /v1/calls`).
+    pub origin: String,
+    /// The customer's own id for a call placed through the API.
+    pub client_request_id: Option<String>,
+    /// Per-call overrides of the number's webhooks (calls placed through the API).
+    pub voice_callback_url: Option<String>,
+    pub events_url: Option<String>,
+    /// The far end's final SIP code, once known.
+    pub sip_status: Option<i64>,
 }
 
 impl CallRecord {
@@ -131,6 +141,11 @@ fn call_from_row(row: &AnyRow) -> Result<CallRecord, StorageError> {
         created_at: get_time(row, "created_at")?,
         updated_at: get_time(row, "updated_at")?,
         parent_call_id: get(row, "parent_call_id")?,
+        origin: get(row, "origin")?,
+        client_request_id: get(row, "client_request_id")?,
+        voice_callback_url: get(row, "voice_callback_url")?,
+        events_url: get(row, "events_url")?,
+        sip_status: get(row, "sip_status")?,
     })
 }
 
@@ -191,6 +206,13 @@ fn base_payload(c: &CallRecord) -> serde_json::Map<String, Value> {
     if let Some(parent) = &c.parent_call_id {
         m.insert("parent_call_id".into(), json!(parent));
     }
+    // Only a call placed through the API has these (with the customer's id, when given).
+    if c.origin == "api" {
+        m.insert("client_request_id".into(), json!(c.client_request_id));
+    }
+    if let Some(code) = c.sip_status {
+        m.insert("sip_status".into(), json!(code));
+    }
     m
 }
 
@@ -205,6 +227,7 @@ fn call_event(
         number_id: Some(c.number_id.clone()),
         call_id: Some(c.id.clone()),
         payload: Value::Object(payload),
+        events_url: c.events_url.clone(),
     }
 }
 
@@ -348,7 +371,8 @@ async fn finalise_in_tx(
     let ts = to_db(end.ended_at);
     let row = sqlx::query(concat!(
         "UPDATE calls SET status = $1, ended_at = $2, hangup_cause = $3, failure_reason = $4, \
-         updated_at = $2 WHERE id = $5 AND status IN ('ringing', 'answered') RETURNING ",
+         updated_at = $2, sip_status = COALESCE(CAST($6 AS BIGINT), sip_status) \
+         WHERE id = $5 AND status IN ('ringing', 'answered') RETURNING ",
         call_cols!()
     ))
     .bind(end.status.as_str())
@@ -356,6 +380,7 @@ async fn finalise_in_tx(
     .bind(&end.hangup_cause)
     .bind(&end.failure_reason)
     .bind(&end.call_id)
+    .bind(end.sip_status.map(i64::from))
     .fetch_optional(&mut *conn)
     .await
     .map_err(storage)?;
@@ -615,12 +640,13 @@ async fn answered_in_tx(
 ) -> Result<bool, StorageError> {
     let ts = to_db(call.answered_at);
     let row = sqlx::query(concat!(
-        "UPDATE calls SET status = 'answered', answered_at = $1, updated_at = $1 \
-         WHERE id = $2 AND status = 'ringing' RETURNING ",
+        "UPDATE calls SET status = 'answered', answered_at = $1, updated_at = $1, \
+         to_number = COALESCE($3, to_number) WHERE id = $2 AND status = 'ringing' RETURNING ",
         call_cols!()
     ))
     .bind(&ts)
     .bind(&call.call_id)
+    .bind(&call.to)
     .fetch_optional(&mut *conn)
     .await
     .map_err(storage)?;
@@ -1136,6 +1162,7 @@ impl CallStore for SqlStore {
                 ended_at,
                 hangup_cause: None,
                 failure_reason: Some("engine.restart".to_owned()),
+                sip_status: None,
                 timeline: vec![TimelineEntry {
                     at: now,
                     kind: "call.status".to_owned(),
@@ -1156,5 +1183,135 @@ impl CallStore for SqlStore {
             self.events_committed();
         }
         Ok(closed)
+    }
+}
+
+/// A call placed through the API, as its row is first written.
+#[derive(Debug, Clone)]
+pub struct NewPlacedCall {
+    pub call_id: String,
+    pub workspace_id: String,
+    pub number_id: String,
+    /// The number the callee sees.
+    pub from: String,
+    /// The (first) number called.
+    pub to: String,
+    pub sip_call_id: String,
+    pub engine_id: String,
+    pub started_at: DateTime<Utc>,
+    pub client_request_id: Option<String>,
+    pub voice_callback_url: Option<String>,
+    pub events_url: Option<String>,
+    /// The first paid slice to reserve (0 for a free rate).
+    pub slice_minor: i64,
+    /// Live calls placed through the API that the workspace may hold.
+    pub max_live: i64,
+}
+
+/// What writing a placed call came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PlacedCallStart {
+    /// The row is written (`ringing`, `call.started` queued) with its first slice reserved.
+    Written { reserved_minor: i64 },
+    /// The wallet's free balance is less than the first slice: nothing was written.
+    InsufficientFunds,
+    /// The workspace holds `max_live` live calls placed through the API: nothing was written.
+    ConcurrencyExceeded,
+}
+
+impl SqlStore {
+    /// Write a call placed through the API: its row, its first slice's reservation and
+    /// `call.started`, in one transaction — or nothing, when the wallet cannot pay the first slice
+    /// or the workspace is at its limit of live placed calls. The wallet's row is locked first,
+    /// so concurrent requests of one workspace are counted and reserved one after another.
+    pub async fn start_placed_call(
+        &self,
+        c: &NewPlacedCall,
+    ) -> Result<PlacedCallStart, StorageError> {
+        let ts = to_db(c.started_at);
+        let mut tx = self.db().write.begin().await.map_err(storage)?;
+        let wallet = sqlx::query(
+            "UPDATE wallets SET updated_at = updated_at WHERE workspace_id = $1 \
+             RETURNING balance_minor",
+        )
+        .bind(&c.workspace_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(storage)?
+        .ok_or_else(|| StorageError(format!("workspace {} has no wallet", c.workspace_id)))?;
+        let balance: i64 = get(&wallet, "balance_minor")?;
+        let live = sqlx::query(
+            "SELECT CAST(COUNT(*) AS BIGINT) AS live FROM calls \
+             WHERE workspace_id = $1 AND origin = 'api' AND status IN ('ringing', 'answered')",
+        )
+        .bind(&c.workspace_id)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(storage)?;
+        if get::<i64>(&live, "live")? >= c.max_live {
+            return Ok(PlacedCallStart::ConcurrencyExceeded);
+        }
+        let held = sqlx::query(
+            "SELECT CAST(COALESCE(SUM(amount_minor), 0) AS BIGINT) AS held \
+             FROM call_reservations WHERE workspace_id = $1",
+        )
+        .bind(&c.workspace_id)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(storage)?;
+        let free = balance - get::<i64>(&held, "held")?;
+        if c.slice_minor > 0 && free < c.slice_minor {
+            return Ok(PlacedCallStart::InsufficientFunds);
+        }
+        let row = sqlx::query(concat!(
+            "INSERT INTO calls (id, workspace_id, number_id, direction, from_number, to_number, \
+             status, sip_call_id, engine_id, started_at, currency, rate_per_min_minor, \
+             created_at, updated_at, origin, client_request_id, voice_callback_url, events_url) \
+             SELECT $1, $2, $3, 'outbound', $4, $5, 'ringing', $6, $7, $8, currency, \
+               outbound_per_min_minor, $8, $8, 'api', $9, $10, $11 \
+             FROM tenant_numbers WHERE id = $3 AND workspace_id = $2 RETURNING ",
+            call_cols!()
+        ))
+        .bind(&c.call_id)
+        .bind(&c.workspace_id)
+        .bind(&c.number_id)
+        .bind(&c.from)
+        .bind(&c.to)
+        .bind(&c.sip_call_id)
+        .bind(&c.engine_id)
+        .bind(&ts)
+        .bind(&c.client_request_id)
+        .bind(&c.voice_callback_url)
+        .bind(&c.events_url)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(storage)?
+        .ok_or_else(|| StorageError(format!("number {} is not the workspace's", c.number_id)))?;
+        let stored = call_from_row(&row)?;
+        if c.slice_minor > 0 {
+            sqlx::query(
+                "INSERT INTO call_reservations (call_id, workspace_id, amount_minor, created_at, \
+                 updated_at) VALUES ($1, $2, $3, $4, $4)",
+            )
+            .bind(&c.call_id)
+            .bind(&c.workspace_id)
+            .bind(c.slice_minor)
+            .bind(&ts)
+            .execute(&mut *tx)
+            .await
+            .map_err(storage)?;
+        }
+        let timeline = [TimelineEntry {
+            at: c.started_at,
+            kind: "call.created".into(),
+            detail: json!({"by": "api", "from": c.from, "to": c.to, "reserved_minor": c.slice_minor}),
+        }];
+        insert_timeline(&mut tx, &stored.id, &timeline).await?;
+        enqueue(&mut tx, &started_event(&stored), c.started_at).await?;
+        tx.commit().await.map_err(storage)?;
+        self.events_committed();
+        Ok(PlacedCallStart::Written {
+            reserved_minor: c.slice_minor,
+        })
     }
 }

@@ -118,6 +118,14 @@ pub struct ServeArgs {
     pub outbound_trunk_username: Option<String>,
     #[arg(long, env = "SAUTIKIT_OUTBOUND_TRUNK_PASSWORD", hide_env_values = true)]
     pub outbound_trunk_password: Option<String>,
+    /// Calls a workspace may place through the API per second (a token bucket as deep as one
+    /// second's worth); past it `429 calls.rate_limited` with `Retry-After`.
+    #[arg(long, env = "SAUTIKIT_CALLS_PER_SECOND", default_value_t = 10)]
+    pub calls_per_second: u32,
+    /// Live calls placed through the API a workspace may hold; past it
+    /// `429 calls.concurrency_exceeded`.
+    #[arg(long, env = "SAUTIKIT_MAX_LIVE_API_CALLS", default_value_t = 100)]
+    pub max_live_api_calls: u32,
     /// Seconds a number's registered devices ring before the caller gets `480` (`no_answer`).
     #[arg(long, env = "SAUTIKIT_DEVICE_RING_SECS", default_value_t = 30)]
     pub device_ring_secs: u64,

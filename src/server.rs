@@ -316,6 +316,10 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
         metrics: metrics_handle(),
         auth_cache: Arc::new(DashMap::new()),
         openapi: Arc::default(),
+        placing: Arc::new(api::placing::Placing::new(
+            args.calls_per_second,
+            args.max_live_api_calls,
+        )),
     };
     let app = api::router(state);
     print_banner(&addr, args.mode, dev.as_ref());

@@ -1046,6 +1046,7 @@ pub(crate) fn low_balance_event(
             "low_balance_threshold_minor": threshold,
             "currency": currency,
         }),
+        events_url: None,
     }
 }
 
@@ -1259,6 +1260,7 @@ async fn claim_in_tx(
                 "currency": number.currency,
                 "next_renewal_at": to_api(number.next_renewal_at),
             }),
+            events_url: None,
         },
         cmd.now,
     )
@@ -1374,6 +1376,7 @@ impl Store for SqlStore {
                     "status": number.status.as_str(),
                     "released_at": number.released_at.map(to_api),
                 }),
+                events_url: None,
             },
             cmd.now,
         )
@@ -1464,6 +1467,7 @@ impl Store for SqlStore {
                     "currency": entry.currency,
                     "reference": entry.reference,
                 }),
+                events_url: None,
             },
             cmd.now,
         )

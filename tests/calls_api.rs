@@ -135,6 +135,7 @@ async fn call(
             .call_answered(CallAnswered {
                 call_id: id.clone(),
                 answered_at: a,
+                to: None,
                 timeline: vec![entry(a, "sip.received", json!({"method": "ACK"}))],
             })
             .await
@@ -151,6 +152,7 @@ async fn call(
             ended_at: e,
             hangup_cause: Some("caller_hangup".into()),
             failure_reason: (status != CallStatus::Completed).then(|| "callback.timeout".into()),
+            sip_status: None,
             timeline: vec![entry(e, "sip.received", json!({"method": "BYE"}))],
         })
         .await
@@ -158,7 +160,7 @@ async fn call(
     id
 }
 
-const CALL_KEYS: [&str; 15] = [
+const CALL_KEYS: [&str; 16] = [
     "id",
     "number_id",
     "direction",
@@ -174,6 +176,7 @@ const CALL_KEYS: [&str; 15] = [
     "cost_minor",
     "currency",
     "parent_call_id",
+    "sip_status",
 ];
 
 fn ids(items: &[Value]) -> Vec<String> {

@@ -99,6 +99,7 @@ fn ended(call_id: &str, status: CallStatus, at: DateTime<Utc>) -> CallEnded {
         ended_at: at,
         hangup_cause: Some("caller_hangup".into()),
         failure_reason: None,
+        sip_status: None,
         timeline: vec![entry(at, "sip.received", json!({"method": "BYE"}))],
     }
 }
@@ -220,6 +221,7 @@ async fn rated_per_second_with_one_ledger_row(backend: Backend) {
         .call_answered(CallAnswered {
             call_id: id.clone(),
             answered_at: a,
+            to: None,
             timeline: vec![entry(a, "sip.received", json!({"method": "ACK"}))],
         })
         .await
@@ -332,6 +334,7 @@ async fn zero_rate_writes_no_ledger_row(backend: Backend) {
         .call_answered(CallAnswered {
             call_id: id.clone(),
             answered_at: s,
+            to: None,
             timeline: vec![],
         })
         .await
@@ -375,6 +378,7 @@ async fn short_wallet_is_debited_to_zero_never_below(backend: Backend) {
         .call_answered(CallAnswered {
             call_id: id.clone(),
             answered_at: s,
+            to: None,
             timeline: vec![],
         })
         .await
@@ -423,6 +427,7 @@ async fn short_wallet_is_debited_to_zero_never_below(backend: Backend) {
         .call_answered(CallAnswered {
             call_id: id2.clone(),
             answered_at: s,
+            to: None,
             timeline: vec![],
         })
         .await
@@ -474,6 +479,7 @@ async fn canceled_call_fires_call_failed(backend: Backend) {
         .call_answered(CallAnswered {
             call_id: id.clone(),
             answered_at: s + Duration::seconds(8),
+            to: None,
             timeline: vec![],
         })
         .await
@@ -570,6 +576,7 @@ async fn orphans_of_dead_engines_are_closed(backend: Backend) {
             .call_answered(CallAnswered {
                 call_id: id.clone(),
                 answered_at: now - Duration::seconds(30),
+                to: None,
                 timeline: vec![],
             })
             .await
@@ -822,6 +829,7 @@ async fn concurrent_ends_charge_once_and_never_overdraw(backend: Backend) {
             .call_answered(CallAnswered {
                 call_id: id.clone(),
                 answered_at: s,
+                to: None,
                 timeline: vec![],
             })
             .await
@@ -901,6 +909,7 @@ async fn group_commit_isolates_a_bad_write(backend: Backend) {
                 .call_answered(CallAnswered {
                     call_id: id.clone(),
                     answered_at: at,
+                    to: None,
                     timeline: vec![],
                 })
                 .await?;
@@ -944,6 +953,7 @@ async fn a_group_of_ends_debits_in_order(backend: Backend) {
             .call_answered(CallAnswered {
                 call_id: id.clone(),
                 answered_at: t0(),
+                to: None,
                 timeline: vec![entry(t0(), "sip.received", json!({"method": "ACK"}))],
             })
             .await
@@ -1049,6 +1059,7 @@ async fn queued_answers_and_their_ends_commit_together_in_order(backend: Backend
         receipts.push(fx.store.queue_call_answered(CallAnswered {
             call_id: id.clone(),
             answered_at,
+            to: None,
             timeline: vec![entry(answered_at, "sip.received", json!({"method": "ACK"}))],
         }));
         let store = fx.store.clone();
@@ -1286,6 +1297,7 @@ async fn reservations_share_the_balance_and_settle_with_the_call(backend: Backen
         .call_answered(CallAnswered {
             call_id: a.clone(),
             answered_at: s,
+            to: None,
             timeline: vec![],
         })
         .await
@@ -1319,6 +1331,7 @@ async fn reservations_share_the_balance_and_settle_with_the_call(backend: Backen
         .call_answered(CallAnswered {
             call_id: c.clone(),
             answered_at: s,
+            to: None,
             timeline: vec![],
         })
         .await

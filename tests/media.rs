@@ -10,55 +10,10 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::Backend;
-use common::audio::{copy_pcaps, correlation, pcap_alaw, voiced_span};
+use common::audio::{copy_pcaps, correlation, espeak_reference, pcap_alaw, voiced_span};
 use common::caller::{Caller, decode};
 use common::calls::{NUMBER, scenario, setup, sipp, wait_for_calls};
 use serde_json::{Value, json};
-
-/// espeak-ng's own rendering, brought to 8 kHz with a windowed-sinc low-pass written here (not
-/// the engine's resampler), as i16.
-fn espeak_reference(text: &str, voice: &str, dir: &Path) -> Vec<i16> {
-    let wav = dir.join("reference.wav");
-    let status = std::process::Command::new("espeak-ng")
-        .args(["-v", voice, "-w"])
-        .arg(&wav)
-        .arg(text)
-        .status()
-        .expect("espeak-ng (scripts/test.sh installs it)");
-    assert!(status.success());
-    let bytes = std::fs::read(&wav).unwrap();
-    let (rate, channels, samples) = sautikit_sip::wav::parse_wav(&bytes).expect("espeak WAV");
-    assert_eq!(channels, 1);
-    downsample(&samples, rate, 8000)
-}
-
-fn downsample(input: &[i16], from: u32, to: u32) -> Vec<i16> {
-    let ratio = f64::from(from) / f64::from(to);
-    let cutoff = 0.9 * 0.5 / ratio; // cycles per input sample, below the new Nyquist
-    let half = 64i64;
-    let n_out = (input.len() as f64 / ratio) as usize;
-    (0..n_out)
-        .map(|i| {
-            let centre = i as f64 * ratio;
-            let c = centre.floor() as i64;
-            let mut acc = 0.0;
-            for k in (c - half)..=(c + half) {
-                if k < 0 || k as usize >= input.len() {
-                    continue;
-                }
-                let x = k as f64 - centre;
-                let sinc = if x.abs() < 1e-9 {
-                    2.0 * cutoff
-                } else {
-                    (2.0 * std::f64::consts::PI * cutoff * x).sin() / (std::f64::consts::PI * x)
-                };
-                let w = 0.5 + 0.5 * (std::f64::consts::PI * x / (half as f64 + 1.0)).cos();
-                acc += f64::from(input[k as usize]) * sinc * w;
-            }
-            acc.clamp(-32768.0, 32767.0) as i16
-        })
-        .collect()
-}
 
 /// Start the guide's FastAPI handler under uvicorn (tests/python; scripts/test.sh makes the venv).
 fn uvicorn(port: u16) -> std::process::Child {

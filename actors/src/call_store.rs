@@ -110,6 +110,8 @@ pub struct CallStarted {
 pub struct CallAnswered {
     pub call_id: String,
     pub answered_at: DateTime<Utc>,
+    /// The number that answered, when it is not the one recorded (a placed call ringing several).
+    pub to: Option<String>,
     pub timeline: Vec<TimelineEntry>,
 }
 
@@ -130,6 +132,8 @@ pub struct CallEnded {
     /// `callback.invalid_actions`, `callback.unreachable`, `action.not_supported`,
     /// `engine.restart`, `engine.error` …
     pub failure_reason: Option<String>,
+    /// The far end's final SIP code (an outbound call's callee), when there was one.
+    pub sip_status: Option<u16>,
     pub timeline: Vec<TimelineEntry>,
 }
 

@@ -357,6 +357,10 @@ impl Actor for Root {
 pub struct Engine {
     names: Names,
     sip_addr: Option<std::net::SocketAddr>,
+    /// This process's id on the calls it holds; `None` when it takes no calls.
+    engine_id: Option<String>,
+    /// Calls can be placed: an outbound trunk is configured.
+    has_trunk: bool,
     root: ActorRef<RootMsg>,
     join: JoinHandle<()>,
 }
@@ -405,6 +409,7 @@ impl Engine {
                     engine_id: uuid::Uuid::now_v7().to_string(),
                     numbers: names.numbers.clone(),
                     calls: names.calls.clone(),
+                    sip: names.sip.clone(),
                     synth: setup.synth.clone(),
                     audio: setup.audio.clone(),
                     data_dir: setup.data_dir.clone(),
@@ -420,6 +425,8 @@ impl Engine {
             }
         });
         let sip_addr = voice.as_ref().map(|v| v.sip_addr.clone());
+        let engine_id = voice.as_ref().map(|v| v.deps.engine_id.clone());
+        let has_trunk = voice.as_ref().is_some_and(|v| v.deps.trunk.is_some());
         let (root, join) = Actor::spawn(
             None,
             Root,
@@ -436,6 +443,8 @@ impl Engine {
         Ok(Engine {
             names,
             sip_addr,
+            engine_id,
+            has_trunk,
             root,
             join,
         })
@@ -521,6 +530,37 @@ impl Engine {
             reply,
         })
         .await
+    }
+
+    /// This process's id on the calls it holds, when it takes calls.
+    pub fn engine_id(&self) -> Option<&str> {
+        self.engine_id.as_deref()
+    }
+
+    /// Whether calls can be placed from here (an outbound trunk is configured).
+    pub fn can_place_calls(&self) -> bool {
+        self.has_trunk && self.sip_addr.is_some()
+    }
+
+    /// Start a call the API placed (its row written with this engine's id, its first slice
+    /// reserved).
+    pub async fn place_call(
+        &self,
+        placed: crate::calls::PlacedCall,
+    ) -> Result<Result<(), crate::calls::PlaceRefusal>, StorageError> {
+        let Some(calls) = ActorRef::<CallsMsg>::where_is(self.names.calls.clone()) else {
+            return Ok(Err(crate::calls::PlaceRefusal::Unavailable));
+        };
+        ask(&calls, |reply| CallsMsg::PlaceCall {
+            placed: Box::new(placed),
+            reply,
+        })
+        .await
+    }
+
+    /// A fresh SIP Call-ID, for a placed call's row before its INVITE is sent.
+    pub fn new_sip_call_id() -> String {
+        sautikit_sip::message::new_call_id()
     }
 
     /// How many calls this process holds as live (each has a Call actor that has not ended).

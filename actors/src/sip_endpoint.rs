@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::call_store::{CallStore, TimelineEntry};
-use crate::calls::{CallArgs, CallDeps, CallMsg, IncomingInvite};
+use crate::calls::{CallArgs, CallDeps, CallMsg, IncomingInvite, InviteServer};
 use crate::clock::Clock;
 use crate::registrar::RegistrarMsg;
 
@@ -669,13 +669,16 @@ async fn start_call(
         deps: state.args.deps.clone(),
         endpoint: myself.clone(),
         invite: IncomingInvite {
-            key: key.clone(),
-            request,
+            server: Some(InviteServer {
+                key: key.clone(),
+                request,
+            }),
             from,
             sip_call_id: sip_call_id.clone(),
             local: state.local,
             device,
         },
+        placed: None,
     };
     match Actor::spawn_linked(None, crate::calls::Call, args, state.args.calls.clone()).await {
         Ok((call, _)) => {

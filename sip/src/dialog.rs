@@ -297,6 +297,8 @@ pub struct NewInvite<'a> {
     /// Extra headers (name, value), e.g. `P-Asserted-Identity`.
     pub extra: &'a [(&'a str, String)],
     pub sdp: &'a str,
+    /// The Call-ID to use; a fresh one when `None`.
+    pub call_id: Option<&'a str>,
 }
 
 /// A new INVITE (RFC 3261 §8.1.1) with a fresh Call-ID, From tag and branch; `None` when a URI
@@ -330,7 +332,7 @@ pub fn new_invite(n: &NewInvite<'_>) -> Option<Request> {
     ))));
     headers.push(Header::To(rsip::headers::To::new(format!("<{}>", n.to))));
     headers.push(Header::CallId(rsip::headers::CallId::new(
-        message::new_call_id(),
+        n.call_id.map_or_else(message::new_call_id, str::to_owned),
     )));
     headers.push(Header::CSeq(rsip::headers::CSeq::new("1 INVITE")));
     headers.push(Header::Contact(rsip::headers::Contact::new(format!(
@@ -396,6 +398,7 @@ mod tests {
                 "<sip:+254711000001@sip.example.com>".into(),
             )],
             sdp: "v=0\r\n",
+            call_id: None,
         })
         .unwrap_or_else(|| panic!("the INVITE builds"));
         let text = String::from_utf8(message::to_bytes(req.clone())).unwrap_or_default();

@@ -56,6 +56,14 @@ pub struct CallView {
     pub currency: String,
     /// For a dialled party's leg: the call that dialled it; `null` otherwise.
     pub parent_call_id: Option<String>,
+    /// For a call placed through the API: the `client_request_id` it was given (or `null`).
+    /// Absent on other calls.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_request_id: Option<Option<String>>,
+    /// The far end's final SIP code for outbound calls (200 once answered, 486 busy, 487
+    /// cancelled, …); `null` until known and for inbound calls.
+    #[schema(example = 200)]
+    pub sip_status: Option<i64>,
 }
 
 impl From<CallRecord> for CallView {
@@ -76,6 +84,8 @@ impl From<CallRecord> for CallView {
             cost_minor: c.cost_minor,
             currency: c.currency,
             parent_call_id: c.parent_call_id,
+            client_request_id: (c.origin == "api").then_some(c.client_request_id),
+            sip_status: c.sip_status,
         }
     }
 }

@@ -8,6 +8,7 @@ pub mod extract;
 pub mod middleware;
 pub mod numbers;
 pub mod ops;
+pub mod placing;
 pub mod registrations;
 pub mod wallet;
 pub mod webhooks;
@@ -42,6 +43,8 @@ pub struct AppState {
     /// SHA-256 of an API key → (workspace id, when it was looked up).
     pub auth_cache: Arc<DashMap<String, (String, Instant)>>,
     pub openapi: Arc<OnceLock<String>>,
+    /// Limits on placing calls through the API.
+    pub placing: Arc<placing::Placing>,
 }
 
 #[derive(OpenApi)]
@@ -97,7 +100,7 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(webhooks::deliveries))
         .routes(routes!(webhooks::redeliver))
         .routes(routes!(webhooks::rotate_secret))
-        .routes(routes!(calls::list_calls))
+        .routes(routes!(calls::list_calls, placing::place_call))
         .routes(routes!(calls::get_call))
         .routes(routes!(calls::call_events))
         .routes(routes!(calls::hangup))

@@ -234,7 +234,8 @@ const START_CALLS: &str = concat!(
 );
 
 const ANSWER_CALLS: &str = concat!(
-    "UPDATE calls SET status = 'answered', answered_at = v.column2, updated_at = v.column2 \
+    "UPDATE calls SET status = 'answered', answered_at = v.column2, updated_at = v.column2, \
+     to_number = COALESCE(v.column3, calls.to_number) \
      FROM (VALUES {values}) AS v WHERE calls.id = v.column1 AND calls.status = 'ringing' \
      RETURNING ",
     call_cols!()
@@ -243,7 +244,8 @@ const ANSWER_CALLS: &str = concat!(
 // The conditional update comes first: it also locks the rows, so a second ender finds them final.
 const END_CALLS: &str = concat!(
     "UPDATE calls SET status = v.column2, ended_at = v.column3, hangup_cause = v.column4, \
-     failure_reason = v.column5, updated_at = v.column3 FROM (VALUES {values}) AS v \
+     failure_reason = v.column5, updated_at = v.column3, \
+     sip_status = COALESCE(CAST(v.column6 AS BIGINT), calls.sip_status) FROM (VALUES {values}) AS v \
      WHERE calls.id = v.column1 AND calls.status IN ('ringing', 'answered') RETURNING ",
     call_cols!()
 );
@@ -315,8 +317,12 @@ async fn answer_calls(
         &answers,
         |c| &c.call_id,
         ANSWER_CALLS,
-        2,
-        |q, c| Ok(q.bind(c.call_id.clone()).bind(to_db(c.answered_at))),
+        3,
+        |q, c| {
+            Ok(q.bind(c.call_id.clone())
+                .bind(to_db(c.answered_at))
+                .bind(c.to.clone()))
+        },
     )
     .await?;
     for (i, c) in answers {
@@ -364,14 +370,15 @@ async fn end_calls(
         &ends,
         |c| &c.call_id,
         END_CALLS,
-        5,
+        6,
         |q, c| {
             check_final(c)?;
             Ok(q.bind(c.call_id.clone())
                 .bind(c.status.as_str())
                 .bind(to_db(c.ended_at))
                 .bind(c.hangup_cause.clone())
-                .bind(c.failure_reason.clone()))
+                .bind(c.failure_reason.clone())
+                .bind(c.sip_status.map(i64::from)))
         },
     )
     .await?;
@@ -643,6 +650,7 @@ mod tests {
         CallWrite::Answered(CallAnswered {
             call_id: id.into(),
             answered_at: Utc::now(),
+            to: None,
             timeline: Vec::new(),
         })
     }
@@ -654,6 +662,7 @@ mod tests {
             ended_at: Utc::now(),
             hangup_cause: None,
             failure_reason: None,
+            sip_status: None,
             timeline: Vec::new(),
         })
     }

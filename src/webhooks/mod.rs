@@ -59,6 +59,8 @@ pub struct EventDraft {
     pub number_id: Option<String>,
     pub call_id: Option<String>,
     pub payload: Value,
+    /// Where a call event goes instead of its number's `events_url` (a per-call override).
+    pub events_url: Option<String>,
 }
 
 /// The envelope every delivery of an event sends, byte for byte.
@@ -83,8 +85,8 @@ pub(crate) fn subject(number_id: Option<&str>, call_id: Option<&str>) -> String 
 
 macro_rules! insert_event {
     () => {
-        "INSERT INTO events (id, workspace_id, event_kind, number_id, call_id, occurred_at, body) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7)"
+        "INSERT INTO events (id, workspace_id, event_kind, number_id, call_id, occurred_at, body, \
+         events_url) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
     };
 }
 /// What follows an event insert on PostgreSQL: the new rows also enter `event_queue` (0008), in
@@ -126,13 +128,14 @@ pub async fn enqueue(
         .bind(&draft.call_id)
         .bind(to_db(now))
         .bind(&body)
+        .bind(&draft.events_url)
         .execute(&mut *conn)
         .await
         .map_err(|e| StorageError(e.to_string()))?;
     Ok(())
 }
 
-/// Events per multi-row INSERT, at most (7 values each).
+/// Events per multi-row INSERT, at most (8 values each).
 const ENQUEUE_CHUNK: usize = 128;
 
 /// Queue several events in the caller's transaction with multi-row INSERTs, in the given order
@@ -147,8 +150,8 @@ pub async fn enqueue_all(
             backend,
             &format!(
                 "INSERT INTO events (id, workspace_id, event_kind, number_id, call_id, \
-                 occurred_at, body) VALUES {}",
-                crate::sql::value_rows(backend, chunk.len(), 7)
+                 occurred_at, body, events_url) VALUES {}",
+                crate::sql::value_rows(backend, chunk.len(), 8)
             ),
         );
         // Safe: `sql` is built only from placeholders; values are bound.
@@ -162,7 +165,8 @@ pub async fn enqueue_all(
                 .bind(draft.number_id.clone())
                 .bind(draft.call_id.clone())
                 .bind(to_db(*at))
-                .bind(body);
+                .bind(body)
+                .bind(draft.events_url.clone());
         }
         q.execute(&mut *conn)
             .await

@@ -76,8 +76,8 @@ const EXPAND_PAGES: usize = 4;
 /// whenever that parameter is bound again, so each run of a cached statement prepared it afresh
 /// (5 % of the SQLite thread at 500 calls/s, in the two outbox reads here). A `CAST` of the
 /// parameter is not read at prepare time; the plan is the same.
-const UNEXPANDED_SQLITE: &str = "SELECT id, workspace_id, event_kind, number_id, call_id, body \
-    FROM events WHERE expanded = 0 AND id > $1 ORDER BY id LIMIT CAST($2 AS INTEGER)";
+const UNEXPANDED_SQLITE: &str = "SELECT id, workspace_id, event_kind, number_id, call_id, body, \
+    events_url FROM events WHERE expanded = 0 AND id > $1 ORDER BY id LIMIT CAST($2 AS INTEGER)";
 /// PostgreSQL (0008): queued events with their claims, after a `seq`. Rows this process claimed
 /// and still holds are left out; rows another process holds are read, because their ordering keys
 /// must wait. In `seq` order, which is commit order for the events of one ordering key (0006):
@@ -85,7 +85,7 @@ const UNEXPANDED_SQLITE: &str = "SELECT id, workspace_id, event_kind, number_id,
 /// are made only under the lease's advisory lock; `record` deletes a claimed row only while it
 /// still holds the claim.
 const QUEUED_POSTGRES: &str = "SELECT q.seq, q.lease_token, q.lease_until, e.id, e.workspace_id, \
-    e.event_kind, e.number_id, e.call_id, e.body \
+    e.event_kind, e.number_id, e.call_id, e.body, e.events_url \
     FROM event_queue q JOIN events e ON e.id = q.event_id \
     WHERE q.seq > $1 AND (q.lease_token IS DISTINCT FROM $2 OR q.lease_until < $3) \
     ORDER BY q.seq LIMIT $4";
@@ -211,6 +211,8 @@ struct EventRow {
     call_id: Option<String>,
     body: String,
     secret: String,
+    /// A per-call override of the number's `events_url`.
+    events_url: Option<String>,
 }
 
 /// Who receives the events of one expansion, looked up once per page of events for all of
@@ -409,6 +411,7 @@ async fn expand_events(
                 number_id: get(r, "number_id")?,
                 call_id: get(r, "call_id")?,
                 body: get(r, "body")?,
+                events_url: get(r, "events_url")?,
             };
             if from.skip.contains(&e.id) {
                 continue;
@@ -422,7 +425,10 @@ async fn expand_events(
             let subject = super::subject(e.number_id.as_deref(), e.call_id.as_deref());
             let mut to = Vec::new();
             if e.kind.starts_with("call.") {
-                if let Some(n) = &e.number_id
+                if let Some(url) = &e.events_url {
+                    let n = e.number_id.as_deref().unwrap_or_default();
+                    to.push((None, url.clone(), format!("events_url:{n}|{subject}")));
+                } else if let Some(n) = &e.number_id
                     && let Some(Some(url)) = receivers.events_urls.get(n)
                 {
                     to.push((None, url.clone(), format!("events_url:{n}|{subject}")));

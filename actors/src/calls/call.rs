@@ -33,10 +33,13 @@ use crate::voice::Action;
 /// How long a call waits for the Numbers actor before answering 503.
 const ROUTE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The INVITE that starts a call, as the endpoint received it.
+/// The INVITE that starts a call, as the endpoint received it; for a call placed through the API,
+/// where its first party is reached.
 pub struct IncomingInvite {
-    pub key: TxKey,
-    pub request: rsip::Request,
+    /// The INVITE and its server transaction; `None` for a call placed through the API (its
+    /// first party is a leg we call).
+    pub server: Option<InviteServer>,
+    /// The first party's SIP address (the caller, or the trunk a placed call goes out through).
     pub from: Peer,
     pub sip_call_id: String,
     /// Our SIP address (Via and Contact of what we send).
@@ -45,10 +48,18 @@ pub struct IncomingInvite {
     pub device: Option<crate::registrar::DeviceLogin>,
 }
 
+/// An INVITE we answer: its server transaction and the request.
+pub struct InviteServer {
+    pub key: TxKey,
+    pub request: rsip::Request,
+}
+
 pub struct CallArgs {
     pub deps: CallDeps,
     pub endpoint: ActorRef<SipMsg>,
     pub invite: IncomingInvite,
+    /// A call placed through the API: whom it calls, and how.
+    pub placed: Option<Box<super::from_api::PlacedCall>>,
 }
 
 pub enum CallMsg {
@@ -99,6 +110,8 @@ pub enum CallMsg {
     DialTimeLimit { seq: u64 },
     /// Time to extend the prepaid reservation, or the paid time is over.
     PrepaidCheck { leg: Option<u32>, seq: u64 },
+    /// A call placed through the API reached its `time_limit`.
+    TimeLimitReached,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -193,6 +206,14 @@ pub struct CallState {
     pub(super) legs_reported: Vec<(super::leg::LegState, bool)>,
     /// A `dial` in progress.
     pub(super) dial: Option<verbs::ActiveDial>,
+    /// A call placed through the API: its callee's legs, before and after the answer.
+    pub(super) placed: Option<super::from_api::Placement>,
+    /// The customer's own id for the call (`client_request_id`), echoed in every callback.
+    pub(super) client_request_id: Option<String>,
+    /// The far end's final SIP code (outbound calls), recorded with the end.
+    pub(super) sip_status: Option<u16>,
+    /// What the API asked for, until the call starts placing it.
+    to_place: Option<Box<super::from_api::PlacedCall>>,
 }
 
 impl Actor for Call {
@@ -241,6 +262,10 @@ impl Actor for Call {
             prepaid: None,
             legs_reported: Vec::new(),
             dial: None,
+            placed: None,
+            to_place: args.placed,
+            client_request_id: None,
+            sip_status: None,
         })
     }
 
@@ -249,7 +274,10 @@ impl Actor for Call {
         _myself: ActorRef<Self::Msg>,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        state.begin().await;
+        match state.to_place.take() {
+            Some(placed) => state.place(*placed).await,
+            None => state.begin().await,
+        }
         state.report_legs();
         Ok(())
     }
@@ -306,13 +334,21 @@ impl Actor for Call {
             CallMsg::LegResponse { leg, response } => state.on_leg_answer(leg, &response).await,
             CallMsg::LegTimedOut { leg } => state.on_leg_timeout(leg).await,
             CallMsg::LegMedia { leg, event } => state.on_leg_media(leg, event).await,
+            CallMsg::RingTimedOut { seq } if state.placed.is_some() => {
+                state.placed_ring_timeout(seq).await
+            }
             CallMsg::RingTimedOut { seq } => state.on_ring_timeout(seq).await,
+            CallMsg::TimeLimitReached => state.time_limit_reached().await,
             CallMsg::DialRingTimedOut { seq } => verbs::dial_ring_timed_out(state, seq).await,
             CallMsg::DialTimeLimit { seq } => verbs::dial_time_limit_reached(state, seq).await,
             CallMsg::PrepaidCheck { leg, seq } => state.on_prepaid_check(leg, seq).await,
             CallMsg::HangupRequested { reply } => {
                 state.hangup_waiters.push(reply);
                 if state.phase == Phase::Ringing {
+                    if state.placed.is_some() {
+                        // Its callee legs get CANCEL (in `finish`) and finally say 487.
+                        state.sip_status.get_or_insert(487);
+                    }
                     state.respond_final(603, Some("Decline"));
                     state
                         .finish(
@@ -377,9 +413,11 @@ impl CallState {
     }
 
     async fn begin(&mut self) {
-        let request = &self.invite.request;
-        let user = sipmsg::request_user(request).unwrap_or_default();
-        let from_user = sipmsg::from_user(&self.invite.request).unwrap_or_default();
+        let Some(server) = &self.invite.server else {
+            return;
+        };
+        let user = sipmsg::request_user(&server.request).unwrap_or_default();
+        let from_user = sipmsg::from_user(&server.request).unwrap_or_default();
         self.from = normalize_number(&from_user).unwrap_or(from_user);
         let user = match &self.invite.device {
             // A device presents only its number, and may dial in the national format.
@@ -496,7 +534,10 @@ impl CallState {
     }
 
     pub(super) fn check_offer(&self) -> Result<sdp::SessionDescription, String> {
-        let body = &self.invite.request.body;
+        let Some(server) = &self.invite.server else {
+            return Err("the call has no INVITE of its own".into());
+        };
+        let body = &server.request.body;
         if body.is_empty() {
             return Err("the INVITE carries no SDP offer".into());
         }
@@ -561,8 +602,11 @@ impl CallState {
                 workspace_id: route.workspace_id.clone(),
                 sip_call_id: self.invite.sip_call_id.clone(),
                 endpoint: self.endpoint.clone(),
-                invite_key: self.invite.key.clone(),
-                invite: self.invite.request.clone(),
+                invite: self
+                    .invite
+                    .server
+                    .as_ref()
+                    .map(|s| (s.key.clone(), s.request.clone())),
                 peer: self.invite.from,
                 local: self.invite.local,
                 final_sent: self.phase != Phase::Ringing,
@@ -588,6 +632,9 @@ impl CallState {
             ("Direction".to_owned(), self.direction.to_owned()),
             ("CallStatus".to_owned(), status.to_owned()),
         ];
+        if let Some(id) = &self.client_request_id {
+            f.push(("ClientRequestId".to_owned(), id.clone()));
+        }
         f.extend(extra);
         f
     }
@@ -730,8 +777,10 @@ impl CallState {
             }
         );
         let contact_uri = rsip::Uri::try_from(contact.as_str()).map_err(|_| "sip.bad_contact")?;
-        let mut response =
-            response_to(&self.invite.request, 200, Some("OK"), Some(&self.local_tag));
+        let Some(server) = &self.invite.server else {
+            return Err("sip.no_invite");
+        };
+        let mut response = response_to(&server.request, 200, Some("OK"), Some(&self.local_tag));
         response
             .headers
             .push(rsip::Header::Contact(rsip::headers::Contact::new(format!(
@@ -741,8 +790,9 @@ impl CallState {
             "Allow".into(),
             crate::sip_endpoint::ALLOW.into(),
         ));
-        let dialog = Dialog::uas(&self.invite.request, &self.local_tag, contact_uri)
+        let dialog = Dialog::uas(&server.request, &self.local_tag, contact_uri)
             .map_err(|_| "sip.bad_dialog")?;
+        let key = server.key.clone();
         // Everything that can fail without a port is done: a port opened now is closed again if
         // the answer cannot be made. A call that rang devices opened its port already.
         let port = match self.rtp.take() {
@@ -770,10 +820,7 @@ impl CallState {
             self.deps.media.start_stream(port_id, stream);
         }
         self.endpoint
-            .cast(SipMsg::Respond {
-                key: self.invite.key.clone(),
-                response,
-            })
+            .cast(SipMsg::Respond { key, response })
             .map_err(|_| "sip.endpoint_gone")?;
         self.note(
             "sip.sent",
@@ -810,8 +857,9 @@ impl CallState {
         if let Some(stream) = StreamParams::negotiated(&answer) {
             self.deps.media.start_stream(port.id, stream);
         }
+        let server = self.invite.server.as_ref().ok_or("sip.no_invite")?;
         let response = response_to(
-            &self.invite.request,
+            &server.request,
             183,
             Some("Session Progress"),
             Some(&self.local_tag),
@@ -819,7 +867,7 @@ impl CallState {
         let response = with_body(response, "application/sdp", answer.sdp.into_bytes());
         self.endpoint
             .cast(SipMsg::Respond {
-                key: self.invite.key.clone(),
+                key: server.key.clone(),
                 response,
             })
             .map_err(|_| "sip.endpoint_gone")?;
@@ -900,11 +948,17 @@ impl CallState {
     }
 
     /// Our 200 was taken: status `answered`, `call.answered`; billing runs from now.
-    fn mark_answered(&mut self) {
+    pub(super) fn mark_answered(&mut self) {
         self.phase = Phase::Answered;
         let answered = CallAnswered {
             call_id: self.call_id.clone(),
             answered_at: self.now(),
+            // A placed call that rang several numbers is to the one that answered.
+            to: self
+                .placed
+                .as_ref()
+                .filter(|p| p.rang_several())
+                .map(|_| self.to.clone()),
             timeline: std::mem::take(&mut self.timeline),
         };
         // Not awaited here: the end, if it comes next, is queued behind it and commits with or
@@ -982,17 +1036,17 @@ impl CallState {
 
     /// A provisional answer to the INVITE (`180 Ringing` while devices ring).
     pub(super) fn respond_provisional(&mut self, code: u16, reason: &str) {
-        if self.phase != Phase::Ringing {
+        let Some(server) = self
+            .invite
+            .server
+            .as_ref()
+            .filter(|_| self.phase == Phase::Ringing)
+        else {
             return;
-        }
-        let response = response_to(
-            &self.invite.request,
-            code,
-            Some(reason),
-            Some(&self.local_tag),
-        );
+        };
+        let response = response_to(&server.request, code, Some(reason), Some(&self.local_tag));
         let _ = self.endpoint.cast(SipMsg::Respond {
-            key: self.invite.key.clone(),
+            key: server.key.clone(),
             response,
         });
         self.note("sip.sent", json!({"status": code, "reason": reason}));
@@ -1004,17 +1058,23 @@ impl CallState {
     }
 
     fn respond_with(&mut self, code: u16, reason: Option<&str>, extra: &[(&str, &str)]) {
-        if self.phase != Phase::Ringing {
+        // A call placed through the API has no INVITE to answer: it ends (`finish`) all the same.
+        let Some(server) = self
+            .invite
+            .server
+            .as_ref()
+            .filter(|_| self.phase == Phase::Ringing)
+        else {
             return;
-        }
-        let mut response = response_to(&self.invite.request, code, reason, Some(&self.local_tag));
+        };
+        let mut response = response_to(&server.request, code, reason, Some(&self.local_tag));
         for (name, value) in extra {
             response
                 .headers
                 .push(rsip::Header::Other((*name).to_owned(), (*value).to_owned()));
         }
         let _ = self.endpoint.cast(SipMsg::Respond {
-            key: self.invite.key.clone(),
+            key: server.key.clone(),
             response,
         });
         self.note("sip.sent", json!({"status": code, "reason": reason}));
@@ -1084,6 +1144,7 @@ impl CallState {
             ended_at: self.now(),
             hangup_cause: hangup_cause.map(str::to_owned),
             failure_reason: failure_reason.map(str::to_owned),
+            sip_status: self.sip_status,
             timeline: std::mem::take(&mut self.timeline),
         };
         // The end carries the money: retry a failing database a few times, then hand the end

@@ -112,6 +112,10 @@ impl CallState {
         if self.phase == Phase::Ended {
             return;
         }
+        if self.is_callee(n) {
+            self.callee_response(n, response).await;
+            return;
+        }
         if self.dialled(n) {
             super::verbs::dial_leg_response(self, n, response).await;
             return;
@@ -189,7 +193,9 @@ impl CallState {
                 "sip.timeout",
                 json!({"leg": label, "message": "no final response to our INVITE"}),
             );
-            if self.dialled(n) {
+            if self.is_callee(n) {
+                self.callee_gone().await;
+            } else if self.dialled(n) {
                 super::verbs::dial_leg_timed_out(self, n).await;
             } else if self.trunk_call {
                 if self.phase == Phase::Ringing {
@@ -247,7 +253,9 @@ impl CallState {
 
     /// A leg hung up (BYE). The bridged leg's hang-up ends the call.
     pub(super) async fn leg_hung_up(&mut self, n: u32) {
-        if self.dialled(n) {
+        if self.is_callee(n) {
+            self.callee_hung_up(n).await;
+        } else if self.dialled(n) {
             super::verbs::dial_leg_hung_up(self, n).await;
         } else if self.bridged == Some(n) {
             self.bridged = None;

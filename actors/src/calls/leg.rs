@@ -119,6 +119,15 @@ pub(super) struct LegTarget {
     pub(super) record: Option<(String, String)>,
 }
 
+/// The RTP port a leg's offer names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum LegPort {
+    /// One of its own beside the caller's, bridged to it on answer (devices, `dial`).
+    Own,
+    /// The call's own port: the leg is the call's first party (a call placed through the API).
+    Caller,
+}
+
 /// Why a leg was not placed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum LegRefusal {
@@ -140,25 +149,49 @@ impl CallState {
 
     /// [`CallState::start_leg`], telling a wallet that cannot pay from other failures.
     pub(super) async fn place_leg(&mut self, t: LegTarget) -> Result<u32, LegRefusal> {
+        self.place_leg_on(t, LegPort::Own, None).await
+    }
+
+    /// Place a leg whose offer names `port`, with `sip_call_id` as its Call-ID (a fresh one when
+    /// `None`).
+    pub(super) async fn place_leg_on(
+        &mut self,
+        t: LegTarget,
+        port: LegPort,
+        sip_call_id: Option<&str>,
+    ) -> Result<u32, LegRefusal> {
         let n = u32::try_from(self.legs.len()).map_err(|_| LegRefusal::Failed("leg.too_many"))?;
-        let beside = self
+        let caller = self
             .rtp
             .as_ref()
-            .map(|p| p.id)
+            .map(|p| (p.id, p.local.port()))
             .ok_or(LegRefusal::Failed("media.no_port"))?;
-        let me = self.myself.clone();
-        let events: crate::media::MediaEvents = std::sync::Arc::new(move |event: MediaEvent| {
-            let _ = me.cast(CallMsg::LegMedia { leg: n, event });
-        });
-        let port = self
-            .deps
-            .media
-            .open_beside(beside, events)
-            .await
-            .map_err(|_| LegRefusal::Failed("media.no_port"))?;
+        let port = match port {
+            LegPort::Caller => None,
+            LegPort::Own => {
+                let me = self.myself.clone();
+                let events: crate::media::MediaEvents =
+                    std::sync::Arc::new(move |event: MediaEvent| {
+                        let _ = me.cast(CallMsg::LegMedia { leg: n, event });
+                    });
+                let opened = self
+                    .deps
+                    .media
+                    .open_beside(caller.0, events)
+                    .await
+                    .map_err(|_| LegRefusal::Failed("media.no_port"))?;
+                Some(opened)
+            }
+        };
+        let close = |call: &CallState, port: &Option<RtpPort>| {
+            if let Some(p) = port {
+                call.deps.media.close(p.id);
+            }
+        };
         let local = self.invite.local;
         let session_id = u64::from(n) + 1_000 + u64::from(local.port());
-        let offer_sdp = sdp::offer(self.deps.media_ip, port.local.port(), session_id);
+        let offered = port.as_ref().map_or(caller.1, |p| p.local.port());
+        let offer_sdp = sdp::offer(self.deps.media_ip, offered, session_id);
         let contact = self.our_contact(t.peer.transport);
         let extra: Vec<(&str, String)> = t.extra.iter().map(|(k, v)| (*k, v.clone())).collect();
         let Some(invite) = dialog::new_invite(&NewInvite {
@@ -172,19 +205,20 @@ impl CallState {
             transport: t.peer.transport,
             extra: &extra,
             sdp: &offer_sdp,
+            call_id: sip_call_id,
         }) else {
-            self.deps.media.close(port.id);
+            close(self, &port);
             return Err(LegRefusal::Failed("sip.bad_target"));
         };
         let Some(sip_call_id) = sipmsg::call_id(&invite) else {
-            self.deps.media.close(port.id);
+            close(self, &port);
             return Err(LegRefusal::Failed("sip.bad_target"));
         };
         let (record, prepaid) = match &t.record {
             Some((from, to)) => match self.record_leg(&sip_call_id, from, to).await {
                 Ok(paid) => paid,
                 Err(refusal) => {
-                    self.deps.media.close(port.id);
+                    close(self, &port);
                     return Err(refusal);
                 }
             },
@@ -207,7 +241,7 @@ impl CallState {
             invite,
             sip_call_id,
             target: t.peer,
-            rtp: Some(port),
+            rtp: port,
             state: LegState::Calling,
             dialog: None,
             ack: None,
@@ -278,6 +312,7 @@ impl CallState {
                         ended_at: now,
                         hangup_cause: None,
                         failure_reason: Some(failure.into()),
+                        sip_status: None,
                         timeline: Vec::new(),
                     },
                 );
@@ -316,6 +351,8 @@ impl CallState {
                 ended_at: now,
                 hangup_cause: hangup_cause.map(str::to_owned),
                 failure_reason: failure_reason.map(str::to_owned),
+                // A party cancelled before it answered finally says 487.
+                sip_status: code.or((status == CallStatus::Canceled).then_some(487)),
                 timeline: vec![TimelineEntry {
                     at: now,
                     kind: "call.ended".into(),
@@ -333,6 +370,7 @@ impl CallState {
         let receipt = self.deps.store.queue_call_answered(CallAnswered {
             call_id: call_id.clone(),
             answered_at: self.now(),
+            to: None,
             timeline: Vec::new(),
         });
         tokio::spawn(async move {
@@ -664,6 +702,7 @@ impl CallState {
     /// a re-INVITE (hold, refresh) is answered without touching the other leg.
     pub(super) async fn on_leg_request(&mut self, n: u32, key: TxKey, request: rsip::Request) {
         let media_ip = self.deps.media_ip;
+        let caller_port = self.rtp.as_ref().map_or(0, |p| p.local.port());
         let Some(leg) = self.legs.get_mut(n as usize) else {
             return;
         };
@@ -674,7 +713,7 @@ impl CallState {
             rsip::Method::Bye if answered => (200, None),
             rsip::Method::Info | rsip::Method::Options if answered => (200, None),
             rsip::Method::Invite if answered => {
-                let port = leg.rtp.as_ref().map_or(0, |p| p.local.port());
+                let port = leg.rtp.as_ref().map_or(caller_port, |p| p.local.port());
                 let sdp = std::str::from_utf8(&request.body)
                     .ok()
                     .filter(|t| !t.trim().is_empty())

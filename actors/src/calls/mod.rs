@@ -8,6 +8,7 @@
 
 mod call;
 mod devices;
+mod from_api;
 mod from_device;
 mod leg;
 mod live;
@@ -28,7 +29,8 @@ use sautikit_sip::rsip;
 use sautikit_sip::transaction::{Peer, TxKey};
 use tracing::{error, info, warn};
 
-pub use call::{Call, CallArgs, CallMsg, IncomingInvite};
+pub use call::{Call, CallArgs, CallMsg, IncomingInvite, InviteServer};
+pub use from_api::{PlaceRefusal, PlacedCall};
 
 use crate::audio::AudioFetcher;
 use crate::call_store::{CallEnded, CallStatus, CallStore, TimelineEntry};
@@ -52,9 +54,11 @@ pub struct CallDeps {
     pub media_ip: IpAddr,
     /// This process, for `calls.engine_id` and orphan closing.
     pub engine_id: String,
-    /// Registered names of the Numbers and Calls actors (stable across restarts by Root).
+    /// Registered names of the Numbers and Calls actors and the SIP endpoint (stable across
+    /// restarts by Root).
     pub numbers: String,
     pub calls: String,
+    pub sip: String,
     /// Speech for `say`.
     pub synth: Arc<dyn Synthesizer>,
     /// Audio files for `play`.
@@ -82,8 +86,8 @@ pub struct CallSnapshot {
     pub workspace_id: String,
     pub sip_call_id: String,
     pub endpoint: ActorRef<SipMsg>,
-    pub invite_key: TxKey,
-    pub invite: rsip::Request,
+    /// The INVITE we answer and its server transaction (none for a call placed through the API).
+    pub invite: Option<(TxKey, rsip::Request)>,
     pub peer: Peer,
     pub local: SocketAddr,
     pub final_sent: bool,
@@ -126,6 +130,12 @@ pub enum CallsMsg {
     },
     /// How many calls Calls holds as live (for tests and diagnostics).
     LiveCount(RpcReplyPort<usize>),
+    /// The API places a call (its row is written, its first slice reserved): start its Call
+    /// actor, which calls the callee.
+    PlaceCall {
+        placed: Box<PlacedCall>,
+        reply: RpcReplyPort<Result<(), PlaceRefusal>>,
+    },
     /// A call's end that could not be written (the database failed): Calls writes it again at
     /// every heartbeat until it is. The end carries the charge and frees the call's reservation,
     /// so it is never dropped.
@@ -215,6 +225,9 @@ impl Actor for Calls {
             CallsMsg::LiveCount(reply) => {
                 let _ = reply.send(state.live.len());
             }
+            CallsMsg::PlaceCall { placed, reply } => {
+                let _ = reply.send(place_call(&state.deps, &myself, placed).await);
+            }
             CallsMsg::HangupRequested {
                 workspace_id,
                 call_id,
@@ -289,6 +302,36 @@ impl Actor for Calls {
     }
 }
 
+/// Start the Call actor of a call placed through the API, supervised like every other.
+async fn place_call(
+    deps: &CallDeps,
+    calls: &ActorRef<CallsMsg>,
+    placed: Box<PlacedCall>,
+) -> Result<(), PlaceRefusal> {
+    let trunk = deps.trunk.as_ref().ok_or(PlaceRefusal::NoTrunk)?;
+    let endpoint =
+        ActorRef::<SipMsg>::where_is(deps.sip.clone()).ok_or(PlaceRefusal::Unavailable)?;
+    let args = CallArgs {
+        deps: deps.clone(),
+        endpoint,
+        invite: IncomingInvite {
+            server: None,
+            from: trunk.peer,
+            sip_call_id: placed.sip_call_id.clone(),
+            local: placed.local,
+            device: None,
+        },
+        placed: Some(placed),
+    };
+    Actor::spawn_linked(None, Call, args, calls.get_cell())
+        .await
+        .map(|_| ())
+        .map_err(|e| {
+            warn!(error = %e, "could not start a placed call's actor");
+            PlaceRefusal::Unavailable
+        })
+}
+
 /// Write ends that failed before; those that fail again go back to Calls for the next heartbeat.
 async fn record_ends(deps: &CallDeps, calls: &ActorRef<CallsMsg>, ends: Vec<CallEnded>) {
     for end in ends {
@@ -318,15 +361,15 @@ fn end_failed_call(deps: &CallDeps, calls: &ActorRef<CallsMsg>, mut s: CallSnaps
             to: s.peer,
             call_id: s.call_id.clone(),
         });
-    } else if !s.final_sent {
-        let response = response_to(&s.invite, 500, Some("Server Internal Error"), None);
+    } else if let Some((key, invite)) = s.invite.as_ref().filter(|_| !s.final_sent) {
+        let response = response_to(invite, 500, Some("Server Internal Error"), None);
         timeline.push(TimelineEntry {
             at: now,
             kind: "sip.sent".into(),
             detail: serde_json::json!({"status": 500}),
         });
         let _ = s.endpoint.cast(SipMsg::Respond {
-            key: s.invite_key.clone(),
+            key: key.clone(),
             response,
         });
     }
@@ -373,6 +416,7 @@ fn end_failed_call(deps: &CallDeps, calls: &ActorRef<CallsMsg>, mut s: CallSnaps
                 ended_at: now,
                 hangup_cause: Some("engine_error".into()),
                 failure_reason: Some("engine.error".into()),
+                sip_status: None,
                 timeline: Vec::new(),
             });
         }
@@ -386,6 +430,7 @@ fn end_failed_call(deps: &CallDeps, calls: &ActorRef<CallsMsg>, mut s: CallSnaps
             ended_at: now,
             hangup_cause: Some("engine_error".into()),
             failure_reason: Some("engine.error".into()),
+            sip_status: None,
             timeline,
         };
         ends.push(end);

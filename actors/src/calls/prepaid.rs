@@ -41,6 +41,24 @@ pub(super) enum PrepaidRefusal {
 }
 
 impl Prepaid {
+    /// A reservation made before the call started (the API reserves a placed call's first slice
+    /// with its row).
+    pub(super) fn reserved(
+        call_id: &str,
+        workspace_id: &str,
+        rate_per_min_minor: i64,
+        reserved_minor: i64,
+    ) -> Self {
+        Prepaid {
+            call_id: call_id.to_owned(),
+            workspace_id: workspace_id.to_owned(),
+            rate_per_min_minor,
+            reserved_minor,
+            answered: None,
+            seq: 0,
+        }
+    }
+
     /// The end of the paid time, once answered.
     fn paid_until(&self) -> Option<Instant> {
         let secs = money::paid_seconds(self.reserved_minor, self.rate_per_min_minor)?;
