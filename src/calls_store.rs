@@ -798,7 +798,7 @@ impl SqlStore {
     }
 
     async fn try_batch(&self, batch: &[Pending]) -> Result<Vec<Written>, StorageError> {
-        let mut tx = self.db().write.begin().await.map_err(storage)?;
+        let mut tx = self.db().begin_write().await.map_err(storage)?;
         let (results, events) = if batch::applies(batch) {
             batch::apply(&mut tx, self.db().backend, batch).await?
         } else {
@@ -835,7 +835,7 @@ impl SqlStore {
     }
 
     async fn write_alone_once(&self, write: &CallWrite) -> Result<Written, StorageError> {
-        let mut tx = self.db().write.begin().await.map_err(storage)?;
+        let mut tx = self.db().begin_write().await.map_err(storage)?;
         let (written, event) = match apply_in_tx(&mut tx, write).await {
             Ok(r) => r,
             Err(e) => {
@@ -1041,7 +1041,7 @@ impl CallStore for SqlStore {
         now: DateTime<Utc>,
     ) -> Result<Option<i64>, StorageError> {
         let ts = to_db(now);
-        let mut tx = self.db().write.begin().await.map_err(storage)?;
+        let mut tx = self.db().begin_write().await.map_err(storage)?;
         // Lock the call first, as its end does (call, then reservation, then wallet): a call that
         // ends meanwhile either ends first (and is not live here) or waits for this to commit
         // (and releases what it reserved). A reservation of an ended call would hold the balance
@@ -1131,7 +1131,7 @@ impl CallStore for SqlStore {
         this_engine: &str,
         stale_before: DateTime<Utc>,
     ) -> Result<u64, StorageError> {
-        let mut tx = self.db().write.begin().await.map_err(storage)?;
+        let mut tx = self.db().begin_write().await.map_err(storage)?;
         // The status predicate matches the partial index `calls_live`. Id order keeps lock order
         // the same in every process that closes the same calls.
         let rows = sqlx::query(
@@ -1229,7 +1229,7 @@ impl SqlStore {
         c: &NewPlacedCall,
     ) -> Result<PlacedCallStart, StorageError> {
         let ts = to_db(c.started_at);
-        let mut tx = self.db().write.begin().await.map_err(storage)?;
+        let mut tx = self.db().begin_write().await.map_err(storage)?;
         let wallet = sqlx::query(
             "UPDATE wallets SET updated_at = updated_at WHERE workspace_id = $1 \
              RETURNING balance_minor",

@@ -44,6 +44,18 @@ static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
 impl Db {
+    /// A write transaction. On SQLite it takes the write lock at its start (`BEGIN IMMEDIATE`):
+    /// a deferred transaction that reads before it writes fails at once with `database is
+    /// locked` when another process's writer commits in between (the busy timeout does not
+    /// apply to that upgrade); an immediate one waits its turn. A server has one write
+    /// connection; the CLI and tools beside a running server are the other writers.
+    pub async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+        match self.backend {
+            Backend::Sqlite => self.write.begin_with("BEGIN IMMEDIATE").await,
+            Backend::Postgres => self.write.begin().await,
+        }
+    }
+
     pub async fn connect(url: &str) -> Result<Db, DbError> {
         install_default_drivers();
         let backend = if url.starts_with("sqlite:") {

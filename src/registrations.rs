@@ -199,7 +199,7 @@ impl RegistrarStore for SqlStore {
         let since = to_db(since);
         let silent = "engine_id <> $1 AND NOT EXISTS (SELECT 1 FROM engines e \
                       WHERE e.id = sip_registrations.engine_id AND e.heartbeat_at > $2)";
-        let mut tx = self.db().write.begin().await.map_err(storage)?;
+        let mut tx = self.db().begin_write().await.map_err(storage)?;
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "DELETE FROM sip_registrations WHERE transport = 'tcp' AND {silent}"
         )))
@@ -805,7 +805,7 @@ impl SqlStore {
         batch: &[PendingRegister],
     ) -> Result<Vec<RegisterResult>, StorageError> {
         let backend = self.db().backend;
-        let mut tx = self.db().write.begin().await.map_err(storage)?;
+        let mut tx = self.db().begin_write().await.map_err(storage)?;
         let mut results = Vec::with_capacity(batch.len());
         for (cmd, _) in batch {
             match register_in_tx(&mut tx, backend, cmd).await {
@@ -823,7 +823,7 @@ impl SqlStore {
         let mut attempt = 1;
         loop {
             let r = async {
-                let mut tx = self.db().write.begin().await.map_err(storage)?;
+                let mut tx = self.db().begin_write().await.map_err(storage)?;
                 let r = register_in_tx(&mut tx, self.db().backend, cmd).await;
                 if r.is_ok() {
                     tx.commit().await.map_err(storage)?;

@@ -355,7 +355,7 @@ impl SqlStore {
         let api_key = secrets::new_api_key();
         let webhook_secret = secrets::new_webhook_secret();
         let ts = to_db(now);
-        let mut tx = self.db.write.begin().await.map_err(storage)?;
+        let mut tx = self.db.begin_write().await.map_err(storage)?;
         sqlx::query(
             "INSERT INTO workspaces (id, name, webhook_secret, created_at) VALUES ($1, $2, $3, $4)",
         )
@@ -455,7 +455,7 @@ impl SqlStore {
     ) -> Result<u64, StorageError> {
         let ts = to_db(now);
         let mut inserted = 0;
-        let mut tx = self.db.write.begin().await.map_err(storage)?;
+        let mut tx = self.db.begin_write().await.map_err(storage)?;
         for i in 0..seed.count {
             let id = if seed.guide_ids {
                 format!("01900000-0000-7000-8000-{:012}", i + 1)
@@ -578,7 +578,7 @@ impl SqlStore {
         change: &RoutingChange,
         now: DateTime<Utc>,
     ) -> Result<TenantNumber, NumberError> {
-        let mut tx = self.db.write.begin().await.map_err(storage)?;
+        let mut tx = self.db.begin_write().await.map_err(storage)?;
         let row =
             sqlx::query("SELECT status FROM tenant_numbers WHERE id = $1 AND workspace_id = $2")
                 .bind(number_id)
@@ -654,7 +654,7 @@ impl SqlStore {
         now: DateTime<Utc>,
     ) -> Result<SipCredential, CredentialError> {
         let ts = to_db(now);
-        let mut tx = self.db.write.begin().await.map_err(storage)?;
+        let mut tx = self.db.begin_write().await.map_err(storage)?;
         // Conditional on the number being live, in the same statement: a concurrent release
         // cannot leave an active credential on a released number.
         let r = sqlx::query(
@@ -748,7 +748,7 @@ impl SqlStore {
         secret: &StoredSipSecret,
         now: DateTime<Utc>,
     ) -> Result<SipCredential, CredentialError> {
-        let mut tx = self.db.write.begin().await.map_err(storage)?;
+        let mut tx = self.db.begin_write().await.map_err(storage)?;
         let r = sqlx::query(
             "UPDATE sip_credentials SET password_hash = $1, ha1_md5 = $2, ha1_sha256 = $3, \
              updated_at = $4 WHERE id = $5 AND number_id = $6 AND workspace_id = $7 \
@@ -786,7 +786,7 @@ impl SqlStore {
         now: DateTime<Utc>,
     ) -> Result<SipCredential, CredentialError> {
         let ts = to_db(now);
-        let mut tx = self.db.write.begin().await.map_err(storage)?;
+        let mut tx = self.db.begin_write().await.map_err(storage)?;
         let r = sqlx::query(
             "UPDATE sip_credentials SET status = 'revoked', revoked_at = $1, updated_at = $1 \
              WHERE id = $2 AND number_id = $3 AND workspace_id = $4 AND status = 'active'",
@@ -894,7 +894,7 @@ impl SqlStore {
     ) -> Result<IdempotencyBegin, StorageError> {
         let expired = to_db(now - Duration::hours(IDEMPOTENCY_TTL_HOURS));
         let stale = to_db(now - Duration::seconds(IDEMPOTENCY_PENDING_STALE_SECS));
-        let mut tx = self.db.write.begin().await.map_err(storage)?;
+        let mut tx = self.db.begin_write().await.map_err(storage)?;
         sqlx::query(
             "DELETE FROM idempotency_keys WHERE workspace_id = $1 AND idempotency_key = $2 \
              AND (created_at < $3 OR (status_code IS NULL AND created_at < $4))",
@@ -1067,7 +1067,7 @@ impl SqlStore {
         &self,
         cmd: &ClaimNumber,
     ) -> Result<Result<TenantNumber, ClaimError>, ClaimTxError> {
-        let mut tx = self.db.write.begin().await.map_err(tx_err)?;
+        let mut tx = self.db.begin_write().await.map_err(tx_err)?;
         let outcome = claim_in_tx(&mut tx, cmd).await?;
         match &outcome {
             Ok(_) => {
@@ -1292,7 +1292,7 @@ impl Store for SqlStore {
     async fn claim_numbers(&self, cmds: Vec<ClaimNumber>) -> Vec<Result<TenantNumber, ClaimError>> {
         if cmds.len() > 1 {
             let batch = async {
-                let mut tx = self.db.write.begin().await.map_err(storage)?;
+                let mut tx = self.db.begin_write().await.map_err(storage)?;
                 let mut out = Vec::with_capacity(cmds.len());
                 for cmd in &cmds {
                     out.push(claim_in_tx(&mut tx, cmd).await?);
@@ -1314,7 +1314,7 @@ impl Store for SqlStore {
 
     async fn release_number(&self, cmd: ReleaseNumber) -> Result<TenantNumber, ReleaseError> {
         let ts = to_db(cmd.now);
-        let mut tx = self.db.write.begin().await.map_err(storage)?;
+        let mut tx = self.db.begin_write().await.map_err(storage)?;
         let released = sqlx::query(concat!(
             "UPDATE tenant_numbers SET status = 'released', released_at = $1, updated_at = $1 \
              WHERE id = $2 AND workspace_id = $3 AND status <> 'released' RETURNING ",
@@ -1388,7 +1388,7 @@ impl Store for SqlStore {
     }
 
     async fn credit_wallet(&self, cmd: CreditWallet) -> Result<LedgerEntry, WalletError> {
-        let mut tx = self.db.write.begin().await.map_err(storage)?;
+        let mut tx = self.db.begin_write().await.map_err(storage)?;
         let currency: Option<String> =
             sqlx::query("SELECT currency FROM wallets WHERE workspace_id = $1")
                 .bind(&cmd.workspace_id)

@@ -490,20 +490,36 @@ async fn placing_faster_than_the_rate_is_refused_429() {
         &[("SAUTIKIT_CALLS_PER_SECOND", "2")],
     )
     .await;
+    let send = || async {
+        let rb = t
+            .ctx
+            .api
+            .request(reqwest::Method::POST, "/v1/calls")
+            .header("Idempotency-Key", "retry-me")
+            .json(&json!({"from": FROM, "to": CALLEE}));
+        t.ctx.api.send(rb).await
+    };
     let mut codes = Vec::new();
-    let mut limited = None;
-    for _ in 0..3 {
-        let r = t.place(json!({"from": FROM, "to": CALLEE})).await;
-        codes.push(r.status.as_u16());
-        if r.status == 429 {
-            limited = Some(r);
-        }
+    for _ in 0..2 {
+        codes.push(
+            t.place(json!({"from": FROM, "to": CALLEE}))
+                .await
+                .status
+                .as_u16(),
+        );
     }
-    assert_eq!(codes, [201, 201, 429]);
-    let limited = limited.unwrap();
+    let limited = send().await;
+    codes.push(limited.status.as_u16());
+    assert_eq!(codes, [201, 201, 429], "{}", limited.text);
     assert_eq!(limited.json()["error"]["code"], "calls.rate_limited");
     assert_eq!(limited.header("retry-after").as_deref(), Some("1"));
     assert_eq!(t.ctx.api.get_all("/v1/calls").await.len(), 2);
+    // A 429 is not remembered under its Idempotency-Key: after Retry-After the retry places it.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let retried = send().await;
+    assert_eq!(retried.status, 201, "{}", retried.text);
+    assert!(retried.header("idempotent-replay").is_none());
+    assert_eq!(t.ctx.api.get_all("/v1/calls").await.len(), 3);
 }
 
 /// Concurrency: past the limit `429 calls.concurrency_exceeded`; the slot is free again however

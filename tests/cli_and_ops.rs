@@ -164,6 +164,7 @@ async fn ops_endpoints(backend: Backend) {
         ("post", "/v1/webhooks/deliveries/{id}/redeliver"),
         ("post", "/v1/webhooks/secret/rotate"),
         ("get", "/v1/calls"),
+        ("post", "/v1/calls"),
         ("get", "/v1/calls/{id}"),
         ("get", "/v1/calls/{id}/events"),
         ("post", "/v1/calls/{id}/hangup"),

@@ -191,8 +191,10 @@ async fn idempotent(
             return ApiError::internal(e).into_response();
         }
     };
-    // Our own failures are not remembered: the client's retry must get a real second attempt.
-    let outcome = if parts.status.is_server_error() {
+    // Our own failures and rate limits are not remembered: they say "try again later", and the
+    // client's retry must get a real second attempt.
+    let outcome = if parts.status.is_server_error() || parts.status == StatusCode::TOO_MANY_REQUESTS
+    {
         state.store.idempotency_forget(&workspace.id, &key).await
     } else {
         state

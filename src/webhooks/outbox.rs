@@ -1042,7 +1042,7 @@ impl Outbox for SqlStore {
         {
             return Ok(self.keep_handed_out(Vec::new(), expanded, ids));
         }
-        let mut tx = self.db().write.begin().await.map_err(storage)?;
+        let mut tx = self.db().begin_write().await.map_err(storage)?;
         let lease = match backend {
             Backend::Sqlite => LEASE_SQLITE,
             Backend::Postgres => {
@@ -1145,7 +1145,7 @@ impl Outbox for SqlStore {
         released: &[LeasedDelivery],
     ) -> Result<(), StorageError> {
         let backend = self.db().backend;
-        let mut tx = self.db().write.begin().await.map_err(storage)?;
+        let mut tx = self.db().begin_write().await.map_err(storage)?;
         if backend == Backend::Postgres {
             // Each batch touches a few hundred rows by primary key. Without statistics (a fresh
             // table, or autovacuum off) the planner hash-joins them against a scan of the whole

@@ -125,7 +125,7 @@ impl SqlStore {
         now: DateTime<Utc>,
     ) -> Result<Subscription, SubscriptionError> {
         let ts = to_db(now);
-        let mut tx = self.db().write.begin().await.map_err(storage)?;
+        let mut tx = self.db().begin_write().await.map_err(storage)?;
         let r = sqlx::query(
             "UPDATE webhook_subscriptions SET status = 'deleted', deleted_at = $1 \
              WHERE id = $2 AND workspace_id = $3 AND status = 'active'",
