@@ -17,8 +17,9 @@ if [ ! -d tests/node/node_modules/express ]; then
 fi
 export SAUTIKIT_REQUIRE_NODE=1
 
-# The guide's FastAPI /voice handler runs under uvicorn in a virtual environment (tests/media.rs).
-if [ ! -x tests/python/.venv/bin/uvicorn ]; then
+# The guide's FastAPI /voice handler runs under uvicorn in a virtual environment (tests/media.rs);
+# the media-stream agent (tests/streams.rs) uses websockets there too.
+if ! tests/python/.venv/bin/python -c 'import uvicorn, fastapi, websockets' 2>/dev/null; then
     python3 -m venv tests/python/.venv 2>/dev/null || {
         # Debian's python3 needs its venv package.
         rm -rf tests/python/.venv

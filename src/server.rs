@@ -268,6 +268,14 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
         ring_timeout: Duration::from_secs(args.device_ring_secs.max(1)),
         trunk: outbound_trunk(&args).await?,
         dial_policy: policy.clone(),
+        streams: sautikit_actors::streaming::StreamSettings {
+            require_tls: args.mode == Mode::Production,
+            policy: policy.clone(),
+            tls: Some(Arc::new(
+                crate::webhooks::sender::tls_client_config()
+                    .map_err(|e| ServeError::Config(e.to_string()))?,
+            )),
+        },
         registrar: RegistrarSetup {
             store: Arc::new(store.clone()),
             domain: args

@@ -20,6 +20,7 @@ pub mod registrar;
 pub mod root;
 pub mod sip_endpoint;
 pub mod store;
+pub mod streaming;
 pub mod synth;
 pub mod voice;
 pub mod wallet;

@@ -52,8 +52,10 @@ use tracing::{debug, info, warn};
 
 use crate::synth::Audio;
 
+mod live;
 mod receive;
 
+pub use live::{LiveCmd, MAX_QUEUED_SAMPLES, Tap, TapFrame, TapTrack};
 pub use receive::{RecordingEnd, RecordingOutcome, RecordingSpec};
 
 /// One frame: 20 ms of 8 kHz G.711.
@@ -166,6 +168,18 @@ enum MediaCmd {
     Close {
         id: u64,
     },
+    /// A media stream's agent audio (bidirectional `stream`).
+    Live {
+        id: u64,
+        cmd: LiveCmd,
+    },
+    /// Copy what the stream receives (`inbound`) and sends (`outbound`) to a media stream's
+    /// session; `None` stops the copy.
+    Tap {
+        id: u64,
+        inbound: Option<Tap>,
+        outbound: Option<Tap>,
+    },
 }
 
 /// Counters a benchmark or `/metrics` can read.
@@ -210,6 +224,8 @@ struct Out {
     /// The pacer then sends nothing, and only that stream's receiving task writes.
     relay_from: Option<u64>,
     relay: RtpRelay,
+    /// A media stream listening to what this stream sends (paced or relayed).
+    tap: Option<Tap>,
 }
 
 type SharedOut = Arc<Mutex<Out>>;
@@ -265,6 +281,10 @@ struct Stream {
     /// The wheel slot this stream sends in, once started.
     slot: Option<usize>,
     bridge: Option<Bridged>,
+    /// A bidirectional media stream's audio, played when no prompt plays.
+    live: Option<live::Live>,
+    /// A media stream listening to what this stream receives (given to each receiving task).
+    inbound_tap: Option<Tap>,
 }
 
 struct Engine {
@@ -628,6 +648,25 @@ impl Media {
             .flatten()
     }
 
+    /// Copy what stream `id` receives (`inbound`) and sends (`outbound`) to a media stream's
+    /// session; `None` for both stops copying.
+    pub fn tap(&self, id: u64, inbound: Option<Tap>, outbound: Option<Tap>) {
+        let _ = self.send(
+            id,
+            MediaCmd::Tap {
+                id,
+                inbound,
+                outbound,
+            },
+        );
+    }
+
+    /// A bidirectional media stream's audio for stream `id`: start, queue audio and marks,
+    /// clear, stop. Played when no prompt plays.
+    pub fn live(&self, id: u64, cmd: LiveCmd) {
+        let _ = self.send(id, MediaCmd::Live { id, cmd });
+    }
+
     /// Stop sending and listening and free the port (a recording in progress is finished). A
     /// bridge it is in ends: the other stream goes back to the pacer.
     pub fn close(&self, id: u64) {
@@ -779,6 +818,44 @@ impl Engine {
                     let _ = r.send(cmd);
                 }
             }
+            MediaCmd::Live { id, cmd } => {
+                let Some(s) = self.streams.get_mut(&id) else {
+                    return;
+                };
+                match cmd {
+                    LiveCmd::Start { echoes } => s.live = Some(live::Live::new(echoes)),
+                    LiveCmd::Stop => {
+                        if let Some(l) = s.live.take() {
+                            let dropped = l.dropped_samples();
+                            if dropped > 0 {
+                                debug!(
+                                    stream = id,
+                                    dropped, "agent audio dropped: its queue was full"
+                                );
+                            }
+                        }
+                    }
+                    cmd => {
+                        if let Some(l) = s.live.as_mut() {
+                            l.apply(cmd);
+                        }
+                    }
+                }
+            }
+            MediaCmd::Tap {
+                id,
+                inbound,
+                outbound,
+            } => {
+                let Some(s) = self.streams.get_mut(&id) else {
+                    return;
+                };
+                lock(&s.out).tap = outbound;
+                if let Some(r) = &s.receiver {
+                    let _ = r.send(receive::RecvCmd::Tap(inbound.clone()));
+                }
+                s.inbound_tap = inbound;
+            }
             MediaCmd::Close { id } => {
                 if let Some(peer) = self.bridged_to(id) {
                     self.leave_bridge(id);
@@ -859,12 +936,15 @@ impl Engine {
             }
         }
         let (ctl, ctl_rx) = mpsc::unbounded_channel();
-        s.receiver = Some(ctl);
         // A new task (a re-INVITE): the previous one, its control dropped, ends and is woken no
         // more. The new one reads at once: the socket is watched edge-triggered, and what arrived
         // since the previous task last read is reported no more.
         s.ready = Arc::new(Notify::new());
         s.ready.notify_one();
+        if let Some(tap) = &s.inbound_tap {
+            let _ = ctl.send(receive::RecvCmd::Tap(Some(tap.clone())));
+        }
+        s.receiver = Some(ctl);
         tokio::spawn(receive::run(
             receive::Receiver::new(
                 id,
@@ -938,6 +1018,7 @@ impl Engine {
         let peer = sy.params.map(|p| receive::Peer {
             id: y,
             out: sy.out.clone(),
+            codec: p.codec,
             payload_type: p.payload_type,
             telephone_event: p.telephone_event,
             map: g711::transcode_table(sx.codec, p.codec),
@@ -1014,6 +1095,7 @@ impl Engine {
                         sender: None,
                         relay_from: None,
                         relay: RtpRelay::new(8000),
+                        tap: None,
                     })),
                     socket,
                     events,
@@ -1025,6 +1107,8 @@ impl Engine {
                     watched: false,
                     slot: None,
                     bridge: None,
+                    live: None,
+                    inbound_tap: None,
                 },
             );
             self.stats.streams.fetch_add(1, Ordering::Relaxed);
@@ -1088,7 +1172,16 @@ impl Stream {
         let (Some(remote), Some(sender)) = (out.remote, out.sender.as_mut()) else {
             return None;
         };
-        next_payload(self.codec, &mut self.playback, &self.events, payload);
+        next_payload(
+            self.codec,
+            &mut self.playback,
+            &mut self.live,
+            &self.events,
+            payload,
+        );
+        if let Some(tap) = &out.tap {
+            tap.send(payload, self.codec);
+        }
         buf.clear();
         sender.next_packet(payload, SAMPLES_PER_FRAME as u32, buf);
         if self.playback.is_none()
@@ -1171,6 +1264,7 @@ const REALTIME_PRIORITY: u8 = 10;
 fn next_payload(
     codec: Codec,
     playback: &mut Option<Playback>,
+    live: &mut Option<live::Live>,
     events: &MediaEvents,
     payload: &mut Vec<u8>,
 ) {
@@ -1179,6 +1273,13 @@ fn next_payload(
         Codec::Pcma => g711::SILENCE_PCMA,
     };
     let Some(p) = playback.as_mut() else {
+        // No prompt: a media stream's agent speaks, or silence.
+        if live
+            .as_mut()
+            .is_some_and(|l| l.next_frame(codec, SAMPLES_PER_FRAME, payload))
+        {
+            return;
+        }
         payload.clear();
         payload.resize(SAMPLES_PER_FRAME, silence);
         return;

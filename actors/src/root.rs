@@ -111,6 +111,8 @@ pub struct VoiceSetup {
     pub trunk: Option<crate::calls::trunk::Trunk>,
     /// Which addresses `dial`'s SIP targets may resolve to (the webhook rules).
     pub dial_policy: crate::address::AddressPolicy,
+    /// How media streams (`stream`) connect.
+    pub streams: crate::streaming::StreamSettings,
 }
 
 /// How softphones register (DESIGN §8).
@@ -419,6 +421,7 @@ impl Engine {
                     ring_timeout: setup.ring_timeout,
                     trunk: setup.trunk.clone(),
                     dial_policy: setup.dial_policy.clone(),
+                    streams: setup.streams.clone(),
                 },
                 setup,
                 sip_addr: Arc::new(std::sync::Mutex::new(None)),

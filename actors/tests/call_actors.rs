@@ -522,6 +522,7 @@ async fn start_engine_shedding(
             ring_timeout: Duration::from_secs(30),
             trunk: None,
             dial_policy: Default::default(),
+            streams: Default::default(),
             registrar: RegistrarSetup {
                 store: devices,
                 domain: "127.0.0.1".into(),

@@ -12,6 +12,7 @@ pub mod digest;
 pub mod dtmf;
 pub mod jitter;
 pub mod message;
+pub mod playout;
 pub mod registrar;
 pub mod rtp;
 pub mod sdp;

@@ -127,17 +127,23 @@ impl tower::Service<Name> for HyperResolver {
     }
 }
 
+/// TLS for our outgoing connections (webhooks, media streams): the platform's certificate
+/// verifier, ring as the crypto provider.
+pub fn tls_client_config() -> Result<rustls::ClientConfig, SenderError> {
+    // One process-wide crypto provider; a second install attempt is harmless.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = rustls_platform_verifier::Verifier::new(provider.clone())?;
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth())
+}
+
 impl HttpSender {
     pub fn new(policy: AddressPolicy) -> Result<HttpSender, SenderError> {
-        // One process-wide crypto provider; a second install attempt is harmless.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let verifier = rustls_platform_verifier::Verifier::new(provider.clone())?;
-        let tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(verifier))
-            .with_no_client_auth();
+        let tls = tls_client_config()?;
         let policy = Arc::new(policy);
         let mut http = HttpConnector::new_with_resolver(HyperResolver {
             policy: policy.clone(),

@@ -291,6 +291,65 @@ impl RtpPeer {
 }
 
 impl RtpPeer {
+    /// Send `samples` as 20 ms packets, one every 20 ms, numbered from `seq`.
+    pub async fn send_pcm(&self, to_addr: SocketAddr, samples: &[i16], seq: u16) {
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        for (i, frame) in samples.chunks(160).enumerate() {
+            tick.tick().await;
+            let mut payload = Vec::with_capacity(160);
+            g711::encode_into(self.codec, frame, &mut payload);
+            let n = seq.wrapping_add(i as u16);
+            let mut p = Vec::with_capacity(172);
+            p.push(0x80);
+            p.push(self.codec.payload_type() | if i == 0 { 0x80 } else { 0 });
+            p.extend_from_slice(&n.to_be_bytes());
+            p.extend_from_slice(&(u32::from(n) * 160).to_be_bytes());
+            p.extend_from_slice(&self.ssrc.to_be_bytes());
+            p.extend_from_slice(&payload);
+            let _ = self.sock.send_to(&p, to_addr).await;
+        }
+    }
+
+    /// An RFC 4733 key press (`event` 0–9 = the digit) with payload type `pt`: three updates and
+    /// the end, 20 ms apart.
+    pub async fn send_dtmf(&self, to_addr: SocketAddr, event: u8, pt: u8, seq: u16) {
+        let ts = u32::from(seq) * 160;
+        for (i, end) in [false, false, false, true].into_iter().enumerate() {
+            let duration = (i as u16 + 1) * 160;
+            let mut p = Vec::with_capacity(16);
+            p.push(0x80);
+            p.push(pt | if i == 0 { 0x80 } else { 0 });
+            p.extend_from_slice(&seq.wrapping_add(i as u16).to_be_bytes());
+            p.extend_from_slice(&ts.to_be_bytes());
+            p.extend_from_slice(&self.ssrc.to_be_bytes());
+            p.push(event);
+            p.push(if end { 0x80 | 10 } else { 10 });
+            p.extend_from_slice(&duration.to_be_bytes());
+            let _ = self.sock.send_to(&p, to_addr).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Every audio packet heard for `wait`, decoded, with when it arrived (wall clock).
+    pub async fn receive_timed(&self, wait: Duration) -> Vec<(std::time::SystemTime, Vec<i16>)> {
+        let mut out = Vec::new();
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut buf = [0u8; 2048];
+        while let Ok(got) = tokio::time::timeout_at(deadline, self.sock.recv_from(&mut buf)).await {
+            let Ok((n, _)) = got else {
+                continue;
+            };
+            if let Ok((h, payload)) = RtpHeader::parse(&buf[..n])
+                && h.payload_type == self.codec.payload_type()
+            {
+                let mut pcm = Vec::with_capacity(160);
+                g711::decode_into(self.codec, payload, &mut pcm);
+                out.push((std::time::SystemTime::now(), pcm));
+            }
+        }
+        out
+    }
+
     /// Everything heard for `wait`, decoded, in arrival order: every packet's audio appended.
     pub async fn receive_pcm(&self, wait: Duration) -> Vec<i16> {
         let mut pcm = Vec::new();

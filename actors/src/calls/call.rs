@@ -112,6 +112,11 @@ pub enum CallMsg {
     PrepaidCheck { leg: Option<u32>, seq: u64 },
     /// A call placed through the API reached its `time_limit`.
     TimeLimitReached,
+    /// A media stream (`stream`) started or ended.
+    StreamEvent {
+        sid: String,
+        event: crate::streaming::SessionEvent,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,6 +152,8 @@ pub(super) enum Waiting {
     Recording,
     /// The caller is connected (or being connected) to another leg: no script runs.
     Bridge,
+    /// A bidirectional media stream holds the call until its socket closes.
+    Stream,
 }
 
 /// Where the script goes on when a step's callback (`getDigits`, `record`) returns no actions.
@@ -212,6 +219,8 @@ pub struct CallState {
     pub(super) client_request_id: Option<String>,
     /// The far end's final SIP code (outbound calls), recorded with the end.
     pub(super) sip_status: Option<u16>,
+    /// Its media streams (`stream`), live.
+    pub(super) streams: Vec<verbs::ActiveStream>,
     /// What the API asked for, until the call starts placing it.
     to_place: Option<Box<super::from_api::PlacedCall>>,
 }
@@ -263,6 +272,7 @@ impl Actor for Call {
             legs_reported: Vec::new(),
             dial: None,
             placed: None,
+            streams: Vec::new(),
             to_place: args.placed,
             client_request_id: None,
             sip_status: None,
@@ -339,6 +349,7 @@ impl Actor for Call {
             }
             CallMsg::RingTimedOut { seq } => state.on_ring_timeout(seq).await,
             CallMsg::TimeLimitReached => state.time_limit_reached().await,
+            CallMsg::StreamEvent { sid, event } => verbs::stream_event(state, sid, event).await,
             CallMsg::DialRingTimedOut { seq } => verbs::dial_ring_timed_out(state, seq).await,
             CallMsg::DialTimeLimit { seq } => verbs::dial_time_limit_reached(state, seq).await,
             CallMsg::PrepaidCheck { leg, seq } => state.on_prepaid_check(leg, seq).await,
@@ -1130,6 +1141,7 @@ impl CallState {
         self.phase = Phase::Ended;
         verbs::recording_interrupted(self).await;
         verbs::dial_interrupted(self);
+        verbs::streams_call_ended(self);
         self.end_legs(hangup_cause.unwrap_or("engine_hangup"));
         if let Some(port) = self.rtp.take() {
             self.deps.media.close(port.id);

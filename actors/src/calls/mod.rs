@@ -77,6 +77,8 @@ pub struct CallDeps {
     pub trunk: Option<trunk::Trunk>,
     /// Which addresses `dial`'s SIP targets may resolve to.
     pub dial_policy: crate::address::AddressPolicy,
+    /// How media streams (`stream`) connect.
+    pub streams: crate::streaming::StreamSettings,
 }
 
 /// What a call has on the wire, kept by Calls to end it cleanly should its actor fail.

@@ -116,6 +116,8 @@ pub enum RecvCmd {
         timeout: Duration,
     },
     Unbridge,
+    /// Copy each audio packet received to a media stream's session (`None`: stop).
+    Tap(Option<super::Tap>),
     Close,
 }
 
@@ -124,6 +126,8 @@ pub enum RecvCmd {
 pub(super) struct Peer {
     pub(super) id: u64,
     pub(super) out: SharedOut,
+    /// The peer's codec: what relayed payloads are in.
+    pub(super) codec: sautikit_sip::sdp::Codec,
     pub(super) payload_type: u8,
     pub(super) telephone_event: Option<u8>,
     /// From this stream's codec to the peer's, when they differ.
@@ -167,6 +171,8 @@ pub(super) struct Receiver {
     bridge: Option<Bridge>,
     /// Where relayed packets are written.
     relay_buf: Vec<u8>,
+    /// A media stream listening to what the caller says.
+    tap: Option<super::Tap>,
 }
 
 impl Receiver {
@@ -192,6 +198,7 @@ impl Receiver {
             pcm: Vec::with_capacity(160),
             bridge: None,
             relay_buf: Vec::new(),
+            tap: None,
         }
     }
 
@@ -255,6 +262,9 @@ impl Receiver {
                     &self.stats,
                 );
             }
+        }
+        if !event && let Some(tap) = &self.tap {
+            tap.send(packet.payload, self.params.codec);
         }
         if event {
             let digit = self
@@ -592,6 +602,7 @@ pub(super) async fn run(
                 }
                 Some(RecvCmd::Bridge { peer, timeout }) => r.bridge(peer, timeout),
                 Some(RecvCmd::Unbridge) => r.bridge = None,
+                Some(RecvCmd::Tap(tap)) => r.tap = tap,
                 Some(RecvCmd::Close) | None => {
                     let _ = r.finish(RecordingEnd::Hangup).await;
                     return;
@@ -641,6 +652,10 @@ fn relay(
         .relay(sender, packet, payload_type, kind, map, now.into_std(), buf)
     {
         return;
+    }
+    if !event && let Some(tap) = &out.tap {
+        // What the peer's caller hears: the payload after the 12-byte header.
+        tap.send(buf.get(12..).unwrap_or_default(), peer.codec);
     }
     match out.socket.send_to(buf, remote) {
         Ok(_) => {

@@ -24,6 +24,7 @@ mod record;
 mod redirect;
 mod reject;
 mod say;
+mod stream;
 
 pub use dial::{DeviceTarget, Dial, DialTarget, MAX_DIAL_NUMBERS};
 pub use get_digits::GetDigits;
@@ -33,6 +34,7 @@ pub use record::Record;
 pub use redirect::Redirect;
 pub use reject::{Reject, RejectReason};
 pub use say::{MAX_LOOP, MAX_SAY_CHARS, Say};
+pub use stream::{MAX_CUSTOM_PARAMETERS_BYTES, Stream, StreamTrack};
 
 use attrs::{child_path, error, kind, quoted};
 
@@ -55,6 +57,8 @@ pub enum Action {
     Dial(Dial),
     Redirect(Redirect),
     Reject(Reject),
+    Stream(Stream),
+    StopStream,
     Hangup,
 }
 
@@ -70,6 +74,8 @@ impl Action {
             Action::Dial(_) => "dial",
             Action::Redirect(_) => "redirect",
             Action::Reject(_) => "reject",
+            Action::Stream(_) => "stream",
+            Action::StopStream => "stopStream",
             Action::Hangup => "hangup",
         }
     }
@@ -84,7 +90,7 @@ pub struct ScriptError {
     pub message: String,
 }
 
-const VERBS: [&str; 9] = [
+const VERBS: [&str; 11] = [
     "say",
     "play",
     "pause",
@@ -93,6 +99,8 @@ const VERBS: [&str; 9] = [
     "dial",
     "redirect",
     "reject",
+    "stream",
+    "stopStream",
     "hangup",
 ];
 
@@ -180,6 +188,11 @@ fn parse_action(path: &str, value: &Value, nested: bool) -> Result<Action, Scrip
         "dial" => Action::Dial(dial::parse(vpath, attrs)?),
         "redirect" => Action::Redirect(redirect::parse(vpath, attrs)?),
         "reject" => Action::Reject(reject::parse(vpath, attrs)?),
+        "stream" => Action::Stream(stream::parse(vpath, attrs)?),
+        "stopStream" => {
+            stream::parse_stop(vpath, attrs)?;
+            Action::StopStream
+        }
         _ => {
             hangup::parse(vpath, attrs)?;
             Action::Hangup
@@ -244,7 +257,16 @@ fn resolve_list(path: &str, actions: &mut [Action], base: &str) -> Result<(), Sc
             }
             Action::Record(r) => fix_opt(&mut r.action)?,
             Action::Dial(d) => fix_opt(&mut d.action)?,
-            Action::Say(_) | Action::Pause(_) | Action::Reject(_) | Action::Hangup => {}
+            Action::Stream(st) => {
+                if let Some(u) = st.status_callback.as_mut() {
+                    fix(u, "statusCallback")?;
+                }
+            }
+            Action::Say(_)
+            | Action::Pause(_)
+            | Action::Reject(_)
+            | Action::StopStream
+            | Action::Hangup => {}
         }
     }
     Ok(())
@@ -374,7 +396,9 @@ mod tests {
             br#"{"actions": [
                 {"say": {"text": "a"}}, {"play": {"url": "a.wav"}}, {"pause": {}},
                 {"getDigits": {}}, {"record": {}}, {"dial": {"number": "+254700000001"}},
-                {"redirect": {"url": "/next"}}, {"reject": {}}, {"hangup": {}}
+                {"redirect": {"url": "/next"}}, {"reject": {}},
+                {"stream": {"url": "wss://agent.example.com/media"}}, {"stopStream": {}},
+                {"hangup": {}}
             ]}"#,
         )
         .expect("valid");

@@ -11,6 +11,7 @@ mod record;
 mod redirect;
 mod reject;
 mod say;
+mod stream;
 
 pub(super) use dial::ActiveDial;
 pub(super) use dial::{
@@ -20,6 +21,8 @@ pub(super) use dial::{
 };
 pub(super) use get_digits::Gather;
 pub(super) use record::ActiveRecording;
+pub(super) use stream::ActiveStream;
+pub(super) use stream::{call_ended as streams_call_ended, event as stream_event};
 
 use serde_json::json;
 
@@ -51,6 +54,8 @@ pub(super) async fn execute(call: &mut CallState, action: &Action) -> Step {
         Action::GetDigits(g) => get_digits::run(call, g).await,
         Action::Record(r) => record::run(call, r).await,
         Action::Dial(d) => dial::run(call, d).await,
+        Action::Stream(st) => stream::run(call, st).await,
+        Action::StopStream => stream::stop(call),
     }
 }
 
@@ -95,6 +100,7 @@ pub(super) async fn get_digits_timed_out(call: &mut CallState) {
 
 /// A key: input for `getDigits`, or a finish key for `record` (from SIP INFO).
 pub(super) async fn digit(call: &mut CallState, key: char, _source: &str) {
+    stream::digit(call, key);
     if call.gather.is_some() {
         get_digits::digit(call, key).await;
     } else if record::is_recording(call) {
