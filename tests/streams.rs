@@ -309,7 +309,8 @@ async fn a_forked_stream_hears_both_tracks_while_the_script_runs() {
     let (_caller, rtp, ours) = call(
         &ctx,
         json!({"actions": [
-            {"stream": {"url": agent.url(), "track": "both", "customParameters": {"mode": "listen"}}},
+            {"stream": {"url": agent.url(), "track": "both", "customParameters": {"mode": "listen"},
+                "statusCallback": "/stream-status"}},
             {"say": {"text": text, "voice": "alice"}},
             {"stopStream": {}},
             {"pause": {"length": 1}},
@@ -364,6 +365,82 @@ async fn a_forked_stream_hears_both_tracks_while_the_script_runs() {
         .find(|e| e["kind"] == "stream.stopped")
         .expect("stream.stopped");
     assert_eq!(stopped["detail"]["reason"], "stopped", "{stopped}");
+    // The statusCallback heard the start and the stop, signed form posts like every callback.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let statuses = loop {
+        let statuses: Vec<_> = ctx
+            .voice
+            .hits()
+            .into_iter()
+            .filter(|h| h.path == "/stream-status")
+            .map(|h| h.fields)
+            .collect();
+        if statuses.len() >= 2 || Instant::now() > deadline {
+            break statuses;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let kinds: Vec<&str> = statuses.iter().map(|f| f["StreamEvent"].as_str()).collect();
+    assert_eq!(kinds, ["stream-started", "stream-stopped"], "{statuses:?}");
+    assert_eq!(
+        statuses[0]["StreamSid"].as_str(),
+        start[0]["msg"]["streamSid"].as_str().unwrap()
+    );
+}
+
+/// 100 calls whose streams fail in every way: afterwards no stream task is left and the
+/// server holds no more sockets than before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_streams_leave_no_tasks_or_sockets_behind() {
+    let ctx = setup(Backend::Sqlite, "/main").await;
+    let closed = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+    let urls = [
+        format!("ws://{closed}/"),
+        format!("ws://{}/", bad_server("handshake").await),
+        format!("ws://{}/", bad_server("garbage").await),
+        format!("ws://{}/", bad_server("oversized").await),
+    ];
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", ctx.server.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    let script = |url: &str| json!({"actions": [{"stream": {"url": url, "bidirectional": true}}, {"hangup": {}}]});
+    {
+        let _c = call(&ctx, script(&urls[0]), Codec::Pcmu).await;
+        common::calls::wait_for_calls(&ctx.api, 1, |c| c["status"] == "completed").await;
+    }
+    let mut before = 0;
+    for round in 0..25 {
+        if round == 5 {
+            // Pools (database connections, callback keep-alives) have grown to what these
+            // calls need: from here on the count must not grow.
+            before = fds();
+        }
+        let mut callers = Vec::new();
+        for url in &urls {
+            callers.push(call(&ctx, script(url), Codec::Pcmu).await);
+        }
+        // The list shows the newest 100.
+        let done = (1 + 4 * (round + 1)).min(100);
+        common::calls::wait_for_calls(&ctx.api, done, |c| c["status"] == "completed").await;
+    }
+    let metrics = ctx.api.get("/metrics").await.text;
+    let live = metrics
+        .lines()
+        .find(|l| l.starts_with("sautikit_media_streams_live"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse::<f64>().ok())
+        .expect("the live-streams gauge");
+    assert_eq!(live, 0.0, "stream tasks left running");
+    let after = fds();
+    assert!(
+        after <= before + 4,
+        "sockets: {before} before, {after} after 100 failed streams"
+    );
 }
 
 /// A WebSocket server of the test that misbehaves in `how`.
@@ -446,4 +523,97 @@ async fn failures_end_the_stream_with_a_reason_and_the_script_goes_on() {
             "{events:#?}"
         );
     }
+}
+
+/// On a bridged call (`dial`), `track: both` streams each side as its own track: the caller's
+/// voice inbound, the dialled party's (what the caller hears) outbound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_tracks_of_a_bridged_call() {
+    let trunk = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let trunk_uri = format!("sip:{}", trunk.local_addr().unwrap());
+    let ctx = common::calls::setup_with(
+        Backend::Sqlite,
+        "/main",
+        &[("SAUTIKIT_OUTBOUND_TRUNK", trunk_uri.as_str())],
+    )
+    .await;
+    let topup = ctx
+        .api
+        .post(
+            "/v1/topups",
+            Some(json!({"provider": "test", "amount_minor": 100_000, "currency": "KES"})),
+        )
+        .await;
+    assert_eq!(topup.status, 201);
+    let agent = Agent::start().await;
+    let (mut caller, rtp, ours) = call(
+        &ctx,
+        json!({"actions": [
+            {"stream": {"url": agent.url(), "track": "both", "customParameters": {"mode": "listen"}}},
+            {"dial": {"number": "+254711000001", "answerOnBridge": true}}
+        ]}),
+        Codec::Pcmu,
+    )
+    .await;
+    let mut buf = vec![0u8; 65_535];
+    let (invite, from) = loop {
+        let (n, from) = tokio::time::timeout(Duration::from_secs(10), trunk.recv_from(&mut buf))
+            .await
+            .expect("an INVITE at the trunk")
+            .unwrap();
+        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+        if text.starts_with("INVITE ") {
+            break (text, from);
+        }
+    };
+    let party = RtpPeer::new(Codec::Pcma, 2).await;
+    let ok = common::peer::reply(
+        &invite,
+        200,
+        "OK",
+        "far",
+        Some(&sdp(party.addr(), Codec::Pcma, 101)),
+    );
+    trunk.send_to(ok.as_bytes(), from).await.unwrap();
+    let leg = sdp_rtp(&invite).expect("the leg's RTP address");
+    tokio::join!(
+        rtp.send_frames(ours, 0, 60),
+        party.send_frames(leg, 1000, 1060),
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    caller.bye().await;
+    agent
+        .wait_for("stop", |l| l["msg"]["event"] == "stop")
+        .await;
+    let (mut inbound, mut outbound) = (Vec::new(), Vec::new());
+    for m in agent.received("media") {
+        use base64::Engine as _;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(m["msg"]["media"]["payload"].as_str().unwrap())
+            .unwrap();
+        let Some(i) = common::peer::frame_index(Codec::Pcmu, &bytes) else {
+            continue;
+        };
+        match m["msg"]["media"]["track"].as_str() {
+            Some("inbound") => inbound.push(i),
+            Some("outbound") => outbound.push(i),
+            other => panic!("track {other:?}"),
+        }
+    }
+    assert!(
+        inbound.iter().filter(|&&i| i < 1000).count() >= 40,
+        "caller's frames inbound: {inbound:?}"
+    );
+    assert!(
+        inbound.iter().all(|&i| i < 1000),
+        "only the caller inbound: {inbound:?}"
+    );
+    assert!(
+        outbound.iter().filter(|&&i| i >= 1000).count() >= 40,
+        "party's frames outbound: {outbound:?}"
+    );
+    assert!(
+        outbound.iter().all(|&i| i >= 1000),
+        "only the party outbound: {outbound:?}"
+    );
 }

@@ -110,6 +110,7 @@ pub fn start(
     let (control, control_rx) = mpsc::unbounded_channel();
     let counters = Arc::new(StreamCounters::default());
     let task_counters = counters.clone();
+    metrics::gauge!("sautikit_media_streams_live").increment(1.0);
     tokio::spawn(async move {
         let (reason, message) = run(
             &media,
@@ -125,6 +126,7 @@ pub fn start(
         if spec.bidirectional {
             media.live(spec.port, LiveCmd::Stop);
         }
+        metrics::gauge!("sautikit_media_streams_live").decrement(1.0);
         events(SessionEvent::Ended { reason, message });
     });
     StreamHandle { control, counters }
