@@ -10,6 +10,7 @@ pub mod auth;
 pub mod dialog;
 pub mod digest;
 pub mod dtmf;
+pub mod halfband;
 pub mod jitter;
 pub mod message;
 pub mod playout;

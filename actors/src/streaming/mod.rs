@@ -23,7 +23,7 @@ use tracing::debug;
 
 use crate::address::AddressPolicy;
 use crate::media::{LiveCmd, Media, Tap, TapFrame, TapTrack};
-use crate::voice::StreamTrack;
+use crate::voice::{MediaFormat, StreamTrack};
 use protocol::{Incoming, Outgoing, StartInfo};
 
 /// How long connecting (DNS, TCP, TLS, the WebSocket handshake) may take in all.
@@ -57,6 +57,7 @@ pub struct StreamSpec {
     pub track: StreamTrack,
     pub bidirectional: bool,
     pub custom_parameters: Vec<(String, String)>,
+    pub format: MediaFormat,
     /// The call's media stream (its RTP port).
     pub port: u64,
 }
@@ -238,6 +239,8 @@ struct Track {
     name: &'static str,
     pending: Vec<u8>,
     chunk: u64,
+    /// For L16: the track brought to 16 kHz.
+    up: sautikit_sip::halfband::Upsampler,
 }
 
 impl Track {
@@ -246,8 +249,56 @@ impl Track {
             name,
             pending: Vec::with_capacity(2 * CHUNK),
             chunk: 0,
+            up: Default::default(),
         }
     }
+
+    /// One 20 ms chunk of µ-law as the stream's payload bytes.
+    fn payload(
+        &mut self,
+        format: MediaFormat,
+        ulaw: &[u8],
+        scratch: &mut Vec<i16>,
+        wide: &mut Vec<i16>,
+    ) -> Vec<u8> {
+        match format {
+            MediaFormat::Mulaw => ulaw.to_vec(),
+            MediaFormat::L16 => {
+                g711::decode_into(sautikit_sip::sdp::Codec::Pcmu, ulaw, scratch);
+                self.up.process(scratch, wide);
+                wide.iter().flat_map(|s| s.to_be_bytes()).collect()
+            }
+        }
+    }
+}
+
+/// A server's payload as 8 kHz samples for the playout queue; `None` when it is not whole L16
+/// samples.
+fn agent_audio(
+    format: MediaFormat,
+    payload: &[u8],
+    down: &mut sautikit_sip::halfband::Downsampler,
+    scratch: &mut Vec<i16>,
+) -> Option<Vec<i16>> {
+    let mut pcm = Vec::new();
+    match format {
+        MediaFormat::Mulaw => {
+            g711::decode_into(sautikit_sip::sdp::Codec::Pcmu, payload, &mut pcm);
+        }
+        MediaFormat::L16 => {
+            if !payload.len().is_multiple_of(2) {
+                return None;
+            }
+            scratch.clear();
+            scratch.extend(
+                payload
+                    .chunks_exact(2)
+                    .map(|b| i16::from_be_bytes([b[0], b[1]])),
+            );
+            down.process(scratch, &mut pcm);
+        }
+    }
+    Some(pcm)
 }
 
 async fn run(
@@ -270,11 +321,10 @@ async fn run(
         call_sid: &spec.call_id,
         tracks: spec.track.names(),
         custom_parameters: &spec.custom_parameters,
+        format: spec.format,
     });
-    if let Err(e) = send_all(&mut socket, [Outgoing::connected(), start]).await {
-        return failed("stream.closed", e);
-    }
-    events(SessionEvent::Started);
+    // The taps start before `start` goes out: an agent that hears `start` hears everything
+    // after it (the frames wait in the tap's queue until the loop below sends them).
     let dropped = Arc::new(AtomicU64::new(0));
     let (tap_tx, mut tap_rx) = mpsc::channel::<TapFrame>(TAP_QUEUE);
     let tap = |track| Tap::new(tap_tx.clone(), track, dropped.clone());
@@ -290,9 +340,14 @@ async fn run(
     } else {
         drop(echo_tx);
     }
+    if let Err(e) = send_all(&mut socket, [Outgoing::connected(), start]).await {
+        return failed("stream.closed", e);
+    }
+    events(SessionEvent::Started);
     let mut inbound = Track::new("inbound");
     let mut outbound = Track::new("outbound");
-    let mut pcm = Vec::new();
+    let (mut scratch, mut wide) = (Vec::new(), Vec::new());
+    let mut down = sautikit_sip::halfband::Downsampler::default();
     // A closed channel is not read again (it would be ready forever).
     let mut tapping = true;
     let mut echoing = spec.bidirectional;
@@ -313,8 +368,9 @@ async fn run(
                 let mut failure = None;
                 while track.pending.len() >= CHUNK {
                     track.chunk += 1;
-                    let text = out.media(track.name, track.chunk, at_ms, &track.pending[..CHUNK]);
-                    track.pending.drain(..CHUNK);
+                    let chunk: Vec<u8> = track.pending.drain(..CHUNK).collect();
+                    let payload = track.payload(spec.format, &chunk, &mut scratch, &mut wide);
+                    let text = out.media(track.name, track.chunk, at_ms, &payload);
                     if let Err(e) = socket.feed(Message::text(text)).await {
                         failure = Some(e.to_string());
                         break;
@@ -359,11 +415,14 @@ async fn run(
             },
             msg = socket.next() => match msg {
                 Some(Ok(Message::Text(text))) => match protocol::parse(text.as_str()) {
-                    Ok(Incoming::Media(ulaw)) => {
+                    Ok(Incoming::Media(payload)) => {
                         counters.frames_received.fetch_add(1, Ordering::Relaxed);
                         if spec.bidirectional {
-                            g711::decode_into(sautikit_sip::sdp::Codec::Pcmu, &ulaw, &mut pcm);
-                            media.live(spec.port, LiveCmd::Audio(std::mem::take(&mut pcm)));
+                            let Some(pcm) = agent_audio(spec.format, &payload, &mut down, &mut scratch) else {
+                                let _ = socket.close(None).await;
+                                break failed("stream.invalid_message", "an L16 payload of an odd number of bytes");
+                            };
+                            media.live(spec.port, LiveCmd::Audio(pcm));
                         }
                     }
                     Ok(Incoming::Mark(name)) => {

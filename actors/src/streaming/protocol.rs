@@ -16,6 +16,7 @@ pub struct StartInfo<'a> {
     pub call_sid: &'a str,
     pub tracks: &'a [&'static str],
     pub custom_parameters: &'a [(String, String)],
+    pub format: crate::voice::MediaFormat,
 }
 
 /// Numbers our messages: `sequenceNumber` counts every message after `connected`.
@@ -48,6 +49,7 @@ impl Outgoing {
             .iter()
             .map(|(k, v)| (k.clone(), Value::String(v.clone())))
             .collect();
+        let (encoding, rate) = s.format.encoding();
         json!({
             "event": "start",
             "sequenceNumber": self.next(),
@@ -57,16 +59,16 @@ impl Outgoing {
                 "callSid": s.call_sid,
                 "tracks": s.tracks,
                 "customParameters": params,
-                "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+                "mediaFormat": {"encoding": encoding, "sampleRate": rate, "channels": 1},
             },
             "streamSid": s.stream_sid,
         })
         .to_string()
     }
 
-    /// 20 ms of µ-law on `track` (`inbound` or `outbound`); `timestamp` in ms since the stream
-    /// started.
-    pub fn media(&mut self, track: &str, chunk: u64, timestamp_ms: u64, ulaw: &[u8]) -> String {
+    /// 20 ms of audio (µ-law, or L16 bytes) on `track` (`inbound` or `outbound`); `timestamp`
+    /// in ms since the stream started.
+    pub fn media(&mut self, track: &str, chunk: u64, timestamp_ms: u64, audio: &[u8]) -> String {
         json!({
             "event": "media",
             "sequenceNumber": self.next(),
@@ -74,7 +76,7 @@ impl Outgoing {
                 "track": track,
                 "chunk": chunk.to_string(),
                 "timestamp": timestamp_ms.to_string(),
-                "payload": STANDARD.encode(ulaw),
+                "payload": STANDARD.encode(audio),
             },
             "streamSid": self.stream_sid,
         })
@@ -120,7 +122,7 @@ impl Outgoing {
 /// What the server may send.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Incoming {
-    /// Audio to play to the caller: µ-law bytes.
+    /// Audio to play to the caller: the payload's bytes (µ-law, or L16).
     Media(Vec<u8>),
     Mark(String),
     Clear,
@@ -190,6 +192,7 @@ mod tests {
             call_sid: "call-1",
             tracks: &["inbound"],
             custom_parameters: &params,
+            format: crate::voice::MediaFormat::Mulaw,
         });
         let v: Value = serde_json::from_str(&start).unwrap();
         assert_eq!(v["sequenceNumber"], "1");

@@ -34,7 +34,7 @@ pub use record::Record;
 pub use redirect::Redirect;
 pub use reject::{Reject, RejectReason};
 pub use say::{MAX_LOOP, MAX_SAY_CHARS, Say};
-pub use stream::{MAX_CUSTOM_PARAMETERS_BYTES, Stream, StreamTrack};
+pub use stream::{MAX_CUSTOM_PARAMETERS_BYTES, MediaFormat, Stream, StreamTrack};
 
 use attrs::{child_path, error, kind, quoted};
 

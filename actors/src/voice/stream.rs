@@ -43,6 +43,26 @@ impl StreamTrack {
     }
 }
 
+/// How audio is carried in `media` payloads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MediaFormat {
+    /// `audio/x-mulaw`, 8 kHz (Twilio's, the default).
+    Mulaw,
+    /// `audio/l16;rate=16000`: 16-bit linear PCM at 16 kHz, network byte order (big-endian, as
+    /// RFC 3551 defines L16), for agents that prefer PCM.
+    L16,
+}
+
+impl MediaFormat {
+    /// `start.mediaFormat`'s encoding and sample rate.
+    pub fn encoding(self) -> (&'static str, u32) {
+        match self {
+            MediaFormat::Mulaw => ("audio/x-mulaw", 8000),
+            MediaFormat::L16 => ("audio/l16", 16000),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Stream {
     /// `ws://` or `wss://`, absolute.
@@ -51,6 +71,7 @@ pub struct Stream {
     pub bidirectional: bool,
     /// Passed to the server in `start.customParameters`, in the order written.
     pub custom_parameters: Vec<(String, String)>,
+    pub media_format: MediaFormat,
     /// Where `stream-started`, `stream-stopped` and `stream-error` are POSTed; absolute http(s)
     /// or relative to the document's URL.
     pub status_callback: Option<String>,
@@ -66,6 +87,7 @@ pub(super) fn parse(path: String, value: &Value) -> Result<Stream, ScriptError> 
             "bidirectional",
             "customParameters",
             "statusCallback",
+            "mediaFormat",
         ],
         false,
     )?;
@@ -139,11 +161,25 @@ pub(super) fn parse(path: String, value: &Value) -> Result<Stream, ScriptError> 
             ));
         }
     }
+    let media_format = match a.string("mediaFormat")? {
+        None | Some("audio/x-mulaw") => MediaFormat::Mulaw,
+        Some("audio/l16;rate=16000") => MediaFormat::L16,
+        Some(other) => {
+            return Err(a.err(
+                "mediaFormat",
+                format!(
+                    "must be \"audio/x-mulaw\" or \"audio/l16;rate=16000\", not {}",
+                    quoted(other)
+                ),
+            ));
+        }
+    };
     Ok(Stream {
         url: url.to_owned(),
         track,
         bidirectional,
         custom_parameters,
+        media_format,
         status_callback: a.url("statusCallback")?,
     })
 }

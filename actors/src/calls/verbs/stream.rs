@@ -43,6 +43,7 @@ pub(super) async fn run(call: &mut CallState, s: &Stream) -> Step {
         track: s.track,
         bidirectional: s.bidirectional,
         custom_parameters: s.custom_parameters.clone(),
+        format: s.media_format,
         port,
     };
     let me = call.myself.clone();
