@@ -471,3 +471,61 @@ async fn send_all(socket: &mut Socket, texts: [String; 2]) -> Result<(), String>
     }
     socket.flush().await.map_err(|e| e.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(url: &str) -> StreamSpec {
+        StreamSpec {
+            stream_sid: "MZ1".into(),
+            workspace_id: "ws".into(),
+            call_id: "call".into(),
+            url: url.into(),
+            track: StreamTrack::Inbound,
+            bidirectional: true,
+            custom_parameters: Vec::new(),
+            format: MediaFormat::Mulaw,
+            port: 0,
+        }
+    }
+
+    fn reason(r: Result<Socket, (&'static str, Option<String>)>) -> &'static str {
+        match r {
+            Ok(_) => "connected",
+            Err((reason, _)) => reason,
+        }
+    }
+
+    #[tokio::test]
+    async fn production_rules_are_kept_before_anything_is_dialled() {
+        let production = StreamSettings {
+            require_tls: true,
+            policy: AddressPolicy {
+                refuse_internal: true,
+                allow: Vec::new(),
+            },
+            tls: None,
+        };
+        assert_eq!(
+            reason(connect(&production, &spec("ws://127.0.0.1:9/")).await),
+            "stream.insecure_url"
+        );
+        assert_eq!(
+            reason(connect(&production, &spec("wss://127.0.0.1:9/")).await),
+            "stream.forbidden"
+        );
+        // An operator's allowed range is reachable again (and then refused by the closed port).
+        let allowed = StreamSettings {
+            policy: AddressPolicy {
+                refuse_internal: true,
+                allow: vec!["127.0.0.0/8".parse().unwrap()],
+            },
+            ..StreamSettings::default()
+        };
+        assert_eq!(
+            reason(connect(&allowed, &spec("ws://127.0.0.1:9/")).await),
+            "stream.unreachable"
+        );
+    }
+}
