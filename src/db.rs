@@ -68,6 +68,7 @@ impl Db {
         match backend {
             Backend::Sqlite => {
                 create_sqlite_dir(url)?;
+                let url = &sqlite_creating(url);
                 let write = sqlite_pool(url, 1, true).await?;
                 let read = sqlite_pool(url, 8, false).await?;
                 Ok(Db {
@@ -246,6 +247,21 @@ async fn sqlite_pool(url: &str, max: u32, keep: bool) -> Result<AnyPool, DbError
     Ok(pool)
 }
 
+/// A SQLite URL that creates its file when missing (`mode=rwc`), unless it names a mode of its
+/// own (`mode=ro` for a read-only copy) or is in memory.
+fn sqlite_creating(url: &str) -> String {
+    let (path, query) = url.split_once('?').unwrap_or((url, ""));
+    let has_mode = query.split('&').any(|p| p.starts_with("mode="));
+    if has_mode || path.ends_with(":memory:") {
+        return url.to_owned();
+    }
+    if query.is_empty() {
+        format!("{path}?mode=rwc")
+    } else {
+        format!("{path}?{query}&mode=rwc")
+    }
+}
+
 /// `sqlite://./sautikit-data/sautikit.db?mode=rwc` → make sure `./sautikit-data` exists.
 fn create_sqlite_dir(url: &str) -> Result<(), DbError> {
     let path = url
@@ -276,6 +292,23 @@ pub fn default_sqlite_url(data_dir: &Path) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn sqlite_urls_create_their_file_unless_told_otherwise() {
+        assert_eq!(
+            super::sqlite_creating("sqlite:///var/lib/s/new.db"),
+            "sqlite:///var/lib/s/new.db?mode=rwc"
+        );
+        assert_eq!(
+            super::sqlite_creating("sqlite://x.db?cache=shared"),
+            "sqlite://x.db?cache=shared&mode=rwc"
+        );
+        assert_eq!(
+            super::sqlite_creating("sqlite://x.db?mode=ro"),
+            "sqlite://x.db?mode=ro"
+        );
+        assert_eq!(super::sqlite_creating("sqlite::memory:"), "sqlite::memory:");
+    }
+
     use super::*;
 
     #[test]

@@ -209,3 +209,27 @@ async fn ops_endpoints(backend: Backend) {
 }
 
 on_both_backends!(ops_endpoints);
+
+/// A SQLite URL naming a file that does not exist yet (in a directory that does not either)
+/// creates it, as an operator expects: no `?mode=rwc` needed.
+#[test]
+fn a_sqlite_url_to_a_new_file_creates_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("fresh").join("new.db");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sautikit"))
+        .arg("migrate")
+        .env(
+            "SAUTIKIT_DATABASE_URL",
+            format!("sqlite://{}", file.display()),
+        )
+        .env("SAUTIKIT_DATA_DIR", dir.path())
+        .output()
+        .expect("sautikit runs");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(file.exists(), "the database file was created");
+}
