@@ -21,6 +21,54 @@ pub struct Cli {
     pub command: Command,
 }
 
+impl Cli {
+    /// Parse the command line and environment. A bad value set through the environment is
+    /// reported with the variable's name too (clap names only the flag, which the operator may
+    /// never have typed).
+    pub fn parse_or_exit() -> Cli {
+        use clap::CommandFactory;
+        use clap::error::{ContextKind, ContextValue, ErrorKind};
+        let e = match Cli::try_parse() {
+            Ok(cli) => return cli,
+            Err(e) => e,
+        };
+        if matches!(
+            e.kind(),
+            ErrorKind::InvalidValue | ErrorKind::ValueValidation
+        ) && let Some(ContextValue::String(arg)) = e.get(ContextKind::InvalidArg)
+        {
+            let long = arg
+                .trim_start_matches("--")
+                .split([' ', '='])
+                .next()
+                .unwrap_or_default()
+                .to_owned();
+            let on_command_line = std::env::args().any(|a| {
+                a.strip_prefix("--")
+                    .is_some_and(|f| f == long || f.starts_with(&format!("{long}=")))
+            });
+            let command = Cli::command();
+            let env = command
+                .get_subcommands()
+                .flat_map(|c| c.get_arguments())
+                .chain(command.get_arguments())
+                .find(|a| a.get_long() == Some(long.as_str()))
+                .and_then(|a| a.get_env())
+                .and_then(|v| v.to_str())
+                .map(str::to_owned);
+            if let Some(env) = env
+                && !on_command_line
+                && let Ok(value) = std::env::var(&env)
+            {
+                let _ = e.print();
+                eprintln!("  (the value {value:?} comes from the environment variable {env})");
+                std::process::exit(2);
+            }
+        }
+        e.exit()
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the service (HTTP API and engine) in one process.

@@ -5,7 +5,6 @@ use std::process::ExitCode;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use clap::Parser;
 use sautikit::config::{Cli, Command, LogFormat};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::filter::FilterExt;
@@ -28,7 +27,7 @@ fn init_tracing(format: LogFormat) {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_or_exit();
     match cli.command {
         Command::Serve(args) => {
             init_tracing(args.log_format);

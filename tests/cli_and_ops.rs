@@ -233,3 +233,23 @@ fn a_sqlite_url_to_a_new_file_creates_it() {
     );
     assert!(file.exists(), "the database file was created");
 }
+
+/// A bad setting fails at start, naming the setting as the operator set it: the environment
+/// variable when it came from there.
+#[test]
+fn a_bad_setting_is_named_at_start() {
+    for (var, value) in [
+        ("SAUTIKIT_MODE", "prod"),
+        ("SAUTIKIT_RTP_PORTS", "abc"),
+        ("SAUTIKIT_CALLS_PER_SECOND", "-1"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sautikit"))
+            .arg("serve")
+            .env(var, value)
+            .output()
+            .expect("sautikit runs");
+        assert_eq!(out.status.code(), Some(2), "{var}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(var) && err.contains(value), "{var}: {err}");
+    }
+}
