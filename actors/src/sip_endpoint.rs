@@ -6,7 +6,7 @@
 //! about a call — routing, the callback, the script — happens in the call's own actor, so a slow
 //! callback or a failing call never holds up the endpoint.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -102,6 +102,11 @@ pub enum SipMsg {
         request: Box<rsip::Request>,
         to: Peer,
     },
+    /// A Call actor failed before it told Calls anything of its call (no snapshot): its INVITE,
+    /// if still unanswered, gets `500`, and its dialogs are forgotten.
+    CallActorFailed {
+        actor: ractor::ActorId,
+    },
     /// The registrar asks for an OPTIONS to a registered device over the flow it registered on.
     SendKeepalive {
         contact: String,
@@ -162,7 +167,7 @@ pub struct SipEndpointState {
     /// The other way round, to forget a call's INVITE when it ends.
     invite_of: HashMap<String, TxKey>,
     /// INVITEs without a final response yet (see [`Admission`]).
-    setting_up: HashSet<TxKey>,
+    setting_up: HashMap<TxKey, rsip::Request>,
     /// INVITEs turned away since the last report, and when that was.
     shed: u64,
     shed_reported: Instant,
@@ -233,7 +238,7 @@ impl Actor for SipEndpoint {
             dialogs: HashMap::new(),
             invites: HashMap::new(),
             invite_of: HashMap::new(),
-            setting_up: HashSet::new(),
+            setting_up: HashMap::new(),
             shed: 0,
             shed_reported: Instant::now(),
             requests: HashMap::new(),
@@ -366,21 +371,23 @@ impl Actor for SipEndpoint {
                     Err(e) => debug!(error = %e, "could not send a keepalive"),
                 }
             }
-            SipMsg::DialogEnded { sip_call_id } => {
-                // An on-net call is forgotten once its called side is gone (our side's BYE or
-                // CANCEL may still be on its way to it).
-                if let Some(id) = sip_call_id.strip_suffix(ON_NET_SUFFIX) {
-                    state.loopback.remove(id);
-                } else if !state.dialogs.contains_key(&on_net_id(&sip_call_id)) {
-                    state.loopback.remove(&sip_call_id);
-                }
-                state.dialogs.remove(&sip_call_id);
-                if let Some(key) = state.client_invite_of.remove(&sip_call_id) {
-                    state.client_invites.remove(&key);
-                }
-                if let Some(key) = state.invite_of.remove(&sip_call_id) {
-                    state.invites.remove(&key);
-                    state.setting_up.remove(&key);
+            SipMsg::DialogEnded { sip_call_id } => forget_dialog(state, &sip_call_id),
+            SipMsg::CallActorFailed { actor } => {
+                let gone: Vec<String> = state
+                    .dialogs
+                    .iter()
+                    .filter(|(_, call)| call.get_id() == actor)
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                for id in gone {
+                    let unanswered = state
+                        .invite_of
+                        .get(&id)
+                        .and_then(|key| Some((key.clone(), state.setting_up.get(key)?.clone())));
+                    if let Some((key, request)) = unanswered {
+                        reply(state, &key, &request, 500, &[]);
+                    }
+                    forget_dialog(state, &id);
                 }
             }
         }
@@ -634,6 +641,25 @@ async fn on_request(
     }
 }
 
+/// The call behind this SIP Call-ID (or on-net id) has ended: stop routing its messages to it.
+fn forget_dialog(state: &mut SipEndpointState, sip_call_id: &str) {
+    // An on-net call is forgotten once its called side is gone (our side's BYE or CANCEL may
+    // still be on its way to it).
+    if let Some(id) = sip_call_id.strip_suffix(ON_NET_SUFFIX) {
+        state.loopback.remove(id);
+    } else if !state.dialogs.contains_key(&on_net_id(sip_call_id)) {
+        state.loopback.remove(sip_call_id);
+    }
+    state.dialogs.remove(sip_call_id);
+    if let Some(key) = state.client_invite_of.remove(sip_call_id) {
+        state.client_invites.remove(&key);
+    }
+    if let Some(key) = state.invite_of.remove(sip_call_id) {
+        state.invites.remove(&key);
+        state.setting_up.remove(&key);
+    }
+}
+
 fn registrar(state: &SipEndpointState) -> Option<ActorRef<RegistrarMsg>> {
     ActorRef::<RegistrarMsg>::where_is(state.args.registrar.clone())
 }
@@ -682,7 +708,9 @@ async fn start_call(
     };
     match Actor::spawn_linked(None, crate::calls::Call, args, state.args.calls.clone()).await {
         Ok((call, _)) => {
-            state.setting_up.insert(key.clone());
+            // Kept until the final response: should the actor fail before it answers, the
+            // INVITE still gets its `500` (see `CallActorFailed`).
+            state.setting_up.insert(key.clone(), fallback);
             state.invite_of.insert(sip_call_id.clone(), key.clone());
             state.invites.insert(key, sip_call_id.clone());
             state.dialogs.insert(sip_call_id, call);

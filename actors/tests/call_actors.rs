@@ -41,6 +41,9 @@ const FAILS_AT_END: &str = "+254700000098";
 /// Calls to this number ring its one registered device; once the caller's ACK comes, recording
 /// the answer panics: the Call actor fails with a bridged device leg on the wire.
 const RINGS_DEVICE: &str = "+254700000097";
+/// Recording the start of a call to this number panics: the Call actor fails before it has told
+/// Calls anything of its call.
+const FAILS_AT_START: &str = "+254700000095";
 /// Recording the end of a call to this number fails `END_FAILURES` times, then works.
 const END_FAILS: &str = "+254700000096";
 const END_FAILURES: usize = 4;
@@ -203,7 +206,7 @@ fn route(number: &str) -> NumberRoute {
 impl CallStore for MemCalls {
     async fn route_by_number(&self, number: &str) -> Result<Option<NumberRoute>, StorageError> {
         Ok(match number {
-            BROKEN | HEALTHY | END_FAILS => Some(route(number)),
+            BROKEN | HEALTHY | END_FAILS | FAILS_AT_START => Some(route(number)),
             FAILS_AT_END | RINGS_DEVICE => Some(NumberRoute {
                 voice_callback_url: None,
                 ..route(number)
@@ -218,6 +221,9 @@ impl CallStore for MemCalls {
         Ok(())
     }
     async fn call_started(&self, c: CallStarted) -> Result<(), StorageError> {
+        if c.to == FAILS_AT_START {
+            panic!("simulated bug while recording the start");
+        }
         self.calls
             .lock()
             .unwrap()
@@ -353,6 +359,11 @@ impl Uac {
     }
 
     async fn invite(&self) {
+        self.invite_on("z9hG4bKinv").await;
+    }
+
+    /// The INVITE in a transaction of its own (`branch`), same Call-ID.
+    async fn invite_on(&self, branch: &str) {
         let me = self.sock.local_addr().unwrap();
         let sdp = format!(
             "v=0\r\no=- 1 1 IN IP4 {ip}\r\ns=-\r\nc=IN IP4 {ip}\r\nt=0 0\r\n\
@@ -364,7 +375,7 @@ impl Uac {
             "INVITE sip:{}@{} SIP/2.0\r\n{}Content-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{sdp}",
             self.number,
             self.server,
-            self.headers("INVITE", "z9hG4bKinv", ""),
+            self.headers("INVITE", branch, ""),
             sdp.len()
         );
         self.sock
@@ -609,6 +620,23 @@ async fn a_call_failing_right_after_its_snapshot_is_ended_and_forgotten() {
     uac.expect("480").await;
     let (_, reason, _) = wait_for(&calls, FAILS_AT_END, "failed").await;
     assert_eq!(reason.as_deref(), Some("engine.error"));
+    assert_eq!(engine.live_calls().await.expect("live calls"), 0);
+    engine.stop().await;
+}
+
+/// A Call actor that fails before its first snapshot (Calls knows nothing of its call): the
+/// endpoint answers its INVITE `500` and forgets its dialog, so the same Call-ID is a new call
+/// again (not `482`, a loop) and nothing of it is left behind.
+#[tokio::test]
+async fn a_call_failing_before_its_first_snapshot_is_answered_and_forgotten() {
+    let calls = Arc::new(MemCalls::default());
+    let engine = start_engine(&calls, (32_200, 32_300), 1).await;
+    let sip = engine.sip_addr().expect("SIP is bound");
+    let uac = Uac::new(sip, FAILS_AT_START).await;
+    uac.invite().await;
+    uac.expect("500").await;
+    uac.invite_on("z9hG4bKagain").await;
+    uac.expect("500").await;
     assert_eq!(engine.live_calls().await.expect("live calls"), 0);
     engine.stop().await;
 }

@@ -219,8 +219,17 @@ impl Actor for Calls {
                 let snapshot = state.live.ended(actor);
                 if let Some(err) = failure {
                     error!(error = %err, call_id = snapshot.as_ref().map(|s| s.call_id.as_str()), "call actor failed; ending its call");
-                    if let Some(s) = snapshot {
-                        end_failed_call(&state.deps, &myself, s);
+                    match snapshot {
+                        Some(s) => end_failed_call(&state.deps, &myself, s),
+                        // It failed before it told us anything: the endpoint answers its INVITE
+                        // and forgets its dialog.
+                        None => {
+                            if let Some(endpoint) =
+                                ActorRef::<SipMsg>::where_is(state.deps.sip.clone())
+                            {
+                                let _ = endpoint.cast(SipMsg::CallActorFailed { actor });
+                            }
+                        }
                     }
                 }
             }
