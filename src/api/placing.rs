@@ -97,7 +97,7 @@ pub struct PlaceCallRequest {
     #[schema(example = "+254700000001")]
     pub from: String,
     /// E.164, or an array of up to 10 rung at once (the first to answer is connected).
-    #[schema(value_type = Object, example = "+254711000001")]
+    #[schema(example = "+254711000001")]
     pub to: Targets,
     /// The number the callee sees: one of this workspace's active numbers (default `from`).
     pub caller_id: Option<String>,
