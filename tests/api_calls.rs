@@ -8,16 +8,16 @@ mod common;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::audio::{correlation, espeak_reference, voiced_span};
 use common::calls::{Ctx, setup_with};
 use common::peer::{RtpPeer, reply, sdp, sdp_rtp};
+use common::trunk::Trunk;
 use common::uac::header;
 use common::{Backend, Mode, Server, TestDb, wait_for_json};
 use sautikit_sip::sdp::Codec;
 use serde_json::{Value, json};
-use tokio::net::UdpSocket;
 
 const FROM: &str = "+254700000001";
 const CALLEE: &str = "+254711000001";
@@ -25,14 +25,14 @@ const SPOKEN: &str = "Hello from Sautikit.";
 
 struct Placed {
     ctx: Ctx,
-    trunk: UdpSocket,
+    trunk: Trunk,
 }
 
 /// A dev server whose trunk is a UDP socket of the test, the number's script `script`, and
 /// `topup_minor` in the wallet (outbound rate KES 3.00 a minute).
 async fn setup(backend: Backend, script: Value, topup_minor: i64, env: &[(&str, &str)]) -> Placed {
-    let trunk = UdpSocket::bind("127.0.0.1:0").await.expect("trunk socket");
-    let trunk_uri = format!("sip:{}", trunk.local_addr().unwrap());
+    let trunk = Trunk::bind().await;
+    let trunk_uri = trunk.uri();
     let mut all = vec![("SAUTIKIT_OUTBOUND_TRUNK", trunk_uri.as_str())];
     all.extend_from_slice(env);
     let ctx = setup_with(backend, "/main", &all).await;
@@ -62,44 +62,20 @@ impl Placed {
         r.json()["call_id"].as_str().unwrap().to_owned()
     }
 
-    async fn trunk_recv(&self, wait: Duration) -> Option<(String, SocketAddr)> {
-        let mut buf = vec![0u8; 65_535];
-        let (n, from) = tokio::time::timeout(wait, self.trunk.recv_from(&mut buf))
-            .await
-            .ok()?
-            .ok()?;
-        Some((String::from_utf8_lossy(&buf[..n]).into_owned(), from))
-    }
-
-    /// The next request of `method` at the trunk (retransmissions and others skipped).
-    async fn trunk_request(&self, method: &str) -> (String, SocketAddr) {
-        loop {
-            let (msg, from) = self
-                .trunk_recv(Duration::from_secs(15))
-                .await
-                .unwrap_or_else(|| panic!("a {method} at the trunk"));
-            if msg.starts_with(&format!("{method} ")) {
-                return (msg, from);
-            }
-        }
-    }
-
-    async fn trunk_send(&self, text: &str, to: SocketAddr) {
-        self.trunk.send_to(text.as_bytes(), to).await.expect("send");
-    }
-
     /// Answer `invite` at the trunk with media at `rtp`, and take our ACK.
     async fn answer(&self, invite: &str, from: SocketAddr, rtp: SocketAddr, tag: &str) {
-        self.trunk_send(&reply(invite, 180, "Ringing", tag, None), from)
+        self.trunk
+            .send(&reply(invite, 180, "Ringing", tag, None), from)
             .await;
-        self.trunk_send(
-            &reply(invite, 200, "OK", tag, Some(&sdp(rtp, Codec::Pcmu, 101))),
-            from,
-        )
-        .await;
+        self.trunk
+            .send(
+                &reply(invite, 200, "OK", tag, Some(&sdp(rtp, Codec::Pcmu, 101))),
+                from,
+            )
+            .await;
         // Other legs' refusals are ACKed too: wait for this answer's.
         loop {
-            let (ack, _) = self.trunk_request("ACK").await;
+            let (ack, _) = self.trunk.request("ACK").await;
             if ack.contains(&format!("tag={tag}")) {
                 break;
             }
@@ -108,43 +84,23 @@ impl Placed {
 
     /// Answer our BYE at the trunk.
     async fn bye_answered(&self, invite: &str, tag: &str) {
-        let (bye, from) = self.trunk_request("BYE").await;
+        let (bye, from) = self.trunk.request("BYE").await;
         assert_eq!(header(&bye, "Call-ID"), header(invite, "Call-ID"));
-        self.trunk_send(&reply(&bye, 200, "OK", tag, None), from)
+        self.trunk
+            .send(&reply(&bye, 200, "OK", tag, None), from)
             .await;
     }
 
     /// Answer our CANCEL at the trunk (`200`), then the INVITE it cancels (`487`).
     async fn cancel_answered(&self, invite: &str, from: SocketAddr, tag: &str) {
-        let (cancel, _) = self.trunk_request("CANCEL").await;
+        let (cancel, _) = self.trunk.request("CANCEL").await;
         assert_eq!(header(&cancel, "Call-ID"), header(invite, "Call-ID"));
-        self.trunk_send(&reply(&cancel, 200, "OK", tag, None), from)
+        self.trunk
+            .send(&reply(&cancel, 200, "OK", tag, None), from)
             .await;
-        self.trunk_send(&reply(invite, 487, "Request Terminated", tag, None), from)
+        self.trunk
+            .send(&reply(invite, 487, "Request Terminated", tag, None), from)
             .await;
-    }
-
-    /// The voice callback's requests to `path`, once there are `n`.
-    async fn posts(&self, path: &str, n: usize) -> Vec<HashMap<String, String>> {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let hits: Vec<_> = self
-                .ctx
-                .voice
-                .hits()
-                .into_iter()
-                .filter(|h| h.path == path)
-                .map(|h| h.fields)
-                .collect();
-            if hits.len() >= n {
-                return hits;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{n} posts to {path}, got {hits:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
     }
 
     async fn call_final(&self, id: &str) -> Value {
@@ -197,7 +153,7 @@ async fn a_placed_call_runs_its_script_and_is_billed(backend: Backend) {
     assert_eq!(ringing["status"], "ringing", "{ringing}");
     assert_eq!(ringing["direction"], "outbound");
     assert_eq!(ringing["client_request_id"], "order-42");
-    let (invite, from) = t.trunk_request("INVITE").await;
+    let (invite, from) = t.trunk.request("INVITE").await;
     assert_eq!(called(&invite), CALLEE);
     assert!(
         header(&invite, "From").is_some_and(|f| f.contains(&format!("sip:{FROM}@"))),
@@ -209,7 +165,7 @@ async fn a_placed_call_runs_its_script_and_is_billed(backend: Backend) {
     );
     let callee = RtpPeer::new(Codec::Pcmu, 7).await;
     t.answer(&invite, from, callee.addr(), "far").await;
-    let posts = t.posts("/main", 1).await;
+    let posts = t.ctx.voice.posts("/main", 1).await;
     let first = &posts[0];
     assert_eq!(first["Direction"], "outbound", "{first:?}");
     assert_eq!(first["CallStatus"], "answered");
@@ -278,8 +234,9 @@ async fn hangup_while_ringing_cancels_and_while_answered_hangs_up() {
     )
     .await;
     let id = t.place_ok().await;
-    let (invite, from) = t.trunk_request("INVITE").await;
-    t.trunk_send(&reply(&invite, 180, "Ringing", "r1", None), from)
+    let (invite, from) = t.trunk.request("INVITE").await;
+    t.trunk
+        .send(&reply(&invite, 180, "Ringing", "r1", None), from)
         .await;
     let hangup = t
         .ctx
@@ -302,10 +259,10 @@ async fn hangup_while_ringing_cancels_and_while_answered_hangs_up() {
     assert_eq!(again.json()["status"], "canceled");
 
     let id = t.place_ok().await;
-    let (invite, from) = t.trunk_request("INVITE").await;
+    let (invite, from) = t.trunk.request("INVITE").await;
     let callee = RtpPeer::new(Codec::Pcmu, 8).await;
     t.answer(&invite, from, callee.addr(), "r2").await;
-    t.posts("/main", 1).await;
+    t.ctx.voice.posts("/main", 1).await;
     let hangup = t
         .ctx
         .api
@@ -334,7 +291,7 @@ async fn time_limit_hangs_up_the_answered_call() {
         .await;
     assert_eq!(r.status, 201, "{}", r.text);
     let id = r.json()["call_id"].as_str().unwrap().to_owned();
-    let (invite, from) = t.trunk_request("INVITE").await;
+    let (invite, from) = t.trunk.request("INVITE").await;
     let callee = RtpPeer::new(Codec::Pcmu, 14).await;
     t.answer(&invite, from, callee.addr(), "tl").await;
     t.bye_answered(&invite, "tl").await;
@@ -363,20 +320,22 @@ async fn the_first_of_several_numbers_to_answer_is_connected() {
     let id = r.json()["call_id"].as_str().unwrap().to_owned();
     let mut invites = HashMap::new();
     while invites.len() < 3 {
-        let (invite, from) = t.trunk_request("INVITE").await;
+        let (invite, from) = t.trunk.request("INVITE").await;
         invites.insert(called(&invite), (invite, from));
     }
     let (busy, from) = &invites["+254711000001"];
-    t.trunk_send(&reply(busy, 486, "Busy Here", "busy", None), *from)
+    t.trunk
+        .send(&reply(busy, 486, "Busy Here", "busy", None), *from)
         .await;
     let (never, never_from) = invites["+254711000003"].clone();
-    t.trunk_send(&reply(&never, 180, "Ringing", "never", None), never_from)
+    t.trunk
+        .send(&reply(&never, 180, "Ringing", "never", None), never_from)
         .await;
     let (late, from) = invites["+254711000002"].clone();
     let callee = RtpPeer::new(Codec::Pcmu, 9).await;
     t.answer(&late, from, callee.addr(), "late").await;
     t.cancel_answered(&never, never_from, "never").await;
-    let posts = t.posts("/main", 1).await;
+    let posts = t.ctx.voice.posts("/main", 1).await;
     assert_eq!(posts[0]["To"], "+254711000002", "{posts:?}");
     t.bye_answered(&late, "late").await;
     let call = t.call_final(&id).await;
@@ -401,8 +360,9 @@ async fn refusals_and_no_answer_end_the_call_with_the_sip_code() {
         (480, "Temporarily Unavailable", "no_answer"),
     ] {
         let id = t.place_ok().await;
-        let (invite, from) = t.trunk_request("INVITE").await;
-        t.trunk_send(&reply(&invite, code, reason, "x", None), from)
+        let (invite, from) = t.trunk.request("INVITE").await;
+        t.trunk
+            .send(&reply(&invite, code, reason, "x", None), from)
             .await;
         let call = t.call_final(&id).await;
         assert_eq!(call["status"], status, "{call}");
@@ -415,8 +375,9 @@ async fn refusals_and_no_answer_end_the_call_with_the_sip_code() {
         .await;
     assert_eq!(r.status, 201, "{}", r.text);
     let id = r.json()["call_id"].as_str().unwrap().to_owned();
-    let (invite, from) = t.trunk_request("INVITE").await;
-    t.trunk_send(&reply(&invite, 180, "Ringing", "slow", None), from)
+    let (invite, from) = t.trunk.request("INVITE").await;
+    t.trunk
+        .send(&reply(&invite, 180, "Ringing", "slow", None), from)
         .await;
     t.cancel_answered(&invite, from, "slow").await;
     let call = t.call_final(&id).await;
@@ -433,8 +394,8 @@ async fn refusals_and_no_answer_end_the_call_with_the_sip_code() {
 #[tokio::test]
 async fn a_wallet_without_a_minute_is_refused_402() {
     let db = TestDb::new(Backend::Sqlite).await;
-    let trunk = UdpSocket::bind("127.0.0.1:0").await.expect("trunk socket");
-    let trunk_uri = format!("sip:{}", trunk.local_addr().unwrap());
+    let trunk = Trunk::bind().await;
+    let trunk_uri = trunk.uri();
     let server = Server::start_with(&db, Mode::Dev, &[("SAUTIKIT_OUTBOUND_TRUNK", &trunk_uri)]);
     // The first month's rental (KES 100), then KES 2.99: less than a minute at KES 3.00.
     let (_, key) = db.workspace("poor", 10_000 + 299);
@@ -453,9 +414,10 @@ async fn a_wallet_without_a_minute_is_refused_402() {
     assert_eq!(r.status, 402, "{}", r.text);
     assert_eq!(r.json()["error"]["code"], "wallet.insufficient_funds");
     assert!(api.get_all("/v1/calls").await.is_empty());
-    let mut buf = [0u8; 2048];
-    let nothing = tokio::time::timeout(Duration::from_millis(500), trunk.recv_from(&mut buf)).await;
-    assert!(nothing.is_err(), "nothing reaches the trunk");
+    assert!(
+        trunk.recv(Duration::from_millis(500)).await.is_none(),
+        "nothing reaches the trunk"
+    );
     // A top-up to exactly one minute: one call, whose reservation holds it; a second is 402.
     let topup = api
         .post(
@@ -540,7 +502,7 @@ async fn the_concurrency_slot_is_released_on_every_end() {
     // Completed: answered, the script ends, BYE.
     let id = t.place_ok().await;
     busy_again(&t.place(json!({"from": FROM, "to": CALLEE})).await);
-    let (invite, from) = t.trunk_request("INVITE").await;
+    let (invite, from) = t.trunk.request("INVITE").await;
     let callee = RtpPeer::new(Codec::Pcmu, 10).await;
     t.answer(&invite, from, callee.addr(), "a").await;
     t.bye_answered(&invite, "a").await;
@@ -557,14 +519,16 @@ async fn the_concurrency_slot_is_released_on_every_end() {
         assert_eq!(r.status, 201, "{}", r.text);
         let id = r.json()["call_id"].as_str().unwrap().to_owned();
         busy_again(&t.place(json!({"from": FROM, "to": CALLEE})).await);
-        let (invite, from) = t.trunk_request("INVITE").await;
+        let (invite, from) = t.trunk.request("INVITE").await;
         match code {
             Some(c) => {
-                t.trunk_send(&reply(&invite, c, "No", "b", None), from)
+                t.trunk
+                    .send(&reply(&invite, c, "No", "b", None), from)
                     .await
             }
             None => {
-                t.trunk_send(&reply(&invite, 180, "Ringing", "b", None), from)
+                t.trunk
+                    .send(&reply(&invite, 180, "Ringing", "b", None), from)
                     .await;
                 t.cancel_answered(&invite, from, "b").await;
             }
@@ -573,8 +537,9 @@ async fn the_concurrency_slot_is_released_on_every_end() {
     }
     // Canceled from the API while ringing.
     let id = t.place_ok().await;
-    let (invite, from) = t.trunk_request("INVITE").await;
-    t.trunk_send(&reply(&invite, 180, "Ringing", "c", None), from)
+    let (invite, from) = t.trunk.request("INVITE").await;
+    t.trunk
+        .send(&reply(&invite, 180, "Ringing", "c", None), from)
         .await;
     let hangup = t
         .ctx
@@ -614,11 +579,12 @@ async fn a_replayed_request_places_one_call() {
     assert_eq!(second.status, 201, "{}", second.text);
     assert_eq!(second.header("idempotent-replay").as_deref(), Some("true"));
     assert_eq!(first.json()["call_id"], second.json()["call_id"]);
-    let (invite, from) = t.trunk_request("INVITE").await;
-    t.trunk_send(&reply(&invite, 486, "Busy Here", "x", None), from)
+    let (invite, from) = t.trunk.request("INVITE").await;
+    t.trunk
+        .send(&reply(&invite, 486, "Busy Here", "x", None), from)
         .await;
     // No second INVITE (only the ACK of the 486 may come).
-    while let Some((msg, _)) = t.trunk_recv(Duration::from_millis(700)).await {
+    while let Some((msg, _)) = t.trunk.recv(Duration::from_millis(700)).await {
         assert!(!msg.starts_with("INVITE "), "a second INVITE: {msg}");
     }
     assert_eq!(t.ctx.api.get_all("/v1/calls").await.len(), 1);
@@ -691,7 +657,7 @@ async fn bad_input_is_refused_and_nothing_is_dialled() {
         assert!(envelope["error"]["request_id"].is_string());
     }
     assert!(t.ctx.api.get_all("/v1/calls").await.is_empty());
-    assert!(t.trunk_recv(Duration::from_millis(500)).await.is_none());
+    assert!(t.trunk.recv(Duration::from_millis(500)).await.is_none());
 }
 
 /// A placed call's script may `dial`: the callee is put through to a second party through the
@@ -706,10 +672,10 @@ async fn a_placed_calls_script_can_dial() {
     )
     .await;
     let id = t.place_ok().await;
-    let (invite, from) = t.trunk_request("INVITE").await;
+    let (invite, from) = t.trunk.request("INVITE").await;
     let callee = RtpPeer::new(Codec::Pcmu, 11).await;
     t.answer(&invite, from, callee.addr(), "callee").await;
-    let (dialled, dial_from) = t.trunk_request("INVITE").await;
+    let (dialled, dial_from) = t.trunk.request("INVITE").await;
     assert_eq!(called(&dialled), "+254711000009");
     let party = RtpPeer::new(Codec::Pcmu, 12).await;
     t.answer(&dialled, dial_from, party.addr(), "party").await;
@@ -741,12 +707,12 @@ async fn a_placed_calls_script_can_dial() {
     let bye = format!(
         "BYE {contact} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bKcalleebye\r\nFrom: {to};tag=callee\r\nTo: {from_h}\r\nCall-ID: {cid}\r\nCSeq: 1 BYE\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n",
         contact = common::uac::contact_uri(&invite).expect("our Contact"),
-        me = t.trunk.local_addr().unwrap(),
+        me = t.trunk.addr(),
         to = header(&invite, "To").unwrap(),
         from_h = header(&invite, "From").unwrap(),
         cid = header(&invite, "Call-ID").unwrap(),
     );
-    t.trunk_send(&bye, from).await;
+    t.trunk.send(&bye, from).await;
     t.bye_answered(&dialled, "party").await;
     let call = t.call_final(&id).await;
     assert_eq!(call["status"], "completed", "{call}");

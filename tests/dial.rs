@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use common::audio::{copy_pcaps, correlation, pcap_alaw};
 use common::calls::{Ctx, setup_with};
 use common::peer::{RtpPeer, SipCaller, reply, sdp, sdp_rtp};
+use common::trunk::Trunk;
 use common::uac::{header, status_code};
 use common::{Backend, wait_for_json};
 use sautikit_sip::sdp::Codec;
@@ -24,14 +25,14 @@ const CALLER: &str = "+254711000002";
 
 struct Dial {
     ctx: Ctx,
-    trunk: UdpSocket,
+    trunk: Trunk,
 }
 
 /// A dev server whose trunk is a UDP socket of the test, its number's script `script`, and
 /// KES 1,000 in the wallet (outbound rate KES 3.00 a minute).
 async fn setup(backend: Backend, script: Value) -> Dial {
-    let trunk = UdpSocket::bind("127.0.0.1:0").await.expect("trunk socket");
-    let trunk_uri = format!("sip:{}", trunk.local_addr().unwrap());
+    let trunk = Trunk::bind().await;
+    let trunk_uri = trunk.uri();
     let ctx = setup_at(backend, script, &trunk_uri).await;
     Dial { ctx, trunk }
 }
@@ -56,55 +57,6 @@ async fn setup_at(backend: Backend, script: Value, trunk_uri: &str) -> Ctx {
 }
 
 impl Dial {
-    async fn trunk_recv(&self, wait: Duration) -> Option<(String, SocketAddr)> {
-        let mut buf = vec![0u8; 65_535];
-        let (n, from) = tokio::time::timeout(wait, self.trunk.recv_from(&mut buf))
-            .await
-            .ok()?
-            .ok()?;
-        Some((String::from_utf8_lossy(&buf[..n]).into_owned(), from))
-    }
-
-    /// The next request of `method` at the trunk (retransmissions and ACKs of others skipped).
-    async fn trunk_request(&self, method: &str) -> (String, SocketAddr) {
-        loop {
-            let (msg, from) = self
-                .trunk_recv(Duration::from_secs(15))
-                .await
-                .unwrap_or_else(|| panic!("a {method} at the trunk"));
-            if msg.starts_with(&format!("{method} ")) {
-                return (msg, from);
-            }
-        }
-    }
-
-    async fn trunk_send(&self, text: &str, to: SocketAddr) {
-        self.trunk.send_to(text.as_bytes(), to).await.expect("send");
-    }
-
-    /// The voice callback's requests to `path`, once there are `n`.
-    async fn posts(&self, path: &str, n: usize) -> Vec<HashMap<String, String>> {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let hits: Vec<_> = self
-                .ctx
-                .voice
-                .hits()
-                .into_iter()
-                .filter(|h| h.path == path)
-                .map(|h| h.fields)
-                .collect();
-            if hits.len() >= n {
-                return hits;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{n} posts to {path}, got {hits:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
     /// Every call record once the one with `id` is final.
     async fn call_final(&self, id: &str) -> Value {
         wait_for_json(
@@ -137,11 +89,13 @@ fn dialled(invite: &str) -> String {
 
 /// Answer a CANCEL at the trunk (`200`), then its INVITE (`487`).
 async fn cancelled(t: &Dial, invite: &str, from: SocketAddr, tag: &str) {
-    let (cancel, _) = t.trunk_request("CANCEL").await;
+    let (cancel, _) = t.trunk.request("CANCEL").await;
     assert_eq!(header(&cancel, "Call-ID"), header(invite, "Call-ID"));
-    t.trunk_send(&reply(&cancel, 200, "OK", tag, None), from)
+    t.trunk
+        .send(&reply(&cancel, 200, "OK", tag, None), from)
         .await;
-    t.trunk_send(&reply(invite, 487, "Request Terminated", tag, None), from)
+    t.trunk
+        .send(&reply(invite, 487, "Request Terminated", tag, None), from)
         .await;
 }
 
@@ -159,7 +113,7 @@ async fn dials_through_the_trunk_bridges_and_bills_the_leg(backend: Backend) {
     assert_eq!(status_code(&ok), Some(200), "{ok}");
     caller.ack().await;
     let ours = sdp_rtp(&ok).expect("our RTP address");
-    let (invite, from) = t.trunk_request("INVITE").await;
+    let (invite, from) = t.trunk.request("INVITE").await;
     assert_eq!(dialled(&invite), "+254711000001");
     // The party sees the caller's own number (an inbound call forwarded).
     assert!(
@@ -169,20 +123,22 @@ async fn dials_through_the_trunk_bridges_and_bills_the_leg(backend: Backend) {
     let heard = rtp.receive(20, Duration::from_secs(3)).await;
     assert!(heard.len() >= 20, "ringback frames: {}", heard.len());
     let trunk_rtp = RtpPeer::new(Codec::Pcma, 2).await;
-    t.trunk_send(&reply(&invite, 180, "Ringing", "far", None), from)
+    t.trunk
+        .send(&reply(&invite, 180, "Ringing", "far", None), from)
         .await;
-    t.trunk_send(
-        &reply(
-            &invite,
-            200,
-            "OK",
-            "far",
-            Some(&sdp(trunk_rtp.addr(), Codec::Pcma, 101)),
-        ),
-        from,
-    )
-    .await;
-    let (ack, _) = t.trunk_request("ACK").await;
+    t.trunk
+        .send(
+            &reply(
+                &invite,
+                200,
+                "OK",
+                "far",
+                Some(&sdp(trunk_rtp.addr(), Codec::Pcma, 101)),
+            ),
+            from,
+        )
+        .await;
+    let (ack, _) = t.trunk.request("ACK").await;
     assert!(ack.contains("tag=far"), "{ack}");
     let leg = sdp_rtp(&invite).expect("the leg's RTP address");
     // Both ways through the bridge, transcoded PCMU ↔ PCMA.
@@ -213,15 +169,16 @@ async fn dials_through_the_trunk_bridges_and_bills_the_leg(backend: Backend) {
     let party_bye = format!(
         "BYE {contact} SIP/2.0\r\nVia: SIP/2.0/UDP {me};branch=z9hG4bKpartybye\r\nFrom: {to};tag=far\r\nTo: {from_h}\r\nCall-ID: {cid}\r\nCSeq: 1 BYE\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n",
         contact = common::uac::contact_uri(&invite).expect("our Contact"),
-        me = t.trunk.local_addr().unwrap(),
+        me = t.trunk.addr(),
         to = header(&invite, "To").unwrap(),
         from_h = header(&invite, "From").unwrap(),
         cid = header(&invite, "Call-ID").unwrap(),
     );
-    t.trunk_send(&party_bye, from).await;
+    t.trunk.send(&party_bye, from).await;
     let ok = loop {
         let (msg, _) = t
-            .trunk_recv(Duration::from_secs(5))
+            .trunk
+            .recv(Duration::from_secs(5))
             .await
             .expect("200 to BYE");
         if status_code(&msg).is_some() {
@@ -230,7 +187,7 @@ async fn dials_through_the_trunk_bridges_and_bills_the_leg(backend: Backend) {
     };
     assert_eq!(status_code(&ok), Some(200), "{ok}");
     caller.await_bye(Duration::from_secs(10)).await;
-    let posts = t.posts("/after", 1).await;
+    let posts = t.ctx.voice.posts("/after", 1).await;
     assert_eq!(posts.len(), 1, "{posts:?}");
     let result = &posts[0];
     assert_eq!(result["DialStatus"], "completed", "{result:?}");
@@ -281,41 +238,46 @@ async fn the_first_of_several_numbers_to_answer_wins() {
     caller.ack().await;
     let mut invites = HashMap::new();
     while invites.len() < 3 {
-        let (invite, from) = t.trunk_request("INVITE").await;
+        let (invite, from) = t.trunk.request("INVITE").await;
         invites.insert(dialled(&invite), (invite, from));
     }
     let (busy, from) = &invites["+254711000001"];
-    t.trunk_send(&reply(busy, 486, "Busy Here", "busy", None), *from)
+    t.trunk
+        .send(&reply(busy, 486, "Busy Here", "busy", None), *from)
         .await;
     let (late, from) = invites["+254711000002"].clone();
     let (never, never_from) = invites["+254711000003"].clone();
-    t.trunk_send(&reply(&late, 180, "Ringing", "late", None), from)
+    t.trunk
+        .send(&reply(&late, 180, "Ringing", "late", None), from)
         .await;
-    t.trunk_send(&reply(&never, 180, "Ringing", "never", None), never_from)
+    t.trunk
+        .send(&reply(&never, 180, "Ringing", "never", None), never_from)
         .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let trunk_rtp = RtpPeer::new(Codec::Pcmu, 2).await;
-    t.trunk_send(
-        &reply(
-            &late,
-            200,
-            "OK",
-            "late",
-            Some(&sdp(trunk_rtp.addr(), Codec::Pcmu, 101)),
-        ),
-        from,
-    )
-    .await;
+    t.trunk
+        .send(
+            &reply(
+                &late,
+                200,
+                "OK",
+                "late",
+                Some(&sdp(trunk_rtp.addr(), Codec::Pcmu, 101)),
+            ),
+            from,
+        )
+        .await;
     cancelled(&t, &never, never_from, "never").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     caller.bye().await;
-    let (bye, _) = t.trunk_request("BYE").await;
+    let (bye, _) = t.trunk.request("BYE").await;
     assert_eq!(header(&bye, "Call-ID"), header(&late, "Call-ID"));
-    t.trunk_send(&reply(&bye, 200, "OK", "late", None), from)
+    t.trunk
+        .send(&reply(&bye, 200, "OK", "late", None), from)
         .await;
-    let posts = t.posts("/after", 1).await;
+    let posts = t.ctx.voice.posts("/after", 1).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(t.posts("/after", 1).await.len(), 1, "posted once");
+    assert_eq!(t.ctx.voice.posts("/after", 1).await.len(), 1, "posted once");
     let result = &posts[0];
     assert_eq!(result["DialStatus"], "completed", "{result:?}");
     let children = t.children(&result["CallId"]).await;
@@ -351,13 +313,14 @@ async fn timeouts_busy_time_limits_and_the_caller_leaving() {
     let (_, ok) = caller.await_final(Duration::from_secs(10)).await;
     assert_eq!(status_code(&ok), Some(200));
     caller.ack().await;
-    let (invite, from) = t.trunk_request("INVITE").await;
-    t.trunk_send(&reply(&invite, 180, "Ringing", "slow", None), from)
+    let (invite, from) = t.trunk.request("INVITE").await;
+    t.trunk
+        .send(&reply(&invite, 180, "Ringing", "slow", None), from)
         .await;
     cancelled(&t, &invite, from, "slow").await;
     // The script goes on after the failed dial: `/after` hangs up.
     caller.await_bye(Duration::from_secs(10)).await;
-    let result = t.posts("/after", 1).await.remove(0);
+    let result = t.ctx.voice.posts("/after", 1).await.remove(0);
     assert_eq!(result["DialStatus"], "no-answer", "{result:?}");
     assert_eq!(result["DialSipStatus"], "487");
     let child = t.call_final(&result["DialCallId"]).await;
@@ -370,11 +333,12 @@ async fn timeouts_busy_time_limits_and_the_caller_leaving() {
     let (_, ok) = caller.await_final(Duration::from_secs(10)).await;
     assert_eq!(status_code(&ok), Some(200));
     caller.ack().await;
-    let (invite, from) = t.trunk_request("INVITE").await;
-    t.trunk_send(&reply(&invite, 486, "Busy Here", "busy", None), from)
+    let (invite, from) = t.trunk.request("INVITE").await;
+    t.trunk
+        .send(&reply(&invite, 486, "Busy Here", "busy", None), from)
         .await;
     caller.await_bye(Duration::from_secs(10)).await;
-    let result = t.posts("/after", 2).await.remove(1);
+    let result = t.ctx.voice.posts("/after", 2).await.remove(1);
     assert_eq!(result["DialStatus"], "busy", "{result:?}");
     assert_eq!(result["DialSipStatus"], "486");
 
@@ -386,8 +350,9 @@ async fn timeouts_busy_time_limits_and_the_caller_leaving() {
     );
     let mut caller = SipCaller::new(t.ctx.server.sip_addr(), NUMBER).await;
     caller.invite(&sdp(rtp.addr(), Codec::Pcmu, 101)).await;
-    let (invite, from) = t.trunk_request("INVITE").await;
-    t.trunk_send(&reply(&invite, 180, "Ringing", "limit", None), from)
+    let (invite, from) = t.trunk.request("INVITE").await;
+    t.trunk
+        .send(&reply(&invite, 180, "Ringing", "limit", None), from)
         .await;
     // The caller hears 180 passed on, and nothing final yet.
     let mut provisional = Vec::new();
@@ -398,31 +363,33 @@ async fn timeouts_busy_time_limits_and_the_caller_leaving() {
     }
     assert!(provisional.contains(&180), "{provisional:?}");
     let trunk_rtp = RtpPeer::new(Codec::Pcmu, 2).await;
-    t.trunk_send(
-        &reply(
-            &invite,
-            200,
-            "OK",
-            "limit",
-            Some(&sdp(trunk_rtp.addr(), Codec::Pcmu, 101)),
-        ),
-        from,
-    )
-    .await;
+    t.trunk
+        .send(
+            &reply(
+                &invite,
+                200,
+                "OK",
+                "limit",
+                Some(&sdp(trunk_rtp.addr(), Codec::Pcmu, 101)),
+            ),
+            from,
+        )
+        .await;
     let (_, ok) = caller.await_final(Duration::from_secs(5)).await;
     assert_eq!(status_code(&ok), Some(200), "{ok}");
     caller.ack().await;
     let answered = Instant::now();
-    let (bye, _) = t.trunk_request("BYE").await;
+    let (bye, _) = t.trunk.request("BYE").await;
     let cut = answered.elapsed();
     assert!(
         cut >= Duration::from_millis(1500) && cut < Duration::from_secs(4),
         "cut after {cut:?}"
     );
-    t.trunk_send(&reply(&bye, 200, "OK", "limit", None), from)
+    t.trunk
+        .send(&reply(&bye, 200, "OK", "limit", None), from)
         .await;
     caller.await_bye(Duration::from_secs(10)).await;
-    let result = t.posts("/after", 3).await.remove(2);
+    let result = t.ctx.voice.posts("/after", 3).await.remove(2);
     assert_eq!(result["DialStatus"], "completed", "{result:?}");
     let child = t.call_final(&result["DialCallId"]).await;
     assert_eq!(child["hangup_cause"], "time_limit", "{child}");
@@ -430,8 +397,9 @@ async fn timeouts_busy_time_limits_and_the_caller_leaving() {
     // The caller gives up while the party rings (answerOnBridge: it was never answered).
     let mut caller = SipCaller::new(t.ctx.server.sip_addr(), NUMBER).await;
     let caller_invite = caller.invite(&sdp(rtp.addr(), Codec::Pcmu, 101)).await;
-    let (invite, from) = t.trunk_request("INVITE").await;
-    t.trunk_send(&reply(&invite, 180, "Ringing", "left", None), from)
+    let (invite, from) = t.trunk.request("INVITE").await;
+    t.trunk
+        .send(&reply(&invite, 180, "Ringing", "left", None), from)
         .await;
     loop {
         let msg = caller
@@ -444,7 +412,7 @@ async fn timeouts_busy_time_limits_and_the_caller_leaving() {
     }
     caller.cancel(&caller_invite).await;
     cancelled(&t, &invite, from, "left").await;
-    let result = t.posts("/after", 4).await.remove(3);
+    let result = t.ctx.voice.posts("/after", 4).await.remove(3);
     assert_eq!(result["DialStatus"], "canceled", "{result:?}");
     assert_eq!(result["CallStatus"], "canceled", "{result:?}");
     let child = t.call_final(&result["DialCallId"]).await;
@@ -487,7 +455,7 @@ async fn a_sip_uri_is_dialled_at_its_host() {
     .await
     .expect("send");
     caller.await_bye(Duration::from_secs(10)).await;
-    let result = t.posts("/after", 1).await.remove(0);
+    let result = t.ctx.voice.posts("/after", 1).await.remove(0);
     assert_eq!(result["DialStatus"], "busy", "{result:?}");
     assert_eq!(result["DialSipStatus"], "486");
     let child = t.call_final(&result["DialCallId"]).await;
@@ -510,15 +478,16 @@ async fn the_caller_hears_the_partys_early_media() {
     let (_, ok) = caller.await_final(Duration::from_secs(10)).await;
     assert_eq!(status_code(&ok), Some(200));
     caller.ack().await;
-    let (invite, from) = t.trunk_request("INVITE").await;
+    let (invite, from) = t.trunk.request("INVITE").await;
     let leg = sdp_rtp(&invite).expect("the leg's RTP address");
     let trunk_rtp = RtpPeer::new(Codec::Pcmu, 2).await;
     let party_sdp = sdp(trunk_rtp.addr(), Codec::Pcmu, 101);
-    t.trunk_send(
-        &reply(&invite, 183, "Session Progress", "early", Some(&party_sdp)),
-        from,
-    )
-    .await;
+    t.trunk
+        .send(
+            &reply(&invite, 183, "Session Progress", "early", Some(&party_sdp)),
+            from,
+        )
+        .await;
     // The party's early media (frames 500…): the caller hears them in place of our tone.
     let (_, early) = tokio::join!(
         trunk_rtp.send_frames(leg, 500, 575),
@@ -532,9 +501,10 @@ async fn the_caller_hears_the_partys_early_media() {
         heard >= 30,
         "the caller heard the party's early media: {heard}"
     );
-    t.trunk_send(&reply(&invite, 200, "OK", "early", Some(&party_sdp)), from)
+    t.trunk
+        .send(&reply(&invite, 200, "OK", "early", Some(&party_sdp)), from)
         .await;
-    let (ack, _) = t.trunk_request("ACK").await;
+    let (ack, _) = t.trunk.request("ACK").await;
     assert!(ack.contains("tag=early"), "{ack}");
     let (_, talk) = tokio::join!(
         trunk_rtp.send_frames(leg, 1000, 1050),
@@ -547,10 +517,11 @@ async fn the_caller_hears_the_partys_early_media() {
         .count();
     assert!(heard >= 25, "the caller heard the party: {heard}");
     caller.bye().await;
-    let (bye, _) = t.trunk_request("BYE").await;
-    t.trunk_send(&reply(&bye, 200, "OK", "early", None), from)
+    let (bye, _) = t.trunk.request("BYE").await;
+    t.trunk
+        .send(&reply(&bye, 200, "OK", "early", None), from)
         .await;
-    let result = t.posts("/after", 1).await.remove(0);
+    let result = t.ctx.voice.posts("/after", 1).await.remove(0);
     assert_eq!(result["DialStatus"], "completed", "{result:?}");
 }
 
@@ -586,10 +557,10 @@ async fn one_of_our_numbers_is_dialled_on_net() {
     caller.ack().await;
     caller.await_bye(Duration::from_secs(20)).await;
     assert!(
-        t.trunk_recv(Duration::from_millis(200)).await.is_none(),
+        t.trunk.recv(Duration::from_millis(200)).await.is_none(),
         "nothing went to the trunk"
     );
-    let result = t.posts("/after", 1).await.remove(0);
+    let result = t.ctx.voice.posts("/after", 1).await.remove(0);
     assert_eq!(result["DialStatus"], "completed", "{result:?}");
     let secs: u64 = result["DialDuration"].parse().unwrap();
     assert!((1..=4).contains(&secs), "{result:?}");
@@ -622,8 +593,8 @@ async fn one_of_our_numbers_is_dialled_on_net() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_party_is_cut_when_its_paid_time_runs_out() {
     let db = common::TestDb::new(Backend::Sqlite).await;
-    let trunk = UdpSocket::bind("127.0.0.1:0").await.expect("trunk socket");
-    let trunk_uri = format!("sip:{}", trunk.local_addr().unwrap());
+    let trunk = Trunk::bind().await;
+    let trunk_uri = trunk.uri();
     let server = common::Server::start_with(
         &db,
         common::Mode::Dev,
@@ -665,19 +636,20 @@ async fn a_party_is_cut_when_its_paid_time_runs_out() {
     assert_eq!(status_code(&ok), Some(200));
     caller.ack().await;
     let ours = sdp_rtp(&ok).expect("our RTP address");
-    let (invite, from) = t.trunk_request("INVITE").await;
+    let (invite, from) = t.trunk.request("INVITE").await;
     let trunk_rtp = RtpPeer::new(Codec::Pcmu, 2).await;
-    t.trunk_send(
-        &reply(
-            &invite,
-            200,
-            "OK",
-            "paid",
-            Some(&sdp(trunk_rtp.addr(), Codec::Pcmu, 101)),
-        ),
-        from,
-    )
-    .await;
+    t.trunk
+        .send(
+            &reply(
+                &invite,
+                200,
+                "OK",
+                "paid",
+                Some(&sdp(trunk_rtp.addr(), Codec::Pcmu, 101)),
+            ),
+            from,
+        )
+        .await;
     let answered = Instant::now();
     let leg = sdp_rtp(&invite).expect("the leg's RTP address");
     // Both talk throughout (a silent leg would end for another reason).
@@ -689,11 +661,13 @@ async fn a_party_is_cut_when_its_paid_time_runs_out() {
     });
     let cut = loop {
         let (msg, _) = t
-            .trunk_recv(Duration::from_secs(75))
+            .trunk
+            .recv(Duration::from_secs(75))
             .await
             .expect("BYE at the trunk");
         if msg.starts_with("BYE ") {
-            t.trunk_send(&reply(&msg, 200, "OK", "paid", None), from)
+            t.trunk
+                .send(&reply(&msg, 200, "OK", "paid", None), from)
                 .await;
             break answered.elapsed();
         }
@@ -704,7 +678,7 @@ async fn a_party_is_cut_when_its_paid_time_runs_out() {
     );
     caller.await_bye(Duration::from_secs(10)).await;
     talk.abort();
-    let result = t.posts("/after", 1).await.remove(0);
+    let result = t.ctx.voice.posts("/after", 1).await.remove(0);
     assert_eq!(result["DialStatus"], "completed", "{result:?}");
     let child = t.call_final(&result["DialCallId"]).await;
     assert_eq!(child["hangup_cause"], "balance_exhausted", "{child}");

@@ -9,6 +9,7 @@ pub mod device;
 pub mod peer;
 pub mod receiver;
 pub mod store;
+pub mod trunk;
 pub mod uac;
 pub mod voice;
 

@@ -151,4 +151,29 @@ impl VoiceServer {
     pub fn hits(&self) -> Vec<VoiceHit> {
         self.hits.lock().unwrap().clone()
     }
+
+    /// The form fields of the requests to `path`, once there are `n` (15 s at most).
+    pub async fn posts(
+        &self,
+        path: &str,
+        n: usize,
+    ) -> Vec<std::collections::HashMap<String, String>> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        loop {
+            let hits: Vec<_> = self
+                .hits()
+                .into_iter()
+                .filter(|h| h.path == path)
+                .map(|h| h.fields)
+                .collect();
+            if hits.len() >= n {
+                return hits;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{n} posts to {path}, got {hits:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
 }
