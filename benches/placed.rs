@@ -29,7 +29,9 @@
 //! measured run and left out of its figures), `BENCH_CALL_TIMEOUT_MS` (15000: how long after the
 //! last POST a call may take to end), `BENCH_INVITE_P99_MS` (20), `BENCH_RTP_P99_MS` (50),
 //! `BENCH_MAX_CORES` (1.5): the pass lines; `BENCH_RTP_PORTS` (the engine's RTP range),
-//! `BENCH_SERVER_LOG` (the engine's log filter, `warn`).
+//! `BENCH_SERVER_LOG` (the engine's log filter, `warn`), `BENCH_SERVER_LOG_COPY` (a path to copy the
+//! engine's log to before its data directory goes), `BENCH_CALLS_CSV` (a path for every call's
+//! times, in ns: POST sent (wall clock), → response, → INVITE, 200 → RTP).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -914,6 +916,10 @@ async fn placed_run(backend: Backend, s: &Settings) -> Outcome {
     let me0 = cpu_time(std::process::id());
     let started = Instant::now();
     let started_ns = run.now();
+    println!(
+        "  measured run starts at {} UTC (t=0s below)",
+        chrono::Utc::now().format("%H:%M:%S%.3f")
+    );
     let mut tick = tokio::time::interval(Duration::from_millis(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut sent = 0usize;
@@ -1038,6 +1044,28 @@ async fn placed_run(backend: Backend, s: &Settings) -> Outcome {
             failed += 1;
         }
     }
+    if let Ok(path) = std::env::var("BENCH_CALLS_CSV") {
+        let mut csv = String::from(
+            "call,posted_wall_ns,status,response_ns,invite_kernel_ns,ok_to_rtp_kernel_ns,packets\n",
+        );
+        for (i, r) in measured.iter().enumerate() {
+            let since = |a: u64, b: u64| if b == 0 { 0 } else { b.saturating_sub(a) };
+            csv.push_str(&format!(
+                "{},{},{},{},{},{},{}\n",
+                first + i,
+                get(&r.posted_wall),
+                get(&r.status),
+                since(get(&r.posted), get(&r.responded)),
+                since(get(&r.posted_wall), get(&r.invite_kernel)),
+                since(get(&r.ok_sent_wall), get(&r.rtp_kernel)),
+                get(&r.packets),
+            ));
+        }
+        match std::fs::write(&path, csv) {
+            Ok(()) => println!("  per-call times written to {path}"),
+            Err(e) => println!("  per-call times NOT written to {path}: {e}"),
+        }
+    }
     let over_invite = over_line(&invite_k, s.invite_line, "API→INVITE");
     let over_rtp = over_line(&rtp_k, s.rtp_line, "200→RTP");
     let mut invite_k: Vec<Duration> = invite_k.into_iter().map(|(d, _)| d).collect();
@@ -1159,6 +1187,12 @@ async fn placed_run(backend: Backend, s: &Settings) -> Outcome {
         ctx.hooks.line()
     );
     println!("  server log: {}", server_log_excerpt(&ctx.server));
+    if let Ok(to) = std::env::var("BENCH_SERVER_LOG_COPY") {
+        match std::fs::copy(&ctx.server.log, &to) {
+            Ok(_) => println!("  server log copied to {to}"),
+            Err(e) => println!("  server log NOT copied to {to}: {e}"),
+        }
+    }
     println!("  load after: {}", machine_load());
     println!(
         "  RESULT placed {}: {:.0}/s, failed {failed}, API→INVITE {}, 200→RTP {}, engine {cores:.3} cores, \
