@@ -11,12 +11,14 @@
 //! port of the INVITE's SDP offer) → the script's end: the engine's BYE → our `200`.
 //!
 //! Measured per call: API request (handed to the HTTP client) → INVITE at the trunk; our `200`
-//! sent → first RTP packet from the call's port; API request → HTTP response; the HTTP status
-//! (`201` expected). Arrival is the kernel's receive time of the datagram (`SO_TIMESTAMPNS`, wall
-//! clock, as are the send times it is compared with); the same from when this harness's task
-//! read it is printed beside it (an upper bound: it adds this process's own scheduling on the
-//! shared cores). A call fails when its POST is not `201` or it never gets an INVITE, an ACK for
-//! our `200`, RTP or the engine's BYE. After the run every call record must be `completed`
+//! sent → first RTP packet from the call's port (the engine sends silence from the answer until
+//! the script plays), and → the prompt's first packet (the playback's talkspurt, marker bit) and
+//! the first audible one; API request → HTTP response; the HTTP status (`201` expected). Arrival
+//! is the kernel's receive time of the datagram (`SO_TIMESTAMPNS`, wall clock, as are the send
+//! times it is compared with); the same from when this harness's task read it is printed beside
+//! it (an upper bound: it adds this process's own scheduling on the shared cores). A call fails
+//! when its POST is not `201` or it never gets an INVITE, an ACK for our `200`, RTP, an audible
+//! prompt or the engine's BYE. After the run every call record must be `completed`
 //! (`GET /v1/calls?direction=outbound&status=…`), and 3 events per call (`call.started`,
 //! `call.answered`, `call.completed`) must reach the events URL. Also: the engine's CPU
 //! (utime+stime from /proc) and RSS, this harness's CPU, RTP packets per call.
@@ -56,12 +58,13 @@ use axum::routing::post;
 use common::caller::recv_stamped;
 use common::peer::{sdp, sdp_rtp};
 use common::uac::{
-    cpu_time, header, headers, machine_load, quantile, request_method, response_to, status_kib,
-    thread_cpu,
+    cpu_time, header, headers, machine_load, quantile, request_method, response_to, rtp_header,
+    status_kib, thread_cpu,
 };
 use common::{Api, Backend, Mode, Server, TestDb, dev_key};
 use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrIn, recvmsg, setsockopt, sockopt};
 use nix::sys::time::TimeSpec;
+use sautikit_sip::rtp::g711::ulaw;
 use sautikit_sip::sdp::Codec;
 use serde_json::json;
 use tokio::io::Interest;
@@ -75,6 +78,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// The number's script: a cached `say`, then the script's end hangs up.
 const SCRIPT: &str = r#"{"actions":[{"say":{"text":"Hello from Sautikit."}}]}"#;
+/// A PCMU sample this loud (about −30 dBFS) is the prompt, not the silence before it.
+const AUDIBLE: i16 = 1000;
 /// Callee numbers: this and the call's index in six digits.
 const TO_PREFIX: &str = "+254711";
 const T1: Duration = Duration::from_millis(500);
@@ -111,12 +116,36 @@ struct CallRec {
     ok_sent: AtomicU64,
     ok_sent_wall: AtomicU64,
     acked: AtomicU64,
-    /// The first RTP packet from the call's port was read; its kernel receive time.
+    /// The first RTP packet from the call's port was read (the engine sends silence from the
+    /// answer until the script plays something); its kernel receive time.
     rtp: AtomicU64,
     rtp_kernel: AtomicU64,
+    /// A talkspurt after the stream's first packet (marker bit): the playback's start. A playback
+    /// that started before the stream's first packet has none: its first packet is that one
+    /// (see [`CallRec::prompt_times`]).
+    prompt: AtomicU64,
+    prompt_kernel: AtomicU64,
+    /// The first packet with a sample at or above [`AUDIBLE`].
+    audible: AtomicU64,
+    audible_kernel: AtomicU64,
     packets: AtomicU64,
     /// The engine's BYE was read.
     bye: AtomicU64,
+}
+
+impl CallRec {
+    /// When the prompt's first packet arrived: (monotonic, kernel wall clock) ns. It is the
+    /// second talkspurt of the stream; with only one, the stream's first packet, if the call
+    /// heard anything at all.
+    fn prompt_times(&self) -> Option<(u64, u64)> {
+        if get(&self.prompt) != 0 {
+            Some((get(&self.prompt), get(&self.prompt_kernel)))
+        } else if get(&self.audible) != 0 {
+            Some((get(&self.rtp), get(&self.rtp_kernel)))
+        } else {
+            None
+        }
+    }
 }
 
 fn get(a: &AtomicU64) -> u64 {
@@ -564,7 +593,7 @@ async fn rtp_sink(sock: UdpSocket, run: Arc<Run>, mut stop: watch::Receiver<bool
             r = sock.readable() => if r.is_err() { return },
             _ = stop.changed() => return,
         }
-        while let Ok((_, port, stamp)) =
+        while let Ok((n, port, stamp)) =
             sock.try_io(Interest::READABLE, || recv_from_stamped(fd, &mut buf))
         {
             let c = &run.counters;
@@ -575,9 +604,27 @@ async fn rtp_sink(sock: UdpSocket, run: Arc<Run>, mut stop: watch::Receiver<bool
                 continue;
             }
             let rec = &run.calls[idx as usize - 1];
-            if rec.packets.fetch_add(1, Ordering::Relaxed) == 0 {
-                set(&rec.rtp_kernel, stamp.unwrap_or_else(wall_ns));
-                set(&rec.rtp, run.now());
+            let kernel = stamp.unwrap_or_else(wall_ns);
+            let now = run.now();
+            let index = rec.packets.fetch_add(1, Ordering::Relaxed);
+            let Some(h) = rtp_header(&buf[..n]) else {
+                continue;
+            };
+            let payload = &buf[n - h.payload_len..n];
+            let audible = payload
+                .iter()
+                .any(|&b| ulaw::decode(b).unsigned_abs() >= AUDIBLE.unsigned_abs());
+            if index == 0 {
+                set(&rec.rtp_kernel, kernel);
+                set(&rec.rtp, now);
+            }
+            if h.marker && index > 0 && get(&rec.prompt) == 0 {
+                set(&rec.prompt_kernel, kernel);
+                set(&rec.prompt, now);
+            }
+            if audible && get(&rec.audible) == 0 {
+                set(&rec.audible_kernel, kernel);
+                set(&rec.audible, now);
             }
         }
     }
@@ -765,6 +812,7 @@ struct Outcome {
     failed: usize,
     invite: [Duration; 3],
     rtp: [Duration; 3],
+    prompt: [Duration; 3],
     cores: f64,
     rss_mib: f64,
     harness_cores: f64,
@@ -898,11 +946,16 @@ async fn placed_run(backend: Backend, s: &Settings) -> Outcome {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let rec = &run.calls[idx];
+        let after_ok = |at: u64| ms(Duration::from_nanos(at.saturating_sub(get(&rec.ok_sent))));
         println!(
-            "  warm-up call {idx}: status {}, INVITE {}, RTP {}, BYE {}",
+            "  warm-up call {idx}: status {}, INVITE {}, {} RTP packets (first {:.1} ms after our 200, \
+             the prompt's {:.1} ms, the first audible {:.1} ms), BYE {}",
             get(&rec.status),
             get(&rec.invite) != 0,
             get(&rec.packets),
+            after_ok(get(&rec.rtp)),
+            after_ok(rec.prompt_times().map_or(0, |(at, _)| at)),
+            after_ok(get(&rec.audible)),
             get(&rec.bye) != 0
         );
     }
@@ -989,11 +1042,15 @@ async fn placed_run(backend: Backend, s: &Settings) -> Outcome {
     // Per call.
     let mut http: BTreeMap<u64, usize> = BTreeMap::new();
     let (mut no_invite, mut no_ack, mut no_rtp, mut no_bye, mut failed) = (0, 0, 0, 0, 0);
+    let mut unheard = 0;
     let mut created = 0usize;
     let mut invite_k = Vec::new();
     let mut invite_r = Vec::new();
     let mut rtp_k = Vec::new();
     let mut rtp_r = Vec::new();
+    let mut prompt_k = Vec::new();
+    let mut prompt_r = Vec::new();
+    let mut audible_k = Vec::new();
     let mut response = Vec::new();
     let mut talk = Vec::new();
     let mut packets = Vec::new();
@@ -1016,6 +1073,13 @@ async fn placed_run(backend: Backend, s: &Settings) -> Outcome {
             rtp_k.push((ns(get(&r.ok_sent_wall), get(&r.rtp_kernel)), second));
             rtp_r.push(ns(get(&r.ok_sent), get(&r.rtp)));
         }
+        if let Some((at, kernel)) = r.prompt_times() {
+            prompt_k.push((ns(get(&r.ok_sent_wall), kernel), second));
+            prompt_r.push(ns(get(&r.ok_sent), at));
+        }
+        if get(&r.audible) != 0 {
+            audible_k.push(ns(get(&r.ok_sent_wall), get(&r.audible_kernel)));
+        }
         if get(&r.bye) != 0 && get(&r.ok_sent) != 0 {
             talk.push(ns(get(&r.ok_sent), get(&r.bye)));
         }
@@ -1033,6 +1097,9 @@ async fn placed_run(backend: Backend, s: &Settings) -> Outcome {
         } else if get(&r.rtp) == 0 {
             no_rtp += 1;
             false
+        } else if get(&r.audible) == 0 {
+            unheard += 1;
+            false
         } else if get(&r.bye) == 0 {
             no_bye += 1;
             false
@@ -1046,18 +1113,24 @@ async fn placed_run(backend: Backend, s: &Settings) -> Outcome {
     }
     if let Ok(path) = std::env::var("BENCH_CALLS_CSV") {
         let mut csv = String::from(
-            "call,posted_wall_ns,status,response_ns,invite_kernel_ns,ok_to_rtp_kernel_ns,packets\n",
+            "call,posted_wall_ns,status,response_ns,invite_kernel_ns,ok_to_rtp_kernel_ns,\
+             ok_to_prompt_kernel_ns,ok_to_audible_kernel_ns,packets\n",
         );
         for (i, r) in measured.iter().enumerate() {
             let since = |a: u64, b: u64| if b == 0 { 0 } else { b.saturating_sub(a) };
             csv.push_str(&format!(
-                "{},{},{},{},{},{},{}\n",
+                "{},{},{},{},{},{},{},{},{}\n",
                 first + i,
                 get(&r.posted_wall),
                 get(&r.status),
                 since(get(&r.posted), get(&r.responded)),
                 since(get(&r.posted_wall), get(&r.invite_kernel)),
                 since(get(&r.ok_sent_wall), get(&r.rtp_kernel)),
+                since(
+                    get(&r.ok_sent_wall),
+                    r.prompt_times().map_or(0, |(_, kernel)| kernel)
+                ),
+                since(get(&r.ok_sent_wall), get(&r.audible_kernel)),
                 get(&r.packets),
             ));
         }
@@ -1068,13 +1141,18 @@ async fn placed_run(backend: Backend, s: &Settings) -> Outcome {
     }
     let over_invite = over_line(&invite_k, s.invite_line, "API→INVITE");
     let over_rtp = over_line(&rtp_k, s.rtp_line, "200→RTP");
+    let over_prompt = over_line(&prompt_k, s.rtp_line, "200→prompt");
     let mut invite_k: Vec<Duration> = invite_k.into_iter().map(|(d, _)| d).collect();
     let mut rtp_k: Vec<Duration> = rtp_k.into_iter().map(|(d, _)| d).collect();
+    let mut prompt_k: Vec<Duration> = prompt_k.into_iter().map(|(d, _)| d).collect();
     for v in [
         &mut invite_k,
         &mut invite_r,
         &mut rtp_k,
         &mut rtp_r,
+        &mut prompt_k,
+        &mut prompt_r,
+        &mut audible_k,
         &mut response,
         &mut talk,
     ] {
@@ -1083,6 +1161,7 @@ async fn placed_run(backend: Backend, s: &Settings) -> Outcome {
     packets.sort();
     let invite = p50_p99_max(&invite_k);
     let rtp = p50_p99_max(&rtp_k);
+    let prompt = p50_p99_max(&prompt_k);
     let cores = (cpu1 - cpu0).as_secs_f64() / calls_done.as_secs_f64();
     let harness_cores = (me1 - me0).as_secs_f64() / calls_done.as_secs_f64();
     let peak = rss.iter().copied().max().unwrap_or(0);
@@ -1119,7 +1198,7 @@ async fn placed_run(backend: Backend, s: &Settings) -> Outcome {
     }
     println!(
         "  calls: created {created}, failed {failed} (not 201: {}, no INVITE {no_invite}, 200 never ACKed {no_ack}, \
-         no RTP {no_rtp}, no BYE {no_bye})",
+         no RTP {no_rtp}, no prompt heard {unheard}, no BYE {no_bye})",
         total - created
     );
     println!(
@@ -1148,6 +1227,14 @@ async fn placed_run(backend: Backend, s: &Settings) -> Outcome {
         fmt3(p50_p99_max(&rtp_r))
     );
     println!("{over_rtp}");
+    println!(
+        "  our 200→the prompt's first packet (kernel arrival): {}; as read here: {}; \
+         200→first packet at or above {AUDIBLE}: {}",
+        fmt3(prompt),
+        fmt3(p50_p99_max(&prompt_r)),
+        fmt3(p50_p99_max(&audible_k))
+    );
+    println!("{over_prompt}");
     println!(
         "  RTP: {} packets ({} from no live call's port), per completed call min {} / p50 {} / max {}; \
          our 200→engine's BYE {}; UDP drops at the trunk and media sockets {}",
@@ -1213,6 +1300,7 @@ async fn placed_run(backend: Backend, s: &Settings) -> Outcome {
         failed,
         invite,
         rtp,
+        prompt,
         cores,
         rss_mib,
         harness_cores,
@@ -1256,6 +1344,10 @@ fn print_table(outcomes: &[Outcome], s: &Settings) {
             ms(s.rtp_line)
         ),
         &|o| lat(o.rtp),
+    );
+    row(
+        "200→the prompt's first packet p50 / p99 / max".into(),
+        &|o| lat(o.prompt),
     );
     row(
         format!("engine CPU (target ≤ {} cores)", s.max_cores),
