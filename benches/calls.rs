@@ -33,7 +33,9 @@
 mod common;
 mod harness;
 
-use harness::{backend_name, env_or, mib, sample_rss, thread_delta};
+use harness::{
+    backend_name, env_or, mib, sample_rss, serve_on_own_thread, server_log_excerpt, thread_delta,
+};
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
@@ -93,26 +95,6 @@ impl Hooks {
             + self.failed.load(Ordering::Relaxed)
             + self.other.load(Ordering::Relaxed)
     }
-}
-
-fn serve_on_own_thread(app: Router) -> SocketAddr {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async move {
-            // tokio's listener: an accept backlog of 1024 (std's 128 overflows when the engine
-            // opens its connections at once).
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                .await
-                .expect("bind");
-            let _ = tx.send(listener.local_addr().expect("addr"));
-            let _ = axum::serve(listener, app).await;
-        });
-    });
-    rx.recv().expect("address")
 }
 
 /// (voice callback URL, events URL, counters). The callback answers
@@ -770,41 +752,6 @@ fn hooks_line(h: &Hooks) -> String {
         h.failed.load(Ordering::Relaxed),
         h.other.load(Ordering::Relaxed),
     )
-}
-
-fn server_log_excerpt(server: &Server) -> String {
-    let raw = server.log_text();
-    // Strip ANSI colour codes.
-    let mut log = String::with_capacity(raw.len());
-    let mut in_esc = false;
-    for ch in raw.chars() {
-        match (in_esc, ch) {
-            (false, '\u{1b}') => in_esc = true,
-            (true, 'm') => in_esc = false,
-            (true, _) => {}
-            (false, c) => log.push(c),
-        }
-    }
-    let lines: Vec<&str> = log.lines().collect();
-    let n = lines.len();
-    let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
-    for l in &lines {
-        // Group by level, target and the start of the message.
-        let key: String = l
-            .split_whitespace()
-            .skip(1)
-            .take(9)
-            .collect::<Vec<_>>()
-            .join(" ");
-        *kinds.entry(key).or_default() += 1;
-    }
-    let mut top: Vec<(String, usize)> = kinds.into_iter().collect();
-    top.sort_by_key(|t| Reverse(t.1));
-    let mut out = format!("{n} log lines");
-    for (k, c) in top.iter().take(5) {
-        out.push_str(&format!("\n      {c} × {k}"));
-    }
-    out
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,17 +1,22 @@
-//! Harness code shared by the load benchmarks (`calls`, `registrations`, `bridge`): settings from the
-//! environment, a SIP port for the engine, SIP credentials inserted straight into the database,
-//! digest helpers, and what the engine's process uses (RSS samples, busiest threads, UDP drops).
+//! Harness code shared by the load benchmarks (`calls`, `registrations`, `bridge`, `placed`):
+//! settings from the environment, a SIP port for the engine, HTTP receivers on threads of their
+//! own, SIP credentials inserted straight into the database, digest helpers, and what the
+//! engine's process does and uses (its log in brief, RSS samples, busiest threads, UDP drops).
 //! Each bench includes it with `mod harness;` beside `tests/common` (`mod common;`).
 #![allow(dead_code)]
 
+use std::cmp::Reverse;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::time::Duration;
 
+use axum::Router;
 use sautikit_sip::digest::{Algorithm, ha1};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
-use crate::common::Backend;
 use crate::common::uac::status_kib;
+use crate::common::{Backend, Server};
 
 pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -67,6 +72,65 @@ pub fn sip_listen() -> String {
             Some(addr.to_string())
         })
         .unwrap_or_else(|| "127.0.0.1:0".into())
+}
+
+/// Serves `app` on 127.0.0.1 from a thread with its own single-threaded runtime (the receivers
+/// share the machine with the engine: keep them lean); returns its address.
+pub fn serve_on_own_thread(app: Router) -> SocketAddr {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            // tokio's listener: an accept backlog of 1024 (std's 128 overflows when the engine
+            // opens its connections at once).
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let _ = tx.send(listener.local_addr().expect("addr"));
+            let _ = axum::serve(listener, app).await;
+        });
+    });
+    rx.recv().expect("address")
+}
+
+/// The server's log in brief: its line count and the five most frequent kinds of line (level,
+/// target and the start of the message), ANSI colours stripped.
+pub fn server_log_excerpt(server: &Server) -> String {
+    let raw = server.log_text();
+    // Strip ANSI colour codes.
+    let mut log = String::with_capacity(raw.len());
+    let mut in_esc = false;
+    for ch in raw.chars() {
+        match (in_esc, ch) {
+            (false, '\u{1b}') => in_esc = true,
+            (true, 'm') => in_esc = false,
+            (true, _) => {}
+            (false, c) => log.push(c),
+        }
+    }
+    let lines: Vec<&str> = log.lines().collect();
+    let n = lines.len();
+    let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
+    for l in &lines {
+        // Group by level, target and the start of the message.
+        let key: String = l
+            .split_whitespace()
+            .skip(1)
+            .take(9)
+            .collect::<Vec<_>>()
+            .join(" ");
+        *kinds.entry(key).or_default() += 1;
+    }
+    let mut top: Vec<(String, usize)> = kinds.into_iter().collect();
+    top.sort_by_key(|t| Reverse(t.1));
+    let mut out = format!("{n} log lines");
+    for (k, c) in top.iter().take(5) {
+        out.push_str(&format!("\n      {c} × {k}"));
+    }
+    out
 }
 
 /// Samples a process's RSS every `every` until told to stop; returns samples in KiB.
