@@ -81,8 +81,9 @@ pub struct StreamCounters {
     pub frames_sent: AtomicU64,
     /// `media` messages received from it.
     pub frames_received: AtomicU64,
-    /// Tapped frames the socket could not take in time, and agent audio beyond the queue.
-    pub frames_dropped: AtomicU64,
+    /// Tapped frames the socket could not take in time. Shared with the taps, which count into
+    /// it as they drop: the call reads it when the call ends, before the session has finished.
+    pub frames_dropped: Arc<AtomicU64>,
 }
 
 /// What a stream reports to its call.
@@ -280,9 +281,8 @@ async fn run(
         return failed("stream.closed", e);
     }
     events(SessionEvent::Started);
-    let dropped = Arc::new(AtomicU64::new(0));
     let (tap_tx, mut tap_rx) = mpsc::channel::<TapFrame>(TAP_QUEUE);
-    let tap = |track| Tap::new(tap_tx.clone(), track, dropped.clone());
+    let tap = |track| Tap::new(tap_tx.clone(), track, counters.frames_dropped.clone());
     media.tap(
         spec.port,
         spec.track.inbound().then(|| tap(TapTrack::Inbound)),
@@ -301,7 +301,7 @@ async fn run(
     // A closed channel is not read again (it would be ready forever).
     let mut tapping = true;
     let mut echoing = spec.bidirectional;
-    let result = loop {
+    loop {
         tokio::select! {
             frame = tap_rx.recv(), if tapping => {
                 let Some(frame) = frame else {
@@ -401,11 +401,7 @@ async fn run(
                 Some(Err(e)) => break failed("stream.closed", e.to_string()),
             },
         }
-    };
-    counters
-        .frames_dropped
-        .fetch_add(dropped.load(Ordering::Relaxed), Ordering::Relaxed);
-    result
+    }
 }
 
 async fn send_all(socket: &mut Socket, texts: [String; 2]) -> Result<(), String> {
