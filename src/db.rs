@@ -187,6 +187,14 @@ impl SlowAcquireGate {
 }
 
 impl<S> tracing_subscriber::layer::Filter<S> for SlowAcquireGate {
+    /// Every level passes. Without a hint, the filter it is combined with loses its own (an
+    /// `And` of filters has none unless both have one): the global maximum level stays at
+    /// TRACE, and every `log` record of the libraries (tungstenite traces each WebSocket frame)
+    /// went through the dispatcher only to be dropped there.
+    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+        Some(tracing::level_filters::LevelFilter::TRACE)
+    }
+
     fn enabled(
         &self,
         meta: &tracing::Metadata<'_>,
