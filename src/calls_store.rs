@@ -532,12 +532,16 @@ pub enum CallWrite {
         recording: RecordingReady,
         download_url: String,
     },
+    /// A call placed through the API: written only if the wallet and the workspace's limit of
+    /// live placed calls allow it.
+    Placed(Box<NewPlacedCall>),
 }
 
 /// What a write did.
 #[derive(Debug, Clone)]
 pub enum Written {
     Ended(CallCharged),
+    Placed(PlacedCallStart),
     Other,
 }
 
@@ -564,6 +568,11 @@ async fn apply_in_tx(
         } => recording_in_tx(conn, recording, download_url)
             .await
             .map(|e| (Written::Other, e)),
+        CallWrite::Placed(c) => {
+            let placed = placed_in_tx(conn, c).await?;
+            let event = matches!(placed, PlacedCallStart::Written { .. });
+            Ok((Written::Placed(placed), event))
+        }
     }
 }
 
@@ -746,7 +755,7 @@ impl CallWriter {
         reply: oneshot::Sender<Result<Written, StorageError>>,
     ) -> bool {
         let lane = match (&write, &self.starts) {
-            (CallWrite::Started(_), Some(starts)) => starts,
+            (CallWrite::Started(_) | CallWrite::Placed(_), Some(starts)) => starts,
             _ => &self.tx,
         };
         lane.send((write, reply)).is_ok()
@@ -1012,7 +1021,9 @@ impl CallStore for SqlStore {
     async fn call_ended(&self, call: CallEnded) -> Result<CallCharged, StorageError> {
         match self.write_call(CallWrite::Ended(call)).await? {
             Written::Ended(charged) => Ok(charged),
-            Written::Other => Err(StorageError("call end was not recorded".into())),
+            Written::Other | Written::Placed(_) => {
+                Err(StorageError("call end was not recorded".into()))
+            }
         }
     }
 
@@ -1221,97 +1232,105 @@ pub enum PlacedCallStart {
 
 impl SqlStore {
     /// Write a call placed through the API: its row, its first slice's reservation and
-    /// `call.started`, in one transaction — or nothing, when the wallet cannot pay the first slice
-    /// or the workspace is at its limit of live placed calls. The wallet's row is locked first,
-    /// so concurrent requests of one workspace are counted and reserved one after another.
+    /// `call.started` — or nothing, when the wallet cannot pay the first slice or the workspace
+    /// is at its limit of live placed calls. It commits with the other call writes (see
+    /// [`CallWriter`]): under load, placed calls of one workspace are counted and reserved a
+    /// batch at a time, under one lock of the wallet's row and one commit.
     pub async fn start_placed_call(
         &self,
         c: &NewPlacedCall,
     ) -> Result<PlacedCallStart, StorageError> {
-        let ts = to_db(c.started_at);
-        let mut tx = self.db().begin_write().await.map_err(storage)?;
-        let wallet = sqlx::query(
+        match self
+            .write_call(CallWrite::Placed(Box::new(c.clone())))
+            .await?
+        {
+            Written::Placed(placed) => Ok(placed),
+            _ => Err(StorageError(
+                "a placed call got another write's result".into(),
+            )),
+        }
+    }
+}
+
+/// The workspace's wallet as placing calls sees it: locked (PostgreSQL) for the rest of the
+/// transaction.
+struct PlacingWallet {
+    /// Balance less live reservations.
+    free: i64,
+    /// Live calls placed through the API.
+    live: i64,
+}
+
+impl PlacingWallet {
+    /// Lock the wallet's row, then read what placing a call checks. The read is a statement of
+    /// its own: on PostgreSQL a statement that waited for the lock still sees its snapshot from
+    /// before the wait, without what the lock's holder committed.
+    async fn lock(conn: &mut AnyConnection, workspace_id: &str) -> Result<Self, StorageError> {
+        let balance: i64 = sqlx::query_scalar(
             "UPDATE wallets SET updated_at = updated_at WHERE workspace_id = $1 \
              RETURNING balance_minor",
         )
-        .bind(&c.workspace_id)
-        .fetch_optional(&mut *tx)
+        .bind(workspace_id)
+        .fetch_optional(&mut *conn)
         .await
         .map_err(storage)?
-        .ok_or_else(|| StorageError(format!("workspace {} has no wallet", c.workspace_id)))?;
-        let balance: i64 = get(&wallet, "balance_minor")?;
-        let live = sqlx::query(
-            "SELECT CAST(COUNT(*) AS BIGINT) AS live FROM calls \
-             WHERE workspace_id = $1 AND origin = 'api' AND status IN ('ringing', 'answered')",
+        .ok_or_else(|| StorageError(format!("workspace {workspace_id} has no wallet")))?;
+        let row = sqlx::query(
+            "SELECT (SELECT CAST(COALESCE(SUM(amount_minor), 0) AS BIGINT) \
+               FROM call_reservations WHERE workspace_id = $1) AS held, \
+             (SELECT CAST(COUNT(*) AS BIGINT) FROM calls WHERE workspace_id = $1 \
+               AND origin = 'api' AND status IN ('ringing', 'answered')) AS live",
         )
-        .bind(&c.workspace_id)
-        .fetch_one(&mut *tx)
+        .bind(workspace_id)
+        .fetch_one(&mut *conn)
         .await
         .map_err(storage)?;
-        if get::<i64>(&live, "live")? >= c.max_live {
-            return Ok(PlacedCallStart::ConcurrencyExceeded);
-        }
-        let held = sqlx::query(
-            "SELECT CAST(COALESCE(SUM(amount_minor), 0) AS BIGINT) AS held \
-             FROM call_reservations WHERE workspace_id = $1",
-        )
-        .bind(&c.workspace_id)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(storage)?;
-        let free = balance - get::<i64>(&held, "held")?;
-        if c.slice_minor > 0 && free < c.slice_minor {
-            return Ok(PlacedCallStart::InsufficientFunds);
-        }
-        let row = sqlx::query(concat!(
-            "INSERT INTO calls (id, workspace_id, number_id, direction, from_number, to_number, \
-             status, sip_call_id, engine_id, started_at, currency, rate_per_min_minor, \
-             created_at, updated_at, origin, client_request_id, voice_callback_url, events_url) \
-             SELECT $1, $2, $3, 'outbound', $4, $5, 'ringing', $6, $7, $8, currency, \
-               outbound_per_min_minor, $8, $8, 'api', $9, $10, $11 \
-             FROM tenant_numbers WHERE id = $3 AND workspace_id = $2 RETURNING ",
-            call_cols!()
-        ))
-        .bind(&c.call_id)
-        .bind(&c.workspace_id)
-        .bind(&c.number_id)
-        .bind(&c.from)
-        .bind(&c.to)
-        .bind(&c.sip_call_id)
-        .bind(&c.engine_id)
-        .bind(&ts)
-        .bind(&c.client_request_id)
-        .bind(&c.voice_callback_url)
-        .bind(&c.events_url)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(storage)?
-        .ok_or_else(|| StorageError(format!("number {} is not the workspace's", c.number_id)))?;
-        let stored = call_from_row(&row)?;
-        if c.slice_minor > 0 {
-            sqlx::query(
-                "INSERT INTO call_reservations (call_id, workspace_id, amount_minor, created_at, \
-                 updated_at) VALUES ($1, $2, $3, $4, $4)",
-            )
-            .bind(&c.call_id)
-            .bind(&c.workspace_id)
-            .bind(c.slice_minor)
-            .bind(&ts)
-            .execute(&mut *tx)
-            .await
-            .map_err(storage)?;
-        }
-        let timeline = [TimelineEntry {
-            at: c.started_at,
-            kind: "call.created".into(),
-            detail: json!({"by": "api", "from": c.from, "to": c.to, "reserved_minor": c.slice_minor}),
-        }];
-        insert_timeline(&mut tx, &stored.id, &timeline).await?;
-        enqueue(&mut tx, &started_event(&stored), c.started_at).await?;
-        tx.commit().await.map_err(storage)?;
-        self.events_committed();
-        Ok(PlacedCallStart::Written {
-            reserved_minor: c.slice_minor,
+        Ok(PlacingWallet {
+            free: balance - get::<i64>(&row, "held")?,
+            live: get(&row, "live")?,
         })
     }
+
+    /// Take a slot and the first slice for `c`, or say why not.
+    fn admit(&mut self, c: &NewPlacedCall) -> Option<PlacedCallStart> {
+        if self.live >= c.max_live {
+            return Some(PlacedCallStart::ConcurrencyExceeded);
+        }
+        if c.slice_minor > 0 && self.free < c.slice_minor {
+            return Some(PlacedCallStart::InsufficientFunds);
+        }
+        self.live += 1;
+        self.free -= c.slice_minor;
+        None
+    }
+}
+
+/// `call.created`, the first line of a placed call's timeline.
+fn placed_entry(c: &NewPlacedCall) -> TimelineEntry {
+    TimelineEntry {
+        at: c.started_at,
+        kind: "call.created".into(),
+        detail: json!({"by": "api", "from": c.from, "to": c.to, "reserved_minor": c.slice_minor}),
+    }
+}
+
+/// Write one placed call in the caller's transaction (see [`SqlStore::start_placed_call`]).
+async fn placed_in_tx(
+    conn: &mut AnyConnection,
+    c: &NewPlacedCall,
+) -> Result<PlacedCallStart, StorageError> {
+    let mut wallet = PlacingWallet::lock(conn, &c.workspace_id).await?;
+    if let Some(refused) = wallet.admit(c) {
+        return Ok(refused);
+    }
+    let backend = crate::db::backend_of(conn);
+    let stored = batch::insert_placed(conn, backend, &[c])
+        .await?
+        .pop()
+        .ok_or_else(|| StorageError(format!("number {} is not the workspace's", c.number_id)))?;
+    insert_timeline(conn, &stored.id, &[placed_entry(c)]).await?;
+    enqueue(conn, &started_event(&stored), c.started_at).await?;
+    Ok(PlacedCallStart::Written {
+        reserved_minor: c.slice_minor,
+    })
 }

@@ -1428,3 +1428,113 @@ async fn dialled_legs_name_their_parent(backend: Backend) {
     );
 }
 on_both_backends!(dialled_legs_name_their_parent);
+
+fn placed(fx: &Fx, at: DateTime<Utc>, max_live: i64) -> sautikit::calls_store::NewPlacedCall {
+    let call_id = new_call_id();
+    sautikit::calls_store::NewPlacedCall {
+        sip_call_id: format!("{call_id}@test"),
+        call_id,
+        workspace_id: fx.ws.clone(),
+        number_id: fx.number.id.clone(),
+        from: fx.number.number.clone(),
+        to: "+254711000001".into(),
+        engine_id: "engine-a".into(),
+        started_at: at,
+        client_request_id: Some("crm-1".into()),
+        voice_callback_url: None,
+        events_url: None,
+        slice_minor: 300,
+        max_live,
+    }
+}
+
+/// Calls placed through the API at once, from two stores (two processes), many of them sharing
+/// a group commit: the limit of live placed calls and the wallet's free balance each admit
+/// exactly as many as fit, counted in one place, and a refused call writes nothing. An end frees
+/// its slot and its reservation for the next.
+async fn placed_calls_are_admitted_exactly_up_to_the_limit_and_the_balance(backend: Backend) {
+    use sautikit::calls_store::PlacedCallStart;
+
+    // 1,500 left after the claim: five first slices of 300.
+    let fx = fixture(backend, 1_500, 0, 300).await;
+    let second = SqlStore::new(Db::connect(&fx._db.url).await.expect("connect"));
+    let place_all = |n: usize, max_live: i64| {
+        let mut tasks = Vec::new();
+        for i in 0..n {
+            let store = if i % 2 == 0 {
+                fx.store.clone()
+            } else {
+                second.clone()
+            };
+            let c = placed(&fx, t0(), max_live);
+            tasks.push(tokio::spawn(async move {
+                let r = store.start_placed_call(&c).await.expect("placed");
+                (c.call_id, r)
+            }));
+        }
+        tasks
+    };
+    let mut results = Vec::new();
+    for t in place_all(12, 3) {
+        results.push(t.await.expect("task"));
+    }
+    let written: Vec<&String> = results
+        .iter()
+        .filter(|(_, r)| matches!(r, PlacedCallStart::Written { .. }))
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(written.len(), 3, "the limit admits three: {results:?}");
+    assert!(results.iter().all(|(_, r)| *r
+        == PlacedCallStart::Written {
+            reserved_minor: 300
+        }
+        || *r == PlacedCallStart::ConcurrencyExceeded));
+    for (id, r) in &results {
+        let stored = fx.store.get_call(&fx.ws, id).await.expect("read");
+        assert_eq!(stored.is_some(), *r != PlacedCallStart::ConcurrencyExceeded);
+    }
+    let first = stored_call(&fx, written[0]).await;
+    assert_eq!(first.status, CallStatus::Ringing);
+    assert_eq!(first.rate_per_min_minor, 300);
+    assert_eq!(event_kinds(&fx, written[0]).await, ["call.started"]);
+    assert_eq!(timeline(&fx, written[0]).await[0].kind, "call.created");
+
+    // A higher limit: now the balance admits two more (five slices in all), and no more.
+    let mut results = Vec::new();
+    for t in place_all(12, 100) {
+        results.push(t.await.expect("task"));
+    }
+    let more = results
+        .iter()
+        .filter(|(_, r)| matches!(r, PlacedCallStart::Written { .. }))
+        .count();
+    assert_eq!(more, 2, "two more slices fit: {results:?}");
+    assert!(results.iter().all(|(_, r)| matches!(
+        r,
+        PlacedCallStart::Written { .. } | PlacedCallStart::InsufficientFunds
+    )));
+
+    // An unanswered end frees its slice for nothing, and the next call gets it.
+    fx.store
+        .call_ended(ended(
+            written[0],
+            CallStatus::NoAnswer,
+            t0() + Duration::seconds(30),
+        ))
+        .await
+        .expect("ended");
+    assert_eq!(balance(&fx).await, 1_500);
+    let c = placed(&fx, t0() + Duration::seconds(31), 100);
+    assert_eq!(
+        fx.store.start_placed_call(&c).await.expect("placed"),
+        PlacedCallStart::Written {
+            reserved_minor: 300
+        }
+    );
+    let c = placed(&fx, t0() + Duration::seconds(31), 100);
+    assert_eq!(
+        fx.store.start_placed_call(&c).await.expect("placed"),
+        PlacedCallStart::InsufficientFunds
+    );
+}
+on_both_backends!(placed_calls_are_admitted_exactly_up_to_the_limit_and_the_balance);

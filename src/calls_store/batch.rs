@@ -34,6 +34,7 @@ pub(super) fn applies(batch: &[Pending]) -> bool {
             CallWrite::Started(c) => (c.call_id.as_str(), 0),
             CallWrite::Answered(c) => (c.call_id.as_str(), 1),
             CallWrite::Ended(c) => (c.call_id.as_str(), 2),
+            CallWrite::Placed(c) => (c.call_id.as_str(), 0),
             CallWrite::Timeline { .. } => continue,
             CallWrite::Recording { .. } => return false,
         };
@@ -68,6 +69,8 @@ enum Outcome {
     AlreadyFinal(CallCharged),
     /// A timeline append.
     Appended,
+    /// A placed call: written (with its `call.created` line), or refused.
+    Placed(PlacedCallStart, Option<Box<(CallRecord, TimelineEntry)>>),
 }
 
 /// Apply a batch (see [`applies`]) in the caller's transaction. The second value says whether
@@ -85,6 +88,7 @@ pub(super) async fn apply(
     start_calls(conn, backend, &writes, &mut outcomes).await?;
     answer_calls(conn, backend, &writes, &mut outcomes).await?;
     end_calls(conn, backend, &writes, &mut outcomes).await?;
+    place_calls(conn, backend, &writes, &mut outcomes).await?;
 
     // Timeline rows and events, in arrival order.
     let mut timeline: Vec<(&str, &TimelineEntry)> = Vec::new();
@@ -126,6 +130,14 @@ pub(super) async fn apply(
             (CallWrite::Timeline { call_id, entries }, Outcome::Appended) => {
                 timeline.extend(entries.iter().map(|e| (call_id.as_str(), e)));
                 results.push(Written::Other);
+            }
+            (CallWrite::Placed(c), Outcome::Placed(placed, written)) => {
+                if let Some(w) = written {
+                    let (stored, created) = w.as_ref();
+                    timeline.push((c.call_id.as_str(), created));
+                    events.push((started_event(stored), c.started_at));
+                }
+                results.push(Written::Placed(placed.clone()));
             }
             (_, Outcome::Repeat) => results.push(Written::Other),
             _ => {
@@ -478,6 +490,129 @@ async fn end_calls(
     insert_ledger(conn, backend, &ledger).await?;
     update_costs(conn, backend, &updates).await?;
     Ok(())
+}
+
+/// Admit and write the calls placed through the API, in arrival order, each workspace's wallet
+/// locked and read once for all of its calls in the batch. They come after the batch's ends, so
+/// slots and reservations those free count already.
+async fn place_calls(
+    conn: &mut AnyConnection,
+    backend: Backend,
+    writes: &[&CallWrite],
+    outcomes: &mut [Option<Outcome>],
+) -> Result<(), StorageError> {
+    let placed = select(writes, |w| match w {
+        CallWrite::Placed(c) => Some(c.as_ref()),
+        _ => None,
+    });
+    if placed.is_empty() {
+        return Ok(());
+    }
+    let workspaces: std::collections::BTreeSet<&str> = placed
+        .iter()
+        .map(|(_, c)| c.workspace_id.as_str())
+        .collect();
+    let mut wallets = HashMap::new();
+    for ws in workspaces {
+        wallets.insert(ws, PlacingWallet::lock(conn, ws).await?);
+    }
+    let mut admitted: Vec<&NewPlacedCall> = Vec::new();
+    for (i, c) in &placed {
+        let wallet = wallets
+            .get_mut(c.workspace_id.as_str())
+            .ok_or_else(|| StorageError("a placed call's wallet was not read".into()))?;
+        match wallet.admit(c) {
+            Some(refused) => outcomes[*i] = Some(Outcome::Placed(refused, None)),
+            None => admitted.push(c),
+        }
+    }
+    let mut stored: HashMap<String, CallRecord> = insert_placed(conn, backend, &admitted)
+        .await?
+        .into_iter()
+        .map(|c| (c.id.clone(), c))
+        .collect();
+    for (i, c) in placed {
+        if outcomes[i].is_some() {
+            continue;
+        }
+        let call = stored.remove(&c.call_id).ok_or_else(|| {
+            StorageError(format!("number {} is not the workspace's", c.number_id))
+        })?;
+        let written = PlacedCallStart::Written {
+            reserved_minor: c.slice_minor,
+        };
+        outcomes[i] = Some(Outcome::Placed(
+            written,
+            Some(Box::new((call, placed_entry(c)))),
+        ));
+    }
+    Ok(())
+}
+
+// As `START_CALLS`, at the outbound rate, with what only a placed call has.
+const PLACE_CALLS: &str = concat!(
+    "INSERT INTO calls (id, workspace_id, number_id, direction, from_number, to_number, status, \
+     sip_call_id, engine_id, started_at, currency, rate_per_min_minor, created_at, updated_at, \
+     origin, client_request_id, voice_callback_url, events_url) \
+     SELECT v.column1, v.column2, v.column3, 'outbound', v.column4, v.column5, 'ringing', \
+     v.column6, v.column7, v.column8, t.currency, t.outbound_per_min_minor, v.column8, \
+     v.column8, 'api', v.column9, v.column10, v.column11 \
+     FROM (VALUES {values}) AS v \
+     JOIN tenant_numbers t ON t.id = v.column3 AND t.workspace_id = v.column2 RETURNING ",
+    call_cols!()
+);
+
+/// Insert admitted placed calls (`ringing`) and their first slices' reservations; returns the
+/// rows written (a call whose number is not its workspace's is not among them).
+pub(super) async fn insert_placed(
+    conn: &mut AnyConnection,
+    backend: Backend,
+    calls: &[&NewPlacedCall],
+) -> Result<Vec<CallRecord>, StorageError> {
+    let mut out = Vec::with_capacity(calls.len());
+    for chunk in pow2_chunks(calls, CHUNK) {
+        let sql = PLACE_CALLS.replace("{values}", &value_rows(backend, chunk.len(), 11));
+        // Safe: `sql` is a constant with placeholders; values are bound.
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for c in chunk {
+            q = q
+                .bind(c.call_id.clone())
+                .bind(c.workspace_id.clone())
+                .bind(c.number_id.clone())
+                .bind(c.from.clone())
+                .bind(c.to.clone())
+                .bind(c.sip_call_id.clone())
+                .bind(c.engine_id.clone())
+                .bind(to_db(c.started_at))
+                .bind(c.client_request_id.clone())
+                .bind(c.voice_callback_url.clone())
+                .bind(c.events_url.clone());
+        }
+        for row in q.fetch_all(&mut *conn).await.map_err(storage)? {
+            out.push(call_from_row(&row)?);
+        }
+    }
+    let reserved: Vec<&&NewPlacedCall> = calls.iter().filter(|c| c.slice_minor > 0).collect();
+    for chunk in pow2_chunks(&reserved, CHUNK) {
+        let sql = format!(
+            "INSERT INTO call_reservations (call_id, workspace_id, amount_minor, created_at, \
+             updated_at) VALUES {}",
+            value_rows(backend, chunk.len(), 5)
+        );
+        // Safe: `sql` is built only from placeholders; values are bound.
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for c in chunk {
+            let ts = to_db(c.started_at);
+            q = q
+                .bind(c.call_id.clone())
+                .bind(c.workspace_id.clone())
+                .bind(c.slice_minor)
+                .bind(ts.clone())
+                .bind(ts);
+        }
+        q.execute(&mut *conn).await.map_err(storage)?;
+    }
+    Ok(out)
 }
 
 /// Read and (PostgreSQL) lock the wallets of these workspaces, in id order so that concurrent
