@@ -429,13 +429,14 @@ impl Actor for Registrar {
                     Ok(r) => Purpose::Register(r),
                     Err(e) => {
                         debug!(error = %e, from = %from.addr, "malformed REGISTER");
-                        respond(
-                            &endpoint,
-                            &key,
-                            &request,
-                            e.status(),
-                            warning(&e.to_string()),
-                        );
+                        // RFC 3261 §10.3: whether the address of record is ours is settled
+                        // (404) before its contacts are read.
+                        let (code, why) = if foreign_aor(&request, &state.args.domain, local) {
+                            (404, "not an address of record of this server".to_owned())
+                        } else {
+                            (e.status(), e.to_string())
+                        };
+                        respond(&endpoint, &key, &request, code, warning(&why));
                         return Ok(());
                     }
                 };
@@ -681,12 +682,19 @@ fn on_login_request(
         Purpose::Call => request.from_header().ok().map(|h| h.value().to_owned()),
     };
     let Some(aor) = aor.as_deref().and_then(sipmsg::header_uri) else {
+        // A To (or From) that is there but no SIP URI (RFC 4475's unksm2) names no address of
+        // record of ours.
+        let code = match (&purpose, &aor) {
+            (Purpose::Register(_), Some(_)) => 404,
+            (Purpose::Call, Some(_)) => 403,
+            (_, None) => 400,
+        };
         respond(
             &endpoint,
             &key,
             &request,
-            400,
-            warning("no address of record"),
+            code,
+            warning("no SIP address of record of this server"),
         );
         return;
     };
@@ -993,6 +1001,16 @@ fn on_login_checked(state: &mut RegistrarState, mut c: LoginChecked) {
 fn aor_matches(aor_user: &str, login: &DeviceLogin) -> bool {
     aor_user == login.username
         || aor_user.trim_start_matches('+') == login.number.trim_start_matches('+')
+}
+
+/// Whether a REGISTER's To names no SIP address of record of ours.
+fn foreign_aor(request: &rsip::Request, domain: &str, local: SocketAddr) -> bool {
+    let to = request.to_header().ok().map(|h| h.value().to_owned());
+    match to.as_deref().map(sipmsg::header_uri) {
+        Some(Some(aor)) => !our_domain(&aor, domain, local),
+        Some(None) => true,
+        None => false,
+    }
 }
 
 fn our_domain(aor: &rsip::Uri, domain: &str, local: SocketAddr) -> bool {

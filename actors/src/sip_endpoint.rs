@@ -30,18 +30,11 @@ use crate::registrar::RegistrarMsg;
 /// How often the transaction layer's timers are checked. SIP's shortest timer is T1 = 500 ms, so
 /// 10 ms of slack is invisible on the wire.
 const TICK: Duration = Duration::from_millis(10);
-/// Methods we answer; the rest of RFC 3261's and its extensions' get `405` with this list.
-pub const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, REGISTER";
-const KNOWN_UNSUPPORTED: &[&str] = &[
-    "SUBSCRIBE",
-    "NOTIFY",
-    "MESSAGE",
-    "REFER",
-    "PUBLISH",
-    "PRACK",
-    "UPDATE",
-];
+pub use sautikit_sip::uas::ALLOW;
 const MAX_DATAGRAM: usize = 65_535;
+/// How long a TCP connection that broke its framing stays open for the answers to the requests
+/// it sent before the break.
+const TCP_LINGER: Duration = Duration::from_secs(1);
 /// Transactions the layer's indexes hold before they first grow: 1,000 calls/s, two transactions
 /// a call, each kept about 32 s after it ends (Timers J and L), comes to 64,000; 2,000
 /// registrations/s (two REGISTERs each) to 128,000. The tables round up to 262,144 slots and
@@ -544,6 +537,18 @@ async fn on_request(
     from: Peer,
 ) {
     let method = request.method;
+    // RFC 3261 §8.2, before anything acts on the request (ACK and CANCEL are never refused).
+    if !matches!(method, Method::Ack | Method::Cancel)
+        && let Some(refusal) = sautikit_sip::uas::refusal(&request)
+    {
+        let headers: Vec<(&str, &str)> = refusal
+            .headers
+            .iter()
+            .map(|(n, v)| (*n, v.as_str()))
+            .collect();
+        reply(state, &key, &request, refusal.code, &headers);
+        return;
+    }
     let msg_call_id = dialog_id(state, &request);
     let call = msg_call_id
         .as_ref()
@@ -629,15 +634,8 @@ async fn on_request(
             }
             None => reply(state, &key, &request, 503, &[("Retry-After", "5")]),
         },
-        Method::Ack | Method::Cancel => {}
-        other => {
-            let name = other.to_string();
-            if KNOWN_UNSUPPORTED.contains(&name.as_str()) {
-                reply(state, &key, &request, 405, &[("Allow", ALLOW)]);
-            } else {
-                reply(state, &key, &request, 501, &[("Allow", ALLOW)]);
-            }
-        }
+        // Every other method was refused above.
+        _ => {}
     }
 }
 
@@ -875,14 +873,20 @@ async fn connect_out(peer: SocketAddr, endpoint: ActorRef<SipMsg>) {
 async fn tcp_connection(stream: TcpStream, peer: SocketAddr, endpoint: ActorRef<SipMsg>) {
     let (mut rd, mut wr) = stream.into_split();
     let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    let own_tx = tx.clone();
     if endpoint
         .cast(SipMsg::TcpOpened { peer, writer: tx })
         .is_err()
     {
         return;
     }
-    let writer = tokio::spawn(async move {
+    // An empty write asks the writer to finish: what was queued before it is flushed first.
+    let mut writer = tokio::spawn(async move {
         while let Some(bytes) = rx.recv().await {
+            if bytes.is_empty() {
+                let _ = wr.shutdown().await;
+                return;
+            }
             if wr.write_all(&bytes).await.is_err() {
                 return;
             }
@@ -908,8 +912,24 @@ async fn tcp_connection(stream: TcpStream, peer: SocketAddr, endpoint: ActorRef<
                     }
                 }
                 Err(e) => {
-                    // The stream cannot be re-synchronised after a framing error.
+                    // The stream cannot be re-synchronised after a framing error: answer the
+                    // message that broke it when its headers were read, then close.
                     info!(%peer, error = %e, "closing a TCP connection with a malformed stream");
+                    let answer = e.status().and_then(|status| {
+                        sautikit_sip::transaction::error_response(
+                            framer.failed_head(),
+                            status,
+                            &e.to_string(),
+                        )
+                    });
+                    if let Some(answer) = answer {
+                        let _ = own_tx.send(answer);
+                    }
+                    // Requests framed before the error are still being answered: let those
+                    // answers out before the connection goes.
+                    tokio::time::sleep(TCP_LINGER).await;
+                    let _ = own_tx.send(Vec::new());
+                    let _ = tokio::time::timeout(TCP_LINGER, &mut writer).await;
                     break 'read;
                 }
             }

@@ -20,4 +20,5 @@ pub mod sdp;
 pub mod stream;
 pub mod tone;
 pub mod transaction;
+pub mod uas;
 pub mod wav;

@@ -26,8 +26,28 @@ pub enum ParseError {
     BadContentLength,
     #[error("body shorter than Content-Length")]
     Truncated,
+    #[error("malformed Request-Line")]
+    BadRequestLine,
+    #[error("SIP version not supported")]
+    Version,
     #[error("syntax: {0}")]
     Syntax(String),
+}
+
+impl ParseError {
+    /// The status and reason phrase a request that failed this way is answered with.
+    pub fn status(&self) -> (u16, &'static str) {
+        match self {
+            ParseError::TooLarge => (513, "Message Too Large"),
+            ParseError::NoHeaderEnd => (400, "Incomplete Message"),
+            ParseError::BadHeaderLine => (400, "Bad Header Line"),
+            ParseError::BadContentLength => (400, "Bad Content-Length"),
+            ParseError::Truncated => (400, "Content-Length Exceeds Body"),
+            ParseError::BadRequestLine => (400, "Bad Request-Line"),
+            ParseError::Version => (505, "Version Not Supported"),
+            ParseError::Syntax(_) => (400, "Bad Request"),
+        }
+    }
 }
 
 /// Parse one SIP message (a whole UDP datagram or one framed TCP message).
@@ -39,15 +59,29 @@ pub fn parse(bytes: &[u8]) -> Result<SipMessage, ParseError> {
     if bytes.len() > MAX_MESSAGE_SIZE {
         return Err(ParseError::TooLarge);
     }
-    let head_end = find(bytes, b"\r\n\r\n").ok_or(ParseError::NoHeaderEnd)?;
-    let head = bytes.get(..head_end).ok_or(ParseError::NoHeaderEnd)?;
-    let body = bytes.get(head_end + 4..).unwrap_or_default();
+    let (head, body) = match find(bytes, b"\r\n\r\n") {
+        Some(end) => (
+            bytes.get(..end).ok_or(ParseError::NoHeaderEnd)?,
+            bytes.get(end + 4..).unwrap_or_default(),
+        ),
+        // A datagram whose last header line lacks the blank line after it (RFC 4475's baddn,
+        // inv2543): its end is the end of the headers, and it has no body.
+        None => match bytes.strip_suffix(b"\r\n") {
+            Some(head) if !head.is_empty() => (head, &[][..]),
+            _ => return Err(ParseError::NoHeaderEnd),
+        },
+    };
 
     let mut lines = head.split(|&b| b == b'\n').map(strip_cr);
     let start = lines.next().ok_or(ParseError::NoHeaderEnd)?;
     if start.is_empty() || start.contains(&b'\r') {
         return Err(ParseError::BadHeaderLine);
     }
+    let start = if start.starts_with(b"SIP/") {
+        start.to_vec()
+    } else {
+        request_line(start)?
+    };
     let headers = normalize_headers(lines)?;
 
     let mut content_length: Option<usize> = None;
@@ -67,7 +101,7 @@ pub fn parse(bytes: &[u8]) -> Result<SipMessage, ParseError> {
     };
 
     let mut buf = Vec::with_capacity(bytes.len() + 64);
-    buf.extend_from_slice(start);
+    buf.extend_from_slice(&start);
     buf.extend_from_slice(b"\r\n");
     for (name, value) in &headers {
         buf.extend_from_slice(name.as_bytes());
@@ -143,7 +177,61 @@ fn normalize_headers<'a>(
     Ok(out)
 }
 
-fn is_token_byte(b: u8) -> bool {
+/// RFC 3261 §25.1 `Method SP Request-URI SP SIP-Version`, exactly: single spaces, a token
+/// method, a URI without spaces, quotes or angle brackets (RFC 4475's lwsstart, trws, lwsruri,
+/// ltgtruri), version 2.0. rsip cannot read `;` in a SIP URI's user part (RFC 4475's semiuri), so
+/// there it is escaped, which names the same user.
+fn request_line(line: &[u8]) -> Result<Vec<u8>, ParseError> {
+    let mut parts = line.split(|&b| b == b' ');
+    let (Some(method), Some(uri), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(ParseError::BadRequestLine);
+    };
+    if method.is_empty() || !method.iter().copied().all(is_token_byte) {
+        return Err(ParseError::BadRequestLine);
+    }
+    if !version.eq_ignore_ascii_case(b"SIP/2.0") {
+        return Err(
+            if version.len() > 4 && version[..4].eq_ignore_ascii_case(b"SIP/") {
+                ParseError::Version
+            } else {
+                ParseError::BadRequestLine
+            },
+        );
+    }
+    if uri.is_empty()
+        || uri
+            .iter()
+            .any(|&b| b.is_ascii_control() || b.is_ascii_whitespace() || b"<>\"".contains(&b))
+    {
+        return Err(ParseError::BadRequestLine);
+    }
+    let mut out = Vec::with_capacity(line.len() + 8);
+    out.extend_from_slice(method);
+    out.push(b' ');
+    let is_sip = uri.len() > 4
+        && (uri[..4].eq_ignore_ascii_case(b"sip:") || uri[..4].eq_ignore_ascii_case(b"sips"));
+    let before_headers = uri.iter().position(|&b| b == b'?').unwrap_or(uri.len());
+    match uri[..before_headers].iter().rposition(|&b| b == b'@') {
+        Some(at) if is_sip => {
+            let colon = uri.iter().position(|&b| b == b':').unwrap_or(0);
+            for (i, &b) in uri.iter().enumerate() {
+                if b == b';' && i > colon && i < at {
+                    out.extend_from_slice(b"%3B");
+                } else {
+                    out.push(b);
+                }
+            }
+        }
+        _ => out.extend_from_slice(uri),
+    }
+    out.push(b' ');
+    out.extend_from_slice(version);
+    Ok(out)
+}
+
+pub(crate) fn is_token_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"-.!%*_+`'~".contains(&b)
 }
 

@@ -21,6 +21,19 @@ pub enum FramingError {
     BadContentLength,
 }
 
+impl FramingError {
+    /// The status and reason phrase of the answer to a request that failed this way, when one
+    /// can be sent (the headers were read).
+    pub fn status(&self) -> Option<(u16, &'static str)> {
+        match self {
+            FramingError::HeadersTooLarge => None,
+            FramingError::BodyTooLarge => Some((513, "Message Too Large")),
+            FramingError::MissingContentLength => Some((400, "Missing Content-Length")),
+            FramingError::BadContentLength => Some((400, "Bad Content-Length")),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct StreamFramer {
     buf: Vec<u8>,
@@ -78,22 +91,22 @@ impl StreamFramer {
             None => {
                 self.scanned = self.buf.len();
                 if self.buf.len() > MAX_HEADER_SIZE {
-                    return Some(self.fail(FramingError::HeadersTooLarge));
+                    return Some(self.fail(FramingError::HeadersTooLarge, 0));
                 }
                 return None;
             }
         };
         if head_end > MAX_HEADER_SIZE {
-            return Some(self.fail(FramingError::HeadersTooLarge));
+            return Some(self.fail(FramingError::HeadersTooLarge, 0));
         }
         let head = self.buf.get(..head_end).unwrap_or_default();
         let body_len = match content_length(head) {
             Ok(n) => n,
-            Err(e) => return Some(self.fail(e)),
+            Err(e) => return Some(self.fail(e, head_end + 4)),
         };
         let total = head_end + 4 + body_len;
         if total > MAX_MESSAGE_SIZE {
-            return Some(self.fail(FramingError::BodyTooLarge));
+            return Some(self.fail(FramingError::BodyTooLarge, head_end + 4));
         }
         if self.buf.len() < total {
             self.scanned = head_end;
@@ -104,10 +117,18 @@ impl StreamFramer {
         Some(Ok(msg))
     }
 
-    fn fail(&mut self, e: FramingError) -> Result<Vec<u8>, FramingError> {
+    /// Fail, keeping the first `head` bytes: the headers of the message that failed, to
+    /// answer it from.
+    fn fail(&mut self, e: FramingError, head: usize) -> Result<Vec<u8>, FramingError> {
         self.failed = true;
-        self.buf = Vec::new();
+        self.buf.truncate(head);
+        self.buf.shrink_to_fit();
         Err(e)
+    }
+
+    /// After a failure: the headers of the message that failed (empty if they were not read).
+    pub fn failed_head(&self) -> &[u8] {
+        if self.failed { &self.buf } else { &[] }
     }
 }
 

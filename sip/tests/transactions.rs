@@ -493,19 +493,21 @@ fn tcp_has_no_retransmissions_and_zero_linger() {
     assert!(h.layer.is_empty());
 }
 
+/// We are the endpoint, not a proxy: `Max-Forwards: 0` is processed (RFC 4475's zeromf).
 #[test]
-fn max_forwards_zero_gets_483_but_not_for_ack() {
+fn max_forwards_zero_is_processed() {
     let mut h = Harness::new();
     let text = invite("z9hG4bK-k").replace("Max-Forwards: 70", "Max-Forwards: 0");
     h.feed(&text, Transport::Udp);
     let sent = h.transmits();
-    assert_eq!(sent.len(), 1);
-    assert!(sent[0].starts_with("SIP/2.0 483 "), "{}", sent[0]);
-    assert!(h.events().is_empty());
-    let ack =
-        request("ACK", "z9hG4bK-l", "ACK", ";tag=t").replace("Max-Forwards: 70", "Max-Forwards: 0");
-    h.feed(&ack, Transport::Udp);
-    assert!(h.transmits().is_empty());
+    assert!(
+        sent.iter().all(|s| !s.starts_with("SIP/2.0 483 ")),
+        "{sent:?}"
+    );
+    assert!(matches!(
+        h.events().as_slice(),
+        [TuEvent::RequestReceived { .. }]
+    ));
 }
 
 #[test]
@@ -532,12 +534,26 @@ fn malformed_requests_get_400_when_headers_are_recoverable() {
     assert_eq!(sent.len(), 1);
     assert!(sent[0].starts_with("SIP/2.0 400 "), "{}", sent[0]);
 
-    // No Call-ID: nothing can be answered.
+    // No Call-ID: answered from what there is (Via and CSeq), and nothing reaches the TU.
     let text = invite("z9hG4bK-o").replace("Call-ID: call-1@192.0.2.10\r\n", "");
+    h.feed(&text, Transport::Udp);
+    let sent = h.transmits();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert!(
+        sent[0].starts_with("SIP/2.0 400 Missing Call-ID"),
+        "{}",
+        sent[0]
+    );
+    assert!(h.events().is_empty());
+    assert!(h.layer.is_empty());
+    // No Via: nowhere to answer.
+    let text = invite("z9hG4bK-q").replace(
+        "Via: SIP/2.0/UDP 192.0.2.10:5060;branch=z9hG4bK-q;rport\r\n",
+        "",
+    );
     h.feed(&text, Transport::Udp);
     assert!(h.transmits().is_empty());
     assert!(h.events().is_empty());
-    assert!(h.layer.is_empty());
 
     // An unknown method gets 501.
     let text = request("FROB", "z9hG4bK-p", "FROB", "");

@@ -128,7 +128,7 @@ impl TransactionLayer {
             Ok(msg) => self.handle_message(msg, from, now),
             Err(e) => {
                 tracing::debug!(error = %e, peer = %from.addr, "unparseable SIP message");
-                if let Some(resp) = raw_error_response(bytes, &e.to_string()) {
+                if let Some(resp) = error_response(bytes, e.status(), &e.to_string()) {
                     self.out.send(from, resp);
                 }
             }
@@ -145,6 +145,13 @@ impl TransactionLayer {
 
     fn handle_request(&mut self, req: Request, from: Peer, now: Instant) {
         let is_ack = req.method == Method::Ack;
+        if let Some(why) = crate::uas::malformed(&req) {
+            tracing::debug!(why, peer = %from.addr, "malformed request");
+            if !is_ack {
+                self.reject(&req, 400, why, from);
+            }
+            return;
+        }
         let info = match request_info(&req) {
             Ok(info) => info,
             Err(why) => {
@@ -155,10 +162,7 @@ impl TransactionLayer {
                 return;
             }
         };
-        if !is_ack && message::max_forwards(&req) == Some(0) {
-            self.reject(&req, 483, "Too Many Hops", from);
-            return;
-        }
+        // Max-Forwards: 0 is a proxy's business (483); as the endpoint we process the request.
         match req.method {
             Method::Ack => self.handle_ack(req, info, from, now),
             Method::Cancel => self.handle_cancel(req, info, from, now),
@@ -485,13 +489,10 @@ impl TransactionLayer {
 
     /// Answer a request that reached us but cannot be processed, outside any transaction.
     fn reject(&mut self, req: &Request, code: u16, reason: &str, to: Peer) {
-        let complete = req.via_header().is_ok()
-            && req.from_header().is_ok()
-            && req.to_header().is_ok()
-            && req.call_id_header().is_ok()
-            && req.cseq_header().is_ok();
-        if !complete {
-            tracing::debug!(code, "cannot answer: Via/From/To/Call-ID/CSeq missing");
+        // Via says where the answer goes and CSeq what it answers; the rest is copied when
+        // there (RFC 4475's insuf lacks From, To and Call-ID and still gets its 400).
+        if req.via_header().is_err() || req.cseq_header().is_err() {
+            tracing::debug!(code, "cannot answer: Via or CSeq missing");
             return;
         }
         let tag = message::new_tag();
@@ -529,10 +530,12 @@ fn request_info(req: &Request) -> Result<RequestInfo, &'static str> {
     })
 }
 
-/// Build a `400` (or `501` for an unknown method) from the raw text of a request rsip could not
-/// parse, when its Via, From, To, Call-ID and CSeq lines can be recovered. Never for an ACK or a
-/// response.
-fn raw_error_response(bytes: &[u8], why: &str) -> Option<Vec<u8>> {
+/// The stateless answer to a request that could not be parsed (or framed, on a stream), built
+/// from its raw text when its Via, From, To, Call-ID and CSeq lines can be recovered: `505` for
+/// another SIP version, `405`/`501` for a method we do not take, `416` for a Request-URI scheme
+/// other than SIP, otherwise `status`, with `why` in a Warning. Never for an ACK or a response. Header values are copied
+/// as bytes: a quoted-pair may hold any octet but CR and LF (RFC 4475's intmeth).
+pub fn error_response(bytes: &[u8], status: (u16, &str), why: &str) -> Option<Vec<u8>> {
     let head = match find(bytes, b"\r\n\r\n") {
         Some(end) => bytes.get(..end)?,
         None => bytes,
@@ -540,27 +543,34 @@ fn raw_error_response(bytes: &[u8], why: &str) -> Option<Vec<u8>> {
     let mut lines = head
         .split(|&b| b == b'\n')
         .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
-    let start = std::str::from_utf8(lines.next()?).ok()?;
+    let start = lines.next()?.trim_ascii();
     // Lenient on the middle: a Request-URI with spaces in it is exactly what we answer 400 to.
-    let (method, rest) = start.split_once(' ')?;
-    let (_uri, version) = rest.rsplit_once(' ')?;
-    if !version.starts_with("SIP/") || method.starts_with("SIP/") || method.is_empty() {
-        return None;
-    }
-    if method.eq_ignore_ascii_case("ACK") {
+    let method_end = start.iter().position(|&b| b == b' ')?;
+    let method = std::str::from_utf8(start.get(..method_end)?).ok()?;
+    let version_start = start.iter().rposition(|&b| b == b' ')?;
+    let version = start.get(version_start + 1..)?;
+    let uri = start.get(method_end + 1..version_start)?.trim_ascii();
+    if version.len() < 4
+        || !version[..4].eq_ignore_ascii_case(b"SIP/")
+        || method.starts_with("SIP/")
+        || method.is_empty()
+        || method.eq_ignore_ascii_case("ACK")
+    {
         return None;
     }
     let (mut vias, mut from, mut to, mut call_id, mut cseq) = (Vec::new(), None, None, None, None);
     for line in lines {
-        let text = std::str::from_utf8(line).ok()?;
-        if text.bytes().any(|b| b.is_ascii_control() && b != b'\t') {
-            return None;
+        if line.starts_with(b" ") || line.starts_with(b"\t") {
+            continue;
         }
-        let Some((name, value)) = text.split_once(':') else {
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
             continue;
         };
-        let value = value.trim();
-        if value.is_empty() || text.starts_with([' ', '\t']) {
+        let Ok(name) = std::str::from_utf8(line.get(..colon)?) else {
+            continue;
+        };
+        let value = line.get(colon + 1..)?.trim_ascii();
+        if value.is_empty() {
             continue;
         }
         let name = expand_compact(name.trim());
@@ -577,37 +587,54 @@ fn raw_error_response(bytes: &[u8], why: &str) -> Option<Vec<u8>> {
         }
     }
     let (from, to, call_id, cseq) = (from?, to?, call_id?, cseq?);
-    if vias.is_empty() || cseq.to_ascii_uppercase().ends_with("ACK") {
+    if vias.is_empty() || cseq.to_ascii_uppercase().ends_with(b"ACK") {
         return None;
     }
-    let known = method.parse::<Method>().is_ok();
-    let status = if known {
-        "400 Bad Request"
+    let scheme_is_sip = uri.len() > 4
+        && (uri[..4].eq_ignore_ascii_case(b"sip:") || uri[..4].eq_ignore_ascii_case(b"sips"));
+    let method_refused = crate::uas::method_refusal(method).map(|r| r.code);
+    let (code, reason, allow) = if !version.eq_ignore_ascii_case(b"SIP/2.0") {
+        (505, "Version Not Supported", false)
+    } else if let Some(code) = method_refused {
+        (code, message::reason_phrase(code), true)
+    } else if !scheme_is_sip && !uri.is_empty() && !uri.starts_with(b"<") {
+        (416, message::reason_phrase(416), false)
     } else {
-        "501 Not Implemented"
+        (status.0, status.1, false)
     };
-    let to = if header_param(to, "tag").is_some() {
-        to.to_string()
-    } else {
-        format!("{to};tag={}", message::new_tag())
-    };
-    let mut out = format!("SIP/2.0 {status}\r\n");
+    let to_tagged = std::str::from_utf8(to)
+        .ok()
+        .is_some_and(|t| header_param(t, "tag").is_some());
+    let mut out = format!("SIP/2.0 {code} {reason}\r\n").into_bytes();
     for via in vias {
-        out.push_str(&format!("Via: {via}\r\n"));
+        out.extend_from_slice(b"Via: ");
+        out.extend_from_slice(via);
+        out.extend_from_slice(b"\r\n");
     }
-    out.push_str(&format!(
-        "From: {from}\r\nTo: {to}\r\nCall-ID: {call_id}\r\nCSeq: {cseq}\r\nServer: {}\r\n",
-        message::SERVER
-    ));
-    if known {
+    out.extend_from_slice(b"From: ");
+    out.extend_from_slice(from);
+    out.extend_from_slice(b"\r\nTo: ");
+    out.extend_from_slice(to);
+    if !to_tagged {
+        out.extend_from_slice(format!(";tag={}", message::new_tag()).as_bytes());
+    }
+    out.extend_from_slice(b"\r\nCall-ID: ");
+    out.extend_from_slice(call_id);
+    out.extend_from_slice(b"\r\nCSeq: ");
+    out.extend_from_slice(cseq);
+    out.extend_from_slice(format!("\r\nServer: {}\r\n", message::SERVER).as_bytes());
+    if allow {
+        out.extend_from_slice(format!("Allow: {}\r\n", crate::uas::ALLOW).as_bytes());
+    }
+    if code == 400 {
         // Warning 399 tells the sender what we objected to, which helps debugging interop.
         let why: String = why
             .chars()
-            .filter(|c| *c != '"' && *c != '\\')
+            .filter(|c| *c != '"' && *c != '\\' && !c.is_control())
             .take(120)
             .collect();
-        out.push_str(&format!("Warning: 399 sautikit \"{why}\"\r\n"));
+        out.extend_from_slice(format!("Warning: 399 sautikit \"{why}\"\r\n").as_bytes());
     }
-    out.push_str("Content-Length: 0\r\n\r\n");
-    Some(out.into_bytes())
+    out.extend_from_slice(b"Content-Length: 0\r\n\r\n");
+    Some(out)
 }
