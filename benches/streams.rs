@@ -213,6 +213,8 @@ struct Shared {
     /// or not.
     ws_to_rtp_empty: Mutex<Vec<u32>>,
     ws_to_rtp_queued: Mutex<Vec<u32>>,
+    /// How late the agent's 5 ms timer fired, µs.
+    agent_late: Mutex<Vec<u32>>,
     agent_connections: AtomicU64,
     /// Messages or connections the agent could not make sense of.
     agent_errors: AtomicU64,
@@ -227,6 +229,7 @@ impl Shared {
             rtp_to_ws: Mutex::new(Vec::new()),
             ws_to_rtp_empty: Mutex::new(Vec::new()),
             ws_to_rtp_queued: Mutex::new(Vec::new()),
+            agent_late: Mutex::new(Vec::new()),
             agent_connections: AtomicU64::new(0),
             agent_errors: AtomicU64::new(0),
         }
@@ -242,7 +245,12 @@ impl Shared {
     }
 
     fn clear_samples(&self) {
-        for v in [&self.rtp_to_ws, &self.ws_to_rtp_empty, &self.ws_to_rtp_queued] {
+        for v in [
+            &self.rtp_to_ws,
+            &self.ws_to_rtp_empty,
+            &self.ws_to_rtp_queued,
+            &self.agent_late,
+        ] {
             v.lock().expect("samples").clear();
         }
     }
@@ -268,22 +276,44 @@ fn sorted_durations(v: &Mutex<Vec<u32>>) -> Vec<Duration> {
 
 fn start_agent(sh: Arc<Shared>) -> SocketAddr {
     let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                .await
-                .expect("bind agent");
-            let _ = tx.send(listener.local_addr().expect("addr"));
-            while let Ok((tcp, _)) = listener.accept().await {
-                tokio::spawn(agent_connection(tcp, sh.clone()));
-            }
-        });
-    });
+    std::thread::Builder::new()
+        .name("agent".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("bind agent");
+                let _ = tx.send(listener.local_addr().expect("addr"));
+                tokio::spawn(agent_stalls(sh.clone()));
+                while let Ok((tcp, _)) = listener.accept().await {
+                    tokio::spawn(agent_connection(tcp, sh.clone()));
+                }
+            });
+        })
+        .expect("agent thread");
     rx.recv().expect("agent address")
+}
+
+/// How late a 5 ms timer on the agent's runtime fires, while measuring: a busy agent delays its
+/// reads, which shows up in both latencies as if the engine had added it.
+async fn agent_stalls(sh: Arc<Shared>) {
+    let period = Duration::from_millis(5);
+    let mut next = Instant::now() + period;
+    loop {
+        tokio::time::sleep_until(next.into()).await;
+        let late = Instant::now().saturating_duration_since(next);
+        if sh.measuring() {
+            sh.agent_late
+                .lock()
+                .expect("samples")
+                .push(us(late.as_nanos() as u64));
+        }
+        next = Instant::now() + period;
+    }
 }
 
 const MEDIA_START: &str = r#"{"event":"media""#;
@@ -930,9 +960,14 @@ async fn latency_phase(env: &Env, range: Range<usize>, s: &Settings, v: &mut Ver
     let a = sorted_durations(&env.sh.rtp_to_ws);
     let b = sorted_durations(&env.sh.ws_to_rtp_empty);
     let bq = sorted_durations(&env.sh.ws_to_rtp_queued);
+    let late = sorted_durations(&env.sh.agent_late);
     let ended = end_calls(env, calls, false).await;
     let f = flow(&env.sh, range.clone(), &ended.received);
     let a3 = p50_p99_max(&a);
+    println!(
+        "  the agent's 5 ms timer late by {}",
+        fmt3(p50_p99_max(&late))
+    );
     let b3 = p50_p99_max(&b);
     println!(
         "  caller's RTP → agent's media ({} frames): {}",
@@ -952,7 +987,10 @@ async fn latency_phase(env: &Env, range: Range<usize>, s: &Settings, v: &mut Ver
     );
     println!("  {}", flow_line(&f));
     if !ended.failures.is_empty() {
-        println!("  failed calls: {:?}", &ended.failures[..ended.failures.len().min(5)]);
+        println!(
+            "  failed calls: {:?}",
+            &ended.failures[..ended.failures.len().min(5)]
+        );
     }
     println!("  load after: {}", machine_load());
     v.check(
@@ -1049,7 +1087,10 @@ async fn clear_phase(env: &Env, range: Range<usize>, s: &Settings, v: &mut Verdi
         quantile(&played_before, 0.5)
     );
     if !ended.failures.is_empty() {
-        println!("  failed calls: {:?}", &ended.failures[..ended.failures.len().min(5)]);
+        println!(
+            "  failed calls: {:?}",
+            &ended.failures[..ended.failures.len().min(5)]
+        );
     }
     v.check(
         !to_silence.is_empty() && untimed == 0 && t3[2] <= s.clear_line,
@@ -1103,6 +1144,7 @@ async fn scale_phase(
     let threads0 = thread_cpu(pid);
     let cpu0 = cpu_time(pid);
     let me0 = cpu_time(std::process::id());
+    let my_threads0 = thread_cpu(std::process::id());
     let got0: u64 = range.clone().map(|i| get(&env.sh.slots[i].agent_got)).sum();
     env.sh.clear_samples();
     env.sh.measuring.store(true, Ordering::Relaxed);
@@ -1129,6 +1171,7 @@ async fn scale_phase(
     let wall = w0.elapsed();
     let cpu1 = cpu_time(pid);
     let me1 = cpu_time(std::process::id());
+    let my_threads1 = thread_cpu(std::process::id());
     let threads1 = thread_cpu(pid);
     let got1: u64 = range.clone().map(|i| get(&env.sh.slots[i].agent_got)).sum();
     let _ = rss_stop.send(true);
@@ -1165,6 +1208,11 @@ async fn scale_phase(
     println!(
         "  engine threads in the window: {}",
         thread_delta(&threads0, &threads1, wall)
+    );
+    println!(
+        "  harness threads in the window: {}; the agent's 5 ms timer late by {}",
+        thread_delta(&my_threads0, &my_threads1, wall),
+        fmt3(p50_p99_max(&sorted_durations(&env.sh.agent_late)))
     );
     println!(
         "  caller's RTP → agent's media ({} frames): {}",
@@ -1244,7 +1292,10 @@ async fn main() {
     let lat = 0..s.latency_streams;
     let clr = lat.end..lat.end + s.clear_trials;
     let scl = clr.end..clr.end + s.streams;
-    assert!(scl.end <= 0x1000, "at most 4096 calls: the marker holds 12 bits of index");
+    assert!(
+        scl.end <= 0x1000,
+        "at most 4096 calls: the marker holds 12 bits of index"
+    );
     let sh = Arc::new(Shared::new(scl.end));
     let agent = start_agent(sh.clone());
     let (ctx, numbers) = setup(numbers, agent).await;
@@ -1286,10 +1337,7 @@ async fn main() {
     for l in &v.lines {
         println!("  {l}");
     }
-    println!(
-        "  RESULT streams: {}",
-        if v.pass { "PASS" } else { "FAIL" }
-    );
+    println!("  RESULT streams: {}", if v.pass { "PASS" } else { "FAIL" });
     drop(ctx);
     if !v.pass {
         std::process::exit(1);
