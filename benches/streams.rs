@@ -176,6 +176,8 @@ struct Slot {
     agent_first: AtomicU64,
     agent_got: AtomicU64,
     agent_echoed: AtomicU64,
+    /// Marked packets the caller got back.
+    caller_back: AtomicU64,
     /// When the agent sent `clear` (wall-clock ns).
     clear_wall: AtomicU64,
 }
@@ -193,6 +195,7 @@ impl Slot {
             agent_first: AtomicU64::new(0),
             agent_got: AtomicU64::new(0),
             agent_echoed: AtomicU64::new(0),
+            caller_back: AtomicU64::new(0),
             clear_wall: AtomicU64::new(0),
         }
     }
@@ -569,6 +572,7 @@ async fn rtp_receiver(
                 continue;
             }
             r.marked += 1;
+            add(&slot.caller_back, 1);
             if trace {
                 r.trace.push((kernel, true));
                 continue;
@@ -721,12 +725,34 @@ struct Ended {
     received: Vec<Received>,
 }
 
-/// Stop the callers' frames, let the echoes drain and hang up (or wait for the engine's BYEs),
-/// then stop the receivers.
+/// Stop the callers' frames, let the queued echoes play out and hang up (or wait for the
+/// engine's BYEs), then stop the receivers.
 async fn end_calls(env: &Env, c: Calls, engine_ends: bool) -> Ended {
     if !engine_ends {
         let _ = env.sender.send(SendCmd::Stop(c.range.clone()));
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        // Echoes still queued in the engine (after the agent or this harness stalled) play out
+        // first: until every echo is back, or none has come back for 2 s (30 s at most).
+        let echoed_back = |sh: &Shared| -> (u64, u64) {
+            c.range.clone().fold((0, 0), |(e, b), i| {
+                let s = &sh.slots[i];
+                (e + get(&s.agent_echoed), b + get(&s.caller_back))
+            })
+        };
+        let until = Instant::now() + Duration::from_secs(30);
+        let mut last = (u64::MAX, Instant::now());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        loop {
+            let (echoed, back) = echoed_back(&env.sh);
+            if back >= echoed || Instant::now() > until {
+                break;
+            }
+            if back != last.0 {
+                last = (back, Instant::now());
+            } else if last.1.elapsed() > Duration::from_secs(2) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let _ = c.hangup.send(true);
     }
     let mut failures = Vec::new();
