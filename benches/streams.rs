@@ -36,8 +36,8 @@
 //!   each whole call: frames the callers sent, the agent received (from the first frame it saw:
 //!   frames sent before the stream connected are not counted), the agent echoed, and the callers
 //!   received back (the calls hang up once every echo queued in the engine has played, or none
-//!   has come back for 2 s); lost = sent − received each way. Also the engine's own counts from each call's
-//!   `stream.stopped` timeline entry (`frames_sent`, `frames_received`, `frames_dropped`: tapped
+//!   has come back for 2 s); lost = sent − received each way. Also the engine's own counts from
+//!   each call's `stream.stopped` timeline entry (`frames_sent`, `frames_received`, `frames_dropped`: tapped
 //!   frames the socket could not take), `sautikit_media_streams_live` from `/metrics`, and UDP
 //!   receive-buffer drops on the machine.
 //!
