@@ -34,7 +34,8 @@ mod common;
 mod harness;
 
 use harness::{
-    backend_name, env_or, mib, sample_rss, serve_on_own_thread, server_log_excerpt, thread_delta,
+    backend_name, env_or, mib, ms, sample_rss, serve_on_own_thread, server_log_excerpt,
+    thread_delta,
 };
 
 use std::cmp::Reverse;
@@ -68,10 +69,6 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const RATE_PAUSE_SECS: u64 = 30;
 const T1: Duration = Duration::from_millis(500);
 const T2: Duration = Duration::from_secs(4);
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
 
 // ---------------------------------------------------------------------------------------------
 // The customer's side: a voice callback that answers one fixed script, an events receiver that

@@ -40,8 +40,8 @@ mod common;
 mod harness;
 
 use harness::{
-    backend_name, env_or, mib, sample_rss, serve_on_own_thread, server_log_excerpt, sip_listen,
-    thread_delta, udp_socket_drops,
+    backend_name, env_or, fmt3, mib, ms, p50_p99_max, sample_rss, serve_on_own_thread,
+    server_log_excerpt, sip_listen, thread_delta, udp_socket_drops, wall_ns,
 };
 
 use std::cmp::Reverse;
@@ -50,7 +50,7 @@ use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::http::HeaderMap;
@@ -84,18 +84,6 @@ const AUDIBLE: i16 = 1000;
 const TO_PREFIX: &str = "+254711";
 const T1: Duration = Duration::from_millis(500);
 const T2: Duration = Duration::from_secs(4);
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-/// Wall-clock nanoseconds since the epoch: the clock of the kernel's receive timestamps.
-fn wall_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
-}
 
 // ---------------------------------------------------------------------------------------------
 // What happened to each call. Every field is written by one task (the HTTP request's, the
@@ -821,23 +809,6 @@ struct Outcome {
 }
 
 /// p50, p99 and max of sorted samples.
-fn p50_p99_max(sorted: &[Duration]) -> [Duration; 3] {
-    [
-        quantile(sorted, 0.5),
-        quantile(sorted, 0.99),
-        quantile(sorted, 1.0),
-    ]
-}
-
-fn fmt3(v: [Duration; 3]) -> String {
-    format!(
-        "p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-        ms(v[0]),
-        ms(v[1]),
-        ms(v[2])
-    )
-}
-
 /// The calls over `line`, by second of their POST, and the p99 without the run's first second.
 fn over_line(samples: &[(Duration, u64)], line: Duration, what: &str) -> String {
     let mut by_second: BTreeMap<u64, usize> = BTreeMap::new();

@@ -1,6 +1,6 @@
-//! Harness code shared by the load benchmarks (`calls`, `registrations`, `bridge`, `placed`):
-//! settings from the environment, a SIP port for the engine, HTTP receivers on threads of their
-//! own, SIP credentials inserted straight into the database, digest helpers, and what the
+//! Harness code shared by the load benchmarks (`calls`, `registrations`, `bridge`, `placed`,
+//! `streams`): settings from the environment, times and percentiles, a SIP port for the engine,
+//! HTTP receivers on threads of their own, SIP credentials inserted straight into the database, digest helpers, and what the
 //! engine's process does and uses (its log in brief, RSS samples, busiest threads, UDP drops).
 //! Each bench includes it with `mod harness;` beside `tests/common` (`mod common;`).
 #![allow(dead_code)]
@@ -8,14 +8,14 @@
 use std::cmp::Reverse;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use sautikit_sip::digest::{Algorithm, ha1};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
-use crate::common::uac::status_kib;
+use crate::common::uac::{quantile, status_kib};
 use crate::common::{Backend, Server};
 
 pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -23,6 +23,37 @@ pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .ok()
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(default)
+}
+
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Wall-clock nanoseconds since the epoch: the clock of the kernel's receive timestamps
+/// (`SO_TIMESTAMPNS`), so send times taken here compare with arrival times.
+pub fn wall_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// p50, p99 and max of sorted samples.
+pub fn p50_p99_max(sorted: &[Duration]) -> [Duration; 3] {
+    [
+        quantile(sorted, 0.5),
+        quantile(sorted, 0.99),
+        quantile(sorted, 1.0),
+    ]
+}
+
+pub fn fmt3(v: [Duration; 3]) -> String {
+    format!(
+        "p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        ms(v[0]),
+        ms(v[1]),
+        ms(v[2])
+    )
 }
 
 pub fn mib(kib: u64) -> f64 {
