@@ -253,6 +253,13 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
             max_setups: args.max_call_setups.max(1),
             max_calls: args.max_calls.max(1),
         },
+        flood: sautikit_actors::flood::FloodLimits {
+            invite: args.sip_rate_invite.max(1),
+            register: args.sip_rate_register.max(1),
+            other: args.sip_rate_other.max(1),
+            carrier: args.sip_rate_carrier.max(1),
+            ban: Duration::from_secs(args.sip_ban_secs),
+        },
         synth: synthesizer(&args.db.data_dir),
         audio: Arc::new(
             crate::play::HttpAudioFetcher::new(

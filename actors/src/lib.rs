@@ -11,6 +11,7 @@ pub mod callback;
 pub mod calls;
 pub mod clock;
 pub mod events;
+pub mod flood;
 pub mod inventory;
 pub mod media;
 pub mod model;

@@ -96,6 +96,8 @@ pub struct VoiceSetup {
     pub timers: sautikit_sip::transaction::Timers,
     /// When new INVITEs are turned away with `503`.
     pub admission: crate::sip_endpoint::Admission,
+    /// Per-source SIP request-rate limits.
+    pub flood: crate::flood::FloodLimits,
     pub synth: Arc<dyn crate::synth::Synthesizer>,
     pub audio: Arc<dyn crate::audio::AudioFetcher>,
     /// Recordings are written under it.
@@ -287,6 +289,7 @@ impl Root {
                     calls: calls.get_cell(),
                     timers: v.setup.timers,
                     admission: v.setup.admission,
+                    flood: v.setup.flood,
                     registrar: state.names.registrar.clone(),
                 },
                 tx,

@@ -119,6 +119,8 @@ pub struct SipEndpointArgs {
     pub calls: ActorCell,
     pub timers: Timers,
     pub admission: Admission,
+    /// Per-source request-rate limits.
+    pub flood: crate::flood::FloodLimits,
     /// Registered name of the Registrar actor (REGISTER goes there).
     pub registrar: String,
 }
@@ -151,6 +153,7 @@ pub struct SipEndpointState {
     args: SipEndpointArgs,
     local: SocketAddr,
     layer: TransactionLayer,
+    flood: crate::flood::FloodGuard,
     udp: Arc<UdpSocket>,
     tcp: HashMap<SocketAddr, mpsc::UnboundedSender<Vec<u8>>>,
     /// Live calls by SIP Call-ID.
@@ -224,6 +227,7 @@ impl Actor for SipEndpoint {
             store: args.deps.store.clone(),
             clock: args.deps.clock.clone(),
             layer: TransactionLayer::with_capacity(args.timers, EXPECTED_TRANSACTIONS),
+            flood: crate::flood::FloodGuard::new(args.flood, Instant::now()),
             args,
             local,
             udp,
@@ -263,7 +267,11 @@ impl Actor for SipEndpoint {
     ) -> Result<(), ActorProcessingErr> {
         let now = Instant::now();
         match message {
-            SipMsg::Received { bytes, from } => state.layer.handle_datagram(&bytes, from, now),
+            SipMsg::Received { bytes, from } => {
+                if admit(&myself, state, &bytes, from, now) {
+                    state.layer.handle_datagram(&bytes, from, now);
+                }
+            }
             SipMsg::TcpOpened { peer, writer } => {
                 for bytes in state.connecting.remove(&peer).unwrap_or_default() {
                     let _ = writer.send(bytes);
@@ -284,6 +292,10 @@ impl Actor for SipEndpoint {
             SipMsg::TimersDue => {
                 state.layer.handle_timeout(now);
                 report_shed(state, now);
+                if state.flood.banned_changed(now) {
+                    metrics::gauge!("sautikit_sip_flood_banned_sources")
+                        .set(state.flood.banned(now) as f64);
+                }
             }
             SipMsg::Respond { key, response } => {
                 if response.status_code.code() >= 200 {
@@ -750,6 +762,53 @@ fn from_device(carrier_allow: &[IpNet], request: &rsip::Request, from: Peer) -> 
         u.len() == 11 && u.starts_with("ts_") && u[3..].bytes().all(|b| b.is_ascii_hexdigit())
     });
     has_credentials || username || !carrier_allowed(carrier_allow, from.addr)
+}
+
+/// Whether a received message goes on to the transaction layer: a request from a source past
+/// its rate limit is answered `503` or dropped here (see [`crate::flood`]). Our own address is
+/// exempt: an on-net `dial` sends INVITEs from our listener to itself.
+fn admit(
+    myself: &ActorRef<SipMsg>,
+    state: &mut SipEndpointState,
+    bytes: &[u8],
+    from: Peer,
+    now: Instant,
+) -> bool {
+    use crate::flood::{RequestClass, Verdict};
+    let Some(class) = RequestClass::of(bytes) else {
+        return true;
+    };
+    if from.addr.ip() == state.local.ip() {
+        return true;
+    }
+    let carrier = carrier_allowed(&state.args.carrier_allow, from.addr);
+    match state.flood.check(from.addr.ip(), class, carrier, now) {
+        Verdict::Pass => true,
+        Verdict::Refuse { retry_after } => {
+            metrics::counter!("sautikit_sip_rate_limited_total", "class" => class.name())
+                .increment(1);
+            let secs = retry_after.as_secs().max(1).to_string();
+            if let Some(answer) = sautikit_sip::transaction::error_response_with(
+                bytes,
+                (503, "Service Unavailable"),
+                "request rate limit",
+                &[("Retry-After", &secs)],
+            ) {
+                transmit(myself, state, from, answer);
+            }
+            false
+        }
+        Verdict::Drop => {
+            metrics::counter!("sautikit_sip_flood_dropped_total").increment(1);
+            false
+        }
+        Verdict::Banned { until } => {
+            let secs = until.saturating_duration_since(now).as_secs();
+            warn!(source = %from.addr.ip(), class = class.name(), ban_seconds = secs, "SIP source banned for flooding");
+            metrics::counter!("sautikit_sip_flood_bans_total").increment(1);
+            false
+        }
+    }
 }
 
 /// At most one line a second while INVITEs are being turned away.

@@ -525,6 +525,7 @@ async fn start_engine_shedding(
             orphan_after: Duration::from_secs(30),
             timers: Timers::default(),
             admission: Admission::default(),
+            flood: sautikit_actors::flood::FloodLimits::default(),
             synth: Arc::new(NoMedia),
             audio: Arc::new(NoMedia),
             data_dir: std::env::temp_dir(),

@@ -536,6 +536,16 @@ fn request_info(req: &Request) -> Result<RequestInfo, &'static str> {
 /// other than SIP, otherwise `status`, with `why` in a Warning. Never for an ACK or a response. Header values are copied
 /// as bytes: a quoted-pair may hold any octet but CR and LF (RFC 4475's intmeth).
 pub fn error_response(bytes: &[u8], status: (u16, &str), why: &str) -> Option<Vec<u8>> {
+    error_response_with(bytes, status, why, &[])
+}
+
+/// [`error_response`] with more header fields (`Retry-After` on a `503`).
+pub fn error_response_with(
+    bytes: &[u8],
+    status: (u16, &str),
+    why: &str,
+    extra: &[(&str, &str)],
+) -> Option<Vec<u8>> {
     let head = match find(bytes, b"\r\n\r\n") {
         Some(end) => bytes.get(..end)?,
         None => bytes,
@@ -625,6 +635,9 @@ pub fn error_response(bytes: &[u8], status: (u16, &str), why: &str) -> Option<Ve
     out.extend_from_slice(format!("\r\nServer: {}\r\n", message::SERVER).as_bytes());
     if allow {
         out.extend_from_slice(format!("Allow: {}\r\n", crate::uas::ALLOW).as_bytes());
+    }
+    for (name, value) in extra {
+        out.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
     }
     if code == 400 {
         // Warning 399 tells the sender what we objected to, which helps debugging interop.
