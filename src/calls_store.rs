@@ -700,6 +700,11 @@ impl group_commit::Committer for CallCommits {
     async fn commit(&self, batch: &mut Vec<Pending>) {
         self.0.commit_batch(batch).await;
     }
+
+    /// A placed call's API request waits on its write, and the trunk's INVITE on its answer.
+    fn urgent(&self, write: &CallWrite) -> bool {
+        matches!(write, CallWrite::Placed(_))
+    }
 }
 
 /// Most writes committed together.
@@ -807,7 +812,9 @@ impl SqlStore {
     }
 
     async fn try_batch(&self, batch: &[Pending]) -> Result<Vec<Written>, StorageError> {
+        let began = std::time::Instant::now();
         let mut tx = self.db().begin_write().await.map_err(storage)?;
+        let opened = began.elapsed();
         let (results, events) = if batch::applies(batch) {
             batch::apply(&mut tx, self.db().backend, batch).await?
         } else {
@@ -820,7 +827,19 @@ impl SqlStore {
             }
             (results, events)
         };
+        let applied = began.elapsed();
         tx.commit().await.map_err(storage)?;
+        tracing::debug!(
+            writes = batch.len(),
+            placed = batch
+                .iter()
+                .filter(|(w, _)| matches!(w, CallWrite::Placed(_)))
+                .count(),
+            begin_ms = opened.as_secs_f64() * 1e3,
+            apply_ms = (applied - opened).as_secs_f64() * 1e3,
+            commit_ms = (began.elapsed() - applied).as_secs_f64() * 1e3,
+            "call writes committed"
+        );
         if events {
             self.events_committed();
         }

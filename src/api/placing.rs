@@ -297,7 +297,10 @@ pub async fn place_call(
         slice_minor: money::prepaid_slice_minor(route.outbound_per_min_minor),
         max_live: state.placing.max_live,
     };
-    let reserved_minor = match state.store.start_placed_call(&new).await? {
+    let writing = Instant::now();
+    let written = state.store.start_placed_call(&new).await?;
+    tracing::debug!(call_id = %call_id, workspace_id = %ws.id, ms = writing.elapsed().as_secs_f64() * 1e3, "placed call written");
+    let reserved_minor = match written {
         PlacedCallStart::Written { reserved_minor } => reserved_minor,
         PlacedCallStart::InsufficientFunds => {
             return Err(ApiError::new(
