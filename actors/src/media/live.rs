@@ -55,6 +55,7 @@ impl Tap {
         };
         if self.tx.try_send(frame).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("sautikit_media_stream_frames_dropped_total").increment(1);
         }
     }
 }
