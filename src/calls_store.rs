@@ -1087,30 +1087,24 @@ impl CallStore for SqlStore {
         if live.is_none() {
             return Ok(None);
         }
-        // Then the wallet: no other reservation of this wallet is taken between the sum read
-        // below and the write that relies on it.
+        // Then the wallet's reservations: no other reservation of this wallet is taken between
+        // the read below and the write that relies on it.
+        lock_reservations(&mut tx, workspace_id).await?;
         let wallet = sqlx::query(
-            "UPDATE wallets SET updated_at = updated_at WHERE workspace_id = $1 \
-             RETURNING balance_minor",
-        )
-        .bind(workspace_id)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(storage)?
-        .ok_or_else(|| StorageError(format!("workspace {workspace_id} has no wallet")))?;
-        let balance: i64 = get(&wallet, "balance_minor")?;
-        let held = sqlx::query(
-            "SELECT CAST(COALESCE(SUM(amount_minor), 0) AS BIGINT) AS held, \
-                    CAST(COALESCE(SUM(CASE WHEN call_id = $2 THEN amount_minor ELSE 0 END), 0) \
-                         AS BIGINT) AS mine \
-             FROM call_reservations WHERE workspace_id = $1",
+            "SELECT (SELECT balance_minor FROM wallets WHERE workspace_id = $1) AS balance, \
+                    (SELECT CAST(COALESCE(SUM(amount_minor), 0) AS BIGINT) \
+                       FROM call_reservations WHERE workspace_id = $1) AS held, \
+                    (SELECT CAST(COALESCE(SUM(amount_minor), 0) AS BIGINT) \
+                       FROM call_reservations WHERE workspace_id = $1 AND call_id = $2) AS mine",
         )
         .bind(workspace_id)
         .bind(call_id)
         .fetch_one(&mut *tx)
         .await
         .map_err(storage)?;
-        let (held, mine): (i64, i64) = (get(&held, "held")?, get(&held, "mine")?);
+        let balance: i64 = get::<Option<i64>>(&wallet, "balance")?
+            .ok_or_else(|| StorageError(format!("workspace {workspace_id} has no wallet")))?;
+        let (held, mine): (i64, i64) = (get(&wallet, "held")?, get(&wallet, "mine")?);
         let Some(take) = money::reservation_take(want_minor, at_least_minor, balance - held) else {
             return Ok(None);
         };
@@ -1271,8 +1265,33 @@ impl SqlStore {
     }
 }
 
-/// The workspace's wallet as placing calls sees it: locked (PostgreSQL) for the rest of the
-/// transaction.
+/// Serialise the transactions that reserve from a workspace's wallet (placing a call, a call's
+/// slices), until the caller's transaction ends. Reserving checks `balance - held` and then adds
+/// to `held`; two reservers must not both rely on one read. Ends and debits need not wait: a call
+/// is charged at most what it reserved and its reservation goes with the charge, in one
+/// transaction, so an end never lowers `balance - held`, and the reader reads both in one
+/// statement (one snapshot). So on PostgreSQL reservers take a transaction-scoped advisory lock
+/// of their own instead of the wallet's row, which the ends' group commit holds from its debits
+/// to its commit. SQLite's one writer serialises everything already; the row lock there only
+/// checks that the wallet exists.
+async fn lock_reservations(
+    conn: &mut AnyConnection,
+    workspace_id: &str,
+) -> Result<(), StorageError> {
+    let sql = match crate::db::backend_of(conn) {
+        Backend::Postgres => "SELECT pg_advisory_xact_lock(hashtextextended($1, 4475))",
+        Backend::Sqlite => "UPDATE wallets SET updated_at = updated_at WHERE workspace_id = $1",
+    };
+    sqlx::query(sql)
+        .bind(workspace_id)
+        .execute(&mut *conn)
+        .await
+        .map_err(storage)?;
+    Ok(())
+}
+
+/// The workspace's wallet as placing calls sees it, its reservations locked (see
+/// [`lock_reservations`]) for the rest of the transaction.
 struct PlacingWallet {
     /// Balance less live reservations.
     free: i64,
@@ -1281,29 +1300,22 @@ struct PlacingWallet {
 }
 
 impl PlacingWallet {
-    /// Lock the wallet's row, then read what placing a call checks. The read is a statement of
-    /// its own: on PostgreSQL a statement that waited for the lock still sees its snapshot from
-    /// before the wait, without what the lock's holder committed.
+    /// Take the wallet's reservation lock, then read what placing a call checks.
     async fn lock(conn: &mut AnyConnection, workspace_id: &str) -> Result<Self, StorageError> {
-        let balance: i64 = sqlx::query_scalar(
-            "UPDATE wallets SET updated_at = updated_at WHERE workspace_id = $1 \
-             RETURNING balance_minor",
-        )
-        .bind(workspace_id)
-        .fetch_optional(&mut *conn)
-        .await
-        .map_err(storage)?
-        .ok_or_else(|| StorageError(format!("workspace {workspace_id} has no wallet")))?;
+        lock_reservations(conn, workspace_id).await?;
         let row = sqlx::query(
-            "SELECT (SELECT CAST(COALESCE(SUM(amount_minor), 0) AS BIGINT) \
-               FROM call_reservations WHERE workspace_id = $1) AS held, \
-             (SELECT CAST(COUNT(*) AS BIGINT) FROM calls WHERE workspace_id = $1 \
-               AND origin = 'api' AND status IN ('ringing', 'answered')) AS live",
+            "SELECT (SELECT balance_minor FROM wallets WHERE workspace_id = $1) AS balance, \
+                    (SELECT CAST(COALESCE(SUM(amount_minor), 0) AS BIGINT) \
+                       FROM call_reservations WHERE workspace_id = $1) AS held, \
+                    (SELECT CAST(COUNT(*) AS BIGINT) FROM calls WHERE workspace_id = $1 \
+                       AND origin = 'api' AND status IN ('ringing', 'answered')) AS live",
         )
         .bind(workspace_id)
         .fetch_one(&mut *conn)
         .await
         .map_err(storage)?;
+        let balance: i64 = get::<Option<i64>>(&row, "balance")?
+            .ok_or_else(|| StorageError(format!("workspace {workspace_id} has no wallet")))?;
         Ok(PlacingWallet {
             free: balance - get::<i64>(&row, "held")?,
             live: get(&row, "live")?,
