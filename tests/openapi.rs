@@ -102,7 +102,7 @@ async fn schemathesis_finds_nothing() {
     .expect("run schemathesis");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    eprintln!("schemathesis took {:?}", started.elapsed());
+    eprintln!("schemathesis took {:?}:\n{stdout}", started.elapsed());
     assert!(
         out.status.success(),
         "schemathesis failed ({}):\n{stdout}\n{stderr}\nserver log tail:\n{}",
