@@ -3,6 +3,7 @@
 //! operation's OpenAPI entry from what the operation takes, so no handler has to repeat them and
 //! none can forget one.
 
+use axum::http::StatusCode;
 use utoipa::openapi::path::{HttpMethod, Operation, ParameterBuilder, ParameterIn};
 use utoipa::openapi::schema::{ObjectBuilder, Type};
 use utoipa::openapi::{ContentBuilder, OpenApi, Ref, RefOr, Required, ResponseBuilder};
@@ -28,6 +29,19 @@ pub fn add(doc: &mut OpenApi, authed: bool) {
 }
 
 fn add_to(op: &mut Operation, method: HttpMethod, authed: bool) {
+    // OpenAPI 3.1 requires a description on every response.
+    for (status, response) in &mut op.responses.responses {
+        if let RefOr::T(r) = response
+            && r.description.is_empty()
+        {
+            r.description = status
+                .parse::<StatusCode>()
+                .ok()
+                .and_then(|s| s.canonical_reason())
+                .unwrap_or("Response")
+                .to_owned();
+        }
+    }
     let has_in = |place: ParameterIn| {
         op.parameters
             .iter()
