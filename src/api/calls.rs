@@ -24,13 +24,13 @@ const TIMELINE_DEFAULT_LIMIT: i64 = 100;
 /// A call record. Timestamps are to the second; `null` where not (yet) known.
 #[derive(Serialize, ToSchema)]
 pub struct CallView {
+    #[schema(format = Uuid)]
     pub id: String,
+    #[schema(format = Uuid)]
     pub number_id: String,
-    /// `inbound` or `outbound`.
-    #[schema(example = "inbound")]
+    #[schema(value_type = super::schema::Direction, inline, example = "inbound")]
     pub direction: String,
-    /// `ringing`, `answered`, `completed`, `failed`, `busy`, `no_answer` or `canceled`.
-    #[schema(example = "completed")]
+    #[schema(value_type = super::schema::CallStatus, inline, example = "completed")]
     pub status: String,
     #[schema(example = "+254711000000")]
     pub from: String,
@@ -55,6 +55,7 @@ pub struct CallView {
     #[schema(example = "KES")]
     pub currency: String,
     /// For a dialled party's leg: the call that dialled it; `null` otherwise.
+    #[schema(format = Uuid)]
     pub parent_call_id: Option<String>,
     /// For a call placed through the API: the `client_request_id` it was given (or `null`).
     /// Absent on other calls.
@@ -93,6 +94,7 @@ impl From<CallRecord> for CallView {
 /// One timeline entry: a SIP message, a callback, an action, a status change or the charge.
 #[derive(Serialize, ToSchema)]
 pub struct TimelineView {
+    #[schema(format = Uuid)]
     pub id: String,
     /// RFC 3339 UTC with milliseconds (entries of one second stay apart).
     #[schema(example = "2026-06-27T12:00:00.123Z")]
@@ -138,14 +140,17 @@ fn invalid_query(message: &str) -> ApiError {
 #[into_params(parameter_in = Query)]
 pub struct CallsQuery {
     /// Only calls of this number (its id).
+    #[param(format = Uuid)]
     pub number_id: Option<String>,
-    /// `inbound` or `outbound`.
+    #[param(value_type = Option<super::schema::Direction>, inline)]
     pub direction: Option<String>,
-    /// `ringing`, `answered`, `completed`, `failed`, `busy`, `no_answer` or `canceled`.
+    #[param(value_type = Option<super::schema::CallStatus>, inline)]
     pub status: Option<String>,
     /// Only the legs dialled by this call (its id).
+    #[param(format = Uuid)]
     pub parent_call_id: Option<String>,
     /// Page size, 1–100 (default 25).
+    #[param(minimum = 1, maximum = 100)]
     pub limit: Option<i64>,
     /// Opaque: the value from the previous page's `Link: <…>; rel="next"`.
     pub cursor: Option<String>,
@@ -224,7 +229,7 @@ pub async fn list_calls(
 
 /// One call.
 #[utoipa::path(get, path = "/v1/calls/{id}", tag = "calls",
-    params(("id" = String, Path, description = "The call's id")),
+    params(("id" = uuid::Uuid, Path, description = "The call's id")),
     responses((status = 200, body = CallView),
         (status = 400, body = ErrorEnvelope, description = "`request.invalid_id`"),
         (status = 404, body = ErrorEnvelope, description = "`calls.not_found`")))]
@@ -242,6 +247,7 @@ pub async fn get_call(
 #[into_params(parameter_in = Query)]
 pub struct TimelineQuery {
     /// Page size, 1–100 (default 100 here: a timeline is usually read whole).
+    #[param(minimum = 1, maximum = 100)]
     pub limit: Option<i64>,
     /// Opaque: the value from the previous page's `Link: <…>; rel="next"`.
     pub cursor: Option<String>,
@@ -251,7 +257,7 @@ pub struct TimelineQuery {
 /// messages in and out, callbacks with latency and outcome, actions, status changes and the
 /// charge. `limit` defaults to 100 here; the next page is in `Link: <…>; rel="next"`.
 #[utoipa::path(get, path = "/v1/calls/{id}/events", tag = "calls",
-    params(("id" = String, Path, description = "The call's id"), TimelineQuery),
+    params(("id" = uuid::Uuid, Path, description = "The call's id"), TimelineQuery),
     responses((status = 200, body = [TimelineView]),
         (status = 400, body = ErrorEnvelope, description = "`request.invalid_id`, `request.invalid_query`"),
         (status = 404, body = ErrorEnvelope, description = "`calls.not_found`")))]
@@ -287,7 +293,7 @@ pub async fn call_events(
 /// Hang up a live call. Answers once the call has ended and its final record (with its charge)
 /// is committed.
 #[utoipa::path(post, path = "/v1/calls/{id}/hangup", tag = "calls",
-    params(("id" = String, Path, description = "The call's id")),
+    params(("id" = uuid::Uuid, Path, description = "The call's id")),
     responses((status = 200, body = CallView, description = "The call's final record: the call was hung up, or had already ended (hanging up is idempotent)"),
         (status = 400, body = ErrorEnvelope, description = "`request.invalid_id`"),
         (status = 404, body = ErrorEnvelope, description = "`calls.not_found`"),
@@ -323,7 +329,9 @@ fn recording_not_found() -> ApiError {
 /// A call's recording, without its file.
 #[derive(Serialize, ToSchema)]
 pub struct RecordingView {
+    #[schema(format = Uuid)]
     pub id: String,
+    #[schema(format = Uuid)]
     pub call_id: String,
     /// Rounded to the nearest second, at least 1 for any recording with sound.
     #[schema(example = 14)]
@@ -360,12 +368,13 @@ pub struct WavFile(pub Vec<u8>);
 #[into_params(parameter_in = Query)]
 pub struct RecordingQuery {
     /// A recording of this call (its id); default: the most recent one.
+    #[param(format = Uuid)]
     pub recording_id: Option<String>,
 }
 
 /// The WAV of a call's recording: the most recent one, or the one named by `recording_id`.
 #[utoipa::path(get, path = "/v1/calls/{id}/recording", tag = "calls",
-    params(("id" = String, Path, description = "The call's id"), RecordingQuery),
+    params(("id" = uuid::Uuid, Path, description = "The call's id"), RecordingQuery),
     responses(
         (status = 200, content_type = "audio/wav", body = inline(WavFile),
             description = "The WAV file, with `Content-Length` and `Content-Disposition: inline; filename=\"<recording_id>.wav\"`"),
@@ -423,7 +432,7 @@ pub async fn get_recording(
 /// A call's recordings, newest first (a call may record several times). Each has the
 /// `download_url` of its WAV.
 #[utoipa::path(get, path = "/v1/calls/{id}/recordings", tag = "calls",
-    params(("id" = String, Path, description = "The call's id"), PageParams),
+    params(("id" = uuid::Uuid, Path, description = "The call's id"), PageParams),
     responses((status = 200, body = [RecordingView], description = "A page; `Link: <…>; rel=\"next\"` when there is more"),
         (status = 400, body = ErrorEnvelope, description = "`request.invalid_id`, `request.invalid_query`"),
         (status = 404, body = ErrorEnvelope, description = "`calls.not_found`")))]

@@ -22,31 +22,35 @@ const USERNAME_ATTEMPTS: usize = 5;
 #[derive(Deserialize, ToSchema, Default)]
 #[serde(deny_unknown_fields)]
 pub struct CreateCredentialRequest {
-    #[schema(example = "main-agent")]
+    /// At most 64 printable characters.
+    #[schema(max_length = 64, example = "main-agent")]
     pub label: Option<String>,
 }
 
 /// A credential with its password: returned only by create and rotate (the guide's shape).
 #[derive(Serialize, ToSchema)]
 pub struct CredentialWithPassword {
+    #[schema(format = Uuid)]
     pub id: String,
     pub label: String,
     #[schema(example = "ts_7f3a92b4")]
     pub username: String,
     /// Shown once. Sautikit keeps only hashes of it.
     pub password: String,
-    #[schema(example = "active")]
+    #[schema(value_type = super::schema::CredentialStatus, inline, example = "active")]
     pub status: String,
 }
 
 /// A credential as listed: never a password.
 #[derive(Serialize, ToSchema)]
 pub struct CredentialView {
+    #[schema(format = Uuid)]
     pub id: String,
+    #[schema(format = Uuid)]
     pub number_id: String,
     pub label: String,
     pub username: String,
-    /// `active` or `revoked`.
+    #[schema(value_type = super::schema::CredentialStatus, inline)]
     pub status: String,
     pub created_at: String,
     pub updated_at: String,
@@ -92,7 +96,7 @@ async fn hash_off_runtime(
 
 /// Create a SIP credential for a softphone to register this number.
 #[utoipa::path(post, path = "/v1/numbers/{id}/sip-credentials", tag = "sip-credentials",
-    params(("id" = String, Path, description = "The number's id")),
+    params(("id" = uuid::Uuid, Path, description = "The number's id")),
     request_body = CreateCredentialRequest,
     responses((status = 201, body = CredentialWithPassword), (status = 404, body = ErrorEnvelope),
         (status = 409, body = ErrorEnvelope, description = "`numbers.released`"),
@@ -150,7 +154,7 @@ pub async fn create(
 
 /// The number's SIP credentials, newest first (passwords are never shown again).
 #[utoipa::path(get, path = "/v1/numbers/{id}/sip-credentials", tag = "sip-credentials",
-    params(("id" = String, Path), PageParams),
+    params(("id" = uuid::Uuid, Path), PageParams),
     responses((status = 200, body = [CredentialView]), (status = 404, body = ErrorEnvelope)))]
 pub async fn list(
     State(state): State<AppState>,
@@ -178,7 +182,7 @@ pub async fn list(
 /// A new password for the same username; the old one stops working at once.
 #[utoipa::path(post, path = "/v1/numbers/{id}/sip-credentials/{cred_id}/rotate",
     tag = "sip-credentials",
-    params(("id" = String, Path), ("cred_id" = String, Path)),
+    params(("id" = uuid::Uuid, Path), ("cred_id" = uuid::Uuid, Path)),
     responses((status = 200, body = CredentialWithPassword), (status = 404, body = ErrorEnvelope),
         (status = 409, body = ErrorEnvelope, description = "`sip_credentials.revoked`")))]
 pub async fn rotate(
@@ -208,7 +212,7 @@ pub async fn rotate(
 /// Revoke a credential: registrations with it stop.
 #[utoipa::path(delete, path = "/v1/numbers/{id}/sip-credentials/{cred_id}",
     tag = "sip-credentials",
-    params(("id" = String, Path), ("cred_id" = String, Path)),
+    params(("id" = uuid::Uuid, Path), ("cred_id" = uuid::Uuid, Path)),
     responses((status = 200, body = CredentialView), (status = 404, body = ErrorEnvelope),
         (status = 409, body = ErrorEnvelope, description = "`sip_credentials.revoked`")))]
 pub async fn revoke(

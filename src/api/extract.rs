@@ -91,6 +91,7 @@ where
 #[into_params(parameter_in = Query)]
 pub struct PageParams {
     /// Page size, 1–100 (default 25).
+    #[param(minimum = 1, maximum = 100)]
     pub limit: Option<i64>,
     /// Opaque: the value from the previous page's `Link: <…>; rel="next"`.
     pub cursor: Option<String>,

@@ -2,6 +2,7 @@
 //! route table so it cannot drift from what is served.
 
 pub mod calls;
+mod common_responses;
 pub mod credentials;
 pub mod error;
 pub mod extract;
@@ -10,6 +11,7 @@ pub mod numbers;
 pub mod ops;
 pub mod placing;
 pub mod registrations;
+pub mod schema;
 pub mod wallet;
 pub mod webhooks;
 
@@ -81,7 +83,7 @@ impl Modify for BearerAuth {
 
 /// Every route, its middleware, and the OpenAPI document describing them.
 pub fn router(state: AppState) -> Router {
-    let authed = OpenApiRouter::new()
+    let mut authed = OpenApiRouter::new()
         .routes(routes!(numbers::list_available))
         .routes(routes!(numbers::claim))
         .routes(routes!(numbers::list_numbers))
@@ -107,10 +109,12 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(calls::get_recording))
         .routes(routes!(calls::list_recordings))
         .route_layer(from_fn_with_state(state.clone(), middleware::authenticate));
-    let open = OpenApiRouter::new()
+    common_responses::add(authed.get_openapi_mut(), true);
+    let mut open = OpenApiRouter::new()
         .routes(routes!(ops::healthz))
         .routes(routes!(ops::metrics))
         .routes(routes!(ops::openapi));
+    common_responses::add(open.get_openapi_mut(), false);
     let (router, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(authed)
         .merge(open)

@@ -21,7 +21,7 @@ use crate::time::to_api;
 /// An available number in the inventory (the guide's shape).
 #[derive(Serialize, ToSchema)]
 pub struct InventoryItem {
-    #[schema(example = "01900000-0000-7000-8000-000000000001")]
+    #[schema(format = Uuid, example = "01900000-0000-7000-8000-000000000001")]
     pub id: String,
     #[schema(example = "+254700000001")]
     pub number: String,
@@ -56,6 +56,7 @@ impl From<InventoryNumber> for InventoryItem {
 /// The body of a successful claim (the guide's shape).
 #[derive(Serialize, ToSchema)]
 pub struct ClaimedNumber {
+    #[schema(format = Uuid)]
     pub id: String,
     pub number: String,
     #[schema(example = "active")]
@@ -69,9 +70,10 @@ pub struct ClaimedNumber {
 /// A number owned by the workspace, with its routing.
 #[derive(Serialize, ToSchema)]
 pub struct NumberView {
+    #[schema(format = Uuid)]
     pub id: String,
     pub number: String,
-    /// `active`, `suspended` or `released`.
+    #[schema(value_type = super::schema::NumberStatus, inline)]
     pub status: String,
     pub capabilities: Vec<String>,
     pub currency: String,
@@ -111,13 +113,18 @@ impl From<TenantNumber> for NumberView {
 #[into_params(parameter_in = Query)]
 pub struct AvailableQuery {
     /// ISO 3166-1 alpha-2, e.g. `KE`.
+    #[param(pattern = "^[A-Z]{2}$")]
     pub country: Option<String>,
     /// ISO 4217, e.g. `KES`.
+    #[param(value_type = Option<super::schema::Currency>, inline)]
     pub currency: Option<String>,
-    /// `voice` or `sms`.
+    #[param(value_type = Option<super::schema::Capability>, inline)]
     pub capability: Option<String>,
-    /// Digits the number must contain.
+    /// Digits the number must contain (a leading `+` is ignored).
+    #[param(pattern = r"^\+?[0-9]{1,15}$")]
     pub contains: Option<String>,
+    /// Page size, 1–100 (default 25).
+    #[param(minimum = 1, maximum = 100)]
     pub limit: Option<i64>,
     pub cursor: Option<String>,
 }
@@ -183,7 +190,7 @@ pub async fn list_available(
 
 /// Claim an available number: the first month is debited at once.
 #[utoipa::path(post, path = "/v1/numbers/{inventory_id}/claim", tag = "numbers",
-    params(("inventory_id" = String, Path, description = "The inventory row's id")),
+    params(("inventory_id" = uuid::Uuid, Path, description = "The inventory row's id")),
     responses(
         (status = 201, body = ClaimedNumber),
         (status = 402, body = ErrorEnvelope, description = "`wallet.insufficient_funds`"),
@@ -213,8 +220,10 @@ pub async fn claim(
 #[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct NumbersQuery {
-    /// `active`, `suspended` or `released`.
+    #[param(value_type = Option<super::schema::NumberStatus>, inline)]
     pub status: Option<String>,
+    /// Page size, 1–100 (default 25).
+    #[param(minimum = 1, maximum = 100)]
     pub limit: Option<i64>,
     pub cursor: Option<String>,
 }
@@ -261,7 +270,7 @@ pub async fn list_numbers(
 
 /// One number with its routing and renewal date.
 #[utoipa::path(get, path = "/v1/numbers/{id}", tag = "numbers",
-    params(("id" = String, Path, description = "The number's id (from the claim)")),
+    params(("id" = uuid::Uuid, Path, description = "The number's id (from the claim)")),
     responses((status = 200, body = NumberView), (status = 404, body = ErrorEnvelope)))]
 pub async fn get_number(
     State(state): State<AppState>,
@@ -280,7 +289,7 @@ pub async fn get_number(
 /// Release a number: billing stops, its SIP credentials are revoked, and it returns to the
 /// inventory.
 #[utoipa::path(delete, path = "/v1/numbers/{id}", tag = "numbers",
-    params(("id" = String, Path)),
+    params(("id" = uuid::Uuid, Path)),
     responses((status = 200, body = NumberView), (status = 404, body = ErrorEnvelope),
         (status = 409, body = ErrorEnvelope, description = "`numbers.released`")))]
 pub async fn release_number(
@@ -300,10 +309,10 @@ pub async fn release_number(
 #[serde(deny_unknown_fields)]
 pub struct RoutingRequest {
     #[serde(default, deserialize_with = "present")]
-    #[schema(value_type = Option<String>, example = "https://ivr.example.com/voice")]
+    #[schema(value_type = Option<String>, max_length = 2048, example = "https://ivr.example.com/voice")]
     pub voice_callback_url: Option<Option<String>>,
     #[serde(default, deserialize_with = "present")]
-    #[schema(value_type = Option<String>, example = "https://ivr.example.com/events")]
+    #[schema(value_type = Option<String>, max_length = 2048, example = "https://ivr.example.com/events")]
     pub events_url: Option<Option<String>>,
 }
 
@@ -325,8 +334,9 @@ fn validate_url(field: &str, raw: &str, mode: Mode) -> Result<String, ApiError> 
 
 /// Set where calls to this number are delivered.
 #[utoipa::path(patch, path = "/v1/numbers/{id}/routing", tag = "numbers",
-    params(("id" = String, Path)), request_body = RoutingRequest,
+    params(("id" = uuid::Uuid, Path)), request_body = RoutingRequest,
     responses((status = 200, body = NumberView), (status = 404, body = ErrorEnvelope),
+        (status = 409, body = ErrorEnvelope, description = "`numbers.released`"),
         (status = 422, body = ErrorEnvelope, description = "`routing.invalid_url`, `routing.insecure_url`, `routing.empty`")))]
 pub async fn update_routing(
     State(state): State<AppState>,

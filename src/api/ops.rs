@@ -7,7 +7,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::AppState;
-use super::error::ApiError;
+use super::error::{ApiError, ErrorEnvelope};
 
 #[derive(Serialize, ToSchema)]
 pub struct Health {
@@ -17,7 +17,7 @@ pub struct Health {
 }
 
 /// Liveness and database reachability.
-#[utoipa::path(get, path = "/healthz", tag = "ops",
+#[utoipa::path(get, path = "/healthz", tag = "ops", security(()),
     responses((status = 200, body = Health), (status = 503, body = Health)))]
 pub async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
     let ok = sqlx::query("SELECT 1")
@@ -37,7 +37,7 @@ pub async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 /// Prometheus text format.
-#[utoipa::path(get, path = "/metrics", tag = "ops",
+#[utoipa::path(get, path = "/metrics", tag = "ops", security(()),
     responses((status = 200, content_type = "text/plain", body = String)))]
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     (
@@ -47,8 +47,9 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 /// This document.
-#[utoipa::path(get, path = "/v1/openapi.json", tag = "ops",
-    responses((status = 200, content_type = "application/json", body = Object)))]
+#[utoipa::path(get, path = "/v1/openapi.json", tag = "ops", security(()),
+    responses((status = 200, content_type = "application/json", body = Object),
+        (status = 500, body = ErrorEnvelope, description = "`internal.error`")))]
 pub async fn openapi(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     let doc = state
         .openapi

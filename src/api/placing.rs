@@ -17,7 +17,9 @@ use sautikit_actors::calls::PlacedCall;
 use sautikit_actors::model::NumberStatus;
 use sautikit_actors::money;
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+use utoipa::openapi::RefOr;
+use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Schema, Type};
+use utoipa::{PartialSchema, ToSchema};
 
 use super::AppState;
 use super::error::{ApiError, ErrorEnvelope};
@@ -81,12 +83,40 @@ impl Placing {
 }
 
 /// One number, or up to ten rung at once.
-#[derive(Deserialize, ToSchema)]
+#[derive(Deserialize)]
 #[serde(untagged)]
 pub enum Targets {
     One(String),
     Many(Vec<String>),
 }
+
+/// What [`is_e164`] accepts.
+const E164_PATTERN: &str = r"^\+[1-9][0-9]{6,14}$";
+
+fn e164_schema() -> ObjectBuilder {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .pattern(Some(E164_PATTERN))
+}
+
+impl PartialSchema for Targets {
+    fn schema() -> RefOr<Schema> {
+        OneOfBuilder::new()
+            .description(Some(
+                "E.164, or an array of up to 10 rung at once (the first to answer is connected).",
+            ))
+            .item(e164_schema())
+            .item(
+                ArrayBuilder::new()
+                    .items(e164_schema())
+                    .min_items(Some(1))
+                    .max_items(Some(MAX_TARGETS)),
+            )
+            .into()
+    }
+}
+
+impl ToSchema for Targets {}
 
 /// A call to place.
 #[derive(Deserialize, ToSchema)]
@@ -94,33 +124,41 @@ pub enum Targets {
 pub struct PlaceCallRequest {
     /// An active number of this workspace: the call is its (billed at its outbound rate, its
     /// voice callback and events unless overridden here).
-    #[schema(example = "+254700000001")]
+    #[schema(pattern = r"^\+[1-9][0-9]{6,14}$", example = "+254700000001")]
     pub from: String,
-    /// E.164, or an array of up to 10 rung at once (the first to answer is connected).
-    #[schema(example = "+254711000001")]
+    // Described by `Targets`: a field description would wrap its `oneOf` in an `allOf`.
+    #[schema(inline, example = "+254711000001")]
     pub to: Targets,
     /// The number the callee sees: one of this workspace's active numbers (default `from`).
+    #[schema(pattern = r"^\+[1-9][0-9]{6,14}$")]
     pub caller_id: Option<String>,
     /// Where the script comes from once the callee answers (default: the number's).
+    #[schema(max_length = 2048)]
     pub voice_callback_url: Option<String>,
     /// Where this call's events go (default: the number's).
+    #[schema(max_length = 2048)]
     pub events_url: Option<String>,
     /// Seconds to ring, 1–600 (default 30); then `no_answer`.
+    #[schema(minimum = 1, maximum = 600)]
     pub timeout: Option<i64>,
     /// Seconds the answered call may last, 1–14400 (default: as long as the wallet pays).
+    #[schema(minimum = 1, maximum = 14400)]
     pub time_limit: Option<i64>,
     /// Your own id for the call, up to 255 characters: echoed in the answer, the call record,
     /// every callback (`ClientRequestId`) and every event.
+    #[schema(min_length = 1, max_length = 255)]
     pub client_request_id: Option<String>,
 }
 
 /// A placed call.
 #[derive(Serialize, ToSchema)]
 pub struct PlacedCallView {
+    #[schema(format = Uuid)]
     pub call_id: String,
     /// Always `ringing`: follow the call in its events or `GET /v1/calls/{id}`.
     #[schema(example = "ringing")]
     pub status: String,
+    #[schema(min_length = 1, max_length = 255)]
     pub client_request_id: Option<String>,
 }
 
@@ -243,7 +281,7 @@ pub async fn place_call(
     let voice_override = url("voice_callback_url", body.voice_callback_url, state.mode)?;
     let events_override = url("events_url", body.events_url, state.mode)?;
     if let Some(id) = &body.client_request_id
-        && (id.is_empty() || id.len() > MAX_CLIENT_REQUEST_ID)
+        && (id.is_empty() || id.chars().count() > MAX_CLIENT_REQUEST_ID)
     {
         return Err(invalid(
             "calls.invalid_client_request_id",

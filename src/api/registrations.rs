@@ -17,7 +17,9 @@ use crate::time::to_api;
 /// One registered device.
 #[derive(Serialize, ToSchema)]
 pub struct RegistrationView {
+    #[schema(format = Uuid)]
     pub id: String,
+    #[schema(format = Uuid)]
     pub number_id: String,
     /// The Contact URI the device registered.
     #[schema(example = "sip:ts_7f3a92b4@192.168.1.20:5062;transport=udp")]
@@ -25,9 +27,10 @@ pub struct RegistrationView {
     /// Where its REGISTER came from (`ip:port`): calls to the device go there.
     #[schema(example = "203.0.113.7:40112")]
     pub source: String,
-    /// `udp` or `tcp`.
+    #[schema(value_type = super::schema::Transport, inline)]
     pub transport: String,
     pub user_agent: Option<String>,
+    #[schema(format = Uuid)]
     pub credential_id: String,
     pub credential_label: String,
     pub expires_at: String,
@@ -64,7 +67,7 @@ fn number_not_found() -> ApiError {
 
 /// The number's current registrations, newest first.
 #[utoipa::path(get, path = "/v1/numbers/{id}/registrations", tag = "registrations",
-    params(("id" = String, Path, description = "The number's id"), PageParams),
+    params(("id" = uuid::Uuid, Path, description = "The number's id"), PageParams),
     responses((status = 200, body = [RegistrationView]), (status = 404, body = ErrorEnvelope)))]
 pub async fn list(
     State(state): State<AppState>,
@@ -98,7 +101,7 @@ pub async fn list(
 
 /// Remove a registration: calls stop reaching that device until it registers again.
 #[utoipa::path(delete, path = "/v1/numbers/{id}/registrations/{reg_id}", tag = "registrations",
-    params(("id" = String, Path), ("reg_id" = String, Path)),
+    params(("id" = uuid::Uuid, Path), ("reg_id" = uuid::Uuid, Path)),
     responses((status = 204, description = "Removed"), (status = 404, body = ErrorEnvelope)))]
 pub async fn delete(
     State(state): State<AppState>,

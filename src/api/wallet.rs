@@ -44,7 +44,7 @@ fn wallet_not_found() -> ApiError {
 #[serde(deny_unknown_fields)]
 pub struct WalletUpdate {
     /// A debit that takes the balance below this fires `wallet.low_balance` (once per crossing).
-    #[schema(example = 20000)]
+    #[schema(minimum = 0, maximum = 1_000_000_000_000_000_i64, example = 20000)]
     pub low_balance_threshold_minor: i64,
 }
 
@@ -88,8 +88,9 @@ pub async fn get_wallet(
 /// One ledger row: a signed amount and the balance right after it.
 #[derive(Serialize, ToSchema)]
 pub struct LedgerView {
+    #[schema(format = Uuid)]
     pub id: String,
-    /// `top_up`, `credit`, `number_rental` or `call_charge`.
+    #[schema(value_type = super::schema::LedgerKind, inline)]
     pub kind: String,
     /// Positive for credits, negative for debits.
     pub amount_minor: i64,
@@ -138,21 +139,22 @@ pub async fn transactions(
     ))
 }
 
+/// A top-up: `provider` `test` is for dev mode only; `currency` is the wallet's.
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TopUpRequest {
-    /// `test` (dev mode only).
-    #[schema(example = "test")]
+    #[schema(value_type = super::schema::TopUpProvider, inline)]
     pub provider: String,
-    #[schema(example = 50000)]
+    #[schema(minimum = 1, maximum = 1_000_000_000_i64, example = 50000)]
     pub amount_minor: i64,
-    #[schema(example = "KES")]
+    #[schema(value_type = super::schema::Currency, inline, example = "KES")]
     pub currency: String,
 }
 
 #[derive(Serialize, ToSchema)]
 pub struct TopUpView {
     /// The ledger entry's id.
+    #[schema(format = Uuid)]
     pub id: String,
     pub provider: String,
     pub amount_minor: i64,

@@ -21,20 +21,21 @@ const MAX_PATTERNS: usize = 20;
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateSubscription {
-    #[schema(example = "https://crm.example.com/sautikit")]
+    #[schema(max_length = 2048, example = "https://crm.example.com/sautikit")]
     pub url: String,
     /// `*`, `number.*`, `wallet.*`, or exact kinds (`number.provisioned`, `number.released`,
     /// `wallet.top_up`, `wallet.low_balance`). Call events go to each number's `events_url`.
-    #[schema(example = json!(["number.*", "wallet.low_balance"]))]
+    #[schema(value_type = Vec<super::schema::EventPattern>, inline, min_items = 1, max_items = 20, example = json!(["number.*", "wallet.low_balance"]))]
     pub events: Vec<String>,
 }
 
 #[derive(Serialize, ToSchema)]
 pub struct SubscriptionView {
+    #[schema(format = Uuid)]
     pub id: String,
     pub url: String,
     pub events: Vec<String>,
-    /// `active` or `deleted`.
+    #[schema(value_type = super::schema::SubscriptionStatus, inline)]
     pub status: String,
     pub created_at: String,
     pub deleted_at: Option<String>,
@@ -143,7 +144,7 @@ pub async fn list(
 
 /// Delete a subscription; its undelivered events are canceled.
 #[utoipa::path(delete, path = "/v1/webhooks/{id}", tag = "webhooks",
-    params(("id" = String, Path)),
+    params(("id" = uuid::Uuid, Path)),
     responses((status = 200, body = SubscriptionView), (status = 404, body = ErrorEnvelope)))]
 pub async fn delete(
     State(state): State<AppState>,
@@ -171,15 +172,20 @@ pub struct AttemptJson {
 
 #[derive(Serialize, ToSchema)]
 pub struct DeliveryView {
+    #[schema(format = Uuid)]
     pub id: String,
+    #[schema(format = Uuid)]
     pub event_id: String,
     pub event_kind: String,
     /// Absent for call events sent to a number's `events_url`.
+    #[schema(format = Uuid)]
     pub subscription_id: Option<String>,
     pub url: String,
+    #[schema(format = Uuid)]
     pub number_id: Option<String>,
+    #[schema(format = Uuid)]
     pub call_id: Option<String>,
-    /// `pending`, `succeeded`, `dead_letter` or `canceled`.
+    #[schema(value_type = super::schema::DeliveryStatus, inline)]
     pub status: String,
     pub attempt_count: i64,
     pub next_attempt_at: Option<String>,
@@ -226,10 +232,14 @@ impl From<DeliveryRecord> for DeliveryView {
 #[into_params(parameter_in = Query)]
 pub struct DeliveriesQuery {
     pub event_kind: Option<String>,
-    /// `pending`, `succeeded`, `dead_letter` or `canceled`.
+    #[param(value_type = Option<super::schema::DeliveryStatus>, inline)]
     pub status: Option<String>,
+    #[param(format = Uuid)]
     pub call_id: Option<String>,
+    #[param(format = Uuid)]
     pub number_id: Option<String>,
+    /// Page size, 1–100 (default 25).
+    #[param(minimum = 1, maximum = 100)]
     pub limit: Option<i64>,
     pub cursor: Option<String>,
 }
@@ -283,7 +293,7 @@ pub async fn deliveries(
 
 /// Queue a new attempt now, also for a dead letter.
 #[utoipa::path(post, path = "/v1/webhooks/deliveries/{id}/redeliver", tag = "webhooks",
-    params(("id" = String, Path)),
+    params(("id" = uuid::Uuid, Path)),
     responses((status = 202, body = DeliveryView), (status = 404, body = ErrorEnvelope),
         (status = 409, body = ErrorEnvelope, description = "`webhooks.delivery_canceled`")))]
 pub async fn redeliver(
