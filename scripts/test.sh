@@ -19,8 +19,8 @@ export SAUTIKIT_REQUIRE_NODE=1
 
 # The guide's FastAPI /voice handler runs under uvicorn in a virtual environment (tests/media.rs);
 # the media-stream agent (tests/streams.rs) uses websockets there too, and schemathesis checks the
-# server against its OpenAPI document (tests/openapi.rs).
-if ! tests/python/.venv/bin/python -c 'import uvicorn, fastapi, websockets, schemathesis' 2>/dev/null; then
+# server against its OpenAPI document (tests/openapi.rs); sipvicious scans it (tests/sipvicious.rs).
+if ! tests/python/.venv/bin/python -c 'import uvicorn, fastapi, websockets, schemathesis, sipvicious' 2>/dev/null; then
     python3 -m venv tests/python/.venv 2>/dev/null || {
         # Debian's python3 needs its venv package.
         rm -rf tests/python/.venv
@@ -30,7 +30,7 @@ if ! tests/python/.venv/bin/python -c 'import uvicorn, fastapi, websockets, sche
     }
     tests/python/.venv/bin/pip install -q -r tests/python/requirements.txt
 fi
-export SAUTIKIT_REQUIRE_SCHEMATHESIS=1
+export SAUTIKIT_REQUIRE_SCHEMATHESIS=1 SAUTIKIT_REQUIRE_SIPVICIOUS=1
 
 # PostgreSQL: use the server on 127.0.0.1:5432 if one answers; otherwise start or install one.
 if [ -z "${SAUTIKIT_TEST_POSTGRES_URL:-}" ]; then

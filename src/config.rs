@@ -190,7 +190,8 @@ pub struct ServeArgs {
     /// RTP port range, inclusive (`first-last`); even ports carry RTP.
     #[arg(long, env = "SAUTIKIT_RTP_PORTS", default_value = "20000-29999", value_parser = parse_port_range)]
     pub rtp_ports: (u16, u16),
-    /// INVITEs a second one source address may send before it gets `503` (twice this: banned).
+    /// INVITEs a second one source address may send before it gets `503`; a second `503` within
+    /// a minute, or twice this rate, bans the source.
     #[arg(long, env = "SAUTIKIT_SIP_RATE_INVITE", default_value_t = 20)]
     pub sip_rate_invite: u32,
     /// REGISTERs a second per source address, as for INVITEs.
@@ -203,7 +204,7 @@ pub struct ServeArgs {
     /// `503` past it but never banned.
     #[arg(long, env = "SAUTIKIT_SIP_RATE_CARRIER", default_value_t = 5_000)]
     pub sip_rate_carrier: u32,
-    /// How long a source past twice its limit is ignored, in seconds.
+    /// How long a banned source is ignored, in seconds.
     #[arg(long, env = "SAUTIKIT_SIP_BAN_SECS", default_value_t = 300)]
     pub sip_ban_secs: u64,
     /// Carrier addresses (CIDRs, comma-separated) whose INVITEs are taken; others get `403`.

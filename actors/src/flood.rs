@@ -1,9 +1,10 @@
 //! Per-source request-rate limits on the SIP listener, in the manner of Kamailio's pike: each
 //! source address's INVITEs, REGISTERs and other requests are counted over a sliding second,
 //! each class against its own limit (carriers in `SAUTIKIT_CARRIER_ALLOW` against a higher one).
-//! Past its limit a source gets `503` with `Retry-After`; past twice its limit it is banned:
-//! everything it sends is dropped unanswered for the ban time, so a scanner or a flood costs us
-//! a hash lookup a datagram. Carriers are never banned, only told to slow down.
+//! Past its limit a source gets `503` with `Retry-After`; a source that goes on (a second `503`
+//! within a minute, or twice its limit within a second) is banned: everything it sends is dropped
+//! unanswered for the ban time, so a scanner or a flood costs us a hash lookup a datagram.
+//! Carriers are never banned, only told to slow down.
 //!
 //! Sans-IO: [`FloodGuard::check`] takes the time and says what to do.
 
@@ -17,6 +18,10 @@ const WINDOW: Duration = Duration::from_secs(1);
 const MAX_SOURCES: usize = 100_000;
 /// How often idle sources are forgotten.
 const PRUNE_EVERY: Duration = Duration::from_secs(10);
+/// `503`s a source may get within [`REFUSAL_WINDOW`] before it is banned: a scanner told to slow
+/// down that does not is not a device with a burst.
+const REFUSALS_BEFORE_BAN: u32 = 2;
+const REFUSAL_WINDOW: Duration = Duration::from_secs(60);
 
 /// Requests a second per source, by class, and how long a ban lasts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,6 +103,9 @@ struct Source {
     previous: [u32; 3],
     banned_until: Option<Instant>,
     last_seen: Instant,
+    /// `503`s since `first_refusal`.
+    refusals: u32,
+    first_refusal: Instant,
 }
 
 pub struct FloodGuard {
@@ -139,6 +147,8 @@ impl FloodGuard {
             previous: [0; 3],
             banned_until: None,
             last_seen: now,
+            refusals: 0,
+            first_refusal: now,
         });
         source.last_seen = now;
         if let Some(until) = source.banned_until {
@@ -175,14 +185,23 @@ impl FloodGuard {
             }
         });
         if rate <= limit {
-            Verdict::Pass
-        } else if carrier || rate <= 2.0 * limit {
+            return Verdict::Pass;
+        }
+        if !carrier {
+            if now.saturating_duration_since(source.first_refusal) > REFUSAL_WINDOW {
+                source.refusals = 0;
+                source.first_refusal = now;
+            }
+            source.refusals += 1;
+        }
+        if carrier || (rate <= 2.0 * limit && source.refusals < REFUSALS_BEFORE_BAN) {
             Verdict::Refuse {
                 retry_after: WINDOW,
             }
         } else {
             let until = now + self.limits.ban;
             source.banned_until = Some(until);
+            source.refusals = 0;
             self.ban_started = true;
             Verdict::Banned { until }
         }
@@ -217,6 +236,8 @@ impl FloodGuard {
         self.sources.retain(|_, s| {
             s.banned_until.is_some_and(|u| u > now)
                 || now.saturating_duration_since(s.last_seen) < 2 * WINDOW
+                || (s.refusals > 0
+                    && now.saturating_duration_since(s.first_refusal) <= REFUSAL_WINDOW)
         });
     }
 }
@@ -246,13 +267,10 @@ mod tests {
             .map(|_| g.check(SCANNER, RequestClass::Invite, false, t0))
             .collect();
         assert!(verdicts[..10].iter().all(|v| *v == Verdict::Pass));
-        assert!(
-            verdicts[10..20]
-                .iter()
-                .all(|v| matches!(v, Verdict::Refuse { .. }))
-        );
-        assert!(matches!(verdicts[20], Verdict::Banned { .. }));
-        assert!(verdicts[21..].iter().all(|v| *v == Verdict::Drop));
+        // One 503; the second refusal bans.
+        assert!(matches!(verdicts[10], Verdict::Refuse { .. }));
+        assert!(matches!(verdicts[11], Verdict::Banned { .. }));
+        assert!(verdicts[12..].iter().all(|v| *v == Verdict::Drop));
         assert_eq!(g.banned(t0), 1);
         // Banned for everything, not only INVITE, until the ban ends.
         let later = t0 + Duration::from_secs(59);
@@ -303,6 +321,31 @@ mod tests {
                 g.check(OTHER, RequestClass::Register, false, quiet),
                 Verdict::Pass
             );
+        }
+    }
+
+    /// A scanner that pauses after a `503` and comes back: banned at its second within a
+    /// minute, though never twice over its limit.
+    #[test]
+    fn a_source_refused_three_times_in_a_minute_is_banned() {
+        let t0 = Instant::now();
+        let mut g = FloodGuard::new(limits(), t0);
+        let mut last = Vec::new();
+        for burst in 0..2u64 {
+            let at = t0 + Duration::from_secs(10 * burst);
+            last = (0..6)
+                .map(|_| g.check(SCANNER, RequestClass::Register, false, at))
+                .collect();
+        }
+        assert!(matches!(last[5], Verdict::Banned { .. }), "{last:?}");
+        // Refusals a minute apart do not add up.
+        let mut g = FloodGuard::new(limits(), t0);
+        for burst in 0..3u64 {
+            let at = t0 + Duration::from_secs(61 * burst);
+            let v: Vec<Verdict> = (0..6)
+                .map(|_| g.check(OTHER, RequestClass::Register, false, at))
+                .collect();
+            assert!(matches!(v[5], Verdict::Refuse { .. }), "{v:?}");
         }
     }
 
