@@ -35,7 +35,7 @@ mod harness;
 
 use harness::{
     backend_name, env_or, mib, ms, sample_rss, serve_on_own_thread, server_log_excerpt,
-    thread_delta,
+    thread_delta, watch_window,
 };
 
 use std::cmp::Reverse;
@@ -1171,28 +1171,9 @@ async fn hold_run(backend: Backend, s: &HoldSettings) {
     let threads0 = thread_cpu(pid);
     let cpu0 = cpu_time(pid);
     let me0 = cpu_time(std::process::id());
-    let w0 = Instant::now();
     measuring.store(true, Ordering::Relaxed);
-    let window = Duration::from_secs_f64(s.seconds);
-    let mut last_line = Instant::now();
-    let mut last_cpu = cpu0;
-    while w0.elapsed() < window {
-        tokio::time::sleep(Duration::from_millis(250).min(window.saturating_sub(w0.elapsed())))
-            .await;
-        if last_line.elapsed() >= Duration::from_secs(10) {
-            let cpu = cpu_time(pid);
-            println!(
-                "  t={:>5.1}s server {:.2} cores, RSS {:.0} MiB",
-                w0.elapsed().as_secs_f64(),
-                (cpu - last_cpu).as_secs_f64() / last_line.elapsed().as_secs_f64(),
-                mib(status_kib(pid, "VmRSS"))
-            );
-            last_cpu = cpu;
-            last_line = Instant::now();
-        }
-    }
+    let wall = watch_window(pid, Duration::from_secs_f64(s.seconds), "server").await;
     measuring.store(false, Ordering::Relaxed);
-    let wall = w0.elapsed();
     let cpu1 = cpu_time(pid);
     let me1 = cpu_time(std::process::id());
     let threads1 = thread_cpu(pid);

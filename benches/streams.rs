@@ -57,7 +57,7 @@ mod harness;
 
 use harness::{
     claim_seeded, env_or, fmt3, mib, ms, p50_p99_max, sample_rss, serve_on_own_thread,
-    server_log_excerpt, sip_listen, thread_delta, udp_rcvbuf_errors, wall_ns,
+    server_log_excerpt, sip_listen, thread_delta, udp_rcvbuf_errors, wall_ns, watch_window,
 };
 
 use std::net::SocketAddr;
@@ -1175,27 +1175,8 @@ async fn scale_phase(
     let got0: u64 = range.clone().map(|i| get(&env.sh.slots[i].agent_got)).sum();
     env.sh.clear_samples();
     env.sh.measuring.store(true, Ordering::Relaxed);
-    let w0 = Instant::now();
-    let window = Duration::from_secs_f64(s.seconds);
-    let mut last_line = Instant::now();
-    let mut last_cpu = cpu0;
-    while w0.elapsed() < window {
-        tokio::time::sleep(Duration::from_millis(250).min(window.saturating_sub(w0.elapsed())))
-            .await;
-        if last_line.elapsed() >= Duration::from_secs(10) {
-            let cpu = cpu_time(pid);
-            println!(
-                "  t={:>5.1}s engine {:.2} cores, RSS {:.0} MiB",
-                w0.elapsed().as_secs_f64(),
-                (cpu - last_cpu).as_secs_f64() / last_line.elapsed().as_secs_f64(),
-                mib(status_kib(pid, "VmRSS"))
-            );
-            last_cpu = cpu;
-            last_line = Instant::now();
-        }
-    }
+    let wall = watch_window(pid, Duration::from_secs_f64(s.seconds), "engine").await;
     env.sh.measuring.store(false, Ordering::Relaxed);
-    let wall = w0.elapsed();
     let cpu1 = cpu_time(pid);
     let me1 = cpu_time(std::process::id());
     let my_threads1 = thread_cpu(std::process::id());

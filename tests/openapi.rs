@@ -21,21 +21,7 @@ const MAX_TIME_SECS: &str = "100";
 const SEED: &str = "4475";
 
 fn schemathesis() -> Option<PathBuf> {
-    let bin = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/.venv/bin/schemathesis");
-    if bin.is_file() {
-        return Some(bin);
-    }
-    assert!(
-        std::env::var("SAUTIKIT_REQUIRE_SCHEMATHESIS").as_deref() != Ok("1"),
-        "SAUTIKIT_REQUIRE_SCHEMATHESIS=1 but {} is missing (scripts/test.sh installs \
-         tests/python/requirements.txt into that venv)",
-        bin.display()
-    );
-    eprintln!(
-        "openapi: not run: {} is missing (scripts/test.sh installs it)",
-        bin.display()
-    );
-    None
+    common::venv_tool("schemathesis", "SAUTIKIT_REQUIRE_SCHEMATHESIS")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,20 +18,7 @@ use common::{Backend, Mode, Server, TestDb, dev_key};
 use tokio::net::UdpSocket;
 
 fn sipvicious(tool: &str) -> Option<PathBuf> {
-    let bin = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/python/.venv/bin")
-        .join(format!("sipvicious_{tool}"));
-    if bin.is_file() {
-        return Some(bin);
-    }
-    assert!(
-        std::env::var("SAUTIKIT_REQUIRE_SIPVICIOUS").as_deref() != Ok("1"),
-        "SAUTIKIT_REQUIRE_SIPVICIOUS=1 but {} is missing (scripts/test.sh installs \
-         tests/python/requirements.txt into that venv)",
-        bin.display()
-    );
-    eprintln!("sipvicious: not run: {} is missing", bin.display());
-    None
+    common::venv_tool(&format!("sipvicious_{tool}"), "SAUTIKIT_REQUIRE_SIPVICIOUS")
 }
 
 /// Run a scanner for at most `limit`; its standard output and error together.

@@ -15,7 +15,7 @@ use sautikit_sip::digest::{Algorithm, ha1};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
-use crate::common::uac::{quantile, status_kib};
+use crate::common::uac::{cpu_time, quantile, status_kib};
 use crate::common::{Backend, Server};
 
 pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -362,4 +362,28 @@ pub async fn claim_seeded(
         .buffered(16)
         .collect()
         .await
+}
+
+/// Wait out a measured window of `window`, printing `who`'s CPU and RSS every 10 s; the wall
+/// time it took.
+pub async fn watch_window(pid: u32, window: Duration, who: &str) -> Duration {
+    let w0 = std::time::Instant::now();
+    let mut last_line = w0;
+    let mut last_cpu = cpu_time(pid);
+    while w0.elapsed() < window {
+        tokio::time::sleep(Duration::from_millis(250).min(window.saturating_sub(w0.elapsed())))
+            .await;
+        if last_line.elapsed() >= Duration::from_secs(10) {
+            let cpu = cpu_time(pid);
+            println!(
+                "  t={:>5.1}s {who} {:.2} cores, RSS {:.0} MiB",
+                w0.elapsed().as_secs_f64(),
+                (cpu - last_cpu).as_secs_f64() / last_line.elapsed().as_secs_f64(),
+                mib(status_kib(pid, "VmRSS"))
+            );
+            last_cpu = cpu;
+            last_line = std::time::Instant::now();
+        }
+    }
+    w0.elapsed()
 }

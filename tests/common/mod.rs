@@ -467,3 +467,25 @@ impl Server {
             .expect("the server printed its SIP address")
     }
 }
+
+/// A program of the test venv (tests/python/.venv/bin), or `None` (the test does not run) when
+/// it is missing and `require` (an environment variable scripts/test.sh sets to `1`) is not set.
+pub fn venv_tool(name: &str, require: &str) -> Option<std::path::PathBuf> {
+    let bin = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/python/.venv/bin")
+        .join(name);
+    if bin.is_file() {
+        return Some(bin);
+    }
+    assert!(
+        std::env::var(require).as_deref() != Ok("1"),
+        "{require}=1 but {} is missing (scripts/test.sh installs tests/python/requirements.txt \
+         into that venv)",
+        bin.display()
+    );
+    eprintln!(
+        "not run: {} is missing (scripts/test.sh installs it)",
+        bin.display()
+    );
+    None
+}
