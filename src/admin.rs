@@ -3,12 +3,14 @@
 use chrono::Utc;
 use sautikit_actors::model::LedgerKind;
 use sautikit_actors::money;
+use sautikit_actors::scheduler::DueReport;
 use sautikit_actors::store::{CreditWallet, Store};
 use serde_json::json;
 use thiserror::Error;
 
 use crate::config::AdminCommand;
 use crate::db::{Db, DbError};
+use crate::renewals::Renewals;
 use crate::store::{SeedInventory, SqlStore};
 
 #[derive(Debug, Error)]
@@ -40,6 +42,16 @@ pub async fn run(url: &str, cmd: AdminCommand) -> Result<serde_json::Value, Admi
         }
         AdminCommand::Credit { amount_minor, .. } => {
             money::validate_credit(*amount_minor).map_err(|e| invalid(e.to_string()))?;
+        }
+        AdminCommand::RunDue { at, batch, .. } => {
+            if let Some(at) = at {
+                parse_at(at).ok_or_else(|| {
+                    invalid("--at must be an RFC 3339 time, e.g. 2027-02-28T10:00:00Z".into())
+                })?;
+            }
+            if !(1..=10_000).contains(batch) {
+                return Err(invalid("--batch must be 1 to 10000".into()));
+            }
         }
         AdminCommand::SeedInventory {
             country,
@@ -105,7 +117,7 @@ pub async fn run(url: &str, cmd: AdminCommand) -> Result<serde_json::Value, Admi
                 .await
                 .map_err(|e| AdminError::Failed(e.to_string()))?
                 .ok_or_else(|| AdminError::Invalid(format!("no workspace {workspace}")))?;
-            let entry = store
+            let credited = store
                 .credit_wallet(CreditWallet {
                     workspace_id: workspace.clone(),
                     amount_minor,
@@ -118,10 +130,12 @@ pub async fn run(url: &str, cmd: AdminCommand) -> Result<serde_json::Value, Admi
                 .map_err(|e| AdminError::Failed(e.to_string()))?;
             json!({
                 "workspace_id": workspace,
-                "ledger_entry_id": entry.id,
-                "amount_minor": entry.amount_minor,
-                "balance_minor": entry.balance_after_minor,
-                "currency": entry.currency,
+                "ledger_entry_id": credited.entry.id,
+                "amount_minor": credited.entry.amount_minor,
+                "balance_minor": credited.balance_minor,
+                "currency": credited.entry.currency,
+                "reactivated_number_ids":
+                    credited.reactivated.iter().map(|n| n.id.as_str()).collect::<Vec<_>>(),
             })
         }
         AdminCommand::SeedInventory {
@@ -152,9 +166,43 @@ pub async fn run(url: &str, cmd: AdminCommand) -> Result<serde_json::Value, Admi
                 .map_err(|e| AdminError::Failed(e.to_string()))?;
             json!({ "inserted": inserted, "requested": count })
         }
+        AdminCommand::RunDue {
+            at,
+            batch,
+            suspended_release_days,
+            progress,
+        } => {
+            let at = at.as_deref().and_then(parse_at).unwrap_or(now);
+            let mut work = Renewals::new(store.clone(), suspended_release_days);
+            work.batch = batch;
+            let report = work
+                .run(at, |so_far| {
+                    if progress {
+                        eprintln!("{}", due_json(at, so_far));
+                    }
+                })
+                .await
+                .map_err(|e| AdminError::Failed(e.to_string()))?;
+            due_json(at, &report)
+        }
     };
     db.close().await;
     Ok(out)
+}
+
+fn parse_at(s: &str) -> Option<chrono::DateTime<Utc>> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
+}
+
+fn due_json(at: chrono::DateTime<Utc>, r: &DueReport) -> serde_json::Value {
+    json!({
+        "at": crate::time::to_api(at),
+        "renewed": r.renewed,
+        "suspended": r.suspended,
+        "released": r.released,
+    })
 }
 
 /// `+254700000001` → 254700000001 (7 to 15 digits, as E.164 allows).

@@ -235,6 +235,16 @@ pub struct ServeArgs {
     /// taken for dead, and its live calls are closed as `failed` (`engine.restart`).
     #[arg(long, env = "SAUTIKIT_CALL_ORPHAN_SECS", default_value_t = 30)]
     pub call_orphan_secs: u64,
+    /// How often the scheduler looks for due work (renewals, suspensions, releases), in seconds.
+    #[arg(long, env = "SAUTIKIT_SCHEDULER_SECS", default_value_t = 60)]
+    pub scheduler_secs: u64,
+    /// A number suspended for an unpaid renewal is released after this many days still unpaid.
+    #[arg(long, env = "SAUTIKIT_SUSPENDED_RELEASE_DAYS", default_value_t = 30)]
+    pub suspended_release_days: u32,
+    /// Dev mode only: the engine's clock starts at this RFC 3339 instant and runs from there, so
+    /// that a claim can be made "on Jan 31" and renewals tried against it. Never in production.
+    #[arg(long, env = "SAUTIKIT_DEV_CLOCK_START")]
+    pub dev_clock_start: Option<String>,
     /// The base URL customers reach the API at (`https://api.example.com`), used in recording
     /// download URLs. Default: `http://` and the HTTP address as bound.
     #[arg(long, env = "SAUTIKIT_PUBLIC_URL", value_parser = parse_public_url)]
@@ -318,5 +328,22 @@ pub enum AdminCommand {
         inbound_per_min_minor: i64,
         #[arg(long, default_value = "KES")]
         currency: String,
+    },
+    /// Run the work due at a given time (renewals, suspensions, releases of unpaid numbers), as
+    /// the scheduler does: after downtime, to catch up; in tests, to move through months. Prints
+    /// one JSON line with what was done; each batch is committed on its own, and the work is safe
+    /// to run again or beside running engines.
+    RunDue {
+        /// The time to run at (RFC 3339); default now.
+        #[arg(long)]
+        at: Option<String>,
+        /// Numbers per transaction.
+        #[arg(long, default_value_t = 500)]
+        batch: usize,
+        #[arg(long, env = "SAUTIKIT_SUSPENDED_RELEASE_DAYS", default_value_t = 30)]
+        suspended_release_days: u32,
+        /// Print a JSON line on stderr after each committed batch.
+        #[arg(long)]
+        progress: bool,
     },
 }

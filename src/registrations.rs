@@ -472,6 +472,16 @@ impl LoginCache {
         self.logins.retain(|_, (l, _)| l.number_id != number_id);
         self.realms.clear();
     }
+
+    /// [`Self::forget_number`] for many numbers in one pass.
+    pub(crate) fn forget_numbers(&self, number_ids: &std::collections::HashSet<&str>) {
+        if number_ids.is_empty() {
+            return;
+        }
+        self.logins
+            .retain(|_, (l, _)| !number_ids.contains(l.number_id.as_str()));
+        self.realms.clear();
+    }
 }
 
 /// Most REGISTERs committed together.

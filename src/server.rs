@@ -8,7 +8,10 @@ use chrono::Utc;
 use dashmap::DashMap;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use sautikit_actors::calls::trunk::Trunk;
-use sautikit_actors::clock::{Clock, SystemClock};
+use sautikit_actors::clock::{Clock, ShiftedClock, SystemClock};
+use sautikit_actors::scheduler::SchedulerArgs;
+
+use crate::renewals::Renewals;
 use sautikit_actors::sip_endpoint::Admission;
 use sautikit_actors::{Engine, RegistrarSetup, VoiceSetup};
 use sautikit_sip::auth::FailureLimits;
@@ -192,7 +195,19 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
             info!(freed, "released webhook leases left by the previous run");
         }
     }
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let clock: Arc<dyn Clock> = match &args.dev_clock_start {
+        None => Arc::new(SystemClock),
+        Some(start) if args.mode == Mode::Dev => {
+            let start = chrono::DateTime::parse_from_rfc3339(start)
+                .map_err(|e| ServeError::Config(format!("SAUTIKIT_DEV_CLOCK_START: {e}")))?;
+            Arc::new(ShiftedClock::starting_at(start.with_timezone(&chrono::Utc)))
+        }
+        Some(_) => {
+            return Err(ServeError::Config(
+                "SAUTIKIT_DEV_CLOCK_START is for dev mode only".into(),
+            ));
+        }
+    };
     let sender = HttpSender::new(AddressPolicy {
         refuse_internal: args.mode == Mode::Production,
         allow: args.webhook_allow_cidrs.clone(),
@@ -315,6 +330,12 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
             clock.clone(),
             Some(events),
             Some(voice),
+            Some(SchedulerArgs {
+                work: Arc::new(Renewals::new(store.clone(), args.suspended_release_days)),
+                clock: clock.clone(),
+                every: Duration::from_secs(args.scheduler_secs.max(1)),
+                numbers: None,
+            }),
         )
         .await?,
     );

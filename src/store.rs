@@ -10,7 +10,7 @@ use chrono::{DateTime, Duration, Utc};
 use sautikit_actors::model::{LedgerEntry, LedgerKind, NumberStatus, TenantNumber};
 use sautikit_actors::money::{self, MAX_BALANCE_MINOR};
 use sautikit_actors::store::{
-    ClaimError, ClaimNumber, CreditWallet, ReleaseError, ReleaseNumber, StorageError, Store,
+    ClaimError, ClaimNumber, CreditWallet, Credited, ReleaseError, ReleaseNumber, StorageError, Store,
     WalletError,
 };
 use serde_json::json;
@@ -197,9 +197,13 @@ macro_rules! tenant_cols {
     () => {
         "id, workspace_id, inventory_id, number, status, capabilities, currency, \
          monthly_price_minor, inbound_per_min_minor, outbound_per_min_minor, voice_callback_url, \
-         events_url, next_renewal_at, created_at, updated_at, released_at"
+         events_url, next_renewal_at, created_at, updated_at, released_at, rental_period, \
+         suspended_at"
     };
 }
+/// [`tenant_cols!`] for queries assembled at run time.
+pub(crate) const TENANT_COLS: &str = tenant_cols!();
+
 macro_rules! inventory_cols {
     () => {
         "id, number, country, capabilities, monthly_price_minor, inbound_per_min_minor, \
@@ -208,7 +212,8 @@ macro_rules! inventory_cols {
 }
 macro_rules! ledger_cols {
     () => {
-        "id, workspace_id, kind, amount_minor, balance_after_minor, currency, reference, created_at"
+        "id, workspace_id, kind, amount_minor, balance_after_minor, currency, reference, created_at, \
+         period_start, period_end"
     };
 }
 macro_rules! credential_cols {
@@ -217,7 +222,7 @@ macro_rules! credential_cols {
     };
 }
 
-fn tenant_from_row(row: &AnyRow) -> Result<TenantNumber, StorageError> {
+pub(crate) fn tenant_from_row(row: &AnyRow) -> Result<TenantNumber, StorageError> {
     let status: String = get(row, "status")?;
     let caps: String = get(row, "capabilities")?;
     Ok(TenantNumber {
@@ -238,6 +243,8 @@ fn tenant_from_row(row: &AnyRow) -> Result<TenantNumber, StorageError> {
         created_at: get_time(row, "created_at")?,
         updated_at: get_time(row, "updated_at")?,
         released_at: get_opt_time(row, "released_at")?,
+        rental_period: get(row, "rental_period")?,
+        suspended_at: get_opt_time(row, "suspended_at")?,
     })
 }
 
@@ -267,6 +274,13 @@ fn ledger_from_row(row: &AnyRow) -> Result<LedgerEntry, StorageError> {
         currency: get(row, "currency")?,
         reference: get(row, "reference")?,
         created_at: get_time(row, "created_at")?,
+        period: match (
+            get_opt_time(row, "period_start")?,
+            get_opt_time(row, "period_end")?,
+        ) {
+            (Some(s), Some(e)) => Some((s, e)),
+            _ => None,
+        },
     })
 }
 
@@ -1050,6 +1064,56 @@ pub(crate) fn low_balance_event(
     }
 }
 
+/// What releasing a number does besides its own row, in the same transaction: the inventory row
+/// is offered again, its credentials and bindings die with it (a released number must not keep
+/// registering), and `number.released` is queued with why (`requested` or `unpaid`).
+pub(crate) async fn after_release(
+    tx: &mut sqlx::AnyConnection,
+    number: &TenantNumber,
+    reason: &str,
+    now: DateTime<Utc>,
+) -> Result<(), StorageError> {
+    let ts = to_db(now);
+    sqlx::query("UPDATE inventory_numbers SET status = 'available' WHERE id = $1")
+        .bind(&number.inventory_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(storage)?;
+    sqlx::query(
+        "UPDATE sip_credentials SET status = 'revoked', revoked_at = $1, updated_at = $1 \
+         WHERE number_id = $2 AND status = 'active'",
+    )
+    .bind(&ts)
+    .bind(&number.id)
+    .execute(&mut *tx)
+    .await
+    .map_err(storage)?;
+    sqlx::query("DELETE FROM sip_registrations WHERE number_id = $1")
+        .bind(&number.id)
+        .execute(&mut *tx)
+        .await
+        .map_err(storage)?;
+    enqueue(
+        tx,
+        &EventDraft {
+            workspace_id: number.workspace_id.clone(),
+            kind: "number.released",
+            number_id: Some(number.id.clone()),
+            call_id: None,
+            payload: json!({
+                "number_id": number.id,
+                "number": number.number,
+                "status": number.status.as_str(),
+                "reason": reason,
+                "released_at": number.released_at.map(to_api),
+            }),
+            events_url: None,
+        },
+        now,
+    )
+    .await
+}
+
 fn finish_claim(
     r: Result<Result<TenantNumber, ClaimError>, ClaimTxError>,
 ) -> Result<TenantNumber, ClaimError> {
@@ -1203,9 +1267,11 @@ async fn claim_in_tx(
     };
     let balance_after: i64 = get(&balance, "balance_minor")?;
     let number_id = new_id();
+    let renews_at = to_db(money::rental_period_start(cmd.now, 1));
     sqlx::query(
         "INSERT INTO ledger_entries (id, workspace_id, kind, amount_minor, balance_after_minor, \
-             currency, reference, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+             currency, reference, created_at, period_start, period_end) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9)",
     )
     .bind(new_id())
     .bind(&cmd.workspace_id)
@@ -1215,6 +1281,7 @@ async fn claim_in_tx(
     .bind(&inv.currency)
     .bind(&number_id)
     .bind(&ts)
+    .bind(&renews_at)
     .execute(&mut *tx)
     .await
     .map_err(tx_err)?;
@@ -1234,7 +1301,7 @@ async fn claim_in_tx(
     .bind(inv.monthly_price_minor)
     .bind(inv.inbound_per_min_minor)
     .bind(inv.outbound_per_min_minor)
-    .bind(to_db(money::next_renewal(cmd.now)))
+    .bind(&renews_at)
     .bind(&ts)
     .fetch_one(&mut *tx)
     .await;
@@ -1343,51 +1410,14 @@ impl Store for SqlStore {
             });
         };
         let number = tenant_from_row(&released)?;
-        sqlx::query("UPDATE inventory_numbers SET status = 'available' WHERE id = $1")
-            .bind(&number.inventory_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(storage)?;
-        // Credentials die with the number: a released number must not keep registering.
-        sqlx::query(
-            "UPDATE sip_credentials SET status = 'revoked', revoked_at = $1, updated_at = $1 \
-             WHERE number_id = $2 AND status = 'active'",
-        )
-        .bind(&ts)
-        .bind(&number.id)
-        .execute(&mut *tx)
-        .await
-        .map_err(storage)?;
-        sqlx::query("DELETE FROM sip_registrations WHERE number_id = $1")
-            .bind(&number.id)
-            .execute(&mut *tx)
-            .await
-            .map_err(storage)?;
-        enqueue(
-            &mut tx,
-            &EventDraft {
-                workspace_id: cmd.workspace_id.clone(),
-                kind: "number.released",
-                number_id: Some(number.id.clone()),
-                call_id: None,
-                payload: json!({
-                    "number_id": number.id,
-                    "number": number.number,
-                    "status": number.status.as_str(),
-                    "released_at": number.released_at.map(to_api),
-                }),
-                events_url: None,
-            },
-            cmd.now,
-        )
-        .await?;
+        after_release(&mut tx, &number, "requested", cmd.now).await?;
         tx.commit().await.map_err(storage)?;
         self.logins().forget_number(&number.id);
         self.events_committed();
         Ok(number)
     }
 
-    async fn credit_wallet(&self, cmd: CreditWallet) -> Result<LedgerEntry, WalletError> {
+    async fn credit_wallet(&self, cmd: CreditWallet) -> Result<Credited, WalletError> {
         let mut tx = self.db.begin_write().await.map_err(storage)?;
         let currency: Option<String> =
             sqlx::query("SELECT currency FROM wallets WHERE workspace_id = $1")
@@ -1436,6 +1466,7 @@ impl Store for SqlStore {
             currency,
             reference: cmd.reference,
             created_at: cmd.now,
+            period: None,
         };
         sqlx::query(
             "INSERT INTO ledger_entries (id, workspace_id, kind, amount_minor, balance_after_minor, \
@@ -1472,8 +1503,21 @@ impl Store for SqlStore {
             cmd.now,
         )
         .await?;
+        let (reactivated, balance_minor) = crate::renewals::reactivate(
+            &mut tx,
+            self.db.backend,
+            &entry.workspace_id,
+            &entry.currency,
+            balance_after,
+            cmd.now,
+        )
+        .await?;
         tx.commit().await.map_err(storage)?;
         self.events_committed();
-        Ok(entry)
+        Ok(Credited {
+            entry,
+            reactivated,
+            balance_minor,
+        })
     }
 }

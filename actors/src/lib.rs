@@ -19,6 +19,7 @@ pub mod money;
 pub mod numbers;
 pub mod registrar;
 pub mod root;
+pub mod scheduler;
 pub mod sip_endpoint;
 pub mod store;
 pub mod streaming;

@@ -51,6 +51,10 @@ pub struct TenantNumber {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub released_at: Option<DateTime<Utc>>,
+    /// The latest rental period paid (0: the month debited at claim).
+    pub rental_period: i64,
+    /// When a renewal could not be paid; `None` unless suspended.
+    pub suspended_at: Option<DateTime<Utc>>,
 }
 
 /// Why a wallet balance changed.
@@ -99,4 +103,6 @@ pub struct LedgerEntry {
     pub currency: String,
     pub reference: Option<String>,
     pub created_at: DateTime<Utc>,
+    /// For a `number_rental`: the month it pays for (`reference` names the number).
+    pub period: Option<(DateTime<Utc>, DateTime<Utc>)>,
 }

@@ -117,9 +117,31 @@ pub fn collectable_minor(cost_minor: i64, balance_minor: i64) -> i64 {
     cost_minor.max(0).min(balance_minor.max(0))
 }
 
-/// The next rental date: one calendar month later, clamped to the month's end (Jan 31 → Feb 28).
-pub fn next_renewal(from: DateTime<Utc>) -> DateTime<Utc> {
-    from.checked_add_months(Months::new(1)).unwrap_or(from)
+/// The start of rental period `period` of a number claimed at `anchor`: `period` calendar months
+/// later, on the claim's day of the month, clamped to the month's end (claimed Jan 31: Feb 28 or
+/// 29, then Mar 31). Always counted from the claim, never from the previous renewal, so a short
+/// month does not move every later renewal. Period 0 is the month debited at claim.
+pub fn rental_period_start(anchor: DateTime<Utc>, period: i64) -> DateTime<Utc> {
+    let months = u32::try_from(period.max(0)).unwrap_or(u32::MAX);
+    anchor
+        .checked_add_months(Months::new(months))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
+/// The period that a number claimed at `anchor`, with periods up to `paid` paid, renews with
+/// when it is paid at `now`: the next one, unless that has already ended (a suspended number
+/// was not usable then, so it is not charged for it): then the one running at `now`.
+pub fn period_to_pay(anchor: DateTime<Utc>, paid: i64, now: DateTime<Utc>) -> i64 {
+    let mut period = paid.saturating_add(1);
+    while rental_period_start(anchor, period.saturating_add(1)) <= now && period < paid + 1200 {
+        period += 1;
+    }
+    period
+}
+
+/// What a rental that fell due, or a suspension, pays or owes: the price of one month.
+pub fn can_pay(balance_minor: i64, price_minor: i64) -> bool {
+    balance_minor >= price_minor.max(0)
 }
 
 /// `12345` → `"123.45"`, for messages meant for people.
@@ -219,17 +241,30 @@ mod tests {
     }
 
     #[test]
-    fn renewal_is_one_calendar_month_clamped() {
-        let jan31 = Utc.with_ymd_and_hms(2026, 1, 31, 10, 0, 0).unwrap();
-        assert_eq!(
-            next_renewal(jan31),
-            Utc.with_ymd_and_hms(2026, 2, 28, 10, 0, 0).unwrap()
-        );
-        let jun27 = Utc.with_ymd_and_hms(2026, 6, 27, 12, 0, 0).unwrap();
-        assert_eq!(
-            next_renewal(jun27),
-            Utc.with_ymd_and_hms(2026, 7, 27, 12, 0, 0).unwrap()
-        );
+    fn rental_periods_are_anchored_to_the_claim_day() {
+        let at = |y, m, d| Utc.with_ymd_and_hms(y, m, d, 10, 0, 0).unwrap();
+        let jan31 = at(2027, 1, 31);
+        assert_eq!(rental_period_start(jan31, 0), jan31);
+        assert_eq!(rental_period_start(jan31, 1), at(2027, 2, 28));
+        assert_eq!(rental_period_start(jan31, 2), at(2027, 3, 31));
+        assert_eq!(rental_period_start(jan31, 3), at(2027, 4, 30));
+        // A leap year's February.
+        assert_eq!(rental_period_start(at(2028, 1, 31), 1), at(2028, 2, 29));
+        assert_eq!(rental_period_start(at(2026, 6, 27), 1), at(2026, 7, 27));
+    }
+
+    #[test]
+    fn a_late_payment_pays_the_period_running_now() {
+        let at = |y, m, d| Utc.with_ymd_and_hms(y, m, d, 10, 0, 0).unwrap();
+        let jan31 = at(2027, 1, 31);
+        // Due Feb 28, paid the same day: period 1.
+        assert_eq!(period_to_pay(jan31, 0, at(2027, 2, 28)), 1);
+        // Paid on Mar 20, still inside period 1 (Feb 28 .. Mar 31).
+        assert_eq!(period_to_pay(jan31, 0, at(2027, 3, 20)), 1);
+        // Paid on Apr 2: period 1 has ended unused; period 2 (Mar 31 .. Apr 30) is paid.
+        assert_eq!(period_to_pay(jan31, 0, at(2027, 4, 2)), 2);
+        assert!(can_pay(100, 100));
+        assert!(!can_pay(99, 100));
     }
 
     #[test]

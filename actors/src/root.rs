@@ -19,11 +19,12 @@ use crate::clock::Clock;
 use crate::events::{Events, EventsArgs};
 use crate::inventory::{Inventory, InventoryArgs, InventoryMsg};
 use crate::media::Media;
-use crate::model::{LedgerEntry, LedgerKind, TenantNumber};
+use crate::model::{LedgerKind, TenantNumber};
 use crate::numbers::{Numbers, NumbersMsg};
 use crate::registrar::{Registrar, RegistrarArgs, RegistrarStore};
+use crate::scheduler::{Scheduler, SchedulerArgs};
 use crate::sip_endpoint::{SipEndpoint, SipEndpointArgs};
-use crate::store::{ClaimError, ReleaseError, StorageError, Store, WalletError};
+use crate::store::{ClaimError, Credited, ReleaseError, StorageError, Store, WalletError};
 use crate::wallet::{WalletDeps, WalletMsg, Wallets, WalletsMsg};
 
 /// How long a caller waits for an actor's answer before reporting the engine unavailable.
@@ -44,6 +45,7 @@ struct Names {
     calls: String,
     sip: String,
     registrar: String,
+    scheduler: String,
 }
 
 impl Names {
@@ -57,6 +59,7 @@ impl Names {
             calls: format!("sautikit.{tag}.calls"),
             sip: format!("sautikit.{tag}.sip"),
             registrar: format!("sautikit.{tag}.registrar"),
+            scheduler: format!("sautikit.{tag}.scheduler"),
         }
     }
 }
@@ -71,6 +74,7 @@ struct RootState {
     deps: WalletDeps,
     events: Option<EventsArgs>,
     voice: Option<VoiceRuntime>,
+    scheduler: Option<SchedulerArgs>,
 }
 
 /// How the engine takes calls: SIP and RTP addresses, who may send INVITEs, and the outside
@@ -176,6 +180,24 @@ impl Root {
 }
 
 impl Root {
+    async fn spawn_scheduler(
+        myself: &ActorRef<RootMsg>,
+        state: &RootState,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Some(args) = &state.scheduler {
+            let mut args = args.clone();
+            args.numbers = state.voice.as_ref().map(|_| state.names.numbers.clone());
+            Actor::spawn_linked(
+                Some(state.names.scheduler.clone()),
+                Scheduler,
+                args,
+                myself.get_cell(),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
     async fn spawn_events(
         myself: &ActorRef<RootMsg>,
         state: &RootState,
@@ -323,6 +345,7 @@ impl Actor for Root {
         Root::spawn_calls(&myself, &state).await?;
         Root::spawn_registrar(&myself, &state).await?;
         Root::spawn_sip(&myself, &state).await?;
+        Root::spawn_scheduler(&myself, &state).await?;
         Ok(state)
     }
 
@@ -350,6 +373,8 @@ impl Actor for Root {
                 Root::spawn_registrar(&myself, state).await?;
             } else if name == state.names.sip {
                 Root::spawn_sip(&myself, state).await?;
+            } else if name == state.names.scheduler {
+                Root::spawn_scheduler(&myself, state).await?;
             } else {
                 warn!(actor = %name, "unknown child failed");
             }
@@ -385,15 +410,17 @@ impl Engine {
         clock: Arc<dyn Clock>,
         events: Option<EventsArgs>,
     ) -> Result<Engine, EngineError> {
-        Self::start_full(store, clock, events, None).await
+        Self::start_full(store, clock, events, None, None).await
     }
 
-    /// The whole tree, taking calls when `voice` is given.
+    /// The whole tree, taking calls when `voice` is given and running due work (renewals) when
+    /// `scheduler` is.
     pub async fn start_full(
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
         events: Option<EventsArgs>,
         voice: Option<VoiceSetup>,
+        scheduler: Option<SchedulerArgs>,
     ) -> Result<Engine, EngineError> {
         let names = Names::new();
         let voice = voice.map(|setup| {
@@ -441,6 +468,7 @@ impl Engine {
                 deps: WalletDeps { store, clock },
                 events,
                 voice,
+                scheduler,
             },
         )
         .await
@@ -505,9 +533,9 @@ impl Engine {
         currency: &str,
         kind: LedgerKind,
         reference: Option<String>,
-    ) -> Result<LedgerEntry, WalletError> {
+    ) -> Result<Credited, WalletError> {
         let actor = lookup::<WalletsMsg>(&self.names.wallets)?;
-        ask(&actor, |reply| WalletsMsg::ForWorkspace {
+        let credited = ask(&actor, |reply| WalletsMsg::ForWorkspace {
             workspace_id: workspace_id.to_owned(),
             msg: WalletMsg::CreditRequested {
                 amount_minor,
@@ -517,7 +545,11 @@ impl Engine {
                 reply,
             },
         })
-        .await?
+        .await??;
+        for n in &credited.reactivated {
+            self.number_changed(&n.id);
+        }
+        Ok(credited)
     }
 
     /// Hang up a live call of this workspace held by this process, and wait until it has ended

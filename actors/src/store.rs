@@ -61,6 +61,15 @@ pub struct CreditWallet {
     pub now: DateTime<Utc>,
 }
 
+/// A credit, and the suspended numbers it paid to renew (oldest suspension first).
+#[derive(Debug, Clone)]
+pub struct Credited {
+    pub entry: LedgerEntry,
+    pub reactivated: Vec<TenantNumber>,
+    /// The balance after the credit and the renewals it paid.
+    pub balance_minor: i64,
+}
+
 #[derive(Debug, Clone, Error)]
 pub enum WalletError {
     #[error("wallet not found")]
@@ -92,6 +101,7 @@ pub trait Store: Send + Sync + 'static {
     /// Release a tenant number; its inventory row becomes available again.
     async fn release_number(&self, cmd: ReleaseNumber) -> Result<TenantNumber, ReleaseError>;
 
-    /// Add money to a wallet with a ledger row.
-    async fn credit_wallet(&self, cmd: CreditWallet) -> Result<LedgerEntry, WalletError>;
+    /// Add money to a wallet with a ledger row; in the same transaction, renew the workspace's
+    /// suspended numbers that the new balance can pay, oldest suspension first (DESIGN §4).
+    async fn credit_wallet(&self, cmd: CreditWallet) -> Result<Credited, WalletError>;
 }

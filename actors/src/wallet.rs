@@ -9,8 +9,8 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent
 use tracing::{info, warn};
 
 use crate::clock::Clock;
-use crate::model::{LedgerEntry, LedgerKind};
-use crate::store::{CreditWallet, Store, WalletError};
+use crate::model::LedgerKind;
+use crate::store::{CreditWallet, Credited, Store, WalletError};
 
 pub enum WalletMsg {
     CreditRequested {
@@ -18,7 +18,7 @@ pub enum WalletMsg {
         currency: String,
         kind: LedgerKind,
         reference: Option<String>,
-        reply: RpcReplyPort<Result<LedgerEntry, WalletError>>,
+        reply: RpcReplyPort<Result<Credited, WalletError>>,
     },
 }
 
@@ -164,11 +164,12 @@ impl Actor for Wallet {
                         now: state.deps.clock.now(),
                     })
                     .await;
-                if let Ok(entry) = &result {
+                if let Ok(credited) = &result {
                     info!(
                         workspace_id = %state.workspace_id,
                         amount_minor,
-                        balance_after_minor = entry.balance_after_minor,
+                        balance_after_minor = credited.entry.balance_after_minor,
+                        reactivated = credited.reactivated.len(),
                         kind = kind.as_str(),
                         "wallet credited"
                     );

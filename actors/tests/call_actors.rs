@@ -16,13 +16,13 @@ use sautikit_actors::call_store::{
 };
 use sautikit_actors::callback::{CallbackClient, CallbackFailure, CallbackReply, CallbackRequest};
 use sautikit_actors::clock::SystemClock;
-use sautikit_actors::model::{LedgerEntry, NumberStatus, TenantNumber};
+use sautikit_actors::model::{NumberStatus, TenantNumber};
 use sautikit_actors::registrar::{
     DeviceLogin, RegisterBindings, RegisterStoreError, RegistrarStore, Registration,
 };
 use sautikit_actors::sip_endpoint::Admission;
 use sautikit_actors::store::{
-    ClaimError, ClaimNumber, CreditWallet, ReleaseError, ReleaseNumber, StorageError, Store,
+    ClaimError, ClaimNumber, CreditWallet, Credited, ReleaseError, ReleaseNumber, StorageError, Store,
     WalletError,
 };
 use sautikit_actors::synth::{Audio, SpeechRequest, SynthError, Synthesizer};
@@ -156,7 +156,7 @@ impl Store for NoStore {
     async fn release_number(&self, _: ReleaseNumber) -> Result<TenantNumber, ReleaseError> {
         Err(ReleaseError::NotFound)
     }
-    async fn credit_wallet(&self, _: CreditWallet) -> Result<LedgerEntry, WalletError> {
+    async fn credit_wallet(&self, _: CreditWallet) -> Result<Credited, WalletError> {
         Err(WalletError::NotFound)
     }
 }
@@ -545,6 +545,7 @@ async fn start_engine_shedding(
                 max_pending_registers,
             },
         }),
+        None,
     )
     .await
     .expect("engine starts")

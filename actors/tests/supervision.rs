@@ -11,7 +11,7 @@ use sautikit_actors::Engine;
 use sautikit_actors::clock::Clock;
 use sautikit_actors::model::{LedgerEntry, LedgerKind, NumberStatus, TenantNumber};
 use sautikit_actors::store::{
-    ClaimError, ClaimNumber, CreditWallet, ReleaseError, ReleaseNumber, StorageError, Store,
+    ClaimError, ClaimNumber, CreditWallet, Credited, ReleaseError, ReleaseNumber, StorageError, Store,
     WalletError,
 };
 
@@ -48,6 +48,8 @@ fn number(cmd: &ClaimNumber) -> TenantNumber {
         created_at: cmd.now,
         updated_at: cmd.now,
         released_at: None,
+        rental_period: 0,
+        suspended_at: None,
     }
 }
 
@@ -77,7 +79,7 @@ impl Store for RacyStore {
         Err(ReleaseError::NotFound)
     }
 
-    async fn credit_wallet(&self, cmd: CreditWallet) -> Result<LedgerEntry, WalletError> {
+    async fn credit_wallet(&self, cmd: CreditWallet) -> Result<Credited, WalletError> {
         if cmd.amount_minor == 13 {
             panic!("simulated bug in credit");
         }
@@ -87,15 +89,20 @@ impl Store for RacyStore {
             .map_err(|e| StorageError(e.to_string()))?;
         let bal = b.entry(cmd.workspace_id.clone()).or_default();
         *bal += cmd.amount_minor;
-        Ok(LedgerEntry {
-            id: "l".into(),
-            workspace_id: cmd.workspace_id,
-            kind: cmd.kind,
-            amount_minor: cmd.amount_minor,
-            balance_after_minor: *bal,
-            currency: cmd.currency,
-            reference: cmd.reference,
-            created_at: cmd.now,
+        Ok(Credited {
+            entry: LedgerEntry {
+                id: "l".into(),
+                workspace_id: cmd.workspace_id,
+                kind: cmd.kind,
+                amount_minor: cmd.amount_minor,
+                balance_after_minor: *bal,
+                currency: cmd.currency,
+                reference: cmd.reference,
+                created_at: cmd.now,
+                period: None,
+            },
+            reactivated: Vec::new(),
+            balance_minor: *bal,
         })
     }
 }
@@ -139,7 +146,7 @@ async fn inventory_restarts_after_a_panic() {
         .credit_wallet("ws", 100, "KES", LedgerKind::TopUp, None)
         .await
         .expect("wallets unaffected");
-    assert_eq!(e.balance_after_minor, 100);
+    assert_eq!(e.entry.balance_after_minor, 100);
     engine.stop().await;
 }
 
@@ -167,12 +174,12 @@ async fn a_failed_wallet_does_not_take_down_the_others() {
             .ok()
     })
     .await;
-    assert_eq!(a.balance_after_minor, 101);
+    assert_eq!(a.entry.balance_after_minor, 101);
     let b = engine
         .credit_wallet("ws-b", 1, "KES", LedgerKind::TopUp, None)
         .await
         .expect("credit");
-    assert_eq!(b.balance_after_minor, 8);
+    assert_eq!(b.entry.balance_after_minor, 8);
     engine.stop().await;
 }
 

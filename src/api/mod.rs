@@ -12,6 +12,7 @@ pub mod ops;
 pub mod placing;
 pub mod registrations;
 pub mod schema;
+pub mod usage;
 pub mod wallet;
 pub mod webhooks;
 
@@ -102,6 +103,8 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(webhooks::deliveries))
         .routes(routes!(webhooks::redeliver))
         .routes(routes!(webhooks::rotate_secret))
+        .routes(routes!(usage::usage))
+        .routes(routes!(usage::call_stats))
         .routes(routes!(calls::list_calls, placing::place_call))
         .routes(routes!(calls::get_call))
         .routes(routes!(calls::call_events))

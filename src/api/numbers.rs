@@ -82,10 +82,15 @@ pub struct NumberView {
     pub outbound_per_min_minor: i64,
     pub voice_callback_url: Option<String>,
     pub events_url: Option<String>,
+    /// When the next month's rental is debited (on the claim's day of the month). For a
+    /// suspended number: the renewal that could not be paid.
     pub next_renewal_at: String,
     pub created_at: String,
     pub updated_at: String,
     pub released_at: Option<String>,
+    /// When a renewal could not be paid. A suspended number takes no calls; a top-up that can
+    /// pay renews it, and it is released if still unpaid `SAUTIKIT_SUSPENDED_RELEASE_DAYS` later.
+    pub suspended_at: Option<String>,
 }
 
 impl From<TenantNumber> for NumberView {
@@ -105,6 +110,7 @@ impl From<TenantNumber> for NumberView {
             created_at: to_api(n.created_at),
             updated_at: to_api(n.updated_at),
             released_at: n.released_at.map(to_api),
+            suspended_at: n.suspended_at.map(to_api),
         }
     }
 }
@@ -286,8 +292,9 @@ pub async fn get_number(
     Ok(axum::Json(n.into()))
 }
 
-/// Release a number: billing stops, its SIP credentials are revoked, and it returns to the
-/// inventory.
+/// Release a number: renewals stop at once, its SIP credentials are revoked, and it returns to
+/// the inventory. The current month is not refunded: the rental already paid runs to its end
+/// unused.
 #[utoipa::path(delete, path = "/v1/numbers/{id}", tag = "numbers",
     params(("id" = uuid::Uuid, Path)),
     responses((status = 200, body = NumberView), (status = 404, body = ErrorEnvelope),

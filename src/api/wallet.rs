@@ -99,6 +99,9 @@ pub struct LedgerView {
     /// What the entry is for: a number id, a top-up reference, …
     pub reference: Option<String>,
     pub created_at: String,
+    /// A `number_rental`'s month: from `period_start` (inclusive) to `period_end`.
+    pub period_start: Option<String>,
+    pub period_end: Option<String>,
 }
 
 impl From<LedgerEntry> for LedgerView {
@@ -111,6 +114,8 @@ impl From<LedgerEntry> for LedgerView {
             currency: e.currency,
             reference: e.reference,
             created_at: to_api(e.created_at),
+            period_start: e.period.map(|p| to_api(p.0)),
+            period_end: e.period.map(|p| to_api(p.1)),
         }
     }
 }
@@ -161,7 +166,12 @@ pub struct TopUpView {
     pub currency: String,
     #[schema(example = "succeeded")]
     pub status: String,
+    /// The balance after the top-up and the renewals it paid.
     pub balance_minor: i64,
+    /// Suspended numbers this top-up renewed, oldest suspension first (each with a
+    /// `number_rental` ledger row and a `number.reactivated` event).
+    #[schema(value_type = Vec<String>)]
+    pub reactivated_number_ids: Vec<String>,
     pub created_at: String,
 }
 
@@ -192,7 +202,7 @@ pub async fn topup(
         .map_err(|e| ApiError::unprocessable("currency.unsupported", e.to_string()))?;
     let amount = money::validate_credit(body.amount_minor)
         .map_err(|e| ApiError::unprocessable("topups.invalid_amount", e.to_string()))?;
-    let entry = state
+    let credited = state
         .engine
         .credit_wallet(
             &ws.id,
@@ -205,13 +215,14 @@ pub async fn topup(
     Ok((
         StatusCode::CREATED,
         axum::Json(TopUpView {
-            id: entry.id,
+            id: credited.entry.id,
             provider: body.provider,
-            amount_minor: entry.amount_minor,
-            currency: entry.currency,
+            amount_minor: credited.entry.amount_minor,
+            currency: credited.entry.currency,
             status: "succeeded".to_owned(),
-            balance_minor: entry.balance_after_minor,
-            created_at: to_api(entry.created_at),
+            balance_minor: credited.balance_minor,
+            reactivated_number_ids: credited.reactivated.into_iter().map(|n| n.id).collect(),
+            created_at: to_api(credited.entry.created_at),
         }),
     ))
 }

@@ -23,8 +23,9 @@ const MAX_PATTERNS: usize = 20;
 pub struct CreateSubscription {
     #[schema(max_length = 2048, example = "https://crm.example.com/sautikit")]
     pub url: String,
-    /// `*`, `number.*`, `wallet.*`, or exact kinds (`number.provisioned`, `number.released`,
-    /// `wallet.top_up`, `wallet.low_balance`). Call events go to each number's `events_url`.
+    /// `*`, `number.*`, `wallet.*`, or exact kinds (`number.provisioned`, `number.renewed`,
+    /// `number.suspended`, `number.reactivated`, `number.released`, `wallet.top_up`,
+    /// `wallet.low_balance`). Call events go to each number's `events_url`.
     #[schema(value_type = Vec<super::schema::EventPattern>, inline, min_items = 1, max_items = 20, example = json!(["number.*", "wallet.low_balance"]))]
     pub events: Vec<String>,
 }
@@ -102,8 +103,8 @@ pub async fn create(
             PatternError::Unknown(p) => ApiError::unprocessable(
                 "webhooks.event_unknown",
                 format!(
-                    "{p:?} is not an event kind; use *, number.*, wallet.*, number.provisioned, \
-                     number.released, wallet.top_up or wallet.low_balance"
+                    "{p:?} is not an event kind; use *, number.*, wallet.* or one of {}",
+                    crate::webhooks::SUBSCRIBABLE_KINDS.join(", ")
                 ),
             ),
         })?;

@@ -17,6 +17,9 @@ use crate::time::{new_id, to_api, to_db};
 /// Kinds a workspace subscription may name. Call events go to the number's `events_url`.
 pub const SUBSCRIBABLE_KINDS: &[&str] = &[
     "number.provisioned",
+    "number.renewed",
+    "number.suspended",
+    "number.reactivated",
     "number.released",
     "wallet.top_up",
     "wallet.low_balance",

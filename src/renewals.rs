@@ -1,0 +1,556 @@
+//! Rentals over a number's life (DESIGN §4): monthly renewals from the wallet, suspension when the
+//! wallet cannot pay, reactivation by a later credit (oldest suspension first), and release after
+//! `SAUTIKIT_SUSPENDED_RELEASE_DAYS` unpaid.
+//!
+//! Exactly once, whatever restarts or engines: a renewal is one transaction that debits the wallet,
+//! writes a `number_rental` ledger row naming the number and the period, and moves the number's
+//! `rental_period` on, conditionally on the period it read. The ledger's unique index on (number,
+//! period) is the last line of defence. On PostgreSQL, engines take due numbers with
+//! `FOR UPDATE SKIP LOCKED`, so each renewal is done by exactly one of them.
+
+use std::collections::{BTreeMap, HashSet};
+
+use chrono::{DateTime, Duration, Utc};
+use sautikit_actors::model::{LedgerKind, TenantNumber};
+use sautikit_actors::money;
+use sautikit_actors::scheduler::{DueReport, DueWork};
+use sautikit_actors::store::StorageError;
+use serde_json::json;
+use sqlx::AnyConnection;
+use sqlx::any::AnyRow;
+use tracing::{info, warn};
+
+use crate::db::Backend;
+use crate::sql::{pow2_chunks, value_rows};
+use crate::store::{SqlStore, after_debit, after_release, get, storage, tenant_from_row};
+use crate::time::{new_id, to_api, to_db};
+use crate::webhooks::{EventDraft, enqueue_all};
+
+/// Numbers renewed (or suspended) per transaction.
+pub const DEFAULT_BATCH: usize = 500;
+
+/// Ledger rows per multi-row INSERT (10 values each).
+const LEDGER_CHUNK: usize = 64;
+
+/// How many times a batch that lost a deadlock is tried again before the run gives up (the next
+/// tick tries again; nothing is half done).
+const BATCH_ATTEMPTS: usize = 3;
+
+/// What the scheduler needs besides the store.
+#[derive(Clone)]
+pub struct Renewals {
+    pub store: SqlStore,
+    /// A suspended number still unpaid this long is released.
+    pub release_after: Duration,
+    pub batch: usize,
+}
+
+impl Renewals {
+    pub fn new(store: SqlStore, release_after_days: u32) -> Self {
+        Renewals {
+            store,
+            release_after: Duration::days(i64::from(release_after_days)),
+            batch: DEFAULT_BATCH,
+        }
+    }
+
+    /// Everything due at `now`, batch by batch, calling `progress` after each committed batch.
+    pub async fn run(
+        &self,
+        now: DateTime<Utc>,
+        mut progress: impl FnMut(&DueReport),
+    ) -> Result<DueReport, StorageError> {
+        let mut total = DueReport::default();
+        loop {
+            let (report, taken) = self.retrying(|| self.renew_batch(now)).await?;
+            self.after_commit(&report);
+            total.absorb(report);
+            progress(&total);
+            if taken < self.batch {
+                break;
+            }
+        }
+        loop {
+            let (report, taken) = self.retrying(|| self.release_batch(now)).await?;
+            self.after_commit(&report);
+            total.absorb(report);
+            progress(&total);
+            if taken < self.batch {
+                break;
+            }
+        }
+        Ok(total)
+    }
+
+    async fn retrying<F, Fut>(&self, mut batch: F) -> Result<(DueReport, usize), StorageError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<(DueReport, usize), StorageError>>,
+    {
+        let mut attempt = 1;
+        loop {
+            match batch().await {
+                Err(e) if attempt < BATCH_ATTEMPTS => {
+                    warn!(error = %e, attempt, "due-work batch failed; trying it again");
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn after_commit(&self, report: &DueReport) {
+        if report.is_empty() {
+            return;
+        }
+        self.store.events_committed();
+        let gone: HashSet<&str> = report.changed_numbers.iter().map(String::as_str).collect();
+        self.store.logins().forget_numbers(&gone);
+    }
+
+    /// One batch of numbers whose renewal is due: each is renewed if its wallet can pay, in due
+    /// order, and suspended otherwise. Returns what was done and how many numbers were taken.
+    async fn renew_batch(&self, now: DateTime<Utc>) -> Result<(DueReport, usize), StorageError> {
+        let db = self.store.db();
+        let backend = db.backend;
+        let mut tx = db.begin_write().await.map_err(storage)?;
+        let sql = format!(
+            "SELECT {} FROM tenant_numbers WHERE status = 'active' AND next_renewal_at <= $1 \
+             ORDER BY next_renewal_at, id LIMIT $2{}",
+            crate::store::TENANT_COLS,
+            lock_suffix(backend)
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(to_db(now))
+            .bind(self.batch as i64)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(storage)?;
+        let taken = rows.len();
+        if taken == 0 {
+            tx.rollback().await.map_err(storage)?;
+            return Ok((DueReport::default(), 0));
+        }
+        let mut by_workspace: BTreeMap<String, Vec<TenantNumber>> = BTreeMap::new();
+        for row in &rows {
+            let n = tenant_from_row(row)?;
+            by_workspace.entry(n.workspace_id.clone()).or_default().push(n);
+        }
+        let mut plan = Plan::default();
+        // Wallets are locked in workspace order, so two engines never wait on each other in a
+        // cycle.
+        for (workspace_id, numbers) in &by_workspace {
+            let wallet = lock_wallet(&mut tx, backend, workspace_id).await?;
+            let mut balance = wallet.balance;
+            for n in numbers {
+                if n.currency == wallet.currency && money::can_pay(balance, n.monthly_price_minor) {
+                    balance -= n.monthly_price_minor;
+                    plan.renew(n, n.rental_period + 1, balance, Paid::Renewed);
+                } else {
+                    plan.suspend(n, balance, now, self.release_after);
+                }
+            }
+        }
+        let report = plan.write(&mut tx, backend, now).await?;
+        tx.commit().await.map_err(storage)?;
+        if !report.is_empty() {
+            info!(
+                renewed = report.renewed,
+                suspended = report.suspended,
+                "renewals committed"
+            );
+        }
+        Ok((report, taken))
+    }
+
+    /// One batch of suspended numbers unpaid for `release_after`: released to the inventory.
+    async fn release_batch(&self, now: DateTime<Utc>) -> Result<(DueReport, usize), StorageError> {
+        let db = self.store.db();
+        let backend = db.backend;
+        let mut tx = db.begin_write().await.map_err(storage)?;
+        let sql = format!(
+            "SELECT id FROM tenant_numbers WHERE status = 'suspended' AND suspended_at <= $1 \
+             ORDER BY suspended_at, id LIMIT $2{}",
+            lock_suffix(backend)
+        );
+        let ids: Vec<String> = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(to_db(now - self.release_after))
+            .bind(self.batch as i64)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(storage)?
+            .iter()
+            .map(|r| get(r, "id"))
+            .collect::<Result<_, _>>()?;
+        let taken = ids.len();
+        let mut report = DueReport::default();
+        let ts = to_db(now);
+        for id in ids {
+            let sql = format!(
+                "UPDATE tenant_numbers SET status = 'released', released_at = $1, updated_at = $1 \
+                 WHERE id = $2 AND status = 'suspended' RETURNING {}",
+                crate::store::TENANT_COLS
+            );
+            let Some(row) = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(&ts)
+                .bind(&id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(storage)?
+            else {
+                continue;
+            };
+            let number = tenant_from_row(&row)?;
+            after_release(&mut tx, &number, "unpaid", now).await?;
+            info!(number_id = %number.id, workspace_id = %number.workspace_id,
+                "suspended number released unpaid");
+            report.released += 1;
+            report.changed_numbers.push(number.id);
+        }
+        tx.commit().await.map_err(storage)?;
+        Ok((report, taken))
+    }
+}
+
+#[async_trait::async_trait]
+impl DueWork for Renewals {
+    async fn run_due(&self, now: DateTime<Utc>) -> Result<DueReport, StorageError> {
+        self.run(now, |_| {}).await
+    }
+}
+
+/// In the caller's credit transaction: renew the workspace's suspended numbers that `balance`
+/// can pay, oldest suspension first, stopping at the first it cannot (a later one never jumps
+/// the queue). Each pays the period running at `now` (months it spent suspended are not
+/// charged). Returns the numbers reactivated and the balance after them.
+pub(crate) async fn reactivate(
+    tx: &mut AnyConnection,
+    backend: Backend,
+    workspace_id: &str,
+    currency: &str,
+    balance: i64,
+    now: DateTime<Utc>,
+) -> Result<(Vec<TenantNumber>, i64), StorageError> {
+    let sql = format!(
+        "SELECT {} FROM tenant_numbers WHERE workspace_id = $1 AND status = 'suspended' \
+         ORDER BY suspended_at, created_at, id{}",
+        crate::store::TENANT_COLS,
+        lock_suffix_waiting(backend)
+    );
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(workspace_id)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(storage)?;
+    let mut plan = Plan::default();
+    let mut left = balance;
+    for row in &rows {
+        let n = tenant_from_row(row)?;
+        if n.currency != currency || !money::can_pay(left, n.monthly_price_minor) {
+            break;
+        }
+        left -= n.monthly_price_minor;
+        let period = money::period_to_pay(n.created_at, n.rental_period, now);
+        plan.renew(&n, period, left, Paid::Reactivated);
+    }
+    if plan.renewals.is_empty() {
+        return Ok((Vec::new(), balance));
+    }
+    // The wallet row is already locked by the credit.
+    plan.write(tx, backend, now).await?;
+    let mut out = Vec::with_capacity(plan.renewals.len());
+    for r in plan.renewals {
+        let mut n = r.number;
+        n.status = sautikit_actors::model::NumberStatus::Active;
+        n.rental_period = r.period;
+        n.next_renewal_at = r.period_end;
+        n.suspended_at = None;
+        n.updated_at = now;
+        out.push(n);
+    }
+    Ok((out, left))
+}
+
+/// `FOR UPDATE SKIP LOCKED` on PostgreSQL: another engine's batch has these rows; this one takes
+/// the next. SQLite has one writer at a time and needs nothing.
+fn lock_suffix(backend: Backend) -> &'static str {
+    match backend {
+        Backend::Sqlite => "",
+        Backend::Postgres => " FOR UPDATE SKIP LOCKED",
+    }
+}
+
+fn lock_suffix_waiting(backend: Backend) -> &'static str {
+    match backend {
+        Backend::Sqlite => "",
+        Backend::Postgres => " FOR UPDATE",
+    }
+}
+
+struct LockedWallet {
+    balance: i64,
+    currency: String,
+}
+
+async fn lock_wallet(
+    tx: &mut AnyConnection,
+    backend: Backend,
+    workspace_id: &str,
+) -> Result<LockedWallet, StorageError> {
+    let sql = format!(
+        "SELECT balance_minor, currency FROM wallets WHERE workspace_id = $1{}",
+        lock_suffix_waiting(backend)
+    );
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(workspace_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(storage)?
+        .ok_or_else(|| StorageError(format!("workspace {workspace_id} has no wallet")))?;
+    Ok(LockedWallet {
+        balance: get(&row, "balance_minor")?,
+        currency: get(&row, "currency")?,
+    })
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Paid {
+    Renewed,
+    Reactivated,
+}
+
+struct Renewal {
+    number: TenantNumber,
+    period: i64,
+    period_start: DateTime<Utc>,
+    period_end: DateTime<Utc>,
+    balance_after: i64,
+    ledger_id: String,
+    paid: Paid,
+}
+
+struct Suspension {
+    number: TenantNumber,
+    balance: i64,
+    release_at: DateTime<Utc>,
+}
+
+/// What a batch will write, decided in memory before the first write.
+#[derive(Default)]
+struct Plan {
+    renewals: Vec<Renewal>,
+    suspensions: Vec<Suspension>,
+}
+
+impl Plan {
+    fn renew(&mut self, n: &TenantNumber, period: i64, balance_after: i64, paid: Paid) {
+        self.renewals.push(Renewal {
+            number: n.clone(),
+            period,
+            period_start: money::rental_period_start(n.created_at, period),
+            period_end: money::rental_period_start(n.created_at, period + 1),
+            balance_after,
+            ledger_id: new_id(),
+            paid,
+        });
+    }
+
+    fn suspend(
+        &mut self,
+        n: &TenantNumber,
+        balance: i64,
+        now: DateTime<Utc>,
+        release_after: Duration,
+    ) {
+        self.suspensions.push(Suspension {
+            number: n.clone(),
+            balance,
+            release_at: now + release_after,
+        });
+    }
+
+    async fn write(
+        &self,
+        tx: &mut AnyConnection,
+        backend: Backend,
+        now: DateTime<Utc>,
+    ) -> Result<DueReport, StorageError> {
+        let ts = to_db(now);
+        let mut report = DueReport::default();
+        let mut events = Vec::with_capacity(self.renewals.len() + self.suspensions.len());
+        for r in &self.renewals {
+            let n = &r.number;
+            let from_status = match r.paid {
+                Paid::Renewed => "active",
+                Paid::Reactivated => "suspended",
+            };
+            let done = sqlx::query(
+                "UPDATE tenant_numbers SET status = 'active', suspended_at = NULL, \
+                   rental_period = $1, next_renewal_at = $2, updated_at = $3 \
+                 WHERE id = $4 AND rental_period = $5 AND status = $6",
+            )
+            .bind(r.period)
+            .bind(to_db(r.period_end))
+            .bind(&ts)
+            .bind(&n.id)
+            .bind(n.rental_period)
+            .bind(from_status)
+            .execute(&mut *tx)
+            .await
+            .map_err(storage)?
+            .rows_affected();
+            if done != 1 {
+                return Err(StorageError(format!(
+                    "number {} changed while its renewal was written",
+                    n.id
+                )));
+            }
+            let (kind, status_before) = match r.paid {
+                Paid::Renewed => ("number.renewed", "active"),
+                Paid::Reactivated => ("number.reactivated", "suspended"),
+            };
+            events.push((
+                EventDraft {
+                    workspace_id: n.workspace_id.clone(),
+                    kind,
+                    number_id: Some(n.id.clone()),
+                    call_id: None,
+                    payload: json!({
+                        "number_id": n.id,
+                        "number": n.number,
+                        "status": "active",
+                        "previous_status": status_before,
+                        "amount_minor": n.monthly_price_minor,
+                        "currency": n.currency,
+                        "period_start": to_api(r.period_start),
+                        "period_end": to_api(r.period_end),
+                        "next_renewal_at": to_api(r.period_end),
+                        "balance_minor": r.balance_after,
+                        "ledger_entry_id": r.ledger_id,
+                    }),
+                    events_url: None,
+                },
+                now,
+            ));
+            report.renewed += 1;
+            if r.paid == Paid::Reactivated {
+                report.changed_numbers.push(n.id.clone());
+            }
+        }
+        for s in &self.suspensions {
+            let n = &s.number;
+            let done = sqlx::query(
+                "UPDATE tenant_numbers SET status = 'suspended', suspended_at = $1, updated_at = $1 \
+                 WHERE id = $2 AND rental_period = $3 AND status = 'active'",
+            )
+            .bind(&ts)
+            .bind(&n.id)
+            .bind(n.rental_period)
+            .execute(&mut *tx)
+            .await
+            .map_err(storage)?
+            .rows_affected();
+            if done != 1 {
+                return Err(StorageError(format!(
+                    "number {} changed while its suspension was written",
+                    n.id
+                )));
+            }
+            info!(number_id = %n.id, workspace_id = %n.workspace_id,
+                amount_due_minor = n.monthly_price_minor, "renewal unpaid: number suspended");
+            events.push((
+                EventDraft {
+                    workspace_id: n.workspace_id.clone(),
+                    kind: "number.suspended",
+                    number_id: Some(n.id.clone()),
+                    call_id: None,
+                    payload: json!({
+                        "number_id": n.id,
+                        "number": n.number,
+                        "status": "suspended",
+                        "reason": "insufficient_funds",
+                        "amount_due_minor": n.monthly_price_minor,
+                        "currency": n.currency,
+                        "balance_minor": s.balance,
+                        "due_at": to_api(n.next_renewal_at),
+                        "release_at": to_api(s.release_at),
+                    }),
+                    events_url: None,
+                },
+                now,
+            ));
+            report.suspended += 1;
+            report.changed_numbers.push(n.id.clone());
+        }
+        self.debit_wallets(tx, now).await?;
+        self.insert_ledger(tx, backend, &ts).await?;
+        enqueue_all(tx, backend, &events).await?;
+        Ok(report)
+    }
+
+    /// One debit per wallet for all its renewals, each conditional on the balance it needs.
+    async fn debit_wallets(
+        &self,
+        tx: &mut AnyConnection,
+        now: DateTime<Utc>,
+    ) -> Result<(), StorageError> {
+        let mut totals: BTreeMap<(&str, &str), i64> = BTreeMap::new();
+        for r in &self.renewals {
+            *totals
+                .entry((&r.number.workspace_id, &r.number.currency))
+                .or_default() += r.number.monthly_price_minor;
+        }
+        for ((workspace_id, currency), total) in totals {
+            if total == 0 {
+                continue;
+            }
+            let row: AnyRow = sqlx::query(
+                "UPDATE wallets SET balance_minor = balance_minor - $1, updated_at = $2 \
+                 WHERE workspace_id = $3 AND currency = $4 AND balance_minor >= $1 \
+                 RETURNING balance_minor, low_balance_threshold_minor, low_balance_alerted",
+            )
+            .bind(total)
+            .bind(to_db(now))
+            .bind(workspace_id)
+            .bind(currency)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(storage)?
+            .ok_or_else(|| StorageError("wallet balance changed under its row lock".into()))?;
+            after_debit(tx, workspace_id, &row, currency, now).await?;
+        }
+        Ok(())
+    }
+
+    async fn insert_ledger(
+        &self,
+        tx: &mut AnyConnection,
+        backend: Backend,
+        ts: &str,
+    ) -> Result<(), StorageError> {
+        for chunk in pow2_chunks(&self.renewals, LEDGER_CHUNK) {
+            let sql = format!(
+                "INSERT INTO ledger_entries (id, workspace_id, kind, amount_minor, \
+                 balance_after_minor, currency, reference, created_at, period_start, period_end) \
+                 VALUES {}",
+                value_rows(backend, chunk.len(), 10)
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for r in chunk {
+                q = q
+                    .bind(r.ledger_id.clone())
+                    .bind(r.number.workspace_id.clone())
+                    .bind(LedgerKind::NumberRental.as_str())
+                    .bind(-r.number.monthly_price_minor)
+                    .bind(r.balance_after)
+                    .bind(r.number.currency.clone())
+                    .bind(r.number.id.clone())
+                    .bind(ts.to_owned())
+                    .bind(to_db(r.period_start))
+                    .bind(to_db(r.period_end));
+            }
+            q.execute(&mut *tx).await.map_err(storage)?;
+        }
+        Ok(())
+    }
+}
