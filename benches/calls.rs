@@ -28,6 +28,12 @@
 //! `BENCH_SECONDS` (60), `BENCH_CALL_NUMBERS` (100 claimed numbers, calls round-robin),
 //! `BENCH_CALL_HOLD_MS` (0), `BENCH_UAC_SOCKETS` (4), `BENCH_HOLD_CALLS`, `BENCH_HOLD_SECONDS`,
 //! `BENCH_HOLD_RAMP` (200), `BENCH_P99_MS` (50: the pass line).
+//!
+//! `BENCH_RENEWALS=100000` adds a month's renewals to the rate test: that many numbers of 100 other
+//! workspaces, claimed straight through the store, all fall due 5 s into the run; the engine's
+//! scheduler (ticking every second) renews them while the calls go on. Measured: how long after
+//! falling due the last one was renewed (pass ≤ 60 s), and INVITE→200 of the calls set up
+//! between the first and the last renewal (pass: p99 ≤ the line).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -664,6 +670,8 @@ async fn setup(backend: Backend, n_numbers: usize, pause_secs: u64) -> Ctx {
             ("SAUTIKIT_LOG", "warn"),
             ("SAUTIKIT_SIP_LISTEN", &sip_listen),
             ("SAUTIKIT_RTP_PORTS", &rtp_ports),
+            // Renewals (`BENCH_RENEWALS`) are picked up within a second of falling due.
+            ("SAUTIKIT_SCHEDULER_SECS", "1"),
         ],
     );
     let api = server.api(&dev_key(&db.data_dir));
@@ -762,6 +770,114 @@ struct RateSettings {
     sockets: usize,
     timeout: Duration,
     p99_line: Duration,
+    /// Numbers of other workspaces whose renewals all fall due 5 s into the run.
+    renewals: usize,
+}
+
+// ---------------------------------------------------------------------------------------------
+// A month's renewals at once, during the call load (`BENCH_RENEWALS`).
+
+/// Claim `n` extra numbers in 100 workspaces that can each pay one renewal, straight through the
+/// store (the API would take minutes for 100,000 claims).
+async fn seed_renewals(db: &TestDb, n: usize) -> sautikit::store::SqlStore {
+    use sautikit::store::{SeedInventory, SqlStore};
+    use sautikit_actors::store::{ClaimNumber, Store};
+    let conn = sautikit::db::Db::connect(&db.url).await.expect("connect");
+    let store = SqlStore::new(conn);
+    let now = chrono::Utc::now();
+    let workspaces = 100.min(n.max(1));
+    let per = n.div_ceil(workspaces);
+    let mut ws = Vec::new();
+    for i in 0..workspaces {
+        let w = store
+            .create_workspace(&format!("renter-{i}"), "KES", 2 * 10_000 * per as i64, now)
+            .await
+            .expect("workspace");
+        ws.push(w.workspace_id);
+    }
+    store
+        .seed_inventory(
+            &SeedInventory {
+                country: "KE".into(),
+                currency: "KES".into(),
+                count: n as u64,
+                start: 254_730_000_000,
+                monthly_price_minor: 10_000,
+                inbound_per_min_minor: 0,
+                outbound_per_min_minor: 300,
+                guide_ids: false,
+            },
+            now,
+        )
+        .await
+        .expect("seed");
+    let rows = sqlx::query(
+        "SELECT id FROM inventory_numbers WHERE status = 'available' AND number >= '+25473' \
+         ORDER BY number LIMIT $1",
+    )
+    .bind(n as i64)
+    .fetch_all(&store.db().read)
+    .await
+    .expect("inventory");
+    let cmds: Vec<ClaimNumber> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| ClaimNumber {
+            workspace_id: ws[i % workspaces].clone(),
+            inventory_id: sqlx::Row::try_get::<String, _>(r, "id").expect("id"),
+            now,
+        })
+        .collect();
+    for chunk in cmds.chunks(500) {
+        for r in store.claim_numbers(chunk.to_vec()).await {
+            r.expect("claim");
+        }
+    }
+    store
+}
+
+/// Make the seeded numbers due at `due` (claimed a calendar month before it).
+async fn make_due(store: &sautikit::store::SqlStore, due: chrono::DateTime<chrono::Utc>) {
+    let claimed = due
+        .checked_sub_months(chrono::Months::new(1))
+        .expect("a month earlier");
+    sqlx::query(
+        "UPDATE tenant_numbers SET created_at = $1, next_renewal_at = $2 \
+         WHERE number >= '+25473'",
+    )
+    .bind(sautikit::time::to_db(claimed))
+    .bind(sautikit::time::to_db(due))
+    .execute(&store.db().write)
+    .await
+    .expect("make due");
+}
+
+/// Poll until every seeded number is renewed: when the first and the last renewal were seen.
+async fn watch_renewals(
+    store: sautikit::store::SqlStore,
+    n: usize,
+    limit: Duration,
+) -> (Option<Instant>, Option<Instant>) {
+    let started = Instant::now();
+    let mut first = None;
+    while started.elapsed() < limit {
+        let done: i64 = sqlx::query(
+            "SELECT COUNT(*) FROM tenant_numbers WHERE rental_period >= 1 \
+             AND number >= '+25473'",
+        )
+        .fetch_one(&store.db().read)
+        .await
+        .and_then(|r| sqlx::Row::try_get(&r, 0))
+        .unwrap_or(0);
+        if done > 0 && first.is_none() {
+            first = Some(Instant::now());
+        }
+        if done as usize >= n {
+            return (first, Some(Instant::now()));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    (first, None)
 }
 
 /// Where in the run the calls over `line` were (by second of their first INVITE), and the p99 of
@@ -829,8 +945,36 @@ async fn rate_run(backend: Backend, s: &RateSettings) -> bool {
         }
         n
     });
+    let renewals = if s.renewals > 0 {
+        let t = Instant::now();
+        let store = seed_renewals(&ctx._db, s.renewals).await;
+        println!(
+            "  seeded {} numbers in 100 workspaces for renewal in {:.1} s",
+            s.renewals,
+            t.elapsed().as_secs_f64()
+        );
+        Some(store)
+    } else {
+        None
+    };
     let mut uac = Uac::start(sip, s.sockets, s.timeout).await;
     let total = (s.rate * s.seconds).round() as u64;
+    let renewal_lead = Duration::from_secs(5);
+    let renewal_watch = match &renewals {
+        Some(store) => {
+            make_due(
+                store,
+                chrono::Utc::now() + chrono::Duration::from_std(renewal_lead).expect("lead"),
+            )
+            .await;
+            Some(tokio::spawn(watch_renewals(
+                store.clone(),
+                s.renewals,
+                Duration::from_secs(300),
+            )))
+        }
+        None => None,
+    };
 
     let (rss_stop, rss_task) = sample_rss(pid, Duration::from_millis(250));
     let threads0 = thread_cpu(pid);
@@ -891,6 +1035,50 @@ async fn rate_run(backend: Backend, s: &RateSettings) -> bool {
     let mut setup = stats.setup.clone();
     setup.sort();
     let slow_line = slow_by_second(&stats, started, s.p99_line);
+    let mut renewals_pass = true;
+    if let Some(watch) = renewal_watch {
+        let (first, last) = watch.await.unwrap_or((None, None));
+        let due = started + renewal_lead;
+        match (first, last) {
+            (Some(first), Some(last)) => {
+                let mut during: Vec<Duration> = stats
+                    .setup
+                    .iter()
+                    .zip(&stats.setup_sent)
+                    .filter(|(_, at)| **at >= first && **at <= last)
+                    .map(|(took, _)| *took)
+                    .collect();
+                during.sort();
+                let took = last.saturating_duration_since(due);
+                renewals_pass =
+                    took <= Duration::from_secs(60) && quantile(&during, 0.99) <= s.p99_line;
+                println!(
+                    "  RESULT renewals {}: {} numbers due at t={:.0}s renewed {:.1} s after they fell due \
+                     (first seen {:.1} s, last {:.1} s); {} calls set up meanwhile: INVITE→200 p50 {:.2} ms, \
+                     p99 {:.2} ms, max {:.2} ms → {}",
+                    backend_name(backend),
+                    s.renewals,
+                    renewal_lead.as_secs_f64(),
+                    took.as_secs_f64(),
+                    first.saturating_duration_since(due).as_secs_f64(),
+                    took.as_secs_f64(),
+                    during.len(),
+                    ms(quantile(&during, 0.5)),
+                    ms(quantile(&during, 0.99)),
+                    ms(quantile(&during, 1.0)),
+                    if renewals_pass { "PASS" } else { "FAIL" }
+                );
+            }
+            _ => {
+                renewals_pass = false;
+                println!(
+                    "  RESULT renewals {}: NOT all {} renewed within 300 s → FAIL",
+                    backend_name(backend),
+                    s.renewals
+                );
+            }
+        }
+    }
     let mut bye = stats.bye_latency.clone();
     bye.sort();
     let failed = stats.failed();
@@ -988,7 +1176,7 @@ async fn rate_run(backend: Backend, s: &RateSettings) -> bool {
         }
     );
     drop(ctx);
-    pass
+    pass && renewals_pass
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1368,6 +1556,7 @@ async fn main() {
                     sockets,
                     timeout,
                     p99_line: Duration::from_millis(env_or("BENCH_P99_MS", 50)),
+                    renewals: env_or("BENCH_RENEWALS", 0usize),
                 };
                 let ok = rate_run(backend, &s).await;
                 summary.push(format!(

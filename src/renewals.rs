@@ -134,7 +134,10 @@ impl Renewals {
         let mut by_workspace: BTreeMap<String, Vec<TenantNumber>> = BTreeMap::new();
         for row in &rows {
             let n = tenant_from_row(row)?;
-            by_workspace.entry(n.workspace_id.clone()).or_default().push(n);
+            by_workspace
+                .entry(n.workspace_id.clone())
+                .or_default()
+                .push(n);
         }
         let mut plan = Plan::default();
         // Wallets are locked in workspace order, so two engines never wait on each other in a

@@ -10,8 +10,8 @@ use chrono::{DateTime, Duration, Utc};
 use sautikit_actors::model::{LedgerEntry, LedgerKind, NumberStatus, TenantNumber};
 use sautikit_actors::money::{self, MAX_BALANCE_MINOR};
 use sautikit_actors::store::{
-    ClaimError, ClaimNumber, CreditWallet, Credited, ReleaseError, ReleaseNumber, StorageError, Store,
-    WalletError,
+    ClaimError, ClaimNumber, CreditWallet, Credited, ReleaseError, ReleaseNumber, StorageError,
+    Store, WalletError,
 };
 use serde_json::json;
 use sqlx::any::AnyRow;

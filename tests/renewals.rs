@@ -123,19 +123,32 @@ async fn renewals_follow_the_claim_day(backend: Backend) {
     let r = run_due(&db, at(2027, 2, 27, 12));
     assert_eq!(r["renewed"], 0, "{r}");
     let r = run_due(&db, at(2027, 2, 28, 12));
-    assert_eq!((r["renewed"].as_u64(), r["suspended"].as_u64()), (Some(1), Some(0)), "{r}");
+    assert_eq!(
+        (r["renewed"].as_u64(), r["suspended"].as_u64()),
+        (Some(1), Some(0)),
+        "{r}"
+    );
     // The same run again does nothing: one renewal per period.
     assert_eq!(run_due(&db, at(2027, 2, 28, 13))["renewed"], 0);
     let n = api.get(&format!("/v1/numbers/{number_id}")).await.json();
     assert!(
-        n["next_renewal_at"].as_str().unwrap().starts_with("2027-03-31T10:00"),
+        n["next_renewal_at"]
+            .as_str()
+            .unwrap()
+            .starts_with("2027-03-31T10:00"),
         "anchored to the 31st, not to Feb 28: {n}"
     );
     assert_eq!(n["status"], "active");
     let r = run_due(&db, at(2027, 3, 31, 12));
     assert_eq!(r["renewed"], 1, "{r}");
     let n = api.get(&format!("/v1/numbers/{number_id}")).await.json();
-    assert!(n["next_renewal_at"].as_str().unwrap().starts_with("2027-04-30T10:00"), "{n}");
+    assert!(
+        n["next_renewal_at"]
+            .as_str()
+            .unwrap()
+            .starts_with("2027-04-30T10:00"),
+        "{n}"
+    );
 
     // Three rentals in all (the claim and two renewals), one ledger row each, naming the number
     // and the period.
@@ -218,7 +231,13 @@ async fn an_empty_wallet_suspends_and_a_top_up_reactivates_the_oldest(backend: B
         let r = api.post(&format!("/v1/numbers/{inv}/claim"), None).await;
         assert_eq!(r.status, 201, "{}", r.text);
         ids.push(r.json()["id"].as_str().unwrap().to_owned());
-        numbers.push(r.json()["number"].as_str().unwrap().trim_start_matches('+').to_owned());
+        numbers.push(
+            r.json()["number"]
+                .as_str()
+                .unwrap()
+                .trim_start_matches('+')
+                .to_owned(),
+        );
     }
     assert_eq!(balance(&api).await, 0);
     let (_, user, password) = common::device::new_credential(&api, &ids[2], "desk").await;
@@ -252,7 +271,9 @@ async fn an_empty_wallet_suspends_and_a_top_up_reactivates_the_oldest(backend: B
     assert_eq!(invite_status(&server, &numbers[0]).await, 403);
     let mut device = common::device::Device::udp(server.sip_addr(), &user, &password).await;
     let contact = device.contact();
-    let refused = device.register(&format!("Contact: {contact}\r\n"), "SHA-256").await;
+    let refused = device
+        .register(&format!("Contact: {contact}\r\n"), "SHA-256")
+        .await;
     assert_eq!(status_code(&refused), Some(403), "{refused}");
 
     // A top-up that pays two of the three renews the two oldest, at once.
@@ -270,7 +291,13 @@ async fn an_empty_wallet_suspends_and_a_top_up_reactivates_the_oldest(backend: B
         assert_eq!(n["status"], want, "{n}");
     }
     let n = api.get(&format!("/v1/numbers/{}", ids[0])).await.json();
-    assert!(n["next_renewal_at"].as_str().unwrap().starts_with("2027-03-10"), "{n}");
+    assert!(
+        n["next_renewal_at"]
+            .as_str()
+            .unwrap()
+            .starts_with("2027-03-10"),
+        "{n}"
+    );
     let reactivated = wait_events(&hooks, "number.reactivated", 2).await;
     let mut got: Vec<&str> = reactivated
         .iter()
@@ -290,7 +317,11 @@ async fn an_empty_wallet_suspends_and_a_top_up_reactivates_the_oldest(backend: B
     // fell due on Mar 10 with an empty wallet and are suspended.
     let r = run_due(&db, at(2027, 3, 13, 12));
     assert_eq!(
-        (r["renewed"].as_u64(), r["suspended"].as_u64(), r["released"].as_u64()),
+        (
+            r["renewed"].as_u64(),
+            r["suspended"].as_u64(),
+            r["released"].as_u64()
+        ),
         (Some(0), Some(2), Some(1)),
         "{r}"
     );
@@ -299,7 +330,10 @@ async fn an_empty_wallet_suspends_and_a_top_up_reactivates_the_oldest(backend: B
     let back = api
         .get_all("/v1/numbers/available?country=KE&currency=KES")
         .await;
-    assert!(back.iter().any(|n| n["id"] == inventory[2].as_str()), "back in the inventory");
+    assert!(
+        back.iter().any(|n| n["id"] == inventory[2].as_str()),
+        "back in the inventory"
+    );
     let released = wait_events(&hooks, "number.released", 1).await;
     assert_eq!(released[0]["payload"]["reason"], "unpaid");
     assert_eq!(released[0]["payload"]["number_id"], ids[2].as_str());
@@ -376,7 +410,13 @@ async fn many_due(backend: Backend, workspaces: usize, count: usize) -> Many {
 impl Many {
     fn run_due(&self, batch: usize) -> std::process::Child {
         Command::new(BIN)
-            .args(["admin", "run-due", "--at", "2027-02-28T12:00:00Z", "--progress"])
+            .args([
+                "admin",
+                "run-due",
+                "--at",
+                "2027-02-28T12:00:00Z",
+                "--progress",
+            ])
             .args(["--batch", &batch.to_string()])
             .env("SAUTIKIT_DATABASE_URL", &self.db.url)
             .env("SAUTIKIT_DATA_DIR", &self.db.data_dir)
@@ -427,7 +467,12 @@ impl Many {
         );
         let per = (self.count / self.workspaces.len()) as i64;
         for ws in &self.workspaces {
-            let w = self.store.get_wallet(ws).await.expect("wallet").expect("one");
+            let w = self
+                .store
+                .get_wallet(ws)
+                .await
+                .expect("wallet")
+                .expect("one");
             assert_eq!(w.balance_minor, 0, "two months of {per} numbers paid");
             let sum: i64 = sqlx::query(
                 "SELECT CAST(SUM(amount_minor) AS BIGINT) FROM ledger_entries \
@@ -471,7 +516,11 @@ async fn a_kill_9_mid_batch_renews_each_number_once(backend: Backend) {
     );
     // The next run finishes the rest; none is renewed twice or skipped.
     let out = many.run_due(500).wait_with_output().expect("run-due");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(v["renewed"].as_i64(), Some(many.count as i64 - done), "{v}");
     many.assert_each_renewed_once().await;
@@ -489,12 +538,20 @@ async fn two_engines_on_one_postgres_renew_each_number_once() {
     let mut renewed = Vec::new();
     for child in [a, b] {
         let out = child.wait_with_output().expect("run-due");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v: Value = serde_json::from_slice(&out.stdout).expect("json");
         renewed.push(v["renewed"].as_i64().expect("renewed"));
     }
     eprintln!("renewals done by each engine: {renewed:?}");
-    assert_eq!(renewed.iter().sum::<i64>(), many.count as i64, "{renewed:?}");
+    assert_eq!(
+        renewed.iter().sum::<i64>(),
+        many.count as i64,
+        "{renewed:?}"
+    );
     many.assert_each_renewed_once().await;
 }
 
@@ -621,8 +678,14 @@ async fn usage_equals_the_ledger(backend: Backend) {
     assert_eq!(buckets.len(), 2, "{u}");
     let jan = &buckets[0];
     let feb = &buckets[1];
-    assert_eq!(jan["spend_minor"]["total"].as_i64(), Some(ledger_debits("2027-01").await));
-    assert_eq!(feb["spend_minor"]["total"].as_i64(), Some(ledger_debits("2027-02").await));
+    assert_eq!(
+        jan["spend_minor"]["total"].as_i64(),
+        Some(ledger_debits("2027-01").await)
+    );
+    assert_eq!(
+        feb["spend_minor"]["total"].as_i64(),
+        Some(ledger_debits("2027-02").await)
+    );
     // January: the claim, 61 s inbound at 120/min (123 s → 122), 30 s outbound at 300/min.
     assert_eq!(jan["spend_minor"]["number_rental"], PRICE);
     assert_eq!(jan["spend_minor"]["inbound_calls"], 122);
@@ -673,7 +736,14 @@ async fn usage_equals_the_ledger(backend: Backend) {
     let s = api.get("/v1/calls/stats?since=7d").await;
     assert_eq!(s.status, 200, "{}", s.text);
     let s = s.json();
-    for key in ["total", "failed", "minutes_total", "spend_minor", "currency", "series"] {
+    for key in [
+        "total",
+        "failed",
+        "minutes_total",
+        "spend_minor",
+        "currency",
+        "series",
+    ] {
         assert!(s.get(key).is_some(), "{key} in {s}");
     }
 }

@@ -22,8 +22,8 @@ use sautikit_actors::registrar::{
 };
 use sautikit_actors::sip_endpoint::Admission;
 use sautikit_actors::store::{
-    ClaimError, ClaimNumber, CreditWallet, Credited, ReleaseError, ReleaseNumber, StorageError, Store,
-    WalletError,
+    ClaimError, ClaimNumber, CreditWallet, Credited, ReleaseError, ReleaseNumber, StorageError,
+    Store, WalletError,
 };
 use sautikit_actors::synth::{Audio, SpeechRequest, SynthError, Synthesizer};
 use sautikit_actors::voice::parse_script;

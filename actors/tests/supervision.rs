@@ -11,8 +11,8 @@ use sautikit_actors::Engine;
 use sautikit_actors::clock::Clock;
 use sautikit_actors::model::{LedgerEntry, LedgerKind, NumberStatus, TenantNumber};
 use sautikit_actors::store::{
-    ClaimError, ClaimNumber, CreditWallet, Credited, ReleaseError, ReleaseNumber, StorageError, Store,
-    WalletError,
+    ClaimError, ClaimNumber, CreditWallet, Credited, ReleaseError, ReleaseNumber, StorageError,
+    Store, WalletError,
 };
 
 struct FixedClock;

@@ -142,7 +142,10 @@ fn bucket_range(
     let mut start = bucket.start_of(from);
     while start < to {
         let next = bucket.next(start);
-        out.push((bucket.key(start), start.max(from), next.min(to)));
+        let (a, b) = (start.max(from), next.min(to));
+        if a < b {
+            out.push((bucket.key(start), a, b));
+        }
         start = next;
     }
     out
