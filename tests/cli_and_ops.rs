@@ -170,6 +170,8 @@ async fn ops_endpoints(backend: Backend) {
         ("post", "/v1/calls/{id}/hangup"),
         ("get", "/v1/calls/{id}/recording"),
         ("get", "/v1/calls/{id}/recordings"),
+        ("get", "/v1/usage"),
+        ("get", "/v1/calls/stats"),
         ("get", "/healthz"),
         ("get", "/metrics"),
         ("get", "/v1/openapi.json"),
