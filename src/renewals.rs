@@ -26,8 +26,12 @@ use crate::store::{SqlStore, after_debit, after_release, get, storage, tenant_fr
 use crate::time::{new_id, to_api, to_db};
 use crate::webhooks::{EventDraft, enqueue_all};
 
-/// Numbers renewed (or suspended) per transaction.
+/// Numbers renewed (or suspended) per transaction by `admin run-due`.
 pub const DEFAULT_BATCH: usize = 500;
+
+/// Per transaction in a serving engine: short, so that call writes waiting for the database
+/// (SQLite has one writer) never wait long behind a renewal batch.
+pub const ENGINE_BATCH: usize = 100;
 
 /// Ledger rows per multi-row INSERT (10 values each).
 const LEDGER_CHUNK: usize = 64;
@@ -43,6 +47,9 @@ pub struct Renewals {
     /// A suspended number still unpaid this long is released.
     pub release_after: Duration,
     pub batch: usize,
+    /// After each batch, pause this many times as long as it took (a serving engine leaves the
+    /// database to calls between batches; `admin run-due` does not pause).
+    pub pause_ratio: u32,
 }
 
 impl Renewals {
@@ -51,6 +58,18 @@ impl Renewals {
             store,
             release_after: Duration::days(i64::from(release_after_days)),
             batch: DEFAULT_BATCH,
+            pause_ratio: 0,
+        }
+    }
+
+    /// As a serving engine's scheduler runs it. On SQLite (one writer) small batches with pauses
+    /// between them, so call writes never queue long behind one; PostgreSQL writes concurrently.
+    pub fn for_engine(store: SqlStore, release_after_days: u32) -> Self {
+        let sqlite = store.db().backend == Backend::Sqlite;
+        Renewals {
+            batch: if sqlite { ENGINE_BATCH } else { DEFAULT_BATCH },
+            pause_ratio: u32::from(sqlite),
+            ..Self::new(store, release_after_days)
         }
     }
 
@@ -89,7 +108,12 @@ impl Renewals {
     {
         let mut attempt = 1;
         loop {
-            match batch().await {
+            let began = std::time::Instant::now();
+            let result = batch().await;
+            if self.pause_ratio > 0 {
+                tokio::time::sleep(began.elapsed() * self.pause_ratio).await;
+            }
+            match result {
                 Err(e) if attempt < BATCH_ATTEMPTS => {
                     warn!(error = %e, attempt, "due-work batch failed; trying it again");
                     attempt += 1;

@@ -331,7 +331,10 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
             Some(events),
             Some(voice),
             Some(SchedulerArgs {
-                work: Arc::new(Renewals::new(store.clone(), args.suspended_release_days)),
+                work: Arc::new(Renewals::for_engine(
+                    store.clone(),
+                    args.suspended_release_days,
+                )),
                 clock: clock.clone(),
                 every: Duration::from_secs(args.scheduler_secs.max(1)),
                 numbers: None,
