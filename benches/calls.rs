@@ -777,62 +777,11 @@ struct RateSettings {
 // ---------------------------------------------------------------------------------------------
 // A month's renewals at once, during the call load (`BENCH_RENEWALS`).
 
-/// Claim `n` extra numbers in 100 workspaces that can each pay one renewal, straight through the
-/// store (the API would take minutes for 100,000 claims).
+/// Claim `n` extra numbers in 100 workspaces that can each pay a renewal.
 async fn seed_renewals(db: &TestDb, n: usize) -> sautikit::store::SqlStore {
-    use sautikit::store::{SeedInventory, SqlStore};
-    use sautikit_actors::store::{ClaimNumber, Store};
     let conn = sautikit::db::Db::connect(&db.url).await.expect("connect");
-    let store = SqlStore::new(conn);
-    let now = chrono::Utc::now();
-    let workspaces = 100.min(n.max(1));
-    let per = n.div_ceil(workspaces);
-    let mut ws = Vec::new();
-    for i in 0..workspaces {
-        let w = store
-            .create_workspace(&format!("renter-{i}"), "KES", 2 * 10_000 * per as i64, now)
-            .await
-            .expect("workspace");
-        ws.push(w.workspace_id);
-    }
-    store
-        .seed_inventory(
-            &SeedInventory {
-                country: "KE".into(),
-                currency: "KES".into(),
-                count: n as u64,
-                start: 254_730_000_000,
-                monthly_price_minor: 10_000,
-                inbound_per_min_minor: 0,
-                outbound_per_min_minor: 300,
-                guide_ids: false,
-            },
-            now,
-        )
-        .await
-        .expect("seed");
-    let rows = sqlx::query(
-        "SELECT id FROM inventory_numbers WHERE status = 'available' AND number >= '+25473' \
-         ORDER BY number LIMIT $1",
-    )
-    .bind(n as i64)
-    .fetch_all(&store.db().read)
-    .await
-    .expect("inventory");
-    let cmds: Vec<ClaimNumber> = rows
-        .iter()
-        .enumerate()
-        .map(|(i, r)| ClaimNumber {
-            workspace_id: ws[i % workspaces].clone(),
-            inventory_id: sqlx::Row::try_get::<String, _>(r, "id").expect("id"),
-            now,
-        })
-        .collect();
-    for chunk in cmds.chunks(500) {
-        for r in store.claim_numbers(chunk.to_vec()).await {
-            r.expect("claim");
-        }
-    }
+    let store = sautikit::store::SqlStore::new(conn);
+    common::store::claim_many(&store, 100, n, 254_730_000_000, 10_000, chrono::Utc::now()).await;
     store
 }
 

@@ -191,9 +191,7 @@ pub async fn run(url: &str, cmd: AdminCommand) -> Result<serde_json::Value, Admi
 }
 
 fn parse_at(s: &str) -> Option<chrono::DateTime<Utc>> {
-    chrono::DateTime::parse_from_rfc3339(s)
-        .ok()
-        .map(|t| t.with_timezone(&Utc))
+    crate::time::from_db(s).ok()
 }
 
 fn due_json(at: chrono::DateTime<Utc>, r: &DueReport) -> serde_json::Value {

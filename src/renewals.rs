@@ -437,12 +437,10 @@ impl Plan {
                 Paid::Reactivated => ("number.reactivated", "suspended"),
             };
             events.push((
-                EventDraft {
-                    workspace_id: n.workspace_id.clone(),
+                EventDraft::for_number(
+                    n,
                     kind,
-                    number_id: Some(n.id.clone()),
-                    call_id: None,
-                    payload: json!({
+                    json!({
                         "number_id": n.id,
                         "number": n.number,
                         "status": "active",
@@ -455,8 +453,7 @@ impl Plan {
                         "balance_minor": r.balance_after,
                         "ledger_entry_id": r.ledger_id,
                     }),
-                    events_url: None,
-                },
+                ),
                 now,
             ));
             report.renewed += 1;
@@ -486,12 +483,10 @@ impl Plan {
             info!(number_id = %n.id, workspace_id = %n.workspace_id,
                 amount_due_minor = n.monthly_price_minor, "renewal unpaid: number suspended");
             events.push((
-                EventDraft {
-                    workspace_id: n.workspace_id.clone(),
-                    kind: "number.suspended",
-                    number_id: Some(n.id.clone()),
-                    call_id: None,
-                    payload: json!({
+                EventDraft::for_number(
+                    n,
+                    "number.suspended",
+                    json!({
                         "number_id": n.id,
                         "number": n.number,
                         "status": "suspended",
@@ -502,8 +497,7 @@ impl Plan {
                         "due_at": to_api(n.next_renewal_at),
                         "release_at": to_api(s.release_at),
                     }),
-                    events_url: None,
-                },
+                ),
                 now,
             ));
             report.suspended += 1;

@@ -198,9 +198,9 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
     let clock: Arc<dyn Clock> = match &args.dev_clock_start {
         None => Arc::new(SystemClock),
         Some(start) if args.mode == Mode::Dev => {
-            let start = chrono::DateTime::parse_from_rfc3339(start)
+            let start = crate::time::from_db(start)
                 .map_err(|e| ServeError::Config(format!("SAUTIKIT_DEV_CLOCK_START: {e}")))?;
-            Arc::new(ShiftedClock::starting_at(start.with_timezone(&chrono::Utc)))
+            Arc::new(ShiftedClock::starting_at(start))
         }
         Some(_) => {
             return Err(ServeError::Config(

@@ -1095,20 +1095,17 @@ pub(crate) async fn after_release(
         .map_err(storage)?;
     enqueue(
         tx,
-        &EventDraft {
-            workspace_id: number.workspace_id.clone(),
-            kind: "number.released",
-            number_id: Some(number.id.clone()),
-            call_id: None,
-            payload: json!({
+        &EventDraft::for_number(
+            number,
+            "number.released",
+            json!({
                 "number_id": number.id,
                 "number": number.number,
                 "status": number.status.as_str(),
                 "reason": reason,
                 "released_at": number.released_at.map(to_api),
             }),
-            events_url: None,
-        },
+        ),
         now,
     )
     .await

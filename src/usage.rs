@@ -106,6 +106,23 @@ pub struct CallSum {
 }
 
 impl SqlStore {
+    /// Runs `sql`, whose `$1`, `$2`, `$3` are a workspace id and a time range.
+    async fn workspace_range(
+        &self,
+        sql: String,
+        workspace_id: &str,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<sqlx::any::AnyRow>, StorageError> {
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(workspace_id)
+            .bind(to_db(from))
+            .bind(to_db(to))
+            .fetch_all(&self.db().read)
+            .await
+            .map_err(storage)
+    }
+
     /// Ledger rows of a workspace created in `[from, to)`, summed per bucket and kind.
     pub async fn ledger_sums(
         &self,
@@ -126,14 +143,9 @@ impl SqlStore {
              GROUP BY substr(l.created_at, 1, {len}), l.kind, c.direction",
             len = bucket.prefix_len()
         );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(workspace_id)
-            .bind(to_db(from))
-            .bind(to_db(to))
-            .fetch_all(&self.db().read)
-            .await
-            .map_err(storage)?;
-        rows.iter()
+        self.workspace_range(sql, workspace_id, from, to)
+            .await?
+            .iter()
             .map(|r| {
                 let kind: String = get(r, "kind")?;
                 let direction: Option<String> = get(r, "direction")?;
@@ -173,14 +185,9 @@ impl SqlStore {
              GROUP BY substr(started_at, 1, {len}), direction",
             len = bucket.prefix_len()
         );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(workspace_id)
-            .bind(to_db(from))
-            .bind(to_db(to))
-            .fetch_all(&self.db().read)
-            .await
-            .map_err(storage)?;
-        rows.iter()
+        self.workspace_range(sql, workspace_id, from, to)
+            .await?
+            .iter()
             .map(|r| {
                 let direction: String = get(r, "direction")?;
                 Ok(CallSum {

@@ -17,10 +17,10 @@ use common::receiver::Receiver;
 use common::uac::status_code;
 use common::{Api, BIN, Backend, Mode, Server, TestDb, wait_for_json};
 use sautikit::db::Db;
-use sautikit::store::{SeedInventory, SqlStore};
+use sautikit::store::SqlStore;
 use sautikit_actors::call_store::{CallAnswered, CallEnded, CallStarted, CallStatus, CallStore};
 use sautikit_actors::model::LedgerKind;
-use sautikit_actors::store::{ClaimNumber, CreditWallet, Store};
+use sautikit_actors::store::{CreditWallet, Store};
 use sautikit_sip::sdp::Codec;
 use serde_json::{Value, json};
 use sqlx::Row;
@@ -355,50 +355,15 @@ async fn many_due(backend: Backend, workspaces: usize, count: usize) -> Many {
     let conn = Db::connect(&db.url).await.expect("connect");
     conn.migrate().await.expect("migrate");
     let store = SqlStore::new(conn);
-    let t0 = at(2027, 1, 31, 10);
-    let per = count / workspaces;
-    let mut ws = Vec::new();
-    for i in 0..workspaces {
-        let w = store
-            .create_workspace(&format!("w{i}"), "KES", 2 * PRICE * per as i64, t0)
-            .await
-            .expect("workspace");
-        ws.push(w.workspace_id);
-    }
-    store
-        .seed_inventory(
-            &SeedInventory {
-                country: "KE".into(),
-                currency: "KES".into(),
-                count: count as u64,
-                start: 254_720_000_000,
-                monthly_price_minor: PRICE,
-                inbound_per_min_minor: 0,
-                outbound_per_min_minor: 300,
-                guide_ids: false,
-            },
-            t0,
-        )
-        .await
-        .expect("seed");
-    let rows = sqlx::query("SELECT id FROM inventory_numbers ORDER BY number")
-        .fetch_all(&store.db().read)
-        .await
-        .expect("inventory");
-    let cmds: Vec<ClaimNumber> = rows
-        .iter()
-        .enumerate()
-        .map(|(i, r)| ClaimNumber {
-            workspace_id: ws[i % workspaces].clone(),
-            inventory_id: r.try_get::<String, _>("id").unwrap(),
-            now: t0 + Duration::milliseconds(i as i64),
-        })
-        .collect();
-    for chunk in cmds.chunks(250) {
-        for r in store.claim_numbers(chunk.to_vec()).await {
-            r.expect("claim");
-        }
-    }
+    let ws = common::store::claim_many(
+        &store,
+        workspaces,
+        count,
+        254_720_000_000,
+        PRICE,
+        at(2027, 1, 31, 10),
+    )
+    .await;
     Many {
         db,
         store,

@@ -25,8 +25,8 @@ fn invalid_query(message: impl Into<String>) -> ApiError {
 
 /// `2027-02-01` (midnight UTC) or a full RFC 3339 time.
 fn parse_time(raw: &str, name: &str) -> Result<DateTime<Utc>, ApiError> {
-    if let Ok(t) = DateTime::parse_from_rfc3339(raw) {
-        return Ok(t.with_timezone(&Utc));
+    if let Ok(t) = crate::time::from_db(raw) {
+        return Ok(t);
     }
     NaiveDate::parse_from_str(raw, "%Y-%m-%d")
         .map(|d| Utc.from_utc_datetime(&d.and_time(NaiveTime::MIN)))
@@ -151,6 +151,37 @@ fn bucket_range(
     out
 }
 
+/// The range's figures in total and per bucket key.
+async fn figures(
+    state: &AppState,
+    ws: &Workspace,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    bucket: Bucket,
+) -> Result<(UsageFigures, BTreeMap<String, UsageFigures>), ApiError> {
+    let ledger = state
+        .store
+        .ledger_sums(&ws.id, from, to, bucket)
+        .await
+        .map_err(ApiError::internal)?;
+    let calls = state
+        .store
+        .call_sums(&ws.id, from, to, bucket)
+        .await
+        .map_err(ApiError::internal)?;
+    let mut by_key: BTreeMap<String, UsageFigures> = BTreeMap::new();
+    let mut totals = UsageFigures::default();
+    for s in &ledger {
+        totals.add_ledger(s);
+        by_key.entry(s.bucket.clone()).or_default().add_ledger(s);
+    }
+    for c in &calls {
+        totals.add_calls(c);
+        by_key.entry(c.bucket.clone()).or_default().add_calls(c);
+    }
+    Ok((totals, by_key))
+}
+
 async fn wallet_currency(state: &AppState, ws: &Workspace) -> Result<String, ApiError> {
     Ok(state
         .store
@@ -198,26 +229,7 @@ pub async fn usage(
             "the range may cover at most {MAX_RANGE_DAYS} days"
         )));
     }
-    let ledger = state
-        .store
-        .ledger_sums(&ws.id, from, to, bucket)
-        .await
-        .map_err(ApiError::internal)?;
-    let calls = state
-        .store
-        .call_sums(&ws.id, from, to, bucket)
-        .await
-        .map_err(ApiError::internal)?;
-    let mut by_key: BTreeMap<String, UsageFigures> = BTreeMap::new();
-    let mut totals = UsageFigures::default();
-    for s in &ledger {
-        totals.add_ledger(s);
-        by_key.entry(s.bucket.clone()).or_default().add_ledger(s);
-    }
-    for c in &calls {
-        totals.add_calls(c);
-        by_key.entry(c.bucket.clone()).or_default().add_calls(c);
-    }
+    let (totals, mut by_key) = figures(&state, &ws, from, to, bucket).await?;
     let buckets = bucket_range(from, to, bucket)
         .into_iter()
         .map(|(key, start, end)| UsageBucketView {
@@ -298,23 +310,7 @@ pub async fn call_stats(
             _ => return Err(invalid_query("bucket must be hour or day")),
         },
     };
-    let ledger = state
-        .store
-        .ledger_sums(&ws.id, from, now, bucket)
-        .await
-        .map_err(ApiError::internal)?;
-    let calls = state
-        .store
-        .call_sums(&ws.id, from, now, bucket)
-        .await
-        .map_err(ApiError::internal)?;
-    let mut by_key: BTreeMap<String, UsageFigures> = BTreeMap::new();
-    for s in &ledger {
-        by_key.entry(s.bucket.clone()).or_default().add_ledger(s);
-    }
-    for c in &calls {
-        by_key.entry(c.bucket.clone()).or_default().add_calls(c);
-    }
+    let (totals, mut by_key) = figures(&state, &ws, from, now, bucket).await?;
     let call_spend = |f: &UsageFigures| f.spend_minor.inbound_calls + f.spend_minor.outbound_calls;
     let series: Vec<StatsPoint> = bucket_range(from, now, bucket)
         .into_iter()
@@ -330,15 +326,14 @@ pub async fn call_stats(
             }
         })
         .collect();
-    let seconds: i64 = calls.iter().map(|c| c.duration_seconds).sum();
     Ok(axum::Json(CallStatsView {
         since: to_api(from),
         bucket: bucket.as_str().to_owned(),
-        total: series.iter().map(|p| p.total).sum(),
-        answered: series.iter().map(|p| p.answered).sum(),
-        failed: series.iter().map(|p| p.failed).sum(),
-        minutes_total: minutes(seconds),
-        spend_minor: series.iter().map(|p| p.spend_minor).sum(),
+        total: totals.calls.total,
+        answered: totals.calls.answered,
+        failed: totals.calls.failed,
+        minutes_total: totals.minutes,
+        spend_minor: call_spend(&totals),
         currency: wallet_currency(&state, &ws).await?,
         series,
     }))

@@ -66,6 +66,24 @@ pub struct EventDraft {
     pub events_url: Option<String>,
 }
 
+impl EventDraft {
+    /// A `number.*` event of `number`, for the workspace's subscriptions.
+    pub fn for_number(
+        number: &sautikit_actors::model::TenantNumber,
+        kind: &'static str,
+        payload: Value,
+    ) -> Self {
+        EventDraft {
+            workspace_id: number.workspace_id.clone(),
+            kind,
+            number_id: Some(number.id.clone()),
+            call_id: None,
+            payload,
+            events_url: None,
+        }
+    }
+}
+
 /// The envelope every delivery of an event sends, byte for byte.
 #[derive(Serialize)]
 struct Envelope<'a> {
