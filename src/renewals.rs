@@ -21,7 +21,7 @@ use sqlx::any::AnyRow;
 use tracing::{info, warn};
 
 use crate::db::Backend;
-use crate::sql::{pow2_chunks, value_rows};
+use crate::sql::{in_list, pow2_chunks, value_rows};
 use crate::store::{SqlStore, after_debit, after_release, get, storage, tenant_from_row};
 use crate::time::{new_id, to_api, to_db};
 use crate::webhooks::{EventDraft, enqueue_all};
@@ -35,6 +35,9 @@ pub const ENGINE_BATCH: usize = 100;
 
 /// Ledger rows per multi-row INSERT (10 values each).
 const LEDGER_CHUNK: usize = 64;
+
+/// Rows per multi-row statement of a batch's other set-wise writes.
+const SET_CHUNK: usize = 64;
 
 /// How many times a batch that lost a deadlock is tried again before the run gives up (the next
 /// tick tries again; nothing is half done).
@@ -164,10 +167,12 @@ impl Renewals {
                 .push(n);
         }
         let mut plan = Plan::default();
-        // Wallets are locked in workspace order, so two engines never wait on each other in a
-        // cycle.
+        let workspaces: Vec<&str> = by_workspace.keys().map(String::as_str).collect();
+        let wallets = lock_wallets(&mut tx, backend, &workspaces).await?;
         for (workspace_id, numbers) in &by_workspace {
-            let wallet = lock_wallet(&mut tx, backend, workspace_id).await?;
+            let wallet = wallets
+                .get(workspace_id)
+                .ok_or_else(|| StorageError(format!("workspace {workspace_id} has no wallet")))?;
             let mut balance = wallet.balance;
             for n in numbers {
                 if n.currency == wallet.currency && money::can_pay(balance, n.monthly_price_minor) {
@@ -319,25 +324,36 @@ struct LockedWallet {
     currency: String,
 }
 
-async fn lock_wallet(
+/// The wallets of `workspace_ids` (sorted), locked in that order, so two engines never wait on
+/// each other in a cycle.
+async fn lock_wallets(
     tx: &mut AnyConnection,
     backend: Backend,
-    workspace_id: &str,
-) -> Result<LockedWallet, StorageError> {
-    let sql = format!(
-        "SELECT balance_minor, currency FROM wallets WHERE workspace_id = $1{}",
-        lock_suffix_waiting(backend)
-    );
-    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(workspace_id)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(storage)?
-        .ok_or_else(|| StorageError(format!("workspace {workspace_id} has no wallet")))?;
-    Ok(LockedWallet {
-        balance: get(&row, "balance_minor")?,
-        currency: get(&row, "currency")?,
-    })
+    workspace_ids: &[&str],
+) -> Result<BTreeMap<String, LockedWallet>, StorageError> {
+    let mut out = BTreeMap::new();
+    for chunk in pow2_chunks(workspace_ids, SET_CHUNK) {
+        let sql = format!(
+            "SELECT workspace_id, balance_minor, currency FROM wallets WHERE workspace_id IN {} \
+             ORDER BY workspace_id{}",
+            in_list(backend, chunk.len()),
+            lock_suffix_waiting(backend)
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for id in chunk {
+            q = q.bind(*id);
+        }
+        for row in q.fetch_all(&mut *tx).await.map_err(storage)? {
+            out.insert(
+                get::<String>(&row, "workspace_id")?,
+                LockedWallet {
+                    balance: get(&row, "balance_minor")?,
+                    currency: get(&row, "currency")?,
+                },
+            );
+        }
+    }
+    Ok(out)
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -407,31 +423,6 @@ impl Plan {
         let mut events = Vec::with_capacity(self.renewals.len() + self.suspensions.len());
         for r in &self.renewals {
             let n = &r.number;
-            let from_status = match r.paid {
-                Paid::Renewed => "active",
-                Paid::Reactivated => "suspended",
-            };
-            let done = sqlx::query(
-                "UPDATE tenant_numbers SET status = 'active', suspended_at = NULL, \
-                   rental_period = $1, next_renewal_at = $2, updated_at = $3 \
-                 WHERE id = $4 AND rental_period = $5 AND status = $6",
-            )
-            .bind(r.period)
-            .bind(to_db(r.period_end))
-            .bind(&ts)
-            .bind(&n.id)
-            .bind(n.rental_period)
-            .bind(from_status)
-            .execute(&mut *tx)
-            .await
-            .map_err(storage)?
-            .rows_affected();
-            if done != 1 {
-                return Err(StorageError(format!(
-                    "number {} changed while its renewal was written",
-                    n.id
-                )));
-            }
             let (kind, status_before) = match r.paid {
                 Paid::Renewed => ("number.renewed", "active"),
                 Paid::Reactivated => ("number.reactivated", "suspended"),
@@ -503,16 +494,62 @@ impl Plan {
             report.suspended += 1;
             report.changed_numbers.push(n.id.clone());
         }
-        self.debit_wallets(tx, now).await?;
+        self.advance_numbers(tx, backend, &ts).await?;
+        self.debit_wallets(tx, backend, now).await?;
         self.insert_ledger(tx, backend, &ts).await?;
         enqueue_all(tx, backend, &events).await?;
         Ok(report)
     }
 
-    /// One debit per wallet for all its renewals, each conditional on the balance it needs.
+    /// Moves each renewed number to its next period, conditionally on the period and status it
+    /// was read with: a multi-row `UPDATE … FROM (VALUES …)` per chunk.
+    async fn advance_numbers(
+        &self,
+        tx: &mut AnyConnection,
+        backend: Backend,
+        ts: &str,
+    ) -> Result<(), StorageError> {
+        for chunk in pow2_chunks(&self.renewals, SET_CHUNK) {
+            let sql = format!(
+                "UPDATE tenant_numbers SET status = 'active', suspended_at = NULL, \
+                   rental_period = v.column2, next_renewal_at = v.column3, updated_at = v.column4 \
+                 FROM (VALUES {}) AS v \
+                 WHERE tenant_numbers.id = v.column1 AND tenant_numbers.rental_period = v.column5 \
+                   AND tenant_numbers.status = v.column6",
+                value_rows(backend, chunk.len(), 6)
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for r in chunk {
+                let from_status = match r.paid {
+                    Paid::Renewed => "active",
+                    Paid::Reactivated => "suspended",
+                };
+                q = q
+                    .bind(r.number.id.clone())
+                    .bind(r.period)
+                    .bind(to_db(r.period_end))
+                    .bind(ts.to_owned())
+                    .bind(r.number.rental_period)
+                    .bind(from_status);
+            }
+            let done = q.execute(&mut *tx).await.map_err(storage)?.rows_affected();
+            if done != chunk.len() as u64 {
+                return Err(StorageError(format!(
+                    "{} of {} numbers changed while their renewals were written",
+                    chunk.len() as u64 - done,
+                    chunk.len()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// One debit per wallet for all its renewals, each conditional on the balance it needs: a
+    /// multi-row `UPDATE … FROM (VALUES …)` per chunk of wallets.
     async fn debit_wallets(
         &self,
         tx: &mut AnyConnection,
+        backend: Backend,
         now: DateTime<Utc>,
     ) -> Result<(), StorageError> {
         let mut totals: BTreeMap<(&str, &str), i64> = BTreeMap::new();
@@ -521,24 +558,40 @@ impl Plan {
                 .entry((&r.number.workspace_id, &r.number.currency))
                 .or_default() += r.number.monthly_price_minor;
         }
-        for ((workspace_id, currency), total) in totals {
-            if total == 0 {
-                continue;
+        let debits: Vec<((&str, &str), i64)> = totals
+            .into_iter()
+            .filter(|(_, total)| *total != 0)
+            .collect();
+        let ts = to_db(now);
+        for chunk in pow2_chunks(&debits, SET_CHUNK) {
+            let sql = format!(
+                "UPDATE wallets SET balance_minor = balance_minor - v.column1, updated_at = v.column2 \
+                 FROM (VALUES {}) AS v \
+                 WHERE wallets.workspace_id = v.column3 AND wallets.currency = v.column4 \
+                   AND wallets.balance_minor >= v.column1 \
+                 RETURNING workspace_id, currency, balance_minor, low_balance_threshold_minor, \
+                   low_balance_alerted",
+                value_rows(backend, chunk.len(), 4)
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for ((workspace_id, currency), total) in chunk {
+                q = q
+                    .bind(*total)
+                    .bind(ts.clone())
+                    .bind(workspace_id.to_string())
+                    .bind(currency.to_string());
             }
-            let row: AnyRow = sqlx::query(
-                "UPDATE wallets SET balance_minor = balance_minor - $1, updated_at = $2 \
-                 WHERE workspace_id = $3 AND currency = $4 AND balance_minor >= $1 \
-                 RETURNING balance_minor, low_balance_threshold_minor, low_balance_alerted",
-            )
-            .bind(total)
-            .bind(to_db(now))
-            .bind(workspace_id)
-            .bind(currency)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(storage)?
-            .ok_or_else(|| StorageError("wallet balance changed under its row lock".into()))?;
-            after_debit(tx, workspace_id, &row, currency, now).await?;
+            let rows: Vec<AnyRow> = q.fetch_all(&mut *tx).await.map_err(storage)?;
+            if rows.len() != chunk.len() {
+                return Err(StorageError(
+                    "wallet balance changed under its row lock".into(),
+                ));
+            }
+            for row in &rows {
+                let workspace_id: String = get(row, "workspace_id")?;
+                let currency: String = get(row, "currency")?;
+                after_debit(tx, &workspace_id, row, &currency, now).await?;
+            }
         }
         Ok(())
     }
