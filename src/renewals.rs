@@ -29,9 +29,13 @@ use crate::webhooks::{EventDraft, enqueue_all};
 /// Numbers renewed (or suspended) per transaction by `admin run-due`.
 pub const DEFAULT_BATCH: usize = 500;
 
-/// Per transaction in a serving engine: short, so that call writes waiting for the database
-/// (SQLite has one writer) never wait long behind a renewal batch.
-pub const ENGINE_BATCH: usize = 100;
+/// Per transaction in a serving engine on SQLite: short, so that call writes waiting for its one
+/// writer never wait long behind a renewal batch (a call's writes may each wait out one).
+pub const ENGINE_BATCH: usize = 50;
+
+/// A serving engine on SQLite pauses half as long as each batch took: long enough for the call
+/// writes that queued behind it to commit (they go in one group commit).
+pub const ENGINE_PAUSE_RATIO: f32 = 0.5;
 
 /// Ledger rows per multi-row INSERT (10 values each).
 const LEDGER_CHUNK: usize = 64;
@@ -52,7 +56,7 @@ pub struct Renewals {
     pub batch: usize,
     /// After each batch, pause this many times as long as it took (a serving engine leaves the
     /// database to calls between batches; `admin run-due` does not pause).
-    pub pause_ratio: u32,
+    pub pause_ratio: f32,
 }
 
 impl Renewals {
@@ -61,7 +65,7 @@ impl Renewals {
             store,
             release_after: Duration::days(i64::from(release_after_days)),
             batch: DEFAULT_BATCH,
-            pause_ratio: 0,
+            pause_ratio: 0.0,
         }
     }
 
@@ -71,7 +75,7 @@ impl Renewals {
         let sqlite = store.db().backend == Backend::Sqlite;
         Renewals {
             batch: if sqlite { ENGINE_BATCH } else { DEFAULT_BATCH },
-            pause_ratio: u32::from(sqlite),
+            pause_ratio: if sqlite { ENGINE_PAUSE_RATIO } else { 0.0 },
             ..Self::new(store, release_after_days)
         }
     }
@@ -113,8 +117,8 @@ impl Renewals {
         loop {
             let began = std::time::Instant::now();
             let result = batch().await;
-            if self.pause_ratio > 0 {
-                tokio::time::sleep(began.elapsed() * self.pause_ratio).await;
+            if self.pause_ratio > 0.0 {
+                tokio::time::sleep(began.elapsed().mul_f32(self.pause_ratio)).await;
             }
             match result {
                 Err(e) if attempt < BATCH_ATTEMPTS => {
