@@ -31,11 +31,17 @@ pub const DEFAULT_BATCH: usize = 500;
 
 /// Per transaction in a serving engine on SQLite: short, so that call writes waiting for its one
 /// writer never wait long behind a renewal batch (a call's writes may each wait out one).
-pub const ENGINE_BATCH: usize = 50;
+pub const ENGINE_BATCH_SQLITE: usize = 50;
 
 /// A serving engine on SQLite pauses half as long as each batch took: long enough for the call
 /// writes that queued behind it to commit (they go in one group commit).
-pub const ENGINE_PAUSE_RATIO: f32 = 0.5;
+pub const ENGINE_PAUSE_RATIO_SQLITE: f32 = 0.5;
+
+/// On PostgreSQL calls and renewals write side by side, but share the machine: a serving engine
+/// renews in batches of 250 and rests a quarter of each batch's time, so that a month's renewals
+/// do not take a whole core (and the WAL) from call setup.
+pub const ENGINE_BATCH_POSTGRES: usize = 250;
+pub const ENGINE_PAUSE_RATIO_POSTGRES: f32 = 0.25;
 
 /// Ledger rows per multi-row INSERT (10 values each).
 const LEDGER_CHUNK: usize = 64;
@@ -69,13 +75,22 @@ impl Renewals {
         }
     }
 
-    /// As a serving engine's scheduler runs it. On SQLite (one writer) small batches with pauses
-    /// between them, so call writes never queue long behind one; PostgreSQL writes concurrently.
+    /// As a serving engine's scheduler runs it: small batches with pauses between them, so that
+    /// call writes never queue long behind one (SQLite has one writer) and renewals never take
+    /// the machine from call setup (PostgreSQL).
     pub fn for_engine(store: SqlStore, release_after_days: u32) -> Self {
         let sqlite = store.db().backend == Backend::Sqlite;
         Renewals {
-            batch: if sqlite { ENGINE_BATCH } else { DEFAULT_BATCH },
-            pause_ratio: if sqlite { ENGINE_PAUSE_RATIO } else { 0.0 },
+            batch: if sqlite {
+                ENGINE_BATCH_SQLITE
+            } else {
+                ENGINE_BATCH_POSTGRES
+            },
+            pause_ratio: if sqlite {
+                ENGINE_PAUSE_RATIO_SQLITE
+            } else {
+                ENGINE_PAUSE_RATIO_POSTGRES
+            },
             ..Self::new(store, release_after_days)
         }
     }
