@@ -52,3 +52,10 @@ export SAUTIKIT_REQUIRE_POSTGRES=1
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo test --workspace
+
+# A bounded run of every fuzz target (scripts/fuzz.sh): the seeds, the inputs of past crashes,
+# then a few seconds of new inputs each.
+fuzz_seconds=${SAUTIKIT_FUZZ_SECONDS:-10}
+if [ "$fuzz_seconds" != 0 ]; then
+    bash scripts/fuzz.sh "$fuzz_seconds"
+fi

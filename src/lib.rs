@@ -13,7 +13,6 @@ pub mod play;
 pub mod recordings;
 pub mod registrations;
 pub mod renewals;
-pub mod resample;
 pub mod secrets;
 pub mod server;
 mod sql;

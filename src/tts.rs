@@ -300,11 +300,12 @@ impl Inner {
         if samples.is_empty() {
             return Err(SynthError::Failed("espeak-ng produced no audio".into()));
         }
-        let resampled =
-            tokio::task::spawn_blocking(move || crate::resample::to_8k_mono(&samples, rate))
-                .await
-                .map_err(|e| SynthError::Failed(format!("resampler task failed: {e}")))?
-                .map_err(|e| SynthError::Failed(e.to_string()))?;
+        let resampled = tokio::task::spawn_blocking(move || {
+            sautikit_actors::resample::to_8k_mono(&samples, rate)
+        })
+        .await
+        .map_err(|e| SynthError::Failed(format!("resampler task failed: {e}")))?
+        .map_err(|e| SynthError::Failed(e.to_string()))?;
         if resampled.is_empty() {
             return Err(SynthError::Failed("resampling produced no audio".into()));
         }

@@ -158,6 +158,17 @@ pub fn answer_challenge(
     let p = parse_params(challenge)?;
     let realm = p.realm.ok_or(AuthParseError::MissingParam("realm"))?;
     let nonce = p.nonce.ok_or(AuthParseError::MissingParam("nonce"))?;
+    // A quoted-pair can smuggle a control character into a value. We could not echo it as
+    // received (`quote` drops them so a header is never split), and a response computed over a
+    // value we then send differently never verifies: refuse the challenge instead.
+    let echoed = [Some(&realm), Some(&nonce), p.opaque.as_ref()];
+    if echoed
+        .into_iter()
+        .flatten()
+        .any(|v| v.chars().any(|c| c.is_control() && c != '\t'))
+    {
+        return Err(AuthParseError::Malformed("control character in challenge"));
+    }
     let algorithm = match p.algorithm.as_deref() {
         None => Algorithm::Md5,
         Some(a) => {
@@ -964,6 +975,36 @@ mod tests {
             super::answer_challenge("Digest nonce=\"n\"", "INVITE", "sip:a@b", "u", "p", "c")
                 .is_err()
         );
+    }
+
+    /// Found by the `digest` fuzz target: a nonce holding an escaped control character was
+    /// answered with the character dropped, so the response never verified. Escaped quotes and
+    /// backslashes go back as sent.
+    #[test]
+    fn a_challenge_value_we_cannot_echo_is_refused() {
+        let refused = super::answer_challenge(
+            "Digest realm=\"r\", nonce=\"ab\\\u{1c}cd\"",
+            "INVITE",
+            "sip:a@b",
+            "u",
+            "p",
+            "c",
+        );
+        assert!(refused.is_err(), "{refused:?}");
+        let value = super::answer_challenge(
+            r#"Digest realm="r\"q", nonce="a\\b\"c", qop="auth""#,
+            "INVITE",
+            "sip:a@b",
+            "u",
+            "p",
+            "c",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let creds = parse_authorization(&value).unwrap_or_else(|e| panic!("{e}: {value}"));
+        assert_eq!(creds.nonce, r#"a\b"c"#);
+        assert_eq!(creds.realm, r#"r"q"#);
+        let ha1 = crate::digest::ha1(Algorithm::Md5, "u", r#"r"q"#, "p");
+        assert!(verify(&creds, "INVITE", &ha1), "{value}");
     }
 
     use super::*;

@@ -1,9 +1,9 @@
 //! Sample-rate conversion to the media path's 8 kHz, shared by `say` (espeak-ng's 22.05 kHz) and
 //! `play` (whatever rate the customer's file has).
 
+use crate::synth::SAMPLE_RATE;
 use rubato::audioadapter_buffers::number_to_float::InterleavedNumbers;
 use rubato::{Fft, FixedSync, Resampler};
-use sautikit_actors::synth::SAMPLE_RATE;
 
 /// Input rates accepted: telephone audio up to studio rates. Outside this a "rate" is almost
 /// certainly a corrupt header, and rubato's FFT sizes grow with the rate.
