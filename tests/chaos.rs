@@ -1,0 +1,252 @@
+//! Chaos: the engine killed with `kill -9` in the middle of a steady inbound load (sipp's uac at
+//! 300 calls/s, each call answered by the number's script and billed per second), then started
+//! again on the same database. Nothing may be lost or counted twice:
+//! - every call row ends `completed`, or `failed` with `engine.restart`;
+//! - every event is delivered, the terminal one of each call among them;
+//! - the ledger equals the balance, and no call is charged twice or differently from its record;
+//! - new calls are served within 2 s of the restart.
+
+#[macro_use]
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use common::calls::{sipp, sipp_media_port, start_server_with};
+use common::receiver::Receiver;
+use common::voice::VoiceServer;
+use common::{Api, Backend, TestDb, dev_key, wait_for_json};
+use serde_json::{Value, json};
+
+/// The two backends' runs take turns: each is a 300 calls/s load on a small machine.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const NUMBER: &str = "+254730000001";
+const RATE: &str = "300";
+
+async fn kill9_under_load(backend: Backend) {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let db = TestDb::new(backend).await;
+    let rtp = rtp_ports();
+    let server = start_server_with(&db, &[("SAUTIKIT_RTP_PORTS", &rtp)]);
+    // A number whose inbound calls cost 1 KES cent a second, so every call moves money.
+    db.admin(&[
+        "seed-inventory",
+        "--count",
+        "1",
+        "--start",
+        NUMBER,
+        "--monthly-price-minor",
+        "100",
+        "--inbound-per-min-minor",
+        "60",
+        "--outbound-per-min-minor",
+        "100",
+    ]);
+    let key = dev_key(&db.data_dir);
+    let api = server.api(&key);
+    let available = api
+        .get_all("/v1/numbers/available?contains=254730000001&limit=100")
+        .await;
+    let inventory_id = available
+        .iter()
+        .find(|n| n["number"] == NUMBER)
+        .and_then(|n| n["id"].as_str())
+        .expect("the seeded number is available")
+        .to_owned();
+    let claimed = api
+        .post(&format!("/v1/numbers/{inventory_id}/claim"), None)
+        .await;
+    assert_eq!(claimed.status, 201, "{}", claimed.text);
+    let number_id = claimed.json()["id"].as_str().expect("id").to_owned();
+    let voice = VoiceServer::start().await;
+    let events = Receiver::ok().await;
+    let routed = api
+        .patch(
+            &format!("/v1/numbers/{number_id}/routing"),
+            json!({"voice_callback_url": voice.url("/pause/60"), "events_url": events.url("/events")}),
+        )
+        .await;
+    assert_eq!(routed.status, 200, "{}", routed.text);
+
+    // The load: 300 calls/s, each hung up by sipp after 1 s of talk.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let media_port = sipp_media_port().to_string();
+    let load = tokio::process::Command::new("sipp")
+        .current_dir(dir.path())
+        .args(["-sn", "uac", "-s", NUMBER.trim_start_matches('+')])
+        .args(["-r", RATE, "-m", "3000", "-d", "1000"])
+        .args(["-mp", &media_port, "-i", "127.0.0.1", "-nostdin"])
+        .arg(server.sip_addr().to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("sipp runs (scripts/test.sh installs sip-tester)");
+    // Killed once the load is well under way: hundreds of calls done, hundreds live or ringing.
+    events
+        .wait_until(Duration::from_secs(60), |h| {
+            h.iter()
+                .filter(|h| h.event_kind == "call.completed")
+                .count()
+                >= 300
+        })
+        .await;
+    server.kill9();
+    drop(load);
+
+    // Started again on the same database: new calls are served at once.
+    let restarted = Instant::now();
+    let server = start_server_with(&db, &[("SAUTIKIT_RTP_PORTS", &rtp)]);
+    let probe_dir = tempfile::tempdir().expect("tempdir");
+    let (ok, out) = sipp(
+        probe_dir.path(),
+        server.sip_addr(),
+        &[
+            "-sn",
+            "uac",
+            "-s",
+            NUMBER.trim_start_matches('+'),
+            "-m",
+            "1",
+            "-d",
+            "0",
+        ],
+    )
+    .await;
+    let served_after = restarted.elapsed();
+    assert!(ok, "a call after the restart failed:\n{out}");
+    assert!(
+        served_after <= Duration::from_secs(2),
+        "the first call after the restart ended {served_after:?} after it"
+    );
+    let api = server.api(&key);
+
+    // Every call is final: completed, or failed because the engine died under it.
+    let calls = final_calls(&api).await;
+    let killed = calls.iter().filter(|c| c["status"] == "failed").count();
+    assert!(calls.len() > 300, "{} calls", calls.len());
+    assert!(killed > 0, "no call was live at the kill");
+    for c in &calls {
+        match c["status"].as_str() {
+            Some("completed") => assert_eq!(c["hangup_cause"], "caller_hangup", "{c}"),
+            Some("failed") => assert_eq!(c["failure_reason"], "engine.restart", "{c}"),
+            _ => panic!("a call left unfinished: {c}"),
+        }
+    }
+
+    // Every event is delivered, each call's terminal one among them.
+    let deliveries = all_delivered(&api).await;
+    let mut kinds: HashMap<&str, Vec<&str>> = HashMap::new();
+    for d in &deliveries {
+        if let (Some(call), Some(kind)) = (d["call_id"].as_str(), d["event_kind"].as_str()) {
+            kinds.entry(call).or_default().push(kind);
+        }
+    }
+    let received: HashSet<String> = events.hits().into_iter().map(|h| h.event_id).collect();
+    for d in &deliveries {
+        let id = d["event_id"].as_str().expect("event_id");
+        assert!(received.contains(id), "delivered but not received: {d}");
+    }
+    for c in &calls {
+        let id = c["id"].as_str().expect("id");
+        let terminal = match c["status"].as_str() {
+            Some("completed") => "call.completed",
+            _ => "call.failed",
+        };
+        let of_call = kinds.get(id).cloned().unwrap_or_default();
+        assert!(of_call.contains(&"call.started"), "{id}: {of_call:?}");
+        assert_eq!(
+            of_call.iter().filter(|k| **k == terminal).count(),
+            1,
+            "{id} ({}): {of_call:?}",
+            c["status"]
+        );
+    }
+
+    // Money: the ledger sums to the balance, and each call is charged once, as its record says.
+    let wallet = api.get("/v1/wallet").await.json();
+    let ledger = api.get_all("/v1/wallet/transactions?limit=100").await;
+    let sum: i64 = ledger
+        .iter()
+        .map(|e| e["amount_minor"].as_i64().expect("amount"))
+        .sum();
+    assert_eq!(Some(sum), wallet["balance_minor"].as_i64(), "{wallet}");
+    let mut charged: HashMap<&str, (usize, i64)> = HashMap::new();
+    for e in ledger.iter().filter(|e| e["kind"] == "call_charge") {
+        let call = e["reference"]
+            .as_str()
+            .expect("a call charge names its call");
+        let entry = charged.entry(call).or_default();
+        entry.0 += 1;
+        entry.1 -= e["amount_minor"].as_i64().expect("amount");
+    }
+    let mut paid = 0;
+    for c in &calls {
+        let id = c["id"].as_str().expect("id");
+        let cost = c["cost_minor"].as_i64().expect("cost_minor");
+        match charged.get(id) {
+            Some(&(count, amount)) => {
+                assert_eq!(count, 1, "{id} charged {count} times");
+                assert_eq!(amount, cost, "{c}");
+                paid += 1;
+            }
+            None => assert_eq!(cost, 0, "{c}"),
+        }
+    }
+    assert!(paid > 300, "{paid} calls paid for");
+    println!(
+        "kill -9 under {RATE} calls/s: {} calls, {killed} closed by the restart, {} events \
+         delivered, {paid} calls charged; first call after the restart done in {served_after:?}",
+        calls.len(),
+        deliveries.len()
+    );
+    assert_eq!(charged.len(), paid, "charges for calls that have no record");
+    drop(db);
+}
+on_both_backends!(kill9_under_load);
+
+/// Room for the ~400 calls live or ringing at once (the usual test range holds 200).
+fn rtp_ports() -> String {
+    let base = 40_000 + (std::process::id() % 8) * 1_000;
+    format!("{}-{}", base, base + 998)
+}
+
+/// Every call, once none is `ringing` or `answered` (the dead engine's are closed on restart,
+/// or on PostgreSQL once its heartbeat is stale).
+async fn final_calls(api: &Api) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let calls = api.get_all("/v1/calls?limit=100").await;
+        let live = calls
+            .iter()
+            .filter(|c| c["status"] == "ringing" || c["status"] == "answered")
+            .count();
+        if live == 0 {
+            return calls;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{live} of {} calls still live 60 s after the restart",
+            calls.len()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Every delivery, once none is waiting.
+async fn all_delivered(api: &Api) -> Vec<Value> {
+    wait_for_json(
+        api,
+        "/v1/webhooks/deliveries?status=pending&limit=1",
+        Duration::from_secs(60),
+        |v| v.as_array().is_some_and(|a| a.is_empty()),
+    )
+    .await;
+    let deliveries = api.get_all("/v1/webhooks/deliveries?limit=100").await;
+    for d in &deliveries {
+        assert_eq!(d["status"], "succeeded", "{d}");
+    }
+    deliveries
+}
