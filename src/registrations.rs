@@ -5,6 +5,7 @@
 //! one process or several.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
@@ -143,6 +144,27 @@ impl RegistrarStore for SqlStore {
             None => self.logins().forget_username(username),
         }
         Ok(login)
+    }
+
+    async fn realm_pool(&self) -> Result<Arc<[String]>, StorageError> {
+        if let Some(pool) = self.logins().realm_pool() {
+            return Ok(pool);
+        }
+        let rows = sqlx::query(
+            "SELECT DISTINCT workspace_id FROM tenant_numbers WHERE status <> 'released' \
+             ORDER BY workspace_id LIMIT $1",
+        )
+        .bind(REALM_POOL_MAX)
+        .fetch_all(&self.db().read)
+        .await
+        .map_err(storage)?;
+        let pool: Vec<String> = rows
+            .iter()
+            .map(|r| get(r, "workspace_id"))
+            .collect::<Result<_, _>>()?;
+        let pool: Arc<[String]> = Arc::from(pool);
+        self.logins().put_realm_pool(pool.clone());
+        Ok(pool)
     }
 
     async fn realm_for(&self, aor_user: &str) -> Result<Option<String>, StorageError> {
@@ -420,15 +442,32 @@ const LOGIN_TTL: std::time::Duration = std::time::Duration::from_secs(300);
 /// Entries past which the cache starts over (a bound on memory, far above any engine's devices).
 const LOGIN_CACHE_MAX: usize = 200_000;
 
+/// Real realms that unknown users' challenges are drawn from, and how long one read serves.
+const REALM_POOL_MAX: i64 = 500;
+const REALM_POOL_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// The registrar's lookups by username (`device_login`) and by address-of-record user
 /// (`realm_for`), as last read from the database.
 #[derive(Default)]
 pub struct LoginCache {
     logins: DashMap<String, (DeviceLogin, Instant)>,
     realms: DashMap<String, (String, Instant)>,
+    realm_pool: std::sync::Mutex<Option<(Arc<[String]>, Instant)>>,
 }
 
 impl LoginCache {
+    fn realm_pool(&self) -> Option<Arc<[String]>> {
+        let held = self.realm_pool.lock().ok()?;
+        let (pool, at) = held.as_ref()?;
+        (at.elapsed() < REALM_POOL_TTL).then(|| pool.clone())
+    }
+
+    fn put_realm_pool(&self, pool: Arc<[String]>) {
+        if let Ok(mut held) = self.realm_pool.lock() {
+            *held = Some((pool, Instant::now()));
+        }
+    }
+
     fn login(&self, username: &str) -> Option<DeviceLogin> {
         let entry = self.logins.get(username)?;
         (entry.1.elapsed() < LOGIN_TTL).then(|| entry.0.clone())

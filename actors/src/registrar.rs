@@ -136,6 +136,13 @@ pub trait RegistrarStore: Send + Sync + 'static {
     /// credential username, or a live number (E.164, with or without `+`).
     async fn realm_for(&self, aor_user: &str) -> Result<Option<String>, StorageError>;
 
+    /// Realms that exist (workspaces with live numbers), up to a few hundred. A user we do not
+    /// know is challenged with one of them, picked by the username, so that neither the shape of
+    /// a realm nor whether it is shared tells a scanner which usernames exist.
+    async fn realm_pool(&self) -> Result<Arc<[String]>, StorageError> {
+        Ok(Arc::from(Vec::new()))
+    }
+
     /// What `device_login` recently returned for this username, without touching the database,
     /// if the store keeps such a cache. It may be stale (a rotation on another engine): the
     /// registrar only takes it to accept a REGISTER whose response matches it, and `register`
@@ -642,11 +649,19 @@ fn derive_key(secret: &[u8; 32], label: &[u8]) -> [u8; 32] {
     out
 }
 
-/// A realm for a user we do not know: shaped like a workspace id and stable per user, so the
-/// first challenge looks the same whether or not the username exists.
-fn decoy_realm(key: &[u8; 32], user: &str) -> String {
+/// A realm for a user we do not know, stable per user so that asking again gives the same
+/// answer: one of the real realms in `pool`, picked by a keyed hash of the username; with none,
+/// a made-up id shaped like a workspace id.
+fn decoy_realm(key: &[u8; 32], user: &str, pool: &[String]) -> String {
+    let hashed = derive_key(key, user.as_bytes());
+    if !pool.is_empty() {
+        let mut pick = [0u8; 8];
+        pick.copy_from_slice(&hashed[16..24]);
+        // The pool is far smaller than 2^64: the modulo's bias is negligible.
+        return pool[(u64::from_le_bytes(pick) % pool.len() as u64) as usize].clone();
+    }
     let mut b = [0u8; 16];
-    b.copy_from_slice(&derive_key(key, user.as_bytes())[..16]);
+    b.copy_from_slice(&hashed[..16]);
     b[6] = (b[6] & 0x0f) | 0x70;
     b[8] = (b[8] & 0x3f) | 0x80;
     uuid::Uuid::from_bytes(b).to_string()
@@ -742,7 +757,13 @@ fn on_login_request(
         tokio::spawn(async move {
             let realm = match store.realm_for(&aor_user).await {
                 Ok(Some(realm)) => realm,
-                Ok(None) => decoy_realm(&decoy, &aor_user),
+                Ok(None) => {
+                    let pool = store.realm_pool().await.unwrap_or_else(|e| {
+                        warn!(error = %e, "could not read the realm pool");
+                        Arc::from(Vec::new())
+                    });
+                    decoy_realm(&decoy, &aor_user, &pool)
+                }
                 Err(e) => {
                     warn!(error = %e, "could not look up a realm");
                     respond(&endpoint, &key, &request, 500, Vec::new());
@@ -1101,12 +1122,29 @@ mod tests {
     #[test]
     fn decoy_realms_look_like_workspace_ids_and_are_stable() {
         let key = derive_key(&[7u8; 32], b"decoy realms");
-        let a = decoy_realm(&key, "ts_00000001");
-        assert_eq!(a, decoy_realm(&key, "ts_00000001"));
-        assert_ne!(a, decoy_realm(&key, "ts_00000002"));
+        let a = decoy_realm(&key, "ts_00000001", &[]);
+        assert_eq!(a, decoy_realm(&key, "ts_00000001", &[]));
+        assert_ne!(a, decoy_realm(&key, "ts_00000002", &[]));
         let parsed = uuid::Uuid::parse_str(&a).unwrap_or_default();
         assert_eq!(parsed.get_version_num(), 7);
         assert_eq!(a.len(), 36);
+    }
+
+    #[test]
+    fn decoy_realms_are_drawn_from_the_real_ones() {
+        let key = derive_key(&[7u8; 32], b"decoy realms");
+        let pool: Vec<String> = (0..5)
+            .map(|i| format!("0193e0b2-0000-7000-8000-00000000000{i}"))
+            .collect();
+        let mut used = std::collections::HashSet::new();
+        for i in 0..200 {
+            let user = format!("ts_{i:08x}");
+            let realm = decoy_realm(&key, &user, &pool);
+            assert!(pool.contains(&realm), "{realm}");
+            assert_eq!(realm, decoy_realm(&key, &user, &pool), "stable per user");
+            used.insert(realm);
+        }
+        assert_eq!(used.len(), pool.len(), "every real realm serves as a decoy");
     }
 
     #[test]
