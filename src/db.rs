@@ -298,8 +298,47 @@ pub fn default_sqlite_url(data_dir: &Path) -> String {
     format!("sqlite://{}/sautikit.db?mode=rwc", data_dir.display())
 }
 
+/// What a failure looks like when the database cannot be reached at all (stopped, restarting,
+/// refusing or cutting connections), as opposed to one statement failing: sqlx's texts for its
+/// I/O, pool and TLS errors, and PostgreSQL's for shutdown and start-up (57P01, 57P03).
+const UNREACHABLE: [&str; 8] = [
+    "error communicating with database",
+    "pool timed out while waiting for an open connection",
+    "attempted to acquire a connection on a closed pool",
+    "error occurred while attempting to establish a TLS connection",
+    "attempted to communicate with a crashed background worker",
+    "terminating connection due to administrator command",
+    "the database system is starting up",
+    "the database system is shutting down",
+];
+
+/// Whether a storage failure's text says the database is unreachable: the API answers those
+/// `503 storage.unavailable` with `Retry-After` (the SIP side answers `503` likewise), since
+/// they pass once the database is back.
+pub fn is_unreachable(message: &str) -> bool {
+    UNREACHABLE.iter().any(|sign| message.contains(sign))
+}
+
 #[cfg(test)]
 mod tests {
+    /// Pins sqlx's texts: if an upgrade changes them, this fails rather than outages turning
+    /// into `500`s.
+    #[test]
+    fn unreachable_databases_are_told_from_failed_statements() {
+        let io = sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        for e in [io, sqlx::Error::PoolTimedOut, sqlx::Error::PoolClosed] {
+            let text = crate::store::storage(e).to_string();
+            assert!(super::is_unreachable(&text), "{text}");
+        }
+        for e in [
+            sqlx::Error::RowNotFound,
+            sqlx::Error::ColumnNotFound("x".into()),
+        ] {
+            let text = crate::store::storage(e).to_string();
+            assert!(!super::is_unreachable(&text), "{text}");
+        }
+    }
+
     #[test]
     fn sqlite_urls_create_their_file_unless_told_otherwise() {
         assert_eq!(

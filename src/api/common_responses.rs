@@ -65,6 +65,11 @@ fn add_to(op: &mut Operation, method: HttpMethod, authed: bool) {
             error(op, 413, "`request.too_large`");
         }
         error(op, 500, "`internal.error`");
+        error(
+            op,
+            503,
+            "`storage.unavailable`: the database cannot be reached; retry after `Retry-After` seconds",
+        );
     }
     if has_body {
         error(

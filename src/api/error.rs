@@ -80,7 +80,16 @@ impl ApiError {
     }
 
     pub fn internal(e: impl std::fmt::Display) -> Self {
-        error!(error = %e, request_id = %current_request_id(), "internal error");
+        let text = e.to_string();
+        if crate::db::is_unreachable(&text) {
+            tracing::warn!(error = %text, request_id = %current_request_id(), "storage unavailable");
+            return Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "storage.unavailable",
+                "the database is unavailable; retry after Retry-After seconds",
+            );
+        }
+        error!(error = %text, request_id = %current_request_id(), "internal error");
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal.error",
@@ -98,9 +107,19 @@ impl IntoResponse for ApiError {
                 request_id: current_request_id(),
             },
         };
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if self.code == "storage.unavailable" {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static(STORAGE_RETRY_AFTER_SECS),
+            );
+        }
+        response
     }
 }
+
+/// What a client is told to wait before retrying while the database is unreachable.
+const STORAGE_RETRY_AFTER_SECS: &str = "1";
 
 impl From<StorageError> for ApiError {
     fn from(e: StorageError) -> Self {

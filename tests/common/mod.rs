@@ -7,6 +7,7 @@ pub mod caller;
 pub mod calls;
 pub mod device;
 pub mod peer;
+pub mod proxy;
 pub mod receiver;
 pub mod store;
 pub mod trunk;
