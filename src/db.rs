@@ -300,13 +300,12 @@ pub fn default_sqlite_url(data_dir: &Path) -> String {
 
 /// What a failure looks like when the database cannot be reached at all (stopped, restarting,
 /// refusing or cutting connections), as opposed to one statement failing: sqlx's texts for its
-/// I/O, pool and TLS errors, and PostgreSQL's for shutdown and start-up (57P01, 57P03).
-const UNREACHABLE: [&str; 8] = [
+/// I/O and pool errors, and PostgreSQL's for shutdown and start-up (57P01, 57P03). TLS failures
+/// and a crashed SQLite worker are left out: they are faults to fix, not outages to wait out.
+const UNREACHABLE: [&str; 6] = [
     "error communicating with database",
     "pool timed out while waiting for an open connection",
     "attempted to acquire a connection on a closed pool",
-    "error occurred while attempting to establish a TLS connection",
-    "attempted to communicate with a crashed background worker",
     "terminating connection due to administrator command",
     "the database system is starting up",
     "the database system is shutting down",

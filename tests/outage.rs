@@ -1,6 +1,8 @@
 //! PostgreSQL taken away for 20 s under a steady inbound load, then given back. The server's
 //! connections go through a proxy the test cuts: every connection dropped and new ones closed at
-//! once, which is what a stopped database looks like to its clients. Meanwhile:
+//! once, as when a database dies behind a pooler or proxy. (A refused connection, as from a
+//! stopped PostgreSQL on its own host, is retried by the pool until its acquire timeout before
+//! the same answers: not tested here.) Meanwhile:
 //! - new INVITEs get `503` with `Retry-After` promptly, never a hang;
 //! - the API answers `503 storage.unavailable` with `Retry-After`, promptly;
 //! - nothing panics, and service comes back by itself when the database does;
@@ -11,7 +13,9 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::calls::{INVENTORY_ID, NUMBER, sipp, sipp_media_port, start_server_with};
+use common::calls::{
+    INVENTORY_ID, NUMBER, deliveries_of, final_calls, sipp, sipp_media_port, start_server_with,
+};
 use common::peer::{SipCaller, sdp};
 use common::proxy::CutProxy;
 use common::receiver::Receiver;
@@ -24,7 +28,7 @@ use serde_json::json;
 /// How long the database is away.
 const OUTAGE: Duration = Duration::from_secs(20);
 /// What "promptly" means for an answer during the outage.
-const PROMPT: Duration = Duration::from_secs(1);
+const PROMPT: Duration = Duration::from_secs(2);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_stopped_for_20_s_under_load() {
@@ -53,7 +57,7 @@ async fn postgres_stopped_for_20_s_under_load() {
     let routed = api
         .patch(
             &format!("/v1/numbers/{number_id}/routing"),
-            json!({"voice_callback_url": voice.url("/pause/60"), "events_url": events.url("/events")}),
+            json!({"voice_callback_url": voice.url("/pause/5"), "events_url": events.url("/events")}),
         )
         .await;
     assert_eq!(routed.status, 200, "{}", routed.text);
@@ -143,46 +147,13 @@ async fn postgres_stopped_for_20_s_under_load() {
     assert!(ok, "a call after the outage failed:\n{out}");
     drop(load);
 
-    // Nothing lost: every call is final, every delivery made.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let calls = loop {
-        let calls = api.get_all("/v1/calls?limit=100").await;
-        let live = calls
-            .iter()
-            .filter(|c| c["status"] == "ringing" || c["status"] == "answered")
-            .count();
-        if live == 0 {
-            break calls;
-        }
-        assert!(Instant::now() < deadline, "{live} calls still live");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
-    // A call caught between its INVITE and its answer by the cut may fail (its answer could not
-    // be written); none is left open.
+    // Nothing lost: every call is final, every delivery made. A call caught between its INVITE
+    // and its answer by the cut may fail (its answer could not be written); none is left open.
+    let calls = final_calls(&api).await;
     for c in &calls {
         assert!(c["status"] == "completed" || c["status"] == "failed", "{c}");
     }
-    common::wait_for_json(
-        &api,
-        "/v1/webhooks/deliveries?status=pending&limit=1",
-        Duration::from_secs(60),
-        |v| v.as_array().is_some_and(|a| a.is_empty()),
-    )
-    .await;
-    let deliveries = api.get_all("/v1/webhooks/deliveries?limit=100").await;
-    for d in &deliveries {
-        assert_eq!(d["status"], "succeeded", "{d}");
-    }
-    for c in &calls {
-        let id = c["id"].as_str().expect("id");
-        let terminal = format!("call.{}", c["status"].as_str().unwrap_or_default());
-        assert!(
-            deliveries
-                .iter()
-                .any(|d| d["call_id"] == id && d["event_kind"] == terminal.as_str()),
-            "no {terminal} delivered for {id}"
-        );
-    }
+    let deliveries = deliveries_of(&api, &calls).await;
     let completed = calls.iter().filter(|c| c["status"] == "completed").count();
     assert!(
         completed * 10 >= calls.len() * 9,

@@ -27,6 +27,8 @@ fuzz_target!(|data: &[u8]| {
 
     let uri = "sip:carrier.example.com";
     if let Ok(answer) = auth::answer_challenge(value, "INVITE", uri, "alice", "secret", "0a4f113b")
+        // A challenge near the length limit gives an answer over it, which a server refuses.
+        && answer.len() <= auth::MAX_AUTHORIZATION_LEN
     {
         let creds = auth::parse_authorization(&answer)
             .unwrap_or_else(|e| panic!("our answer {answer:?} does not parse: {e}"));

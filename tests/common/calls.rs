@@ -242,3 +242,59 @@ pub async fn timeline(api: &Api, call_id: &str) -> Vec<Value> {
     api.get_all(&format!("/v1/calls/{call_id}/events?limit=100"))
         .await
 }
+
+/// Every call of the workspace, once none is `ringing` or `answered` (within 60 s).
+pub async fn final_calls(api: &Api) -> Vec<Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let calls = api.get_all("/v1/calls?limit=100").await;
+        let live = calls
+            .iter()
+            .filter(|c| c["status"] == "ringing" || c["status"] == "answered")
+            .count();
+        if live == 0 {
+            return calls;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{live} of {} calls still live after 60 s",
+            calls.len()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Every delivery of the workspace, once none is pending and each of `calls` has its
+/// `call.started` and its terminal event (`call.<status>`) among them (within 60 s: events are
+/// turned into deliveries by the Events actor after they commit, and a killed engine's share is
+/// taken over once its lease runs out). Each delivery must have succeeded.
+pub async fn deliveries_of(api: &Api, calls: &[Value]) -> Vec<Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let deliveries = api.get_all("/v1/webhooks/deliveries?limit=100").await;
+        let mut kinds: std::collections::HashMap<&str, Vec<&str>> = Default::default();
+        for d in &deliveries {
+            if let (Some(call), Some(kind)) = (d["call_id"].as_str(), d["event_kind"].as_str()) {
+                kinds.entry(call).or_default().push(kind);
+            }
+        }
+        let missing = calls.iter().find(|c| {
+            let id = c["id"].as_str().unwrap_or_default();
+            let terminal = format!("call.{}", c["status"].as_str().unwrap_or_default());
+            let of_call = kinds.get(id).map(Vec::as_slice).unwrap_or_default();
+            !of_call.contains(&"call.started") || !of_call.contains(&terminal.as_str())
+        });
+        let pending = deliveries.iter().any(|d| d["status"] == "pending");
+        if missing.is_none() && !pending {
+            for d in &deliveries {
+                assert_eq!(d["status"], "succeeded", "{d}");
+            }
+            return deliveries;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "after 60 s: pending deliveries {pending}; a call without its events: {missing:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
