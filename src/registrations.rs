@@ -443,7 +443,7 @@ const LOGIN_TTL: std::time::Duration = std::time::Duration::from_secs(300);
 const LOGIN_CACHE_MAX: usize = 200_000;
 
 /// Real realms that unknown users' challenges are drawn from, and how long one read serves.
-const REALM_POOL_MAX: i64 = 500;
+const REALM_POOL_MAX: i64 = 10_000;
 const REALM_POOL_TTL: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The registrar's lookups by username (`device_login`) and by address-of-record user

@@ -657,14 +657,27 @@ fn decoy_realm(key: &[u8; 32], user: &str, pool: &[String]) -> String {
     if !pool.is_empty() {
         let mut pick = [0u8; 8];
         pick.copy_from_slice(&hashed[16..24]);
-        // The pool is far smaller than 2^64: the modulo's bias is negligible.
-        return pool[(u64::from_le_bytes(pick) % pool.len() as u64) as usize].clone();
+        return pool[jump_hash(u64::from_le_bytes(pick), pool.len())].clone();
     }
     let mut b = [0u8; 16];
     b.copy_from_slice(&hashed[..16]);
     b[6] = (b[6] & 0x0f) | 0x70;
     b[8] = (b[8] & 0x3f) | 0x80;
     uuid::Uuid::from_bytes(b).to_string()
+}
+
+/// Lamping and Veach's jump consistent hash: a bucket in `0..buckets` for `key`. When buckets
+/// are added at the end (the pool is ordered by workspace id, and ids grow with time) only the
+/// keys that move to a new bucket change, so an unknown user's decoy stays put as workspaces
+/// are created, as a real user's realm does.
+fn jump_hash(mut key: u64, buckets: usize) -> usize {
+    let (mut b, mut j) = (0u64, 0u64);
+    while j < buckets as u64 {
+        b = j;
+        key = key.wrapping_mul(2_862_933_555_777_941_757).wrapping_add(1);
+        j = ((b + 1) as f64 * ((1u64 << 31) as f64 / ((key >> 33) + 1) as f64)) as u64;
+    }
+    b as usize
 }
 
 fn fresh_nonce(state: &RegistrarState) -> String {
@@ -1145,6 +1158,26 @@ mod tests {
             used.insert(realm);
         }
         assert_eq!(used.len(), pool.len(), "every real realm serves as a decoy");
+
+        // A workspace created later joins the end of the pool: few decoys move, all to it.
+        let mut grown = pool.clone();
+        grown.push("0193e0b2-0000-7000-8000-000000000005".to_owned());
+        let mut moved = 0;
+        for i in 0..600 {
+            let user = format!("ts_{i:08x}");
+            let (before, after) = (
+                decoy_realm(&key, &user, &pool),
+                decoy_realm(&key, &user, &grown),
+            );
+            if before != after {
+                assert_eq!(after, grown[5], "{user} moved to an old realm");
+                moved += 1;
+            }
+        }
+        assert!(
+            (40..=170).contains(&moved),
+            "{moved} of 600 moved (about 1 in 6 expected)"
+        );
     }
 
     #[test]
