@@ -12,17 +12,16 @@ mod common;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use common::calls::{deliveries_of, final_calls, sipp, sipp_media_port, start_server_with};
-use common::receiver::Receiver;
-use common::voice::VoiceServer;
+use common::calls::{
+    claim_and_route, deliveries_of, final_calls, sipp, sipp_load, start_server_with,
+};
 use common::{Backend, TestDb, dev_key};
-use serde_json::json;
 
 /// The two backends' runs take turns: each is a 300 calls/s load on a small machine.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const NUMBER: &str = "+254730000001";
-const RATE: &str = "300";
+const RATE: u32 = 300;
 
 async fn kill9_under_load(backend: Backend) {
     let _turn = ONE_AT_A_TIME.lock().await;
@@ -54,36 +53,11 @@ async fn kill9_under_load(backend: Backend) {
         .and_then(|n| n["id"].as_str())
         .expect("the seeded number is available")
         .to_owned();
-    let claimed = api
-        .post(&format!("/v1/numbers/{inventory_id}/claim"), None)
-        .await;
-    assert_eq!(claimed.status, 201, "{}", claimed.text);
-    let number_id = claimed.json()["id"].as_str().expect("id").to_owned();
-    let voice = VoiceServer::start().await;
-    let events = Receiver::ok().await;
-    let routed = api
-        .patch(
-            &format!("/v1/numbers/{number_id}/routing"),
-            json!({"voice_callback_url": voice.url("/pause/60"), "events_url": events.url("/events")}),
-        )
-        .await;
-    assert_eq!(routed.status, 200, "{}", routed.text);
+    let (_, _voice, events) = claim_and_route(&api, &inventory_id, "/pause/60").await;
 
     // The load: 300 calls/s, each hung up by sipp after 1 s of talk.
     let dir = tempfile::tempdir().expect("tempdir");
-    let media_port = sipp_media_port().to_string();
-    let load = tokio::process::Command::new("sipp")
-        .current_dir(dir.path())
-        .args(["-sn", "uac", "-s", NUMBER.trim_start_matches('+')])
-        .args(["-r", RATE, "-m", "3000", "-d", "1000"])
-        .args(["-mp", &media_port, "-i", "127.0.0.1", "-nostdin"])
-        .arg(server.sip_addr().to_string())
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("sipp runs (scripts/test.sh installs sip-tester)");
+    let load = sipp_load(dir.path(), server.sip_addr(), NUMBER, RATE, 3000, 1000);
     // Killed once the load is well under way: hundreds of calls done, hundreds live or ringing.
     events
         .wait_until(Duration::from_secs(60), |h| {

@@ -14,16 +14,14 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::calls::{
-    INVENTORY_ID, NUMBER, deliveries_of, final_calls, sipp, sipp_media_port, start_server_with,
+    INVENTORY_ID, NUMBER, claim_and_route, deliveries_of, final_calls, sipp, sipp_load,
+    start_server_with,
 };
 use common::peer::{SipCaller, sdp};
 use common::proxy::CutProxy;
-use common::receiver::Receiver;
 use common::uac::{header, status_code};
-use common::voice::VoiceServer;
 use common::{Backend, TestDb, dev_key, postgres_available};
 use sautikit_sip::sdp::Codec;
-use serde_json::json;
 
 /// How long the database is away.
 const OUTAGE: Duration = Duration::from_secs(20);
@@ -47,37 +45,11 @@ async fn postgres_stopped_for_20_s_under_load() {
     let url = db.url.replace(&pg.to_string(), &proxy.addr().to_string());
     let server = start_server_with(&db, &[("SAUTIKIT_DATABASE_URL", &url)]);
     let api = server.api(&dev_key(&db.data_dir));
-    let claimed = api
-        .post(&format!("/v1/numbers/{INVENTORY_ID}/claim"), None)
-        .await;
-    assert_eq!(claimed.status, 201, "{}", claimed.text);
-    let number_id = claimed.json()["id"].as_str().expect("id").to_owned();
-    let voice = VoiceServer::start().await;
-    let events = Receiver::ok().await;
-    let routed = api
-        .patch(
-            &format!("/v1/numbers/{number_id}/routing"),
-            json!({"voice_callback_url": voice.url("/pause/5"), "events_url": events.url("/events")}),
-        )
-        .await;
-    assert_eq!(routed.status, 200, "{}", routed.text);
+    let (_, _voice, events) = claim_and_route(&api, INVENTORY_ID, "/pause/5").await;
 
     // The load: 20 calls/s, each hung up by sipp after 1 s, through the whole outage.
     let dir = tempfile::tempdir().expect("tempdir");
-    let media_port = sipp_media_port().to_string();
-    let load = tokio::process::Command::new("sipp")
-        .current_dir(dir.path())
-        .args([
-            "-sn", "uac", "-s", NUMBER, "-r", "20", "-m", "100000", "-d", "1000",
-        ])
-        .args(["-mp", &media_port, "-i", "127.0.0.1", "-nostdin"])
-        .arg(server.sip_addr().to_string())
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("sipp runs (scripts/test.sh installs sip-tester)");
+    let load = sipp_load(dir.path(), server.sip_addr(), NUMBER, 20, 100_000, 1000);
     events
         .wait_until(Duration::from_secs(30), |h| {
             h.iter()

@@ -37,20 +37,7 @@ pub async fn setup_with(backend: Backend, voice_path: &str, env: &[(&str, &str)]
     let db = TestDb::new(backend).await;
     let server = start_server_with(&db, env);
     let api = server.api(&dev_key(&db.data_dir));
-    let claimed = api
-        .post(&format!("/v1/numbers/{INVENTORY_ID}/claim"), None)
-        .await;
-    assert_eq!(claimed.status, 201, "{}", claimed.text);
-    let number_id = claimed.json()["id"].as_str().unwrap().to_owned();
-    let voice = VoiceServer::start().await;
-    let events = Receiver::ok().await;
-    let routed = api
-        .patch(
-            &format!("/v1/numbers/{number_id}/routing"),
-            json!({"voice_callback_url": voice.url(voice_path), "events_url": events.url("/events")}),
-        )
-        .await;
-    assert_eq!(routed.status, 200, "{}", routed.text);
+    let (number_id, voice, events) = claim_and_route(&api, INVENTORY_ID, voice_path).await;
     let creds: Value = serde_json::from_str(
         &std::fs::read_to_string(db.data_dir.join("dev-credentials.json")).unwrap(),
     )
@@ -297,4 +284,54 @@ pub async fn deliveries_of(api: &Api, calls: &[Value]) -> Vec<Value> {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// Claims `inventory_id` and routes it to a new voice-callback server at `voice_path` and a new
+/// events receiver; returns the number's id with the two servers.
+pub async fn claim_and_route(
+    api: &Api,
+    inventory_id: &str,
+    voice_path: &str,
+) -> (String, VoiceServer, Receiver) {
+    let claimed = api
+        .post(&format!("/v1/numbers/{inventory_id}/claim"), None)
+        .await;
+    assert_eq!(claimed.status, 201, "{}", claimed.text);
+    let number_id = claimed.json()["id"].as_str().expect("id").to_owned();
+    let voice = VoiceServer::start().await;
+    let events = Receiver::ok().await;
+    let routed = api
+        .patch(
+            &format!("/v1/numbers/{number_id}/routing"),
+            json!({"voice_callback_url": voice.url(voice_path), "events_url": events.url("/events")}),
+        )
+        .await;
+    assert_eq!(routed.status, 200, "{}", routed.text);
+    (number_id, voice, events)
+}
+
+/// A steady load in the background: sipp's own uac calling `number` at `rate` calls/s, up to
+/// `calls` of them, each hung up by sipp after `hold_ms`. Killed when dropped.
+pub fn sipp_load(
+    dir: &Path,
+    target: SocketAddr,
+    number: &str,
+    rate: u32,
+    calls: u32,
+    hold_ms: u32,
+) -> tokio::process::Child {
+    let media_port = sipp_media_port().to_string();
+    tokio::process::Command::new("sipp")
+        .current_dir(dir)
+        .args(["-sn", "uac", "-s", number.trim_start_matches('+')])
+        .args(["-r", &rate.to_string(), "-m", &calls.to_string()])
+        .args(["-d", &hold_ms.to_string()])
+        .args(["-mp", &media_port, "-i", "127.0.0.1", "-nostdin"])
+        .arg(target.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("sipp runs (scripts/test.sh installs sip-tester)")
 }
