@@ -150,6 +150,12 @@ impl RegistrarStore for SqlStore {
         if let Some(pool) = self.logins().realm_pool() {
             return Ok(pool);
         }
+        // One read at a time: a scanner's burst of first contacts when the pool expires waits for
+        // one query instead of each running its own.
+        let _reading = self.logins().realm_pool_reading.lock().await;
+        if let Some(pool) = self.logins().realm_pool() {
+            return Ok(pool);
+        }
         let rows = sqlx::query(
             "SELECT DISTINCT workspace_id FROM tenant_numbers WHERE status <> 'released' \
              ORDER BY workspace_id LIMIT $1",
@@ -453,6 +459,7 @@ pub struct LoginCache {
     logins: DashMap<String, (DeviceLogin, Instant)>,
     realms: DashMap<String, (String, Instant)>,
     realm_pool: std::sync::Mutex<Option<(Arc<[String]>, Instant)>>,
+    realm_pool_reading: tokio::sync::Mutex<()>,
 }
 
 impl LoginCache {
