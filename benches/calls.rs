@@ -218,6 +218,8 @@ struct UacStats {
     /// When each call of `setup` sent its first INVITE (same order).
     setup_sent: Vec<Instant>,
     bye_latency: Vec<Duration>,
+    /// INVITE→`503` of the calls the engine turned away.
+    refused: Vec<Duration>,
 }
 
 impl UacStats {
@@ -253,6 +255,7 @@ impl UacStats {
         self.setup.extend(o.setup);
         self.setup_sent.extend(o.setup_sent);
         self.bye_latency.extend(o.bye_latency);
+        self.refused.extend(o.refused);
     }
 }
 
@@ -447,6 +450,9 @@ impl UacSocket {
                 );
                 let _ = self.sock.try_send_to(ack.as_bytes(), self.server);
                 *self.stats.invite_status.entry(code).or_default() += 1;
+                if code == 503 {
+                    self.stats.refused.push(now - call.first_sent);
+                }
                 self.fail(&cid);
             }
             ("INVITE", _) if (200..300).contains(&code) => {
@@ -772,6 +778,10 @@ struct RateSettings {
     p99_line: Duration,
     /// Numbers of other workspaces whose renewals all fall due 5 s into the run.
     renewals: usize,
+    /// An overload run: the engine's capacity in calls/s, against which this rate is judged.
+    capacity: Option<f64>,
+    /// Most RSS growth allowed after the first 60 s (runs of 2 minutes or more).
+    rss_growth_line: f64,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -867,6 +877,79 @@ fn slow_by_second(stats: &UacStats, started: Instant, line: Duration) -> String 
             format!("{:.2} ms", ms(quantile(&warm, 0.99)))
         }
     )
+}
+
+/// An overload run (`BENCH_TESTS=overload`): offered `s.rate` against an engine that serves
+/// `capacity` calls/s. Pass: goodput (completed calls/s) ≥ 90 % of the lesser of capacity and
+/// the rate offered, accepted calls' INVITE→200 p99 ≤ 100 ms, the excess refused with `503`
+/// within 5 ms (p99), and no failure but `503`s.
+fn overload_result(
+    backend: Backend,
+    s: &RateSettings,
+    capacity: f64,
+    stats: &UacStats,
+    setup: &[Duration],
+    sending: Duration,
+) -> bool {
+    let mut refused = stats.refused.clone();
+    refused.sort();
+    let goodput = stats.completed as f64 / sending.as_secs_f64();
+    let other_failures = stats.failed() - refused.len() as u64;
+    let p99 = quantile(setup, 0.99);
+    let refused_p99 = quantile(&refused, 0.99);
+    let pass = goodput >= 0.9 * capacity.min(s.rate)
+        && p99 <= Duration::from_millis(100)
+        && (refused.is_empty() || refused_p99 <= Duration::from_millis(5))
+        && other_failures == 0;
+    println!(
+        "  RESULT overload {} {:.2}× capacity ({:.0}/s offered, capacity {capacity:.0}/s): goodput {goodput:.0}/s          ({:.0} % of capacity), accepted INVITE→200 p50 {:.2} ms p99 {:.2} ms max {:.2} ms; refused {}          ({:.1} %) with 503, INVITE→503 p50 {:.2} ms p99 {:.2} ms max {:.2} ms; other failures {other_failures} → {}",
+        backend_name(backend),
+        s.rate / capacity,
+        s.rate,
+        100.0 * goodput / capacity,
+        ms(quantile(setup, 0.5)),
+        ms(p99),
+        ms(quantile(setup, 1.0)),
+        refused.len(),
+        100.0 * refused.len() as f64 / stats.attempted.max(1) as f64,
+        ms(quantile(&refused, 0.5)),
+        ms(refused_p99),
+        ms(quantile(&refused, 1.0)),
+        if pass { "PASS" } else { "FAIL" }
+    );
+    pass
+}
+
+/// The engine's RSS each minute of a long run, and its growth after the first 60 s: the
+/// median of the last 10 s of samples less the median of those from 60 to 70 s.
+fn rss_over_time(samples: &[u64], every: Duration, line_mib: f64) -> bool {
+    let per_sec = (1.0 / every.as_secs_f64()).round() as usize;
+    let window = |from: usize| -> Option<f64> {
+        let mut w: Vec<u64> = samples.get(from..from + 10 * per_sec)?.to_vec();
+        w.sort();
+        Some(mib(quantile(&w, 0.5)))
+    };
+    let minutes: Vec<String> = samples
+        .iter()
+        .step_by(60 * per_sec)
+        .enumerate()
+        .map(|(m, kib)| format!("{m} min {:.1}", mib(*kib)))
+        .collect();
+    println!("  RSS each minute (MiB): {}", minutes.join(", "));
+    let (Some(after_warmup), Some(end)) = (
+        window(60 * per_sec),
+        samples.len().checked_sub(10 * per_sec).and_then(window),
+    ) else {
+        println!("  RESULT soak: too few RSS samples → FAIL");
+        return false;
+    };
+    let growth = end - after_warmup;
+    let pass = growth <= line_mib;
+    println!(
+        "  RESULT soak: RSS {after_warmup:.1} MiB at 60 s, {end:.1} MiB at the end: growth {growth:+.1} MiB          (line {line_mib} MiB) → {}",
+        if pass { "PASS" } else { "FAIL" }
+    );
+    pass
 }
 
 /// Returns whether the run met zero failures and p99 ≤ the line.
@@ -1036,7 +1119,19 @@ async fn rate_run(backend: Backend, s: &RateSettings) -> bool {
     let cores_all = (cpu2 - cpu0).as_secs_f64() / all_done.as_secs_f64();
     let peak = rss.iter().copied().max().unwrap_or(0);
     let achieved = stats.attempted as f64 / sending.as_secs_f64();
-    let pass = failed == 0 && stats.completed == total && p99 <= s.p99_line;
+    let mut pass = failed == 0 && stats.completed == total && p99 <= s.p99_line;
+    if let Some(capacity) = s.capacity {
+        pass = overload_result(backend, s, capacity, &stats, &setup, sending);
+    }
+    if s.seconds >= 120.0 {
+        // While calls ran, not while the events drained after them.
+        let during = ((calls_done.as_millis() / 250) as usize).min(rss.len());
+        pass &= rss_over_time(
+            &rss[..during],
+            Duration::from_millis(250),
+            s.rss_growth_line,
+        );
+    }
 
     println!(
         "  offered {total} calls in {:.2} s = {achieved:.0}/s; all answered/ended {} after {:.2} s",
@@ -1506,6 +1601,8 @@ async fn main() {
                     timeout,
                     p99_line: Duration::from_millis(env_or("BENCH_P99_MS", 50)),
                     renewals: env_or("BENCH_RENEWALS", 0usize),
+                    capacity: None,
+                    rss_growth_line: env_or("BENCH_RSS_GROWTH_MIB", 5.0),
                 };
                 let ok = rate_run(backend, &s).await;
                 summary.push(format!(
@@ -1516,6 +1613,36 @@ async fn main() {
                     } else {
                         "did not meet"
                     }
+                ));
+            }
+        }
+    }
+    if tests.contains("overload") {
+        let capacity = env_or("BENCH_CAPACITY", if full { 1000.0 } else { 20.0 });
+        let multiples =
+            std::env::var("BENCH_OVERLOAD_MULTIPLES").unwrap_or_else(|_| "1,1.5,2".into());
+        for &backend in &backends {
+            for m in multiples
+                .split(',')
+                .filter_map(|r| r.trim().parse::<f64>().ok())
+            {
+                let s = RateSettings {
+                    rate: capacity * m,
+                    seconds: env_or("BENCH_SECONDS", if full { 30.0 } else { 2.0 }),
+                    numbers,
+                    hold: Duration::from_millis(env_or("BENCH_CALL_HOLD_MS", 0)),
+                    sockets,
+                    timeout,
+                    p99_line: Duration::from_millis(100),
+                    renewals: 0,
+                    capacity: Some(capacity),
+                    rss_growth_line: env_or("BENCH_RSS_GROWTH_MIB", 5.0),
+                };
+                let ok = rate_run(backend, &s).await;
+                summary.push(format!(
+                    "overload {} {m}× {capacity:.0}/s: {}",
+                    backend_name(backend),
+                    if ok { "PASS" } else { "FAIL" }
                 ));
             }
         }

@@ -994,6 +994,10 @@ pub fn to_api_millis(t: DateTime<Utc>) -> String {
 
 #[async_trait]
 impl CallStore for SqlStore {
+    fn reachable(&self) -> bool {
+        !self.db().health.is_down()
+    }
+
     async fn route_by_number(&self, number: &str) -> Result<Option<NumberRoute>, StorageError> {
         let sql = format!("{ROUTE_SELECT} WHERE t.number = $1 AND t.status <> 'released'");
         // Safe: a constant plus a constant.

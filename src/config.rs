@@ -224,8 +224,13 @@ pub struct ServeArgs {
     /// four).
     #[arg(long, env = "SAUTIKIT_MEDIA_THREADS", default_value_t = 0)]
     pub media_threads: usize,
-    /// Calls between INVITE and final response the engine takes on; INVITEs beyond it are
-    /// answered `503` with `Retry-After` instead of slowing every call down.
+    /// The engine's own share of a call's setup (INVITE to final response, less the voice
+    /// callback) that counts as fast. When even the fastest setups of a 100 ms window are slower,
+    /// a share of new INVITEs is answered `503` with `Retry-After` until they are fast again.
+    #[arg(long, env = "SAUTIKIT_SETUP_TARGET_MS", default_value_t = 20)]
+    pub setup_target_ms: u64,
+    /// Calls between INVITE and final response the engine takes on at most, whatever their
+    /// speed; INVITEs beyond it are answered `503` with `Retry-After`.
     #[arg(long, env = "SAUTIKIT_MAX_CALL_SETUPS", default_value_t = 1_000)]
     pub max_call_setups: usize,
     /// Live calls the engine takes on; INVITEs beyond it are answered `503`.

@@ -2,10 +2,12 @@
 //! sqlx's `Any` driver so that one set of `$N` queries serves both.
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
-use sqlx::{AnyPool, Executor};
+use sqlx::{AnyPool, ConnectOptions, Connection, Executor};
 use thiserror::Error;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,7 +40,31 @@ pub struct Db {
     pub backend: Backend,
     pub read: AnyPool,
     pub write: AnyPool,
+    /// Whether the database is known to be unreachable (see [`Db::watch_health`]).
+    pub health: StorageHealth,
 }
+
+/// Whether the database is known to be down, as [`Db::watch_health`] last saw it. While it is,
+/// the API answers `503 storage.unavailable` and new INVITEs `503` at once, instead of each
+/// waiting out the pool's acquire timeout: sqlx retries a refused connection (a stopped
+/// PostgreSQL on its own host) until then, taking it for a database that is starting up.
+#[derive(Clone, Default)]
+pub struct StorageHealth(Arc<AtomicBool>);
+
+impl StorageHealth {
+    pub fn is_down(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Returns whether this changed it.
+    fn set_down(&self, down: bool) -> bool {
+        self.0.swap(down, Ordering::Relaxed) != down
+    }
+}
+
+/// How often the health of a PostgreSQL database is probed, and how long a probe may take.
+pub const HEALTH_PROBE_EVERY: Duration = Duration::from_millis(500);
+const HEALTH_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
@@ -75,6 +101,7 @@ impl Db {
                     backend,
                     read,
                     write,
+                    health: StorageHealth::default(),
                 })
             }
             Backend::Postgres => {
@@ -87,6 +114,7 @@ impl Db {
                     backend,
                     read: pool.clone(),
                     write: pool,
+                    health: StorageHealth::default(),
                 })
             }
         }
@@ -132,6 +160,71 @@ impl Db {
                 }
             }
         })))
+    }
+
+    /// PostgreSQL: probe the database every `every` over a connection of the probe's own,
+    /// opened outside the pools (so a refused connection fails at once rather than being
+    /// retried), and keep [`Db::health`] up to date. Down after a probe fails the way an
+    /// unreachable database does, or after two probes in a row time out; up after a probe
+    /// succeeds. A full server (`too many connections`) is not down: the pools have theirs.
+    /// Stops when the pools close. `None` on SQLite, a file that cannot go away.
+    pub fn watch_health(&self, every: Duration) -> Option<tokio::task::JoinHandle<()>> {
+        if self.backend != Backend::Postgres {
+            return None;
+        }
+        let options = self.read.connect_options();
+        let pool = self.read.clone();
+        let health = self.health.clone();
+        Some(tokio::spawn(async move {
+            let mut conn: Option<sqlx::AnyConnection> = None;
+            let mut timeouts = 0u32;
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            while !pool.is_closed() {
+                tick.tick().await;
+                let probe = async {
+                    let c = match &mut conn {
+                        Some(c) => c,
+                        None => conn.insert(options.connect().await?),
+                    };
+                    c.ping().await
+                };
+                let down = match tokio::time::timeout(HEALTH_PROBE_TIMEOUT, probe).await {
+                    Ok(Ok(())) => {
+                        timeouts = 0;
+                        false
+                    }
+                    Ok(Err(e)) => {
+                        conn = None;
+                        let text = e.to_string();
+                        if !is_unreachable(&text) {
+                            continue;
+                        }
+                        if !health.is_down() {
+                            tracing::warn!(error = %text, "database unreachable: storage marked down");
+                        }
+                        true
+                    }
+                    Err(_) => {
+                        conn = None;
+                        timeouts += 1;
+                        if timeouts < 2 {
+                            continue;
+                        }
+                        if !health.is_down() {
+                            tracing::warn!("database probes time out: storage marked down");
+                        }
+                        true
+                    }
+                };
+                if health.set_down(down) && !down {
+                    tracing::info!("database reachable again: storage marked up");
+                }
+            }
+            if let Some(c) = conn {
+                let _ = c.close().await;
+            }
+        }))
     }
 
     pub async fn close(&self) {

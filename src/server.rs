@@ -12,7 +12,7 @@ use sautikit_actors::clock::{Clock, ShiftedClock, SystemClock};
 use sautikit_actors::scheduler::SchedulerArgs;
 
 use crate::renewals::Renewals;
-use sautikit_actors::sip_endpoint::Admission;
+use sautikit_actors::admission::Admission;
 use sautikit_actors::{Engine, RegistrarSetup, VoiceSetup};
 use sautikit_sip::auth::FailureLimits;
 use sautikit_sip::registrar::BindingLimits;
@@ -176,6 +176,7 @@ fn print_banner(addr: &std::net::SocketAddr, mode: Mode, dev: Option<&DevCredent
 
 pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
     let db = Db::connect(&args.db.url()).await?;
+    let health_watch = db.watch_health(crate::db::HEALTH_PROBE_EVERY);
     db.migrate().await?;
     let store = SqlStore::new(db.clone());
     let dev = if args.mode == Mode::Dev {
@@ -265,6 +266,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
             ..Timers::default()
         },
         admission: Admission {
+            target: Duration::from_millis(args.setup_target_ms.max(1)),
             max_setups: args.max_call_setups.max(1),
             max_calls: args.max_calls.max(1),
         },
@@ -385,6 +387,9 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
     purge.abort();
     if let Some(c) = checkpointer {
         c.abort();
+    }
+    if let Some(h) = health_watch {
+        h.abort();
     }
     if let Ok(engine) = Arc::try_unwrap(engine) {
         engine.stop().await;

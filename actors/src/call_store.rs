@@ -170,6 +170,12 @@ pub trait CallStore: Send + Sync + 'static {
     /// `call_id, recording_id, duration_seconds, size_bytes, download_url`).
     async fn recording_ready(&self, recording: RecordingReady) -> Result<(), StorageError>;
 
+    /// Whether the store can be reached, as far as it knows without asking: a new call is
+    /// refused at once while it cannot.
+    fn reachable(&self) -> bool {
+        true
+    }
+
     /// The live (not released) tenant number with this E.164 number (with `+`), if any.
     async fn route_by_number(&self, number: &str) -> Result<Option<NumberRoute>, StorageError>;
 

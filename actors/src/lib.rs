@@ -5,6 +5,7 @@
 //! SQL: it reaches the outside world only through the traits in [`store`] and [`clock`].
 
 pub mod address;
+pub mod admission;
 pub mod audio;
 pub mod call_store;
 pub mod callback;

@@ -1125,6 +1125,7 @@ fn respond(
     let _ = endpoint.cast(SipMsg::Respond {
         key: key.clone(),
         response,
+        outside: None,
     });
 }
 

@@ -99,7 +99,7 @@ pub struct VoiceSetup {
     pub orphan_after: std::time::Duration,
     pub timers: sautikit_sip::transaction::Timers,
     /// When new INVITEs are turned away with `503`.
-    pub admission: crate::sip_endpoint::Admission,
+    pub admission: crate::admission::Admission,
     /// Per-source SIP request-rate limits.
     pub flood: crate::flood::FloodLimits,
     pub synth: Arc<dyn crate::synth::Synthesizer>,

@@ -22,6 +22,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+use crate::admission::{Admission, AdmissionControl};
 use crate::call_store::{CallStore, TimelineEntry};
 use crate::calls::{CallArgs, CallDeps, CallMsg, IncomingInvite, InviteServer};
 use crate::clock::Clock;
@@ -63,6 +64,10 @@ pub enum SipMsg {
     Respond {
         key: TxKey,
         response: rsip::Response,
+        /// With the final answer to an INVITE: how long its setup waited outside the engine
+        /// (the voice callback), so admission control sees the engine's own share; `None` when
+        /// it is not a sample (it waited on a party we called, or is not such an answer).
+        outside: Option<Duration>,
     },
     /// A Call actor sends an in-dialog request (BYE). `call_id` names the call whose timeline gets
     /// the final response.
@@ -125,29 +130,13 @@ pub struct SipEndpointArgs {
     pub registrar: String,
 }
 
-/// How many calls the engine takes on before it turns new INVITEs away with `503` and
-/// `Retry-After` (RFC 3261 §21.5.4), so that a carrier sends them elsewhere or later instead of
-/// every call slowing down until all of them time out. An overloaded engine that keeps
-/// accepting feeds its own overload: answered calls stay up, send media and wait for their BYE.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Admission {
-    /// Calls between their INVITE and its final response (routing, the voice callback, the
-    /// first write). A healthy engine holds a few dozen; thousands mean it is falling behind.
-    pub max_setups: usize,
-    /// Live calls in all.
-    pub max_calls: usize,
-}
-
-impl Default for Admission {
-    fn default() -> Self {
-        Admission {
-            max_setups: 1_000,
-            max_calls: 10_000,
-        }
-    }
-}
-
 pub struct SipEndpoint;
+
+/// An INVITE in setup: kept to answer `500` should its Call actor fail before it answers.
+struct Setup {
+    invite: rsip::Request,
+    arrived: Instant,
+}
 
 pub struct SipEndpointState {
     args: SipEndpointArgs,
@@ -162,8 +151,10 @@ pub struct SipEndpointState {
     invites: HashMap<TxKey, String>,
     /// The other way round, to forget a call's INVITE when it ends.
     invite_of: HashMap<String, TxKey>,
-    /// INVITEs without a final response yet (see [`Admission`]).
-    setting_up: HashMap<TxKey, rsip::Request>,
+    /// INVITEs without a final response yet, and when each arrived.
+    setting_up: HashMap<TxKey, Setup>,
+    /// Which new INVITEs are taken on (see [`crate::admission`]).
+    admission: AdmissionControl,
     /// INVITEs turned away since the last report, and when that was.
     shed: u64,
     shed_reported: Instant,
@@ -228,6 +219,7 @@ impl Actor for SipEndpoint {
             clock: args.deps.clock.clone(),
             layer: TransactionLayer::with_capacity(args.timers, EXPECTED_TRANSACTIONS),
             flood: crate::flood::FloodGuard::new(args.flood, Instant::now()),
+            admission: AdmissionControl::new(args.admission, Instant::now()),
             args,
             local,
             udp,
@@ -297,9 +289,19 @@ impl Actor for SipEndpoint {
                         .set(state.flood.banned(now) as f64);
                 }
             }
-            SipMsg::Respond { key, response } => {
-                if response.status_code.code() >= 200 {
-                    state.setting_up.remove(&key);
+            SipMsg::Respond {
+                key,
+                response,
+                outside,
+            } => {
+                if response.status_code.code() >= 200
+                    && let Some(setup) = state.setting_up.remove(&key)
+                    && let Some(outside) = outside
+                {
+                    let engine = now
+                        .saturating_duration_since(setup.arrived)
+                        .saturating_sub(outside);
+                    state.admission.setup_finished(engine, now);
                 }
                 if let Err(e) = state.layer.respond(&key, response, now) {
                     debug!(error = %e, "response for a finished transaction dropped");
@@ -385,10 +387,9 @@ impl Actor for SipEndpoint {
                     .map(|(id, _)| id.clone())
                     .collect();
                 for id in gone {
-                    let unanswered = state
-                        .invite_of
-                        .get(&id)
-                        .and_then(|key| Some((key.clone(), state.setting_up.get(key)?.clone())));
+                    let unanswered = state.invite_of.get(&id).and_then(|key| {
+                        Some((key.clone(), state.setting_up.get(key)?.invite.clone()))
+                    });
                     if let Some((key, request)) = unanswered {
                         reply(state, &key, &request, 500, &[]);
                     }
@@ -693,9 +694,22 @@ async fn start_call(
         reply(state, &key, &request, 482, &[]);
         return;
     }
-    let limits = state.args.admission;
-    if state.setting_up.len() >= limits.max_setups || state.dialogs.len() >= limits.max_calls {
+    if !state.store.reachable() {
+        // The database is known to be down: answered now, not after a pool's timeout.
         state.shed += 1;
+        metrics::counter!("sautikit_sip_invites_refused_total", "reason" => "storage_down")
+            .increment(1);
+        reply(state, &key, &request, 503, &[("Retry-After", "5")]);
+        return;
+    }
+    let now = Instant::now();
+    if let Err(why) = state
+        .admission
+        .admit(state.setting_up.len(), state.dialogs.len(), now)
+    {
+        state.shed += 1;
+        metrics::counter!("sautikit_sip_invites_refused_total", "reason" => why.name())
+            .increment(1);
         reply(state, &key, &request, 503, &[("Retry-After", "1")]);
         return;
     }
@@ -720,7 +734,13 @@ async fn start_call(
         Ok((call, _)) => {
             // Kept until the final response: should the actor fail before it answers, the
             // INVITE still gets its `500` (see `CallActorFailed`).
-            state.setting_up.insert(key.clone(), fallback);
+            state.setting_up.insert(
+                key.clone(),
+                Setup {
+                    invite: fallback,
+                    arrived: now,
+                },
+            );
             state.invite_of.insert(sip_call_id.clone(), key.clone());
             state.invites.insert(key, sip_call_id.clone());
             state.dialogs.insert(sip_call_id, call);
@@ -818,6 +838,7 @@ fn report_shed(state: &mut SipEndpointState, now: Instant) {
             turned_away = state.shed,
             setting_up = state.setting_up.len(),
             live = state.dialogs.len(),
+            admitted_share = state.admission.share(),
             "overloaded: new INVITEs answered 503"
         );
         state.shed = 0;

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use sautikit_actors::admission::Admission;
 use sautikit_actors::audio::{AudioFetcher, PlayError};
 use sautikit_actors::call_store::{
     CallAnswered, CallCharged, CallEnded, CallStarted, CallStore, NumberRoute, RecordingReady,
@@ -20,7 +21,6 @@ use sautikit_actors::model::{NumberStatus, TenantNumber};
 use sautikit_actors::registrar::{
     DeviceLogin, RegisterBindings, RegisterStoreError, RegistrarStore, Registration,
 };
-use sautikit_actors::sip_endpoint::Admission;
 use sautikit_actors::store::{
     ClaimError, ClaimNumber, CreditWallet, Credited, ReleaseError, ReleaseNumber, StorageError,
     Store, WalletError,

@@ -79,15 +79,20 @@ impl ApiError {
         )
     }
 
+    /// The database cannot be reached: `503` with `Retry-After`.
+    pub fn storage_unavailable() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "storage.unavailable",
+            "the database is unavailable; retry after Retry-After seconds",
+        )
+    }
+
     pub fn internal(e: impl std::fmt::Display) -> Self {
         let text = e.to_string();
         if crate::db::is_unreachable(&text) {
             tracing::warn!(error = %text, request_id = %current_request_id(), "storage unavailable");
-            return Self::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "storage.unavailable",
-                "the database is unavailable; retry after Retry-After seconds",
-            );
+            return Self::storage_unavailable();
         }
         error!(error = %text, request_id = %current_request_id(), "internal error");
         Self::new(

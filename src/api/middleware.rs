@@ -72,6 +72,10 @@ pub async fn request_context(req: Request, next: Next) -> Response {
 
 /// Resolves `Authorization: Bearer sk_…` to a [`Workspace`], then applies `Idempotency-Key`.
 pub async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    // Known to be down: answer now rather than after the pool's acquire timeout.
+    if state.store.db().health.is_down() {
+        return ApiError::storage_unavailable().into_response();
+    }
     let workspace = match resolve_workspace(&state, req.headers()).await {
         Ok(w) => w,
         Err(e) => return e.into_response(),

@@ -20,10 +20,8 @@ pub struct Health {
 #[utoipa::path(get, path = "/healthz", tag = "ops", security(()),
     responses((status = 200, body = Health), (status = 503, body = Health)))]
 pub async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
-    let ok = sqlx::query("SELECT 1")
-        .execute(&state.store.db().read)
-        .await
-        .is_ok();
+    let db = state.store.db();
+    let ok = !db.health.is_down() && sqlx::query("SELECT 1").execute(&db.read).await.is_ok();
     let body = axum::Json(Health {
         status: if ok { "ok" } else { "database_unreachable" }.to_owned(),
         version: env!("CARGO_PKG_VERSION").to_owned(),

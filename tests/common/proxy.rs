@@ -1,6 +1,7 @@
 //! A TCP proxy a test can cut, to take a database away from a running server and give it back:
-//! `cut` drops every proxied connection and closes new ones at once (what a stopped PostgreSQL
-//! looks like to its clients); `restore` lets connections through again.
+//! `cut` drops every proxied connection and closes new ones at once (a database dying behind a
+//! pooler or proxy); `refuse` drops every proxied connection and stops listening, so new ones
+//! are refused (a stopped PostgreSQL on its own host); `restore` lets connections through again.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,8 +11,9 @@ use tokio::sync::watch;
 
 pub struct CutProxy {
     addr: SocketAddr,
+    target: SocketAddr,
     up: Arc<watch::Sender<bool>>,
-    task: tokio::task::JoinHandle<()>,
+    task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl CutProxy {
@@ -19,29 +21,13 @@ impl CutProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let addr = listener.local_addr().expect("proxy address");
         let up = Arc::new(watch::Sender::new(true));
-        let task = tokio::spawn({
-            let up = up.clone();
-            async move {
-                while let Ok((client, _)) = listener.accept().await {
-                    if !*up.borrow() {
-                        drop(client);
-                        continue;
-                    }
-                    let mut cut = up.subscribe();
-                    tokio::spawn(async move {
-                        let Ok(mut server) = TcpStream::connect(target).await else {
-                            return;
-                        };
-                        let mut client = client;
-                        tokio::select! {
-                            _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                            _ = cut.wait_for(|up| !*up) => {}
-                        }
-                    });
-                }
-            }
-        });
-        CutProxy { addr, up, task }
+        let task = Some(tokio::spawn(serve(listener, target, up.clone())));
+        CutProxy {
+            addr,
+            target,
+            up,
+            task,
+        }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -52,13 +38,50 @@ impl CutProxy {
         self.up.send_replace(false);
     }
 
-    pub fn restore(&self) {
+    /// As `cut`, and the port is closed: connecting is refused.
+    pub fn refuse(&mut self) {
+        self.up.send_replace(false);
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+
+    pub async fn restore(&mut self) {
         self.up.send_replace(true);
+        if self.task.is_none() {
+            // The same port again (tokio binds with SO_REUSEADDR).
+            let listener = TcpListener::bind(self.addr)
+                .await
+                .expect("bind proxy again");
+            self.task = Some(tokio::spawn(serve(listener, self.target, self.up.clone())));
+        }
+    }
+}
+
+async fn serve(listener: TcpListener, target: SocketAddr, up: Arc<watch::Sender<bool>>) {
+    while let Ok((client, _)) = listener.accept().await {
+        if !*up.borrow() {
+            drop(client);
+            continue;
+        }
+        let mut cut = up.subscribe();
+        tokio::spawn(async move {
+            let Ok(mut server) = TcpStream::connect(target).await else {
+                return;
+            };
+            let mut client = client;
+            tokio::select! {
+                _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                _ = cut.wait_for(|up| !*up) => {}
+            }
+        });
     }
 }
 
 impl Drop for CutProxy {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
     }
 }

@@ -4,7 +4,7 @@
 //! CANCEL, a BYE or the API's hangup is handled while a callback is outstanding.
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -223,6 +223,10 @@ pub struct CallState {
     pub(super) streams: Vec<verbs::ActiveStream>,
     /// What the API asked for, until the call starts placing it.
     to_place: Option<Box<super::from_api::PlacedCall>>,
+    /// Time spent waiting on the voice callback, and since when the one in flight was asked:
+    /// admission control counts only the engine's own share of a setup.
+    callback_waited: Duration,
+    callback_since: Option<Instant>,
 }
 
 impl Actor for Call {
@@ -274,6 +278,8 @@ impl Actor for Call {
             placed: None,
             streams: Vec::new(),
             to_place: args.placed,
+            callback_waited: Duration::ZERO,
+            callback_since: None,
             client_request_id: None,
             sip_status: None,
         })
@@ -317,6 +323,9 @@ impl Actor for Call {
             }
             CallMsg::InDialogRequest { key, request } => state.on_in_dialog(key, *request).await,
             CallMsg::CallbackReturned { result, url } => {
+                if let Some(since) = state.callback_since.take() {
+                    state.callback_waited += since.elapsed();
+                }
                 if state.waiting == Waiting::Callback {
                     state.waiting = Waiting::Nothing;
                     state.on_callback(result, url).await;
@@ -665,6 +674,7 @@ impl CallState {
             call_id: self.call_id.clone(),
         };
         self.waiting = Waiting::Callback;
+        self.callback_since = Some(Instant::now());
         let client = self.deps.callback.clone();
         let me = self.myself.clone();
         let answer = self.answer_receipt.take();
@@ -831,7 +841,11 @@ impl CallState {
             self.deps.media.start_stream(port_id, stream);
         }
         self.endpoint
-            .cast(SipMsg::Respond { key, response })
+            .cast(SipMsg::Respond {
+                key,
+                response,
+                outside: self.setup_outside(),
+            })
             .map_err(|_| "sip.endpoint_gone")?;
         self.note(
             "sip.sent",
@@ -880,6 +894,7 @@ impl CallState {
             .cast(SipMsg::Respond {
                 key: server.key.clone(),
                 response,
+                outside: None,
             })
             .map_err(|_| "sip.endpoint_gone")?;
         self.note(
@@ -1029,7 +1044,11 @@ impl CallState {
         if let Some(sdp) = body {
             response = with_body(response, "application/sdp", sdp.into_bytes());
         }
-        let _ = self.endpoint.cast(SipMsg::Respond { key, response });
+        let _ = self.endpoint.cast(SipMsg::Respond {
+            key,
+            response,
+            outside: None,
+        });
         self.note("sip.sent", json!({"status": code, "method": method}));
         if let Some(digit) = info_digit {
             self.on_digit(digit, "sip_info").await;
@@ -1059,8 +1078,15 @@ impl CallState {
         let _ = self.endpoint.cast(SipMsg::Respond {
             key: server.key.clone(),
             response,
+            outside: None,
         });
         self.note("sip.sent", json!({"status": code, "reason": reason}));
+    }
+
+    /// For the final answer to the INVITE: how long its setup waited outside the engine (the
+    /// voice callback), or `None` when it waited on a party we called (devices, `dial`).
+    fn setup_outside(&self) -> Option<Duration> {
+        self.legs.is_empty().then_some(self.callback_waited)
     }
 
     /// A final non-2xx answer to the INVITE.
@@ -1087,6 +1113,7 @@ impl CallState {
         let _ = self.endpoint.cast(SipMsg::Respond {
             key: server.key.clone(),
             response,
+            outside: self.setup_outside(),
         });
         self.note("sip.sent", json!({"status": code, "reason": reason}));
         self.phase = Phase::AwaitingAck;

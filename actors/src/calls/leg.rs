@@ -736,7 +736,11 @@ impl CallState {
         if let Some(sdp) = body {
             response = with_body(response, "application/sdp", sdp.into_bytes());
         }
-        let _ = self.endpoint.cast(SipMsg::Respond { key, response });
+        let _ = self.endpoint.cast(SipMsg::Respond {
+            key,
+            response,
+            outside: None,
+        });
         self.note(
             "sip.received",
             json!({"leg": label, "method": method.to_string()}),

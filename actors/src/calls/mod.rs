@@ -382,6 +382,7 @@ fn end_failed_call(deps: &CallDeps, calls: &ActorRef<CallsMsg>, mut s: CallSnaps
         let _ = s.endpoint.cast(SipMsg::Respond {
             key: key.clone(),
             response,
+            outside: None,
         });
     }
     if let Some(id) = s.rtp_id {
