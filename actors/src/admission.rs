@@ -15,6 +15,7 @@
 //! waiting on the customer's voice callback; setups that waited on a ringing party are not
 //! samples. The fixed caps stay as a backstop for an engine so stuck that no setup finishes.
 
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// Settings of admission control.
@@ -75,6 +76,105 @@ impl Refusal {
     }
 }
 
+/// Admits a share of the INVITEs it is asked about, evenly spread: each ask adds the share,
+/// each admission takes 1 (so it stays below 1, and a share of 1 admits every one).
+#[derive(Debug, Default)]
+pub struct Credit(f64);
+
+impl Credit {
+    pub fn admit(&mut self, share: f64) -> bool {
+        self.0 += share;
+        if self.0 >= 1.0 - f64::EPSILON {
+            self.0 -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// The endpoint's admission as its UDP receive task sees it, so that a new INVITE from a
+/// carrier is refused there, statelessly, instead of queueing in the endpoint's mailbox behind
+/// the calls it serves: a refusal must be quick and cheap, or refusing becomes the overload.
+/// The endpoint publishes after each message it handles; the task only reads.
+#[derive(Debug)]
+pub struct AdmissionGate {
+    share: AtomicU64,
+    closed: AtomicU8,
+    /// INVITEs the task refused since the endpoint last reported them.
+    refused: AtomicU64,
+}
+
+/// Why every new INVITE is refused, when one is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closed {
+    /// A hard cap is reached.
+    Full(Refusal),
+    /// The database is known to be unreachable.
+    StorageDown,
+}
+
+impl Default for AdmissionGate {
+    fn default() -> Self {
+        AdmissionGate {
+            share: AtomicU64::new(1.0f64.to_bits()),
+            closed: AtomicU8::new(0),
+            refused: AtomicU64::new(0),
+        }
+    }
+}
+
+impl AdmissionGate {
+    pub fn publish(&self, share: f64, closed: Option<Closed>) {
+        self.share.store(share.to_bits(), Ordering::Relaxed);
+        let code = match closed {
+            None => 0,
+            Some(Closed::Full(Refusal::TooManySetups)) => 1,
+            Some(Closed::Full(_)) => 2,
+            Some(Closed::StorageDown) => 3,
+        };
+        self.closed.store(code, Ordering::Relaxed);
+    }
+
+    /// Whether the next new INVITE is taken on, by `credit` over the published share.
+    pub fn admit(&self, credit: &mut Credit) -> Result<(), Closed> {
+        match self.closed.load(Ordering::Relaxed) {
+            0 if credit.admit(f64::from_bits(self.share.load(Ordering::Relaxed))) => Ok(()),
+            0 => Err(Closed::Full(Refusal::SlowSetups)),
+            1 => Err(Closed::Full(Refusal::TooManySetups)),
+            2 => Err(Closed::Full(Refusal::TooManyCalls)),
+            _ => Err(Closed::StorageDown),
+        }
+    }
+
+    /// The task answered an INVITE `503`.
+    pub fn refused(&self) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many the task refused since the last call.
+    pub fn take_refused(&self) -> u64 {
+        self.refused.swap(0, Ordering::Relaxed)
+    }
+}
+
+impl Closed {
+    pub fn name(self) -> &'static str {
+        match self {
+            Closed::Full(r) => r.name(),
+            Closed::StorageDown => "storage_down",
+        }
+    }
+
+    /// `Retry-After` seconds for the `503`.
+    pub fn retry_after(self) -> &'static str {
+        match self {
+            Closed::Full(_) => "1",
+            Closed::StorageDown => "5",
+        }
+    }
+}
+
 /// The admission state machine: fed setup samples and asked about new INVITEs, both with `now`.
 #[derive(Debug)]
 pub struct AdmissionControl {
@@ -84,9 +184,7 @@ pub struct AdmissionControl {
     window_samples: u32,
     /// The share of new INVITEs admitted, in `[MIN_SHARE, 1]`.
     share: f64,
-    /// Admissions owed: each INVITE adds `share`, each admitted one takes 1 (so it stays
-    /// below 1, and a share of 1 admits every INVITE).
-    credit: f64,
+    credit: Credit,
 }
 
 impl AdmissionControl {
@@ -97,7 +195,7 @@ impl AdmissionControl {
             window_min: None,
             window_samples: 0,
             share: 1.0,
-            credit: 0.0,
+            credit: Credit::default(),
         }
     }
 
@@ -110,20 +208,29 @@ impl AdmissionControl {
 
     /// Whether a new INVITE is taken on, with `setting_up` calls in setup and `live` in all.
     pub fn admit(&mut self, setting_up: usize, live: usize, now: Instant) -> Result<(), Refusal> {
+        self.caps(setting_up, live)?;
+        self.roll(now);
+        if self.credit.admit(self.share) {
+            Ok(())
+        } else {
+            Err(Refusal::SlowSetups)
+        }
+    }
+
+    /// The hard caps alone: for an INVITE whose share was judged already (by the gate).
+    pub fn caps(&self, setting_up: usize, live: usize) -> Result<(), Refusal> {
         if live >= self.limits.max_calls {
             return Err(Refusal::TooManyCalls);
         }
         if setting_up >= self.limits.max_setups {
             return Err(Refusal::TooManySetups);
         }
+        Ok(())
+    }
+
+    /// Time passes: windows that have ended are closed even when nothing else happens.
+    pub fn tick(&mut self, now: Instant) {
         self.roll(now);
-        self.credit += self.share;
-        if self.credit >= 1.0 - f64::EPSILON {
-            self.credit -= 1.0;
-            Ok(())
-        } else {
-            Err(Refusal::SlowSetups)
-        }
     }
 
     /// The share of new INVITEs being admitted now.
@@ -284,6 +391,27 @@ mod tests {
         // A spell of 50 windows with no setups at all: the share is back to 1.
         let _ = c.admit(0, 0, t0 + WINDOW * 70 + MS);
         assert_eq!(c.share(), 1.0);
+    }
+
+    #[test]
+    fn the_gate_admits_the_published_share_and_nothing_when_closed() {
+        let gate = AdmissionGate::default();
+        let mut credit = Credit::default();
+        assert!((0..10).all(|_| gate.admit(&mut credit).is_ok()));
+        gate.publish(0.25, None);
+        let admitted = (0..100).filter(|_| gate.admit(&mut credit).is_ok()).count();
+        assert_eq!(admitted, 25);
+        gate.publish(1.0, Some(Closed::StorageDown));
+        assert_eq!(gate.admit(&mut credit), Err(Closed::StorageDown));
+        gate.publish(1.0, Some(Closed::Full(Refusal::TooManyCalls)));
+        assert_eq!(
+            gate.admit(&mut credit),
+            Err(Closed::Full(Refusal::TooManyCalls))
+        );
+        gate.refused();
+        gate.refused();
+        assert_eq!(gate.take_refused(), 2);
+        assert_eq!(gate.take_refused(), 0);
     }
 
     #[test]

@@ -22,7 +22,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::admission::{Admission, AdmissionControl};
+use crate::admission::{Admission, AdmissionControl, AdmissionGate, Closed, Credit};
 use crate::call_store::{CallStore, TimelineEntry};
 use crate::calls::{CallArgs, CallDeps, CallMsg, IncomingInvite, InviteServer};
 use crate::clock::Clock;
@@ -155,6 +155,8 @@ pub struct SipEndpointState {
     setting_up: HashMap<TxKey, Setup>,
     /// Which new INVITEs are taken on (see [`crate::admission`]).
     admission: AdmissionControl,
+    /// The same as the UDP receive task sees it.
+    gate: Arc<AdmissionGate>,
     /// INVITEs turned away since the last report, and when that was.
     shed: u64,
     shed_reported: Instant,
@@ -198,8 +200,15 @@ impl Actor for SipEndpoint {
         let local = udp.local_addr()?;
         info!(%local, "SIP listening on UDP and TCP");
         let udp = Arc::new(udp);
+        let gate = Arc::new(AdmissionGate::default());
         let mut tasks = vec![
-            tokio::spawn(udp_loop(udp.clone(), myself.clone())),
+            tokio::spawn(udp_loop(
+                udp.clone(),
+                myself.clone(),
+                gate.clone(),
+                args.carrier_allow.clone(),
+                local,
+            )),
             tokio::spawn(accept_loop(tcp, myself.clone())),
         ];
         let me = myself.clone();
@@ -220,6 +229,7 @@ impl Actor for SipEndpoint {
             layer: TransactionLayer::with_capacity(args.timers, EXPECTED_TRANSACTIONS),
             flood: crate::flood::FloodGuard::new(args.flood, Instant::now()),
             admission: AdmissionControl::new(args.admission, Instant::now()),
+            gate,
             args,
             local,
             udp,
@@ -283,6 +293,7 @@ impl Actor for SipEndpoint {
             }
             SipMsg::TimersDue => {
                 state.layer.handle_timeout(now);
+                state.admission.tick(now);
                 report_shed(state, now);
                 if state.flood.banned_changed(now) {
                     metrics::gauge!("sautikit_sip_flood_banned_sources")
@@ -398,6 +409,7 @@ impl Actor for SipEndpoint {
             }
         }
         drive(&myself, state).await;
+        publish_admission(state);
         Ok(())
     }
 }
@@ -694,23 +706,31 @@ async fn start_call(
         reply(state, &key, &request, 482, &[]);
         return;
     }
-    if !state.store.reachable() {
-        // The database is known to be down: answered now, not after a pool's timeout.
-        state.shed += 1;
-        metrics::counter!("sautikit_sip_invites_refused_total", "reason" => "storage_down")
-            .increment(1);
-        reply(state, &key, &request, 503, &[("Retry-After", "5")]);
-        return;
-    }
     let now = Instant::now();
-    if let Err(why) = state
-        .admission
-        .admit(state.setting_up.len(), state.dialogs.len(), now)
-    {
+    let (setting_up, live) = (state.setting_up.len(), state.dialogs.len());
+    let verdict = if !state.store.reachable() {
+        // The database is known to be down: answered now, not after a pool's timeout.
+        Err(Closed::StorageDown)
+    } else if gated_by_receive_task(&state.args.carrier_allow, state.local, from) {
+        // Its share was judged by the UDP receive task already.
+        state.admission.caps(setting_up, live).map_err(Closed::Full)
+    } else {
+        state
+            .admission
+            .admit(setting_up, live, now)
+            .map_err(Closed::Full)
+    };
+    if let Err(why) = verdict {
         state.shed += 1;
         metrics::counter!("sautikit_sip_invites_refused_total", "reason" => why.name())
             .increment(1);
-        reply(state, &key, &request, 503, &[("Retry-After", "1")]);
+        reply(
+            state,
+            &key,
+            &request,
+            503,
+            &[("Retry-After", why.retry_after())],
+        );
         return;
     }
     // Kept to answer 500 should the Call actor fail to start.
@@ -831,8 +851,23 @@ fn admit(
     }
 }
 
+/// Tell the UDP receive task what admission is now.
+fn publish_admission(state: &SipEndpointState) {
+    let closed = if !state.store.reachable() {
+        Some(Closed::StorageDown)
+    } else {
+        state
+            .admission
+            .caps(state.setting_up.len(), state.dialogs.len())
+            .err()
+            .map(Closed::Full)
+    };
+    state.gate.publish(state.admission.share(), closed);
+}
+
 /// At most one line a second while INVITEs are being turned away.
 fn report_shed(state: &mut SipEndpointState, now: Instant) {
+    state.shed += state.gate.take_refused();
     if state.shed > 0 && now.duration_since(state.shed_reported) >= Duration::from_secs(1) {
         warn!(
             turned_away = state.shed,
@@ -895,17 +930,54 @@ async fn bind_both(listen: SocketAddr) -> std::io::Result<(UdpSocket, TcpListene
     Err(last.unwrap_or_else(|| std::io::Error::other("no port free for both UDP and TCP")))
 }
 
-async fn udp_loop(socket: Arc<UdpSocket>, endpoint: ActorRef<SipMsg>) {
+/// New INVITEs whose admission the UDP receive task judges: from a carrier over UDP (the
+/// volume; others take the endpoint's way, past the flood guard), not our own on-net legs
+/// (sent from our listener's socket).
+fn gated_by_receive_task(carrier_allow: &[IpNet], local: SocketAddr, from: Peer) -> bool {
+    from.transport == Transport::Udp
+        && from.addr != local
+        && carrier_allowed(carrier_allow, from.addr)
+}
+
+async fn udp_loop(
+    socket: Arc<UdpSocket>,
+    endpoint: ActorRef<SipMsg>,
+    gate: Arc<AdmissionGate>,
+    carrier_allow: Vec<IpNet>,
+    local: SocketAddr,
+) {
     let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut credit = Credit::default();
     loop {
         match socket.recv_from(&mut buf).await {
             Ok((n, addr)) => {
+                let from = Peer {
+                    addr,
+                    transport: Transport::Udp,
+                };
+                // Shedding load: a new INVITE refused here is answered at once, statelessly,
+                // and never reaches the endpoint.
+                if crate::flood::RequestClass::of(&buf[..n])
+                    == Some(crate::flood::RequestClass::Invite)
+                    && gated_by_receive_task(&carrier_allow, local, from)
+                    && let Err(why) = gate.admit(&mut credit)
+                    && let Some(answer) = sautikit_sip::transaction::refuse_new_invite(
+                        &buf[..n],
+                        (503, "Service Unavailable"),
+                        &[("Retry-After", why.retry_after())],
+                    )
+                {
+                    gate.refused();
+                    metrics::counter!("sautikit_sip_invites_refused_total", "reason" => why.name())
+                        .increment(1);
+                    if let Err(e) = socket.send_to(&answer, addr).await {
+                        debug!(error = %e, %addr, "could not send a 503");
+                    }
+                    continue;
+                }
                 let msg = SipMsg::Received {
                     bytes: buf[..n].to_vec(),
-                    from: Peer {
-                        addr,
-                        transport: Transport::Udp,
-                    },
+                    from,
                 };
                 if endpoint.cast(msg).is_err() {
                     return;

@@ -636,3 +636,45 @@ fn ack_for_non_2xx_with_its_own_branch_is_absorbed() {
     assert!(sent.is_empty(), "404 retransmitted after the ACK: {sent:?}");
     assert!(h.layer.is_empty());
 }
+
+/// Shedding load: a new INVITE is answered statelessly, with every Via in order, the From,
+/// Call-ID and CSeq as sent, a To tag added and the extra header; anything else is left to the
+/// transaction layer.
+#[test]
+fn a_new_invite_can_be_refused_statelessly_and_nothing_else_is() {
+    use sautikit_sip::transaction::refuse_new_invite;
+    let inv = invite("z9hG4bKshed").replace(
+        "Via: SIP/2.0/UDP 192.0.2.10:5060;branch=z9hG4bKshed;rport\r\n",
+        "v: SIP/2.0/UDP 192.0.2.10:5060;branch=z9hG4bKshed;rport\r\nVia: SIP/2.0/UDP 192.0.2.99;branch=z9hG4bKup\r\n",
+    );
+    let out = refuse_new_invite(
+        inv.as_bytes(),
+        (503, "Service Unavailable"),
+        &[("Retry-After", "1")],
+    )
+    .expect("a new INVITE is refused");
+    let text = String::from_utf8(out).expect("utf-8");
+    let SipMessage::Response(r) = SipMessage::try_from(text.as_str()).expect("parses") else {
+        panic!("not a response: {text}");
+    };
+    assert_eq!(r.status_code.code(), 503);
+    assert!(text.contains("Retry-After: 1\r\n"), "{text}");
+    let vias: Vec<&str> = text.lines().filter(|l| l.starts_with("Via: ")).collect();
+    assert_eq!(vias.len(), 2, "{text}");
+    assert!(vias[0].contains("z9hG4bKshed") && vias[1].contains("z9hG4bKup"));
+    assert!(message::to_tag(&r).is_some(), "{text}");
+    assert_eq!(message::call_id(&r).as_deref(), Some("call-1@192.0.2.10"));
+    assert!(text.contains("CSeq: 1 INVITE\r\n"));
+
+    // In-dialog (To tagged), other methods, ACK and responses are not refused so.
+    let re_invite = request("INVITE", "z9hG4bKre", "INVITE", ";tag=ours");
+    let options = request("OPTIONS", "z9hG4bKo", "OPTIONS", "");
+    let ack = request("ACK", "z9hG4bKa", "ACK", ";tag=ours");
+    let response = "SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 192.0.2.10\r\n\r\n";
+    for m in [re_invite.as_str(), options.as_str(), ack.as_str(), response] {
+        assert!(
+            refuse_new_invite(m.as_bytes(), (503, "Service Unavailable"), &[]).is_none(),
+            "{m}"
+        );
+    }
+}

@@ -21,6 +21,8 @@ pub struct Hit {
     pub content_type: String,
     pub user_agent: String,
     pub body: String,
+    /// The status it was answered with (`None`: held, then `503`).
+    pub answered: Option<u16>,
 }
 
 impl Hit {
@@ -74,6 +76,7 @@ async fn handle(
         content_type: h("content-type"),
         user_agent: h("user-agent"),
         body: String::from_utf8_lossy(&body).into_owned(),
+        answered: None,
     };
     let nth = {
         let mut seen = inner.seen.lock().expect("lock");
@@ -83,6 +86,10 @@ async fn handle(
     };
     let behaviour = inner.behaviour.lock().expect("lock").clone();
     let answer = behaviour(&hit, nth);
+    let mut hit = hit;
+    if let Answer::Status(s) = answer {
+        hit.answered = Some(s);
+    }
     inner.hits.lock().expect("lock").push(hit);
     inner.changed.notify_waiters();
     match answer {

@@ -546,108 +546,171 @@ pub fn error_response_with(
     why: &str,
     extra: &[(&str, &str)],
 ) -> Option<Vec<u8>> {
-    let head = match find(bytes, b"\r\n\r\n") {
-        Some(end) => bytes.get(..end)?,
-        None => bytes,
-    };
-    let mut lines = head
-        .split(|&b| b == b'\n')
-        .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
-    let start = lines.next()?.trim_ascii();
-    // Lenient on the middle: a Request-URI with spaces in it is exactly what we answer 400 to.
-    let method_end = start.iter().position(|&b| b == b' ')?;
-    let method = std::str::from_utf8(start.get(..method_end)?).ok()?;
-    let version_start = start.iter().rposition(|&b| b == b' ')?;
-    let version = start.get(version_start + 1..)?;
-    let uri = start.get(method_end + 1..version_start)?.trim_ascii();
-    if version.len() < 4
-        || !version[..4].eq_ignore_ascii_case(b"SIP/")
-        || method.starts_with("SIP/")
-        || method.is_empty()
-        || method.eq_ignore_ascii_case("ACK")
-    {
-        return None;
-    }
-    let (mut vias, mut from, mut to, mut call_id, mut cseq) = (Vec::new(), None, None, None, None);
-    for line in lines {
-        if line.starts_with(b" ") || line.starts_with(b"\t") {
-            continue;
-        }
-        let Some(colon) = line.iter().position(|&b| b == b':') else {
-            continue;
-        };
-        let Ok(name) = std::str::from_utf8(line.get(..colon)?) else {
-            continue;
-        };
-        let value = line.get(colon + 1..)?.trim_ascii();
-        if value.is_empty() {
-            continue;
-        }
-        let name = expand_compact(name.trim());
-        if name.eq_ignore_ascii_case("Via") {
-            vias.push(value);
-        } else if name.eq_ignore_ascii_case("From") {
-            from.get_or_insert(value);
-        } else if name.eq_ignore_ascii_case("To") {
-            to.get_or_insert(value);
-        } else if name.eq_ignore_ascii_case("Call-ID") {
-            call_id.get_or_insert(value);
-        } else if name.eq_ignore_ascii_case("CSeq") {
-            cseq.get_or_insert(value);
-        }
-    }
-    let (from, to, call_id, cseq) = (from?, to?, call_id?, cseq?);
-    if vias.is_empty() || cseq.to_ascii_uppercase().ends_with(b"ACK") {
-        return None;
-    }
-    let scheme_is_sip = uri.len() > 4
-        && (uri[..4].eq_ignore_ascii_case(b"sip:") || uri[..4].eq_ignore_ascii_case(b"sips"));
-    let method_refused = crate::uas::method_refusal(method).map(|r| r.code);
-    let (code, reason, allow) = if !version.eq_ignore_ascii_case(b"SIP/2.0") {
+    let head = RawHead::of(bytes)?;
+    let scheme_is_sip = head.uri.len() > 4
+        && (head.uri[..4].eq_ignore_ascii_case(b"sip:")
+            || head.uri[..4].eq_ignore_ascii_case(b"sips"));
+    let method_refused = crate::uas::method_refusal(head.method).map(|r| r.code);
+    let (code, reason, allow) = if !head.version.eq_ignore_ascii_case(b"SIP/2.0") {
         (505, "Version Not Supported", false)
     } else if let Some(code) = method_refused {
         (code, message::reason_phrase(code), true)
-    } else if !scheme_is_sip && !uri.is_empty() && !uri.starts_with(b"<") {
+    } else if !scheme_is_sip && !head.uri.is_empty() && !head.uri.starts_with(b"<") {
         (416, message::reason_phrase(416), false)
     } else {
         (status.0, status.1, false)
     };
-    let to_tagged = std::str::from_utf8(to)
-        .ok()
-        .is_some_and(|t| header_param(t, "tag").is_some());
-    let mut out = format!("SIP/2.0 {code} {reason}\r\n").into_bytes();
-    for via in vias {
-        out.extend_from_slice(b"Via: ");
-        out.extend_from_slice(via);
-        out.extend_from_slice(b"\r\n");
+    Some(head.answer(code, reason, allow, why, extra))
+}
+
+/// The stateless answer to a new INVITE (SIP/2.0, no To tag) turned away before it reaches a
+/// transaction, as when the engine sheds load (RFC 3261 §8.2.7: a stateless UAS). `None` for
+/// anything else: an in-dialog INVITE, another request, or one whose key header fields cannot
+/// be found; those take the usual way.
+pub fn refuse_new_invite(
+    bytes: &[u8],
+    status: (u16, &str),
+    extra: &[(&str, &str)],
+) -> Option<Vec<u8>> {
+    let head = RawHead::of(bytes)?;
+    if head.method != "INVITE" || head.to_tagged() || !head.version.eq_ignore_ascii_case(b"SIP/2.0")
+    {
+        return None;
     }
-    out.extend_from_slice(b"From: ");
-    out.extend_from_slice(from);
-    out.extend_from_slice(b"\r\nTo: ");
-    out.extend_from_slice(to);
-    if !to_tagged {
-        out.extend_from_slice(format!(";tag={}", message::new_tag()).as_bytes());
+    Some(head.answer(status.0, status.1, false, "", extra))
+}
+
+/// The start line and the header fields a stateless answer copies, found in a request's raw
+/// text without parsing the rest.
+struct RawHead<'a> {
+    method: &'a str,
+    uri: &'a [u8],
+    version: &'a [u8],
+    vias: Vec<&'a [u8]>,
+    from: &'a [u8],
+    to: &'a [u8],
+    call_id: &'a [u8],
+    cseq: &'a [u8],
+}
+
+impl<'a> RawHead<'a> {
+    /// `None` for a response, an ACK, or a request missing one of the fields.
+    fn of(bytes: &'a [u8]) -> Option<RawHead<'a>> {
+        let head = match find(bytes, b"\r\n\r\n") {
+            Some(end) => bytes.get(..end)?,
+            None => bytes,
+        };
+        let mut lines = head
+            .split(|&b| b == b'\n')
+            .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+        let start = lines.next()?.trim_ascii();
+        // Lenient on the middle: a Request-URI with spaces in it is exactly what we answer 400 to.
+        let method_end = start.iter().position(|&b| b == b' ')?;
+        let method = std::str::from_utf8(start.get(..method_end)?).ok()?;
+        let version_start = start.iter().rposition(|&b| b == b' ')?;
+        let version = start.get(version_start + 1..)?;
+        let uri = start.get(method_end + 1..version_start)?.trim_ascii();
+        if version.len() < 4
+            || !version[..4].eq_ignore_ascii_case(b"SIP/")
+            || method.starts_with("SIP/")
+            || method.is_empty()
+            || method.eq_ignore_ascii_case("ACK")
+        {
+            return None;
+        }
+        let (mut vias, mut from, mut to, mut call_id, mut cseq) =
+            (Vec::new(), None, None, None, None);
+        for line in lines {
+            if line.starts_with(b" ") || line.starts_with(b"\t") {
+                continue;
+            }
+            let Some(colon) = line.iter().position(|&b| b == b':') else {
+                continue;
+            };
+            let Ok(name) = std::str::from_utf8(line.get(..colon)?) else {
+                continue;
+            };
+            let value = line.get(colon + 1..)?.trim_ascii();
+            if value.is_empty() {
+                continue;
+            }
+            let name = expand_compact(name.trim());
+            if name.eq_ignore_ascii_case("Via") {
+                vias.push(value);
+            } else if name.eq_ignore_ascii_case("From") {
+                from.get_or_insert(value);
+            } else if name.eq_ignore_ascii_case("To") {
+                to.get_or_insert(value);
+            } else if name.eq_ignore_ascii_case("Call-ID") {
+                call_id.get_or_insert(value);
+            } else if name.eq_ignore_ascii_case("CSeq") {
+                cseq.get_or_insert(value);
+            }
+        }
+        let (from, to, call_id, cseq) = (from?, to?, call_id?, cseq?);
+        if vias.is_empty() || cseq.to_ascii_uppercase().ends_with(b"ACK") {
+            return None;
+        }
+        Some(RawHead {
+            method,
+            uri,
+            version,
+            vias,
+            from,
+            to,
+            call_id,
+            cseq,
+        })
     }
-    out.extend_from_slice(b"\r\nCall-ID: ");
-    out.extend_from_slice(call_id);
-    out.extend_from_slice(b"\r\nCSeq: ");
-    out.extend_from_slice(cseq);
-    out.extend_from_slice(format!("\r\nServer: {}\r\n", message::SERVER).as_bytes());
-    if allow {
-        out.extend_from_slice(format!("Allow: {}\r\n", crate::uas::ALLOW).as_bytes());
+
+    fn to_tagged(&self) -> bool {
+        std::str::from_utf8(self.to)
+            .ok()
+            .is_some_and(|t| header_param(t, "tag").is_some())
     }
-    for (name, value) in extra {
-        out.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
+
+    fn answer(
+        &self,
+        code: u16,
+        reason: &str,
+        allow: bool,
+        why: &str,
+        extra: &[(&str, &str)],
+    ) -> Vec<u8> {
+        let mut out = format!("SIP/2.0 {code} {reason}\r\n").into_bytes();
+        for via in &self.vias {
+            out.extend_from_slice(b"Via: ");
+            out.extend_from_slice(via);
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"From: ");
+        out.extend_from_slice(self.from);
+        out.extend_from_slice(b"\r\nTo: ");
+        out.extend_from_slice(self.to);
+        if !self.to_tagged() {
+            out.extend_from_slice(format!(";tag={}", message::new_tag()).as_bytes());
+        }
+        out.extend_from_slice(b"\r\nCall-ID: ");
+        out.extend_from_slice(self.call_id);
+        out.extend_from_slice(b"\r\nCSeq: ");
+        out.extend_from_slice(self.cseq);
+        out.extend_from_slice(format!("\r\nServer: {}\r\n", message::SERVER).as_bytes());
+        if allow {
+            out.extend_from_slice(format!("Allow: {}\r\n", crate::uas::ALLOW).as_bytes());
+        }
+        for (name, value) in extra {
+            out.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
+        }
+        if code == 400 {
+            // Warning 399 tells the sender what we objected to, which helps debugging interop.
+            let why: String = why
+                .chars()
+                .filter(|c| *c != '"' && *c != '\\' && !c.is_control())
+                .take(120)
+                .collect();
+            out.extend_from_slice(format!("Warning: 399 sautikit \"{why}\"\r\n").as_bytes());
+        }
+        out.extend_from_slice(b"Content-Length: 0\r\n\r\n");
+        out
     }
-    if code == 400 {
-        // Warning 399 tells the sender what we objected to, which helps debugging interop.
-        let why: String = why
-            .chars()
-            .filter(|c| *c != '"' && *c != '\\' && !c.is_control())
-            .take(120)
-            .collect();
-        out.extend_from_slice(format!("Warning: 399 sautikit \"{why}\"\r\n").as_bytes());
-    }
-    out.extend_from_slice(b"Content-Length: 0\r\n\r\n");
-    Some(out)
 }

@@ -11,7 +11,7 @@ mod layer;
 mod non_invite_client;
 mod non_invite_server;
 
-pub use layer::{TransactionLayer, error_response, error_response_with};
+pub use layer::{TransactionLayer, error_response, error_response_with, refuse_new_invite};
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
