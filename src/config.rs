@@ -225,7 +225,7 @@ pub struct ServeArgs {
     #[arg(long, env = "SAUTIKIT_MEDIA_THREADS", default_value_t = 0)]
     pub media_threads: usize,
     /// The engine's own share of a call's setup (INVITE to final response, less the voice
-    /// callback) that counts as fast. When even the fastest setups of a 100 ms window are slower,
+    /// callback) that counts as fast. When even the fastest setups of a 25 ms window are slower,
     /// a share of new INVITEs is answered `503` with `Retry-After` until they are fast again.
     #[arg(long, env = "SAUTIKIT_SETUP_TARGET_MS", default_value_t = 20)]
     pub setup_target_ms: u64,

@@ -40,7 +40,7 @@ impl Default for Admission {
 }
 
 /// How long one window of setup samples lasts.
-const WINDOW: Duration = Duration::from_millis(50);
+const WINDOW: Duration = Duration::from_millis(25);
 /// A window with fewer samples says nothing about a queue (one slow call at low load).
 const MIN_SAMPLES: u32 = 4;
 /// After a slow window the admitted share is multiplied by (target / its fastest setup) to
@@ -51,7 +51,7 @@ const DECREASE: f64 = 0.5;
 const DECREASE_LEAST: f64 = 0.95;
 /// After a fast window (its fastest setup under half the target) the share is raised by this;
 /// between half the target and the target it holds.
-const INCREASE: f64 = 0.02;
+const INCREASE: f64 = 0.01;
 /// Never admit less than this share, so that fast setups can still be seen.
 const MIN_SHARE: f64 = 0.05;
 
@@ -367,12 +367,13 @@ mod tests {
         assert!((c.share() - 0.5f64.sqrt()).abs() < 1e-9, "{}", c.share());
         // Fast ones restore it.
         let later = later + WINDOW + MS;
-        for w in 0..20u32 {
+        let windows = (1.0 / INCREASE) as u32;
+        for w in 0..windows {
             for i in 0..5u32 {
                 c.setup_finished(3 * MS, later + WINDOW * w + MS * i);
             }
         }
-        let _ = c.admit(0, 0, later + WINDOW * 20 + MS);
+        let _ = c.admit(0, 0, later + WINDOW * windows + MS);
         assert_eq!(c.share(), 1.0);
     }
 
@@ -388,8 +389,8 @@ mod tests {
         }
         let _ = c.admit(0, 0, t0 + WINDOW * 20 + MS);
         assert_eq!(c.share(), MIN_SHARE);
-        // A spell of 50 windows with no setups at all: the share is back to 1.
-        let _ = c.admit(0, 0, t0 + WINDOW * 70 + MS);
+        // A spell of windows with no setups at all: the share is back to 1.
+        let _ = c.admit(0, 0, t0 + WINDOW * (21 + (1.0 / INCREASE) as u32) + MS);
         assert_eq!(c.share(), 1.0);
     }
 

@@ -157,6 +157,8 @@ pub struct SipEndpointState {
     admission: AdmissionControl,
     /// The same as the UDP receive task sees it.
     gate: Arc<AdmissionGate>,
+    /// Dropped with the endpoint: the UDP receive thread then ends.
+    _receiving: tokio::sync::oneshot::Sender<()>,
     /// INVITEs turned away since the last report, and when that was.
     shed: u64,
     shed_reported: Instant,
@@ -199,18 +201,18 @@ impl Actor for SipEndpoint {
         let (udp, tcp) = bind_both(args.listen).await?;
         let local = udp.local_addr()?;
         info!(%local, "SIP listening on UDP and TCP");
-        let udp = Arc::new(udp);
         let gate = Arc::new(AdmissionGate::default());
-        let mut tasks = vec![
-            tokio::spawn(udp_loop(
-                udp.clone(),
-                myself.clone(),
-                gate.clone(),
-                args.carrier_allow.clone(),
+        let receiving = spawn_udp_receiver(
+            &udp,
+            UdpReceiver {
+                endpoint: myself.clone(),
+                gate: gate.clone(),
+                carrier_allow: args.carrier_allow.clone(),
                 local,
-            )),
-            tokio::spawn(accept_loop(tcp, myself.clone())),
-        ];
+            },
+        )?;
+        let udp = Arc::new(udp);
+        let mut tasks = vec![tokio::spawn(accept_loop(tcp, myself.clone()))];
         let me = myself.clone();
         tasks.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(TICK);
@@ -230,6 +232,7 @@ impl Actor for SipEndpoint {
             flood: crate::flood::FloodGuard::new(args.flood, Instant::now()),
             admission: AdmissionControl::new(args.admission, Instant::now()),
             gate,
+            _receiving: receiving,
             args,
             local,
             udp,
@@ -939,13 +942,56 @@ fn gated_by_receive_task(carrier_allow: &[IpNet], local: SocketAddr, from: Peer)
         && carrier_allowed(carrier_allow, from.addr)
 }
 
-async fn udp_loop(
-    socket: Arc<UdpSocket>,
+/// What the UDP receive thread needs.
+struct UdpReceiver {
     endpoint: ActorRef<SipMsg>,
     gate: Arc<AdmissionGate>,
     carrier_allow: Vec<IpNet>,
     local: SocketAddr,
-) {
+}
+
+/// Receive on a thread of its own, with a runtime of its own, over a second descriptor of the
+/// same socket (the endpoint's is only sent on). Reading and shedding then never wait behind the
+/// calls' work on the shared runtime, which is busiest exactly when load must be shed (as a
+/// SIP server's receiver processes do). Ends when the returned sender is dropped.
+fn spawn_udp_receiver(
+    udp: &UdpSocket,
+    receiver: UdpReceiver,
+) -> std::io::Result<tokio::sync::oneshot::Sender<()>> {
+    use std::os::fd::AsFd;
+    let fd = udp.as_fd().try_clone_to_owned()?;
+    let socket = std::net::UdpSocket::from(fd);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name("sautikit-sip-rx".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let socket = match UdpSocket::from_std(socket) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        warn!(error = %e, "SIP UDP receiver could not start");
+                        return;
+                    }
+                };
+                tokio::select! {
+                    () = udp_loop(socket, receiver) => {}
+                    _ = stopped => {}
+                }
+            });
+        })?;
+    Ok(stop)
+}
+
+async fn udp_loop(socket: UdpSocket, r: UdpReceiver) {
+    let UdpReceiver {
+        endpoint,
+        gate,
+        carrier_allow,
+        local,
+    } = r;
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let mut credit = Credit::default();
     loop {
