@@ -484,10 +484,12 @@ fn spawn_group(
                 break;
             }
             let signature = signature_header(&d.secret, d.body.as_bytes(), now.timestamp());
-            // The body moves into the request: one copy per delivery fewer.
+            // The body moves into the request: one copy per delivery fewer. The URL stays: the
+            // attempt's record names it (a retry that succeeds brings its receiver's others
+            // forward).
             let request = SignedRequest {
                 timeout: left,
-                url: std::mem::take(&mut d.url),
+                url: d.url.clone(),
                 signature,
                 body: std::mem::take(&mut d.body),
                 event_id: d.event_id.clone(),

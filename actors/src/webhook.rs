@@ -140,6 +140,9 @@ pub struct AttemptRecord {
     pub result: SendResult,
     pub resolution: Resolution,
     pub max_attempts: i64,
+    /// Where it went: a retried delivery that succeeds there brings the receiver's other
+    /// waiting deliveries forward.
+    pub url: String,
     /// The delivery is not in the outbox table yet (see [`LeasedDelivery::unwritten`]).
     pub unwritten: Option<Arc<Unwritten>>,
 }
@@ -170,6 +173,7 @@ pub fn resolve(
         result,
         resolution,
         max_attempts: d.max_attempts,
+        url: d.url.clone(),
         unwritten: d.unwritten.clone(),
     }
 }

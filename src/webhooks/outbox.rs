@@ -122,6 +122,9 @@ struct LocalInner {
     /// The last delivery id made here: ids of deliveries handed out unwritten are not in the
     /// table, and later ones of the same key must still sort after them.
     last_delivery_id: Option<uuid::Uuid>,
+    /// Receivers whose waiting deliveries were brought forward, and when (see
+    /// [`bring_forward`]).
+    recovered: HashMap<String, Instant>,
 }
 
 impl LocalLeases {
@@ -1345,6 +1348,7 @@ impl Outbox for SqlStore {
             }
             q.execute(&mut *tx).await.map_err(storage)?;
         }
+        bring_forward(&mut tx, backend, &self.leases, attempts).await?;
         tx.commit().await.map_err(storage)?;
         if !first_events.is_empty() {
             let mut l = self.leases.lock();
@@ -1394,6 +1398,68 @@ struct InlineAttempt {
     status_code: Option<i64>,
     latency_ms: i64,
     error: Option<String>,
+}
+
+/// How long after bringing a receiver's deliveries forward another success there does it again.
+const BRING_FORWARD_EVERY: Duration = Duration::from_secs(5);
+
+/// A retried delivery that succeeded says its receiver is back: its other deliveries waiting out
+/// a backoff (up to hours, after a long outage) are made due now, so the backlog drains at once
+/// rather than over the rest of the schedule. Order per key is unchanged (the lease still hands
+/// out only the head of each key). Once per receiver per [`BRING_FORWARD_EVERY`] in this
+/// process: successes come by the hundred while a backlog drains.
+async fn bring_forward(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    backend: Backend,
+    leases: &LocalLeases,
+    attempts: &[AttemptRecord],
+) -> Result<(), StorageError> {
+    let now = Instant::now();
+    let mut urls: Vec<&str> = attempts
+        .iter()
+        .filter(|a| a.attempt > 1 && a.resolution == Resolution::Succeeded)
+        .map(|a| a.url.as_str())
+        .collect();
+    urls.sort_unstable();
+    urls.dedup();
+    {
+        let mut l = leases.lock();
+        l.recovered
+            .retain(|_, at| now.duration_since(*at) < BRING_FORWARD_EVERY);
+        urls.retain(|u| !l.recovered.contains_key(*u));
+        for u in &urls {
+            l.recovered.insert((*u).to_owned(), now);
+        }
+    }
+    let Some(at) = attempts.iter().map(|a| a.attempted_at).max() else {
+        return Ok(());
+    };
+    let at = to_db(at);
+    for chunk in urls.chunks(IN_CHUNK) {
+        let sql = format!(
+            "UPDATE webhook_deliveries SET next_attempt_at = {} \
+             WHERE status = 'pending' AND attempts > 0 AND lease_token IS NULL \
+             AND next_attempt_at > {} AND url IN {}",
+            placeholder(backend, 1),
+            placeholder(backend, 2),
+            in_list_from(backend, 3, chunk.len())
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql))
+            .bind(at.clone())
+            .bind(at.clone());
+        for url in chunk {
+            q = q.bind(*url);
+        }
+        let moved = q.execute(&mut **tx).await.map_err(storage)?.rows_affected();
+        if moved > 0 {
+            tracing::info!(
+                receivers = chunk.len(),
+                deliveries = moved,
+                "a receiver is back: its deliveries waiting to retry are due now"
+            );
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
