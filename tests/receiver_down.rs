@@ -18,11 +18,10 @@ use std::time::{Duration, Instant};
 use common::calls::{
     INVENTORY_ID, NUMBER, claim_and_route, deliveries_of, final_calls, sipp_load, start_server_with,
 };
-use common::peer::{SipCaller, sdp};
+use common::peer::SipCaller;
 use common::receiver::Answer;
 use common::uac::status_code;
 use common::{Backend, TestDb, dev_key, postgres_available};
-use sautikit_sip::sdp::Codec;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receiver_down_sqlite() {
@@ -41,13 +40,8 @@ async fn setup_times(sip: SocketAddr, spell: Duration) -> Vec<Duration> {
     let until = Instant::now() + spell;
     let mut took = Vec::new();
     while Instant::now() < until {
-        let mut caller = SipCaller::new(sip, NUMBER).await;
-        let asked = Instant::now();
-        caller
-            .invite(&sdp("127.0.0.1:9".parse().expect("addr"), Codec::Pcmu, 101))
-            .await;
-        let (_, answer) = caller.await_final(Duration::from_secs(10)).await;
-        took.push(asked.elapsed());
+        let (answer, setup, mut caller) = SipCaller::timed_call(sip, NUMBER).await;
+        took.push(setup);
         assert_eq!(status_code(&answer), Some(200), "{answer}");
         caller.ack().await;
         caller.bye().await;

@@ -199,6 +199,18 @@ impl SipCaller {
         self.send(&text).await;
     }
 
+    /// A new call to `number` offering PCMU: its final answer, how long that took from the
+    /// INVITE, and the caller (to ACK and hang up an answered call).
+    pub async fn timed_call(server: SocketAddr, number: &str) -> (String, Duration, SipCaller) {
+        let mut caller = SipCaller::new(server, number).await;
+        let asked = std::time::Instant::now();
+        caller
+            .invite(&sdp("127.0.0.1:9".parse().expect("addr"), Codec::Pcmu, 101))
+            .await;
+        let (_, answer) = caller.await_final(Duration::from_secs(10)).await;
+        (answer, asked.elapsed(), caller)
+    }
+
     /// Wait for the engine's BYE and answer it.
     pub async fn await_bye(&self, wait: Duration) -> String {
         loop {
