@@ -411,8 +411,10 @@ impl Actor for SipEndpoint {
                 }
             }
         }
-        drive(&myself, state).await;
+        // Published before anything this message caused is sent: a caller that hears the answer
+        // freeing a place must find the receive thread knowing it.
         publish_admission(state);
+        drive(&myself, state).await;
         Ok(())
     }
 }
