@@ -129,8 +129,10 @@ impl AdmissionGate {
         self.share.store(share.to_bits(), Ordering::Relaxed);
         let code = match closed {
             None => 0,
+            // Published only for a cap; a slow share is the share itself, not a closure.
+            Some(Closed::Full(Refusal::SlowSetups)) => 0,
             Some(Closed::Full(Refusal::TooManySetups)) => 1,
-            Some(Closed::Full(_)) => 2,
+            Some(Closed::Full(Refusal::TooManyCalls)) => 2,
             Some(Closed::StorageDown) => 3,
         };
         self.closed.store(code, Ordering::Relaxed);

@@ -1420,6 +1420,10 @@ async fn bring_forward(
         .filter(|a| a.attempt > 1 && a.resolution == Resolution::Succeeded)
         .map(|a| a.url.as_str())
         .collect();
+    if urls.is_empty() {
+        // The usual batch: nothing was retried, so nothing to lock or write.
+        return Ok(());
+    }
     urls.sort_unstable();
     urls.dedup();
     {
