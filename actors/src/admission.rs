@@ -177,6 +177,62 @@ impl Closed {
     }
 }
 
+/// How long a verdict on a new INVITE is remembered: at least Timer B (64·T1), after which its
+/// sender has given up retransmitting it.
+const REMEMBER: Duration = Duration::from_secs(32);
+
+/// The receive thread's verdicts on the new INVITEs of the last 32 to 64 s, by transaction, so
+/// that a retransmission gets its original's verdict rather than a fresh one: the
+/// retransmission of an admitted INVITE goes on to its transaction (not a `503` while the
+/// original is answered `200`), and that of a refused one is refused again without using up
+/// a place. Two generations swapped every [`REMEMBER`]: no timer per entry.
+#[derive(Debug)]
+pub struct RecentVerdicts {
+    hasher: std::hash::RandomState,
+    current: std::collections::HashMap<u64, Option<Closed>>,
+    previous: std::collections::HashMap<u64, Option<Closed>>,
+    swapped: Instant,
+}
+
+impl RecentVerdicts {
+    pub fn new(now: Instant) -> Self {
+        RecentVerdicts {
+            hasher: std::hash::RandomState::new(),
+            current: Default::default(),
+            previous: Default::default(),
+            swapped: now,
+        }
+    }
+
+    /// The verdict on the INVITE known by `identity` (its Call-ID, CSeq and top Via): the one
+    /// given before if it was seen in the last 32 s, else `decide()`'s, remembered. The flag
+    /// says whether it was decided now.
+    pub fn judge(
+        &mut self,
+        identity: &[&[u8]],
+        now: Instant,
+        decide: impl FnOnce() -> Result<(), Closed>,
+    ) -> (Result<(), Closed>, bool) {
+        let since = now.saturating_duration_since(self.swapped);
+        if since >= REMEMBER {
+            if since >= 2 * REMEMBER {
+                self.previous.clear();
+            } else {
+                std::mem::swap(&mut self.previous, &mut self.current);
+            }
+            self.current.clear();
+            self.swapped = now;
+        }
+        let key = std::hash::BuildHasher::hash_one(&self.hasher, identity);
+        if let Some(seen) = self.current.get(&key).or_else(|| self.previous.get(&key)) {
+            return (seen.map_or(Ok(()), Err), false);
+        }
+        let verdict = decide();
+        self.current.insert(key, verdict.err());
+        (verdict, true)
+    }
+}
+
 /// The admission state machine: fed setup samples and asked about new INVITEs, both with `now`.
 #[derive(Debug)]
 pub struct AdmissionControl {
@@ -320,6 +376,41 @@ mod tests {
             .copied()
             .unwrap_or_default();
         (admitted, refused, p99)
+    }
+
+    #[test]
+    fn a_retransmission_gets_its_originals_verdict_for_32_seconds() {
+        let t0 = Instant::now();
+        let mut recent = RecentVerdicts::new(t0);
+        let admitted: [&[u8]; 3] = [b"a@x", b"1 INVITE", b"SIP/2.0/UDP h;branch=z9hG4bK1"];
+        let refused: [&[u8]; 3] = [b"b@x", b"1 INVITE", b"SIP/2.0/UDP h;branch=z9hG4bK2"];
+        let full = Err(Closed::Full(Refusal::SlowSetups));
+        assert_eq!(recent.judge(&admitted, t0, || Ok(())), (Ok(()), true));
+        assert_eq!(recent.judge(&refused, t0, || full), (full, true));
+        // Retransmissions (Timer A doubling up to Timer B) are not judged again, whatever the
+        // gate says now.
+        for at in [500, 1_500, 3_500, 7_500, 15_500, 31_500, 40_000] {
+            let now = t0 + at * MS;
+            assert_eq!(
+                recent.judge(&admitted, now, || full),
+                (Ok(()), false),
+                "{at}"
+            );
+            assert_eq!(
+                recent.judge(&refused, now, || Ok(())),
+                (full, false),
+                "{at}"
+            );
+        }
+        // Another transaction of the same call is a new INVITE.
+        let other: [&[u8]; 3] = [b"a@x", b"1 INVITE", b"SIP/2.0/UDP h;branch=z9hG4bK3"];
+        assert_eq!(
+            recent.judge(&other, t0 + 40 * 1_000 * MS, || full),
+            (full, true)
+        );
+        // Forgotten once two swaps have passed without it.
+        let later = t0 + 100 * 1_000 * MS;
+        assert_eq!(recent.judge(&admitted, later, || full), (full, true));
     }
 
     #[test]

@@ -22,7 +22,9 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::admission::{Admission, AdmissionControl, AdmissionGate, Closed, Credit};
+use crate::admission::{
+    Admission, AdmissionControl, AdmissionGate, Closed, Credit, RecentVerdicts,
+};
 use crate::call_store::{CallStore, TimelineEntry};
 use crate::calls::{CallArgs, CallDeps, CallMsg, IncomingInvite, InviteServer};
 use crate::clock::Clock;
@@ -520,7 +522,7 @@ async fn on_event(myself: &ActorRef<SipMsg>, state: &mut SipEndpointState, event
                     kind: "sip.received".into(),
                     detail: serde_json::json!({
                         "status": code,
-                        "reason": response.status_code.to_string(),
+                        "reason": sautikit_sip::message::reason_of(&response.status_code),
                         "cseq": sipmsg::cseq(&response).map(|(n, m)| format!("{n} {m}")),
                     }),
                 };
@@ -996,6 +998,7 @@ async fn udp_loop(socket: UdpSocket, r: UdpReceiver) {
     } = r;
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let mut credit = Credit::default();
+    let mut recent = RecentVerdicts::new(Instant::now());
     loop {
         match socket.recv_from(&mut buf).await {
             Ok((n, addr)) => {
@@ -1008,16 +1011,21 @@ async fn udp_loop(socket: UdpSocket, r: UdpReceiver) {
                 if crate::flood::RequestClass::of(&buf[..n])
                     == Some(crate::flood::RequestClass::Invite)
                     && gated_by_receive_task(&carrier_allow, local, from)
-                    && let Err(why) = gate.admit(&mut credit)
+                    && let Some(identity) =
+                        sautikit_sip::transaction::new_invite_identity(&buf[..n])
+                    && let (Err(why), fresh) =
+                        recent.judge(&identity, Instant::now(), || gate.admit(&mut credit))
                     && let Some(answer) = sautikit_sip::transaction::refuse_new_invite(
                         &buf[..n],
                         (503, "Service Unavailable"),
                         &[("Retry-After", why.retry_after())],
                     )
                 {
-                    gate.refused();
-                    metrics::counter!("sautikit_sip_invites_refused_total", "reason" => why.name())
-                        .increment(1);
+                    if fresh {
+                        gate.refused();
+                        metrics::counter!("sautikit_sip_invites_refused_total", "reason" => why.name())
+                            .increment(1);
+                    }
                     if let Err(e) = socket.send_to(&answer, addr).await {
                         debug!(error = %e, %addr, "could not send a 503");
                     }

@@ -572,12 +572,16 @@ pub fn refuse_new_invite(
     status: (u16, &str),
     extra: &[(&str, &str)],
 ) -> Option<Vec<u8>> {
-    let head = RawHead::of(bytes)?;
-    if head.method != "INVITE" || head.to_tagged() || !head.version.eq_ignore_ascii_case(b"SIP/2.0")
-    {
-        return None;
-    }
+    let head = RawHead::new_invite(bytes)?;
     Some(head.answer(status.0, status.1, false, "", extra))
+}
+
+/// The Call-ID, CSeq and top Via of a new INVITE (SIP/2.0, no To tag) as written, which its
+/// retransmissions repeat byte for byte (RFC 3261 §17.1.1.2); `None` where [`refuse_new_invite`]
+/// would answer nothing.
+pub fn new_invite_identity(bytes: &[u8]) -> Option<[&[u8]; 3]> {
+    let head = RawHead::new_invite(bytes)?;
+    Some([head.call_id, head.cseq, head.vias.first()?])
 }
 
 /// The start line and the header fields a stateless answer copies, found in a request's raw
@@ -661,6 +665,15 @@ impl<'a> RawHead<'a> {
             call_id,
             cseq,
         })
+    }
+
+    /// A new INVITE's: SIP/2.0 and no To tag.
+    fn new_invite(bytes: &'a [u8]) -> Option<RawHead<'a>> {
+        let head = RawHead::of(bytes)?;
+        (head.method == "INVITE"
+            && !head.to_tagged()
+            && head.version.eq_ignore_ascii_case(b"SIP/2.0"))
+        .then_some(head)
     }
 
     fn to_tagged(&self) -> bool {

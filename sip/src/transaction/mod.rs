@@ -11,7 +11,9 @@ mod layer;
 mod non_invite_client;
 mod non_invite_server;
 
-pub use layer::{TransactionLayer, error_response, error_response_with, refuse_new_invite};
+pub use layer::{
+    TransactionLayer, error_response, error_response_with, new_invite_identity, refuse_new_invite,
+};
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
