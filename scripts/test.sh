@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
+require_rust
 
 # sipp (Debian sip-tester) is the real SIP peer of the interop tests (tests/calls_sip.rs).
 apt_install_missing cc:gcc node:nodejs npm:npm sipp:sip-tester espeak-ng:espeak-ng python3:python3

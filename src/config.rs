@@ -82,6 +82,9 @@ pub enum Command {
         #[command(subcommand)]
         command: AdminCommand,
     },
+    /// A test phone: call a number the way a carrier does.
+    #[command(subcommand)]
+    Phone(crate::phone::PhoneCommand),
 }
 
 #[derive(Debug, Clone, Args)]

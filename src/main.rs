@@ -13,7 +13,11 @@ use tracing_subscriber::prelude::*;
 fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_env("SAUTIKIT_LOG")
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
-    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colour codes only for a person at a terminal, not in a log file or a collector.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let layer = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     let layer = match format {
         LogFormat::Text => layer.boxed(),
         LogFormat::Json => layer.json().boxed(),
@@ -59,6 +63,18 @@ async fn main() -> ExitCode {
                 }
             }
         }
+        Command::Phone(command) => match sautikit::phone::run(command).await {
+            Ok(sautikit::phone::Outcome::Completed) => ExitCode::SUCCESS,
+            Ok(sautikit::phone::Outcome::NotConnected) => ExitCode::FAILURE,
+            Err(e @ sautikit::phone::PhoneError::Invalid(_)) => {
+                eprintln!("sautikit: {e}");
+                ExitCode::from(2)
+            }
+            Err(e) => {
+                eprintln!("sautikit: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Admin { db, command } => match sautikit::admin::run(&db.url(), command).await {
             Ok(out) => {
                 println!("{out}");

@@ -89,8 +89,8 @@ async fn sipp_uac_to_a_long_pause(backend: Backend) {
     assert!(verify_signature(&ctx.secret, &hit.signature, &hit.body));
     // The timeline shows the SIP exchange and the action.
     let id = calls[0]["id"].as_str().unwrap();
-    let kinds: Vec<String> = timeline(&ctx.api, id)
-        .await
+    let entries = timeline(&ctx.api, id).await;
+    let kinds: Vec<String> = entries
         .iter()
         .map(|e| e["kind"].as_str().unwrap().to_owned())
         .collect();
@@ -103,6 +103,18 @@ async fn sipp_uac_to_a_long_pause(backend: Backend) {
     ] {
         assert!(kinds.iter().any(|x| x == k), "{k} missing from {kinds:?}");
     }
+    // The pause waits for the ACK and resumes after it: still one start for its one action.
+    let started: Vec<&serde_json::Value> = entries
+        .iter()
+        .filter(|e| e["kind"] == "action.started")
+        .collect();
+    assert_eq!(started.len(), 1, "{started:?}");
+    // Codecs are named as in SDP.
+    let ok = entries
+        .iter()
+        .find(|e| e["kind"] == "sip.sent" && e["detail"]["status"] == 200)
+        .expect("the 200 in the timeline");
+    assert_eq!(ok["detail"]["codec"], "PCMU", "{ok}");
     drop(ctx.db);
 }
 on_both_backends!(sipp_uac_to_a_long_pause);
@@ -387,6 +399,13 @@ async fn overload_is_answered_503(backend: Backend) {
     let refused = final_for(&second);
     assert_eq!(status_code(&refused), Some(503), "{refused}");
     assert_eq!(header(&refused, "Retry-After"), Some("1"), "{refused}");
+    // Retransmissions keep their original's verdict while the engine is still full: the
+    // refused one is refused again, the admitted one goes on to its transaction (a `503` here
+    // would be a second final response to a call about to be answered `200`).
+    sip.send_to(invite(&second).as_bytes(), server).unwrap();
+    let refused = final_for(&second);
+    assert_eq!(status_code(&refused), Some(503), "{refused}");
+    sip.send_to(invite(&first).as_bytes(), server).unwrap();
 
     let answered = final_for(&first);
     assert_eq!(status_code(&answered), Some(200), "{answered}");

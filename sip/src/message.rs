@@ -316,6 +316,16 @@ fn status(code: u16, reason: Option<&str>) -> rsip::StatusCode {
     rsip::StatusCode::Other(code, reason.to_string())
 }
 
+/// A received response's reason phrase as sent, for the ones rsip keeps ("486 User Busy Here"),
+/// else the RFC's phrase: never rsip's enum name ("BusyHere"), so that what we received reads
+/// like what we sent.
+pub fn reason_of(status: &rsip::StatusCode) -> String {
+    match status {
+        rsip::StatusCode::Other(_, reason) => reason.clone(),
+        known => reason_phrase(known.code()).to_owned(),
+    }
+}
+
 /// The RFC 3261 §21 reason phrase (and a few from extensions) for a status code.
 pub fn reason_phrase(code: u16) -> &'static str {
     match code {
@@ -679,6 +689,19 @@ Contact: <sip:alice@10.0.0.2:5061;transport=udp>\r\n\
 Max-Forwards: 70\r\n\
 Content-Type: application/sdp\r\n\
 Content-Length: 4\r\n\r\nv=0\r\nEXTRA";
+
+    #[test]
+    fn received_reasons_read_like_sent_ones() {
+        let busy = parse(b"SIP/2.0 486 User Busy Here\r\nContent-Length: 0\r\n\r\n");
+        let Ok(rsip::SipMessage::Response(busy)) = busy else {
+            panic!("a response: {busy:?}");
+        };
+        assert_eq!(reason_of(&busy.status_code), "Busy Here");
+        let progress = rsip::StatusCode::SessionProgress;
+        assert_eq!(reason_of(&progress), "Session Progress");
+        let odd = rsip::StatusCode::Other(499, "Whatever It Said".into());
+        assert_eq!(reason_of(&odd), "Whatever It Said");
+    }
 
     #[test]
     fn parses_and_truncates_body_to_content_length() {

@@ -6,6 +6,7 @@ pub mod baresip;
 pub mod caller;
 pub mod calls;
 pub mod device;
+pub mod guide;
 pub mod peer;
 pub mod proxy;
 pub mod receiver;

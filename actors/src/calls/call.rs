@@ -165,6 +165,9 @@ pub(super) struct StepResume {
 
 pub struct Call;
 
+/// The header that carries our call id on the responses to a call's INVITE.
+pub const CALL_ID_HEADER: &str = "X-Sautikit-Call-Id";
+
 pub struct CallState {
     pub(super) deps: CallDeps,
     pub(super) endpoint: ActorRef<SipMsg>,
@@ -184,6 +187,9 @@ pub struct CallState {
     pub(super) timer_seq: u64,
     pub(super) actions: Vec<Action>,
     pub(super) index: usize,
+    /// The action whose `action.started` is in the timeline: an action that waits (for the
+    /// ACK, a timer) is run again when it resumes, and is started once.
+    pub(super) started: Option<usize>,
     /// The URL whose reply is running: relative URLs in it resolve against it.
     pub(super) document_url: String,
     pub(super) timeline: Vec<TimelineEntry>,
@@ -258,6 +264,7 @@ impl Actor for Call {
             timer_seq: 0,
             actions: Vec::new(),
             index: 0,
+            started: None,
             document_url: String::new(),
             timeline: Vec::new(),
             recorded: false,
@@ -702,6 +709,7 @@ impl CallState {
                     // A step's callback with nothing to say: the script goes on (jambonz).
                     self.actions = resume.actions;
                     self.index = resume.index;
+                    self.started = Some(resume.index);
                     self.document_url = resume.document_url;
                     self.action_finished("completed");
                     self.index += 1;
@@ -712,6 +720,7 @@ impl CallState {
                     }
                     self.actions = reply.script.actions;
                     self.index = 0;
+                    self.started = None;
                     self.document_url = url;
                 }
                 self.run().await;
@@ -766,6 +775,9 @@ impl CallState {
 
     pub(super) fn action_started(&mut self, verb: &str) {
         let index = self.index;
+        if self.started.replace(index) == Some(index) {
+            return;
+        }
         self.note("action.started", json!({"index": index, "verb": verb}));
     }
 
@@ -802,6 +814,7 @@ impl CallState {
             return Err("sip.no_invite");
         };
         let mut response = response_to(&server.request, 200, Some("OK"), Some(&self.local_tag));
+        self.with_call_id(&mut response);
         response
             .headers
             .push(rsip::Header::Contact(rsip::headers::Contact::new(format!(
@@ -849,7 +862,7 @@ impl CallState {
             .map_err(|_| "sip.endpoint_gone")?;
         self.note(
             "sip.sent",
-            json!({"status": 200, "reason": "OK", "codec": format!("{:?}", answer.codec)}),
+            json!({"status": 200, "reason": "OK", "codec": answer.codec.name()}),
         );
         self.answer_sdp = Some(answer.sdp);
         self.dialog = Some(dialog);
@@ -1074,13 +1087,25 @@ impl CallState {
         else {
             return;
         };
-        let response = response_to(&server.request, code, Some(reason), Some(&self.local_tag));
+        let mut response = response_to(&server.request, code, Some(reason), Some(&self.local_tag));
+        self.with_call_id(&mut response);
         let _ = self.endpoint.cast(SipMsg::Respond {
             key: server.key.clone(),
             response,
             outside: None,
         });
         self.note("sip.sent", json!({"status": code, "reason": reason}));
+    }
+
+    /// The call's id on the responses to its INVITE once its record exists, so that whoever
+    /// called (a carrier's logs, `sautikit phone`) can look the call up.
+    fn with_call_id(&self, response: &mut rsip::Response) {
+        if self.recorded {
+            response.headers.push(rsip::Header::Other(
+                CALL_ID_HEADER.into(),
+                self.call_id.clone(),
+            ));
+        }
     }
 
     /// For the final answer to the INVITE: how long its setup waited outside the engine (the
@@ -1105,6 +1130,7 @@ impl CallState {
             return;
         };
         let mut response = response_to(&server.request, code, reason, Some(&self.local_tag));
+        self.with_call_id(&mut response);
         for (name, value) in extra {
             response
                 .headers

@@ -685,7 +685,7 @@ impl CallState {
     fn timeline_leg_response(&mut self, label: &str, code: u16, response: &rsip::Response) {
         self.note(
             "sip.received",
-            json!({"leg": label, "status": code, "reason": response.status_code.to_string()}),
+            json!({"leg": label, "status": code, "reason": sipmsg::reason_of(&response.status_code)}),
         );
     }
 

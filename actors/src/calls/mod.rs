@@ -29,7 +29,7 @@ use sautikit_sip::rsip;
 use sautikit_sip::transaction::{Peer, TxKey};
 use tracing::{error, info, warn};
 
-pub use call::{Call, CallArgs, CallMsg, IncomingInvite, InviteServer};
+pub use call::{CALL_ID_HEADER, Call, CallArgs, CallMsg, IncomingInvite, InviteServer};
 pub use from_api::{PlaceRefusal, PlacedCall};
 
 use crate::audio::AudioFetcher;
