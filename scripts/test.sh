@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 require_rust
 
 # sipp (Debian sip-tester) is the real SIP peer of the interop tests (tests/calls_sip.rs).
-apt_install_missing cc:gcc node:nodejs npm:npm sipp:sip-tester espeak-ng:espeak-ng python3:python3
+apt_install_missing cc:gcc node:nodejs npm:npm sipp:sip-tester espeak-ng:espeak-ng python3:python3 curl:curl jq:jq
 # baresip (Debian) is the real softphone of the device tests (tests/devices.rs).
 apt_install_missing baresip:baresip
 export SAUTIKIT_REQUIRE_BARESIP=1

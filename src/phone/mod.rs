@@ -33,7 +33,7 @@ pub struct CallArgs {
     /// The number to call, E.164 with or without `+` (`+254700000001`).
     pub number: String,
     /// The engine's SIP listener.
-    #[arg(long, default_value = "127.0.0.1:5060")]
+    #[arg(long, env = "SAUTIKIT_SIP_SERVER", default_value = "127.0.0.1:5060")]
     pub server: String,
     /// SIP over TCP instead of UDP.
     #[arg(long)]
