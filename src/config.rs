@@ -85,6 +85,9 @@ pub enum Command {
     /// A test phone: call a number the way a carrier does.
     #[command(subcommand)]
     Phone(crate::phone::PhoneCommand),
+    /// Load against a deployment, the local one by default.
+    #[command(subcommand)]
+    Loadtest(crate::loadtest::Scenario),
 }
 
 #[derive(Debug, Clone, Args)]

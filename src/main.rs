@@ -75,6 +75,18 @@ async fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Loadtest(scenario) => match sautikit::loadtest::run(scenario).await {
+            Ok(sautikit::loadtest::Verdict::Pass) => ExitCode::SUCCESS,
+            Ok(sautikit::loadtest::Verdict::Fail) => ExitCode::FAILURE,
+            Err(e @ sautikit::loadtest::LoadError::Invalid(_)) => {
+                eprintln!("sautikit: {e}");
+                ExitCode::from(2)
+            }
+            Err(e) => {
+                eprintln!("sautikit: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Admin { db, command } => match sautikit::admin::run(&db.url(), command).await {
             Ok(out) => {
                 println!("{out}");

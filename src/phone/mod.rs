@@ -237,10 +237,9 @@ async fn call(args: CallArgs) -> Result<Outcome, PhoneError> {
         let framer = StreamFramer::new();
         (Signalling::Tcp { stream, framer }, local, Transport::Tcp)
     } else {
-        let probe = std::net::UdpSocket::bind(unspecified(server.ip()))
-            .and_then(|s| s.connect(server).and_then(|()| s.local_addr()))
+        let ip = crate::loadtest::uac::route_to(server)
             .map_err(io(format!("finding a route to {server}")))?;
-        let socket = UdpSocket::bind(SocketAddr::new(probe.ip(), 0))
+        let socket = UdpSocket::bind(SocketAddr::new(ip, 0))
             .await
             .map_err(io("binding the SIP socket"))?;
         let local = socket.local_addr().map_err(io("the SIP socket"))?;
@@ -477,13 +476,6 @@ async fn call(args: CallArgs) -> Result<Outcome, PhoneError> {
         report::print_call(&args.api, key, id).await;
     }
     Ok(outcome)
-}
-
-fn unspecified(like: IpAddr) -> SocketAddr {
-    match like {
-        IpAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
-        IpAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
-    }
 }
 
 async fn send_sip(signalling: &mut Signalling, to: SocketAddr, bytes: &[u8]) {
