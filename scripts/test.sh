@@ -52,6 +52,8 @@ export SAUTIKIT_REQUIRE_POSTGRES=1
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+# The binary as scripts/run.sh builds it: without the test dependencies' features.
+cargo check --quiet --bin sautikit
 cargo test --workspace
 
 # A bounded run of every fuzz target (scripts/fuzz.sh): the seeds, the inputs of past crashes,

@@ -142,14 +142,17 @@ impl ApiClient {
             .request(method.clone(), format!("{}{path}", self.base))
             .bearer_auth(&self.key);
         if let Some(body) = body {
-            request = request.json(&body);
+            request = request
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body.to_string());
         }
         let response = request
             .send()
             .await
             .map_err(|e| LoadError::Setup(format!("{method} {path}: {e}")))?;
         let status = response.status();
-        let value: Value = response.json().await.unwrap_or(Value::Null);
+        let bytes = response.bytes().await.unwrap_or_default();
+        let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         if status.is_success() {
             Ok(value)
         } else {
@@ -421,6 +424,7 @@ async fn drive_inbound(
     let total = (args.rate * duration.as_secs_f64()).round() as u64;
     let interval = Duration::from_secs_f64(1.0 / args.rate);
     let started = Instant::now();
+    let cpu_before = own_cpu();
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut next_report = started + Duration::from_secs(1);
     let mut placed = 0u64;
@@ -452,6 +456,9 @@ async fn drive_inbound(
     let sending = started
         .elapsed()
         .min(duration.max(Duration::from_millis(1)));
+    // The load test's own CPU while it placed and ended the calls: what measuring cost.
+    let harness_cores =
+        own_cpu().saturating_sub(cpu_before).as_secs_f64() / started.elapsed().as_secs_f64();
     let stats = uac.finish().await;
     drain.abort();
     // Each completed call sends call.started, call.answered and call.completed.
@@ -460,7 +467,7 @@ async fn drive_inbound(
     while hooks.events().values().sum::<u64>() < want_events && Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let report = Report::new(args, &stats, sending, hooks, settled);
+    let report = Report::new(args, &stats, sending, hooks, settled, harness_cores);
     report.print();
     if let Some(path) = &args.json {
         let text = serde_json::to_string_pretty(&report.json).unwrap_or_default();
@@ -512,6 +519,7 @@ impl Report {
         sending: Duration,
         hooks: &Hooks,
         settled: bool,
+        harness_cores: f64,
     ) -> Report {
         let mut setup = stats.setup.clone();
         setup.sort();
@@ -589,6 +597,7 @@ impl Report {
                 "ok_retransmissions": stats.ok_retransmissions,
             },
             "voice_callbacks": hooks.voice.load(Ordering::Relaxed),
+            "harness_cores": harness_cores,
             "events": hooks.events(),
             "pass_lines": {"max_failed": args.max_failed, "p99_ms": args.p99_ms},
             "pass": pass,
@@ -630,6 +639,13 @@ impl Report {
                 ),
             ),
             ("voice callbacks".into(), j["voice_callbacks"].to_string()),
+            (
+                "load test CPU".into(),
+                format!(
+                    "{:.3} cores (its caller, voice callback and events receiver)",
+                    j["harness_cores"].as_f64().unwrap_or(0.0)
+                ),
+            ),
         ];
         for (name, value) in rows {
             let _ = writeln!(out, "  {name:<18} {value}");
@@ -654,4 +670,20 @@ impl Report {
             }
         );
     }
+}
+
+/// This process's CPU time so far (user and system, all threads).
+fn own_cpu() -> Duration {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return Duration::ZERO;
+    };
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return Duration::ZERO;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // utime and stime (fields 14 and 15 of stat: 11 and 12 after the name), in clock ticks of
+    // 10 ms on Linux.
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
 }

@@ -26,7 +26,8 @@ pub async fn print_call(api: &str, key: &str, call_id: &str) {
         async move {
             let response = request.send().await.map_err(|e| e.to_string())?;
             let status = response.status();
-            let body: Value = response.json().await.map_err(|e| e.to_string())?;
+            let bytes = response.bytes().await.map_err(|e| e.to_string())?;
+            let body: Value = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
             if status.is_success() {
                 Ok(body)
             } else {
