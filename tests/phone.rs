@@ -156,3 +156,104 @@ async fn a_refused_call_exits_non_zero() {
     let err = String::from_utf8_lossy(&output.stderr);
     assert!(err.contains("--dtmf"), "{err}");
 }
+
+/// `sautikit phone register` as the number's softphone: registered with a credential, it rings
+/// when the number is called, answers with a WAV file, and the caller (`sautikit phone call`)
+/// hears that file through the engine's bridge; then it hangs up and unregisters.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_registered_phone_answers_and_the_caller_hears_it() {
+    use common::device::{FIRST_INVENTORY_ID, claim, new_credential, registrations};
+    use common::{Mode, Server, TestDb, wait_for_json};
+
+    let db = TestDb::new(Backend::Sqlite).await;
+    let server = Server::start(&db, Mode::Dev);
+    let (_, key) = db.workspace("phones", 100_000);
+    let api = server.api(&key);
+    // No voice callback: calls to the number ring its devices.
+    let number_id = claim(&api, FIRST_INVENTORY_ID).await;
+    let (_, username, password) = new_credential(&api, &number_id, "desk").await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let text = "This is the desk phone speaking.";
+    let reference = espeak_reference(text, "en-us+m3", dir.path());
+    let greeting = dir.path().join("greeting.wav");
+    std::fs::write(
+        &greeting,
+        sautikit_sip::wav::encode_pcm16(8_000, &reference),
+    )
+    .unwrap();
+    let sip = server.sip_addr().to_string();
+    let softphone = tokio::process::Command::new(env!("CARGO_BIN_EXE_sautikit"))
+        .args([
+            "phone",
+            "register",
+            "--username",
+            &username,
+            "--server",
+            &sip,
+        ])
+        .arg("--answer-with")
+        .arg(&greeting)
+        .args(["--hangup-after", "3", "--calls", "1"])
+        .env("SAUTIKIT_SIP_PASSWORD", &password)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the softphone started");
+    let listed = wait_for_json(
+        &api,
+        &format!("/v1/numbers/{number_id}/registrations"),
+        Duration::from_secs(30),
+        |v| v.as_array().is_some_and(|a| a.len() == 1),
+    )
+    .await;
+    assert_eq!(listed[0]["user_agent"], "sautikit-phone", "{listed}");
+
+    let heard_path = dir.path().join("heard.wav");
+    let mut caller = tokio::process::Command::new(env!("CARGO_BIN_EXE_sautikit"));
+    caller
+        .args(["phone", "call", NUMBER, "--server", &sip, "--record"])
+        .arg(&heard_path)
+        .env_remove("SAUTIKIT_API_KEY")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let called = tokio::time::timeout(Duration::from_secs(60), caller.output())
+        .await
+        .expect("the call ended within 60 s")
+        .unwrap();
+    let called_out = String::from_utf8_lossy(&called.stdout);
+    println!("{called_out}");
+    assert!(called.status.success(), "{called_out}");
+    assert!(called_out.contains("they hung up (BYE)"), "{called_out}");
+
+    let registered = tokio::time::timeout(Duration::from_secs(30), softphone.wait_with_output())
+        .await
+        .expect("the softphone unregistered and exited")
+        .unwrap();
+    let phone_out = String::from_utf8_lossy(&registered.stdout);
+    println!("{phone_out}");
+    assert!(registered.status.success(), "{phone_out}");
+    for line in [
+        "registered for",
+        "call from",
+        "answered (PCMU)",
+        "hanging up",
+        "we hung up (BYE)",
+        "unregistered",
+    ] {
+        assert!(
+            phone_out.contains(line),
+            "{line:?} missing from:\n{phone_out}"
+        );
+    }
+    assert!(registrations(&api, &number_id).await.is_empty());
+
+    // What the caller heard is the softphone's file, through the engine's bridge.
+    let (_, _, heard) = sautikit_sip::wav::parse_wav(&std::fs::read(&heard_path).unwrap()).unwrap();
+    let corr = correlation(&reference, &heard, 400);
+    println!("correlation {corr:.3}");
+    assert!(corr >= 0.9, "correlation {corr}");
+    let calls = wait_for_calls(&api, 1, |c| c["status"] == "completed").await;
+    assert_eq!(calls[0]["hangup_cause"], "callee_hangup", "{}", calls[0]);
+}

@@ -2,6 +2,7 @@
 //! does (SIP over UDP or TCP, G.711 RTP, RFC 4733 keys) and prints the call's life as it
 //! happens, then the call's record from the API.
 
+mod device;
 mod media;
 mod report;
 mod ua;
@@ -19,6 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 
+pub use device::{DeviceEvent, DevicePlan, PhoneDevice};
 pub use media::{MediaEvent, Negotiated, PhoneMedia};
 pub use ua::{CallEvent, CallPlan, Party, PhoneCall};
 
@@ -26,6 +28,42 @@ pub use ua::{CallEvent, CallPlan, Party, PhoneCall};
 pub enum PhoneCommand {
     /// Call a number the way a carrier does and show the call's life as it happens.
     Call(CallArgs),
+    /// Register a SIP credential as a softphone does and answer the calls that ring it.
+    Register(RegisterArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RegisterArgs {
+    /// The credential's username (`ts_…`).
+    #[arg(long)]
+    pub username: String,
+    /// Its password.
+    #[arg(long, env = "SAUTIKIT_SIP_PASSWORD", hide_env_values = true)]
+    pub password: String,
+    /// The engine's SIP listener.
+    #[arg(long, env = "SAUTIKIT_SIP_SERVER", default_value = "127.0.0.1:5060")]
+    pub server: String,
+    /// The SIP domain of the address of record (default: the server's address).
+    #[arg(long)]
+    pub domain: Option<String>,
+    /// SIP over TCP instead of UDP.
+    #[arg(long)]
+    pub tcp: bool,
+    /// Seconds the registration asks for (it is refreshed halfway).
+    #[arg(long, default_value_t = 300)]
+    pub expires: u32,
+    /// Answer with this WAV file (8 or 16 kHz), then silence.
+    #[arg(long, value_name = "FILE")]
+    pub answer_with: Option<PathBuf>,
+    /// Save what the last call sounded like from here (8 kHz WAV).
+    #[arg(long, value_name = "FILE")]
+    pub record: Option<PathBuf>,
+    /// Hang up this many seconds after answering.
+    #[arg(long, value_name = "SECONDS")]
+    pub hangup_after: Option<f64>,
+    /// Unregister and exit after this many calls (default: run until interrupted).
+    #[arg(long)]
+    pub calls: Option<u32>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -82,6 +120,55 @@ pub enum PhoneError {
     Plan(#[from] ua::PlanError),
 }
 
+/// The SIP socket (or connection) and the RTP socket of a phone.
+struct Sockets {
+    signalling: Signalling,
+    /// Our SIP address as the engine sees it: the one the route to it leaves from.
+    local: SocketAddr,
+    transport: Transport,
+    rtp: UdpSocket,
+    rtp_local: SocketAddr,
+}
+
+async fn open_sockets(server: SocketAddr, tcp: bool) -> Result<Sockets, PhoneError> {
+    let (signalling, local, transport) = if tcp {
+        let stream = TcpStream::connect(server)
+            .await
+            .map_err(io(format!("connecting to {server} over TCP")))?;
+        let _ = stream.set_nodelay(true);
+        let local = stream.local_addr().map_err(io("the TCP socket"))?;
+        let framer = StreamFramer::new();
+        (Signalling::Tcp { stream, framer }, local, Transport::Tcp)
+    } else {
+        let ip = crate::loadtest::uac::route_to(server)
+            .map_err(io(format!("finding a route to {server}")))?;
+        let socket = UdpSocket::bind(SocketAddr::new(ip, 0))
+            .await
+            .map_err(io("binding the SIP socket"))?;
+        let local = socket.local_addr().map_err(io("the SIP socket"))?;
+        (Signalling::Udp(socket), local, Transport::Udp)
+    };
+    let rtp = UdpSocket::bind(SocketAddr::new(local.ip(), 0))
+        .await
+        .map_err(io("binding the RTP socket"))?;
+    let rtp_local = rtp.local_addr().map_err(io("the RTP socket"))?;
+    Ok(Sockets {
+        signalling,
+        local,
+        transport,
+        rtp,
+        rtp_local,
+    })
+}
+
+async fn resolve(server: &str) -> Result<SocketAddr, PhoneError> {
+    tokio::net::lookup_host(server)
+        .await
+        .map_err(io(format!("--server {server}")))?
+        .next()
+        .ok_or_else(|| PhoneError::Invalid(format!("--server {server}: no address")))
+}
+
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> PhoneError {
     let what = what.into();
     move |source| PhoneError::Io { what, source }
@@ -99,6 +186,7 @@ pub enum Outcome {
 pub async fn run(command: PhoneCommand) -> Result<Outcome, PhoneError> {
     match command {
         PhoneCommand::Call(args) => call(args).await,
+        PhoneCommand::Register(args) => register(args).await,
     }
 }
 
@@ -221,34 +309,16 @@ async fn call(args: CallArgs) -> Result<Outcome, PhoneError> {
     let ring_timeout = Duration::try_from_secs_f64(args.ring_timeout).map_err(|_| {
         PhoneError::Invalid(format!("--ring-timeout {}: seconds", args.ring_timeout))
     })?;
-    let server = tokio::net::lookup_host(&args.server)
-        .await
-        .map_err(io(format!("--server {}", args.server)))?
-        .next()
-        .ok_or_else(|| PhoneError::Invalid(format!("--server {}: no address", args.server)))?;
+    let server = resolve(&args.server).await?;
 
     // Our address as the engine sees it: the one the route to it leaves from.
-    let (mut signalling, local, transport) = if args.tcp {
-        let stream = TcpStream::connect(server)
-            .await
-            .map_err(io(format!("connecting to {server} over TCP")))?;
-        let _ = stream.set_nodelay(true);
-        let local = stream.local_addr().map_err(io("the TCP socket"))?;
-        let framer = StreamFramer::new();
-        (Signalling::Tcp { stream, framer }, local, Transport::Tcp)
-    } else {
-        let ip = crate::loadtest::uac::route_to(server)
-            .map_err(io(format!("finding a route to {server}")))?;
-        let socket = UdpSocket::bind(SocketAddr::new(ip, 0))
-            .await
-            .map_err(io("binding the SIP socket"))?;
-        let local = socket.local_addr().map_err(io("the SIP socket"))?;
-        (Signalling::Udp(socket), local, Transport::Udp)
-    };
-    let rtp = UdpSocket::bind(SocketAddr::new(local.ip(), 0))
-        .await
-        .map_err(io("binding the RTP socket"))?;
-    let rtp_local = rtp.local_addr().map_err(io("the RTP socket"))?;
+    let Sockets {
+        mut signalling,
+        local,
+        transport,
+        rtp,
+        rtp_local,
+    } = open_sockets(server, args.tcp).await?;
 
     let host = match server.ip() {
         IpAddr::V6(ip) => format!("[{ip}]:{}", server.port()),
@@ -375,21 +445,7 @@ async fn call(args: CallArgs) -> Result<Outcome, PhoneError> {
             if call.is_over() {
                 m.finish();
             }
-            while let Some(event) = m.poll_event() {
-                match event {
-                    MediaEvent::PromptStarted { n } => {
-                        printer.line(format_args!("prompt {n} starts"))
-                    }
-                    MediaEvent::PromptEnded { n, length } => printer.line(format_args!(
-                        "prompt {n} ends ({:.1} s)",
-                        length.as_secs_f64()
-                    )),
-                    MediaEvent::KeySent { key } => printer.line(format_args!("sent key {key}")),
-                    MediaEvent::KeyNotSent { key } => printer.line(format_args!(
-                        "key {key} not sent: the answer accepted no telephone-events"
-                    )),
-                }
-            }
+            print_media_events(&printer, m);
         }
         if call.is_over() {
             break;
@@ -476,6 +532,208 @@ async fn call(args: CallArgs) -> Result<Outcome, PhoneError> {
         report::print_call(&args.api, key, id).await;
     }
     Ok(outcome)
+}
+
+async fn register(args: RegisterArgs) -> Result<Outcome, PhoneError> {
+    let voice = match &args.answer_with {
+        Some(path) => load_voice(path)?,
+        None => Vec::new(),
+    };
+    let hangup_after = args
+        .hangup_after
+        .map(|s| {
+            Duration::try_from_secs_f64(s)
+                .map_err(|_| PhoneError::Invalid(format!("--hangup-after {s}: seconds, ≥ 0")))
+        })
+        .transpose()?;
+    if args.expires == 0 {
+        return Err(PhoneError::Invalid("--expires 0: at least 1 second".into()));
+    }
+    let server = resolve(&args.server).await?;
+    let Sockets {
+        mut signalling,
+        local,
+        transport,
+        rtp,
+        rtp_local,
+    } = open_sockets(server, args.tcp).await?;
+    let domain = args
+        .domain
+        .clone()
+        .unwrap_or_else(|| server.ip().to_string());
+    let printer = Printer {
+        start: Instant::now(),
+    };
+    printer.line(format_args!(
+        "registering {}@{domain} at {server} ({})",
+        args.username,
+        if args.tcp { "TCP" } else { "UDP" }
+    ));
+    let mut device = PhoneDevice::start(
+        DevicePlan {
+            server,
+            transport,
+            domain,
+            username: args.username.clone(),
+            password: args.password.clone(),
+            local,
+            rtp: rtp_local,
+            expires: args.expires,
+        },
+        Instant::now(),
+    );
+    let mut media: Option<(PhoneMedia, Option<SocketAddr>)> = None;
+    let mut heard: Vec<i16> = Vec::new();
+    let mut hangup_at: Option<Instant> = None;
+    let mut registered = false;
+    let mut calls_ended = 0u32;
+    let mut stopping = false;
+    let mut sip_buf = vec![0u8; 65_535];
+    let mut rtp_buf = vec![0u8; 2_048];
+    loop {
+        while let Some(t) = device.poll_transmit() {
+            send_sip(&mut signalling, t.to.addr, &t.bytes).await;
+        }
+        if let Some((m, Some(to))) = media.as_mut() {
+            while let Some(packet) = m.poll_packet() {
+                let _ = rtp.send_to(&packet, *to).await;
+            }
+        }
+        while let Some(event) = device.poll_event() {
+            match event {
+                DeviceEvent::Registered { expires } => {
+                    if !registered {
+                        printer.line(format_args!("registered for {expires} s"));
+                    }
+                    registered = true;
+                }
+                DeviceEvent::RegistrationFailed { code, reason } => {
+                    printer.line(format_args!("registration refused: {code} {reason}"));
+                }
+                DeviceEvent::Unregistered => printer.line("unregistered"),
+                DeviceEvent::Ringing { from, .. } => {
+                    printer.line(format_args!("call from {from}: ringing, answering"));
+                }
+                DeviceEvent::Answered { answer } => {
+                    printer.line(format_args!("answered ({})", answer.codec.name()));
+                    let now = Instant::now();
+                    media = Some((
+                        PhoneMedia::new(
+                            Negotiated {
+                                codec: answer.codec,
+                                payload_type: answer.payload_type,
+                                telephone_event: answer.telephone_event,
+                            },
+                            voice.clone(),
+                            now,
+                        ),
+                        answer.remote_rtp,
+                    ));
+                    hangup_at = hangup_after.map(|after| now + after);
+                }
+                DeviceEvent::Ended { by_us } => {
+                    printer.line(if by_us {
+                        "we hung up (BYE)"
+                    } else {
+                        "they hung up"
+                    });
+                    if let Some((mut m, _)) = media.take() {
+                        m.finish();
+                        print_media_events(&printer, &mut m);
+                        heard = m.heard().to_vec();
+                    }
+                    hangup_at = None;
+                    calls_ended += 1;
+                    if args.calls.is_some_and(|n| calls_ended >= n) && !stopping {
+                        stopping = true;
+                        device.stop(Instant::now());
+                    }
+                }
+            }
+        }
+        if let Some((m, _)) = media.as_mut() {
+            print_media_events(&printer, m);
+        }
+        if device.is_done() {
+            break;
+        }
+        let now = Instant::now();
+        let mut wake = device
+            .poll_timeout()
+            .unwrap_or(now + Duration::from_secs(1));
+        if let Some((m, _)) = &media {
+            wake = wake.min(m.poll_timeout());
+        }
+        if let Some(at) = hangup_at {
+            wake = wake.min(at);
+        }
+        let wake = tokio::time::Instant::from_std(wake.max(now));
+        tokio::select! {
+            got = recv_sip(&mut signalling, &mut sip_buf, true) => match got {
+                Ok(messages) => {
+                    for (bytes, from) in messages {
+                        device.handle_message(&bytes, from.unwrap_or(server), Instant::now());
+                    }
+                }
+                Err(e) => {
+                    printer.line(format_args!("the SIP connection failed: {e}"));
+                    break;
+                }
+            },
+            got = rtp.recv_from(&mut rtp_buf) => {
+                if let (Ok((n, _)), Some((m, _))) = (got, media.as_mut()) {
+                    m.on_packet(&rtp_buf[..n]);
+                }
+            }
+            _ = tokio::signal::ctrl_c(), if !stopping => {
+                printer.line("interrupted: unregistering");
+                stopping = true;
+                device.stop(Instant::now());
+            }
+            () = tokio::time::sleep_until(wake) => {
+                let now = Instant::now();
+                device.handle_timeout(now);
+                if let Some((m, _)) = media.as_mut() {
+                    m.handle_timeout(now);
+                }
+                if hangup_at.is_some_and(|at| at <= now) {
+                    hangup_at = None;
+                    printer.line("hanging up");
+                    device.hang_up(now);
+                }
+            }
+        }
+    }
+    if let Some(path) = &args.record {
+        let wav = sautikit_sip::wav::encode_pcm16(8_000, &heard);
+        std::fs::write(path, wav).map_err(io(format!("--record {}", path.display())))?;
+        printer.line(format_args!(
+            "saved {:.1} s heard to {}",
+            heard.len() as f64 / 8_000.0,
+            path.display()
+        ));
+    }
+    Ok(if registered {
+        Outcome::Completed
+    } else {
+        Outcome::NotConnected
+    })
+}
+
+fn print_media_events(printer: &Printer, m: &mut PhoneMedia) {
+    while let Some(event) = m.poll_event() {
+        match event {
+            MediaEvent::PromptStarted { n } => printer.line(format_args!("prompt {n} starts")),
+            MediaEvent::PromptEnded { n, length } => printer.line(format_args!(
+                "prompt {n} ends ({:.1} s)",
+                length.as_secs_f64()
+            )),
+            MediaEvent::KeySent { key } => printer.line(format_args!("sent key {key}")),
+            MediaEvent::KeyNotSent { key } => printer.line(format_args!(
+                "key {key} not sent: the answer accepted no telephone-events"
+            )),
+        }
+    }
 }
 
 async fn send_sip(signalling: &mut Signalling, to: SocketAddr, bytes: &[u8]) {
