@@ -11,6 +11,9 @@ apt_install_missing cc:gcc node:nodejs npm:npm sipp:sip-tester espeak-ng:espeak-
 # baresip (Debian) is the real softphone of the device tests (tests/devices.rs).
 apt_install_missing baresip:baresip
 export SAUTIKIT_REQUIRE_BARESIP=1
+# Headless Chromium renders `sautikit loadtest --report`'s page offline (tests/loadtest.rs).
+apt_install_missing chromium:chromium
+export SAUTIKIT_REQUIRE_CHROMIUM=1
 
 # The guide's Express handler runs under Node with express from npm (tests/express.rs).
 if [ ! -d tests/node/node_modules/express ]; then

@@ -12,7 +12,16 @@ use serde_json::Value;
 
 async fn loadtest(server: &Server, key: &str, args: &[&str]) -> (Output, Value) {
     let dir = tempfile::tempdir().unwrap();
-    let json_path = dir.path().join("out.json");
+    loadtest_in(dir.path(), server, key, args).await
+}
+
+async fn loadtest_in(
+    dir: &std::path::Path,
+    server: &Server,
+    key: &str,
+    args: &[&str],
+) -> (Output, Value) {
+    let json_path = dir.join("out.json");
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_sautikit"));
     command
         .args(["loadtest", "inbound"])
@@ -46,10 +55,15 @@ async fn inbound_at_100_calls_a_second_agrees_with_the_server() {
     let server = Server::start_with(&db, Mode::Dev, &[("SAUTIKIT_SETUP_TARGET_MS", "1000")]);
     let key = dev_key(&db.data_dir);
     let api = server.api(&key);
-    let (output, report) = loadtest(
+    let dir = tempfile::tempdir().unwrap();
+    let page = dir.path().join("report.html");
+    let (output, report) = loadtest_in(
+        dir.path(),
         &server,
         &key,
         &[
+            "--report",
+            page.to_str().unwrap(),
             "--rate",
             "100",
             "--duration",
@@ -80,6 +94,77 @@ async fn inbound_at_100_calls_a_second_agrees_with_the_server() {
     assert!(numbers.is_empty(), "{numbers:?}");
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("RESULT PASS"), "{stdout}");
+    // A sample a second, with the target's CPU and RSS: it runs on this machine.
+    let timeline = report["timeline"].as_array().expect("timeline");
+    assert!(timeline.len() >= 10, "{report}");
+    assert!(
+        timeline
+            .iter()
+            .any(|s| s["target_cores"].as_f64().unwrap_or(0.0) > 0.0)
+    );
+    assert!(
+        timeline
+            .iter()
+            .all(|s| s["target_rss_mib"].as_f64().unwrap_or(0.0) > 1.0)
+    );
+    report_page_draws(&page).await;
+}
+
+/// The `--report` page loads nothing from the network, and headless Chromium, offline, lays
+/// out every plotted line: offered and achieved rate, p50/p99/max, failures, target CPU and RSS.
+async fn report_page_draws(page: &std::path::Path) {
+    let html = std::fs::read_to_string(page).expect("the report page");
+    for remote in ["src=\"http", "href=\"http", "@import", "url(http"] {
+        assert!(!html.contains(remote), "the page loads {remote}");
+    }
+    let Some(chromium) = ["chromium", "chromium-browser"].into_iter().find(|c| {
+        std::process::Command::new(c)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }) else {
+        assert!(
+            std::env::var("SAUTIKIT_REQUIRE_CHROMIUM").as_deref() != Ok("1"),
+            "chromium is required (scripts/test.sh installs it)"
+        );
+        println!("chromium not installed: the page was not rendered");
+        return;
+    };
+    let profile = tempfile::tempdir().unwrap();
+    let mut command = tokio::process::Command::new(chromium);
+    command
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--proxy-server=127.0.0.1:9",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(format!("file://{}", page.display()))
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(Duration::from_secs(60), command.output())
+        .await
+        .expect("chromium rendered the page within 60 s")
+        .expect("chromium ran");
+    let dom = String::from_utf8_lossy(&output.stdout);
+    let drawn: u32 = dom
+        .split("data-lines-drawn=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "the page did not report its lines: {}\n{}",
+                &dom[..dom.len().min(400)],
+                String::from_utf8_lossy(&output.stderr)
+            )
+        });
+    // 2 rate + 3 latency + 1 failures + 1 CPU + 1 RSS, and one legend line each.
+    assert!(drawn >= 8, "{drawn} lines drawn");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -4,6 +4,7 @@
 //! a final table (and JSON), and releases what it claimed. Pass lines make the exit code usable
 //! in CI. The benches drive the engine with the same caller ([`uac`]).
 
+pub mod report;
 pub mod sip_text;
 pub mod uac;
 
@@ -77,9 +78,12 @@ pub struct InboundArgs {
     /// UDP sockets the calls are spread over.
     #[arg(long, default_value_t = 4)]
     pub sockets: usize,
-    /// Write the results as JSON to this file.
+    /// Write the results, with a sample each second, as JSON to this file.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+    /// Write a self-contained HTML page with plots of the run to this file.
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<PathBuf>,
     /// Fail (exit 1) when INVITE→200 p99 is above this.
     #[arg(long, value_name = "MS")]
     pub p99_ms: Option<f64>,
@@ -423,12 +427,11 @@ async fn drive_inbound(
         .map_err(|e| LoadError::Setup(format!("SIP sockets: {e}")))?;
     let total = (args.rate * duration.as_secs_f64()).round() as u64;
     let interval = Duration::from_secs_f64(1.0 / args.rate);
-    let started = Instant::now();
+    let mut sampler = Sampler::new(server, duration, args.rate);
+    let started = sampler.started;
     let cpu_before = own_cpu();
-    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let mut next_report = started + Duration::from_secs(1);
+    let mut next_sample = started + Duration::from_secs(1);
     let mut placed = 0u64;
-    let mut last = (0u64, Instant::now());
     while placed < total {
         let due = started + interval.mul_f64(placed as f64);
         let now = Instant::now();
@@ -441,16 +444,29 @@ async fn drive_inbound(
             uac.call(number, rtp, Some(hold));
             placed += 1;
         }
-        if Instant::now() >= next_report {
-            progress_line(&uac, started, duration, args.rate, &mut last, terminal);
-            next_report += Duration::from_secs(1);
+        if Instant::now() >= next_sample {
+            sampler.sample(&uac);
+            next_sample += Duration::from_secs(1);
         }
     }
-    let settled = uac
-        .settle(total, hold + timeout + Duration::from_secs(5))
-        .await;
-    progress_line(&uac, started, duration, args.rate, &mut last, terminal);
-    if terminal {
+    // The calls still up are held, then hung up; one failing to end gives up at the timeout.
+    let give_up = Instant::now() + hold + timeout + Duration::from_secs(5);
+    let settled = loop {
+        let (_, _, completed, failed) = uac.progress.get();
+        if completed + failed >= total {
+            break true;
+        }
+        if Instant::now() >= give_up {
+            break false;
+        }
+        if Instant::now() >= next_sample {
+            sampler.sample(&uac);
+            next_sample += Duration::from_secs(1);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    sampler.sample(&uac);
+    if sampler.terminal {
         eprintln!();
     }
     let sending = started
@@ -469,42 +485,159 @@ async fn drive_inbound(
     }
     let report = Report::new(args, &stats, sending, hooks, settled, harness_cores);
     report.print();
+    let mut json = report.json.clone();
+    json["timeline"] = serde_json::to_value(&sampler.samples).unwrap_or_default();
     if let Some(path) = &args.json {
-        let text = serde_json::to_string_pretty(&report.json).unwrap_or_default();
+        let text = serde_json::to_string_pretty(&json).unwrap_or_default();
         std::fs::write(path, text)
             .map_err(|e| LoadError::Setup(format!("--json {}: {e}", path.display())))?;
+    }
+    if let Some(path) = &args.report {
+        let page = report::html(&report.json, &sampler.samples)
+            .map_err(|e| LoadError::Setup(format!("--report: {e}")))?;
+        std::fs::write(path, page)
+            .map_err(|e| LoadError::Setup(format!("--report {}: {e}", path.display())))?;
     }
     Ok(report.verdict)
 }
 
-fn progress_line(
-    uac: &Uac,
+/// Samples the run each second and prints the progress line.
+struct Sampler {
     started: Instant,
     duration: Duration,
     rate: f64,
-    last: &mut (u64, Instant),
     terminal: bool,
-) {
-    let (attempted, answered, completed, failed) = uac.progress.get();
-    let now = Instant::now();
-    let achieved = (attempted - last.0) as f64 / now.duration_since(last.1).as_secs_f64().max(1e-3);
-    *last = (attempted, now);
-    let (p50, p99) = uac.progress.recent_setup();
-    let line = format!(
-        "{:6.1}/{:.0} s  offered {rate:.0}/s  achieved {achieved:.0}/s  in flight {}  answered {answered}  completed {completed}  failed {failed}  setup p50 {:.1} ms p99 {:.1} ms",
-        started.elapsed().as_secs_f64(),
-        duration.as_secs_f64(),
-        attempted - completed - failed,
-        ms(p50),
-        ms(p99),
-    );
-    let mut err = std::io::stderr().lock();
-    if terminal {
-        let _ = write!(err, "\r{line}\x1b[K");
-    } else {
-        let _ = writeln!(err, "{line}");
+    last: (u64, u64, Instant),
+    /// The target's process when it runs on this machine, and its CPU time at the last sample.
+    target: Option<(u32, Duration)>,
+    samples: Vec<report::Sample>,
+}
+
+impl Sampler {
+    fn new(server: SocketAddr, duration: Duration, rate: f64) -> Sampler {
+        let target = local_process(server).map(|pid| (pid, process_cpu(pid)));
+        Sampler {
+            started: Instant::now(),
+            duration,
+            rate,
+            terminal: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            last: (0, 0, Instant::now()),
+            target,
+            samples: Vec::new(),
+        }
     }
-    let _ = err.flush();
+
+    fn sample(&mut self, uac: &Uac) {
+        let (attempted, answered, completed, failed) = uac.progress.get();
+        let now = Instant::now();
+        let span = now.duration_since(self.last.2).as_secs_f64().max(1e-3);
+        let achieved = attempted.saturating_sub(self.last.0) as f64 / span;
+        let failed_now = failed.saturating_sub(self.last.1);
+        self.last = (attempted, failed, now);
+        let (p50, p99, max) = uac.progress.recent_setup();
+        let (target_cores, target_rss_mib) = match self.target.as_mut() {
+            Some((pid, cpu)) => {
+                let used = process_cpu(*pid);
+                let cores = used.saturating_sub(*cpu).as_secs_f64() / span;
+                *cpu = used;
+                (Some(cores), process_rss_mib(*pid))
+            }
+            None => (None, None),
+        };
+        let t = now.duration_since(self.started).as_secs_f64();
+        let offered = if now.duration_since(self.started) <= self.duration {
+            self.rate
+        } else {
+            0.0
+        };
+        self.samples.push(report::Sample {
+            t,
+            offered,
+            achieved,
+            p50_ms: ms(p50),
+            p99_ms: ms(p99),
+            max_ms: ms(max),
+            failed: failed_now,
+            target_cores,
+            target_rss_mib,
+        });
+        let target = match (target_cores, target_rss_mib) {
+            (Some(c), Some(r)) => format!("  target {c:.2} cores {r:.0} MiB"),
+            _ => String::new(),
+        };
+        let line = format!(
+            "{t:6.1}/{:.0} s  offered {offered:.0}/s  achieved {achieved:.0}/s  in flight {}  answered {answered}  completed {completed}  failed {failed}  setup p50 {:.1} ms p99 {:.1} ms{target}",
+            self.duration.as_secs_f64(),
+            attempted.saturating_sub(completed + failed),
+            ms(p50),
+            ms(p99),
+        );
+        let mut err = std::io::stderr().lock();
+        if self.terminal {
+            let _ = write!(err, "\r{line}\x1b[K");
+        } else {
+            let _ = writeln!(err, "{line}");
+        }
+        let _ = err.flush();
+    }
+}
+
+/// The process on this machine that holds the UDP socket `server` (its SIP listener), if we may
+/// see it: through the socket's inode in /proc/net/udp and the processes' descriptors.
+fn local_process(server: SocketAddr) -> Option<u32> {
+    let port = format!(":{:04X}", server.port());
+    let inode = ["/proc/net/udp", "/proc/net/udp6"]
+        .iter()
+        .find_map(|table| {
+            let text = std::fs::read_to_string(table).ok()?;
+            text.lines().skip(1).find_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                let local = fields.get(1)?;
+                (local.ends_with(&port) && fields.get(3) == Some(&"07"))
+                    .then(|| fields.get(9).map(|i| (*i).to_owned()))
+                    .flatten()
+            })
+        })?;
+    let wanted = format!("socket:[{inode}]");
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == std::process::id() {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if std::fs::read_link(fd.path()).is_ok_and(|l| l.to_string_lossy() == wanted) {
+                return Some(pid);
+            }
+        }
+    }
+    None
+}
+
+/// A process's CPU time (user and system, all threads).
+fn process_cpu(pid: u32) -> Duration {
+    cpu_of(&format!("/proc/{pid}/stat"))
+}
+
+fn process_rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib / 1024.0)
 }
 
 struct Report {
@@ -674,7 +807,12 @@ impl Report {
 
 /// This process's CPU time so far (user and system, all threads).
 fn own_cpu() -> Duration {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+    cpu_of("/proc/self/stat")
+}
+
+/// utime and stime of a `/proc/…/stat` file.
+fn cpu_of(path: &str) -> Duration {
+    let Ok(stat) = std::fs::read_to_string(path) else {
         return Duration::ZERO;
     };
     // The fields after the command name, which is in parentheses and may hold spaces.
@@ -682,7 +820,12 @@ fn own_cpu() -> Duration {
         return Duration::ZERO;
     };
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
     // utime and stime (fields 14 and 15 of stat: 11 and 12 after the name), in clock ticks of
     // 10 ms on Linux.
     Duration::from_millis((ticks(11) + ticks(12)) * 10)

@@ -49,15 +49,19 @@ pub struct Progress {
 }
 
 impl Progress {
-    /// p50 and p99 of the setups since the last call (zero when there were none).
-    pub fn recent_setup(&self) -> (Duration, Duration) {
+    /// p50, p99 and max of the setups since the last call (zero when there were none).
+    pub fn recent_setup(&self) -> (Duration, Duration, Duration) {
         let mut recent = self
             .recent
             .lock()
             .map(|mut r| std::mem::take(&mut *r))
             .unwrap_or_default();
         recent.sort();
-        (quantile(&recent, 0.5), quantile(&recent, 0.99))
+        (
+            quantile(&recent, 0.5),
+            quantile(&recent, 0.99),
+            quantile(&recent, 1.0),
+        )
     }
 
     /// (attempted, answered, completed, failed).
