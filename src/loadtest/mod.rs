@@ -4,6 +4,7 @@
 //! a final table (and JSON), and releases what it claimed. Pass lines make the exit code usable
 //! in CI. The benches drive the engine with the same caller ([`uac`]).
 
+pub mod procfs;
 pub mod report;
 pub mod sip_text;
 pub mod uac;
@@ -429,7 +430,7 @@ async fn drive_inbound(
     let interval = Duration::from_secs_f64(1.0 / args.rate);
     let mut sampler = Sampler::new(server, duration, args.rate);
     let started = sampler.started;
-    let cpu_before = own_cpu();
+    let cpu_before = procfs::cpu_time_self();
     let mut next_sample = started + Duration::from_secs(1);
     let mut placed = 0u64;
     while placed < total {
@@ -473,8 +474,10 @@ async fn drive_inbound(
         .elapsed()
         .min(duration.max(Duration::from_millis(1)));
     // The load test's own CPU while it placed and ended the calls: what measuring cost.
-    let harness_cores =
-        own_cpu().saturating_sub(cpu_before).as_secs_f64() / started.elapsed().as_secs_f64();
+    let harness_cores = procfs::cpu_time_self()
+        .saturating_sub(cpu_before)
+        .as_secs_f64()
+        / started.elapsed().as_secs_f64();
     let stats = uac.finish().await;
     drain.abort();
     // Each completed call sends call.started, call.answered and call.completed.
@@ -515,7 +518,7 @@ struct Sampler {
 
 impl Sampler {
     fn new(server: SocketAddr, duration: Duration, rate: f64) -> Sampler {
-        let target = local_process(server).map(|pid| (pid, process_cpu(pid)));
+        let target = local_process(server).map(|pid| (pid, procfs::cpu_time(pid)));
         Sampler {
             started: Instant::now(),
             duration,
@@ -537,10 +540,13 @@ impl Sampler {
         let (p50, p99, max) = uac.progress.recent_setup();
         let (target_cores, target_rss_mib) = match self.target.as_mut() {
             Some((pid, cpu)) => {
-                let used = process_cpu(*pid);
+                let used = procfs::cpu_time(*pid);
                 let cores = used.saturating_sub(*cpu).as_secs_f64() / span;
                 *cpu = used;
-                (Some(cores), process_rss_mib(*pid))
+                (
+                    Some(cores),
+                    procfs::status_kib(*pid, "VmRSS").map(|k| k as f64 / 1024.0),
+                )
             }
             None => (None, None),
         };
@@ -620,24 +626,6 @@ fn local_process(server: SocketAddr) -> Option<u32> {
         }
     }
     None
-}
-
-/// A process's CPU time (user and system, all threads).
-fn process_cpu(pid: u32) -> Duration {
-    cpu_of(&format!("/proc/{pid}/stat"))
-}
-
-fn process_rss_mib(pid: u32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kib / 1024.0)
 }
 
 struct Report {
@@ -803,30 +791,4 @@ impl Report {
             }
         );
     }
-}
-
-/// This process's CPU time so far (user and system, all threads).
-fn own_cpu() -> Duration {
-    cpu_of("/proc/self/stat")
-}
-
-/// utime and stime of a `/proc/…/stat` file.
-fn cpu_of(path: &str) -> Duration {
-    let Ok(stat) = std::fs::read_to_string(path) else {
-        return Duration::ZERO;
-    };
-    // The fields after the command name, which is in parentheses and may hold spaces.
-    let Some((_, rest)) = stat.rsplit_once(')') else {
-        return Duration::ZERO;
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    // utime and stime (fields 14 and 15 of stat: 11 and 12 after the name), in clock ticks of
-    // 10 ms on Linux.
-    Duration::from_millis((ticks(11) + ticks(12)) * 10)
 }

@@ -44,34 +44,12 @@ pub fn rtp_header(p: &[u8]) -> Option<RtpHeader> {
     })
 }
 
-/// CPU time (user + system) a process has used so far, from `/proc/<pid>/stat` (clock ticks of
-/// 10 ms: USER_HZ is 100 on Linux).
-pub fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // The command name is in parentheses and may hold spaces: count fields after the last ')'.
-    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    // After ')': state is field 3, so utime (14) and stime (15) are at indices 11 and 12.
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    Duration::from_millis((ticks(11) + ticks(12)) * 10)
-}
+#[allow(unused_imports)]
+pub use sautikit::loadtest::procfs::cpu_time;
 
-/// A `kB` field of `/proc/<pid>/status` (`VmRSS`, `VmHWM`), in KiB.
+/// A `kB` field of `/proc/<pid>/status` (`VmRSS`, `VmHWM`), in KiB; 0 when it cannot be read.
 pub fn status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
+    sautikit::loadtest::procfs::status_kib(pid, field).unwrap_or(0)
 }
 
 /// Threads of a process by name with their CPU time (ticks of 10 ms), busiest first: which thread
