@@ -124,6 +124,25 @@ async fn ops_endpoints(backend: Backend) {
         "{}",
         m.text
     );
+    // Where memory goes: the resident set, its anonymous part, and SQLite's own share.
+    let gauge = |name: &str| -> f64 {
+        m.text
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from:\n{}", m.text))
+    };
+    let rss = gauge("sautikit_process_resident_memory_bytes");
+    let anon_rss = gauge("sautikit_process_anonymous_memory_bytes");
+    let sqlite = gauge("sautikit_sqlite_memory_bytes");
+    assert!(
+        rss > 1e6 && anon_rss > 0.0 && anon_rss <= rss,
+        "{rss} {anon_rss}"
+    );
+    if matches!(backend, Backend::Sqlite) {
+        // Its connections hold memory.
+        assert!(sqlite > 10_000.0 && sqlite < rss, "{sqlite} of {rss}");
+    }
     assert!(
         m.text
             .contains("sautikit_http_requests_total{method=\"POST\",route=\"/v1/numbers/{inventory_id}/claim\",status=\"201\"} 1"),

@@ -38,10 +38,26 @@ pub async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
 #[utoipa::path(get, path = "/metrics", tag = "ops", security(()),
     responses((status = 200, content_type = "text/plain", body = String)))]
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    memory_gauges();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),
     )
+}
+
+/// Where the process's memory goes, read when scraped: its resident set, and the part SQLite's
+/// own allocator holds (page caches, prepared statements), which lives outside Rust's heap.
+fn memory_gauges() {
+    if let Some(kib) = crate::loadtest::procfs::status_kib(std::process::id(), "VmRSS") {
+        metrics::gauge!("sautikit_process_resident_memory_bytes").set(kib as f64 * 1024.0);
+    }
+    if let Some(kib) = crate::loadtest::procfs::status_kib(std::process::id(), "RssAnon") {
+        metrics::gauge!("sautikit_process_anonymous_memory_bytes").set(kib as f64 * 1024.0);
+    }
+    // SAFETY: sqlite3_memory_used reads SQLite's allocation counter; it takes no arguments and
+    // is safe to call from any thread at any time, before or after SQLite is initialised.
+    let sqlite = unsafe { libsqlite3_sys::sqlite3_memory_used() };
+    metrics::gauge!("sautikit_sqlite_memory_bytes").set(sqlite as f64);
 }
 
 /// This document.
