@@ -18,13 +18,7 @@ use serde_json::{Value, json};
 /// then the engine hangs up and `call.completed` reaches the events receiver.
 async fn guide_fastapi_handler_speaks(backend: Backend) {
     let ctx = setup(backend, "/unused").await;
-    let (_uvicorn, voice_url) = common::guide::guide_handler().await;
-    ctx.api
-        .patch(
-            &format!("/v1/numbers/{}/routing", ctx.number_id),
-            json!({"voice_callback_url": voice_url}),
-        )
-        .await;
+    let _uvicorn = common::guide::route_number_to_guide(&ctx).await;
     let sip = ctx.server.sip_addr();
     let packets = tokio::task::spawn_blocking(move || Caller::new(sip).call())
         .await

@@ -48,13 +48,7 @@ fn printed_call_id(stdout: &str) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_phone_call_hears_the_guide_handler() {
     let ctx = setup(Backend::Sqlite, "/unused").await;
-    let (_uvicorn, voice_url) = common::guide::guide_handler().await;
-    ctx.api
-        .patch(
-            &format!("/v1/numbers/{}/routing", ctx.number_id),
-            json!({"voice_callback_url": voice_url}),
-        )
-        .await;
+    let _uvicorn = common::guide::route_number_to_guide(&ctx).await;
     let dir = tempfile::tempdir().unwrap();
     let heard_path = dir.path().join("heard.wav");
     let (output, stdout) = phone(&ctx, NUMBER, &["--record", heard_path.to_str().unwrap()]).await;

@@ -57,3 +57,16 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// The guide's handler started and set as the voice callback of the context's number; the
+/// handler runs until the returned guard drops.
+pub async fn route_number_to_guide(ctx: &super::calls::Ctx) -> KillOnDrop {
+    let (uvicorn, voice_url) = guide_handler().await;
+    ctx.api
+        .patch(
+            &format!("/v1/numbers/{}/routing", ctx.number_id),
+            serde_json::json!({"voice_callback_url": voice_url}),
+        )
+        .await;
+    uvicorn
+}
