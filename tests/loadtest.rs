@@ -1,6 +1,7 @@
-//! `sautikit loadtest inbound` against a running server: it claims and routes its numbers
+//! `sautikit loadtest` against a running server: `inbound` claims and routes its numbers
 //! through the API, places the calls, and its counts agree with the server's records and
 //! events; it releases the numbers afterwards; refusals fail the run, counted by reason.
+//! `register` makes SIP credentials through the API and registers a softphone for each.
 
 mod common;
 
@@ -12,19 +13,20 @@ use serde_json::Value;
 
 async fn loadtest(server: &Server, key: &str, args: &[&str]) -> (Output, Value) {
     let dir = tempfile::tempdir().unwrap();
-    loadtest_in(dir.path(), server, key, args).await
+    loadtest_in(dir.path(), server, key, "inbound", args).await
 }
 
 async fn loadtest_in(
     dir: &std::path::Path,
     server: &Server,
     key: &str,
+    scenario: &str,
     args: &[&str],
 ) -> (Output, Value) {
     let json_path = dir.join("out.json");
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_sautikit"));
     command
-        .args(["loadtest", "inbound"])
+        .args(["loadtest", scenario])
         .args(args)
         .arg("--json")
         .arg(&json_path)
@@ -61,6 +63,7 @@ async fn inbound_at_100_calls_a_second_agrees_with_the_server() {
         dir.path(),
         &server,
         &key,
+        "inbound",
         &[
             "--report",
             page.to_str().unwrap(),
@@ -209,5 +212,82 @@ async fn refusals_fail_the_run_counted_by_reason() {
     );
     // Bad settings change nothing and exit 2.
     let (output, _) = loadtest(&server, &key, &["--rate", "0"]).await;
+    assert_eq!(output.status.code(), Some(2));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn register_makes_credentials_and_registers_a_softphone_for_each() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let server = Server::start(&db, Mode::Dev);
+    let key = dev_key(&db.data_dir);
+    let api = server.api(&key);
+    let dir = tempfile::tempdir().unwrap();
+    let page = dir.path().join("report.html");
+    // 25 softphones on 3 numbers, 20 rounds a second for 3 s: each registers two or three times.
+    let (output, report) = loadtest_in(
+        dir.path(),
+        &server,
+        &key,
+        "register",
+        &[
+            "--credentials",
+            "25",
+            "--rate",
+            "20",
+            "--duration",
+            "3",
+            "--report",
+            page.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert!(output.status.success(), "{report}");
+    assert_eq!(report["pass"], true, "{report}");
+    let registrations = &report["registrations"];
+    assert_eq!(registrations["attempted"], 60, "{report}");
+    assert_eq!(registrations["completed"], 60, "{report}");
+    assert_eq!(registrations["failed"], 0, "{report}");
+    // Every round was challenged first (SHA-256 answered), and every softphone is bound: the
+    // API listed one binding each before the numbers were released.
+    assert_eq!(report["sip"]["challenges"], 60, "{report}");
+    assert_eq!(report["softphones_registered"], 25, "{report}");
+    assert_eq!(report["bindings_listed"], 25, "{report}");
+    assert!(report["register_ms"]["p99"].as_f64().unwrap() > 0.0);
+    let numbers = api.get_all("/v1/numbers?status=active&limit=100").await;
+    assert!(numbers.is_empty(), "{numbers:?}");
+    let html = std::fs::read_to_string(&page).expect("the report page");
+    assert!(html.contains("Registrations a second"), "{html}");
+    assert!(html.contains("REGISTER → 200"));
+
+    // A wrong domain is refused by the registrar: every round fails, counted, exit 1.
+    let (output, report) = loadtest_in(
+        dir.path(),
+        &server,
+        &key,
+        "register",
+        &[
+            "--credentials",
+            "2",
+            "--rate",
+            "4",
+            "--duration",
+            "1",
+            "--domain",
+            "elsewhere.example",
+        ],
+    )
+    .await;
+    assert_eq!(output.status.code(), Some(1), "{report}");
+    assert_eq!(report["registrations"]["completed"], 0, "{report}");
+    assert_eq!(report["registrations"]["failed"], 4, "{report}");
+    // Bad settings exit 2.
+    let (output, _) = loadtest_in(
+        dir.path(),
+        &server,
+        &key,
+        "register",
+        &["--credentials", "0"],
+    )
+    .await;
     assert_eq!(output.status.code(), Some(2));
 }

@@ -12,7 +12,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use sautikit_sip::digest::{Algorithm, ha1};
-use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use crate::common::uac::{cpu_time, quantile, status_kib};
@@ -60,31 +59,8 @@ pub fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
-pub fn sha256_hex(text: &str) -> String {
-    hex::encode(Sha256::digest(text.as_bytes()))
-}
-
-/// A parameter of a `WWW-Authenticate` value: `name="value"` or `name=token`.
-pub fn auth_param<'a>(value: &'a str, name: &str) -> Option<&'a str> {
-    let mut rest = value;
-    while let Some(pos) = rest.find(name) {
-        let before = rest[..pos].chars().last();
-        let after = &rest[pos + name.len()..];
-        rest = after;
-        if before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-            continue;
-        }
-        let Some(v) = after.trim_start().strip_prefix('=') else {
-            continue;
-        };
-        let v = v.trim_start();
-        if let Some(q) = v.strip_prefix('"') {
-            return q.split('"').next();
-        }
-        return v.split([',', ' ']).next();
-    }
-    None
-}
+#[allow(unused_imports)] // not every bench answers challenges
+pub use sautikit::loadtest::devices::{auth_param, sha256_hex};
 
 pub fn backend_name(b: Backend) -> &'static str {
     match b {

@@ -4,7 +4,10 @@
 //! a final table (and JSON), and releases what it claimed. Pass lines make the exit code usable
 //! in CI. The benches drive the engine with the same caller ([`uac`]).
 
+pub mod devices;
+pub mod inbound;
 pub mod procfs;
+pub mod register;
 pub mod report;
 pub mod sip_text;
 pub mod uac;
@@ -23,14 +26,17 @@ use axum::routing::post;
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
-use sip_text::quantile;
-use uac::{Uac, UacStats};
+use inbound::InboundArgs;
+use register::RegisterArgs;
 
 #[derive(Debug, Subcommand)]
 pub enum Scenario {
     /// Inbound calls at a rate, each answered by the numbers' script, held, then hung up by the
     /// caller.
     Inbound(InboundArgs),
+    /// Softphones registering with SIP credentials made for the run: challenge, authenticated
+    /// REGISTER, 200, at a rate; keepalives answered.
+    Register(RegisterArgs),
 }
 
 /// The deployment under test.
@@ -56,43 +62,6 @@ pub struct Target {
     pub hooks_listen: SocketAddr,
 }
 
-#[derive(Debug, Clone, Args)]
-pub struct InboundArgs {
-    #[command(flatten)]
-    pub target: Target,
-    /// New calls a second.
-    #[arg(long, default_value_t = 100.0)]
-    pub rate: f64,
-    /// Seconds of new calls.
-    #[arg(long, default_value_t = 10.0)]
-    pub duration: f64,
-    /// Seconds each call is held after the answer before the caller hangs up.
-    #[arg(long, default_value_t = 1.0)]
-    pub hold: f64,
-    /// Numbers claimed and called in turn.
-    #[arg(long, default_value_t = 10)]
-    pub numbers: usize,
-    /// The VoiceAction script the numbers answer with (JSON); by default a pause longer than
-    /// the hold, so the caller hangs up.
-    #[arg(long)]
-    pub script: Option<String>,
-    /// UDP sockets the calls are spread over.
-    #[arg(long, default_value_t = 4)]
-    pub sockets: usize,
-    /// Write the results, with a sample each second, as JSON to this file.
-    #[arg(long, value_name = "FILE")]
-    pub json: Option<PathBuf>,
-    /// Write a self-contained HTML page with plots of the run to this file.
-    #[arg(long, value_name = "FILE")]
-    pub report: Option<PathBuf>,
-    /// Fail (exit 1) when INVITE→200 p99 is above this.
-    #[arg(long, value_name = "MS")]
-    pub p99_ms: Option<f64>,
-    /// Fail (exit 1) when more calls than this fail.
-    #[arg(long, default_value_t = 0)]
-    pub max_failed: u64,
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("{0}")]
@@ -108,9 +77,111 @@ pub enum Verdict {
     Fail,
 }
 
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Verdict::Pass => "PASS",
+            Verdict::Fail => "FAIL",
+        })
+    }
+}
+
 pub async fn run(scenario: Scenario) -> Result<Verdict, LoadError> {
     match scenario {
-        Scenario::Inbound(args) => inbound(args).await,
+        Scenario::Inbound(args) => inbound::run(args).await,
+        Scenario::Register(args) => register::run(args).await,
+    }
+}
+
+/// What every scenario writes, and its pass lines.
+#[derive(Debug, Clone, Args)]
+pub struct Output {
+    /// Write the results, with a sample each second, as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Write a self-contained HTML page with plots of the run to this file.
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<PathBuf>,
+    /// Fail (exit 1) when the scenario's p99 latency is above this.
+    #[arg(long, value_name = "MS")]
+    pub p99_ms: Option<f64>,
+    /// Fail (exit 1) when more than this fail.
+    #[arg(long, default_value_t = 0)]
+    pub max_failed: u64,
+}
+
+impl Output {
+    fn passes(&self, failed: u64, p99: Duration) -> bool {
+        failed <= self.max_failed && self.p99_ms.is_none_or(|line| ms(p99) <= line)
+    }
+
+    fn lines(&self) -> Value {
+        json!({"max_failed": self.max_failed, "p99_ms": self.p99_ms})
+    }
+
+    /// The run's JSON (with the samples as its `timeline`) and HTML page, where asked for.
+    fn write(&self, summary: &Value, samples: &[report::Sample]) -> Result<(), LoadError> {
+        if let Some(path) = &self.json {
+            let mut json = summary.clone();
+            json["timeline"] = serde_json::to_value(samples).unwrap_or_default();
+            let text = serde_json::to_string_pretty(&json).unwrap_or_default();
+            std::fs::write(path, text)
+                .map_err(|e| LoadError::Setup(format!("--json {}: {e}", path.display())))?;
+        }
+        if let Some(path) = &self.report {
+            let page = report::html(summary, samples)
+                .map_err(|e| LoadError::Setup(format!("--report: {e}")))?;
+            std::fs::write(path, page)
+                .map_err(|e| LoadError::Setup(format!("--report {}: {e}", path.display())))?;
+        }
+        Ok(())
+    }
+}
+
+/// What a scenario's progress line and samples read, live.
+pub trait Live {
+    fn counts(&self) -> LiveCounts;
+    /// p50, p99 and max of the latencies since the last call.
+    fn recent_latency(&self) -> (Duration, Duration, Duration);
+}
+
+pub struct LiveCounts {
+    pub attempted: u64,
+    /// For calls: answered so far.
+    pub answered: Option<u64>,
+    pub completed: u64,
+    pub failed: u64,
+}
+
+impl Live for uac::Progress {
+    fn counts(&self) -> LiveCounts {
+        let (attempted, answered, completed, failed) = self.get();
+        LiveCounts {
+            attempted,
+            answered: Some(answered),
+            completed,
+            failed,
+        }
+    }
+
+    fn recent_latency(&self) -> (Duration, Duration, Duration) {
+        self.recent_setup()
+    }
+}
+
+impl Live for devices::Progress {
+    fn counts(&self) -> LiveCounts {
+        let (attempted, completed, failed, _) = self.get();
+        LiveCounts {
+            attempted,
+            answered: None,
+            completed,
+            failed,
+        }
+    }
+
+    fn recent_latency(&self) -> (Duration, Duration, Duration) {
+        devices::Progress::recent_latency(self)
     }
 }
 
@@ -175,13 +246,12 @@ struct Claimed {
     numbers: Vec<Arc<str>>,
 }
 
-/// Claim `n` numbers and route them to the hooks; in dev mode a wallet short of their first
-/// month is topped up with the `test` provider first.
+/// Claim `n` numbers and route them to `hooks` (voice callback, events URL) when given; in dev
+/// mode a wallet short of their first month is topped up with the `test` provider first.
 async fn claim_numbers(
     api: &ApiClient,
     n: usize,
-    voice_url: &str,
-    events_url: &str,
+    hooks: Option<(&str, &str)>,
 ) -> Result<Claimed, LoadError> {
     let available = api
         .call(
@@ -245,6 +315,9 @@ async fn claim_numbers(
         claimed
             .numbers
             .push(number["number"].as_str().unwrap_or_default().into());
+        let Some((voice_url, events_url)) = hooks else {
+            continue;
+        };
         if let Err(e) = api
             .call(
                 reqwest::Method::PATCH,
@@ -347,6 +420,14 @@ fn start_hooks(
     ))
 }
 
+async fn resolve_server(server: &str) -> Result<SocketAddr, LoadError> {
+    tokio::net::lookup_host(server)
+        .await
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| LoadError::Invalid(format!("--server {server}: no address")))
+}
+
 fn seconds(value: f64, flag: &str) -> Result<Duration, LoadError> {
     Duration::try_from_secs_f64(value)
         .map_err(|_| LoadError::Invalid(format!("{flag} {value}: seconds, ≥ 0")))
@@ -354,154 +435,6 @@ fn seconds(value: f64, flag: &str) -> Result<Duration, LoadError> {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1_000.0
-}
-
-async fn inbound(args: InboundArgs) -> Result<Verdict, LoadError> {
-    if !(args.rate > 0.0 && args.rate <= 20_000.0) {
-        return Err(LoadError::Invalid(format!(
-            "--rate {}: calls a second, more than 0 and at most 20000",
-            args.rate
-        )));
-    }
-    let duration = seconds(args.duration, "--duration")?;
-    let hold = seconds(args.hold, "--hold")?;
-    if !(1..=100).contains(&args.numbers) {
-        return Err(LoadError::Invalid(format!(
-            "--numbers {}: 1 to 100",
-            args.numbers
-        )));
-    }
-    let script = match &args.script {
-        Some(text) => {
-            let parsed: Value = serde_json::from_str(text)
-                .map_err(|e| LoadError::Invalid(format!("--script: not JSON: {e}")))?;
-            parsed.to_string()
-        }
-        None => json!({"actions": [{"pause": {"length": hold.as_secs() + 30}}]}).to_string(),
-    };
-    let server = tokio::net::lookup_host(&args.target.server)
-        .await
-        .ok()
-        .and_then(|mut a| a.next())
-        .ok_or_else(|| {
-            LoadError::Invalid(format!("--server {}: no address", args.target.server))
-        })?;
-
-    let api = ApiClient::new(&args.target)?;
-    let (voice_url, events_url, hooks) = start_hooks(args.target.hooks_listen, script)?;
-    eprintln!(
-        "claiming {} numbers and routing them to {voice_url}",
-        args.numbers
-    );
-    let claimed = claim_numbers(&api, args.numbers, &voice_url, &events_url).await?;
-    let result = drive_inbound(&args, server, duration, hold, &claimed, &hooks).await;
-    eprintln!("releasing the {} numbers", claimed.ids.len());
-    release(&api, &claimed).await;
-    result
-}
-
-async fn drive_inbound(
-    args: &InboundArgs,
-    server: SocketAddr,
-    duration: Duration,
-    hold: Duration,
-    claimed: &Claimed,
-    hooks: &Hooks,
-) -> Result<Verdict, LoadError> {
-    // Our RTP goes nowhere: one socket the engine's media is sent to, drained.
-    let sink = tokio::net::UdpSocket::bind(SocketAddr::new(
-        uac::route_to(server).map_err(|e| LoadError::Setup(format!("route to {server}: {e}")))?,
-        0,
-    ))
-    .await
-    .map_err(|e| LoadError::Setup(format!("RTP sink: {e}")))?;
-    let rtp = sink
-        .local_addr()
-        .map_err(|e| LoadError::Setup(format!("RTP sink: {e}")))?;
-    let drain = tokio::spawn(async move {
-        let mut buf = [0u8; 2048];
-        while sink.recv(&mut buf).await.is_ok() {}
-    });
-    let timeout = Duration::from_secs(32);
-    let mut uac = Uac::start(server, args.sockets, timeout)
-        .await
-        .map_err(|e| LoadError::Setup(format!("SIP sockets: {e}")))?;
-    let total = (args.rate * duration.as_secs_f64()).round() as u64;
-    let interval = Duration::from_secs_f64(1.0 / args.rate);
-    let mut sampler = Sampler::new(server, duration, args.rate);
-    let started = sampler.started;
-    let cpu_before = procfs::cpu_time_self();
-    let mut next_sample = started + Duration::from_secs(1);
-    let mut placed = 0u64;
-    while placed < total {
-        let due = started + interval.mul_f64(placed as f64);
-        let now = Instant::now();
-        if due > now {
-            tokio::time::sleep_until(due.into()).await;
-        }
-        // Catch up after a late wake, as a carrier's calls keep arriving.
-        while placed < total && started + interval.mul_f64(placed as f64) <= Instant::now() {
-            let number = claimed.numbers[(placed as usize) % claimed.numbers.len()].clone();
-            uac.call(number, rtp, Some(hold));
-            placed += 1;
-        }
-        if Instant::now() >= next_sample {
-            sampler.sample(&uac);
-            next_sample += Duration::from_secs(1);
-        }
-    }
-    // The calls still up are held, then hung up; one failing to end gives up at the timeout.
-    let give_up = Instant::now() + hold + timeout + Duration::from_secs(5);
-    let settled = loop {
-        let (_, _, completed, failed) = uac.progress.get();
-        if completed + failed >= total {
-            break true;
-        }
-        if Instant::now() >= give_up {
-            break false;
-        }
-        if Instant::now() >= next_sample {
-            sampler.sample(&uac);
-            next_sample += Duration::from_secs(1);
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    sampler.sample(&uac);
-    if sampler.terminal {
-        eprintln!();
-    }
-    let sending = started
-        .elapsed()
-        .min(duration.max(Duration::from_millis(1)));
-    // The load test's own CPU while it placed and ended the calls: what measuring cost.
-    let harness_cores = procfs::cpu_time_self()
-        .saturating_sub(cpu_before)
-        .as_secs_f64()
-        / started.elapsed().as_secs_f64();
-    let stats = uac.finish().await;
-    drain.abort();
-    // Each completed call sends call.started, call.answered and call.completed.
-    let want_events = 3 * stats.completed;
-    let until = Instant::now() + Duration::from_secs(10);
-    while hooks.events().values().sum::<u64>() < want_events && Instant::now() < until {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let report = Report::new(args, &stats, sending, hooks, settled, harness_cores);
-    report.print();
-    let mut json = report.json.clone();
-    json["timeline"] = serde_json::to_value(&sampler.samples).unwrap_or_default();
-    if let Some(path) = &args.json {
-        let text = serde_json::to_string_pretty(&json).unwrap_or_default();
-        std::fs::write(path, text)
-            .map_err(|e| LoadError::Setup(format!("--json {}: {e}", path.display())))?;
-    }
-    if let Some(path) = &args.report {
-        let page = report::html(&report.json, &sampler.samples)
-            .map_err(|e| LoadError::Setup(format!("--report: {e}")))?;
-        std::fs::write(path, page)
-            .map_err(|e| LoadError::Setup(format!("--report {}: {e}", path.display())))?;
-    }
-    Ok(report.verdict)
 }
 
 /// Samples the run each second and prints the progress line.
@@ -514,10 +447,12 @@ struct Sampler {
     /// The target's process when it runs on this machine, and its CPU time at the last sample.
     target: Option<(u32, Duration)>,
     samples: Vec<report::Sample>,
+    /// What the latency on the progress line is.
+    latency: &'static str,
 }
 
 impl Sampler {
-    fn new(server: SocketAddr, duration: Duration, rate: f64) -> Sampler {
+    fn new(server: SocketAddr, duration: Duration, rate: f64, latency: &'static str) -> Sampler {
         let target = local_process(server).map(|pid| (pid, procfs::cpu_time(pid)));
         Sampler {
             started: Instant::now(),
@@ -527,17 +462,23 @@ impl Sampler {
             last: (0, 0, Instant::now()),
             target,
             samples: Vec::new(),
+            latency,
         }
     }
 
-    fn sample(&mut self, uac: &Uac) {
-        let (attempted, answered, completed, failed) = uac.progress.get();
+    fn sample(&mut self, live: &dyn Live) {
+        let LiveCounts {
+            attempted,
+            answered,
+            completed,
+            failed,
+        } = live.counts();
         let now = Instant::now();
         let span = now.duration_since(self.last.2).as_secs_f64().max(1e-3);
         let achieved = attempted.saturating_sub(self.last.0) as f64 / span;
         let failed_now = failed.saturating_sub(self.last.1);
         self.last = (attempted, failed, now);
-        let (p50, p99, max) = uac.progress.recent_setup();
+        let (p50, p99, max) = live.recent_latency();
         let (target_cores, target_rss_mib) = match self.target.as_mut() {
             Some((pid, cpu)) => {
                 let used = procfs::cpu_time(*pid);
@@ -571,10 +512,14 @@ impl Sampler {
             (Some(c), Some(r)) => format!("  target {c:.2} cores {r:.0} MiB"),
             _ => String::new(),
         };
+        let answered = answered
+            .map(|a| format!("  answered {a}"))
+            .unwrap_or_default();
         let line = format!(
-            "{t:6.1}/{:.0} s  offered {offered:.0}/s  achieved {achieved:.0}/s  in flight {}  answered {answered}  completed {completed}  failed {failed}  setup p50 {:.1} ms p99 {:.1} ms{target}",
+            "{t:6.1}/{:.0} s  offered {offered:.0}/s  achieved {achieved:.0}/s  in flight {}{answered}  completed {completed}  failed {failed}  {} p50 {:.1} ms p99 {:.1} ms{target}",
             self.duration.as_secs_f64(),
             attempted.saturating_sub(completed + failed),
+            self.latency,
             ms(p50),
             ms(p99),
         );
@@ -626,169 +571,4 @@ fn local_process(server: SocketAddr) -> Option<u32> {
         }
     }
     None
-}
-
-struct Report {
-    json: Value,
-    verdict: Verdict,
-}
-
-impl Report {
-    fn new(
-        args: &InboundArgs,
-        stats: &UacStats,
-        sending: Duration,
-        hooks: &Hooks,
-        settled: bool,
-        harness_cores: f64,
-    ) -> Report {
-        let mut setup = stats.setup.clone();
-        setup.sort();
-        let mut bye = stats.bye_latency.clone();
-        bye.sort();
-        let mut refused = stats.refused.clone();
-        refused.sort();
-        let mut failures: BTreeMap<String, u64> = BTreeMap::new();
-        for (code, n) in &stats.invite_status {
-            *failures
-                .entry(format!(
-                    "INVITE {code} {}",
-                    sautikit_sip::message::reason_phrase(*code)
-                ))
-                .or_default() += n;
-        }
-        for (code, n) in &stats.bye_status {
-            *failures
-                .entry(format!(
-                    "BYE {code} {}",
-                    sautikit_sip::message::reason_phrase(*code)
-                ))
-                .or_default() += n;
-        }
-        for (name, n) in [
-            ("INVITE timeout", stats.invite_timeouts),
-            ("BYE timeout", stats.bye_timeouts),
-            ("hung up by the engine", stats.server_byes),
-            ("unfinished", stats.unfinished),
-        ] {
-            if n > 0 {
-                failures.insert(name.to_owned(), n);
-            }
-        }
-        let failed = stats.failed();
-        let p99 = quantile(&setup, 0.99);
-        let mut pass = failed <= args.max_failed && settled;
-        if let Some(line) = args.p99_ms {
-            pass &= ms(p99) <= line;
-        }
-        let json = json!({
-            "scenario": "inbound",
-            "settings": {
-                "rate": args.rate,
-                "duration_seconds": args.duration,
-                "hold_seconds": args.hold,
-                "numbers": args.numbers,
-                "sockets": args.sockets,
-            },
-            "calls": {
-                "attempted": stats.attempted,
-                "answered": stats.answered,
-                "completed": stats.completed,
-                "failed": failed,
-                "failures": failures,
-            },
-            "achieved_rate": stats.attempted as f64 / sending.as_secs_f64(),
-            "setup_ms": {
-                "p50": ms(quantile(&setup, 0.5)),
-                "p99": ms(p99),
-                "max": ms(quantile(&setup, 1.0)),
-            },
-            "bye_ms": {
-                "p50": ms(quantile(&bye, 0.5)),
-                "p99": ms(quantile(&bye, 0.99)),
-            },
-            "refused_ms": {
-                "p50": ms(quantile(&refused, 0.5)),
-                "p99": ms(quantile(&refused, 0.99)),
-            },
-            "sip": {
-                "trying": stats.trying,
-                "invite_retransmissions": stats.invite_retransmissions,
-                "bye_retransmissions": stats.bye_retransmissions,
-                "ok_retransmissions": stats.ok_retransmissions,
-            },
-            "voice_callbacks": hooks.voice.load(Ordering::Relaxed),
-            "harness_cores": harness_cores,
-            "events": hooks.events(),
-            "pass_lines": {"max_failed": args.max_failed, "p99_ms": args.p99_ms},
-            "pass": pass,
-        });
-        Report {
-            json,
-            verdict: if pass { Verdict::Pass } else { Verdict::Fail },
-        }
-    }
-
-    fn print(&self) {
-        let j = &self.json;
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "\ninbound calls");
-        let rows: Vec<(String, String)> = vec![
-            ("attempted".into(), j["calls"]["attempted"].to_string()),
-            ("answered".into(), j["calls"]["answered"].to_string()),
-            ("completed".into(), j["calls"]["completed"].to_string()),
-            ("failed".into(), j["calls"]["failed"].to_string()),
-            (
-                "achieved rate".into(),
-                format!("{:.1}/s", j["achieved_rate"].as_f64().unwrap_or(0.0)),
-            ),
-            (
-                "INVITE→200".into(),
-                format!(
-                    "p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
-                    j["setup_ms"]["p50"].as_f64().unwrap_or(0.0),
-                    j["setup_ms"]["p99"].as_f64().unwrap_or(0.0),
-                    j["setup_ms"]["max"].as_f64().unwrap_or(0.0)
-                ),
-            ),
-            (
-                "BYE→200".into(),
-                format!(
-                    "p50 {:.2} ms  p99 {:.2} ms",
-                    j["bye_ms"]["p50"].as_f64().unwrap_or(0.0),
-                    j["bye_ms"]["p99"].as_f64().unwrap_or(0.0)
-                ),
-            ),
-            ("voice callbacks".into(), j["voice_callbacks"].to_string()),
-            (
-                "load test CPU".into(),
-                format!(
-                    "{:.3} cores (its caller, voice callback and events receiver)",
-                    j["harness_cores"].as_f64().unwrap_or(0.0)
-                ),
-            ),
-        ];
-        for (name, value) in rows {
-            let _ = writeln!(out, "  {name:<18} {value}");
-        }
-        if let Some(failures) = j["calls"]["failures"].as_object() {
-            for (why, n) in failures {
-                let _ = writeln!(out, "  failed: {why:<30} {n}");
-            }
-        }
-        if let Some(events) = j["events"].as_object() {
-            for (kind, n) in events {
-                let _ = writeln!(out, "  event {kind:<24} {n}");
-            }
-        }
-        let _ = writeln!(
-            out,
-            "  RESULT {}",
-            if self.verdict == Verdict::Pass {
-                "PASS"
-            } else {
-                "FAIL"
-            }
-        );
-    }
 }

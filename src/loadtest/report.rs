@@ -80,6 +80,14 @@ fn plot(title: &str, y_desc: &str, y_floor: f64, series: &[Series<'_>]) -> Resul
     Ok(svg)
 }
 
+fn capitalised(text: &str) -> String {
+    let mut chars = text.chars();
+    chars
+        .next()
+        .map(|c| c.to_uppercase().chain(chars).collect())
+        .unwrap_or_default()
+}
+
 fn escape(text: &str) -> String {
     text.replace('&', "&amp;")
         .replace('<', "&lt;")
@@ -98,10 +106,24 @@ pub fn html(summary: &Value, samples: &[Sample]) -> Result<String, String> {
     let orange = RGBColor(255, 127, 14);
     let red = RGBColor(214, 39, 40);
     let green = RGBColor(44, 160, 44);
+    // What the scenario counts and times ("calls/s", "INVITE → 200", "calls").
+    let unit = |name: &str, default: &'static str| -> String {
+        summary["units"][name]
+            .as_str()
+            .unwrap_or(default)
+            .to_owned()
+    };
+    let (rate, latency, items) = (
+        unit("rate", "calls/s"),
+        unit("latency", "INVITE → 200"),
+        unit("items", "calls"),
+    );
+    let rate_title = format!("{} a second", capitalised(&items));
+    let failed_title = format!("Failed {items} a second");
     let mut plots = vec![
         plot(
-            "Calls a second",
-            "calls/s",
+            &rate_title,
+            &rate,
             1.0,
             &[
                 ("offered", blue, points(&|s| Some(s.offered))),
@@ -109,7 +131,7 @@ pub fn html(summary: &Value, samples: &[Sample]) -> Result<String, String> {
             ],
         )?,
         plot(
-            "INVITE → 200",
+            &latency,
             "ms",
             1.0,
             &[
@@ -119,8 +141,8 @@ pub fn html(summary: &Value, samples: &[Sample]) -> Result<String, String> {
             ],
         )?,
         plot(
-            "Failed calls a second",
-            "calls",
+            &failed_title,
+            &items,
             5.0,
             &[("failed", red, points(&|s| Some(s.failed as f64)))],
         )?,
