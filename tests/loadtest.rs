@@ -291,3 +291,88 @@ async fn register_makes_credentials_and_registers_a_softphone_for_each() {
     .await;
     assert_eq!(output.status.code(), Some(2));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn outbound_places_calls_through_the_api_to_its_own_trunk() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let trunk = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let server = Server::start_with(
+        &db,
+        Mode::Dev,
+        &[
+            ("SAUTIKIT_OUTBOUND_TRUNK", &format!("sip:{trunk}")),
+            ("SAUTIKIT_SETUP_TARGET_MS", "1000"),
+            // Above the run's 20 calls/s (the default allows fewer placed calls a second).
+            ("SAUTIKIT_CALLS_PER_SECOND", "100"),
+        ],
+    );
+    let key = dev_key(&db.data_dir);
+    let api = server.api(&key);
+    let dir = tempfile::tempdir().unwrap();
+    let (output, report) = loadtest_in(
+        dir.path(),
+        &server,
+        &key,
+        "outbound",
+        &[
+            "--trunk-listen",
+            &trunk.to_string(),
+            "--rate",
+            "20",
+            "--duration",
+            "3",
+            "--hold",
+            "1",
+        ],
+    )
+    .await;
+    assert!(output.status.success(), "{report}");
+    assert_eq!(report["pass"], true, "{report}");
+    let calls = &report["calls"];
+    assert_eq!(calls["attempted"], 60, "{report}");
+    assert_eq!(calls["created"], 60, "{report}");
+    assert_eq!(calls["completed"], 60, "{report}");
+    assert_eq!(calls["failed"], 0, "{report}");
+    // Every call reached the trunk, was answered with media flowing, and was ended by the
+    // script's hangup; the voice callback ran once a call and each sent its three events.
+    assert_eq!(report["sip"]["invites"], 60, "{report}");
+    assert_eq!(report["sip"]["byes"], 60, "{report}");
+    assert!(
+        report["rtp_packets"].as_u64().unwrap() >= 60 * 25,
+        "{report}"
+    );
+    assert_eq!(report["voice_callbacks"], 60, "{report}");
+    for kind in ["call.started", "call.answered", "call.completed"] {
+        assert_eq!(report["events"][kind], 60, "{kind}: {report}");
+    }
+    assert!(report["api_to_invite_ms"]["p99"].as_f64().unwrap() > 0.0);
+    // The server's records agree: 60 outbound calls, all completed; the number is released.
+    let recorded = api.get_all("/v1/calls?direction=outbound&limit=100").await;
+    assert_eq!(recorded.len(), 60);
+    assert!(recorded.iter().all(|c| c["status"] == "completed"));
+    let numbers = api.get_all("/v1/numbers?status=active&limit=100").await;
+    assert!(numbers.is_empty(), "{numbers:?}");
+
+    // The trunk's address already in use: the run stops before it claims anything, exit 1.
+    let busy = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let taken = busy.local_addr().unwrap().to_string();
+    let (output, _) = loadtest_in(
+        dir.path(),
+        &server,
+        &key,
+        "outbound",
+        &["--trunk-listen", &taken, "--duration", "1"],
+    )
+    .await;
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("--trunk-listen"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let numbers = api.get_all("/v1/numbers?status=active&limit=100").await;
+    assert!(numbers.is_empty(), "{numbers:?}");
+}

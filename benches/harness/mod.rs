@@ -8,7 +8,7 @@
 use std::cmp::Reverse;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::Router;
 use sautikit_sip::digest::{Algorithm, ha1};
@@ -30,12 +30,8 @@ pub fn ms(d: Duration) -> f64 {
 
 /// Wall-clock nanoseconds since the epoch: the clock of the kernel's receive timestamps
 /// (`SO_TIMESTAMPNS`), so send times taken here compare with arrival times.
-pub fn wall_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
-}
+#[allow(unused_imports)]
+pub use sautikit::loadtest::trunk::wall_ns;
 
 /// p50, p99 and max of sorted samples.
 pub fn p50_p99_max(sorted: &[Duration]) -> [Duration; 3] {

@@ -6,10 +6,12 @@
 
 pub mod devices;
 pub mod inbound;
+pub mod outbound;
 pub mod procfs;
 pub mod register;
 pub mod report;
 pub mod sip_text;
+pub mod trunk;
 pub mod uac;
 
 use std::collections::BTreeMap;
@@ -27,6 +29,7 @@ use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
 use inbound::InboundArgs;
+use outbound::OutboundArgs;
 use register::RegisterArgs;
 
 #[derive(Debug, Subcommand)]
@@ -37,6 +40,9 @@ pub enum Scenario {
     /// Softphones registering with SIP credentials made for the run: challenge, authenticated
     /// REGISTER, 200, at a rate; keepalives answered.
     Register(RegisterArgs),
+    /// Calls placed through the API at a rate, to an outbound trunk the load test plays itself
+    /// (the deployment's `SAUTIKIT_OUTBOUND_TRUNK` must point at it).
+    Outbound(OutboundArgs),
 }
 
 /// The deployment under test.
@@ -90,6 +96,7 @@ pub async fn run(scenario: Scenario) -> Result<Verdict, LoadError> {
     match scenario {
         Scenario::Inbound(args) => inbound::run(args).await,
         Scenario::Register(args) => register::run(args).await,
+        Scenario::Outbound(args) => outbound::run(args).await,
     }
 }
 
