@@ -46,7 +46,6 @@ use harness::{
 
 use std::cmp::Reverse;
 use std::collections::BTreeMap;
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -54,15 +53,11 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::http::HeaderMap;
 use axum::routing::post;
-use common::caller::recv_stamped;
-use common::uac::{
-    cpu_time, ensure_nofile, machine_load, quantile, rtp_header, status_kib, thread_cpu,
-};
+use common::uac::{cpu_time, ensure_nofile, machine_load, quantile, status_kib, thread_cpu};
 use common::{Api, Backend, Mode, Server, TestDb, dev_key};
-use nix::sys::socket::{MsgFlags, setsockopt, sockopt};
+use sautikit::loadtest::streams::{StreamStats, rtp_receiver};
 use sautikit::loadtest::uac::{Uac, UacStats};
 use serde_json::json;
-use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 
@@ -738,101 +733,6 @@ async fn rate_run(backend: Backend, s: &RateSettings) -> bool {
 // ---------------------------------------------------------------------------------------------
 // Hold
 
-#[derive(Default)]
-struct StreamStats {
-    packets: u64,
-    in_window: u64,
-    /// |spacing − 20 ms| in µs of kernel arrival times, for packets inside the measuring window.
-    deviations: Vec<u32>,
-    /// The same from the times this harness's task read each packet.
-    read_deviations: Vec<u32>,
-    spacing_sum_us: u64,
-    lost: u64,
-    seq_errors: u64,
-    ts_errors: u64,
-    ssrc_changes: u64,
-    pt_errors: u64,
-    size_errors: u64,
-    bad: u64,
-}
-
-fn deviation_us(spacing: Duration) -> u32 {
-    let dev = (spacing.as_micros() as i64 - 20_000).unsigned_abs();
-    dev.min(u64::from(u32::MAX)) as u32
-}
-
-async fn rtp_receiver(
-    sock: UdpSocket,
-    measuring: Arc<AtomicBool>,
-    mut stop: watch::Receiver<bool>,
-) -> StreamStats {
-    let mut st = StreamStats::default();
-    let mut buf = [0u8; 2048];
-    // (read at, kernel stamp, sequence, timestamp, SSRC)
-    let mut last: Option<(Instant, Duration, u16, u32, u32)> = None;
-    st.deviations.reserve(3100);
-    st.read_deviations.reserve(3100);
-    let stamps = setsockopt(&sock, sockopt::ReceiveTimestampns, &true).is_ok();
-    assert!(stamps, "SO_TIMESTAMPNS is needed for the spacing figures");
-    let fd = sock.as_raw_fd();
-    loop {
-        tokio::select! {
-            r = sock.readable() => if r.is_err() { break },
-            _ = stop.changed() => break,
-        }
-        while let Ok((n, stamp)) = sock.try_io(Interest::READABLE, || {
-            recv_stamped(fd, &mut buf, MsgFlags::MSG_DONTWAIT)
-        }) {
-            let now = Instant::now();
-            let Some(stamp) = stamp else {
-                st.bad += 1;
-                continue;
-            };
-            let Some(h) = rtp_header(&buf[..n]) else {
-                st.bad += 1;
-                continue;
-            };
-            st.packets += 1;
-            if h.version != 2 {
-                st.bad += 1;
-            }
-            if h.payload_type != 0 {
-                st.pt_errors += 1;
-            }
-            if h.payload_len != 160 {
-                st.size_errors += 1;
-            }
-            let window = measuring.load(Ordering::Relaxed);
-            if window {
-                st.in_window += 1;
-            }
-            if let Some((t, k, seq, ts, ssrc)) = last {
-                let dseq = h.sequence.wrapping_sub(seq);
-                if dseq != 1 {
-                    st.seq_errors += 1;
-                    if dseq > 1 && dseq < 1000 {
-                        st.lost += u64::from(dseq - 1);
-                    }
-                }
-                if h.timestamp.wrapping_sub(ts) != 160 * u32::from(dseq) {
-                    st.ts_errors += 1;
-                }
-                if h.ssrc != ssrc {
-                    st.ssrc_changes += 1;
-                }
-                if window && dseq == 1 {
-                    let spacing = stamp.saturating_sub(k);
-                    st.spacing_sum_us += spacing.as_micros() as u64;
-                    st.deviations.push(deviation_us(spacing));
-                    st.read_deviations.push(deviation_us(now - t));
-                }
-            }
-            last = Some((now, stamp, h.sequence, h.timestamp, h.ssrc));
-        }
-    }
-    st
-}
-
 struct HoldSettings {
     calls: usize,
     seconds: f64,
@@ -944,18 +844,7 @@ async fn hold_run(backend: Backend, s: &HoldSettings) {
         if st.packets == 0 {
             silent += 1;
         }
-        all.packets += st.packets;
-        all.in_window += st.in_window;
-        all.spacing_sum_us += st.spacing_sum_us;
-        all.lost += st.lost;
-        all.seq_errors += st.seq_errors;
-        all.ts_errors += st.ts_errors;
-        all.ssrc_changes += st.ssrc_changes;
-        all.pt_errors += st.pt_errors;
-        all.size_errors += st.size_errors;
-        all.bad += st.bad;
-        all.deviations.extend(st.deviations);
-        all.read_deviations.extend(st.read_deviations);
+        all.merge(st);
     }
     let want_events = 3 * stats.completed;
     let drained = wait_events(&ctx.hooks, want_events, Duration::from_secs(30)).await;

@@ -376,3 +376,79 @@ async fn outbound_places_calls_through_the_api_to_its_own_trunk() {
     let numbers = api.get_all("/v1/numbers?status=active&limit=100").await;
     assert!(numbers.is_empty(), "{numbers:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hold_measures_the_media_of_held_calls() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let server = Server::start_with(&db, Mode::Dev, &[("SAUTIKIT_SETUP_TARGET_MS", "1000")]);
+    let key = dev_key(&db.data_dir);
+    let dir = tempfile::tempdir().unwrap();
+    let (output, report) = loadtest_in(
+        dir.path(),
+        &server,
+        &key,
+        "hold",
+        &[
+            "--calls",
+            "20",
+            "--duration",
+            "3",
+            "--ramp",
+            "20",
+            "--numbers",
+            "2",
+        ],
+    )
+    .await;
+    assert!(output.status.success(), "{report}");
+    assert_eq!(report["pass"], true, "{report}");
+    let calls = &report["calls"];
+    assert_eq!(calls["answered"], 20, "{report}");
+    assert_eq!(calls["completed"], 20, "{report}");
+    assert_eq!(calls["failed"], 0, "{report}");
+    // 20 streams of 50 packets a second over the 3 s window, none lost, every header right.
+    let rtp = &report["rtp"];
+    let due = rtp["packets_expected"].as_f64().unwrap();
+    assert!((2_900.0..=3_100.0).contains(&due), "{report}");
+    let got = rtp["packets_in_window"].as_f64().unwrap();
+    assert!(got >= 0.95 * due && got <= 1.05 * due, "{report}");
+    for field in [
+        "lost",
+        "timestamp_errors",
+        "ssrc_changes",
+        "payload_type_errors",
+        "payload_size_errors",
+        "malformed",
+        "silent_streams",
+    ] {
+        assert_eq!(rtp[field], 0, "{field}: {report}");
+    }
+    let mean = report["spacing_ms"]["mean"].as_f64().unwrap();
+    assert!((19.0..=21.0).contains(&mean), "{report}");
+    assert!(report["target_cores"].as_f64().unwrap() > 0.0, "{report}");
+    for kind in ["call.started", "call.answered", "call.completed"] {
+        assert_eq!(report["events"][kind], 20, "{kind}: {report}");
+    }
+    // An impossible spacing line fails the run.
+    let (output, report) = loadtest_in(
+        dir.path(),
+        &server,
+        &key,
+        "hold",
+        &[
+            "--calls",
+            "2",
+            "--duration",
+            "1",
+            "--ramp",
+            "10",
+            "--numbers",
+            "1",
+            "--p99-ms",
+            "0",
+        ],
+    )
+    .await;
+    assert_eq!(output.status.code(), Some(1), "{report}");
+    assert_eq!(report["calls"]["failed"], 0, "{report}");
+}

@@ -5,12 +5,14 @@
 //! in CI. The benches drive the engine with the same caller ([`uac`]).
 
 pub mod devices;
+pub mod hold;
 pub mod inbound;
 pub mod outbound;
 pub mod procfs;
 pub mod register;
 pub mod report;
 pub mod sip_text;
+pub mod streams;
 pub mod trunk;
 pub mod uac;
 
@@ -28,6 +30,7 @@ use axum::routing::post;
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
+use hold::HoldArgs;
 use inbound::InboundArgs;
 use outbound::OutboundArgs;
 use register::RegisterArgs;
@@ -37,6 +40,8 @@ pub enum Scenario {
     /// Inbound calls at a rate, each answered by the numbers' script, held, then hung up by the
     /// caller.
     Inbound(InboundArgs),
+    /// Concurrent calls held with media, the engine's RTP checked: spacing, loss, headers.
+    Hold(HoldArgs),
     /// Softphones registering with SIP credentials made for the run: challenge, authenticated
     /// REGISTER, 200, at a rate; keepalives answered.
     Register(RegisterArgs),
@@ -95,6 +100,7 @@ impl std::fmt::Display for Verdict {
 pub async fn run(scenario: Scenario) -> Result<Verdict, LoadError> {
     match scenario {
         Scenario::Inbound(args) => inbound::run(args).await,
+        Scenario::Hold(args) => hold::run(args).await,
         Scenario::Register(args) => register::run(args).await,
         Scenario::Outbound(args) => outbound::run(args).await,
     }

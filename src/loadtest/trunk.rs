@@ -572,7 +572,7 @@ pub fn stamp_arrivals(sock: &UdpSocket) -> std::io::Result<()> {
 }
 
 /// One datagram and the kernel's receive time (wall clock).
-fn recv_stamped(
+pub fn recv_stamped(
     fd: RawFd,
     buf: &mut [u8],
     flags: MsgFlags,

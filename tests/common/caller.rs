@@ -2,13 +2,11 @@
 //! records every RTP packet with the kernel's receive timestamp (so arrival times are not skewed
 //! by the test process's own scheduling) until the engine's BYE, which it answers.
 
-use std::io::IoSliceMut;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg, setsockopt, sockopt};
-use nix::sys::time::TimeSpec;
+use nix::sys::socket::{MsgFlags, setsockopt, sockopt};
 
 use sautikit_sip::rtp::{RtpHeader, g711};
 
@@ -172,23 +170,8 @@ impl Caller {
     }
 }
 
-/// One datagram and the kernel's receive time (wall clock; `SO_TIMESTAMPNS` must be on).
-pub fn recv_stamped(
-    fd: RawFd,
-    buf: &mut [u8],
-    flags: MsgFlags,
-) -> std::io::Result<(usize, Option<Duration>)> {
-    let mut iov = [IoSliceMut::new(buf)];
-    let mut cmsg = nix::cmsg_space!(TimeSpec);
-    let msg = recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), flags)?;
-    let at = msg.cmsgs()?.find_map(|c| match c {
-        ControlMessageOwned::ScmTimestampns(t) => {
-            Some(Duration::new(t.tv_sec() as u64, t.tv_nsec() as u32))
-        }
-        _ => None,
-    });
-    Ok((msg.bytes, at))
-}
+#[allow(unused_imports)]
+pub use sautikit::loadtest::trunk::recv_stamped;
 
 /// Where the engine's SDP answer says its RTP is.
 fn engine_media(ok: &str) -> SocketAddr {

@@ -38,37 +38,8 @@ pub fn reply(request: &str, code: u16, reason: &str, to_tag: &str, body: Option<
     out
 }
 
-/// An SDP offer or answer for one G.711 codec and telephone-event.
-pub fn sdp(rtp: SocketAddr, codec: Codec, te: u8) -> String {
-    format!(
-        "v=0\r\no=- 7 7 IN IP4 {ip}\r\ns=-\r\nc=IN IP4 {ip}\r\nt=0 0\r\n\
-         m=audio {port} RTP/AVP {pt} {te}\r\na=rtpmap:{pt} {name}/8000\r\n\
-         a=rtpmap:{te} telephone-event/8000\r\na=fmtp:{te} 0-15\r\na=sendrecv\r\n",
-        ip = rtp.ip(),
-        port = rtp.port(),
-        pt = codec.payload_type(),
-        name = codec.name(),
-    )
-}
-
-/// Where an SDP body says RTP goes.
-pub fn sdp_rtp(msg: &str) -> Option<SocketAddr> {
-    let body = msg.split("\r\n\r\n").nth(1)?;
-    let ip = body
-        .lines()
-        .find_map(|l| l.strip_prefix("c=IN IP4 "))?
-        .trim()
-        .parse()
-        .ok()?;
-    let port = body
-        .lines()
-        .find_map(|l| l.strip_prefix("m=audio "))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()?;
-    Some(SocketAddr::new(ip, port))
-}
+#[allow(unused_imports)]
+pub use sautikit::loadtest::trunk::{sdp, sdp_rtp};
 
 /// A caller placing a call to `number` by hand over UDP.
 pub struct SipCaller {
