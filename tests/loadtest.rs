@@ -452,3 +452,66 @@ async fn hold_measures_the_media_of_held_calls() {
     assert_eq!(output.status.code(), Some(1), "{report}");
     assert_eq!(report["calls"]["failed"], 0, "{report}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn webhooks_drains_a_backlog_to_its_receiver() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    // The retry schedule scaled down: the first retry comes within 1.5 s instead of 30 s.
+    let server = Server::start_with(
+        &db,
+        Mode::Dev,
+        &[
+            ("SAUTIKIT_SETUP_TARGET_MS", "1000"),
+            ("SAUTIKIT_WEBHOOK_RETRY_SCALE", "0.05"),
+        ],
+    );
+    let key = dev_key(&db.data_dir);
+    let api = server.api(&key);
+    let dir = tempfile::tempdir().unwrap();
+    let (output, report) = loadtest_in(
+        dir.path(),
+        &server,
+        &key,
+        "webhooks",
+        &[
+            "--calls",
+            "100",
+            "--rate",
+            "50",
+            "--numbers",
+            "3",
+            "--drain-timeout",
+            "60",
+        ],
+    )
+    .await;
+    assert!(output.status.success(), "{report}");
+    assert_eq!(report["pass"], true, "{report}");
+    let events = &report["events"];
+    assert_eq!(report["calls"]["completed"], 100, "{report}");
+    assert_eq!(events["expected"], 300, "{report}");
+    // Every event was refused once while the receiver was down, then delivered exactly once,
+    // each call's in order.
+    assert!(
+        events["refused_while_down"].as_u64().unwrap() >= 300,
+        "{report}"
+    );
+    assert_eq!(events["delivered"], 300, "{report}");
+    assert_eq!(events["duplicates"], 0, "{report}");
+    assert_eq!(events["calls_out_of_order"], 0, "{report}");
+    for kind in ["call.started", "call.answered", "call.completed"] {
+        assert_eq!(events["by_kind"][kind], 100, "{kind}: {report}");
+    }
+    assert!(report["drain"]["deliveries_per_second"].as_f64().unwrap() > 0.0);
+    // The server agrees: nothing is left to deliver, and the numbers are released.
+    for status in ["pending", "dead_letter"] {
+        let left = api
+            .get_all(&format!(
+                "/v1/webhooks/deliveries?status={status}&limit=100"
+            ))
+            .await;
+        assert!(left.is_empty(), "{status}: {left:?}");
+    }
+    let numbers = api.get_all("/v1/numbers?status=active&limit=100").await;
+    assert!(numbers.is_empty(), "{numbers:?}");
+}

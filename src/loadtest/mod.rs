@@ -15,6 +15,7 @@ pub mod sip_text;
 pub mod streams;
 pub mod trunk;
 pub mod uac;
+pub mod webhooks;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -34,6 +35,7 @@ use hold::HoldArgs;
 use inbound::InboundArgs;
 use outbound::OutboundArgs;
 use register::RegisterArgs;
+use webhooks::WebhooksArgs;
 
 #[derive(Debug, Subcommand)]
 pub enum Scenario {
@@ -48,6 +50,9 @@ pub enum Scenario {
     /// Calls placed through the API at a rate, to an outbound trunk the load test plays itself
     /// (the deployment's `SAUTIKIT_OUTBOUND_TRUNK` must point at it).
     Outbound(OutboundArgs),
+    /// A backlog of call events built while the load test's receiver is down, then drained to
+    /// it: delivery rate, completeness, duplicates and order.
+    Webhooks(WebhooksArgs),
 }
 
 /// The deployment under test.
@@ -103,6 +108,7 @@ pub async fn run(scenario: Scenario) -> Result<Verdict, LoadError> {
         Scenario::Hold(args) => hold::run(args).await,
         Scenario::Register(args) => register::run(args).await,
         Scenario::Outbound(args) => outbound::run(args).await,
+        Scenario::Webhooks(args) => webhooks::run(args).await,
     }
 }
 
@@ -404,6 +410,13 @@ fn start_hooks(
                 }),
             )
     };
+    let (voice, events) = serve_hooks(listen, app)?;
+    Ok((voice, events, hooks))
+}
+
+/// Serves `app` (its `/voice` and `/events`) at `listen` on a thread of its own, so that the
+/// load test's own work never delays it; returns the two URLs.
+fn serve_hooks(listen: SocketAddr, app: Router) -> Result<(String, String), LoadError> {
     let listener = std::net::TcpListener::bind(listen)
         .and_then(|l| l.set_nonblocking(true).map(|()| l))
         .map_err(|e| LoadError::Setup(format!("--hooks-listen {listen}: {e}")))?;
@@ -429,7 +442,6 @@ fn start_hooks(
     Ok((
         format!("http://{addr}/voice"),
         format!("http://{addr}/events"),
-        hooks,
     ))
 }
 
