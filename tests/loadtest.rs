@@ -290,6 +290,66 @@ async fn register_makes_credentials_and_registers_a_softphone_for_each() {
     )
     .await;
     assert_eq!(output.status.code(), Some(2));
+
+    // Credentials from a file (as for any registrar): nothing is claimed through the API.
+    let claim = api
+        .post(
+            "/v1/numbers/01900000-0000-7000-8000-000000000001/claim",
+            None,
+        )
+        .await;
+    assert_eq!(claim.status, 201, "{}", claim.text);
+    let number_id = claim.json()["id"].as_str().unwrap().to_owned();
+    let mut lines = String::from("# username:password\n");
+    for k in 0..3 {
+        let made = api
+            .post(
+                &format!("/v1/numbers/{number_id}/sip-credentials"),
+                Some(serde_json::json!({"label": format!("file-{k}")})),
+            )
+            .await;
+        assert_eq!(made.status, 201, "{}", made.text);
+        let c = made.json();
+        lines.push_str(&format!(
+            "{}:{}\n",
+            c["username"].as_str().unwrap(),
+            c["password"].as_str().unwrap()
+        ));
+    }
+    let file = dir.path().join("credentials.txt");
+    std::fs::write(&file, lines).unwrap();
+    let (output, report) = loadtest_in(
+        dir.path(),
+        &server,
+        "",
+        "register",
+        &[
+            "--credentials-file",
+            file.to_str().unwrap(),
+            "--rate",
+            "6",
+            "--duration",
+            "1",
+        ],
+    )
+    .await;
+    assert!(output.status.success(), "{report}");
+    assert_eq!(report["registrations"]["completed"], 6, "{report}");
+    assert_eq!(report["softphones_registered"], 3, "{report}");
+    let bound = api
+        .get_all(&format!("/v1/numbers/{number_id}/registrations"))
+        .await;
+    assert_eq!(bound.len(), 3, "{bound:?}");
+    std::fs::write(&file, "no colon here\n").unwrap();
+    let (output, _) = loadtest_in(
+        dir.path(),
+        &server,
+        "",
+        "register",
+        &["--credentials-file", file.to_str().unwrap()],
+    )
+    .await;
+    assert_eq!(output.status.code(), Some(2));
 }
 
 #[tokio::test(flavor = "multi_thread")]

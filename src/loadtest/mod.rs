@@ -67,7 +67,7 @@ pub struct Target {
     pub api: String,
     /// A workspace's API key; the numbers are claimed in this workspace.
     #[arg(long, env = "SAUTIKIT_API_KEY", hide_env_values = true)]
-    pub api_key: String,
+    pub api_key: Option<String>,
     /// Its SIP listener (the load test calls from an address it takes calls from:
     /// `SAUTIKIT_CARRIER_ALLOW`).
     #[arg(long, env = "SAUTIKIT_SIP_SERVER", default_value = "127.0.0.1:5060")]
@@ -221,7 +221,9 @@ impl ApiClient {
             .map_err(|e| LoadError::Setup(format!("HTTP client: {e}")))?;
         Ok(ApiClient {
             base: target.api.trim_end_matches('/').to_owned(),
-            key: target.api_key.clone(),
+            key: target.api_key.clone().ok_or_else(|| {
+                LoadError::Invalid("an API key is needed: --api-key or SAUTIKIT_API_KEY".into())
+            })?,
             http,
         })
     }
