@@ -117,6 +117,11 @@ pub struct ServeArgs {
     pub http_listen: SocketAddr,
     #[arg(long, env = "SAUTIKIT_MODE", value_enum, default_value = "dev")]
     pub mode: Mode,
+    /// SQLite: the memory its page caches may grow to together, in MiB (a soft limit: beyond it
+    /// SQLite reuses cached pages instead of allocating more, and reads the rest from the
+    /// operating system's file cache); 0 lets each of its 9 connections cache 2 MiB.
+    #[arg(long, env = "SAUTIKIT_SQLITE_MEMORY_MIB", default_value_t = 8)]
+    pub sqlite_memory_mib: u64,
     /// Log format.
     #[arg(long, env = "SAUTIKIT_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,

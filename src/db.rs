@@ -162,6 +162,23 @@ impl Db {
         })))
     }
 
+    /// SQLite: bound the memory SQLite allocates, process-wide, to about `bytes` (its soft heap
+    /// limit; 0 removes the bound). Beyond it the page caches recycle their pages instead of
+    /// growing, so a growing database does not grow the process. A no-op on PostgreSQL.
+    pub async fn limit_sqlite_memory(&self, bytes: u64) -> Result<(), DbError> {
+        if self.backend != Backend::Sqlite {
+            return Ok(());
+        }
+        // The limit is SQLite's, for the whole process: set once, through any connection.
+        // A PRAGMA takes no bound parameters; `bytes` is a number.
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "PRAGMA soft_heap_limit = {bytes}"
+        )))
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
     /// PostgreSQL: probe the database every `every` over a connection of the probe's own,
     /// opened outside the pools (so a refused connection fails at once rather than being
     /// retried), and keep [`Db::health`] up to date. Down after a probe fails the way an
@@ -509,5 +526,53 @@ mod tests {
             .await
             .expect("the task stops when the pools close")
             .expect("no panic");
+    }
+
+    /// With the soft heap limit, reading a database larger than the limit through every read
+    /// connection leaves SQLite's memory near the limit; unbounded, each of the 8 readers would
+    /// cache 2 MiB of it.
+    #[tokio::test]
+    async fn sqlite_memory_stays_near_its_limit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("m.db");
+        let db = Db::connect(&format!("sqlite://{}?mode=rwc", file.display()))
+            .await
+            .expect("connect");
+        db.limit_sqlite_memory(2 << 20).await.expect("limit");
+        let row = sqlx::query("PRAGMA soft_heap_limit")
+            .fetch_one(&db.read)
+            .await
+            .expect("pragma");
+        assert_eq!(
+            sqlx::Row::try_get::<i64, _>(&row, 0).expect("value"),
+            2 << 20
+        );
+        db.write
+            .execute("CREATE TABLE t (v TEXT NOT NULL)")
+            .await
+            .expect("create");
+        let mut tx = db.begin_write().await.expect("begin");
+        for _ in 0..3000 {
+            sqlx::query("INSERT INTO t (v) VALUES ($1)")
+                .bind("y".repeat(4000))
+                .execute(&mut *tx)
+                .await
+                .expect("insert");
+        }
+        tx.commit().await.expect("commit");
+        // 12 MB read by 8 connections at once, twice.
+        for _ in 0..2 {
+            let scans = (0..8)
+                .map(|_| sqlx::query("SELECT SUM(LENGTH(v)) AS n FROM t").fetch_one(&db.read));
+            for row in futures::future::join_all(scans).await {
+                let n: i64 = sqlx::Row::try_get(&row.expect("scan"), "n").expect("n");
+                assert_eq!(n, 12_000_000);
+            }
+        }
+        // SAFETY: sqlite3_memory_used reads SQLite's allocation counter; no arguments, no state.
+        let used = unsafe { libsqlite3_sys::sqlite3_memory_used() };
+        db.limit_sqlite_memory(0).await.expect("unlimit");
+        db.close().await;
+        assert!(used < 6 << 20, "SQLite holds {} KiB", used >> 10);
     }
 }

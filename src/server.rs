@@ -176,6 +176,8 @@ fn print_banner(addr: &std::net::SocketAddr, mode: Mode, dev: Option<&DevCredent
 
 pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
     let db = Db::connect(&args.db.url()).await?;
+    db.limit_sqlite_memory(args.sqlite_memory_mib.saturating_mul(1 << 20))
+        .await?;
     let health_watch = db.watch_health(crate::db::HEALTH_PROBE_EVERY);
     db.migrate().await?;
     let store = SqlStore::new(db.clone());
