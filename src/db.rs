@@ -134,10 +134,17 @@ impl Db {
     /// commit, and every write queued behind it waits (tens of milliseconds, every second or two
     /// under call load). Here the writer never checkpoints; a task checkpoints every `every`
     /// from a read connection in PASSIVE mode, beside the writer. Stops when the pools close.
-    /// A no-op on PostgreSQL.
+    ///
+    /// A PASSIVE checkpoint copies pages but never starts the log over, and the writer starts it
+    /// over only at a moment when no reader is using it — which, under steady reads, never comes:
+    /// the log then grows without end (12 GB in 10 minutes at 300 calls/s), and with it the
+    /// mapped WAL index, in memory. So once the log holds `restart_frames` pages, the task
+    /// checkpoints in TRUNCATE mode: it waits for the readers of the log to finish (new writers
+    /// wait with it, a few milliseconds) and empties the file. A no-op on PostgreSQL.
     pub async fn checkpoint_in_background(
         &self,
         every: Duration,
+        restart_frames: i64,
     ) -> Result<Option<tokio::task::JoinHandle<()>>, DbError> {
         if self.backend != Backend::Sqlite {
             return Ok(None);
@@ -152,11 +159,39 @@ impl Db {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             while !read.is_closed() {
                 tick.tick().await;
-                if let Err(e) = read.execute("PRAGMA wal_checkpoint(PASSIVE)").await {
-                    if read.is_closed() {
+                // (busy, pages in the log, pages checkpointed)
+                let log = match sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                    .fetch_one(&read)
+                    .await
+                {
+                    Ok(row) => sqlx::Row::try_get::<i64, _>(&row, 1).unwrap_or(0),
+                    Err(e) => {
+                        if read.is_closed() {
+                            break;
+                        }
+                        tracing::warn!(error = %e, "WAL checkpoint failed");
+                        continue;
+                    }
+                };
+                if log < restart_frames {
+                    continue;
+                }
+                let started = std::time::Instant::now();
+                match sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+                    .fetch_one(&read)
+                    .await
+                {
+                    Ok(row) => tracing::debug!(
+                        pages = log,
+                        busy = sqlx::Row::try_get::<i64, _>(&row, 0).unwrap_or(-1),
+                        ms = started.elapsed().as_secs_f64() * 1e3,
+                        "WAL emptied"
+                    ),
+                    Err(e) if read.is_closed() => {
+                        tracing::debug!(error = %e, "WAL checkpoint stopped: closing");
                         break;
                     }
-                    tracing::warn!(error = %e, "WAL checkpoint failed");
+                    Err(e) => tracing::warn!(error = %e, "WAL restart failed"),
                 }
             }
         })))
@@ -495,7 +530,7 @@ mod tests {
             .await
             .expect("create");
         let task = db
-            .checkpoint_in_background(Duration::from_millis(20))
+            .checkpoint_in_background(Duration::from_millis(20), i64::MAX)
             .await
             .expect("start")
             .expect("a task on SQLite");
@@ -526,6 +561,73 @@ mod tests {
             .await
             .expect("the task stops when the pools close")
             .expect("no panic");
+    }
+
+    /// Past `restart_frames` pages the log is emptied (TRUNCATE), even while readers come and
+    /// go; PASSIVE checkpoints alone leave the file at its largest.
+    #[tokio::test]
+    async fn a_long_wal_is_emptied() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("w.db");
+        let wal = dir.path().join("w.db-wal");
+        let db = Db::connect(&format!("sqlite://{}?mode=rwc", file.display()))
+            .await
+            .expect("connect");
+        db.write
+            .execute("CREATE TABLE t (v TEXT NOT NULL)")
+            .await
+            .expect("create");
+        let task = db
+            .checkpoint_in_background(Duration::from_millis(20), 256)
+            .await
+            .expect("start")
+            .expect("a task on SQLite");
+        // Readers without a pause: each read transaction begins before the last one ends, so
+        // the writer never finds the log unused and never starts it over by itself.
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let readers = {
+            let (read, stop) = (db.read.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut held = read.begin().await.expect("begin");
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let mut next = read.begin().await.expect("begin");
+                    sqlx::query("SELECT COUNT(*) FROM t")
+                        .fetch_one(&mut *next)
+                        .await
+                        .expect("read");
+                    held.rollback().await.expect("end");
+                    held = next;
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                held.rollback().await.expect("end");
+            })
+        };
+        // About 2 MB of log (500 pages).
+        for _ in 0..500 {
+            sqlx::query("INSERT INTO t (v) VALUES ($1)")
+                .bind("z".repeat(4000))
+                .execute(&db.write)
+                .await
+                .expect("insert");
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::fs::metadata(&wal).map_or(0, |m| m.len()) > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the log still holds {} bytes",
+                std::fs::metadata(&wal).map_or(0, |m| m.len())
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        readers.await.expect("readers");
+        let row = sqlx::query("SELECT COUNT(*) AS n FROM t")
+            .fetch_one(&db.read)
+            .await
+            .expect("count");
+        assert_eq!(sqlx::Row::try_get::<i64, _>(&row, "n").expect("n"), 500);
+        db.close().await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     }
 
     /// With the soft heap limit, reading a database larger than the limit through every read

@@ -379,8 +379,9 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
         }
     });
 
+    // 16,384 pages: the log is emptied at 64 MiB.
     let checkpointer = db
-        .checkpoint_in_background(Duration::from_millis(250))
+        .checkpoint_in_background(Duration::from_millis(250), 16_384)
         .await?;
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The soak: RATE calls a second of the full inbound flow for MINUTES against a release
+# `sautikit serve` (dev mode, SQLite), driven by `sautikit loadtest inbound`. Prints the engine's
+# RSS, anonymous memory and SQLite's own memory (from /metrics) every 30 s, and checks the pass
+# line: RSS growth after the first 60 s at most GROWTH_MIB (default 5).
+# Usage: scripts/soak.sh [MINUTES] [RATE] [GROWTH_MIB]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+require_rust
+apt_install_missing jq:jq curl:curl bc:bc
+
+minutes=${1:-30}
+rate=${2:-300}
+line=${3:-5}
+work=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
+
+# SAUTIKIT_BIN: a release binary built elsewhere (a worktree of the commit measured).
+bin=${SAUTIKIT_BIN:-target/release/sautikit}
+[ -n "${SAUTIKIT_BIN:-}" ] || cargo build --release --quiet --bin sautikit
+data="$work/sautikit-data"
+SAUTIKIT_MODE=dev SAUTIKIT_DATA_DIR="$data" SAUTIKIT_HTTP_LISTEN=127.0.0.1:25180 \
+    SAUTIKIT_SIP_LISTEN=127.0.0.1:25160 SAUTIKIT_LOG=warn \
+    "$bin" serve >"$work/serve.out" 2>"$work/serve.err" &
+for _ in $(seq 1 100); do port_open 127.0.0.1 25180 && break; sleep 0.1; done
+
+# /metrics every 30 s: minutes since the start, RSS, anonymous memory, SQLite's memory (MiB).
+metric() { awk -v m="$1" '$1 == m { printf "%.1f", $2 / 1048576 }' "$work/metrics"; }
+(
+    start=$(date +%s)
+    while true; do
+        sleep 30
+        curl -s http://127.0.0.1:25180/metrics >"$work/metrics" || continue
+        printf '%5.1f min  RSS %s MiB  anonymous %s MiB  SQLite %s MiB\n' \
+            "$(echo "($(date +%s) - $start) / 60" | bc -l)" \
+            "$(metric sautikit_process_resident_memory_bytes)" \
+            "$(metric sautikit_process_anonymous_memory_bytes)" \
+            "$(metric sautikit_sqlite_memory_bytes)"
+    done
+) &
+scraper=$!
+
+echo "soak: $rate calls/s for $minutes min ($(nproc) cores, load $(cut -d' ' -f1 /proc/loadavg))"
+SAUTIKIT_API_KEY=$(jq -r .api_key "$data/dev-credentials.json") \
+    SAUTIKIT_API_URL=http://127.0.0.1:25180 SAUTIKIT_SIP_SERVER=127.0.0.1:25160 \
+    "$bin" loadtest inbound --rate "$rate" --duration $((minutes * 60)) --hold 0 --numbers 100 \
+    --max-failed $((rate * minutes * 60)) --json "$work/soak.json" >"$work/soak.out" 2>"$work/soak.err" || true
+kill "$scraper" 2>/dev/null || true
+
+# RSS from the load test's samples of the engine, one a second.
+jq -r --argjson line "$line" '
+  [.timeline[] | select(.target_rss_mib != null)] as $s
+  | ($s | map(select(.t >= 60)) | first.target_rss_mib) as $at60
+  | ($s | map(select(.t >= 60)) | map(.target_rss_mib) | max) as $peak
+  | ($s | last.target_rss_mib) as $end
+  | "calls: \(.calls.completed) completed, \(.calls.failed) failed; INVITE→200 p50 \(.setup_ms.p50 * 100 | floor / 100) ms, p99 \(.setup_ms.p99 * 100 | floor / 100) ms",
+    "RSS: \($at60 * 10 | floor / 10) MiB at 60 s, peak after it \($peak * 10 | floor / 10) MiB, \($end * 10 | floor / 10) MiB at the end",
+    "growth after the first 60 s: \(($peak - $at60) * 10 | floor / 10) MiB (line \($line) MiB) → \(if $peak - $at60 <= $line then "PASS" else "FAIL" end)"
+' "$work/soak.json" | tee "$work/verdict"
+grep -q "PASS$" "$work/verdict"
