@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 
-use super::sip_text::{cseq, header, headers, quantile, request_method, response_to, status_code};
+use super::sip_text::{cseq, header, headers, request_method, response_to, status_code};
 
 const T1: Duration = Duration::from_millis(500);
 const T2: Duration = Duration::from_secs(4);
@@ -51,23 +51,13 @@ pub struct Progress {
     /// Rounds skipped because the device was still busy.
     pub busy: AtomicU64,
     /// Authenticated REGISTER → 200 since the last [`Progress::recent_latency`].
-    recent: std::sync::Mutex<Vec<Duration>>,
+    recent: super::report::Recent,
 }
 
 impl Progress {
     /// p50, p99 and max of authenticated REGISTER → 200 since the last call.
     pub fn recent_latency(&self) -> (Duration, Duration, Duration) {
-        let mut recent = self
-            .recent
-            .lock()
-            .map(|mut r| std::mem::take(&mut *r))
-            .unwrap_or_default();
-        recent.sort();
-        (
-            quantile(&recent, 0.5),
-            quantile(&recent, 0.99),
-            quantile(&recent, 1.0),
-        )
+        self.recent.take()
     }
 
     /// (started, completed, failed, keepalives answered).
@@ -405,9 +395,7 @@ impl DevSocket {
             }
             200..=299 => {
                 let auth_sent = op.auth_sent.unwrap_or(op.started);
-                if let Ok(mut recent) = self.progress.recent.lock() {
-                    recent.push(now - auth_sent);
-                }
+                self.progress.recent.push(now - auth_sent);
                 self.stats
                     .auth_lat_us
                     .push((now - auth_sent).as_micros().min(u32::MAX as u128) as u32);

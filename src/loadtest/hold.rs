@@ -5,7 +5,6 @@
 //! and the target's CPU and RSS when it runs on this machine. Then the caller hangs up.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,6 +22,7 @@ use super::{
     Claimed, Hooks, LoadError, Output, Sampler, Target, Verdict, claim_numbers, ms, procfs,
     release, seconds, start_hooks,
 };
+use super::{num, per_second, print_table, within};
 
 #[derive(Debug, Clone, Args)]
 pub struct HoldArgs {
@@ -49,18 +49,8 @@ pub struct HoldArgs {
 }
 
 pub async fn run(args: HoldArgs) -> Result<Verdict, LoadError> {
-    if !(1..=20_000).contains(&args.calls) {
-        return Err(LoadError::Invalid(format!(
-            "--calls {}: 1 to 20000",
-            args.calls
-        )));
-    }
-    if !(args.ramp > 0.0 && args.ramp <= 5_000.0) {
-        return Err(LoadError::Invalid(format!(
-            "--ramp {}: calls a second, more than 0 and at most 5000",
-            args.ramp
-        )));
-    }
+    within(args.calls, "--calls", 1..=20_000)?;
+    per_second(args.ramp, "--ramp", "calls", 5_000.0)?;
     let window = seconds(args.duration, "--duration")?;
     if window < Duration::from_secs(1) {
         return Err(LoadError::Invalid(format!(
@@ -68,12 +58,7 @@ pub async fn run(args: HoldArgs) -> Result<Verdict, LoadError> {
             args.duration
         )));
     }
-    if !(1..=100).contains(&args.numbers) {
-        return Err(LoadError::Invalid(format!(
-            "--numbers {}: 1 to 100",
-            args.numbers
-        )));
-    }
+    within(args.numbers, "--numbers", 1..=100)?;
     let server = super::resolve_server(&args.target.server).await?;
     let ramp_time = args.calls as f64 / args.ramp;
     // The script's pause outlasts the ramp, the window and the hang-up: the caller ends each call.
@@ -333,10 +318,8 @@ fn report(
 }
 
 fn print(j: &Value) {
-    let f = |v: &Value| v.as_f64().unwrap_or(0.0);
+    let f = num;
     let r = &j["rtp"];
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "\nheld calls");
     let mut rows: Vec<(&str, String)> = vec![
         ("attempted", j["calls"]["attempted"].to_string()),
         ("answered", j["calls"]["answered"].to_string()),
@@ -386,17 +369,5 @@ fn print(j: &Value) {
         "load test CPU",
         format!("{:.3} cores", f(&j["harness_cores"])),
     ));
-    for (name, value) in rows {
-        let _ = writeln!(out, "  {name:<18} {value}");
-    }
-    if let Some(failures) = j["calls"]["failures"].as_object() {
-        for (why, n) in failures {
-            let _ = writeln!(out, "  failed: {why:<30} {n}");
-        }
-    }
-    let _ = writeln!(
-        out,
-        "  RESULT {}",
-        if j["pass"] == true { "PASS" } else { "FAIL" }
-    );
+    print_table("held calls", &rows, j, &j["calls"]["failures"], &[]);
 }

@@ -2,7 +2,6 @@
 //! numbers' script, held, then hung up by the caller.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -16,6 +15,7 @@ use super::{
     ApiClient, Claimed, Hooks, LoadError, Output, Sampler, Target, Verdict, claim_numbers, ms,
     procfs, release, seconds, start_hooks,
 };
+use super::{num, per_second, print_table, within};
 
 #[derive(Debug, Clone, Args)]
 pub struct InboundArgs {
@@ -45,20 +45,10 @@ pub struct InboundArgs {
 }
 
 pub async fn run(args: InboundArgs) -> Result<Verdict, LoadError> {
-    if !(args.rate > 0.0 && args.rate <= 20_000.0) {
-        return Err(LoadError::Invalid(format!(
-            "--rate {}: calls a second, more than 0 and at most 20000",
-            args.rate
-        )));
-    }
+    per_second(args.rate, "--rate", "calls", 20_000.0)?;
     let duration = seconds(args.duration, "--duration")?;
     let hold = seconds(args.hold, "--hold")?;
-    if !(1..=100).contains(&args.numbers) {
-        return Err(LoadError::Invalid(format!(
-            "--numbers {}: 1 to 100",
-            args.numbers
-        )));
-    }
+    within(args.numbers, "--numbers", 1..=100)?;
     let script = match &args.script {
         Some(text) => {
             let parsed: Value = serde_json::from_str(text)
@@ -275,56 +265,47 @@ impl Report {
 
     fn print(&self) {
         let j = &self.json;
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "\ninbound calls");
-        let rows: Vec<(String, String)> = vec![
-            ("attempted".into(), j["calls"]["attempted"].to_string()),
-            ("answered".into(), j["calls"]["answered"].to_string()),
-            ("completed".into(), j["calls"]["completed"].to_string()),
-            ("failed".into(), j["calls"]["failed"].to_string()),
+        let rows: Vec<(&str, String)> = vec![
+            ("attempted", j["calls"]["attempted"].to_string()),
+            ("answered", j["calls"]["answered"].to_string()),
+            ("completed", j["calls"]["completed"].to_string()),
+            ("failed", j["calls"]["failed"].to_string()),
             (
-                "achieved rate".into(),
-                format!("{:.1}/s", j["achieved_rate"].as_f64().unwrap_or(0.0)),
+                "achieved rate",
+                format!("{:.1}/s", num(&j["achieved_rate"])),
             ),
             (
-                "INVITE→200".into(),
+                "INVITE→200",
                 format!(
                     "p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
-                    j["setup_ms"]["p50"].as_f64().unwrap_or(0.0),
-                    j["setup_ms"]["p99"].as_f64().unwrap_or(0.0),
-                    j["setup_ms"]["max"].as_f64().unwrap_or(0.0)
+                    num(&j["setup_ms"]["p50"]),
+                    num(&j["setup_ms"]["p99"]),
+                    num(&j["setup_ms"]["max"])
                 ),
             ),
             (
-                "BYE→200".into(),
+                "BYE→200",
                 format!(
                     "p50 {:.2} ms  p99 {:.2} ms",
-                    j["bye_ms"]["p50"].as_f64().unwrap_or(0.0),
-                    j["bye_ms"]["p99"].as_f64().unwrap_or(0.0)
+                    num(&j["bye_ms"]["p50"]),
+                    num(&j["bye_ms"]["p99"])
                 ),
             ),
-            ("voice callbacks".into(), j["voice_callbacks"].to_string()),
+            ("voice callbacks", j["voice_callbacks"].to_string()),
             (
-                "load test CPU".into(),
+                "load test CPU",
                 format!(
                     "{:.3} cores (its caller, voice callback and events receiver)",
-                    j["harness_cores"].as_f64().unwrap_or(0.0)
+                    num(&j["harness_cores"])
                 ),
             ),
         ];
-        for (name, value) in rows {
-            let _ = writeln!(out, "  {name:<18} {value}");
-        }
-        if let Some(failures) = j["calls"]["failures"].as_object() {
-            for (why, n) in failures {
-                let _ = writeln!(out, "  failed: {why:<30} {n}");
-            }
-        }
-        if let Some(events) = j["events"].as_object() {
-            for (kind, n) in events {
-                let _ = writeln!(out, "  event {kind:<24} {n}");
-            }
-        }
-        let _ = writeln!(out, "  RESULT {}", self.verdict);
+        print_table(
+            "inbound calls",
+            &rows,
+            j,
+            &j["calls"]["failures"],
+            &[("event", &j["events"])],
+        );
     }
 }

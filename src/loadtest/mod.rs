@@ -447,6 +447,34 @@ fn serve_hooks(listen: SocketAddr, app: Router) -> Result<(String, String), Load
     ))
 }
 
+/// `value` a second, more than 0 and at most `max`.
+fn per_second(value: f64, flag: &str, what: &str, max: f64) -> Result<(), LoadError> {
+    if value > 0.0 && value <= max {
+        Ok(())
+    } else {
+        Err(LoadError::Invalid(format!(
+            "{flag} {value}: {what} a second, more than 0 and at most {max}"
+        )))
+    }
+}
+
+/// `value` within `range`.
+fn within(
+    value: usize,
+    flag: &str,
+    range: std::ops::RangeInclusive<usize>,
+) -> Result<(), LoadError> {
+    if range.contains(&value) {
+        Ok(())
+    } else {
+        Err(LoadError::Invalid(format!(
+            "{flag} {value}: {} to {}",
+            range.start(),
+            range.end()
+        )))
+    }
+}
+
 async fn resolve_server(server: &str) -> Result<SocketAddr, LoadError> {
     tokio::net::lookup_host(server)
         .await
@@ -462,6 +490,49 @@ fn seconds(value: f64, flag: &str) -> Result<Duration, LoadError> {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1_000.0
+}
+
+/// The final table on stdout: the title, a row each, failures by reason, each `(label, counts)`
+/// list (`event call.started 100`), the first errors, and the verdict.
+fn print_table(
+    title: &str,
+    rows: &[(&str, String)],
+    j: &Value,
+    failures: &Value,
+    lists: &[(&str, &Value)],
+) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "\n{title}");
+    for (name, value) in rows {
+        let _ = writeln!(out, "  {name:<18} {value}");
+    }
+    if let Some(failures) = failures.as_object() {
+        for (why, n) in failures {
+            let _ = writeln!(out, "  failed: {why:<30} {n}");
+        }
+    }
+    for (label, counts) in lists {
+        if let Some(counts) = counts.as_object() {
+            for (kind, n) in counts {
+                let _ = writeln!(out, "  {label} {kind:<24} {n}");
+            }
+        }
+    }
+    if let Some(errors) = j["first_errors"].as_array() {
+        for e in errors {
+            let _ = writeln!(out, "  error: {}", e.as_str().unwrap_or_default());
+        }
+    }
+    let _ = writeln!(
+        out,
+        "  RESULT {}",
+        if j["pass"] == true { "PASS" } else { "FAIL" }
+    );
+}
+
+/// A number of the run's JSON (0 when missing).
+fn num(v: &Value) -> f64 {
+    v.as_f64().unwrap_or(0.0)
 }
 
 /// Samples the run each second and prints the progress line.

@@ -6,7 +6,6 @@
 //! hold, then hangup) → the engine's RTP → its BYE → our `200`.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,6 +22,7 @@ use super::{
     ApiClient, Hooks, Live, LiveCounts, LoadError, Output, Sampler, Target, Verdict, claim_numbers,
     ms, procfs, release, seconds, start_hooks,
 };
+use super::{num, per_second, print_table};
 
 #[derive(Debug, Clone, Args)]
 pub struct OutboundArgs {
@@ -56,12 +56,7 @@ pub struct OutboundArgs {
 }
 
 pub async fn run(args: OutboundArgs) -> Result<Verdict, LoadError> {
-    if !(args.rate > 0.0 && args.rate <= 5_000.0) {
-        return Err(LoadError::Invalid(format!(
-            "--rate {}: calls a second, more than 0 and at most 5000",
-            args.rate
-        )));
-    }
+    per_second(args.rate, "--rate", "calls", 5_000.0)?;
     let duration = seconds(args.duration, "--duration")?;
     let hold = seconds(args.hold, "--hold")?;
     let script = match &args.script {
@@ -393,9 +388,7 @@ fn report(
 }
 
 fn print(j: &Value) {
-    let f = |v: &Value| v.as_f64().unwrap_or(0.0);
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "\ncalls placed through the API");
+    let f = num;
     let rows: Vec<(&str, String)> = vec![
         ("attempted", j["calls"]["attempted"].to_string()),
         ("created (201)", j["calls"]["created"].to_string()),
@@ -434,27 +427,11 @@ fn print(j: &Value) {
             format!("{:.3} cores", f(&j["harness_cores"])),
         ),
     ];
-    for (name, value) in rows {
-        let _ = writeln!(out, "  {name:<18} {value}");
-    }
-    if let Some(failures) = j["calls"]["failures"].as_object() {
-        for (why, n) in failures {
-            let _ = writeln!(out, "  failed: {why:<30} {n}");
-        }
-    }
-    if let Some(errors) = j["first_errors"].as_array() {
-        for e in errors {
-            let _ = writeln!(out, "  error: {}", e.as_str().unwrap_or_default());
-        }
-    }
-    if let Some(events) = j["events"].as_object() {
-        for (kind, n) in events {
-            let _ = writeln!(out, "  event {kind:<24} {n}");
-        }
-    }
-    let _ = writeln!(
-        out,
-        "  RESULT {}",
-        if j["pass"] == true { "PASS" } else { "FAIL" }
+    print_table(
+        "calls placed through the API",
+        &rows,
+        j,
+        &j["calls"]["failures"],
+        &[("event", &j["events"])],
     );
 }

@@ -4,7 +4,6 @@
 //! answered. The latency of the pass line is authenticated REGISTER → `200`.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -13,10 +12,11 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 
 use super::devices::{DevSpec, Devices, DevicesConfig, Secret, Stats};
+use super::per_second;
 use super::sip_text::quantile;
 use super::{
-    ApiClient, Claimed, LoadError, Output, Sampler, Target, Verdict, claim_numbers, ms, procfs,
-    release, seconds, uac,
+    ApiClient, Claimed, LoadError, Output, Sampler, Target, Verdict, claim_numbers, ms, num,
+    print_table, procfs, release, seconds, uac,
 };
 
 /// A number holds at most ten bindings.
@@ -55,12 +55,7 @@ pub struct RegisterArgs {
 }
 
 pub async fn run(args: RegisterArgs) -> Result<Verdict, LoadError> {
-    if !(args.rate > 0.0 && args.rate <= 20_000.0) {
-        return Err(LoadError::Invalid(format!(
-            "--rate {}: registrations a second, more than 0 and at most 20000",
-            args.rate
-        )));
-    }
+    per_second(args.rate, "--rate", "registrations", 20_000.0)?;
     let duration = seconds(args.duration, "--duration")?;
     let max = 100 * CREDENTIALS_PER_NUMBER;
     if args.credentials_file.is_none() && !(1..=max).contains(&args.credentials) {
@@ -343,9 +338,7 @@ fn credentials_setting(args: &RegisterArgs) -> Value {
 }
 
 fn print(j: &Value) {
-    let f = |v: &Value| v.as_f64().unwrap_or(0.0);
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "\nregistrations");
+    let f = num;
     let rows: Vec<(&str, String)> = vec![
         ("attempted", j["registrations"]["attempted"].to_string()),
         ("completed", j["registrations"]["completed"].to_string()),
@@ -387,17 +380,11 @@ fn print(j: &Value) {
             format!("{:.3} cores", f(&j["harness_cores"])),
         ),
     ];
-    for (name, value) in rows {
-        let _ = writeln!(out, "  {name:<18} {value}");
-    }
-    if let Some(failures) = j["registrations"]["failures"].as_object() {
-        for (why, n) in failures {
-            let _ = writeln!(out, "  failed: {why:<30} {n}");
-        }
-    }
-    let _ = writeln!(
-        out,
-        "  RESULT {}",
-        if j["pass"] == true { "PASS" } else { "FAIL" }
+    print_table(
+        "registrations",
+        &rows,
+        j,
+        &j["registrations"]["failures"],
+        &[],
     );
 }

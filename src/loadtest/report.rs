@@ -7,6 +7,39 @@ use plotters::prelude::*;
 use serde::Serialize;
 use serde_json::Value;
 
+/// Latencies since the progress line last read them.
+#[derive(Default)]
+pub struct Recent(std::sync::Mutex<Vec<std::time::Duration>>);
+
+impl Recent {
+    pub fn push(&self, latency: std::time::Duration) {
+        if let Ok(mut recent) = self.0.lock() {
+            recent.push(latency);
+        }
+    }
+
+    /// p50, p99 and max of the latencies since the last call (zero when there were none).
+    pub fn take(
+        &self,
+    ) -> (
+        std::time::Duration,
+        std::time::Duration,
+        std::time::Duration,
+    ) {
+        let mut recent = self
+            .0
+            .lock()
+            .map(|mut r| std::mem::take(&mut *r))
+            .unwrap_or_default();
+        recent.sort();
+        (
+            super::sip_text::quantile(&recent, 0.5),
+            super::sip_text::quantile(&recent, 0.99),
+            super::sip_text::quantile(&recent, 1.0),
+        )
+    }
+}
+
 /// One second of the run.
 #[derive(Debug, Clone, Serialize)]
 pub struct Sample {

@@ -14,8 +14,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 
 use super::sip_text::{
-    body, contact_uri, cseq, header, quantile, request_method, response_to, sdp_offer_pcmu,
-    status_code,
+    body, contact_uri, cseq, header, request_method, response_to, sdp_offer_pcmu, status_code,
 };
 
 const T1: Duration = Duration::from_millis(500);
@@ -45,23 +44,13 @@ pub struct Progress {
     pub completed: AtomicU64,
     pub failed: AtomicU64,
     /// Setups (INVITE→200) since the last [`Progress::recent_setup`].
-    recent: std::sync::Mutex<Vec<Duration>>,
+    recent: super::report::Recent,
 }
 
 impl Progress {
     /// p50, p99 and max of the setups since the last call (zero when there were none).
     pub fn recent_setup(&self) -> (Duration, Duration, Duration) {
-        let mut recent = self
-            .recent
-            .lock()
-            .map(|mut r| std::mem::take(&mut *r))
-            .unwrap_or_default();
-        recent.sort();
-        (
-            quantile(&recent, 0.5),
-            quantile(&recent, 0.99),
-            quantile(&recent, 1.0),
-        )
+        self.recent.take()
     }
 
     /// (attempted, answered, completed, failed).
@@ -289,9 +278,7 @@ impl UacSocket {
             }
             ("INVITE", Phase::Inviting { .. }) if code < 300 => {
                 self.stats.setup.push(now - call.first_sent);
-                if let Ok(mut recent) = self.progress.recent.lock() {
-                    recent.push(now - call.first_sent);
-                }
+                self.progress.recent.push(now - call.first_sent);
                 self.stats.setup_sent.push(call.first_sent);
                 self.stats.answered += 1;
                 self.progress.answered.fetch_add(1, Ordering::Relaxed);

@@ -7,7 +7,6 @@
 //! and each call's events in order.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,6 +24,7 @@ use super::{
     ApiClient, Live, LiveCounts, LoadError, Output, Sampler, Target, Verdict, claim_numbers, ms,
     procfs, release, seconds,
 };
+use super::{num, per_second, print_table, within};
 
 #[derive(Debug, Clone, Args)]
 pub struct WebhooksArgs {
@@ -174,24 +174,9 @@ fn start_receiver(listen: SocketAddr) -> Result<(String, String, Arc<Receiver>),
 }
 
 pub async fn run(args: WebhooksArgs) -> Result<Verdict, LoadError> {
-    if !(1..=100_000).contains(&args.calls) {
-        return Err(LoadError::Invalid(format!(
-            "--calls {}: 1 to 100000",
-            args.calls
-        )));
-    }
-    if !(args.rate > 0.0 && args.rate <= 5_000.0) {
-        return Err(LoadError::Invalid(format!(
-            "--rate {}: calls a second, more than 0 and at most 5000",
-            args.rate
-        )));
-    }
-    if !(1..=100).contains(&args.numbers) {
-        return Err(LoadError::Invalid(format!(
-            "--numbers {}: 1 to 100",
-            args.numbers
-        )));
-    }
+    within(args.calls, "--calls", 1..=100_000)?;
+    per_second(args.rate, "--rate", "calls", 5_000.0)?;
+    within(args.numbers, "--numbers", 1..=100)?;
     let drain_timeout = seconds(args.drain_timeout, "--drain-timeout")?;
     let server = super::resolve_server(&args.target.server).await?;
     let api = ApiClient::new(&args.target)?;
@@ -402,10 +387,8 @@ fn report(args: &WebhooksArgs, receiver: &Receiver, p: &Phases) -> Value {
 }
 
 fn print(j: &Value) {
-    let f = |v: &Value| v.as_f64().unwrap_or(0.0);
+    let f = num;
     let e = &j["events"];
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "\nwebhook backlog");
     let rows: Vec<(&str, String)> = vec![
         (
             "calls",
@@ -442,17 +425,11 @@ fn print(j: &Value) {
             format!("{:.3} cores", f(&j["harness_cores"])),
         ),
     ];
-    for (name, value) in rows {
-        let _ = writeln!(out, "  {name:<18} {value}");
-    }
-    if let Some(kinds) = e["by_kind"].as_object() {
-        for (kind, n) in kinds {
-            let _ = writeln!(out, "  event {kind:<24} {n}");
-        }
-    }
-    let _ = writeln!(
-        out,
-        "  RESULT {}",
-        if j["pass"] == true { "PASS" } else { "FAIL" }
+    print_table(
+        "webhook backlog",
+        &rows,
+        j,
+        &Value::Null,
+        &[("event", &e["by_kind"])],
     );
 }
