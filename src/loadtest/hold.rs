@@ -204,13 +204,7 @@ async fn drive(
         harness_cores,
     };
     let report = report(args, &stats, &mut media, &measured, hooks);
-    print(&report);
-    args.output.write(&report, &sampler.samples)?;
-    Ok(if report["pass"] == true {
-        Verdict::Pass
-    } else {
-        Verdict::Fail
-    })
+    args.output.finish(&report, &sampler.samples, print)
 }
 
 struct Measured {

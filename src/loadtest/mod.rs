@@ -138,6 +138,22 @@ impl Output {
         json!({"max_failed": self.max_failed, "p99_ms": self.p99_ms})
     }
 
+    /// The end of a run: its table printed, its files written, its verdict from its `pass`.
+    fn finish(
+        &self,
+        report: &Value,
+        samples: &[report::Sample],
+        print: fn(&Value),
+    ) -> Result<Verdict, LoadError> {
+        print(report);
+        self.write(report, samples)?;
+        Ok(if report["pass"] == true {
+            Verdict::Pass
+        } else {
+            Verdict::Fail
+        })
+    }
+
     /// The run's JSON (with the samples as its `timeline`) and HTML page, where asked for.
     fn write(&self, summary: &Value, samples: &[report::Sample]) -> Result<(), LoadError> {
         if let Some(path) = &self.json {

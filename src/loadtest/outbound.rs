@@ -265,13 +265,7 @@ async fn drive(
     }
     let errors = run.errors.lock().map(|e| e.clone()).unwrap_or_default();
     let report = report(args, &run, sending, settled, hooks, harness_cores, &errors);
-    print(&report);
-    args.output.write(&report, &sampler.samples)?;
-    Ok(if report["pass"] == true {
-        Verdict::Pass
-    } else {
-        Verdict::Fail
-    })
+    args.output.finish(&report, &sampler.samples, print)
 }
 
 fn report(

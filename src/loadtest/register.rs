@@ -238,13 +238,7 @@ async fn drive(
         listed = Some(n);
     }
     let report = report(args, &stats, sending, settled, harness_cores, listed);
-    print(&report);
-    args.output.write(&report, &sampler.samples)?;
-    Ok(if report["pass"] == true {
-        Verdict::Pass
-    } else {
-        Verdict::Fail
-    })
+    args.output.finish(&report, &sampler.samples, print)
 }
 
 fn report(

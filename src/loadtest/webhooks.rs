@@ -291,13 +291,7 @@ async fn drive(
             harness_cores,
         },
     );
-    print(&report);
-    args.output.write(&report, &sampler.samples)?;
-    Ok(if report["pass"] == true {
-        Verdict::Pass
-    } else {
-        Verdict::Fail
-    })
+    args.output.finish(&report, &sampler.samples, print)
 }
 
 struct Phases {
