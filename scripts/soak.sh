@@ -25,18 +25,22 @@ SAUTIKIT_MODE=dev SAUTIKIT_DATA_DIR="$data" SAUTIKIT_HTTP_LISTEN=127.0.0.1:25180
     "$bin" serve >"$work/serve.out" 2>"$work/serve.err" &
 for _ in $(seq 1 100); do port_open 127.0.0.1 25180 && break; sleep 0.1; done
 
-# /metrics every 30 s: minutes since the start, RSS, anonymous memory, SQLite's memory (MiB).
+# /metrics every 30 s: minutes since the start, RSS, anonymous memory, SQLite's memory, Rust's
+# heap (mimalloc's committed memory), C's heap (glibc's malloc: held from the system / in use),
+# in MiB.
 metric() { awk -v m="$1" '$1 == m { printf "%.1f", $2 / 1048576 }' "$work/metrics"; }
 (
     start=$(date +%s)
     while true; do
         sleep 30
         curl -s http://127.0.0.1:25180/metrics >"$work/metrics" || continue
-        printf '%5.1f min  RSS %s MiB  anonymous %s MiB  SQLite %s MiB\n' \
+        printf '%5.1f min  RSS %s MiB  anonymous %s MiB  SQLite %s MiB  Rust heap %s MiB  C heap %s / %s MiB\n' \
             "$(echo "($(date +%s) - $start) / 60" | bc -l)" \
             "$(metric sautikit_process_resident_memory_bytes)" \
             "$(metric sautikit_process_anonymous_memory_bytes)" \
-            "$(metric sautikit_sqlite_memory_bytes)"
+            "$(metric sautikit_sqlite_memory_bytes)" \
+            "$(metric sautikit_rust_heap_committed_bytes)" \
+            "$(metric sautikit_c_heap_held_bytes)" "$(metric sautikit_c_heap_used_bytes)"
     done
 ) &
 scraper=$!

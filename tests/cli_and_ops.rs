@@ -143,6 +143,12 @@ async fn ops_endpoints(backend: Backend) {
         // Its connections hold memory.
         assert!(sqlite > 10_000.0 && sqlite < rss, "{sqlite} of {rss}");
     }
+    // The two heaps: Rust's (mimalloc) has committed memory, C's holds at least what it uses.
+    let rust_heap = gauge("sautikit_rust_heap_committed_bytes");
+    let c_held = gauge("sautikit_c_heap_held_bytes");
+    let c_used = gauge("sautikit_c_heap_used_bytes");
+    assert!(rust_heap > 1e6, "{rust_heap}");
+    assert!(c_used > 0.0 && c_used <= c_held, "{c_used} of {c_held}");
     assert!(
         m.text
             .contains("sautikit_http_requests_total{method=\"POST\",route=\"/v1/numbers/{inventory_id}/claim\",status=\"201\"} 1"),

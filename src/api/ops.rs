@@ -58,6 +58,37 @@ fn memory_gauges() {
     // is safe to call from any thread at any time, before or after SQLite is initialised.
     let sqlite = unsafe { libsqlite3_sys::sqlite3_memory_used() };
     metrics::gauge!("sautikit_sqlite_memory_bytes").set(sqlite as f64);
+    allocator_gauges();
+}
+
+/// The two heaps behind the anonymous memory: Rust's (mimalloc, the binary's global allocator:
+/// what it has committed) and C's (glibc's malloc, which SQLite and the other C libraries use:
+/// what it holds from the system, and how much of that is in use). A heap that holds more and
+/// more while its use stays flat is fragmentation, not a leak.
+fn allocator_gauges() {
+    let mut committed = 0usize;
+    // SAFETY: mi_process_info only writes the counters it is given; null pointers are allowed
+    // for the ones not wanted, and the one given points at a live local.
+    unsafe {
+        libmimalloc_sys::mi_process_info(
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            &mut committed,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+        );
+    }
+    metrics::gauge!("sautikit_rust_heap_committed_bytes").set(committed as f64);
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallinfo2 takes no arguments and returns its counters by value.
+        let info = unsafe { nix::libc::mallinfo2() };
+        metrics::gauge!("sautikit_c_heap_held_bytes").set((info.arena + info.hblkhd) as f64);
+        metrics::gauge!("sautikit_c_heap_used_bytes").set((info.uordblks + info.hblkhd) as f64);
+    }
 }
 
 /// This document.

@@ -219,7 +219,11 @@ impl Server {
                     "production"
                 },
             )
-            .env("SAUTIKIT_LOG", "info,sqlx=warn")
+            // SAUTIKIT_TEST_LOG: the servers' log filter, to look into a test or a bench.
+            .env(
+                "SAUTIKIT_LOG",
+                std::env::var("SAUTIKIT_TEST_LOG").unwrap_or_else(|_| "info,sqlx=warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log_file));
         for (k, v) in env {
