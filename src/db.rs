@@ -139,8 +139,11 @@ impl Db {
     /// over only at a moment when no reader is using it — which, under steady reads, never comes:
     /// the log then grows without end (12 GB in 10 minutes at 300 calls/s), and with it the
     /// mapped WAL index, in memory. So once the log holds `restart_frames` pages, the task
-    /// checkpoints in TRUNCATE mode: it waits for the readers of the log to finish (new writers
-    /// wait with it, a few milliseconds) and empties the file. A no-op on PostgreSQL.
+    /// checkpoints in RESTART mode at a moment when no reader is on the log and no write is
+    /// under way (or, past four times the bound, waiting for them): the next write starts the
+    /// log over from its beginning. The file keeps its largest size and is written over, which
+    /// spares the truncation and its sync: a RESTART holds writers back 1–6 ms at 300 calls/s
+    /// where a TRUNCATE held them 25–38 ms. A no-op on PostgreSQL.
     pub async fn checkpoint_in_background(
         &self,
         every: Duration,
@@ -174,20 +177,34 @@ impl Db {
                         continue;
                     }
                 };
-                if log < restart_frames || std::time::Instant::now() < not_before {
+                if log < restart_frames {
                     continue;
                 }
+                // First try at every tick without waiting: it restarts the log at a moment when
+                // no reader is on it and no write is under way, and holds writers back only for
+                // the copy. Only a log grown well past the bound (readers always on it) is
+                // restarted by waiting for them, which holds writers that long.
+                let patient = log >= restart_frames.saturating_mul(4);
+                if patient && std::time::Instant::now() < not_before {
+                    continue;
+                }
+                let wait = if patient {
+                    READERS_WAIT
+                } else {
+                    Duration::ZERO
+                };
                 let started = std::time::Instant::now();
-                match truncate_wal(&read).await {
+                match restart_wal(&read, wait).await {
                     Ok(true) => tracing::debug!(
                         pages = log,
                         ms = started.elapsed().as_secs_f64() * 1e3,
-                        "WAL emptied"
+                        "WAL restarted"
                     ),
+                    Ok(false) if !patient => {}
                     // A reader older than the log's end outlasted the wait: writers go on, and
-                    // the next try waits a while.
+                    // the next patient try waits a while.
                     Ok(false) => {
-                        tracing::debug!(pages = log, "WAL not emptied: a reader is still on it");
+                        tracing::debug!(pages = log, "WAL not restarted: a reader is still on it");
                         not_before = std::time::Instant::now() + Duration::from_secs(2);
                     }
                     Err(e) if read.is_closed() => {
@@ -373,12 +390,23 @@ pub fn backend_of(conn: &sqlx::AnyConnection) -> Backend {
     }
 }
 
-/// A TRUNCATE checkpoint: true when the log was emptied. It holds new writers back while it
-/// waits for the log's readers, so it waits 100 ms at most (not the connections' 10 s).
-async fn truncate_wal(read: &AnyPool) -> Result<bool, sqlx::Error> {
+/// How long a RESTART checkpoint of an overgrown log waits for the log's readers.
+const READERS_WAIT: Duration = Duration::from_millis(100);
+
+/// A RESTART checkpoint: true when the log was copied whole and the next write starts it over.
+/// It holds new writers back while it
+/// waits for the log's readers and for a write under way, so it waits `wait` at most (not the
+/// connections' 10 s); with no wait it gives up at once when either is there.
+async fn restart_wal(read: &AnyPool, wait: Duration) -> Result<bool, sqlx::Error> {
     let mut conn = read.acquire().await?;
-    conn.execute("PRAGMA busy_timeout = 100").await?;
-    let result = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+    // A PRAGMA takes no bound parameters; the wait is a number.
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "PRAGMA busy_timeout = {}",
+        wait.as_millis()
+    )))
+    .execute(&mut *conn)
+    .await?;
+    let result = sqlx::query("PRAGMA wal_checkpoint(RESTART)")
         .fetch_one(&mut *conn)
         .await;
     conn.execute("PRAGMA busy_timeout = 10000").await?;
@@ -578,10 +606,10 @@ mod tests {
             .expect("no panic");
     }
 
-    /// Past `restart_frames` pages the log is emptied (TRUNCATE), even while readers come and
-    /// go; PASSIVE checkpoints alone leave the file at its largest.
+    /// Past `restart_frames` pages the log starts over (RESTART), even while readers come and
+    /// go; PASSIVE checkpoints alone let it grow without end.
     #[tokio::test]
-    async fn a_long_wal_is_emptied() {
+    async fn a_long_wal_starts_over() {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("w.db");
         let wal = dir.path().join("w.db-wal");
@@ -593,7 +621,7 @@ mod tests {
             .await
             .expect("create");
         let task = db
-            .checkpoint_in_background(Duration::from_millis(20), 256)
+            .checkpoint_in_background(Duration::from_millis(20), 128)
             .await
             .expect("start")
             .expect("a task on SQLite");
@@ -626,20 +654,63 @@ mod tests {
             started.elapsed()
         );
         reader.rollback().await.expect("end");
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::fs::metadata(&wal).map_or(0, |m| m.len()) > 0 {
+        // Readers come and go without a pause, three at a time: there is always one on the log,
+        // so the writer never finds a moment to start it over by itself. The checkpointer must:
+        // a log started over gets new salts in its header (SQLite's WAL format,
+        // bytes 16..24), read here from the file without disturbing SQLite.
+        let salt = || {
+            std::fs::read(&wal)
+                .ok()
+                .and_then(|b| b.get(16..24).map(<[u8]>::to_vec))
+                .unwrap_or_default()
+        };
+        let before = salt();
+        let reading = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let readers: Vec<_> = (0..3u64)
+            .map(|i| {
+                let (read, reading) = (db.read.clone(), reading.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(3 * i)).await;
+                    while reading.load(std::sync::atomic::Ordering::Relaxed) {
+                        let mut tx = read.begin().await.expect("begin");
+                        sqlx::query("SELECT COUNT(*) FROM t")
+                            .fetch_one(&mut *tx)
+                            .await
+                            .expect("read");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        tx.rollback().await.expect("end");
+                    }
+                })
+            })
+            .collect();
+        // (A failed patient try during the pinned read backs the next off 2 s.)
+        let deadline = std::time::Instant::now() + Duration::from_secs(8);
+        let mut rows = 510;
+        while salt() == before {
             assert!(
                 std::time::Instant::now() < deadline,
-                "the log still holds {} bytes",
-                std::fs::metadata(&wal).map_or(0, |m| m.len())
+                "the log never started over"
             );
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            insert(1).await;
+            rows += 1;
         }
+        reading.store(false, std::sync::atomic::Ordering::Relaxed);
+        for r in readers {
+            r.await.expect("reader");
+        }
+        // Written over from its start, the file grows no more.
+        let size = std::fs::metadata(&wal).map_or(0, |m| m.len());
+        insert(100).await;
+        assert!(
+            std::fs::metadata(&wal).map_or(0, |m| m.len()) <= size,
+            "the log file grew past {size} bytes"
+        );
+        rows += 100;
         let row = sqlx::query("SELECT COUNT(*) AS n FROM t")
             .fetch_one(&db.read)
             .await
             .expect("count");
-        assert_eq!(sqlx::Row::try_get::<i64, _>(&row, "n").expect("n"), 510);
+        assert_eq!(sqlx::Row::try_get::<i64, _>(&row, "n").expect("n"), rows);
         db.close().await;
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     }

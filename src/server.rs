@@ -379,7 +379,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
         }
     });
 
-    // 16,384 pages: the log is emptied at 64 MiB.
+    // 16,384 pages: the log starts over at 64 MiB.
     let checkpointer = db
         .checkpoint_in_background(Duration::from_millis(250), 16_384)
         .await?;
