@@ -1159,23 +1159,32 @@ impl CallStore for SqlStore {
         this_engine: &str,
         stale_before: DateTime<Utc>,
     ) -> Result<u64, StorageError> {
+        // Every few seconds in every engine, and almost always nothing to close: look first
+        // without taking the writer (on SQLite, holding it stalls every call write).
+        let orphan = sqlx::query(ORPHANED_CALLS)
+            .bind(this_engine)
+            .bind(to_db(stale_before))
+            .fetch_optional(&self.db().read)
+            .await
+            .map_err(storage)?;
+        if orphan.is_none() {
+            return Ok(0);
+        }
         let mut tx = self.db().begin_write().await.map_err(storage)?;
-        // The status predicate matches the partial index `calls_live`. Id order keeps lock order
-        // the same in every process that closes the same calls.
-        let rows = sqlx::query(
-            "SELECT c.id, c.engine_id, c.started_at, e.heartbeat_at FROM calls c \
-             LEFT JOIN engines e ON e.id = c.engine_id \
-             WHERE c.status IN ('ringing', 'answered') AND c.engine_id <> $1 \
-               AND (e.heartbeat_at IS NULL OR e.heartbeat_at < $2) \
-             ORDER BY c.id",
-        )
-        .bind(this_engine)
-        .bind(to_db(stale_before))
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(storage)?;
+        let mut rows = Vec::new();
+        for row in sqlx::query(ORPHANED_CALLS)
+            .bind(this_engine)
+            .bind(to_db(stale_before))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(storage)?
+        {
+            rows.push((get::<String>(&row, "id")?, row));
+        }
+        // Id order keeps lock order the same in every process that closes the same calls.
+        rows.sort_by(|a, b| a.0.cmp(&b.0));
         let mut closed = 0u64;
-        for row in &rows {
+        for (_, row) in &rows {
             let call_id: String = get(row, "id")?;
             let engine_id: String = get(row, "engine_id")?;
             // The call was last known alive at its engine's last heartbeat: it is rated up to
@@ -1213,6 +1222,14 @@ impl CallStore for SqlStore {
         Ok(closed)
     }
 }
+
+/// Live calls of engines other than `$1` whose last heartbeat is older than `$2` (or missing).
+/// The status predicate matches the partial index `calls_live`; no `ORDER BY`, which would take
+/// SQLite's planner to a scan of every call in id order (57 ms at 200,000 calls).
+const ORPHANED_CALLS: &str = "SELECT c.id, c.engine_id, c.started_at, e.heartbeat_at FROM calls c \
+     LEFT JOIN engines e ON e.id = c.engine_id \
+     WHERE c.status IN ('ringing', 'answered') AND c.engine_id <> $1 \
+       AND (e.heartbeat_at IS NULL OR e.heartbeat_at < $2)";
 
 /// A call placed through the API, as its row is first written.
 #[derive(Debug, Clone)]
@@ -1368,4 +1385,41 @@ async fn placed_in_tx(
     Ok(PlacedCallStart::Written {
         reserved_minor: c.slice_minor,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The orphan check runs every few seconds in every engine: on SQLite it must read the
+    /// partial index of live calls, not every call ever made (a scan in id order for an
+    /// `ORDER BY`, 57 ms at 200,000 calls).
+    #[tokio::test]
+    async fn the_orphan_check_reads_only_live_calls() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = crate::db::Db::connect(&format!(
+            "sqlite://{}?mode=rwc",
+            dir.path().join("o.db").display()
+        ))
+        .await
+        .expect("connect");
+        db.migrate().await.expect("migrate");
+        let plan: Vec<String> = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "EXPLAIN QUERY PLAN {ORPHANED_CALLS}"
+        )))
+        .bind("me")
+        .bind("2026-01-01T00:00:00Z")
+        .fetch_all(&db.read)
+        .await
+        .expect("plan")
+        .iter()
+        .map(|row| sqlx::Row::try_get::<String, _>(row, "detail").expect("detail"))
+        .collect();
+        assert!(
+            plan.iter().any(|d| d.contains("USING INDEX calls_live")),
+            "{plan:?}"
+        );
+        assert!(!plan.iter().any(|d| d.contains("TEMP B-TREE")), "{plan:?}");
+        db.close().await;
+    }
 }

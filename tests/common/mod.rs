@@ -219,15 +219,15 @@ impl Server {
                     "production"
                 },
             )
-            // SAUTIKIT_TEST_LOG: the servers' log filter, to look into a test or a bench.
-            .env(
-                "SAUTIKIT_LOG",
-                std::env::var("SAUTIKIT_TEST_LOG").unwrap_or_else(|_| "info,sqlx=warn".into()),
-            )
+            .env("SAUTIKIT_LOG", "info,sqlx=warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log_file));
         for (k, v) in env {
             cmd.env(k, v);
+        }
+        // SAUTIKIT_TEST_LOG: every server's log filter, to look into a test or a bench.
+        if let Ok(filter) = std::env::var("SAUTIKIT_TEST_LOG") {
+            cmd.env("SAUTIKIT_LOG", filter);
         }
         let mut child = cmd.spawn().expect("spawn sautikit serve");
         let stdout = child.stdout.take().expect("stdout");
