@@ -394,9 +394,9 @@ pub fn backend_of(conn: &sqlx::AnyConnection) -> Backend {
 const READERS_WAIT: Duration = Duration::from_millis(100);
 
 /// A RESTART checkpoint: true when the log was copied whole and the next write starts it over.
-/// It holds new writers back while it
-/// waits for the log's readers and for a write under way, so it waits `wait` at most (not the
-/// connections' 10 s); with no wait it gives up at once when either is there.
+/// It holds new writers back while it waits for the log's readers and for a write under way, so
+/// it waits `wait` at most (not the connections' 10 s); with no wait it gives up at once when
+/// either is there.
 async fn restart_wal(read: &AnyPool, wait: Duration) -> Result<bool, sqlx::Error> {
     let mut conn = read.acquire().await?;
     // A PRAGMA takes no bound parameters; the wait is a number.
@@ -659,10 +659,10 @@ mod tests {
         // a log started over gets new salts in its header (SQLite's WAL format,
         // bytes 16..24), read here from the file without disturbing SQLite.
         let salt = || {
-            std::fs::read(&wal)
-                .ok()
-                .and_then(|b| b.get(16..24).map(<[u8]>::to_vec))
-                .unwrap_or_default()
+            let mut header = [0u8; 24];
+            std::fs::File::open(&wal)
+                .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut header))
+                .map_or_else(|_| Vec::new(), |()| header[16..].to_vec())
         };
         let before = salt();
         let reading = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
