@@ -23,14 +23,20 @@ use common::receiver::Answer;
 use common::uac::status_code;
 use common::{Backend, TestDb, dev_key, postgres_available};
 
+/// The two backends' runs take turns: each is a load of its own, and on a small machine the
+/// other's would be what the setup times measure.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receiver_down_sqlite() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     receiver_down(Backend::Sqlite).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receiver_down_postgres() {
     if postgres_available() {
+        let _turn = ONE_AT_A_TIME.lock().await;
         receiver_down(Backend::Postgres).await;
     }
 }
@@ -75,8 +81,13 @@ async fn wait_for_schedule(api: &common::Api, back: Instant) -> Duration {
     }
 }
 
-fn median(sorted: &[Duration]) -> Duration {
-    sorted.get(sorted.len() / 2).copied().unwrap_or_default()
+/// The `p`th percentile of sorted times.
+fn percentile(sorted: &[Duration], p: usize) -> Duration {
+    sorted
+        .get(sorted.len() * p / 100)
+        .or(sorted.last())
+        .copied()
+        .unwrap_or_default()
 }
 
 async fn receiver_down(backend: Backend) {
@@ -109,12 +120,16 @@ async fn receiver_down(backend: Backend) {
         .count();
     drop(load);
 
-    // Unchanged: the median within 20 ms of the one before, nothing far slower.
-    let (m0, m1) = (median(&before), median(&during));
+    // Unchanged: the median within 20 ms of the one before, and the 95th percentile far from a
+    // stall. Retries that held up the call path would slow every probe made while they run,
+    // many of them; one late probe on a shared machine is the machine.
+    let (m0, m1) = (percentile(&before, 50), percentile(&during, 50));
+    let p95 = percentile(&during, 95);
     let slowest = during.last().copied().unwrap_or_default();
     println!(
         "{backend:?}, receiver down {down:?}: setup median {m0:?} before, {m1:?} during \
-         (slowest {slowest:?}, {} calls probed); {refused} deliveries refused meanwhile",
+         (95th percentile {p95:?}, slowest {slowest:?}, {} calls probed); {refused} deliveries \
+         refused meanwhile",
         during.len()
     );
     assert!(
@@ -125,7 +140,7 @@ async fn receiver_down(backend: Backend) {
         m1 <= m0 + Duration::from_millis(20),
         "setup median {m0:?} before, {m1:?} while the receiver was down"
     );
-    assert!(slowest <= Duration::from_millis(500), "{during:?}");
+    assert!(p95 <= Duration::from_millis(250), "{during:?}");
 
     // Everything delivered afterwards: none pending past its next scheduled attempt, and the
     // first retried delivery to succeed brings the receiver's others forward.
