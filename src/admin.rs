@@ -125,6 +125,7 @@ pub async fn run(url: &str, cmd: AdminCommand) -> Result<serde_json::Value, Admi
                     kind: LedgerKind::Credit,
                     reference: Some("admin".into()),
                     now,
+                    idempotency: None,
                 })
                 .await
                 .map_err(|e| AdminError::Failed(e.to_string()))?;

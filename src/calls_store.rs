@@ -17,7 +17,7 @@ use sautikit_actors::call_store::{
 };
 use sautikit_actors::model::{LedgerKind, NumberStatus};
 use sautikit_actors::money;
-use sautikit_actors::store::StorageError;
+use sautikit_actors::store::{IdempotencyMark, StorageError};
 use serde_json::{Value, json};
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, AssertSqlSafe};
@@ -25,6 +25,7 @@ use std::collections::HashMap;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::group_commit;
+use crate::idempotency::mark_applied;
 use crate::store::{SqlStore, after_debit, get, get_opt_time, get_time, storage};
 use crate::time::{new_id, to_api, to_db};
 use crate::webhooks::{EventDraft, enqueue};
@@ -1251,6 +1252,8 @@ pub struct NewPlacedCall {
     pub slice_minor: i64,
     /// Live calls placed through the API that the workspace may hold.
     pub max_live: i64,
+    /// The request's `Idempotency-Key`, marked applied with the call's row.
+    pub idempotency: Option<IdempotencyMark>,
 }
 
 /// What writing a placed call came to.
@@ -1382,6 +1385,7 @@ async fn placed_in_tx(
         .ok_or_else(|| StorageError(format!("number {} is not the workspace's", c.number_id)))?;
     insert_timeline(conn, &stored.id, &[placed_entry(c)]).await?;
     enqueue(conn, &started_event(&stored), c.started_at).await?;
+    mark_applied(conn, c.idempotency.as_ref(), c.started_at).await?;
     Ok(PlacedCallStart::Written {
         reserved_minor: c.slice_minor,
     })

@@ -9,6 +9,7 @@ pub mod calls_store;
 pub mod config;
 pub mod db;
 mod group_commit;
+pub mod idempotency;
 pub mod loadtest;
 pub mod phone;
 pub mod play;

@@ -6,7 +6,7 @@ use std::fmt::Display;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Utc};
 use sautikit_actors::model::{LedgerEntry, LedgerKind, NumberStatus, TenantNumber};
 use sautikit_actors::money::{self, MAX_BALANCE_MINOR};
 use sautikit_actors::store::{
@@ -20,14 +20,10 @@ use thiserror::Error;
 use tokio::sync::Notify;
 
 use crate::db::Db;
+use crate::idempotency::{mark_applied, request_key};
 use crate::secrets::{self, StoredSipSecret};
 use crate::time::{from_db, new_id, to_api, to_db};
 use crate::webhooks::{EventDraft, enqueue};
-
-/// How long a stored idempotent response is replayed.
-pub const IDEMPOTENCY_TTL_HOURS: i64 = 24;
-/// A request that holds a key this long without finishing is taken to have died with its process.
-const IDEMPOTENCY_PENDING_STALE_SECS: i64 = 60;
 
 pub(crate) fn storage(e: impl Display) -> StorageError {
     StorageError(e.to_string())
@@ -176,19 +172,6 @@ pub enum CredentialError {
     UsernameTaken,
     #[error(transparent)]
     Storage(#[from] StorageError),
-}
-
-/// The outcome of presenting an `Idempotency-Key`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum IdempotencyBegin {
-    /// First use: run the request, then [`SqlStore::idempotency_finish`].
-    Fresh,
-    /// Seen with the same body: send this stored response again.
-    Replay { status: u16, body: String },
-    /// Seen with another body.
-    Conflict,
-    /// The first request with this key is still running.
-    InProgress,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -698,6 +681,7 @@ impl SqlStore {
             Err(e) if is_unique_violation(&e) => return Err(CredentialError::UsernameTaken),
             Err(e) => return Err(storage(e).into()),
         }
+        mark_applied(&mut tx, request_key().as_ref(), now).await?;
         tx.commit().await.map_err(storage)?;
         self.get_sip_credential(workspace_id, number_id, id)
             .await?
@@ -895,116 +879,6 @@ impl SqlStore {
         .await
         .map_err(storage)?;
         rows.iter().map(ledger_from_row).collect()
-    }
-
-    // --- idempotency ----------------------------------------------------------------------
-
-    pub async fn idempotency_begin(
-        &self,
-        workspace_id: &str,
-        key: &str,
-        request_hash: &str,
-        now: DateTime<Utc>,
-    ) -> Result<IdempotencyBegin, StorageError> {
-        let expired = to_db(now - Duration::hours(IDEMPOTENCY_TTL_HOURS));
-        let stale = to_db(now - Duration::seconds(IDEMPOTENCY_PENDING_STALE_SECS));
-        let mut tx = self.db.begin_write().await.map_err(storage)?;
-        sqlx::query(
-            "DELETE FROM idempotency_keys WHERE workspace_id = $1 AND idempotency_key = $2 \
-             AND (created_at < $3 OR (status_code IS NULL AND created_at < $4))",
-        )
-        .bind(workspace_id)
-        .bind(key)
-        .bind(&expired)
-        .bind(&stale)
-        .execute(&mut *tx)
-        .await
-        .map_err(storage)?;
-        let inserted = sqlx::query(
-            "INSERT INTO idempotency_keys (workspace_id, idempotency_key, request_hash, created_at) \
-             VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-        )
-        .bind(workspace_id)
-        .bind(key)
-        .bind(request_hash)
-        .bind(to_db(now))
-        .execute(&mut *tx)
-        .await
-        .map_err(storage)?
-        .rows_affected();
-        let outcome = if inserted == 1 {
-            IdempotencyBegin::Fresh
-        } else {
-            let row = sqlx::query(
-                "SELECT request_hash, status_code, response_body FROM idempotency_keys \
-                 WHERE workspace_id = $1 AND idempotency_key = $2",
-            )
-            .bind(workspace_id)
-            .bind(key)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(storage)?;
-            let hash: String = get(&row, "request_hash")?;
-            let status: Option<i64> = get(&row, "status_code")?;
-            let body: Option<String> = get(&row, "response_body")?;
-            match (hash == request_hash, status) {
-                (false, _) => IdempotencyBegin::Conflict,
-                (true, None) => IdempotencyBegin::InProgress,
-                (true, Some(s)) => IdempotencyBegin::Replay {
-                    status: u16::try_from(s).unwrap_or(500),
-                    body: body.unwrap_or_default(),
-                },
-            }
-        };
-        tx.commit().await.map_err(storage)?;
-        Ok(outcome)
-    }
-
-    pub async fn idempotency_finish(
-        &self,
-        workspace_id: &str,
-        key: &str,
-        status: u16,
-        body: &str,
-    ) -> Result<(), StorageError> {
-        sqlx::query(
-            "UPDATE idempotency_keys SET status_code = $1, response_body = $2 \
-             WHERE workspace_id = $3 AND idempotency_key = $4",
-        )
-        .bind(i64::from(status))
-        .bind(body)
-        .bind(workspace_id)
-        .bind(key)
-        .execute(&self.db.write)
-        .await
-        .map_err(storage)?;
-        Ok(())
-    }
-
-    /// Forget a key whose request failed on our side, so the client's retry runs again.
-    pub async fn idempotency_forget(
-        &self,
-        workspace_id: &str,
-        key: &str,
-    ) -> Result<(), StorageError> {
-        sqlx::query(
-            "DELETE FROM idempotency_keys WHERE workspace_id = $1 AND idempotency_key = $2",
-        )
-        .bind(workspace_id)
-        .bind(key)
-        .execute(&self.db.write)
-        .await
-        .map_err(storage)?;
-        Ok(())
-    }
-
-    pub async fn idempotency_purge(&self, now: DateTime<Utc>) -> Result<u64, StorageError> {
-        let r = sqlx::query("DELETE FROM idempotency_keys WHERE created_at < $1")
-            .bind(to_db(now - Duration::hours(IDEMPOTENCY_TTL_HOURS)))
-            .execute(&self.db.write)
-            .await
-            .map_err(storage)?;
-        Ok(r.rows_affected())
     }
 }
 
@@ -1337,6 +1211,7 @@ async fn claim_in_tx(
         cmd.now,
     )
     .await?;
+    mark_applied(&mut *tx, cmd.idempotency.as_ref(), cmd.now).await?;
     Ok(Ok(number))
 }
 
@@ -1509,6 +1384,7 @@ impl Store for SqlStore {
             cmd.now,
         )
         .await?;
+        mark_applied(&mut tx, cmd.idempotency.as_ref(), cmd.now).await?;
         tx.commit().await.map_err(storage)?;
         self.events_committed();
         Ok(Credited {

@@ -1445,6 +1445,7 @@ fn placed(fx: &Fx, at: DateTime<Utc>, max_live: i64) -> sautikit::calls_store::N
         events_url: None,
         slice_minor: 300,
         max_live,
+        idempotency: None,
     }
 }
 
@@ -1454,6 +1455,7 @@ fn placed(fx: &Fx, at: DateTime<Utc>, max_live: i64) -> sautikit::calls_store::N
 /// its slot and its reservation for the next.
 async fn placed_calls_are_admitted_exactly_up_to_the_limit_and_the_balance(backend: Backend) {
     use sautikit::calls_store::PlacedCallStart;
+    use sautikit::idempotency::IdempotencyBegin;
 
     // 1,500 left after the claim: five first slices of 300.
     let fx = fixture(backend, 1_500, 0, 300).await;
@@ -1466,9 +1468,25 @@ async fn placed_calls_are_admitted_exactly_up_to_the_limit_and_the_balance(backe
             } else {
                 second.clone()
             };
-            let c = placed(&fx, t0(), max_live);
+            let mut c = placed(&fx, t0(), max_live);
+            // Each under an Idempotency-Key, which only a written call marks applied.
+            c.idempotency = Some(sautikit_actors::store::IdempotencyMark {
+                workspace_id: fx.ws.clone(),
+                key: c.call_id.clone(),
+            });
             tasks.push(tokio::spawn(async move {
+                let key = &c.call_id;
+                let begun = store
+                    .idempotency_begin(&c.workspace_id, key, "h", t0())
+                    .await;
+                assert_eq!(begun.expect("begin"), IdempotencyBegin::Fresh);
                 let r = store.start_placed_call(&c).await.expect("placed");
+                let forgotten = store.idempotency_forget(&c.workspace_id, key).await;
+                assert_eq!(
+                    forgotten.expect("forget"),
+                    !matches!(r, PlacedCallStart::Written { .. }),
+                    "{r:?}: the key is kept exactly when the call was written"
+                );
                 (c.call_id, r)
             }));
         }

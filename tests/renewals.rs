@@ -610,6 +610,7 @@ async fn usage_equals_the_ledger(backend: Backend) {
             kind: LedgerKind::TopUp,
             reference: None,
             now: at(2027, 2, 10, 12),
+            idempotency: None,
         })
         .await
         .expect("top-up");

@@ -13,12 +13,13 @@ use tracing::{info, warn};
 
 use crate::clock::Clock;
 use crate::model::TenantNumber;
-use crate::store::{ClaimError, ClaimNumber, ReleaseError, ReleaseNumber, Store};
+use crate::store::{ClaimError, ClaimNumber, IdempotencyMark, ReleaseError, ReleaseNumber, Store};
 
 pub enum InventoryMsg {
     ClaimRequested {
         workspace_id: String,
         inventory_id: String,
+        idempotency: Option<IdempotencyMark>,
         reply: RpcReplyPort<Result<TenantNumber, ClaimError>>,
     },
     ReleaseRequested {
@@ -116,12 +117,14 @@ impl Actor for Inventory {
             InventoryMsg::ClaimRequested {
                 workspace_id,
                 inventory_id,
+                idempotency,
                 reply,
             } => {
                 let cmd = ClaimNumber {
                     workspace_id,
                     inventory_id,
                     now: state.clock.now(),
+                    idempotency,
                 };
                 state.waiting.push((cmd, reply));
                 if !state.batch_scheduled {

@@ -24,7 +24,9 @@ use crate::numbers::{Numbers, NumbersMsg};
 use crate::registrar::{Registrar, RegistrarArgs, RegistrarStore};
 use crate::scheduler::{Scheduler, SchedulerArgs};
 use crate::sip_endpoint::{SipEndpoint, SipEndpointArgs};
-use crate::store::{ClaimError, Credited, ReleaseError, StorageError, Store, WalletError};
+use crate::store::{
+    ClaimError, Credited, IdempotencyMark, ReleaseError, StorageError, Store, WalletError,
+};
 use crate::wallet::{WalletDeps, WalletMsg, Wallets, WalletsMsg};
 
 /// How long a caller waits for an actor's answer before reporting the engine unavailable.
@@ -498,15 +500,18 @@ impl Engine {
         }
     }
 
+    /// Claim a number; `idempotency`: the request's key, marked applied by the claim.
     pub async fn claim_number(
         &self,
         workspace_id: &str,
         inventory_id: &str,
+        idempotency: Option<IdempotencyMark>,
     ) -> Result<TenantNumber, ClaimError> {
         let actor = lookup::<InventoryMsg>(&self.names.inventory)?;
         ask(&actor, |reply| InventoryMsg::ClaimRequested {
             workspace_id: workspace_id.to_owned(),
             inventory_id: inventory_id.to_owned(),
+            idempotency,
             reply,
         })
         .await?
@@ -526,6 +531,7 @@ impl Engine {
         .await?
     }
 
+    /// Credit a wallet; `idempotency`: the request's key, marked applied by the credit.
     pub async fn credit_wallet(
         &self,
         workspace_id: &str,
@@ -533,6 +539,7 @@ impl Engine {
         currency: &str,
         kind: LedgerKind,
         reference: Option<String>,
+        idempotency: Option<IdempotencyMark>,
     ) -> Result<Credited, WalletError> {
         let actor = lookup::<WalletsMsg>(&self.names.wallets)?;
         let credited = ask(&actor, |reply| WalletsMsg::ForWorkspace {
@@ -542,6 +549,7 @@ impl Engine {
                 currency: currency.to_owned(),
                 kind,
                 reference,
+                idempotency,
                 reply,
             },
         })

@@ -13,11 +13,21 @@ use crate::model::{LedgerEntry, LedgerKind, TenantNumber};
 #[error("storage failure: {0}")]
 pub struct StorageError(pub String);
 
+/// The `Idempotency-Key` of the API request that asks for a change. The change's transaction
+/// marks the key as applied, so that once the change is committed no retry under the key makes
+/// it again, even when its response was lost (a crash or a failed write after the commit).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyMark {
+    pub workspace_id: String,
+    pub key: String,
+}
+
 #[derive(Debug, Clone)]
 pub struct ClaimNumber {
     pub workspace_id: String,
     pub inventory_id: String,
     pub now: DateTime<Utc>,
+    pub idempotency: Option<IdempotencyMark>,
 }
 
 #[derive(Debug, Clone, Error)]
@@ -59,6 +69,7 @@ pub struct CreditWallet {
     pub kind: LedgerKind,
     pub reference: Option<String>,
     pub now: DateTime<Utc>,
+    pub idempotency: Option<IdempotencyMark>,
 }
 
 /// A credit, and the suspended numbers it paid to renew (oldest suspension first).

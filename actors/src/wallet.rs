@@ -10,7 +10,7 @@ use tracing::{info, warn};
 
 use crate::clock::Clock;
 use crate::model::LedgerKind;
-use crate::store::{CreditWallet, Credited, Store, WalletError};
+use crate::store::{CreditWallet, Credited, IdempotencyMark, Store, WalletError};
 
 pub enum WalletMsg {
     CreditRequested {
@@ -18,6 +18,7 @@ pub enum WalletMsg {
         currency: String,
         kind: LedgerKind,
         reference: Option<String>,
+        idempotency: Option<IdempotencyMark>,
         reply: RpcReplyPort<Result<Credited, WalletError>>,
     },
 }
@@ -150,6 +151,7 @@ impl Actor for Wallet {
                 currency,
                 kind,
                 reference,
+                idempotency,
                 reply,
             } => {
                 let result = state
@@ -162,6 +164,7 @@ impl Actor for Wallet {
                         kind,
                         reference,
                         now: state.deps.clock.now(),
+                        idempotency,
                     })
                     .await;
                 if let Ok(credited) = &result {

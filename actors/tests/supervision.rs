@@ -135,15 +135,15 @@ where
 async fn inventory_restarts_after_a_panic() {
     let (engine, _) = engine().await;
     let err = engine
-        .claim_number("ws", "PANIC")
+        .claim_number("ws", "PANIC", None)
         .await
         .expect_err("the panicking claim fails");
     assert!(matches!(err, ClaimError::Storage(_)), "{err:?}");
     // Root restarts Inventory under its name; later claims work, and so do wallets.
-    let n = eventually(|| async { engine.claim_number("ws", "inv-1").await.ok() }).await;
+    let n = eventually(|| async { engine.claim_number("ws", "inv-1", None).await.ok() }).await;
     assert_eq!(n.inventory_id, "inv-1");
     let e = engine
-        .credit_wallet("ws", 100, "KES", LedgerKind::TopUp, None)
+        .credit_wallet("ws", 100, "KES", LedgerKind::TopUp, None, None)
         .await
         .expect("wallets unaffected");
     assert_eq!(e.entry.balance_after_minor, 100);
@@ -154,29 +154,29 @@ async fn inventory_restarts_after_a_panic() {
 async fn a_failed_wallet_does_not_take_down_the_others() {
     let (engine, _) = engine().await;
     engine
-        .credit_wallet("ws-a", 100, "KES", LedgerKind::TopUp, None)
+        .credit_wallet("ws-a", 100, "KES", LedgerKind::TopUp, None, None)
         .await
         .expect("credit");
     engine
-        .credit_wallet("ws-b", 7, "KES", LedgerKind::TopUp, None)
+        .credit_wallet("ws-b", 7, "KES", LedgerKind::TopUp, None, None)
         .await
         .expect("credit");
     let err = engine
-        .credit_wallet("ws-a", 13, "KES", LedgerKind::TopUp, None)
+        .credit_wallet("ws-a", 13, "KES", LedgerKind::TopUp, None, None)
         .await
         .expect_err("the panicking credit fails");
     assert!(matches!(err, WalletError::Storage(_)), "{err:?}");
     // ws-a's wallet actor is replaced on next use; ws-b's never noticed.
     let a = eventually(|| async {
         engine
-            .credit_wallet("ws-a", 1, "KES", LedgerKind::TopUp, None)
+            .credit_wallet("ws-a", 1, "KES", LedgerKind::TopUp, None, None)
             .await
             .ok()
     })
     .await;
     assert_eq!(a.entry.balance_after_minor, 101);
     let b = engine
-        .credit_wallet("ws-b", 1, "KES", LedgerKind::TopUp, None)
+        .credit_wallet("ws-b", 1, "KES", LedgerKind::TopUp, None, None)
         .await
         .expect("credit");
     assert_eq!(b.entry.balance_after_minor, 8);
@@ -189,7 +189,7 @@ async fn inventory_serializes_claims() {
     let engine = Arc::new(engine);
     let attempts = (0..32).map(|i| {
         let engine = engine.clone();
-        async move { engine.claim_number(&format!("ws-{i}"), "inv-9").await }
+        async move { engine.claim_number(&format!("ws-{i}"), "inv-9", None).await }
     });
     let results = futures::future::join_all(attempts).await;
     let wins = results.iter().filter(|r| r.is_ok()).count();
@@ -207,11 +207,11 @@ async fn inventory_serializes_claims() {
 async fn two_engines_in_one_process_are_independent() {
     let (a, _) = engine().await;
     let (b, _) = engine().await;
-    a.claim_number("ws", "x").await.expect("a claims");
-    b.claim_number("ws", "x")
+    a.claim_number("ws", "x", None).await.expect("a claims");
+    b.claim_number("ws", "x", None)
         .await
         .expect("b has its own store");
     a.stop().await;
-    b.claim_number("ws", "y").await.expect("b still runs");
+    b.claim_number("ws", "y", None).await.expect("b still runs");
     b.stop().await;
 }

@@ -60,7 +60,9 @@ fn add_to(op: &mut Operation, method: HttpMethod, authed: bool) {
                 op,
                 409,
                 "`idempotency.conflict`: the key was used with another request; \
-                 `idempotency.in_progress`: the first request with it is still running",
+                 `idempotency.in_progress`: the first request with it is still running; \
+                 `idempotency.response_lost`: the first request took effect but its response \
+                 was lost",
             );
             error(op, 413, "`request.too_large`");
         }

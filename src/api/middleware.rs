@@ -13,8 +13,9 @@ use tracing::{Instrument, info_span, warn};
 use super::AppState;
 use super::error::{ApiError, REQUEST_ID};
 use super::extract::{MAX_BODY_BYTES, too_large};
+use crate::idempotency::{IdempotencyBegin, with_request_key};
 use crate::secrets;
-use crate::store::IdempotencyBegin;
+use sautikit_actors::store::IdempotencyMark;
 
 /// How long a resolved API key is trusted without asking the database again.
 const AUTH_CACHE_TTL: Duration = Duration::from_secs(30);
@@ -169,6 +170,14 @@ async fn idempotent(
             )
             .into_response();
         }
+        Ok(IdempotencyBegin::ResponseLost) => {
+            return ApiError::conflict(
+                "idempotency.response_lost",
+                "the request with this Idempotency-Key took effect, but its response was lost; \
+                 look the result up rather than retrying",
+            )
+            .into_response();
+        }
         Ok(IdempotencyBegin::Replay { status, body }) => {
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
             return (
@@ -184,9 +193,15 @@ async fn idempotent(
         Ok(IdempotencyBegin::Fresh) => {}
     }
 
-    let resp = next
-        .run(Request::from_parts(parts, Body::from(bytes)))
-        .await;
+    let mark = IdempotencyMark {
+        workspace_id: workspace.id.clone(),
+        key: key.clone(),
+    };
+    let resp = with_request_key(
+        mark,
+        next.run(Request::from_parts(parts, Body::from(bytes))),
+    )
+    .await;
     let (parts, body) = resp.into_parts();
     let body = match to_bytes(body, usize::MAX).await {
         Ok(b) => b,
@@ -196,20 +211,28 @@ async fn idempotent(
         }
     };
     // Our own failures and rate limits are not remembered: they say "try again later", and the
-    // client's retry must get a real second attempt.
-    let outcome = if parts.status.is_server_error() || parts.status == StatusCode::TOO_MANY_REQUESTS
-    {
+    // client's retry must get a real second attempt — unless the request's change was committed
+    // before it failed: then its response is kept like any other, and a retry gets it.
+    let retryable = parts.status.is_server_error() || parts.status == StatusCode::TOO_MANY_REQUESTS;
+    let forgotten = if retryable {
         state.store.idempotency_forget(&workspace.id, &key).await
     } else {
-        state
-            .store
-            .idempotency_finish(
-                &workspace.id,
-                &key,
-                parts.status.as_u16(),
-                &String::from_utf8_lossy(&body),
-            )
-            .await
+        Ok(false)
+    };
+    let outcome = match forgotten {
+        Ok(true) => Ok(()),
+        Ok(false) => {
+            state
+                .store
+                .idempotency_finish(
+                    &workspace.id,
+                    &key,
+                    parts.status.as_u16(),
+                    &String::from_utf8_lossy(&body),
+                )
+                .await
+        }
+        Err(e) => Err(e),
     };
     if let Err(e) = outcome {
         warn!(error = %e, "could not record the idempotent response");

@@ -208,7 +208,10 @@ pub async fn claim(
     Path(inventory_id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let inventory_id = parse_id(&inventory_id, "inventory id")?;
-    let n = state.engine.claim_number(&ws.id, &inventory_id).await?;
+    let n = state
+        .engine
+        .claim_number(&ws.id, &inventory_id, crate::idempotency::request_key())
+        .await?;
     metrics::counter!("sautikit_numbers_claimed_total").increment(1);
     Ok((
         StatusCode::CREATED,

@@ -334,6 +334,7 @@ pub async fn place_call(
         events_url: events_override,
         slice_minor: money::prepaid_slice_minor(route.outbound_per_min_minor),
         max_live: state.placing.max_live,
+        idempotency: crate::idempotency::request_key(),
     };
     let writing = Instant::now();
     let written = state.store.start_placed_call(&new).await?;

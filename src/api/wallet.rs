@@ -210,6 +210,7 @@ pub async fn topup(
             currency,
             LedgerKind::TopUp,
             Some("provider:test".to_owned()),
+            crate::idempotency::request_key(),
         )
         .await?;
     Ok((

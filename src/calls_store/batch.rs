@@ -538,6 +538,7 @@ async fn place_calls(
         let call = stored.remove(&c.call_id).ok_or_else(|| {
             StorageError(format!("number {} is not the workspace's", c.number_id))
         })?;
+        mark_applied(conn, c.idempotency.as_ref(), c.started_at).await?;
         let written = PlacedCallStart::Written {
             reserved_minor: c.slice_minor,
         };

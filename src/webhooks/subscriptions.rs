@@ -4,6 +4,7 @@ use chrono::{DateTime, Utc};
 use sautikit_actors::store::StorageError;
 use sqlx::any::AnyRow;
 
+use crate::idempotency::{mark_applied, request_key};
 use crate::secrets;
 use crate::store::{SqlStore, get, get_opt_time, get_time, storage};
 use crate::time::{new_id, to_db};
@@ -54,6 +55,7 @@ impl SqlStore {
         now: DateTime<Utc>,
     ) -> Result<Subscription, SubscriptionError> {
         let id = new_id();
+        let mut tx = self.db().begin_write().await.map_err(storage)?;
         // The count check and the insert are one statement, so concurrent creates cannot
         // exceed the limit.
         let r = sqlx::query(
@@ -67,12 +69,15 @@ impl SqlStore {
         .bind(events.join(","))
         .bind(to_db(now))
         .bind(MAX_SUBSCRIPTIONS)
-        .execute(&self.db().write)
+        .execute(&mut *tx)
         .await
         .map_err(storage)?;
         if r.rows_affected() == 0 {
+            tx.rollback().await.map_err(storage)?;
             return Err(SubscriptionError::TooMany);
         }
+        mark_applied(&mut tx, request_key().as_ref(), now).await?;
+        tx.commit().await.map_err(storage)?;
         self.get_subscription(workspace_id, &id)
             .await?
             .ok_or(SubscriptionError::NotFound)

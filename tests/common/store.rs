@@ -50,6 +50,7 @@ pub async fn claim_first_number(
             workspace_id: workspace_id.to_owned(),
             inventory_id: inv[0].id.clone(),
             now,
+            idempotency: None,
         })
         .await
         .expect("claim")
@@ -109,6 +110,7 @@ pub async fn claim_many(
             workspace_id: ws[i % workspaces].clone(),
             inventory_id: sqlx::Row::try_get::<String, _>(r, "id").expect("id"),
             now: now + chrono::Duration::milliseconds(i as i64),
+            idempotency: None,
         })
         .collect();
     for chunk in cmds.chunks(500) {
