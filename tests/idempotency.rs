@@ -93,7 +93,8 @@ async fn a_lost_response_never_repeats_the_change(backend: Backend) {
     let r = post_keyed(&api, &rotate, "rotate-1", json!({})).await;
     assert_eq!(r.status, 200, "{}", r.text);
 
-    let hook = json!({"url": "https://hooks.example.com/sautikit", "events": ["wallet.low_balance"]});
+    let hook =
+        json!({"url": "https://hooks.example.com/sautikit", "events": ["wallet.low_balance"]});
     let r = post_keyed(&api, "/v1/webhooks", "hook-1", hook.clone()).await;
     assert_eq!(r.status, 201, "{}", r.text);
 
