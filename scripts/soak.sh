@@ -23,24 +23,47 @@ data="$work/sautikit-data"
 SAUTIKIT_MODE=dev SAUTIKIT_DATA_DIR="$data" SAUTIKIT_HTTP_LISTEN=127.0.0.1:25180 \
     SAUTIKIT_SIP_LISTEN=127.0.0.1:25160 SAUTIKIT_LOG=warn \
     "$bin" serve >"$work/serve.out" 2>"$work/serve.err" &
+server=$!
 for _ in $(seq 1 100); do port_open 127.0.0.1 25180 && break; sleep 0.1; done
 
 # /metrics every 30 s: minutes since the start, RSS, anonymous memory, SQLite's memory, Rust's
 # heap (mimalloc's committed memory), C's heap (glibc's malloc: held from the system / in use),
-# in MiB.
+# in MiB; then the engine's threads, and its resident memory by kind of mapping (from
+# /proc/<pid>/smaps): the main heap (brk), thread stacks, other anonymous mappings (mimalloc's
+# segments, glibc's thread arenas, direct mmaps) and files, with how many anonymous mappings
+# there are. SOAK_SMAPS=<dir>: keep each sample's smaps there, to diff two of them.
 metric() { awk -v m="$1" '$1 == m { printf "%.1f", $2 / 1048576 }' "$work/metrics"; }
+# Resident MiB of the mappings in /proc/<pid>/smaps, by kind.
+smaps_kinds() {
+    awk '
+        /^[0-9a-f]+-[0-9a-f]+ / {
+            name = $6
+            kind = name == "[heap]" ? "heap" : name ~ /^\[stack/ ? "stacks" : name == "" ? "anon" : name ~ /^\[/ ? "other" : "files"
+            if (kind == "anon") anon_maps++
+            next
+        }
+        /^Rss:/ { rss[kind] += $2 }
+        END {
+            printf "heap %.1f  stacks %.1f  anon %.1f (%d maps)  files %.1f", rss["heap"] / 1024, rss["stacks"] / 1024, rss["anon"] / 1024, anon_maps, rss["files"] / 1024
+        }' "$1"
+}
 (
     start=$(date +%s)
     while true; do
         sleep 30
         curl -s http://127.0.0.1:25180/metrics >"$work/metrics" || continue
-        printf '%5.1f min  RSS %s MiB  anonymous %s MiB  SQLite %s MiB  Rust heap %s MiB  C heap %s / %s MiB\n' \
-            "$(echo "($(date +%s) - $start) / 60" | bc -l)" \
+        minutes=$(echo "($(date +%s) - $start) / 60" | bc -l)
+        cp "/proc/$server/smaps" "$work/smaps" 2>/dev/null || continue
+        [ -z "${SOAK_SMAPS:-}" ] || { mkdir -p "$SOAK_SMAPS"; cp "$work/smaps" "$SOAK_SMAPS/$(printf '%05.1f' "$minutes").smaps"; }
+        printf '%5.1f min  RSS %s MiB  anonymous %s MiB  SQLite %s MiB  Rust heap %s MiB  C heap %s / %s MiB  threads %s  [%s]\n' \
+            "$minutes" \
             "$(metric sautikit_process_resident_memory_bytes)" \
             "$(metric sautikit_process_anonymous_memory_bytes)" \
             "$(metric sautikit_sqlite_memory_bytes)" \
             "$(metric sautikit_rust_heap_committed_bytes)" \
-            "$(metric sautikit_c_heap_held_bytes)" "$(metric sautikit_c_heap_used_bytes)"
+            "$(metric sautikit_c_heap_held_bytes)" "$(metric sautikit_c_heap_used_bytes)" \
+            "$(awk '/^Threads:/ { print $2 }' "/proc/$server/status" 2>/dev/null)" \
+            "$(smaps_kinds "$work/smaps")"
     done
 ) &
 scraper=$!
