@@ -87,4 +87,18 @@ jq -r --argjson line "$line" '
     "RSS: \($at60 * 10 | floor / 10) MiB at 60 s, peak after it \($peak * 10 | floor / 10) MiB, \($final * 10 | floor / 10) MiB at the end (\(($final - $at60) * 10 | floor / 10) MiB more than at 60 s)",
     "growth after the first 60 s (its peak): \(($peak - $at60) * 10 | floor / 10) MiB (line \($line) MiB) → \(if $peak - $at60 <= $line then "PASS" else "FAIL" end)"
 ' "$work/soak.json" | tee "$work/verdict"
+# Stalls (a second with INVITE→200 p99 over 100 ms, or calls refused) and the RSS around each:
+# what the engine held before, at the stall, and 60 s later.
+jq -r '
+  .timeline as $tl
+  | [range(0; $tl | length) as $i | select(($tl[$i].p99_ms // 0) > 100 or ($tl[$i].failed // 0) > 0) | $i] as $slow
+  | if ($slow | length) == 0 then "stalls: none" else
+      "stalls (p99 over 100 ms or calls refused), RSS before / at / 60 s after:",
+      ($slow[] as $i
+        | ($tl[[$i - 1, 0] | max].target_rss_mib // 0) as $before
+        | ($tl[$i].target_rss_mib // 0) as $at
+        | ($tl[[$i + 60, ($tl | length) - 1] | min].target_rss_mib // 0) as $after
+        | "  t=\($tl[$i].t | floor) s: p99 \($tl[$i].p99_ms | floor) ms, \($tl[$i].failed) refused; RSS \($before * 10 | floor / 10) / \($at * 10 | floor / 10) / \($after * 10 | floor / 10) MiB")
+    end
+' "$work/soak.json"
 grep -q "PASS$" "$work/verdict"
