@@ -88,10 +88,10 @@ use harness::{
 };
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 use nix::sys::socket::{
-    ControlMessageOwned, MsgFlags, MultiHeaders, SockaddrIn, recvmmsg, sendmmsg, setsockopt,
-    sockopt,
+    MsgFlags, MultiHeaders, SockaddrIn, recvmmsg, sendmmsg, setsockopt, sockopt,
 };
 use nix::sys::time::TimeSpec;
+use sautikit::loadtest::trunk;
 use sautikit_sip::rtp::{RtpView, g711};
 use sautikit_sip::sdp::Codec;
 use std::io::{IoSlice, IoSliceMut};
@@ -469,6 +469,14 @@ impl Stream {
         now
     }
 
+    /// Send the next packet from the stream's own socket (an anchor stream's).
+    fn send_own(&mut self, buf: &mut Vec<u8>, window: &Window, st: &mut RtpStats) {
+        let at = self.next_packet(buf, st);
+        let ok =
+            matches!(&self.sock, StreamSock::Own(sock) if sock.send_to(buf, self.remote).is_ok());
+        self.sent(ok, at, window, st);
+    }
+
     fn sent(&self, ok: bool, at: u64, window: &Window, st: &mut RtpStats) {
         if !ok {
             st.send_errors += 1;
@@ -625,14 +633,7 @@ impl SharedSide {
                     let at = msg
                         .cmsgs()
                         .ok()
-                        .and_then(|mut c| {
-                            c.find_map(|c| match c {
-                                ControlMessageOwned::ScmTimestampns(t) => {
-                                    Some(t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
-                                }
-                                _ => None,
-                            })
-                        })
+                        .and_then(trunk::arrival_ns)
                         .unwrap_or_else(realtime_ns);
                     *g = (msg.bytes, msg.address.map_or(0, |a| a.port()), at);
                     n += 1;
@@ -685,7 +686,7 @@ fn rtp_thread(
     let mut sides = sides.map(|sock| {
         sock.set_nonblocking(true).expect("nonblocking");
         assert!(
-            setsockopt(&sock, sockopt::ReceiveTimestampns, &true).is_ok(),
+            trunk::stamp_arrivals(&sock).is_ok(),
             "SO_TIMESTAMPNS is needed for the delay figures"
         );
         SharedSide::new(sock)
@@ -709,7 +710,7 @@ fn rtp_thread(
                         StreamSock::Own(sock) => {
                             sock.set_nonblocking(true).expect("nonblocking");
                             assert!(
-                                setsockopt(sock, sockopt::ReceiveTimestampns, &true).is_ok(),
+                                trunk::stamp_arrivals(sock).is_ok(),
                                 "SO_TIMESTAMPNS is needed for the delay figures"
                             );
                             epoll
@@ -785,15 +786,7 @@ fn rtp_thread(
             done += 1;
             for &k in &wheel[(done % SLOTS as u64) as usize] {
                 match streams[k].sock {
-                    StreamSock::Own(_) => {
-                        let stream = &mut streams[k];
-                        let at = stream.next_packet(&mut out, &mut st);
-                        let ok = match &stream.sock {
-                            StreamSock::Own(sock) => sock.send_to(&out, stream.remote).is_ok(),
-                            StreamSock::Shared(_) => false,
-                        };
-                        stream.sent(ok, at, &window, &mut st);
-                    }
+                    StreamSock::Own(_) => streams[k].send_own(&mut out, &window, &mut st),
                     StreamSock::Shared(side) => {
                         sides[side].queue(k, &mut streams, &window, &mut st);
                     }

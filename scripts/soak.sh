@@ -87,6 +87,12 @@ jq -r --argjson line "$line" '
     "RSS: \($at60 * 10 | floor / 10) MiB at 60 s, peak after it \($peak * 10 | floor / 10) MiB, \($final * 10 | floor / 10) MiB at the end (\(($final - $at60) * 10 | floor / 10) MiB more than at 60 s)",
     "growth after the first 60 s (its peak): \(($peak - $at60) * 10 | floor / 10) MiB (line \($line) MiB) → \(if $peak - $at60 <= $line then "PASS" else "FAIL" end)"
 ' "$work/soak.json" | tee "$work/verdict"
+# Where the peak was, and how much of it was mapped files and shared memory (not the heap).
+jq -r '
+  [.timeline[] | select(.t >= 60 and .target_rss_mib != null)] as $s
+  | ($s | first) as $a | ($s | max_by(.target_rss_mib)) as $p
+  | "peak at t=\($p.t | floor) s; of RSS, files and shared memory: \($a.target_rss_file_mib // 0 | . * 10 | floor / 10) MiB at 60 s, \($p.target_rss_file_mib // 0 | . * 10 | floor / 10) MiB at the peak"
+' "$work/soak.json"
 # Stalls (a second with INVITE→200 p99 over 100 ms, or calls refused) and the RSS around each:
 # what the engine held before, at the stall, and 60 s later.
 jq -r '

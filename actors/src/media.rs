@@ -1,6 +1,6 @@
-//! Media: RTP ports for calls, one pacing task that sends every call's 20 ms frames, and a
-//! receiving task per call for what the caller sends (DTMF, recordings, and — while two streams
-//! are bridged — the packets relayed to the other leg).
+//! Media: RTP ports for calls, and media threads that send every call's 20 ms frames and read
+//! what each caller sends (DTMF, recordings, and — while two streams are bridged — the packets
+//! relayed to the other leg).
 //!
 //! One scheduler serves all outgoing streams (not a task or timer per call): a wheel of 1 ms
 //! slots over the 20 ms frame period, each stream keeping one slot, so every millisecond the
@@ -11,21 +11,22 @@
 //!
 //! A bridge (a call's two legs talking to each other: the B2BUA's media path) lives on the media
 //! thread of both its streams ([`Media::open_beside`] puts the second leg there). It costs no task
-//! and no allocation per packet: the receiving task of leg A, woken by A's packet, rewrites it
-//! onto B's outgoing stream (B's SSRC and numbering, µ-law ↔ A-law by table when the legs' codecs
-//! differ, telephone-events with B's payload type) in a buffer it keeps, and sends it from B's
+//! and no allocation per packet: the thread reads leg A's packet and rewrites it onto B's
+//! outgoing stream (B's SSRC and numbering, µ-law ↔ A-law by table when the legs' codecs differ,
+//! telephone-events with B's payload type) in a buffer A's receiver keeps, and sends it from B's
 //! socket to B's (latched) remote. Each stream's outgoing side — socket, remote, the
-//! [`RtpSender`] numbering every packet — is shared by the pacer and the other leg's receiving
-//! task behind a mutex that is never contended (both run on the shard's one thread); while relayed
+//! [`RtpSender`] numbering every packet — is shared by the pacer and the other leg's receiver
+//! behind a mutex that is never contended (both are on the shard's one thread); while relayed
 //! packets own a stream, the pacer sends nothing on it.
 //!
 //! Receiving is batched as sending is. The RTP sockets are not registered with tokio's reactor,
 //! which would wake the thread for every packet (each wake a context switch, and with real-time
 //! scheduling a preemption of whatever else runs on the core): the media thread keeps them in an
 //! epoll set of its own, edge-triggered, and looks at it once a millisecond on the pacer's grid.
-//! Each readable stream's receiving task is then woken (in-process, no system call) and reads
-//! what its socket holds. A packet waits at most one slot (1 ms) for the thread; 1,000 bridged
-//! calls cost 1,000 wakes a second per thread instead of one per packet. While streams are
+//! The thread then reads each readable socket empty and hands the packets to the stream's
+//! receiver (a state machine, see `receive`): no task is woken per packet. A packet waits at
+//! most one slot (1 ms) for the thread; 1,000 bridged calls cost 1,000 wakes a second per thread
+//! instead of one per packet. While streams are
 //! started the slots are kept by a periodic kernel timer (a timerfd), which wakes the thread on
 //! the grid to the microsecond: tokio's timers round to whole milliseconds and would make the
 //! wait up to 2 ms.
@@ -46,7 +47,7 @@ use sautikit_sip::rtp::{DueTicks, FrameWheel, RtpRelay, RtpSender, g711};
 use sautikit_sip::sdp::Codec;
 use thiserror::Error;
 use tokio::io::unix::AsyncFd;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
@@ -160,7 +161,7 @@ enum MediaCmd {
         a: u64,
         b: u64,
     },
-    /// For the stream's receiving task.
+    /// For the stream's receiver.
     Receiver {
         id: u64,
         cmd: receive::RecvCmd,
@@ -210,18 +211,18 @@ struct Playback {
     loops_left: u32,
 }
 
-/// A stream's outgoing side, shared by the pacer and, while bridged, the receiving task of the
-/// other leg. Both run on the shard's one thread, so the lock is never contended.
+/// A stream's outgoing side, shared by the pacer and, while bridged, the receiver of the other
+/// leg. Both run on the shard's one thread, so the lock is never contended.
 #[derive(Debug)]
 struct Out {
     socket: Arc<UdpSocket>,
     /// Where packets go: the negotiated address, then wherever the remote's packets come from
-    /// (symmetric RTP, RFC 4961: the stream's receiving task latches it).
+    /// (symmetric RTP, RFC 4961: the stream's receiver latches it).
     remote: Option<SocketAddr>,
     /// Numbers every packet of the stream, paced or relayed: one SSRC, one sequence.
     sender: Option<RtpSender>,
     /// Bridged, started, and no prompt playing here: the stream whose packets are relayed here.
-    /// The pacer then sends nothing, and only that stream's receiving task writes.
+    /// The pacer then sends nothing, and only that stream's receiver writes.
     relay_from: Option<u64>,
     relay: RtpRelay,
     /// A media stream listening to what this stream sends (paced or relayed).
@@ -267,10 +268,8 @@ struct Bridged {
 struct Stream {
     socket: Arc<UdpSocket>,
     out: SharedOut,
-    /// Control of the receiving task, once the stream has started.
-    receiver: Option<mpsc::UnboundedSender<receive::RecvCmd>>,
-    /// Wakes the receiving task when its socket is readable (a new one for each task).
-    ready: Arc<Notify>,
+    /// What the caller sends, once the stream has started.
+    receiver: Option<receive::Receiver>,
     /// The socket is in the thread's epoll set (from the stream's start to its close).
     watched: bool,
     events: MediaEvents,
@@ -283,7 +282,7 @@ struct Stream {
     bridge: Option<Bridged>,
     /// A bidirectional media stream's audio, played when no prompt plays.
     live: Option<live::Live>,
-    /// A media stream listening to what this stream receives (given to each receiving task).
+    /// A media stream listening to what this stream receives (given to its receiver).
     inbound_tap: Option<Tap>,
 }
 
@@ -411,6 +410,10 @@ struct Readable {
     /// Room for every watched socket, so one `epoll_wait` sees all that are readable.
     events: Vec<EpollEvent>,
     watched: usize,
+    /// Streams not read empty at the last poll (a flood hit the per-poll limit): read again at
+    /// the next, as edge-triggered epoll will not report them again.
+    unread: Vec<u64>,
+    spare: Vec<u64>,
     /// The next poll, on the wheel's grid.
     next: std::time::Instant,
 }
@@ -450,6 +453,8 @@ impl Media {
                     epoll,
                     events: Vec::new(),
                     watched: 0,
+                    unread: Vec::new(),
+                    spare: Vec::new(),
                     next: epoch,
                 },
                 stats: stats.clone(),
@@ -678,6 +683,7 @@ impl Engine {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<MediaCmd>) {
         let mut buf = Vec::with_capacity(12 + SAMPLES_PER_FRAME);
         let mut payload = Vec::with_capacity(SAMPLES_PER_FRAME);
+        let mut bufs = receive::RecvBufs::new();
         let sleep = tokio::time::sleep(FRAME);
         tokio::pin!(sleep);
         let mut tick = Tick::new();
@@ -708,37 +714,55 @@ impl Engine {
                         continue;
                     }
                     let now = Instant::now().into_std();
-                    self.poll_readable(now);
+                    self.poll_readable(now, &mut bufs);
                     let due = self.wheel.handle_timeout(now);
-                    self.send_due(due, &mut buf, &mut payload);
+                    self.send_due(due, now, &mut buf, &mut payload);
                 }
                 () = &mut sleep, if deadline.is_some() => {
                     let now = Instant::now().into_std();
                     if poll.is_some_and(|at| now >= at) {
-                        self.poll_readable(now);
+                        self.poll_readable(now, &mut bufs);
                     }
                     let due = self.wheel.handle_timeout(now);
-                    self.send_due(due, &mut buf, &mut payload);
+                    self.send_due(due, now, &mut buf, &mut payload);
                 }
             }
         }
     }
 
-    /// Wake the receiving task of every stream whose socket has something to read, and set the
-    /// next poll to the next slot of the grid.
-    fn poll_readable(&mut self, now: std::time::Instant) {
+    /// Read every stream whose socket has something to read (and those left unread at the
+    /// last poll), and set the next poll to the next slot of the grid.
+    fn poll_readable(&mut self, now: std::time::Instant, bufs: &mut receive::RecvBufs) {
         let r = &mut self.readable;
         let slots_since = now.saturating_duration_since(self.epoch).as_nanos() / SLOT.as_nanos();
         let next = u32::try_from(slots_since + 1).unwrap_or(u32::MAX);
         r.next = self.epoch + SLOT * next;
         let Some(epoll) = &r.epoll else {
-            for s in self.streams.values().filter(|s| s.watched) {
-                s.ready.notify_one();
+            // Every socket, every poll: none is left unread for long.
+            for s in self.streams.values_mut().filter(|s| s.watched) {
+                if let Some(rx) = s.receiver.as_mut() {
+                    rx.read(bufs);
+                }
             }
             return;
         };
+        let streams = &mut self.streams;
+        let mut read = |id: u64, unread: &mut Vec<u64>| {
+            if let Some(rx) = streams.get_mut(&id).and_then(|s| s.receiver.as_mut())
+                && rx.read(bufs)
+            {
+                unread.push(id);
+            }
+        };
+        // Swapped with a spare list, so neither allocates once both have grown.
+        let mut left = std::mem::take(&mut r.unread);
+        std::mem::swap(&mut r.unread, &mut r.spare);
+        for id in left.drain(..) {
+            read(id, &mut r.unread);
+        }
+        r.spare = left;
         // One call per poll, with room for every socket. Edge-triggered: a socket is reported
-        // once per arrival, and its task reads it empty (or wakes itself to go on).
+        // once per arrival, and is read empty (or kept on the unread list).
         r.events.resize(r.watched.max(1), EpollEvent::empty());
         let n = match epoll.wait(&mut r.events, 0u8) {
             Ok(n) => n,
@@ -749,9 +773,7 @@ impl Engine {
             }
         };
         for event in r.events.iter().take(n) {
-            if let Some(s) = self.streams.get(&event.data()) {
-                s.ready.notify_one();
-            }
+            read(event.data(), &mut r.unread);
         }
     }
 
@@ -814,8 +836,8 @@ impl Engine {
                 }
             }
             MediaCmd::Receiver { id, cmd } => {
-                if let Some(r) = self.streams.get(&id).and_then(|s| s.receiver.as_ref()) {
-                    let _ = r.send(cmd);
+                if let Some(r) = self.streams.get_mut(&id).and_then(|s| s.receiver.as_mut()) {
+                    r.command(cmd);
                 }
             }
             MediaCmd::Live { id, cmd } => {
@@ -851,8 +873,8 @@ impl Engine {
                     return;
                 };
                 lock(&s.out).tap = outbound;
-                if let Some(r) = &s.receiver {
-                    let _ = r.send(receive::RecvCmd::Tap(inbound.clone()));
+                if let Some(r) = s.receiver.as_mut() {
+                    r.tap(inbound.clone());
                 }
                 s.inbound_tap = inbound;
             }
@@ -863,12 +885,12 @@ impl Engine {
                         self.leave_bridge(peer);
                     }
                 }
-                if let Some(s) = self.streams.remove(&id) {
+                if let Some(mut s) = self.streams.remove(&id) {
                     if let Some(slot) = s.slot {
                         self.wheel.remove(id, slot);
                     }
-                    if let Some(r) = &s.receiver {
-                        let _ = r.send(receive::RecvCmd::Close);
+                    if let Some(r) = s.receiver.as_mut() {
+                        r.close();
                     }
                     if s.watched {
                         self.readable.watched -= 1;
@@ -935,30 +957,27 @@ impl Engine {
                 self.readable.watched += 1;
             }
         }
-        let (ctl, ctl_rx) = mpsc::unbounded_channel();
-        // A new task (a re-INVITE): the previous one, its control dropped, ends and is woken no
-        // more. The new one reads at once: the socket is watched edge-triggered, and what arrived
-        // since the previous task last read is reported no more.
-        s.ready = Arc::new(Notify::new());
-        s.ready.notify_one();
-        if let Some(tap) = &s.inbound_tap {
-            let _ = ctl.send(receive::RecvCmd::Tap(Some(tap.clone())));
+        match s.receiver.as_mut() {
+            // A re-INVITE: the same receiver, on the new terms.
+            Some(r) => r.renegotiate(params),
+            None => {
+                let mut r = receive::Receiver::new(
+                    id,
+                    s.socket.clone(),
+                    s.out.clone(),
+                    params,
+                    s.events.clone(),
+                    self.stats.clone(),
+                );
+                r.tap(s.inbound_tap.clone());
+                s.receiver = Some(r);
+                // Read at the next poll what arrived before the stream started: the socket is
+                // watched edge-triggered, and an arrival before it was watched is not reported.
+                self.readable.unread.push(id);
+            }
         }
-        s.receiver = Some(ctl);
-        tokio::spawn(receive::run(
-            receive::Receiver::new(
-                id,
-                s.socket.clone(),
-                s.out.clone(),
-                params,
-                s.events.clone(),
-                self.stats.clone(),
-            ),
-            ctl_rx,
-            s.ready.clone(),
-        ));
         if let Some(b) = s.bridge {
-            // The new receiving task relays to the peer, and the peer's relays (transcoding) for
+            // The receiver relays to the peer, and the peer's receiver relays (transcoding) for
             // this stream's codec, which may have changed.
             self.link(id, b.peer);
             self.link(b.peer, id);
@@ -1007,12 +1026,10 @@ impl Engine {
         debug!(a, b, "streams bridged");
     }
 
-    /// Tell `x`'s receiving task (once it runs) where to relay: to `y` (once `y` has started).
-    fn link(&self, x: u64, y: u64) {
+    /// Tell `x`'s receiver (once `x` has started) where to relay: to `y` (once `y` has
+    /// started).
+    fn link(&mut self, x: u64, y: u64) {
         let (Some(sx), Some(sy)) = (self.streams.get(&x), self.streams.get(&y)) else {
-            return;
-        };
-        let (Some(receiver), Some(bridge)) = (&sx.receiver, sx.bridge) else {
             return;
         };
         let peer = sy.params.map(|p| receive::Peer {
@@ -1023,13 +1040,15 @@ impl Engine {
             telephone_event: p.telephone_event,
             map: g711::transcode_table(sx.codec, p.codec),
         });
-        let _ = receiver.send(receive::RecvCmd::Bridge {
-            peer,
-            timeout: bridge.timeout,
-        });
+        let Some(sx) = self.streams.get_mut(&x) else {
+            return;
+        };
+        if let (Some(receiver), Some(bridge)) = (sx.receiver.as_mut(), sx.bridge) {
+            receiver.bridge(peer, bridge.timeout);
+        }
     }
 
-    /// `x` is bridged no more: back to the pacer, its receiving task relaying nothing.
+    /// `x` is bridged no more: back to the pacer, its receiver relaying nothing.
     fn leave_bridge(&mut self, x: u64) {
         let Some(s) = self.streams.get_mut(&x) else {
             return;
@@ -1038,8 +1057,8 @@ impl Engine {
             return;
         }
         lock(&s.out).back_to_pacer(Instant::now().into_std());
-        if let Some(r) = &s.receiver {
-            let _ = r.send(receive::RecvCmd::Unbridge);
+        if let Some(r) = s.receiver.as_mut() {
+            r.unbridge();
         }
         debug!(stream = x, "stream unbridged");
     }
@@ -1077,7 +1096,7 @@ impl Engine {
                     continue;
                 }
             };
-            // Non-blocking: the receiving task reads until the socket is empty, and a full send
+            // Non-blocking: the media thread reads until the socket is empty, and a full send
             // buffer drops a frame rather than stalling the thread.
             if socket.set_nonblocking(true).is_err() {
                 continue;
@@ -1103,7 +1122,6 @@ impl Engine {
                     params: None,
                     playback: None,
                     receiver: None,
-                    ready: Arc::new(Notify::new()),
                     watched: false,
                     slot: None,
                     bridge: None,
@@ -1118,8 +1136,15 @@ impl Engine {
     }
 
     /// Send what fell due: each stream in a due slot sends the frames it owes, at most
-    /// `MAX_BURST` back to back; the rest are skipped in time.
-    fn send_due(&mut self, due: DueTicks, buf: &mut Vec<u8>, payload: &mut Vec<u8>) {
+    /// `MAX_BURST` back to back; the rest are skipped in time. Its receiver is polled too (what
+    /// falls due there without packets can wait a frame).
+    fn send_due(
+        &mut self,
+        due: DueTicks,
+        now: std::time::Instant,
+        buf: &mut Vec<u8>,
+        payload: &mut Vec<u8>,
+    ) {
         let mut sent = 0u64;
         let mut errors = 0u64;
         let mut skipped = 0u64;
@@ -1128,6 +1153,9 @@ impl Engine {
                 let Some(s) = self.streams.get_mut(id) else {
                     continue;
                 };
+                if let Some(r) = s.receiver.as_mut() {
+                    r.poll(now);
+                }
                 for _ in 0..frames.min(MAX_BURST) {
                     match s.send_frame(buf, payload) {
                         Some(Ok(())) => sent += 1,

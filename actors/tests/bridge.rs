@@ -7,7 +7,9 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use sautikit_actors::media::{Media, MediaEvent, MediaEvents, RtpPort, StreamParams};
+use sautikit_actors::media::{
+    Media, MediaEvent, MediaEvents, RecordingEnd, RecordingSpec, RtpPort, StreamParams,
+};
 use sautikit_actors::synth::Audio;
 use sautikit_sip::rtp::{RtpHeader, g711};
 use sautikit_sip::sdp::Codec;
@@ -768,4 +770,65 @@ async fn streams_bridged_before_one_starts_relay_once_it_does() {
     }
     media.close(a.id);
     media.close(b.id);
+}
+
+/// A recording belongs to the stream's receiving side: a re-INVITE (the stream started again on
+/// new terms) does not end it, and its finish key does, with the audio from both sides of the
+/// re-INVITE in the file.
+#[tokio::test]
+async fn a_recording_goes_on_through_a_reinvite_and_ends_on_its_key() {
+    let media = Media::start(LOCAL, 31_860, 31_879, 1, false);
+    let (ev, mut rx) = events();
+    let port = media.open(ev).await.expect("a port");
+    let phone = Phone::bind(port.local).await;
+    media.start_stream(port.id, params(phone.addr, Codec::Pcmu, Some(TE_A)));
+    let dir = std::env::temp_dir().join(format!("sautikit-bridge-rec-{}", std::process::id()));
+    let path = dir.join("r.wav");
+    media.start_recording(
+        port.id,
+        RecordingSpec {
+            recording_id: "r1".into(),
+            path: path.clone(),
+            max_length: Duration::from_secs(30),
+            silence_timeout: None,
+            finish_keys: "#".into(),
+        },
+    );
+    let mut talk = Talker::new(9, Codec::Pcmu);
+    let mut tick = interval(Duration::from_millis(20));
+    for k in 0..50 {
+        tick.tick().await;
+        if k == 25 {
+            // A session refresh: the same terms, negotiated again.
+            media.start_stream(port.id, params(phone.addr, Codec::Pcmu, Some(TE_A)));
+        }
+        phone
+            .send(port.local, &talk.audio(&tone_a(k), k == 0))
+            .await;
+    }
+    // '#' is event code 11.
+    for p in talk.key(TE_A, 11) {
+        tick.tick().await;
+        phone.send(port.local, &p).await;
+    }
+    match next_event(&mut rx).await {
+        MediaEvent::Digit { key } => assert_eq!(key, '#'),
+        other => panic!("expected the key, got {other:?}"),
+    }
+    match next_event(&mut rx).await {
+        MediaEvent::RecordingFinished(o) => {
+            assert_eq!(o.end, RecordingEnd::FinishKey('#'), "{o:?}");
+            assert!(o.error.is_none(), "{o:?}");
+            // 50 frames (1 s), less what the jitter buffer still held when the key came; over
+            // the 25 frames (500 ms) sent before the re-INVITE.
+            assert!((600..=1000).contains(&o.duration_ms), "{o:?}");
+            let wav = std::fs::read(&path).expect("the recording's file");
+            assert_eq!(wav.len() as u64, o.size_bytes);
+            let data = u32::from_le_bytes([wav[40], wav[41], wav[42], wav[43]]);
+            assert_eq!(u64::from(data), o.size_bytes - 44, "the header's data size");
+        }
+        other => panic!("expected the recording, got {other:?}"),
+    }
+    media.close(port.id);
+    let _ = std::fs::remove_dir_all(dir);
 }

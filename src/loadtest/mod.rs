@@ -593,17 +593,16 @@ impl Sampler {
         let failed_now = failed.saturating_sub(self.last.1);
         self.last = (attempted, failed, now);
         let (p50, p99, max) = live.recent_latency();
-        let (target_cores, target_rss_mib) = match self.target.as_mut() {
+        let (target_cores, target_rss_mib, target_rss_file_mib) = match self.target.as_mut() {
             Some((pid, cpu)) => {
                 let used = procfs::cpu_time(*pid);
                 let cores = used.saturating_sub(*cpu).as_secs_f64() / span;
                 *cpu = used;
-                (
-                    Some(cores),
-                    procfs::status_kib(*pid, "VmRSS").map(|k| k as f64 / 1024.0),
-                )
+                let mib = |field| procfs::status_kib(*pid, field).map(|k| k as f64 / 1024.0);
+                let file = mib("RssFile").zip(mib("RssShmem")).map(|(f, s)| f + s);
+                (Some(cores), mib("VmRSS"), file)
             }
-            None => (None, None),
+            None => (None, None, None),
         };
         let t = now.duration_since(self.started).as_secs_f64();
         let offered = if now.duration_since(self.started) <= self.duration {
@@ -621,6 +620,7 @@ impl Sampler {
             failed: failed_now,
             target_cores,
             target_rss_mib,
+            target_rss_file_mib,
         });
         let target = match (target_cores, target_rss_mib) {
             (Some(c), Some(r)) => format!("  target {c:.2} cores {r:.0} MiB"),

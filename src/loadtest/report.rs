@@ -55,6 +55,9 @@ pub struct Sample {
     /// The target's CPU (cores) and RSS (MiB), when its process is on this machine.
     pub target_cores: Option<f64>,
     pub target_rss_mib: Option<f64>,
+    /// Of that RSS, the part that is files and shared memory mapped (SQLite's log index, a
+    /// database on tmpfs): what is not the heap.
+    pub target_rss_file_mib: Option<f64>,
 }
 
 /// A line of a plot: its name, colour and points.

@@ -448,12 +448,7 @@ fn recv_from_stamped(fd: RawFd, buf: &mut [u8]) -> std::io::Result<(usize, u16, 
     let mut iov = [std::io::IoSliceMut::new(buf)];
     let mut cmsg = nix::cmsg_space!(TimeSpec);
     let msg = recvmsg::<SockaddrIn>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_DONTWAIT)?;
-    let at = msg.cmsgs()?.find_map(|c| match c {
-        ControlMessageOwned::ScmTimestampns(t) => {
-            Some(t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
-        }
-        _ => None,
-    });
+    let at = arrival_ns(msg.cmsgs()?);
     let port = msg.address.map_or(0, |a| a.port());
     Ok((msg.bytes, port, at))
 }
@@ -567,7 +562,7 @@ pub fn wall_ns() -> u64 {
 }
 
 /// Ask the kernel to stamp each datagram's arrival (`SO_TIMESTAMPNS`).
-pub fn stamp_arrivals(sock: &UdpSocket) -> std::io::Result<()> {
+pub fn stamp_arrivals(sock: &impl std::os::fd::AsFd) -> std::io::Result<()> {
     setsockopt(sock, sockopt::ReceiveTimestampns, &true).map_err(std::io::Error::from)
 }
 
@@ -580,13 +575,19 @@ pub fn recv_stamped(
     let mut iov = [std::io::IoSliceMut::new(buf)];
     let mut cmsg = nix::cmsg_space!(TimeSpec);
     let msg = recvmsg::<SockaddrStorage>(fd, &mut iov, Some(&mut cmsg), flags)?;
-    let at = msg.cmsgs()?.find_map(|c| match c {
+    let at = arrival_ns(msg.cmsgs()?).map(Duration::from_nanos);
+    Ok((msg.bytes, at))
+}
+
+/// The kernel's receive time (`SO_TIMESTAMPNS`, wall-clock ns) among a datagram's control
+/// messages.
+pub fn arrival_ns(mut cmsgs: impl Iterator<Item = ControlMessageOwned>) -> Option<u64> {
+    cmsgs.find_map(|c| match c {
         ControlMessageOwned::ScmTimestampns(t) => {
-            Some(Duration::new(t.tv_sec() as u64, t.tv_nsec() as u32))
+            Some(t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
         }
         _ => None,
-    });
-    Ok((msg.bytes, at))
+    })
 }
 
 /// An SDP body offering or answering `codec` and RFC 4733 events (`te`) at `rtp`.

@@ -1,12 +1,15 @@
-//! A call's receiving side: what the caller sends on its RTP port. One task per call, idle but
-//! for packets: the media thread wakes it when its socket has something to read (see the media
-//! module: the thread polls its streams' sockets once a millisecond), and a timer wakes it while a
-//! recording, a jitter buffer, a DTMF event or a bridge's media timeout needs it.
+//! A call's receiving side: what the caller sends on its RTP port. A sans-task state machine
+//! owned by the stream on its media thread: the thread reads the socket when epoll says it is
+//! readable (see the media module: it polls its streams' sockets once a millisecond) and hands
+//! each packet here, and visits each stream once a frame (on its pacing slot) for what is due
+//! without packets: a recording's limits and jitter buffer, a DTMF event's end, a bridge's media
+//! timeout. No task is woken and nothing is allocated per packet.
 //!
 //! It latches the stream to where the caller's packets actually come from (symmetric RTP, for
-//! callers behind NAT), turns RFC 4733 telephone-events into digits, and writes recordings:
-//! packets go through a jitter buffer (reordered, de-duplicated, gaps filled with silence) so the
-//! WAV file keeps the caller's timing.
+//! callers behind NAT), turns RFC 4733 telephone-events into digits, and records: packets go
+//! through a jitter buffer (reordered, de-duplicated, gaps filled with silence) so the WAV file
+//! keeps the caller's timing. The file itself is written by a task of the recording's own, so
+//! the media thread never waits for the disk.
 //!
 //! While the stream is bridged it also relays each packet, as it arrives, onto the other leg's
 //! outgoing stream (see the media module), and watches for the caller falling silent.
@@ -17,7 +20,7 @@ use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg};
@@ -26,8 +29,7 @@ use sautikit_sip::jitter::{Frame, JitterBuffer};
 use sautikit_sip::rtp::{RelayKind, RtpView, g711};
 use sautikit_sip::tone::SilenceDetector;
 use sautikit_sip::wav::WavWriter;
-use tokio::sync::{Notify, mpsc};
-use tokio::time::Instant;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
 use super::{MediaEvent, MediaEvents, MediaStats, SharedOut, StreamParams, lock};
@@ -38,22 +40,20 @@ const PLAYOUT_DELAY: Duration = Duration::from_millis(60);
 /// Quieter than this is silence for `record`'s `timeout` (a quiet room on a phone line is
 /// around -60 dBFS; speech is well above -35).
 const SILENCE_DBFS: f32 = -45.0;
-/// Recorded audio is written to disk in chunks of this many bytes (4 s at 8 kHz 16-bit).
+/// Recorded audio is handed to the recording's writer in chunks of this many bytes (4 s at
+/// 8 kHz 16-bit).
 const FLUSH_BYTES: usize = 64 * 1024;
-/// While recording, the task checks limits at least this often, even if the caller sends nothing
-/// (silence suppression): silence is then the absence of packets.
-const RECORDING_TICK: Duration = Duration::from_millis(100);
 /// Room for any packet relayed (a UDP datagram on an Ethernet path), allocated once per stream.
 const RELAY_BUFFER: usize = 1500;
 /// Packets read per system call at most. A read that returns fewer than it had room for found
-/// the socket empty, so the usual wake (one packet) costs one call, not a second one that only
+/// the socket empty, so the usual read (one packet) costs one call, not a second one that only
 /// learns the socket is empty.
 const BATCH: usize = 2;
 /// Room for one datagram read.
 const RECV_BUFFER: usize = 2048;
-/// Reads per wake at most: a flooded socket does not hold the media thread; the task yields, then
-/// reads on.
-const MAX_READS_PER_WAKE: usize = 16;
+/// Reads per poll at most: a flooded socket does not hold the media thread; the rest is read at
+/// the next poll.
+const MAX_READS_PER_POLL: usize = 16;
 
 /// What a `record` asks for.
 #[derive(Debug, Clone)]
@@ -101,24 +101,15 @@ pub struct RecordingOutcome {
     pub error: Option<String>,
 }
 
+/// Where a finished recording's outcome goes besides the stream's events (a call that is ending
+/// waits for it).
+pub(super) type OutcomeWaiter = oneshot::Sender<Option<RecordingOutcome>>;
+
 #[derive(Debug)]
 pub enum RecvCmd {
     StartRecording(RecordingSpec),
-    /// End the recording; the outcome also goes to `done` (a call that is ending waits for it).
-    StopRecording(
-        RecordingEnd,
-        Option<tokio::sync::oneshot::Sender<Option<RecordingOutcome>>>,
-    ),
-    /// Relay what arrives to `peer` (`None`: the peer has not started yet; relay nothing), and
-    /// report a silence of `timeout` (zero: never).
-    Bridge {
-        peer: Option<Peer>,
-        timeout: Duration,
-    },
-    Unbridge,
-    /// Copy each audio packet received to a media stream's session (`None`: stop).
-    Tap(Option<super::Tap>),
-    Close,
+    /// End the recording; the outcome also goes to the waiter.
+    StopRecording(RecordingEnd, Option<OutcomeWaiter>),
 }
 
 /// Where a bridged stream's packets go: the other leg's outgoing stream and what it negotiated.
@@ -144,14 +135,25 @@ struct Bridge {
     reported: bool,
 }
 
+/// A recording in progress: the audio not yet handed to its writer, and its limits.
 struct Recorder {
     spec: RecordingSpec,
-    file: Option<std::fs::File>,
+    writer: mpsc::UnboundedSender<Write>,
     pending: Vec<u8>,
     data_bytes: u64,
     silence: SilenceDetector,
     started: Instant,
-    error: Option<String>,
+}
+
+/// What a recording's writer task is told.
+enum Write {
+    Chunk(Vec<u8>),
+    /// The audio is complete (`data_bytes` of it): patch the header, sync, report.
+    Finish {
+        end: RecordingEnd,
+        data_bytes: u64,
+        waiter: Option<OutcomeWaiter>,
+    },
 }
 
 pub(super) struct Receiver {
@@ -163,6 +165,8 @@ pub(super) struct Receiver {
     events: MediaEvents,
     stats: Arc<MediaStats>,
     latched: Option<SocketAddr>,
+    /// `RemoteMediaStarted` was reported.
+    heard: bool,
     /// Only when telephone-event was negotiated.
     dtmf: Option<DtmfDetector>,
     jitter: JitterBuffer,
@@ -192,6 +196,7 @@ impl Receiver {
             events,
             stats,
             latched: None,
+            heard: false,
             dtmf: params.telephone_event.map(|pt| DtmfDetector::new(pt, 8000)),
             jitter: JitterBuffer::new(8000, PLAYOUT_DELAY),
             recorder: None,
@@ -202,31 +207,97 @@ impl Receiver {
         }
     }
 
-    fn next_deadline(&self) -> Option<Instant> {
-        let std_deadlines = [
-            self.jitter.poll_timeout(),
-            self.dtmf.as_ref().and_then(|d| d.poll_timeout()),
-        ];
-        let mut next: Option<Instant> = std_deadlines
-            .into_iter()
-            .flatten()
-            .map(Instant::from_std)
-            .min();
-        if self.recorder.is_some() {
-            let tick = Instant::now() + RECORDING_TICK;
-            next = Some(next.map_or(tick, |n| n.min(tick)));
+    /// A re-INVITE settled on `params`: the stream latches again (the remote may have moved);
+    /// a recording, a bridge and a tap go on.
+    pub(super) fn renegotiate(&mut self, params: StreamParams) {
+        if params.telephone_event != self.params.telephone_event {
+            self.dtmf = params.telephone_event.map(|pt| DtmfDetector::new(pt, 8000));
         }
-        if let Some(b) = &self.bridge
-            && let Some(timeout) = b.timeout
-            && !b.reported
-        {
-            let at = b.heard_at + timeout;
-            next = Some(next.map_or(at, |n| n.min(at)));
-        }
-        next
+        self.params = params;
+        self.latched = None;
     }
 
-    async fn on_packet(&mut self, packet: &[u8], from: SocketAddr) {
+    pub(super) fn command(&mut self, cmd: RecvCmd) {
+        match cmd {
+            RecvCmd::StartRecording(spec) => self.start(spec),
+            RecvCmd::StopRecording(end, waiter) => self.finish(end, waiter),
+        }
+    }
+
+    /// Relay what arrives to `peer` (`None`: the peer has not started yet; relay nothing), and
+    /// report a silence of `timeout` (zero: never).
+    pub(super) fn bridge(&mut self, peer: Option<Peer>, timeout: Duration) {
+        let timeout = (!timeout.is_zero()).then_some(timeout);
+        match self.bridge.as_mut() {
+            // Linked again (the peer restarted, or a new timeout): the silence goes on.
+            Some(b) => {
+                b.peer = peer;
+                b.timeout = timeout;
+            }
+            None => {
+                self.bridge = Some(Bridge {
+                    peer,
+                    timeout,
+                    heard_at: Instant::now(),
+                    reported: false,
+                });
+            }
+        }
+        if self.relay_buf.capacity() < RELAY_BUFFER {
+            self.relay_buf = Vec::with_capacity(RELAY_BUFFER);
+        }
+    }
+
+    pub(super) fn unbridge(&mut self) {
+        self.bridge = None;
+    }
+
+    /// Copy each audio packet received to a media stream's session (`None`: stop).
+    pub(super) fn tap(&mut self, tap: Option<super::Tap>) {
+        self.tap = tap;
+    }
+
+    /// The stream closes: a recording in progress ends with the call.
+    pub(super) fn close(&mut self) {
+        self.finish(RecordingEnd::Hangup, None);
+    }
+
+    /// Read what the socket holds (epoll saw a packet arrive) and handle each packet. The socket
+    /// is watched edge-triggered, so it must be read empty; `true`: it may not be (a flood hit
+    /// the per-poll limit), read it again at the next poll.
+    pub(super) fn read(&mut self, bufs: &mut RecvBufs) -> bool {
+        let mut more = false;
+        for _ in 0..MAX_READS_PER_POLL {
+            let n = match read_batch(&self.socket, bufs) {
+                Ok(n) => n,
+                Err(Errno::EAGAIN) => return false,
+                // ICMP errors from earlier sends surface here; nothing to do but read on. One
+                // that persists ends the poll without reading again (no spinning): the next
+                // packet's arrival does.
+                Err(e) => {
+                    debug!(stream = self.id, error = %e, "RTP receive error");
+                    more = false;
+                    continue;
+                }
+            };
+            for i in 0..n {
+                let (Some(&(len, from)), Some(data)) = (bufs.got.get(i), bufs.data.get(i)) else {
+                    continue;
+                };
+                let (Some(from), Some(packet)) = (from, data.get(..len)) else {
+                    continue;
+                };
+                self.on_packet(packet, from);
+            }
+            if n < BATCH {
+                return false;
+            }
+            more = true;
+        }
+        more
+    }
+
+    fn on_packet(&mut self, packet: &[u8], from: SocketAddr) {
         self.stats.packets_received.fetch_add(1, Ordering::Relaxed);
         let Ok(packet) = RtpView::parse(packet) else {
             return;
@@ -237,7 +308,8 @@ impl Receiver {
             return;
         }
         if self.latched != Some(from) {
-            if self.latched.is_none() {
+            if !self.heard {
+                self.heard = true;
                 (self.events)(MediaEvent::RemoteMediaStarted);
             }
             self.latched = Some(from);
@@ -267,44 +339,25 @@ impl Receiver {
             tap.send(packet.payload, self.params.codec);
         }
         if event {
-            let digit = self
+            // A packet can complete two digits: the second waits in the detector.
+            let mut digit = self
                 .dtmf
                 .as_mut()
-                .and_then(|d| d.push(&packet.header(), packet.payload, now.into_std()));
-            if let Some(digit) = digit {
-                self.digit(digit.key).await;
+                .and_then(|d| d.push(&packet.header(), packet.payload, now));
+            while let Some(d) = digit {
+                self.digit(d.key);
+                digit = self.dtmf.as_mut().and_then(|d| d.poll(now));
             }
         } else if self.recorder.is_some() {
-            self.jitter
-                .push(packet.header(), packet.payload, now.into_std());
-            self.drain(now).await;
+            self.jitter.push(packet.header(), packet.payload, now);
+            self.drain(now);
         }
     }
 
-    fn bridge(&mut self, peer: Option<Peer>, timeout: Duration) {
-        let timeout = (!timeout.is_zero()).then_some(timeout);
-        match self.bridge.as_mut() {
-            // Linked again (the peer restarted, or a new timeout): the silence goes on.
-            Some(b) => {
-                b.peer = peer;
-                b.timeout = timeout;
-            }
-            None => {
-                self.bridge = Some(Bridge {
-                    peer,
-                    timeout,
-                    heard_at: Instant::now(),
-                    reported: false,
-                });
-            }
-        }
-        if self.relay_buf.capacity() < RELAY_BUFFER {
-            self.relay_buf = Vec::with_capacity(RELAY_BUFFER);
-        }
-    }
-
-    async fn on_timer(&mut self) {
-        let now = Instant::now();
+    /// What falls due without packets, checked once a frame: a bridge's silence, the end of a
+    /// DTMF event whose end packets were lost, a recording's audio and limits when the caller
+    /// stops sending.
+    pub(super) fn poll(&mut self, now: Instant) {
         if let Some(b) = self.bridge.as_mut()
             && let Some(timeout) = b.timeout
             && !b.reported
@@ -319,31 +372,40 @@ impl Receiver {
             );
             (self.events)(MediaEvent::MediaTimeout { silent_for });
         }
-        let digit = self.dtmf.as_mut().and_then(|d| d.poll(now.into_std()));
-        if let Some(digit) = digit {
-            self.digit(digit.key).await;
+        if self
+            .dtmf
+            .as_ref()
+            .and_then(|d| d.poll_timeout())
+            .is_some_and(|at| at <= now)
+        {
+            while let Some(d) = self.dtmf.as_mut().and_then(|d| d.poll(now)) {
+                self.digit(d.key);
+            }
         }
-        self.drain(now).await;
+        if self.recorder.is_none() {
+            return;
+        }
+        self.drain(now);
         if let Some(r) = &self.recorder
             && now.duration_since(r.started) >= r.spec.max_length + PLAYOUT_DELAY * 2
         {
             // The caller stopped sending altogether: the wall clock ends it.
-            let _ = self.finish(RecordingEnd::MaxLength).await;
+            self.finish(RecordingEnd::MaxLength, None);
         }
     }
 
-    async fn digit(&mut self, key: char) {
+    fn digit(&mut self, key: char) {
         (self.events)(MediaEvent::Digit { key });
         if let Some(r) = &self.recorder
             && r.spec.finish_keys.contains(key)
         {
-            let _ = self.finish(RecordingEnd::FinishKey(key)).await;
+            self.finish(RecordingEnd::FinishKey(key), None);
         }
     }
 
-    /// Write what the jitter buffer releases; end on length or silence.
-    async fn drain(&mut self, now: Instant) {
-        while let Some(frame) = self.jitter.pop(now.into_std()) {
+    /// Hand what the jitter buffer releases to the writer; end on length or silence.
+    fn drain(&mut self, now: Instant) {
+        while let Some(frame) = self.jitter.pop(now) {
             self.pcm.clear();
             match frame {
                 Frame::Audio { payload, .. } => {
@@ -363,190 +425,204 @@ impl Receiver {
             r.data_bytes += take as u64 * 2;
             r.silence.push(&self.pcm[..take]);
             if r.pending.len() >= FLUSH_BYTES {
-                r.flush().await;
+                r.flush();
             }
             if take < self.pcm.len() || r.data_bytes / 2 >= max_samples {
-                let _ = self.finish(RecordingEnd::MaxLength).await;
+                self.finish(RecordingEnd::MaxLength, None);
                 return;
             }
             if let Some(limit) = r.spec.silence_timeout
                 && r.silence.silent_for() >= limit
             {
-                let _ = self.finish(RecordingEnd::Silence).await;
+                self.finish(RecordingEnd::Silence, None);
                 return;
             }
         }
     }
 
-    async fn start(&mut self, spec: RecordingSpec) {
+    fn start(&mut self, spec: RecordingSpec) {
         if self.recorder.is_some() {
-            let _ = self.finish(RecordingEnd::Hangup).await;
+            self.finish(RecordingEnd::Hangup, None);
         }
         // What arrived before the recording started is not part of it.
         self.jitter = JitterBuffer::new(8000, PLAYOUT_DELAY);
-        let path = spec.path.clone();
-        let created = tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
-            use std::io::Write;
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir)?;
-            }
-            let mut f = std::fs::File::create(&path)?;
-            // Sizes are patched when the recording ends.
-            f.write_all(&WavWriter::new(8000).start())?;
-            Ok(f)
-        })
-        .await;
-        let (file, error) = match created {
-            Ok(Ok(f)) => (Some(f), None),
-            Ok(Err(e)) => (None, Some(e.to_string())),
-            Err(e) => (None, Some(e.to_string())),
-        };
-        if let Some(e) = &error {
-            warn!(stream = self.id, error = %e, "cannot create the recording file");
-        }
+        let (writer, chunks) = mpsc::unbounded_channel();
+        tokio::spawn(write_recording(
+            self.id,
+            spec.recording_id.clone(),
+            spec.path.clone(),
+            self.events.clone(),
+            chunks,
+        ));
         self.recorder = Some(Recorder {
             spec,
-            file,
+            writer,
             pending: Vec::with_capacity(FLUSH_BYTES + 640),
             data_bytes: 0,
             silence: SilenceDetector::new(8000, SILENCE_DBFS),
             started: Instant::now(),
-            error,
         });
     }
 
-    async fn finish(&mut self, end: RecordingEnd) -> Option<RecordingOutcome> {
-        let mut r = self.recorder.take()?;
-        r.flush().await;
-        let data_bytes = r.data_bytes;
-        let mut error = r.error.take();
-        if let Some(file) = r.file.take() {
-            let done = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-                use std::io::{Seek, SeekFrom, Write};
-                let mut file = file;
-                file.seek(SeekFrom::Start(0))?;
-                file.write_all(
-                    &WavWriter::new(8000).header(u32::try_from(data_bytes).unwrap_or(u32::MAX)),
-                )?;
-                file.sync_all()
-            })
-            .await;
-            match done {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => error = Some(e.to_string()),
-                Err(e) => error = Some(e.to_string()),
+    /// End the recording (if one is in progress): its writer completes the file and reports
+    /// the outcome to the stream's events and to `waiter`.
+    fn finish(&mut self, end: RecordingEnd, waiter: Option<OutcomeWaiter>) {
+        let Some(mut r) = self.recorder.take() else {
+            if let Some(waiter) = waiter {
+                let _ = waiter.send(None);
             }
-        }
+            return;
+        };
+        r.flush();
         debug!(
             stream = self.id,
             end = end.as_str(),
-            data_bytes,
+            data_bytes = r.data_bytes,
             "recording finished"
         );
-        let outcome = RecordingOutcome {
-            recording_id: r.spec.recording_id.clone(),
-            path: r.spec.path.clone(),
-            duration_ms: data_bytes / 16,
-            size_bytes: data_bytes + 44,
+        // The writer ends only on this message (or a panic, which drops the waiter: the one
+        // waiting is told by the closed channel).
+        let _ = r.writer.send(Write::Finish {
             end,
-            error,
-        };
-        (self.events)(MediaEvent::RecordingFinished(outcome.clone()));
-        Some(outcome)
+            data_bytes: r.data_bytes,
+            waiter,
+        });
     }
 }
 
 impl Recorder {
-    async fn flush(&mut self) {
+    /// Hand the pending audio to the writer.
+    fn flush(&mut self) {
         if self.pending.is_empty() {
             return;
         }
-        let Some(file) = self.file.take() else {
-            self.pending.clear();
-            return;
-        };
-        let chunk = std::mem::take(&mut self.pending);
-        let written = tokio::task::spawn_blocking(move || {
-            use std::io::Write;
-            let mut file = file;
-            let r = file.write_all(&chunk);
-            (file, r, chunk)
-        })
-        .await;
-        match written {
-            Ok((file, Ok(()), mut chunk)) => {
-                self.file = Some(file);
-                chunk.clear();
-                self.pending = chunk;
-            }
-            Ok((_, Err(e), _)) => self.error = Some(e.to_string()),
-            Err(e) => self.error = Some(e.to_string()),
-        }
+        let chunk = std::mem::replace(&mut self.pending, Vec::with_capacity(FLUSH_BYTES + 640));
+        let _ = self.writer.send(Write::Chunk(chunk));
     }
 }
 
-impl Receiver {
-    /// Read what the socket holds (the media thread saw a packet arrive) and handle each packet.
-    /// The socket is watched edge-triggered: the task reads it empty, or wakes itself to go on.
-    async fn receive(&mut self, socket: &UdpSocket, bufs: &mut RecvBufs, ready: &Notify) {
-        let mut more = false;
-        for _ in 0..MAX_READS_PER_WAKE {
-            let n = match read_batch(socket, bufs) {
-                Ok(n) => n,
-                Err(Errno::EAGAIN) => return,
-                // ICMP errors from earlier sends surface here; nothing to do but read on. One
-                // that persists ends the wake without waking the task again (no spinning): the
-                // next packet's arrival does.
-                Err(e) => {
-                    debug!(stream = self.id, error = %e, "RTP receive error");
-                    more = false;
+/// A recording's writer: creates the WAV file, appends each chunk in order, and at the end
+/// patches the sizes into the header, syncs, and reports the outcome. Disk work runs on tokio's
+/// blocking threads, one piece at a time.
+async fn write_recording(
+    stream: u64,
+    recording_id: String,
+    path: PathBuf,
+    events: MediaEvents,
+    mut rx: mpsc::UnboundedReceiver<Write>,
+) {
+    let create = path.clone();
+    let created = tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
+        use std::io::Write;
+        if let Some(dir) = create.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let mut f = std::fs::File::create(&create)?;
+        // Sizes are patched when the recording ends.
+        f.write_all(&WavWriter::new(8000).start())?;
+        Ok(f)
+    })
+    .await;
+    let (mut file, mut error) = match created {
+        Ok(Ok(f)) => (Some(f), None),
+        Ok(Err(e)) => (None, Some(e.to_string())),
+        Err(e) => (None, Some(e.to_string())),
+    };
+    if let Some(e) = &error {
+        warn!(stream, error = %e, "cannot create the recording file");
+    }
+    while let Some(msg) = rx.recv().await {
+        match msg {
+            Write::Chunk(chunk) => {
+                let Some(f) = file.take() else {
                     continue;
+                };
+                let written = tokio::task::spawn_blocking(move || {
+                    use std::io::Write;
+                    let mut f = f;
+                    let r = f.write_all(&chunk);
+                    (f, r)
+                })
+                .await;
+                match written {
+                    Ok((f, Ok(()))) => file = Some(f),
+                    Ok((_, Err(e))) => error = Some(e.to_string()),
+                    Err(e) => error = Some(e.to_string()),
                 }
-            };
-            for i in 0..n {
-                let (Some(&(len, from)), Some(data)) = (bufs.got.get(i), bufs.data.get(i)) else {
-                    continue;
-                };
-                let (Some(from), Some(packet)) = (from, data.get(..len)) else {
-                    continue;
-                };
-                self.on_packet(packet, from).await;
             }
-            if n < BATCH {
+            Write::Finish {
+                end,
+                data_bytes,
+                waiter,
+            } => {
+                if let Some(f) = file.take() {
+                    let done = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                        use std::io::{Seek, SeekFrom, Write};
+                        let mut f = f;
+                        f.seek(SeekFrom::Start(0))?;
+                        f.write_all(
+                            &WavWriter::new(8000)
+                                .header(u32::try_from(data_bytes).unwrap_or(u32::MAX)),
+                        )?;
+                        f.sync_all()
+                    })
+                    .await;
+                    match done {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => error = Some(e.to_string()),
+                        Err(e) => error = Some(e.to_string()),
+                    }
+                }
+                let outcome = RecordingOutcome {
+                    recording_id,
+                    path,
+                    duration_ms: data_bytes / 16,
+                    size_bytes: data_bytes + 44,
+                    end,
+                    error,
+                };
+                (events)(MediaEvent::RecordingFinished(outcome.clone()));
+                if let Some(waiter) = waiter {
+                    let _ = waiter.send(Some(outcome));
+                }
                 return;
             }
-            more = true;
-        }
-        if more {
-            // Not read empty: give the thread's other tasks their turn, then read on.
-            tokio::task::yield_now().await;
-            ready.notify_one();
         }
     }
 }
 
-/// Where a receiving task reads to.
-struct RecvBufs {
+/// Where the media thread reads its streams' packets to (one for the thread: reads never
+/// overlap). Not `Send` (the kernel's headers hold raw pointers): made on the thread.
+pub(super) struct RecvBufs {
     data: [[u8; RECV_BUFFER]; BATCH],
     /// Length and source of each datagram of the last read.
     got: [(usize, Option<SocketAddr>); BATCH],
+    headers: MultiHeaders<SockaddrStorage>,
+}
+
+impl RecvBufs {
+    pub(super) fn new() -> Box<RecvBufs> {
+        Box::new(RecvBufs {
+            data: [[0; RECV_BUFFER]; BATCH],
+            got: [(0, None); BATCH],
+            headers: MultiHeaders::preallocate(BATCH, None),
+        })
+    }
 }
 
 /// One `recvmmsg` (non-blocking) into `bufs`: how many datagrams it read.
 fn read_batch(socket: &UdpSocket, bufs: &mut RecvBufs) -> nix::Result<usize> {
-    // Set up per read, small: nix's headers hold raw pointers, so they cannot live in the task
-    // across its awaits.
-    let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
-    let mut slices = bufs.data.each_mut().map(|d| [IoSliceMut::new(d)]);
+    let RecvBufs { data, got, headers } = bufs;
+    let mut slices = data.each_mut().map(|d| [IoSliceMut::new(d)]);
     let results = recvmmsg(
         socket.as_raw_fd(),
-        &mut headers,
+        headers,
         slices.iter_mut(),
         MsgFlags::MSG_DONTWAIT,
         None,
     )?;
     let mut n = 0;
-    for (msg, got) in results.zip(bufs.got.iter_mut()) {
+    for (msg, got) in results.zip(got.iter_mut()) {
         *got = (msg.bytes, msg.address.as_ref().and_then(socket_addr));
         n += 1;
     }
@@ -558,62 +634,6 @@ fn socket_addr(a: &SockaddrStorage) -> Option<SocketAddr> {
         return Some(SocketAddr::from(*v4));
     }
     a.as_sockaddr_in6().map(|v6| SocketAddr::from(*v6))
-}
-
-/// The receiving task of one stream: `ready` is notified by the media thread when the socket is
-/// readable (the socket is not registered with tokio's reactor, see the media module).
-pub(super) async fn run(
-    mut r: Receiver,
-    mut ctl: mpsc::UnboundedReceiver<RecvCmd>,
-    ready: Arc<Notify>,
-) {
-    let mut bufs = Box::new(RecvBufs {
-        data: [[0; RECV_BUFFER]; BATCH],
-        got: [(0, None); BATCH],
-    });
-    let socket = r.socket.clone();
-    // One timer for the task's life, moved only when the next deadline comes earlier than where
-    // it is set. A bridged stream's media-timeout deadline moves later with every packet, and
-    // re-arming a timer per packet costs more than relaying the packet; when the timer fires
-    // before the real deadline, `on_timer` finds nothing due (it checks every condition against
-    // the clock) and the loop sets it again.
-    let timer = tokio::time::sleep(Duration::ZERO);
-    tokio::pin!(timer);
-    let mut armed: Option<Instant> = None;
-    loop {
-        if let Some(deadline) = r.next_deadline()
-            && armed.is_none_or(|at| deadline < at)
-        {
-            timer.as_mut().reset(deadline);
-            armed = Some(deadline);
-        }
-        tokio::select! {
-            // Packets first: they are what the task exists for, and a command or timer in the
-            // same wake loses nothing by waiting for them.
-            biased;
-            () = ready.notified() => r.receive(&socket, &mut bufs, &ready).await,
-            cmd = ctl.recv() => match cmd {
-                Some(RecvCmd::StartRecording(spec)) => r.start(spec).await,
-                Some(RecvCmd::StopRecording(end, done)) => {
-                    let outcome = r.finish(end).await;
-                    if let Some(done) = done {
-                        let _ = done.send(outcome);
-                    }
-                }
-                Some(RecvCmd::Bridge { peer, timeout }) => r.bridge(peer, timeout),
-                Some(RecvCmd::Unbridge) => r.bridge = None,
-                Some(RecvCmd::Tap(tap)) => r.tap = tap,
-                Some(RecvCmd::Close) | None => {
-                    let _ = r.finish(RecordingEnd::Hangup).await;
-                    return;
-                }
-            },
-            () = &mut timer, if armed.is_some() => {
-                armed = None;
-                r.on_timer().await;
-            }
-        }
-    }
 }
 
 /// Relay one packet of stream `from` onto `peer`'s outgoing stream: one (uncontended) lock, the
@@ -649,7 +669,7 @@ fn relay(
     };
     if !out
         .relay
-        .relay(sender, packet, payload_type, kind, map, now.into_std(), buf)
+        .relay(sender, packet, payload_type, kind, map, now, buf)
     {
         return;
     }
