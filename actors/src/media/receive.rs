@@ -1,9 +1,9 @@
-//! A call's receiving side: what the caller sends on its RTP port. A sans-task state machine
-//! owned by the stream on its media thread: the thread reads the socket when epoll says it is
-//! readable (see the media module: it polls its streams' sockets once a millisecond) and hands
-//! each packet here, and visits each stream once a frame (on its pacing slot) for what is due
-//! without packets: a recording's limits and jitter buffer, a DTMF event's end, a bridge's media
-//! timeout. No task is woken and nothing is allocated per packet.
+//! A call's receiving side: what the caller sends on its RTP port. A state machine owned by the
+//! stream on its media thread, with no task of its own: the thread reads the socket when epoll
+//! says it is readable (see the media module: it polls its streams' sockets once a millisecond)
+//! and hands each packet here, and visits each stream once a frame (on its pacing slot) for what
+//! is due without packets: a recording's limits and jitter buffer, a DTMF event's end, a bridge's
+//! media timeout. No task is woken and nothing is allocated per packet.
 //!
 //! It latches the stream to where the caller's packets actually come from (symmetric RTP, for
 //! callers behind NAT), turns RFC 4733 telephone-events into digits, and records: packets go
