@@ -413,7 +413,6 @@ struct Readable {
     /// Streams not read empty at the last poll (a flood hit the per-poll limit): read again at
     /// the next, as edge-triggered epoll will not report them again.
     unread: Vec<u64>,
-    spare: Vec<u64>,
     /// The next poll, on the wheel's grid.
     next: std::time::Instant,
 }
@@ -454,7 +453,6 @@ impl Media {
                     events: Vec::new(),
                     watched: 0,
                     unread: Vec::new(),
-                    spare: Vec::new(),
                     next: epoch,
                 },
                 stats: stats.clone(),
@@ -754,13 +752,14 @@ impl Engine {
                 unread.push(id);
             }
         };
-        // Swapped with a spare list, so neither allocates once both have grown.
-        let mut left = std::mem::take(&mut r.unread);
-        std::mem::swap(&mut r.unread, &mut r.spare);
-        for id in left.drain(..) {
-            read(id, &mut r.unread);
+        // Those left unread last time; any still not read empty go on the end, kept.
+        let left = r.unread.len();
+        for i in 0..left {
+            if let Some(&id) = r.unread.get(i) {
+                read(id, &mut r.unread);
+            }
         }
-        r.spare = left;
+        r.unread.drain(..left);
         // One call per poll, with room for every socket. Edge-triggered: a socket is reported
         // once per arrival, and is read empty (or kept on the unread list).
         r.events.resize(r.watched.max(1), EpollEvent::empty());

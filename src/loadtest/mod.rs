@@ -598,7 +598,13 @@ impl Sampler {
                 let used = procfs::cpu_time(*pid);
                 let cores = used.saturating_sub(*cpu).as_secs_f64() / span;
                 *cpu = used;
-                let mib = |field| procfs::status_kib(*pid, field).map(|k| k as f64 / 1024.0);
+                let status = procfs::Status::read(*pid);
+                let mib = |field| {
+                    status
+                        .as_ref()
+                        .and_then(|s| s.kib(field))
+                        .map(|k| k as f64 / 1024.0)
+                };
                 let file = mib("RssFile").zip(mib("RssShmem")).map(|(f, s)| f + s);
                 (Some(cores), mib("VmRSS"), file)
             }

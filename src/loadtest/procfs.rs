@@ -35,12 +35,27 @@ fn cpu_of(path: &str) -> Duration {
 
 /// A `kB` field of `/proc/<pid>/status` (`VmRSS`, `VmHWM`), in KiB.
 pub fn status_kib(pid: u32, field: &str) -> Option<u64> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
+    Status::read(pid)?.kib(field)
+}
+
+/// `/proc/<pid>/status` as read once, for several of its fields.
+pub struct Status(String);
+
+impl Status {
+    pub fn read(pid: u32) -> Option<Status> {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .map(Status)
+    }
+
+    /// A `kB` field, in KiB.
+    pub fn kib(&self, field: &str) -> Option<u64> {
+        self.0
+            .lines()
+            .find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    }
 }
