@@ -29,9 +29,29 @@ fn init_tracing(format: LogFormat) {
         .init();
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    // Transparent huge pages make resident memory follow the kernel, not the heap: a fault in an
+    // untouched 2 MiB range of mimalloc's arena makes all of it resident, and each purge of part
+    // of it splits it again, so RSS wanders by megabytes while the heap stays flat (and a fault
+    // may stall on compaction). Without them, RSS is the pages the heap has touched.
+    #[cfg(target_os = "linux")]
+    if let Err(e) = nix::sys::prctl::set_thp_disable(true) {
+        eprintln!("sautikit: transparent huge pages left on: {e}");
+    }
     let cli = Cli::parse_or_exit();
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime.block_on(run(cli)),
+        Err(e) => {
+            eprintln!("sautikit: cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Serve(args) => {
             init_tracing(args.log_format);

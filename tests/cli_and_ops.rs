@@ -149,6 +149,20 @@ async fn ops_endpoints(backend: Backend) {
     let c_used = gauge("sautikit_c_heap_used_bytes");
     assert!(rust_heap > 1e6, "{rust_heap}");
     assert!(c_used > 0.0 && c_used <= c_held, "{c_used} of {c_held}");
+    // Transparent huge pages are off for the engine, so its resident memory is what its heaps
+    // touched. (Where the kernel gives them to every mapping, one may be faulted in before
+    // `main` turns them off.)
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.pid()))
+        .expect("the server's /proc status");
+    assert!(status.contains("THP_enabled:\t0"), "{status}");
+    let smaps = std::fs::read_to_string(format!("/proc/{}/smaps_rollup", server.pid()))
+        .expect("the server's smaps_rollup");
+    let huge_kib: u64 = smaps
+        .lines()
+        .find_map(|l| l.strip_prefix("AnonHugePages:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("AnonHugePages missing from:\n{smaps}"));
+    assert!(huge_kib <= 2048, "{huge_kib} KiB in huge pages:\n{smaps}");
     assert!(
         m.text
             .contains("sautikit_http_requests_total{method=\"POST\",route=\"/v1/numbers/{inventory_id}/claim\",status=\"201\"} 1"),
