@@ -1051,6 +1051,22 @@ impl CallStore for SqlStore {
         }
     }
 
+    async fn call_ended_if_started(
+        &self,
+        call: CallEnded,
+    ) -> Result<Option<CallCharged>, StorageError> {
+        let started = sqlx::query("SELECT 1 FROM calls WHERE id = $1")
+            .bind(&call.call_id)
+            .fetch_optional(&self.db().read)
+            .await
+            .map_err(storage)?
+            .is_some();
+        if !started {
+            return Ok(None);
+        }
+        self.call_ended(call).await.map(Some)
+    }
+
     async fn append_timeline(
         &self,
         call_id: &str,

@@ -520,6 +520,38 @@ async fn canceled_call_fires_call_failed(backend: Backend) {
             .await
             .is_err()
     );
+    // A start whose write failed: ending it "if started" is nothing when its row is absent, and
+    // the end itself (with its event) when the write committed unseen.
+    let missing = new_call_id();
+    let none = fx
+        .store
+        .call_ended_if_started(ended(&missing, CallStatus::Failed, s))
+        .await
+        .expect("absent call");
+    assert!(none.is_none());
+    assert!(call_events(&fx, &missing).await.is_empty());
+    let unseen = new_call_id();
+    fx.store
+        .call_started(started(&fx, &unseen, "inbound", "engine-a", s))
+        .await
+        .expect("started");
+    let mut end = ended(&unseen, CallStatus::Failed, s + Duration::seconds(1));
+    end.hangup_cause = None;
+    end.failure_reason = Some("storage.unavailable".into());
+    let charged = fx
+        .store
+        .call_ended_if_started(end)
+        .await
+        .expect("ended")
+        .expect("its row is there");
+    assert_eq!(charged.cost_minor, 0);
+    let events = call_events(&fx, &unseen).await;
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert_eq!(events[1].0, "call.failed");
+    assert_eq!(
+        events[1].1["payload"]["failure_reason"],
+        "storage.unavailable"
+    );
     // A non-final status is refused.
     let id2 = new_call_id();
     fx.store

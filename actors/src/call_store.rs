@@ -202,6 +202,15 @@ pub trait CallStore: Send + Sync + 'static {
     /// Idempotent: a call that is already final is left alone and its charge returned.
     async fn call_ended(&self, call: CallEnded) -> Result<CallCharged, StorageError>;
 
+    /// End a call whose start was written but not confirmed: the write failed, yet it may have
+    /// committed all the same (the connection died between the commit and its answer). As
+    /// [`CallStore::call_ended`] when the row is there; `Ok(None)` when it is not, as the start
+    /// never committed (and never will: the connection that carried it is gone).
+    async fn call_ended_if_started(
+        &self,
+        call: CallEnded,
+    ) -> Result<Option<CallCharged>, StorageError>;
+
     /// Append timeline entries of a live call between lifecycle changes.
     async fn append_timeline(
         &self,

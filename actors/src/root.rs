@@ -604,6 +604,22 @@ impl Engine {
         .await
     }
 
+    /// A placed call whose row could not be written: the write may have committed unseen, so
+    /// Calls ends the call (`failed`, `storage.unavailable`) at its next heartbeats if it did.
+    pub fn end_if_started(&self, call_id: String, now: chrono::DateTime<chrono::Utc>) {
+        if let Some(calls) = ActorRef::<CallsMsg>::where_is(self.names.calls.clone()) {
+            let end = crate::calls::unconfirmed_start_end(call_id, now, Vec::new());
+            let _ = calls.cast(CallsMsg::StartNotConfirmed(Box::new(end)));
+        }
+    }
+
+    /// An end the store refused: Calls writes it at its next heartbeats, until it is written.
+    pub fn end_later(&self, end: crate::call_store::CallEnded) {
+        if let Some(calls) = ActorRef::<CallsMsg>::where_is(self.names.calls.clone()) {
+            let _ = calls.cast(CallsMsg::EndNotRecorded(Box::new(end)));
+        }
+    }
+
     /// A fresh SIP Call-ID, for a placed call's row before its INVITE is sent.
     pub fn new_sip_call_id() -> String {
         sautikit_sip::message::new_call_id()

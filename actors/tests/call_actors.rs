@@ -47,6 +47,9 @@ const FAILS_AT_START: &str = "+254700000095";
 /// Recording the end of a call to this number fails `END_FAILURES` times, then works.
 const END_FAILS: &str = "+254700000096";
 const END_FAILURES: usize = 4;
+/// The start of a call to this number commits, but its write reports a failure (the connection
+/// died between the commit and its answer).
+const START_UNSEEN: &str = "+254700000094";
 
 /// No SIP credentials exist: every REGISTER is refused.
 /// The one device registered for `RINGS_DEVICE`, if a test set it; with `stall`, looking up a
@@ -206,7 +209,7 @@ fn route(number: &str) -> NumberRoute {
 impl CallStore for MemCalls {
     async fn route_by_number(&self, number: &str) -> Result<Option<NumberRoute>, StorageError> {
         Ok(match number {
-            BROKEN | HEALTHY | END_FAILS | FAILS_AT_START => Some(route(number)),
+            BROKEN | HEALTHY | END_FAILS | FAILS_AT_START | START_UNSEEN => Some(route(number)),
             FAILS_AT_END | RINGS_DEVICE => Some(NumberRoute {
                 voice_callback_url: None,
                 ..route(number)
@@ -224,10 +227,14 @@ impl CallStore for MemCalls {
         if c.to == FAILS_AT_START {
             panic!("simulated bug while recording the start");
         }
+        let unseen = c.to == START_UNSEEN;
         self.calls
             .lock()
             .unwrap()
             .insert(c.call_id, (c.to, "ringing".into(), None, None));
+        if unseen {
+            return Err(StorageError("connection lost".into()));
+        }
         Ok(())
     }
     fn queue_call_answered(&self, c: CallAnswered) -> WriteReceipt {
@@ -267,6 +274,15 @@ impl CallStore for MemCalls {
             cost_minor: 0,
             currency: "KES".into(),
         })
+    }
+    async fn call_ended_if_started(
+        &self,
+        c: CallEnded,
+    ) -> Result<Option<CallCharged>, StorageError> {
+        if !self.calls.lock().unwrap().contains_key(&c.call_id) {
+            return Ok(None);
+        }
+        self.call_ended(c).await.map(Some)
     }
     async fn append_timeline(&self, _: &str, _: Vec<TimelineEntry>) -> Result<(), StorageError> {
         Ok(())
@@ -467,7 +483,18 @@ async fn wait_for(
     number: &str,
     status: &str,
 ) -> (String, Option<String>, Option<String>) {
-    for _ in 0..500 {
+    wait_within(store, number, status, Duration::from_secs(5)).await
+}
+
+/// The same, for what is written at a heartbeat of Calls (every 5 s).
+async fn wait_within(
+    store: &MemCalls,
+    number: &str,
+    status: &str,
+    within: Duration,
+) -> (String, Option<String>, Option<String>) {
+    let deadline = std::time::Instant::now() + within;
+    while std::time::Instant::now() < deadline {
         if let Some((id, s, reason, cause)) = store.by_number(number)
             && s == status
         {
@@ -748,6 +775,24 @@ async fn an_end_the_database_refused_is_written_later() {
         END_FAILURES + 1,
         "four refusals, then one write"
     );
+    engine.stop().await;
+}
+
+/// A call's start commits but its write reports a failure: the caller is refused `503`, and
+/// the row that was written after all does not stay `ringing`: Calls ends it at a heartbeat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_written_unseen_is_ended() {
+    let calls = Arc::new(MemCalls::default());
+    let engine = start_engine(&calls, (32_100, 32_200), 1).await;
+    let sip = engine.sip_addr().expect("SIP is bound");
+    let caller = Uac::new(sip, START_UNSEEN).await;
+    caller.invite().await;
+    let refused = caller.expect("503 Service Unavailable").await;
+    assert!(refused.contains("Retry-After: 5"), "{refused}");
+    let (_, reason, cause) =
+        wait_within(&calls, START_UNSEEN, "failed", Duration::from_secs(30)).await;
+    assert_eq!(reason.as_deref(), Some("storage.unavailable"));
+    assert_eq!(cause, None);
     engine.stop().await;
 }
 

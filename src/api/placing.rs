@@ -337,7 +337,14 @@ pub async fn place_call(
         idempotency: crate::idempotency::request_key(),
     };
     let writing = Instant::now();
-    let written = state.store.start_placed_call(&new).await?;
+    let written = match state.store.start_placed_call(&new).await {
+        Ok(written) => written,
+        Err(e) => {
+            // The row (and its reservation) may have committed unseen: the engine ends it if so.
+            state.engine.end_if_started(call_id, state.clock.now());
+            return Err(e.into());
+        }
+    };
     tracing::debug!(call_id = %call_id, workspace_id = %ws.id, ms = writing.elapsed().as_secs_f64() * 1e3, "placed call written");
     let reserved_minor = match written {
         PlacedCallStart::Written { reserved_minor } => reserved_minor,
@@ -382,18 +389,20 @@ pub async fn place_call(
     if let Err(reason) = started {
         // The row is written: end it, which frees its reservation and slot.
         tracing::warn!(call_id = %call_id, workspace_id = %ws.id, error = %reason, "a placed call could not start");
-        state
-            .store
-            .call_ended(CallEnded {
-                call_id,
-                status: CallStatus::Failed,
-                ended_at: state.clock.now(),
-                hangup_cause: None,
-                failure_reason: Some("engine.unavailable".into()),
-                sip_status: None,
-                timeline: Vec::new(),
-            })
-            .await?;
+        let end = CallEnded {
+            call_id,
+            status: CallStatus::Failed,
+            ended_at: state.clock.now(),
+            hangup_cause: None,
+            failure_reason: Some("engine.unavailable".into()),
+            sip_status: None,
+            timeline: Vec::new(),
+        };
+        if let Err(e) = state.store.call_ended(end.clone()).await {
+            // Never left open holding its reservation: the engine writes it once it can.
+            state.engine.end_later(end);
+            return Err(e.into());
+        }
         return Err(unavailable());
     }
     metrics::counter!("sautikit_calls_placed_total").increment(1);

@@ -18,7 +18,7 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use super::verbs::{self, Step};
-use super::{CallDeps, CallSnapshot, CallsMsg};
+use super::{CallDeps, CallSnapshot, CallsMsg, unconfirmed_start_end};
 use crate::call_store::{
     CallAnswered, CallEnded, CallStarted, CallStatus, NumberRoute, TimelineEntry,
 };
@@ -610,6 +610,7 @@ impl CallState {
             Err(e) => {
                 warn!(error = %e, "recording a new call failed");
                 self.respond_with(503, Some("Service Unavailable"), &[("Retry-After", "5")]);
+                self.end_if_started();
                 self.stop_unrecorded();
                 false
             }
@@ -1245,6 +1246,19 @@ impl CallState {
     }
 
     /// Answered without a call row (unknown number, storage down): nothing to record.
+    /// The start's write failed but may have committed unseen: Calls ends the call if it did.
+    fn end_if_started(&mut self) {
+        if let Some(calls) = ActorRef::<CallsMsg>::where_is(self.deps.calls.clone()) {
+            let _ = calls.cast(CallsMsg::StartNotConfirmed(Box::new(
+                unconfirmed_start_end(
+                    self.call_id.clone(),
+                    self.now(),
+                    std::mem::take(&mut self.timeline),
+                ),
+            )));
+        }
+    }
+
     pub(super) fn stop_unrecorded(&mut self) {
         self.phase = Phase::Ended;
         self.leave();

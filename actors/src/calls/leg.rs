@@ -288,6 +288,12 @@ impl CallState {
         };
         if let Err(e) = self.deps.store.call_started(started).await {
             warn!(call_id = %self.call_id, error = %e, "recording a dialled leg failed");
+            // Its record may have committed unseen: Calls ends it if it did.
+            if let Some(calls) = ractor::ActorRef::<CallsMsg>::where_is(self.deps.calls.clone()) {
+                let _ = calls.cast(CallsMsg::StartNotConfirmed(Box::new(
+                    super::unconfirmed_start_end(call_id, now, Vec::new()),
+                )));
+            }
             return Err(LegRefusal::Failed("engine.error"));
         }
         match self

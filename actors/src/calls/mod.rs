@@ -21,6 +21,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 
 use sautikit_sip::dialog::Dialog;
@@ -142,6 +143,18 @@ pub enum CallsMsg {
     /// every heartbeat until it is. The end carries the charge and frees the call's reservation,
     /// so it is never dropped.
     EndNotRecorded(Box<CallEnded>),
+    /// A call refused because its start could not be written. The write may have committed all
+    /// the same (the connection died between the commit and its answer), leaving a `ringing`
+    /// row that nothing would end: Calls ends the call if its row is there, at every heartbeat
+    /// until the store answers either way.
+    StartNotConfirmed(Box<CallEnded>),
+}
+
+/// An end waiting to be written again.
+struct Unrecorded {
+    end: CallEnded,
+    /// The call's start is in doubt too (`CallsMsg::StartNotConfirmed`).
+    if_started: bool,
 }
 
 pub struct Calls;
@@ -158,8 +171,9 @@ pub struct CallsState {
     deps: CallDeps,
     orphan_after: chrono::Duration,
     live: live::LiveCalls,
-    /// Ends waiting to be written again (see `CallsMsg::EndNotRecorded`).
-    unrecorded: Vec<CallEnded>,
+    /// Ends waiting to be written again (see `CallsMsg::EndNotRecorded` and
+    /// `CallsMsg::StartNotConfirmed`).
+    unrecorded: Vec<Unrecorded>,
 }
 
 impl Actor for Calls {
@@ -210,7 +224,17 @@ impl Actor for Calls {
         match message {
             CallsMsg::EndNotRecorded(end) => {
                 warn!(call_id = %end.call_id, "a call's end is not recorded yet; retrying at each heartbeat");
-                state.unrecorded.push(*end);
+                state.unrecorded.push(Unrecorded {
+                    end: *end,
+                    if_started: false,
+                });
+            }
+            CallsMsg::StartNotConfirmed(end) => {
+                warn!(call_id = %end.call_id, "a refused call's start may have been written; ending it at the next heartbeat");
+                state.unrecorded.push(Unrecorded {
+                    end: *end,
+                    if_started: true,
+                });
             }
             CallsMsg::Snapshot { actor, snapshot } => {
                 state.live.report(actor, *snapshot);
@@ -343,14 +367,48 @@ async fn place_call(
         })
 }
 
+/// The end of a call refused because its start could not be written (`failed`,
+/// `storage.unavailable`), should the start have committed unseen.
+pub(crate) fn unconfirmed_start_end(
+    call_id: String,
+    now: DateTime<Utc>,
+    timeline: Vec<TimelineEntry>,
+) -> CallEnded {
+    CallEnded {
+        call_id,
+        status: CallStatus::Failed,
+        ended_at: now,
+        hangup_cause: None,
+        failure_reason: Some("storage.unavailable".into()),
+        sip_status: None,
+        timeline,
+    }
+}
+
 /// Write ends that failed before; those that fail again go back to Calls for the next heartbeat.
-async fn record_ends(deps: &CallDeps, calls: &ActorRef<CallsMsg>, ends: Vec<CallEnded>) {
-    for end in ends {
-        match deps.store.call_ended(end.clone()).await {
-            Ok(_) => info!(call_id = %end.call_id, "a call's end was recorded on a retry"),
+async fn record_ends(deps: &CallDeps, calls: &ActorRef<CallsMsg>, ends: Vec<Unrecorded>) {
+    for Unrecorded { end, if_started } in ends {
+        let recorded = if if_started {
+            deps.store
+                .call_ended_if_started(end.clone())
+                .await
+                .map(|charged| charged.is_some())
+        } else {
+            deps.store.call_ended(end.clone()).await.map(|_| true)
+        };
+        match recorded {
+            Ok(true) => info!(call_id = %end.call_id, "a call's end was recorded on a retry"),
+            Ok(false) => {
+                info!(call_id = %end.call_id, "a refused call's start was never written: nothing to end");
+            }
             Err(e) => {
                 warn!(call_id = %end.call_id, error = %e, "recording a call's end failed again");
-                let _ = calls.cast(CallsMsg::EndNotRecorded(Box::new(end)));
+                let end = Box::new(end);
+                let _ = calls.cast(if if_started {
+                    CallsMsg::StartNotConfirmed(end)
+                } else {
+                    CallsMsg::EndNotRecorded(end)
+                });
             }
         }
     }
