@@ -1245,7 +1245,6 @@ impl CallState {
         self.leave();
     }
 
-    /// Answered without a call row (unknown number, storage down): nothing to record.
     /// The start's write failed but may have committed unseen: Calls ends the call if it did.
     fn end_if_started(&mut self) {
         if let Some(calls) = ActorRef::<CallsMsg>::where_is(self.deps.calls.clone()) {
@@ -1259,6 +1258,7 @@ impl CallState {
         }
     }
 
+    /// Answered without a call row (unknown number, storage down): nothing to record.
     pub(super) fn stop_unrecorded(&mut self) {
         self.phase = Phase::Ended;
         self.leave();
