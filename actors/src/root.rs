@@ -607,17 +607,12 @@ impl Engine {
     /// A placed call whose row could not be written: the write may have committed unseen, so
     /// Calls ends the call (`failed`, `storage.unavailable`) at its next heartbeats if it did.
     pub fn end_if_started(&self, call_id: String, now: chrono::DateTime<chrono::Utc>) {
-        if let Some(calls) = ActorRef::<CallsMsg>::where_is(self.names.calls.clone()) {
-            let end = crate::calls::unconfirmed_start_end(call_id, now, Vec::new());
-            let _ = calls.cast(CallsMsg::StartNotConfirmed(Box::new(end)));
-        }
+        crate::calls::end_if_started(&self.names.calls, call_id, now, Vec::new());
     }
 
     /// An end the store refused: Calls writes it at its next heartbeats, until it is written.
     pub fn end_later(&self, end: crate::call_store::CallEnded) {
-        if let Some(calls) = ActorRef::<CallsMsg>::where_is(self.names.calls.clone()) {
-            let _ = calls.cast(CallsMsg::EndNotRecorded(Box::new(end)));
-        }
+        crate::calls::end_later(&self.names.calls, end);
     }
 
     /// A fresh SIP Call-ID, for a placed call's row before its INVITE is sent.

@@ -48,11 +48,13 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
 /// Where the process's memory goes, read when scraped: its resident set, and the part SQLite's
 /// own allocator holds (page caches, prepared statements), which lives outside Rust's heap.
 fn memory_gauges() {
-    if let Some(kib) = crate::loadtest::procfs::status_kib(std::process::id(), "VmRSS") {
-        metrics::gauge!("sautikit_process_resident_memory_bytes").set(kib as f64 * 1024.0);
-    }
-    if let Some(kib) = crate::loadtest::procfs::status_kib(std::process::id(), "RssAnon") {
-        metrics::gauge!("sautikit_process_anonymous_memory_bytes").set(kib as f64 * 1024.0);
+    if let Some(status) = crate::loadtest::procfs::Status::read(std::process::id()) {
+        if let Some(kib) = status.kib("VmRSS") {
+            metrics::gauge!("sautikit_process_resident_memory_bytes").set(kib as f64 * 1024.0);
+        }
+        if let Some(kib) = status.kib("RssAnon") {
+            metrics::gauge!("sautikit_process_anonymous_memory_bytes").set(kib as f64 * 1024.0);
+        }
     }
     // SAFETY: sqlite3_memory_used reads SQLite's allocation counter; it takes no arguments and
     // is safe to call from any thread at any time, before or after SQLite is initialised.

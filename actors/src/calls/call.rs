@@ -18,7 +18,7 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use super::verbs::{self, Step};
-use super::{CallDeps, CallSnapshot, CallsMsg, unconfirmed_start_end};
+use super::{CallDeps, CallSnapshot, CallsMsg};
 use crate::call_store::{
     CallAnswered, CallEnded, CallStarted, CallStatus, NumberRoute, TimelineEntry,
 };
@@ -1229,9 +1229,7 @@ impl CallState {
                 }
                 Err(e) => {
                     warn!(call_id = %self.call_id, error = %e, "recording the end failed");
-                    if let Some(calls) = ActorRef::<CallsMsg>::where_is(self.deps.calls.clone()) {
-                        let _ = calls.cast(CallsMsg::EndNotRecorded(Box::new(end.clone())));
-                    }
+                    super::end_later(&self.deps.calls, end.clone());
                 }
             }
         }
@@ -1247,15 +1245,8 @@ impl CallState {
 
     /// The start's write failed but may have committed unseen: Calls ends the call if it did.
     fn end_if_started(&mut self) {
-        if let Some(calls) = ActorRef::<CallsMsg>::where_is(self.deps.calls.clone()) {
-            let _ = calls.cast(CallsMsg::StartNotConfirmed(Box::new(
-                unconfirmed_start_end(
-                    self.call_id.clone(),
-                    self.now(),
-                    std::mem::take(&mut self.timeline),
-                ),
-            )));
-        }
+        let timeline = std::mem::take(&mut self.timeline);
+        super::end_if_started(&self.deps.calls, self.call_id.clone(), self.now(), timeline);
     }
 
     /// Answered without a call row (unknown number, storage down): nothing to record.

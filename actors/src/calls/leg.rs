@@ -11,7 +11,6 @@ use sautikit_sip::transaction::{Peer, Transport, TxKey};
 use serde_json::json;
 use tracing::{debug, warn};
 
-use super::CallsMsg;
 use super::call::{CallMsg, CallState};
 use crate::call_store::{CallAnswered, CallEnded, CallStarted, CallStatus, TimelineEntry};
 use crate::media::{MediaEvent, RtpPort, StreamParams};
@@ -289,11 +288,7 @@ impl CallState {
         if let Err(e) = self.deps.store.call_started(started).await {
             warn!(call_id = %self.call_id, error = %e, "recording a dialled leg failed");
             // Its record may have committed unseen: Calls ends it if it did.
-            if let Some(calls) = ractor::ActorRef::<CallsMsg>::where_is(self.deps.calls.clone()) {
-                let _ = calls.cast(CallsMsg::StartNotConfirmed(Box::new(
-                    super::unconfirmed_start_end(call_id, now, Vec::new()),
-                )));
-            }
+            super::end_if_started(&self.deps.calls, call_id, now, Vec::new());
             return Err(LegRefusal::Failed("engine.error"));
         }
         match self
@@ -788,9 +783,7 @@ fn write_leg_end(call: &CallState, end: CallEnded) {
     tokio::spawn(async move {
         if let Err(e) = store.call_ended(end.clone()).await {
             warn!(call_id = %end.call_id, error = %e, "recording a dialled leg's end failed");
-            if let Some(calls) = ractor::ActorRef::<CallsMsg>::where_is(calls) {
-                let _ = calls.cast(CallsMsg::EndNotRecorded(Box::new(end)));
-            }
+            super::end_later(&calls, end);
         }
     });
 }

@@ -367,21 +367,31 @@ async fn place_call(
         })
 }
 
-/// The end of a call refused because its start could not be written (`failed`,
-/// `storage.unavailable`), should the start have committed unseen.
-pub(crate) fn unconfirmed_start_end(
+/// Hand Calls (registered as `calls`) an end the store refused: it writes it at its heartbeats.
+pub(crate) fn end_later(calls: &str, end: CallEnded) {
+    if let Some(calls) = ActorRef::<CallsMsg>::where_is(calls) {
+        let _ = calls.cast(CallsMsg::EndNotRecorded(Box::new(end)));
+    }
+}
+
+/// Hand Calls a call refused because its start could not be written: should the start have
+/// committed unseen, Calls ends it (`failed`, `storage.unavailable`).
+pub(crate) fn end_if_started(
+    calls: &str,
     call_id: String,
     now: DateTime<Utc>,
     timeline: Vec<TimelineEntry>,
-) -> CallEnded {
-    CallEnded {
-        call_id,
-        status: CallStatus::Failed,
-        ended_at: now,
-        hangup_cause: None,
-        failure_reason: Some("storage.unavailable".into()),
-        sip_status: None,
-        timeline,
+) {
+    if let Some(calls) = ActorRef::<CallsMsg>::where_is(calls) {
+        let _ = calls.cast(CallsMsg::StartNotConfirmed(Box::new(CallEnded {
+            call_id,
+            status: CallStatus::Failed,
+            ended_at: now,
+            hangup_cause: None,
+            failure_reason: Some("storage.unavailable".into()),
+            sip_status: None,
+            timeline,
+        })));
     }
 }
 
